@@ -107,8 +107,11 @@ class MigrationError(FerryError):
     def __init__(
         self, message: str, *, device: str | None = None, phase: str | None = None
     ) -> None:
-        where = ", ".join(p for p in (f"device {device}" if device else "",
-                                      f"phase {phase}" if phase else "") if p)
+        where = ", ".join(
+            p
+            for p in (f"device {device}" if device else "", f"phase {phase}" if phase else "")
+            if p
+        )
         super().__init__(f"{message} ({where})" if where else message)
         self.device = device
         self.phase = phase
