@@ -1,0 +1,50 @@
+"""When a migration stops copying dirty blocks and suspends the source.
+
+The defaults follow Silo's: the source keeps re-sending dirty blocks while the
+guest runs and suspends once the dirty set has been small (<= 200 blocks,
+12.5 MiB at 64 KiB) for 5 scans in a row, or after 20 scans whatever happens,
+waiting 500 ms between scans so a scan sees a meaningful amount of change.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from ferry.errors import ConfigError
+
+
+class Mode(enum.Enum):
+    """How the destination takes over.
+
+    HYBRID: hand the authority over right after the final dirty list; blocks the
+    destination still lacks are streamed afterwards and fetched on demand.
+    PRECOPY_ONLY: send every remaining block before the hand-off, so the
+    destination never depends on the source after it starts (longer downtime,
+    no post-copy risk).
+    """
+
+    HYBRID = "hybrid"
+    PRECOPY_ONLY = "precopy-only"
+
+
+@dataclass(frozen=True, slots=True)
+class DirtyPolicy:
+    max_dirty_blocks: int = 200
+    min_cycles_below: int = 5
+    max_cycles: int = 20
+    cycle_throttle_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.max_dirty_blocks < 0 or self.min_cycles_below < 0 or self.max_cycles < 0:
+            raise ConfigError("dirty policy counts must be >= 0")
+        if self.cycle_throttle_s < 0:
+            raise ConfigError("cycle_throttle_s must be >= 0")
+
+    def converged(self, *, cycles: int, cycles_below: int) -> bool:
+        """True once it is time to suspend.
+
+        ``cycles`` is the number of dirty scans done; ``cycles_below`` how many
+        of the latest scans in a row found at most ``max_dirty_blocks``.
+        """
+        return cycles >= self.max_cycles or cycles_below >= self.min_cycles_below

@@ -1,0 +1,47 @@
+"""What a migration reports: times, bytes per device and phase, cycles, fetches."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class DeviceReport:
+    name: str
+    size_bytes: int
+    block_count: int
+    bytes_by_phase: dict[str, int] = field(default_factory=dict)
+    blocks_by_phase: dict[str, int] = field(default_factory=dict)
+    wire_bytes: int = 0
+    zero_blocks: int = 0
+    base_blocks: int = 0
+    dirty_blocks_by_cycle: list[int] = field(default_factory=list)
+    postcopy_fetches: int = 0
+
+    def add(self, phase: str, blocks: int, nbytes: int) -> None:
+        self.blocks_by_phase[phase] = self.blocks_by_phase.get(phase, 0) + blocks
+        self.bytes_by_phase[phase] = self.bytes_by_phase.get(phase, 0) + nbytes
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(self.bytes_by_phase.values())
+
+
+@dataclass(slots=True)
+class MigrationReport:
+    devices: list[DeviceReport]
+    mode: str = "hybrid"
+    cycles: int = 0
+    total_s: float = 0.0
+    precopy_s: float = 0.0
+    downtime_s: float | None = None  # suspend hook start -> hand-off acknowledged
+    postcopy_s: float = 0.0
+    postcopy_fetches: int = 0
+    outcome: str = "running"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["bytes_total"] = sum(d.bytes_total for d in self.devices)
+        data["wire_bytes"] = sum(d.wire_bytes for d in self.devices)
+        return data

@@ -1,0 +1,505 @@
+"""The source side of a migration: the migrator.
+
+Theory of operation. The source owns the authority over a group of devices
+and moves it to a destination in five steps, the hybrid strategy of Silo and
+Drafter:
+
+1. **Hello.** Describe the group; the destination answers which shared
+   read-only bases it already holds (their unchanged blocks are announced
+   with YouHave instead of being sent).
+2. **Pre-copy.** Send every block while the devices keep changing, least
+   volatile first, with ``concurrency`` transfers in flight and never two of
+   one block. Dirty tracking of a block starts when it is first read.
+3. **Dirty cycles.** Repeatedly (``DirtyPolicy``): run the before-scan hook
+   (the VM layer flushes guest memory there), take the dirty blocks, send
+   them as a DirtyList, wait for its DirtyAck, then re-send them. Stop when
+   the policy says the dirty set has converged.
+4. **Suspend and hand-off.** Run the suspend hook (pause the VM, final
+   flush), send the final DirtyList and wait for its ack, then send the
+   HANDOFF custom event; once it is acknowledged the destination runs. In
+   PRECOPY_ONLY mode the final dirty blocks are sent *before* the hand-off.
+5. **Post-copy.** Stream what the destination still lacks; NeedAt requests
+   jump the queue. Per device: final block hashes, Completed, and the
+   destination's CompletedAck after it verified every block.
+
+If anything fails before the hand-off is acknowledged, the resume hook runs
+(the VM keeps running here) and a MigrationError says what happened; the
+source devices are only ever read, so nothing is lost. The migrator never sees
+a socket: it speaks events over a :class:`~ferry.migration.channel.Channel`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ferry.errors import (
+    FerryError,
+    MigrationError,
+    MigrationStateError,
+    PeerError,
+    RemoteProtocolError,
+)
+from ferry.migration.blocks import Compression, encode_run
+from ferry.migration.channel import Channel
+from ferry.migration.policy import DirtyPolicy, Mode
+from ferry.migration.report import DeviceReport, MigrationReport
+from ferry.migration.schedule import Run, WorkQueue
+from ferry.migration.state import Phase
+from ferry.protocol.messages import (
+    PROTOCOL_VERSION,
+    BlockHashes,
+    Completed,
+    CompletedAck,
+    Custom,
+    CustomAck,
+    DeviceInfo,
+    DirtyAck,
+    DirtyList,
+    DontNeedAt,
+    Encoding,
+    Error,
+    ErrorCode,
+    Event,
+    EventKind,
+    Hello,
+    HelloAck,
+    NeedAt,
+    ReadAt,
+    ReadAtResponse,
+    YouHave,
+)
+from ferry.storage.device import Geometry
+from ferry.storage.hashing import block_hash
+
+log = logging.getLogger(__name__)
+
+HASHES_PER_FRAME = 4096
+DIRTY_BLOCKS_PER_FRAME = 65536
+ERROR_SEND_TIMEOUT_S = 2.0
+
+
+class TrackedDevice(Protocol):
+    """What the migrator needs of a source device: the remote handle of a dirty tracker."""
+
+    @property
+    def size_bytes(self) -> int: ...
+
+    @property
+    def geometry(self) -> Geometry: ...
+
+    async def read_at(self, offset: int, length: int) -> bytes: ...
+
+    def take_dirty(self) -> list[int]: ...
+
+
+class VolatilitySource(Protocol):
+    def least_volatile_first(self, blocks: Sequence[int]) -> list[int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SourceDevice:
+    """One device of the group being migrated."""
+
+    name: str
+    device: TrackedDevice
+    volatility: VolatilitySource | None = None
+    base_hash: bytes | None = None
+    base_blocks: Callable[[], frozenset[int]] | None = None
+    compression: Compression = Compression.NONE
+
+
+Hook = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationHooks:
+    """Where the VM layer plugs in. Every hook is optional.
+
+    before_dirty_scan: before each dirty scan (flush guest memory).
+    suspend: at the suspend point (pause the VM, flush memory, save state).
+    resume: if the migration fails after suspend but before the hand-off was
+        acknowledged: the source must carry on running.
+    handoff_payload: bytes carried by the HANDOFF event (e.g. VM metadata).
+    """
+
+    before_dirty_scan: Hook | None = None
+    suspend: Hook | None = None
+    resume: Hook | None = None
+    handoff_payload: Callable[[], Awaitable[bytes]] | None = None
+
+
+@dataclass(slots=True)
+class Progress:
+    phase: Phase = Phase.IDLE
+    bytes_sent: int = 0
+    blocks_sent: int = 0
+    blocks_total: int = 0
+    blocks_pending: int = 0
+    cycle: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Migrator:
+    """Migrates a group of devices to the peer at the other end of ``channel``."""
+
+    def __init__(
+        self,
+        devices: Sequence[SourceDevice],
+        channel: Channel,
+        *,
+        policy: DirtyPolicy | None = None,
+        mode: Mode = Mode.HYBRID,
+        hooks: MigrationHooks | None = None,
+        concurrency: int = 4,
+        max_run_blocks: int = 16,
+        verify_source: bool = False,
+    ) -> None:
+        if not devices:
+            raise MigrationStateError("nothing to migrate: empty device group")
+        if concurrency < 1:
+            raise MigrationStateError("concurrency must be >= 1")
+        self._devices = list(devices)
+        self._channel = channel
+        self._policy = policy or DirtyPolicy()
+        self._mode = mode
+        self._hooks = hooks or MigrationHooks()
+        self._concurrency = concurrency
+        self._verify_source = verify_source
+        self._geoms = [d.device.geometry for d in devices]
+        self._work = WorkQueue([g.block_count for g in self._geoms], max_run_blocks=max_run_blocks)
+        self._sent_hashes: list[list[bytes | None]] = [[None] * g.block_count for g in self._geoms]
+        self._phase = Phase.IDLE
+        self._suspended = False
+        self._handed_off = False
+        self._hello_ack: asyncio.Future[HelloAck] | None = None
+        self._acks: dict[tuple[str, int, int], asyncio.Future[None]] = {}
+        self._custom_seq = 0
+        self._final_dirty: list[list[int]] = [[] for _ in devices]
+        self._failed_phase = Phase.IDLE
+        self._dirty_seq = 0
+        self.report = MigrationReport(
+            devices=[
+                DeviceReport(d.name, g.size_bytes, g.block_count)
+                for d, g in zip(devices, self._geoms, strict=True)
+            ],
+            mode=mode.value,
+        )
+        self.progress = Progress(blocks_total=sum(g.block_count for g in self._geoms))
+        self._log = log.getChild(channel.peer.replace(".", "_"))
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
+    def handed_off(self) -> bool:
+        return self._handed_off
+
+    async def run(self) -> MigrationReport:
+        """Run the whole migration. Raises MigrationError (with .phase) on failure."""
+        if self._phase is not Phase.IDLE:
+            raise MigrationStateError(f"migration already {self._phase.value}")
+        start = time.monotonic()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                receiver = tg.create_task(self._receive_loop())
+                workers = [tg.create_task(self._worker()) for _ in range(self._concurrency)]
+                await self._drive()
+                self._work.close()
+                await asyncio.gather(*workers)
+                receiver.cancel()
+        except BaseException as exc:
+            await self._fail(exc)
+            translated = self._translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+        finally:
+            self.report.total_s = time.monotonic() - start
+        self._set_phase(Phase.COMPLETED)
+        self.report.outcome = "completed"
+        return self.report
+
+    # -- the five steps -------------------------------------------------------------
+
+    async def _drive(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._hello_ack = loop.create_future()
+        await self._channel.send(
+            Hello(
+                PROTOCOL_VERSION,
+                tuple(
+                    DeviceInfo(d.name, g.size_bytes, g.block_size_bytes, d.base_hash)
+                    for d, g in zip(self._devices, self._geoms, strict=True)
+                ),
+            )
+        )
+        ack = await self._hello_ack
+        if len(ack.have_base) != len(self._devices):
+            raise RemoteProtocolError("HelloAck does not describe every device")
+
+        self._set_phase(Phase.PRECOPY)
+        t0 = time.monotonic()
+        for index, (dev, have) in enumerate(zip(self._devices, ack.have_base, strict=True)):
+            blocks = list(range(self._geoms[index].block_count))
+            if have and dev.base_blocks is not None:
+                shared = dev.base_blocks()
+                await self._send_you_have(index, sorted(shared))
+                blocks = [b for b in blocks if b not in shared]
+            if dev.volatility is not None:
+                blocks = dev.volatility.least_volatile_first(blocks)
+            self._work.push(index, blocks)
+        await self._work.wait_drained()
+
+        self._set_phase(Phase.DIRTY_CYCLES)
+        below = 0
+        while not self._policy.converged(cycles=self.report.cycles, cycles_below=below):
+            await asyncio.sleep(self._policy.cycle_throttle_s)
+            if self._hooks.before_dirty_scan is not None:
+                await self._hooks.before_dirty_scan()
+            dirty = await self._send_dirty_lists()
+            self.report.cycles += 1
+            self.progress.cycle = self.report.cycles
+            below = below + 1 if dirty <= self._policy.max_dirty_blocks else 0
+            await self._work.wait_drained()
+        self.report.precopy_s = time.monotonic() - t0
+
+        self._set_phase(Phase.STOP_AND_COPY)
+        t_suspend = time.monotonic()
+        self._suspended = True
+        if self._hooks.suspend is not None:
+            await self._hooks.suspend()
+        await self._send_dirty_lists(push=self._mode is Mode.PRECOPY_ONLY, final=True)
+        if self._mode is Mode.PRECOPY_ONLY:
+            await self._work.wait_drained()
+        payload = b""
+        if self._hooks.handoff_payload is not None:
+            payload = await self._hooks.handoff_payload()
+        await self._custom(EventKind.HANDOFF, payload)
+        self._handed_off = True
+        self.report.downtime_s = time.monotonic() - t_suspend
+        self._log.info("authority handed off after %.1f ms", self.report.downtime_s * 1e3)
+
+        self._set_phase(Phase.POSTCOPY)
+        t_post = time.monotonic()
+        if self._mode is Mode.HYBRID:
+            for index, blocks in enumerate(self._final_dirty):
+                self._work.push(index, blocks)
+        await self._work.wait_drained()
+        for index in range(len(self._devices)):
+            await self._complete(index)
+        self.report.postcopy_s = time.monotonic() - t_post
+
+    async def _send_dirty_lists(self, *, push: bool = True, final: bool = False) -> int:
+        """Scan every device, announce its dirty blocks and (if ``push``) queue them.
+
+        Returns the number of dirty blocks found. With ``final`` the lists are
+        kept for post-copy instead of being queued (unless ``push``).
+        """
+        total = 0
+        waits: list[asyncio.Future[None]] = []
+        found: list[list[int]] = []
+        for index, dev in enumerate(self._devices):
+            blocks = dev.device.take_dirty()
+            found.append(blocks)
+            self.report.devices[index].dirty_blocks_by_cycle.append(len(blocks))
+            total += len(blocks)
+            for start in range(0, max(len(blocks), 1), DIRTY_BLOCKS_PER_FRAME):
+                chunk = blocks[start : start + DIRTY_BLOCKS_PER_FRAME]
+                if not chunk and start:
+                    break
+                self._dirty_seq += 1
+                fut = self._expect(("dirty", index, self._dirty_seq))
+                waits.append(fut)
+                await self._channel.send(DirtyList(index, self._dirty_seq, tuple(chunk)))
+        await asyncio.gather(*waits)
+        if final:
+            self._final_dirty = found
+        if push:
+            for index, blocks in enumerate(found):
+                self._work.push(index, blocks)
+        return total
+
+    async def _send_you_have(self, index: int, blocks: list[int]) -> None:
+        self.report.devices[index].base_blocks += len(blocks)
+        for start in range(0, len(blocks), DIRTY_BLOCKS_PER_FRAME):
+            await self._channel.send(
+                YouHave(index, tuple(blocks[start : start + DIRTY_BLOCKS_PER_FRAME]))
+            )
+
+    async def _custom(self, kind: int, payload: bytes) -> None:
+        self._custom_seq += 1
+        fut = self._expect(("custom", 0, self._custom_seq))
+        await self._channel.send(Custom(self._custom_seq, kind, payload))
+        await fut
+
+    async def _complete(self, index: int) -> None:
+        geometry = self._geoms[index]
+        hashes = self._sent_hashes[index]
+        dev = self._devices[index].device
+        for block in range(geometry.block_count):
+            if hashes[block] is None or self._verify_source:
+                data = await dev.read_at(geometry.block_offset(block), geometry.block_length(block))
+                hashes[block] = block_hash(data)
+        final = [h for h in hashes if h is not None]
+        for start in range(0, len(final), HASHES_PER_FRAME):
+            await self._channel.send(
+                BlockHashes(index, start, tuple(final[start : start + HASHES_PER_FRAME]))
+            )
+        fut = self._expect(("completed", index, 0))
+        await self._channel.send(Completed(index))
+        await fut
+
+    # -- workers and the receive loop --------------------------------------------------
+
+    async def _worker(self) -> None:
+        while True:
+            run = self._work.next_run()
+            if run is None:
+                if self._work.closed:
+                    return
+                await self._work.wait_for_work()
+                continue
+            try:
+                await self._send_run(run)
+            finally:
+                self._work.done(run)
+
+    async def _send_run(self, run: Run) -> None:
+        dev = self._devices[run.device]
+        geometry = self._geoms[run.device]
+        offset = geometry.block_offset(run.first_block)
+        last = run.first_block + run.count - 1
+        length = geometry.block_offset(last) + geometry.block_length(last) - offset
+        data = await dev.device.read_at(offset, length)
+        report = self.report.devices[run.device]
+        hashes = self._sent_hashes[run.device]
+        for event in encode_run(run.device, run.first_block, geometry, data, dev.compression):
+            await self._channel.send(event)
+            for i, h in enumerate(event.hashes):
+                hashes[event.first_block + i] = h
+            report.wire_bytes += len(event.data) + 16 * len(event.hashes)
+            if event.encoding is Encoding.ZEROES:
+                report.zero_blocks += len(event.hashes)
+        report.add(self._phase.value, run.count, length)
+        self.progress.bytes_sent += length
+        self.progress.blocks_sent += run.count
+        self.progress.blocks_pending = self._work.pending_count
+
+    async def _receive_loop(self) -> None:
+        while True:
+            event = await self._channel.receive()
+            await self._on_event(event)
+
+    async def _on_event(self, event: Event) -> None:
+        match event:
+            case HelloAck():
+                if self._hello_ack is None or self._hello_ack.done():
+                    raise RemoteProtocolError("unexpected HelloAck")
+                if event.version != PROTOCOL_VERSION:
+                    raise RemoteProtocolError(f"peer speaks protocol version {event.version}")
+                self._hello_ack.set_result(event)
+            case DirtyAck():
+                self._resolve(("dirty", event.device, event.sequence))
+            case CustomAck():
+                self._resolve(("custom", 0, event.sequence))
+            case CompletedAck():
+                self._resolve(("completed", event.device, 0))
+            case NeedAt():
+                index = self._check_device(event.device)
+                blocks = self._geoms[index].blocks_touching(event.offset, event.length)
+                self._check_blocks(index, blocks)
+                moved = self._work.push_urgent(index, blocks)
+                self.report.devices[index].postcopy_fetches += 1
+                self.report.postcopy_fetches += 1
+                self._log.debug("need-at %s blocks %s (%d pending)", index, blocks, moved)
+            case DontNeedAt():
+                index = self._check_device(event.device)
+                geometry = self._geoms[index]
+                first = -(-event.offset // geometry.block_size_bytes)
+                end = (event.offset + event.length) // geometry.block_size_bytes
+                if event.offset + event.length == geometry.size_bytes:
+                    end = geometry.block_count
+                self._work.discard(index, range(first, max(first, end)))
+            case ReadAt():
+                await self._serve_read(event)
+            case Error():
+                raise PeerError(event.reason, code=int(event.code))
+            case _:
+                raise RemoteProtocolError(f"unexpected {type(event).__name__} at the source")
+
+    async def _serve_read(self, event: ReadAt) -> None:
+        try:
+            index = self._check_device(event.device)
+            data = await self._devices[index].device.read_at(event.offset, event.length)
+        except FerryError as exc:
+            await self._channel.send(ReadAtResponse(event.request_id, b"", str(exc)))
+            return
+        await self._channel.send(ReadAtResponse(event.request_id, data))
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _expect(self, key: tuple[str, int, int]) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks[key] = fut
+        return fut
+
+    def _resolve(self, key: tuple[str, int, int]) -> None:
+        fut = self._acks.pop(key, None)
+        if fut is None:
+            raise RemoteProtocolError(f"unexpected acknowledgement {key}")
+        fut.set_result(None)
+
+    def _check_device(self, index: int) -> int:
+        if not 0 <= index < len(self._devices):
+            raise RemoteProtocolError(f"peer named unknown device {index}")
+        return index
+
+    def _check_blocks(self, index: int, blocks: range) -> None:
+        if blocks and (blocks.start < 0 or blocks.stop > self._geoms[index].block_count):
+            raise RemoteProtocolError(f"peer asked for blocks {blocks} outside the device")
+
+    def _set_phase(self, phase: Phase) -> None:
+        self._log.debug("phase %s -> %s", self._phase.value, phase.value)
+        self._phase = phase
+        self.progress.phase = phase
+
+    async def _fail(self, exc: BaseException) -> None:
+        phase = self._failed_phase = self._phase
+        self._set_phase(Phase.FAILED)
+        self.report.outcome = "failed"
+        for fut in self._acks.values():
+            fut.cancel()
+        reason = str(exc) or type(exc).__name__
+        if not isinstance(exc, PeerError):
+            code = (
+                ErrorCode.CANCELLED
+                if isinstance(exc, asyncio.CancelledError)
+                else ErrorCode.INTERNAL
+            )
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(ERROR_SEND_TIMEOUT_S):
+                    await self._channel.send(
+                        Error(code, f"source failed in {phase.value}: {reason}")
+                    )
+        if self._suspended and not self._handed_off and self._hooks.resume is not None:
+            self._log.warning("migration failed before hand-off; resuming the source")
+            await self._hooks.resume()
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, BaseExceptionGroup):
+            inner = [e for e in exc.exceptions if not isinstance(e, asyncio.CancelledError)]
+            if inner:
+                exc = inner[0]
+        if isinstance(exc, asyncio.CancelledError | MigrationError):
+            return exc
+        where = "after" if self._handed_off else "before"
+        return MigrationError(
+            f"migration failed {where} the hand-off: {exc}", phase=self._failed_phase.value
+        )

@@ -1,0 +1,274 @@
+"""The migrator and receiver, end to end in memory (channels without sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import Sequence
+
+import pytest
+
+from ferry.errors import (
+    BrokenResourceError,
+    IntegrityError,
+    MigrationError,
+    PeerError,
+    TransportError,
+)
+from ferry.migration.channel import Channel, StreamChannel, memory_channel_pair
+from ferry.migration.destination import DestinationDevice, Receiver
+from ferry.migration.policy import DirtyPolicy, Mode
+from ferry.migration.source import MigrationHooks, Migrator
+from ferry.migration.stacks import DestinationStack, SourceStack, destination_stack, source_stack
+from ferry.protocol.messages import DeviceInfo, Error, ErrorCode, Event, WriteBlocks
+from ferry.storage.providers.memory import MemoryDevice
+from ferry.transport.memory import memory_stream_pair
+
+BS = 4096
+FAST = DirtyPolicy(max_dirty_blocks=4, min_cycles_below=2, max_cycles=6, cycle_throttle_s=0.01)
+
+
+async def make_source(name: str, size: int, *, seed: int) -> SourceStack:
+    stack = source_stack(name, MemoryDevice(size), BS)
+    rnd = random.Random(seed)
+    await stack.local.write_at(0, rnd.randbytes(size))
+    return stack
+
+
+def factory(
+    dests: list[DestinationStack],
+) -> object:
+    async def open_devices(infos: Sequence[DeviceInfo]) -> list[DestinationDevice]:
+        for info in infos:
+            dests.append(
+                destination_stack(info.name, MemoryDevice(info.size_bytes), info.block_size_bytes)
+            )
+        return [d.destination_device() for d in dests]
+
+    return open_devices
+
+
+async def snapshot(dev: SourceStack | DestinationStack) -> bytes:
+    return await dev.remote.read_at(0, dev.remote.size_bytes)
+
+
+async def migrate(
+    sources: list[SourceStack],
+    *,
+    channels: tuple[Channel, Channel] | None = None,
+    writer: bool = False,
+    mode: Mode = Mode.HYBRID,
+    after_handoff: object = None,
+) -> tuple[list[DestinationStack], dict[str, bytes]]:
+    a, b = channels or memory_channel_pair()
+    dests: list[DestinationStack] = []
+    frozen: dict[str, bytes] = {}
+    stop = asyncio.Event()
+
+    async def write_randomly() -> None:
+        rnd = random.Random(7)
+        while not stop.is_set():
+            src = rnd.choice(sources)
+            off = rnd.randrange(src.local.size_bytes - 100)
+            await src.local.write_at(off, rnd.randbytes(rnd.randrange(1, 100)))
+            await asyncio.sleep(0)
+
+    async def suspend() -> None:
+        stop.set()
+        for s in sources:
+            frozen[s.name] = await snapshot(s)
+
+    migrator = Migrator(
+        [s.source_device() for s in sources],
+        a,
+        policy=FAST,
+        mode=mode,
+        hooks=MigrationHooks(suspend=suspend),
+    )
+    receiver = Receiver(b, factory(dests), mode=mode)  # type: ignore[arg-type]
+    async with asyncio.TaskGroup() as tg:
+        if writer:
+            tg.create_task(write_randomly())
+        tg.create_task(receiver.run())
+        await migrator.run()
+    assert receiver.report.verified
+    return dests, frozen
+
+
+async def test_two_devices_with_partial_last_block_migrate_exactly() -> None:
+    sources = [
+        await make_source("a", 10 * BS + 123, seed=1),
+        await make_source("b", 3 * BS, seed=2),
+    ]
+    dests, frozen = await migrate(sources)
+    for s, d in zip(sources, dests, strict=True):
+        assert await snapshot(d) == frozen[s.name] == await snapshot(s)
+
+
+@pytest.mark.parametrize("mode", [Mode.HYBRID, Mode.PRECOPY_ONLY])
+async def test_concurrent_writer_destination_equals_source_at_handoff(mode: Mode) -> None:
+    sources = [
+        await make_source("mem", 64 * BS, seed=3),
+        await make_source("disk", 32 * BS + 5, seed=4),
+    ]
+    dests, frozen = await migrate(sources, writer=True, mode=mode)
+    for s, d in zip(sources, dests, strict=True):
+        assert await snapshot(d) == frozen[s.name]
+
+
+async def test_over_codec_and_byte_stream() -> None:
+    sa, sb = memory_stream_pair()
+    sources = [await make_source("x", 40 * BS + 1, seed=5)]
+    dests, frozen = await migrate(
+        sources, channels=(StreamChannel(sa), StreamChannel(sb)), writer=True
+    )
+    assert await snapshot(dests[0]) == frozen["x"]
+
+
+async def test_zero_blocks_are_elided_on_the_wire() -> None:
+    src = source_stack("z", MemoryDevice(16 * BS), BS)
+    await src.local.write_at(3 * BS, b"\x01" * BS)
+    a, b = memory_channel_pair()
+    dests: list[DestinationStack] = []
+    migrator = Migrator([src.source_device()], a, policy=FAST)
+    receiver = Receiver(b, factory(dests))  # type: ignore[arg-type]
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(receiver.run())
+        report = await migrator.run()
+    assert report.devices[0].zero_blocks == 15
+    assert await snapshot(dests[0]) == await snapshot(src)
+
+
+class Tamper:
+    """A channel that flips one byte of the first WriteBlocks it forwards."""
+
+    def __init__(self, inner: Channel) -> None:
+        self.inner = inner
+        self.done = False
+
+    @property
+    def peer(self) -> str:
+        return self.inner.peer
+
+    async def send(self, event: Event) -> None:
+        if isinstance(event, WriteBlocks) and event.data and not self.done:
+            self.done = True
+            data = bytearray(event.data)
+            data[5] ^= 0xFF
+            event = WriteBlocks(
+                event.device, event.first_block, event.encoding, event.hashes, bytes(data)
+            )
+        await self.inner.send(event)
+
+    async def receive(self) -> Event:
+        return await self.inner.receive()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_corrupted_block_is_an_integrity_error_on_both_sides() -> None:
+    src = await make_source("d", 8 * BS, seed=9)
+    before = await snapshot(src)
+    a, b = memory_channel_pair()
+    dests: list[DestinationStack] = []
+    migrator = Migrator([src.source_device()], Tamper(a), policy=FAST)
+    receiver = Receiver(b, factory(dests))  # type: ignore[arg-type]
+    results = await asyncio.gather(receiver.run(), migrator.run(), return_exceptions=True)
+    assert isinstance(results[0], IntegrityError)
+    assert results[0].device == "d"
+    assert results[0].block == 0
+    assert isinstance(results[1], PeerError)
+    assert await snapshot(src) == before
+
+
+async def test_peer_vanishing_at_suspend_fails_cleanly_and_source_resumes() -> None:
+    src = await make_source("d", 64 * BS, seed=10)
+    before = await snapshot(src)
+    a, b = memory_channel_pair()
+    resumed = asyncio.Event()
+    dests: list[DestinationStack] = []
+
+    async def suspend() -> None:
+        await b.aclose()  # the destination goes away right at the suspend point
+
+    async def resume() -> None:
+        resumed.set()
+
+    migrator = Migrator(
+        [src.source_device()],
+        a,
+        policy=FAST,
+        hooks=MigrationHooks(suspend=suspend, resume=resume),
+    )
+    receiver = Receiver(b, factory(dests))  # type: ignore[arg-type]
+    results = await asyncio.gather(migrator.run(), receiver.run(), return_exceptions=True)
+    assert isinstance(results[0], MigrationError), results
+    assert isinstance(results[1], TransportError), results
+    assert resumed.is_set()
+    assert results[0].phase == "stop-and-copy"
+    assert "before the hand-off" in str(results[0])
+    assert await snapshot(src) == before
+
+
+async def test_receiver_fails_waiters_when_source_disappears() -> None:
+    a, b = memory_channel_pair()
+    dests: list[DestinationStack] = []
+    receiver = Receiver(b, factory(dests))  # type: ignore[arg-type]
+    task = asyncio.create_task(receiver.run())
+    from ferry.protocol.messages import Hello
+
+    await a.send(Hello(1, (DeviceInfo("m", 4 * BS, BS),)))
+    await a.receive()  # HelloAck
+    reader = asyncio.create_task(dests[0].local.read_at(0, 10))
+    await asyncio.sleep(0.01)
+    await a.aclose()
+    with pytest.raises(BrokenResourceError):
+        await task
+    with pytest.raises(BrokenResourceError):
+        await reader
+
+
+async def test_error_event_from_peer_is_a_peer_error() -> None:
+    a, b = memory_channel_pair()
+    dests: list[DestinationStack] = []
+    receiver = Receiver(b, factory(dests))  # type: ignore[arg-type]
+    await a.send(Error(ErrorCode.INTERNAL, "disk on fire"))
+    with pytest.raises(PeerError, match="disk on fire"):
+        await receiver.run()
+
+
+async def test_postcopy_read_at_destination_fetches_block_on_demand() -> None:
+    """After the hand-off the destination reads a block still in flight: it gets
+    fresh data, and its request reached the source as a NeedAt."""
+    size = 256 * BS
+    src = source_stack("m", MemoryDevice(size), BS)
+    await src.local.write_at(0, os.urandom(size))
+    a, b = memory_channel_pair()
+    dests: list[DestinationStack] = []
+    got: dict[str, bytes] = {}
+    last = 255
+
+    async def suspend() -> None:
+        # Dirty the last block so it only arrives in post-copy.
+        await src.local.write_at(last * BS, b"\xee" * BS)
+
+    async def on_handoff(payload: bytes) -> None:
+        async def read() -> None:
+            got["data"] = await dests[0].local.read_at(last * BS, BS)
+
+        asyncio.get_running_loop().create_task(read())
+
+    migrator = Migrator(
+        [src.source_device()],
+        a,
+        policy=DirtyPolicy(max_cycles=0, cycle_throttle_s=0),
+        hooks=MigrationHooks(suspend=suspend),
+    )
+    receiver = Receiver(b, factory(dests), on_handoff=on_handoff)  # type: ignore[arg-type]
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(receiver.run())
+        await migrator.run()
+    assert got["data"] == b"\xee" * BS
+    assert await snapshot(dests[0]) == await snapshot(src)
