@@ -1,0 +1,54 @@
+"""Byte-stream transports: TCP, UNIX sockets, mutual TLS, pipes/ssh, memory.
+
+Every transport yields a :class:`Stream` (see :mod:`ferry.transport.base`);
+the migration protocol runs unchanged over any of them.
+"""
+
+from ferry.transport.base import Stream
+from ferry.transport.certs import CAFiles, HostCertFiles, create_ca, create_host_cert
+from ferry.transport.listener import Handler, Listener
+from ferry.transport.memory import MemoryStream, memory_stream_pair
+from ferry.transport.pipe import fd_stream, stdio_stream, subprocess_stream
+from ferry.transport.streams import (
+    AsyncioStream,
+    ConnectTimeoutError,
+    HalfCloseUnsupportedError,
+)
+from ferry.transport.tcp import connect_tcp, listen_tcp, serve_tcp
+from ferry.transport.tls import (
+    TLSStream,
+    client_context,
+    client_context_for,
+    server_context,
+    server_context_for,
+)
+from ferry.transport.unix import connect_unix, listen_unix, serve_unix
+
+__all__ = [
+    "AsyncioStream",
+    "CAFiles",
+    "ConnectTimeoutError",
+    "HalfCloseUnsupportedError",
+    "Handler",
+    "HostCertFiles",
+    "Listener",
+    "MemoryStream",
+    "Stream",
+    "TLSStream",
+    "client_context",
+    "client_context_for",
+    "connect_tcp",
+    "connect_unix",
+    "create_ca",
+    "create_host_cert",
+    "fd_stream",
+    "listen_tcp",
+    "listen_unix",
+    "memory_stream_pair",
+    "serve_tcp",
+    "serve_unix",
+    "server_context",
+    "server_context_for",
+    "stdio_stream",
+    "subprocess_stream",
+]

@@ -12,7 +12,8 @@ Contract:
 * ``receive_some(max_bytes)`` returns 1..max_bytes bytes, or ``b""`` once the
   peer has closed its sending side cleanly; a broken link raises
   :class:`BrokenResourceError`.
-* ``send_eof()`` closes our sending side where the transport supports it.
+* ``send_eof()`` closes our sending side; transports that cannot half-close
+  (TLS) raise ``HalfCloseUnsupportedError``.
 * ``aclose()`` is idempotent and always releases the underlying resource,
   even when cancelled.
 * ``peer`` is a human-readable name of the other end, used in errors and logs.
@@ -32,7 +33,7 @@ class Stream(Protocol):
 
     async def send_all(self, data: Buffer) -> None: ...
 
-    async def receive_some(self, max_bytes: int = 65536) -> bytes: ...
+    async def receive_some(self, max_bytes: int = 262144) -> bytes: ...
 
     async def send_eof(self) -> None: ...
 

@@ -1,0 +1,163 @@
+"""A bound, listening server socket that hands out Streams.
+
+:func:`ferry.transport.tcp.listen_tcp` and friends return a :class:`Listener`
+only after the socket is bound and listening (trio style: readiness is the
+return), so ``listener.address`` is the real address, port 0 resolved.
+
+Two ways to use it:
+
+* ``await listener.accept()`` returns the next connection: what a CLI that
+  waits for exactly one peer wants.
+* A *handler* given at creation runs once per connection, each in its own
+  task owned by the listener; the handler's stream is always closed after it
+  returns, and an exception from it is logged with the peer, not lost.
+
+Closing the listener (``aclose`` or leaving ``async with``) stops accepting,
+cancels running handlers and waits for them, closes connections nobody
+accepted, and wakes pending ``accept()`` calls with ClosedResourceError.
+A connection whose setup fails (a refused TLS client certificate) is logged
+at WARNING and dropped; the listener keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Generic, TypeVar
+
+from ferry.errors import ClosedResourceError, ConfigError, TransportError
+from ferry.transport.base import Stream
+
+logger = logging.getLogger(__name__)
+
+AddressT = TypeVar("AddressT")
+
+Handler = Callable[[Stream], Awaitable[None]]
+"""A per-connection coroutine function; the stream is closed when it returns."""
+
+StreamFactory = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[Stream]]
+"""Turns an accepted connection into a Stream (e.g. runs the TLS handshake)."""
+
+ACCEPT_BACKLOG = 16
+"""Connections accepted but not yet taken by ``accept()``; more are refused so
+a flood of connections cannot grow memory without bound."""
+
+
+class Listener(Generic[AddressT]):
+    """A listening socket; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        server: asyncio.Server,
+        address: AddressT,
+        make_stream: StreamFactory,
+        handler: Handler | None,
+        on_close: Callable[[], None] | None = None,
+        *,
+        label: str | None = None,
+    ) -> None:
+        self._server = server
+        self._address = address
+        self._label = label or str(address)
+        self._make_stream = make_stream
+        self._handler = handler
+        self._on_close = on_close
+        self._pending: asyncio.Queue[Stream | None] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Listener {self._label} closed={self._closed}>"
+
+    @property
+    def address(self) -> AddressT:
+        """The address actually bound (host, port) or socket path."""
+        return self._address
+
+    async def __aenter__(self) -> Listener[AddressT]:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def accept(self) -> Stream:
+        """Wait for and return the next connection."""
+        if self._handler is not None:
+            raise ConfigError("this listener passes connections to a handler; accept() is off")
+        if self._closed:
+            raise ClosedResourceError(f"listener {self._label} is closed")
+        stream = await self._pending.get()
+        if stream is None:
+            self._pending.put_nowait(None)  # wake the next waiter too
+            raise ClosedResourceError(f"listener {self._label} is closed")
+        return stream
+
+    async def on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """asyncio's per-connection callback; runs in a task asyncio created."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._serve_connection(reader, writer)
+        finally:
+            self._tasks.discard(task)
+
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if self._closed:
+            writer.close()
+            return
+        try:
+            stream = await self._make_stream(reader, writer)
+        except TransportError as exc:
+            writer.close()
+            logger.warning("%s: dropped a connection: %s", self._label, exc)
+            return
+        except BaseException:
+            writer.close()
+            raise
+        if self._handler is None:
+            if self._pending.qsize() >= ACCEPT_BACKLOG:
+                logger.warning("%s: backlog full, refusing %s", self._label, stream.peer)
+                await stream.aclose()
+                return
+            self._pending.put_nowait(stream)
+            return
+        try:
+            await self._handler(stream)
+        except Exception:
+            logger.exception("%s: handler for %s failed", self._label, stream.peer)
+        finally:
+            await stream.aclose()
+
+    async def aclose(self) -> None:
+        """Stop listening, cancel handlers, close unaccepted connections; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._server.close()
+        try:
+            tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks)
+            while not self._pending.empty():
+                stream = self._pending.get_nowait()
+                if stream is not None:
+                    await stream.aclose()
+            self._pending.put_nowait(None)
+            await self._server.wait_closed()
+        finally:
+            if self._on_close is not None:
+                self._on_close()

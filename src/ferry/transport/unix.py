@@ -1,0 +1,129 @@
+"""UNIX-domain socket connections and listeners, as Streams.
+
+The listening socket file is created with mode 0600 (only our user may
+connect: a migration stream carries a VM's memory and disk) and removed when
+the listener closes. A socket file left behind by a crashed run is replaced;
+one that a live server still answers on, or a path that is not a socket, is
+refused rather than clobbered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+import stat
+
+from ferry.errors import BrokenResourceError, TransportError
+from ferry.transport.base import Stream
+from ferry.transport.listener import Handler, Listener
+from ferry.transport.streams import (
+    READER_LIMIT_BYTES,
+    AsyncioStream,
+    ConnectTimeoutError,
+    describe,
+)
+
+SOCKET_MODE = 0o600
+
+
+def _peer_name(path: str | os.PathLike[str]) -> str:
+    return f"unix:{os.fspath(path)}"
+
+
+async def connect_unix(path: str | os.PathLike[str], *, timeout_s: float = 10.0) -> AsyncioStream:
+    """Connect to the UNIX socket at ``path``."""
+    peer = _peer_name(path)
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_unix_connection(
+                os.fspath(path), limit=READER_LIMIT_BYTES
+            )
+    except TimeoutError as exc:
+        raise ConnectTimeoutError(f"connect timed out after {timeout_s} s", peer=peer) from exc
+    except OSError as exc:
+        raise BrokenResourceError(f"connect failed: {describe(exc)}", peer=peer) from exc
+    return AsyncioStream(reader, writer, peer)
+
+
+async def listen_unix(path: str | os.PathLike[str]) -> Listener[str]:
+    """Bind and listen at ``path``; take connections with ``await listener.accept()``."""
+    return await _listen(None, os.fspath(path))
+
+
+async def serve_unix(handler: Handler, path: str | os.PathLike[str]) -> Listener[str]:
+    """Bind and listen at ``path``, running ``handler(stream)`` for every connection."""
+    return await _listen(handler, os.fspath(path))
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink ``path`` if it is a socket nobody listens on; refuse anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise TransportError(f"cannot listen on {path}: it exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # a crashed run's leftover
+        return
+    except OSError as exc:
+        raise TransportError(f"cannot listen on {path}: {describe(exc)}") from exc
+    finally:
+        probe.close()
+    raise TransportError(f"cannot listen on {path}: another server is listening there")
+
+
+def _bind(path: str) -> socket.socket:
+    """A bound, mode-0600, not yet listening socket: nobody can connect before
+    ``listen()``, so there is no window in which the file is more open."""
+    _remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, SOCKET_MODE)
+    except OSError as exc:
+        sock.close()
+        if exc.errno != errno.EADDRINUSE:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise TransportError(f"cannot listen on {path}: {describe(exc)}") from exc
+    return sock
+
+
+async def _listen(handler: Handler | None, path: str) -> Listener[str]:
+    async def make_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Stream:
+        return AsyncioStream(reader, writer, _peer_name(path))
+
+    listener: Listener[str] | None = None
+
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert listener is not None
+        await listener.on_connection(reader, writer)
+
+    sock = _bind(path)
+    identity = os.stat(path).st_ino
+
+    def remove_socket_file() -> None:
+        # Only our own file: another server may have replaced it since.
+        with contextlib.suppress(OSError):
+            if os.lstat(path).st_ino == identity:
+                os.unlink(path)
+
+    try:
+        server = await asyncio.start_unix_server(
+            on_connection, sock=sock, limit=READER_LIMIT_BYTES
+        )
+    except BaseException:
+        sock.close()
+        remove_socket_file()
+        raise
+    listener = Listener(
+        server, path, make_stream, handler, on_close=remove_socket_file, label=_peer_name(path)
+    )
+    return listener
