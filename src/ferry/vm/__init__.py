@@ -1,0 +1,1 @@
+"""The VM layer: guest images (``ferry.vm.image``) and, later, the QEMU runtime."""

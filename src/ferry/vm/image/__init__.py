@@ -1,0 +1,53 @@
+"""Guest images: kernel, initramfs and root disk built from a blueprint.
+
+Public API::
+
+    build_blueprint(blueprint, out_dir=None, *, cache_dir=None) -> BuiltImage
+    load_blueprint(path_or_name) -> Blueprint
+    qemu_argv(kernel, initramfs, *, memory_mib, cmdline, ...) -> list[str]
+    kernel_cmdline(*, tsc_khz, ...) -> str;  host_tsc_khz() -> int
+    probe_kvm() -> bool;  best_accel() -> Accel
+"""
+
+from ferry.vm.image.accel import best_accel, probe_kvm
+from ferry.vm.image.blueprint import Blueprint, BuiltImage, build_blueprint, load_blueprint
+from ferry.vm.image.errors import BlueprintError, ImageError, ModuleError, PackageError
+from ferry.vm.image.qemu_cmd import (
+    Accel,
+    AgentChannel,
+    DiskSpec,
+    FileDisk,
+    NbdDisk,
+    SerialToFile,
+    SerialToSocket,
+    TapNet,
+    UserNet,
+    host_tsc_khz,
+    kernel_cmdline,
+    qemu_argv,
+)
+
+__all__ = [
+    "Accel",
+    "AgentChannel",
+    "Blueprint",
+    "BlueprintError",
+    "BuiltImage",
+    "DiskSpec",
+    "FileDisk",
+    "ImageError",
+    "ModuleError",
+    "NbdDisk",
+    "PackageError",
+    "SerialToFile",
+    "SerialToSocket",
+    "TapNet",
+    "UserNet",
+    "best_accel",
+    "build_blueprint",
+    "host_tsc_khz",
+    "kernel_cmdline",
+    "load_blueprint",
+    "probe_kvm",
+    "qemu_argv",
+]

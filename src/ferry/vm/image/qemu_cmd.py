@@ -1,0 +1,258 @@
+"""QEMU command lines for microvm guests, as a pure function.
+
+:func:`qemu_argv` only builds a list of strings; it starts nothing, so the
+runtime, tests and the CLI's ``--dry-run`` can all inspect the exact command.
+Every device is explicit (``-nodefaults``): virtio-mmio devices on
+``-M microvm`` (its ACPI tables tell the guest where they are), guest RAM in
+a shared file when migration needs to see it, disks as ``-blockdev`` nodes
+backed by a file or an NBD export on a UNIX socket.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ferry.errors import ConfigError
+
+QEMU_BINARY = "qemu-system-x86_64"
+
+
+class Accel(enum.Enum):
+    TCG = "tcg"
+    KVM = "kvm"
+
+
+@dataclass(frozen=True, slots=True)
+class FileDisk:
+    """A raw disk image file, opened through QEMU's ``file`` driver."""
+
+    path: Path
+    read_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NbdDisk:
+    """A disk served over NBD on a UNIX socket (QEMU's built-in NBD client)."""
+
+    socket_path: Path
+    export: str = ""
+    read_only: bool = False
+
+
+DiskSpec = FileDisk | NbdDisk
+
+
+@dataclass(frozen=True, slots=True)
+class SerialToFile:
+    """Guest serial console appended to a host file."""
+
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class SerialToSocket:
+    """Guest serial console on a UNIX socket QEMU listens on."""
+
+    path: Path
+
+
+SerialSpec = SerialToFile | SerialToSocket
+
+
+@dataclass(frozen=True, slots=True)
+class AgentChannel:
+    """A virtio-serial port named ``name`` backed by a UNIX socket QEMU listens on."""
+
+    socket_path: Path
+    name: str = "ferry.agent"
+
+
+@dataclass(frozen=True, slots=True)
+class UserNet:
+    """QEMU user-mode networking (no privileges) with TCP port forwards.
+
+    ``host_forwards`` holds ``(host_port, guest_port)`` pairs bound on
+    127.0.0.1. The guest is 10.0.2.15/24 with gateway 10.0.2.2.
+    """
+
+    host_forwards: tuple[tuple[int, int], ...] = ()
+    mac: str = "52:54:00:12:34:56"
+
+
+@dataclass(frozen=True, slots=True)
+class TapNet:
+    """A pre-created TAP interface."""
+
+    ifname: str
+    mac: str = "52:54:00:12:34:56"
+
+
+NetSpec = UserNet | TapNet
+
+USER_NET_GUEST_IP = "10.0.2.15/24"
+USER_NET_GATEWAY = "10.0.2.2"
+
+
+@dataclass(frozen=True, slots=True)
+class QemuConfig:
+    """Everything :func:`qemu_argv` needs besides kernel and initramfs."""
+
+    memory_mib: int
+    cmdline: str
+    memory_path: Path | None = None
+    disks: Sequence[DiskSpec] = ()
+    serial: SerialSpec | None = None
+    qmp_socket: Path | None = None
+    accel: Accel = Accel.TCG
+    cpu_model: str | None = None
+    vcpus: int = 1
+    incoming: str | None = None
+    agent: AgentChannel | None = None
+    net: NetSpec | None = None
+    extra_args: Sequence[str] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.memory_mib < 16:
+            raise ConfigError(f"memory_mib must be >= 16, got {self.memory_mib}")
+        if self.vcpus < 1:
+            raise ConfigError(f"vcpus must be >= 1, got {self.vcpus}")
+
+
+def _opt(value: str | Path) -> str:
+    """Escape a value for QEMU's option syntax, where ',' is written ',,'."""
+    return str(value).replace(",", ",,")
+
+
+def default_cpu_model(accel: Accel) -> str:
+    """``host`` under KVM; under TCG ``max`` (every feature TCG emulates)."""
+    return "host" if accel is Accel.KVM else "max"
+
+
+def qemu_argv(
+    kernel: Path,
+    initramfs: Path,
+    *,
+    memory_mib: int,
+    cmdline: str,
+    memory_path: Path | None = None,
+    disks: Sequence[DiskSpec] = (),
+    serial: SerialSpec | None = None,
+    qmp_socket: Path | None = None,
+    accel: Accel | str = Accel.TCG,
+    cpu_model: str | None = None,
+    vcpus: int = 1,
+    incoming: str | None = None,
+    agent: AgentChannel | None = None,
+    net: NetSpec | None = None,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """The full argv (``argv[0]`` included) for a microvm guest; see :class:`QemuConfig`."""
+    try:
+        accel = Accel(accel)
+    except ValueError as exc:
+        raise ConfigError(f"unknown accelerator {accel!r}") from exc
+    config = QemuConfig(
+        memory_mib=memory_mib, cmdline=cmdline, memory_path=memory_path, disks=tuple(disks),
+        serial=serial, qmp_socket=qmp_socket, accel=accel, cpu_model=cpu_model, vcpus=vcpus,
+        incoming=incoming, agent=agent, net=net, extra_args=tuple(extra_args),
+    )
+    return argv_for(kernel, initramfs, config)
+
+
+def argv_for(kernel: Path, initramfs: Path, config: QemuConfig) -> list[str]:
+    """The full argv (``argv[0]`` included) for a microvm guest described by ``config``."""
+    machine = "microvm"
+    argv = [QEMU_BINARY, "-nodefaults", "-no-user-config", "-display", "none",
+            "-no-reboot", "-accel", config.accel.value,
+            "-cpu", config.cpu_model or default_cpu_model(config.accel),
+            "-smp", str(config.vcpus), "-m", f"{config.memory_mib}M"]
+    if config.memory_path is not None:
+        argv += ["-object", f"memory-backend-file,id=mem,size={config.memory_mib}M,"
+                            f"mem-path={_opt(config.memory_path)},share=on"]
+        machine += ",memory-backend=mem"
+    argv += ["-M", machine, "-kernel", str(kernel), "-initrd", str(initramfs),
+             "-append", config.cmdline]
+
+    for i, disk in enumerate(config.disks):
+        node = f"disk{i}"
+        ro = "on" if disk.read_only else "off"
+        if isinstance(disk, FileDisk):
+            argv += ["-blockdev", f"driver=file,node-name={node}-file,"
+                                  f"filename={_opt(disk.path)},read-only={ro}",
+                     "-blockdev", f"driver=raw,node-name={node},file={node}-file,read-only={ro}"]
+        else:
+            export = f",export={_opt(disk.export)}" if disk.export else ""
+            argv += ["-blockdev", f"driver=nbd,node-name={node},server.type=unix,"
+                                  f"server.path={_opt(disk.socket_path)}{export},read-only={ro}"]
+        argv += ["-device", f"virtio-blk-device,drive={node}"]
+
+    if isinstance(config.serial, SerialToFile):
+        argv += ["-chardev", f"file,id=serial0,path={_opt(config.serial.path)}",
+                 "-serial", "chardev:serial0"]
+    elif isinstance(config.serial, SerialToSocket):
+        argv += ["-chardev", f"socket,id=serial0,path={_opt(config.serial.path)},"
+                             "server=on,wait=off",
+                 "-serial", "chardev:serial0"]
+
+    if config.agent is not None:
+        argv += ["-device", "virtio-serial-device,id=vser0",
+                 "-chardev", f"socket,id=agent0,path={_opt(config.agent.socket_path)},"
+                             "server=on,wait=off",
+                 "-device", f"virtserialport,bus=vser0.0,chardev=agent0,"
+                            f"name={_opt(config.agent.name)}"]
+
+    if isinstance(config.net, UserNet):
+        fwd = "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in config.net.host_forwards)
+        argv += ["-netdev", f"user,id=net0{fwd}",
+                 "-device", f"virtio-net-device,netdev=net0,mac={config.net.mac}"]
+    elif isinstance(config.net, TapNet):
+        argv += ["-netdev", f"tap,id=net0,ifname={_opt(config.net.ifname)},"
+                            "script=no,downscript=no",
+                 "-device", f"virtio-net-device,netdev=net0,mac={config.net.mac}"]
+
+    # The guest's entropy pool is seeded from the host instead of waiting for jitter.
+    argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom",
+             "-device", "virtio-rng-device,rng=rng0"]
+
+    if config.qmp_socket is not None:
+        argv += ["-qmp", f"unix:{_opt(config.qmp_socket)},server=on,wait=off"]
+    if config.incoming is not None:
+        argv += ["-incoming", config.incoming]
+    argv += list(config.extra_args)
+    return argv
+
+
+def host_tsc_khz(cpuinfo: str | None = None) -> int:
+    """The host TSC frequency in kHz, from the first ``cpu MHz`` of /proc/cpuinfo.
+
+    The guest needs it as ``tsc_early_khz``: without it, calibration against
+    the emulated PIT sometimes hangs under TCG.
+    """
+    text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "cpu MHz":
+            return round(float(value) * 1000)
+    raise ConfigError("no 'cpu MHz' line in /proc/cpuinfo")
+
+
+def kernel_cmdline(
+    *, tsc_khz: int, quiet: bool = True, root: str | None = "/dev/vda",
+    net: NetSpec | None = None, extra: Sequence[str] = (),
+) -> str:
+    """The guest kernel command line ferry's init understands.
+
+    ``reboot=k panic=-1`` with QEMU's ``-no-reboot`` make a guest reboot or
+    panic end the QEMU process instead of hanging.
+    """
+    args = ["console=ttyS0", "reboot=k", "panic=-1", f"tsc_early_khz={tsc_khz}"]
+    if quiet:
+        args.append("quiet")
+    args.append(f"ferry.root={root or 'none'}")
+    if isinstance(net, UserNet):
+        args += [f"ferry.ip={USER_NET_GUEST_IP}", f"ferry.gw={USER_NET_GATEWAY}"]
+    args += list(extra)
+    return " ".join(args)
