@@ -1,0 +1,470 @@
+"""A VM's network: its own namespace, a tap for QEMU, NAT, and host port forwards.
+
+Topology (parent = the machine's namespace, or a test host's)::
+
+    parent namespace                          VM namespace ferry-vm-<id>
+    ────────────────                          ──────────────────────────
+    forwarder 127.0.0.1:16379 ──┐             DNAT up0:6379 -> 10.0.2.15:6379
+                                 │  veth       masquerade 10.0.2.0/24 out of up0
+    ferry-v<slot> 172.30.S.1/30 ─┴──────────── ferry-up0 172.30.S.2/30
+    table ip ferry_<id>:                       │ (routed, ip_forward=1)
+      masquerade 172.30.S.0/30 out             ferry-br0 10.0.2.2/24, MAC 52:54:00:12:34:02
+      drop unsolicited inbound                 └── ferry-tap0  <- QEMU, guest 10.0.2.15
+                                                                  MAC 52:54:00:12:34:56
+
+Everything the guest can observe (its address, MAC, gateway address and
+gateway MAC) is the same for every VM on every host, so a snapshot resumes
+anywhere without renumbering; only the /30 "slot" of the veth differs per
+parent. Interface names inside the VM namespace are fixed for the same
+reason (QEMU's ``ifname=ferry-tap0`` never changes).
+
+Cleanup guarantee: a record listing the namespace(s), the parent-side link
+and the parent-side nft table is written to the run dir *before* anything
+is created, with this process's pid and start time. Normal exit and
+exceptions tear everything down in ``__aexit__``; after a crash the next
+:class:`VMNetwork` start (or :func:`cleanup_leftovers`) deletes what the
+record lists. The forwarders live in this process and die with it.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol
+
+from ferry.net import links, netns, nft
+from ferry.net.errors import (
+    AddressPoolExhaustedError,
+    NamespaceError,
+    NetConfigError,
+    NetError,
+)
+from ferry.net.forward import PortForward, Proto, TcpForwarder, UdpForwarder, make_forwarder
+from ferry.net.state import (
+    DEFAULT_RUN_DIR,
+    OwnerRecord,
+    RunDir,
+    cleanup_leftovers,
+    remove_resources,
+)
+
+log = logging.getLogger(__name__)
+
+GUEST_IP = "10.0.2.15"
+GUEST_PREFIX_LEN = 24
+GATEWAY_IP = "10.0.2.2"
+GUEST_SUBNET = "10.0.2.0/24"
+"""The same numbers as QEMU's user-mode networking, so images work under either."""
+GUEST_MAC = "52:54:00:12:34:56"
+GATEWAY_MAC = "52:54:00:12:34:02"
+"""Fixed so the guest's ARP entry for its gateway stays valid after a migration."""
+
+TAP_NAME = "ferry-tap0"
+BRIDGE_NAME = "ferry-br0"
+UPLINK_NAME = "ferry-up0"
+GUEST_VETH_NAME = "ferry-gp0"
+DEFAULT_LINK_POOL = ipaddress.IPv4Network("172.30.0.0/16")
+"""Veth /30s are carved from here; pass another pool if the machine already uses it."""
+
+_VM_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+
+
+def check_vm_id(vm_id: str) -> str:
+    """Lower-case letters, digits and ``-``, at most 40 chars (it names namespaces and tables)."""
+    if not _VM_ID_RE.match(vm_id):
+        raise NetConfigError(f"invalid VM id {vm_id!r}: use [a-z0-9-], at most 40 chars")
+    return vm_id
+
+
+def vm_namespace_name(vm_id: str) -> str:
+    """``ferry-vm-<id>``."""
+    return f"{netns.PREFIX}vm-{check_vm_id(vm_id)}"
+
+
+def guest_namespace_name(vm_id: str) -> str:
+    """``ferry-guest-<id>``: the stand-in guest of :class:`NamespaceGuest`."""
+    return f"{netns.PREFIX}guest-{check_vm_id(vm_id)}"
+
+
+def host_link_name(slot: int) -> str:
+    """The parent-side veth of slot ``slot`` (``ferry-v<slot>``, within 15 chars)."""
+    return f"{netns.PREFIX}v{slot}"
+
+
+@dataclass(frozen=True, slots=True)
+class GuestIdentity:
+    """What the guest sees; identical for every VM."""
+
+    ip: str = GUEST_IP
+    prefix_len: int = GUEST_PREFIX_LEN
+    gateway: str = GATEWAY_IP
+    mac: str = GUEST_MAC
+
+
+class GuestAttachment(Protocol):
+    """How the guest's NIC joins the VM namespace's bridge.
+
+    Production uses :class:`TapAttachment` (QEMU opens the tap); tests use
+    :class:`NamespaceGuest`, a namespace standing in for the guest.
+    """
+
+    def extra_namespaces(self, vm_id: str) -> tuple[str, ...]:
+        """Namespaces ``attach`` will create (recorded for cleanup before it runs)."""
+        ...
+
+    async def attach(self, vm_id: str, vm_ns: str, bridge: str, guest: GuestIdentity) -> None:
+        """Create the guest side and make it a port of ``bridge`` in ``vm_ns``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class TapAttachment:
+    """A tap device ``ferry-tap0`` in the bridge, for QEMU's ``-netdev tap``.
+
+    ``owner_uid`` lets an unprivileged QEMU open it; by default only root can.
+    """
+
+    owner_uid: int | None = None
+
+    def extra_namespaces(self, vm_id: str) -> tuple[str, ...]:
+        return ()
+
+    async def attach(self, vm_id: str, vm_ns: str, bridge: str, guest: GuestIdentity) -> None:
+        await links.add_tap(vm_ns, TAP_NAME, owner_uid=self.owner_uid)
+        await links.set_master(vm_ns, TAP_NAME, bridge)
+        await links.set_up(vm_ns, TAP_NAME)
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceGuest:
+    """A namespace ``ferry-guest-<id>`` playing the guest (for tests without QEMU).
+
+    Its ``eth0`` has the guest's MAC, address and default route, and is
+    joined to the VM's bridge by a veth, exactly where the tap would be.
+    """
+
+    def extra_namespaces(self, vm_id: str) -> tuple[str, ...]:
+        return (guest_namespace_name(vm_id),)
+
+    async def attach(self, vm_id: str, vm_ns: str, bridge: str, guest: GuestIdentity) -> None:
+        gns = guest_namespace_name(vm_id)
+        await netns.create(gns)
+        await links.add_veth(vm_ns, GUEST_VETH_NAME, "eth0", peer_namespace=gns,
+                             peer_mac=guest.mac)
+        await links.set_master(vm_ns, GUEST_VETH_NAME, bridge)
+        await links.set_up(vm_ns, GUEST_VETH_NAME)
+        await links.add_address(gns, "eth0", f"{guest.ip}/{guest.prefix_len}")
+        await links.set_up(gns, "eth0")
+        await links.add_default_route(gns, guest.gateway)
+
+
+class NetState(enum.Enum):
+    """Lifecycle of a :class:`VMNetwork`."""
+
+    CREATED = "created"
+    UP = "up"
+    CLOSED = "closed"
+
+
+class VMNetwork:
+    """Builds a VM's namespace, tap, veth, NAT and forwards; removes all of it on exit.
+
+    ``async with VMNetwork("vm1", forwards=[PortForward("127.0.0.1", 16379, 6379)]) as net:``
+    then start QEMU with ``net.wrap_argv([... , *net.qemu_netdev_args()])``.
+
+    ``parent`` is the namespace the VM's veth and forwarders live in (None:
+    this process's own); a test host's namespace puts the VM "on" that host.
+    ``outbound`` installs masquerading so the guest can open connections out
+    through the parent; ferry never turns on ``ip_forward`` in the machine's
+    own namespace (that is the operator's decision), only inside namespaces
+    it made. With ``clean_leftovers`` (default) a start first removes what
+    crashed owners recorded in ``run_dir``.
+    """
+
+    def __init__(
+        self,
+        vm_id: str,
+        forwards: Sequence[PortForward] = (),
+        *,
+        parent: str | None = None,
+        outbound: bool = True,
+        attachment: GuestAttachment | None = None,
+        run_dir: Path | str = DEFAULT_RUN_DIR,
+        link_pool: ipaddress.IPv4Network = DEFAULT_LINK_POOL,
+        clean_leftovers: bool = True,
+    ) -> None:
+        self.vm_id = check_vm_id(vm_id)
+        self.forwards = tuple(forwards)
+        seen: set[tuple[str, int, Proto]] = set()
+        for f in self.forwards:
+            key = (f.host, f.host_port, f.proto)
+            if f.host_port and key in seen:
+                raise NetConfigError(f"duplicate forward {f}")
+            seen.add(key)
+        self.parent = None if parent is None else netns.check_name(parent)
+        self.outbound = outbound
+        self.attachment: GuestAttachment = attachment or TapAttachment()
+        self.run_dir = RunDir(run_dir)
+        if link_pool.prefixlen > 30:
+            raise NetConfigError(f"link pool {link_pool} holds no /30")
+        self.link_pool = link_pool
+        self.clean_leftovers = clean_leftovers
+        self.guest = GuestIdentity()
+        self.namespace = vm_namespace_name(vm_id)
+        self.state = NetState.CREATED
+        self.slot: int | None = None
+        self.forwarders: tuple[TcpForwarder | UdpForwarder, ...] = ()
+        self._record: OwnerRecord | None = None
+        self._log = log.getChild(vm_id)
+
+    # What QEMU and the guest need -------------------------------------------------
+
+    @property
+    def tap_name(self) -> str:
+        """The tap QEMU opens inside :attr:`namespace`."""
+        if not isinstance(self.attachment, TapAttachment):
+            raise NetConfigError(f"VM {self.vm_id} has no tap (attachment {self.attachment!r})")
+        return TAP_NAME
+
+    @property
+    def guest_ip(self) -> str:
+        return self.guest.ip
+
+    @property
+    def guest_mac(self) -> str:
+        return self.guest.mac
+
+    @property
+    def gateway_ip(self) -> str:
+        return self.guest.gateway
+
+    @property
+    def guest_namespace(self) -> str | None:
+        """The stand-in guest's namespace with :class:`NamespaceGuest`, else None."""
+        extra = self.attachment.extra_namespaces(self.vm_id)
+        return extra[0] if isinstance(self.attachment, NamespaceGuest) else None
+
+    def qemu_netdev_args(self, *, netdev_id: str = "net0",
+                         device: str = "virtio-net-device") -> list[str]:
+        """``-netdev tap,...`` and ``-device`` for the guest NIC (``virtio-net-pci`` on pc/q35)."""
+        return ["-netdev", f"tap,id={netdev_id},ifname={self.tap_name},script=no,downscript=no",
+                "-device", f"{device},netdev={netdev_id},mac={self.guest_mac}"]
+
+    def guest_kernel_args(self) -> str:
+        """Kernel command line words with which ferry's guest init configures the NIC."""
+        return f"ferry.ip={self.guest.ip}/{self.guest.prefix_len} ferry.gw={self.guest.gateway}"
+
+    def wrap_argv(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` made to run inside the VM's namespace."""
+        return netns.netns_exec_argv(self.namespace, argv)
+
+    # Addresses ----------------------------------------------------------------------
+
+    def _slot_net(self, slot: int) -> ipaddress.IPv4Network:
+        base = int(self.link_pool.network_address) + 4 * slot
+        return ipaddress.IPv4Network((base, 30))
+
+    @property
+    def link_network(self) -> ipaddress.IPv4Network:
+        """The veth's /30: ``.1`` parent side, ``.2`` VM side."""
+        if self.slot is None:
+            raise NetError(f"VM {self.vm_id} network is not up")
+        return self._slot_net(self.slot)
+
+    @property
+    def parent_link_ip(self) -> str:
+        return str(self.link_network.network_address + 1)
+
+    @property
+    def vm_link_ip(self) -> str:
+        return str(self.link_network.network_address + 2)
+
+    @property
+    def host_link(self) -> str:
+        """The parent-side veth name."""
+        if self.slot is None:
+            raise NetError(f"VM {self.vm_id} network is not up")
+        return host_link_name(self.slot)
+
+    @property
+    def table(self) -> str:
+        """nft table name, the same in the parent and in the VM namespace."""
+        return nft.table_name(self.vm_id)
+
+    # Lifecycle --------------------------------------------------------------------
+
+    async def __aenter__(self) -> VMNetwork:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Create everything; on any failure, remove what was made and re-raise."""
+        if self.state is not NetState.CREATED:
+            raise NetError(f"VM {self.vm_id} network is {self.state.value}, cannot start")
+        if self.clean_leftovers:
+            await cleanup_leftovers(self.run_dir)
+        if self.parent is not None and not netns.exists(self.parent):
+            raise NamespaceError("parent namespace does not exist", namespace=self.parent)
+        await self._reserve()
+        self.state = NetState.UP
+        try:
+            await self._build()
+        except BaseException:
+            await self.close()
+            raise
+        self._log.info("network up: ns %s, slot %s, forwards %s", self.namespace, self.slot,
+                       ", ".join(map(str, self.forwards)) or "none")
+
+    async def close(self) -> None:
+        """Stop forwarders, delete tables, links and namespaces, forget the record. Idempotent."""
+        if self.state is not NetState.UP:
+            self.state = NetState.CLOSED
+            return
+        self.state = NetState.CLOSED
+        for fwd in self.forwarders:
+            await fwd.stop()
+        if self._record is not None:
+            await remove_resources(self._record)
+            self.run_dir.remove(self._record.key)
+        self._log.info("network removed")
+
+    async def _reserve(self) -> None:
+        """Pick a free /30 slot in the parent and write the record, under the run-dir lock."""
+        key = f"vm-{self.vm_id}"
+        async with self.run_dir.locked():
+            records = self.run_dir.records()
+            if any(r.key == key for r in records) or netns.exists(self.namespace):
+                raise NamespaceError(f"VM {self.vm_id} already has a network",
+                                     namespace=self.namespace)
+            used = {r.slot for r in records if r.kind == "vm" and r.parent == self.parent}
+            present = [ipaddress.IPv4Interface(a).network
+                       for a in await links.ipv4_addresses(self.parent)]
+            names = await links.link_names(self.parent)
+            for slot in range(self.link_pool.num_addresses // 4):
+                net = self._slot_net(slot)
+                if (slot in used or host_link_name(slot) in names
+                        or any(net.overlaps(p) for p in present)):
+                    continue
+                break
+            else:
+                raise AddressPoolExhaustedError(f"no free /30 in {self.link_pool}")
+            self.slot = slot
+            self._record = OwnerRecord.for_current_process(
+                key, "vm",
+                namespaces=(self.namespace, *self.attachment.extra_namespaces(self.vm_id)),
+                links=((self.parent, host_link_name(slot)),),
+                tables=(nft.TableRef(self.parent, "ip", self.table),),
+                parent=self.parent, slot=slot,
+            )
+            self.run_dir.write(self._record)
+
+    async def _build(self) -> None:
+        ns, parent = self.namespace, self.parent
+        await netns.create(ns)
+        await netns.set_sysctl(ns, "net.ipv4.ip_forward", "1")
+        await links.add_bridge(ns, BRIDGE_NAME, mac=GATEWAY_MAC)
+        await links.add_address(ns, BRIDGE_NAME, f"{self.guest.gateway}/{self.guest.prefix_len}")
+        await links.set_up(ns, BRIDGE_NAME)
+        await self.attachment.attach(self.vm_id, ns, BRIDGE_NAME, self.guest)
+
+        prefix = self.link_network.prefixlen
+        await links.add_veth(parent, self.host_link, UPLINK_NAME, peer_namespace=ns)
+        await links.add_address(parent, self.host_link, f"{self.parent_link_ip}/{prefix}")
+        await links.set_up(parent, self.host_link)
+        await links.add_address(ns, UPLINK_NAME, f"{self.vm_link_ip}/{prefix}")
+        await links.set_up(ns, UPLINK_NAME)
+        await links.add_default_route(ns, self.parent_link_ip)
+
+        await nft.load(ns, self._vm_ruleset())
+        await nft.load(parent, self._parent_ruleset())
+        if self.outbound and parent is not None:
+            await netns.set_sysctl(parent, "net.ipv4.ip_forward", "1")
+        elif self.outbound and await netns.get_sysctl(None, "net.ipv4.ip_forward") != "1":
+            self._log.warning("net.ipv4.ip_forward is 0 here: the guest's outbound traffic "
+                              "stops at this host until the operator enables it")
+
+        started: list[TcpForwarder | UdpForwarder] = []
+        self.forwarders = ()
+        try:
+            for f in self.forwards:
+                fwd = make_forwarder(f, (self.vm_link_ip, f.guest_port), namespace=parent)
+                await fwd.start()
+                started.append(fwd)
+        finally:
+            self.forwarders = tuple(started)
+
+    def _vm_ruleset(self) -> str:
+        """DNAT forwarded ports to the guest; masquerade the guest out of the uplink."""
+        dnat = sorted({(f.proto.value, f.guest_port) for f in self.forwards})
+        lines = [f"table ip {self.table} {{",
+                 "  chain prerouting {",
+                 "    type nat hook prerouting priority dstnat; policy accept;"]
+        lines += [f'    iifname "{UPLINK_NAME}" {p} dport {port} dnat to {self.guest.ip}:{port}'
+                  for p, port in dnat]
+        lines += ["  }",
+                  "  chain postrouting {",
+                  "    type nat hook postrouting priority srcnat; policy accept;"]
+        if self.outbound:
+            lines.append(f'    ip saddr {GUEST_SUBNET} oifname "{UPLINK_NAME}" masquerade')
+        lines += ["  }",
+                  "  chain forward {",
+                  "    type filter hook forward priority filter; policy drop;",
+                  "    ct state established,related accept",
+                  f'    iifname "{UPLINK_NAME}" oifname "{BRIDGE_NAME}" ct status dnat accept']
+        if self.outbound:
+            lines.append(f'    iifname "{BRIDGE_NAME}" oifname "{UPLINK_NAME}" accept')
+        lines += ["  }", "}"]
+        return "\n".join(lines) + "\n"
+
+    def _parent_ruleset(self) -> str:
+        """Masquerade the VM's /30 out of the parent; drop unsolicited traffic towards the VM."""
+        hl, net = self.host_link, self.link_network
+        lines = [f"table ip {self.table} {{",
+                 "  chain forward {",
+                 "    type filter hook forward priority filter; policy accept;"]
+        if self.outbound:
+            lines.append(f'    iifname "{hl}" accept')
+        else:
+            lines.append(f'    iifname "{hl}" drop')
+        lines += [f'    oifname "{hl}" ct state established,related accept',
+                  f'    oifname "{hl}" drop',
+                  "  }"]
+        if self.outbound:
+            lines += ["  chain postrouting {",
+                      "    type nat hook postrouting priority srcnat; policy accept;",
+                      f'    ip saddr {net} oifname != "{hl}" masquerade',
+                      "  }"]
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def local_address(self, forward: PortForward) -> tuple[str, int]:
+        """Where ``forward`` actually listens (its real port when ``host_port`` was 0)."""
+        for fwd in self.forwarders:
+            if fwd.forward is forward or fwd.forward == forward:
+                return fwd.local_address
+        raise NetConfigError(f"{forward} is not a forward of VM {self.vm_id}")
+
+
+__all__ = [
+    "GATEWAY_IP",
+    "GATEWAY_MAC",
+    "GUEST_IP",
+    "GUEST_MAC",
+    "GuestAttachment",
+    "GuestIdentity",
+    "NamespaceGuest",
+    "NetState",
+    "TapAttachment",
+    "VMNetwork",
+    "cleanup_leftovers",
+]
