@@ -268,6 +268,8 @@ class Migrator:
             self.progress.cycle = self.report.cycles
             below = below + 1 if dirty <= self._policy.max_dirty_blocks else 0
             await self._work.wait_drained()
+            if dirty == 0:
+                break  # nothing changed since the last scan: waiting longer gains nothing
         self.report.precopy_s = time.monotonic() - t0
 
         self._set_phase(Phase.STOP_AND_COPY)
