@@ -69,6 +69,13 @@ class StreamChannel:
             if event is not None:
                 return event
             data = await self._stream.receive_some(RECEIVE_CHUNK_BYTES)
+            if not data and self._conn.buffered_bytes:
+                # The peer vanished mid-frame: a broken link, not a protocol violation.
+                raise BrokenResourceError(
+                    f"connection closed in the middle of a frame "
+                    f"({self._conn.buffered_bytes} bytes buffered)",
+                    peer=self.peer,
+                )
             self._conn.receive_data(data)
 
     async def aclose(self) -> None:
