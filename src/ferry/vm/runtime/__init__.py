@@ -1,0 +1,31 @@
+"""The QEMU VM runtime: one guest on ferry-served RAM (FUSE) and disks (NBD).
+
+Public API (see docs/runtime.md)::
+
+    async with QemuVM(VMConfig.from_image(img), work_dir=d, memory=mem,
+                      disks={"root": disk}) as vm:
+        await vm.start(); await vm.wait_for_console(MARKER_READY, timeout_s=120)
+        await vm.pause(); await vm.resume(); await vm.flush_memory()
+        stats = await vm.save_device_state(path_or_device)
+        await vm.stop(); await vm.start_incoming(); await vm.load_device_state(src)
+"""
+
+from ferry.vm.runtime.config import DEFAULT_CPU_MODEL, VMConfig
+from ferry.vm.runtime.devstate import MAX_STATE_BYTES, DeviceStateStats
+from ferry.vm.runtime.errors import DeviceStateError, VMError, VMExitedError, VMStateError
+from ferry.vm.runtime.state import VMState
+from ferry.vm.runtime.vm import MEMORY_FILE, QemuVM
+
+__all__ = [
+    "DEFAULT_CPU_MODEL",
+    "MAX_STATE_BYTES",
+    "MEMORY_FILE",
+    "DeviceStateError",
+    "DeviceStateStats",
+    "QemuVM",
+    "VMConfig",
+    "VMError",
+    "VMExitedError",
+    "VMState",
+    "VMStateError",
+]
