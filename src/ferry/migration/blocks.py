@@ -122,7 +122,7 @@ def decode_run(event: WriteBlocks, geometry: Geometry, device_name: str) -> byte
     if event.encoding is Encoding.ZEROES:
         data: bytes = bytes(expected)
     elif event.encoding is Encoding.PLAIN:
-        data = bytes(event.data)
+        data = event.data if isinstance(event.data, bytes) else bytes(event.data)
     elif event.encoding is Encoding.ZSTD:
         try:
             data = zstandard.ZstdDecompressor().decompress(event.data, max_output_size=expected)

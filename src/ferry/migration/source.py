@@ -182,6 +182,7 @@ class Migrator:
         self._custom_seq = 0
         self._final_dirty: list[list[int]] = [[] for _ in devices]
         self._failed_phase = Phase.IDLE
+        self._acked_complete = 0
         self._dirty_seq = 0
         self.report = MigrationReport(
             devices=[
@@ -260,7 +261,10 @@ class Migrator:
         self._set_phase(Phase.DIRTY_CYCLES)
         below = 0
         while not self._policy.converged(cycles=self.report.cycles, cycles_below=below):
-            await asyncio.sleep(self._policy.cycle_throttle_s)
+            # Pre-copy itself took a while, so the first scan runs at once; later
+            # scans wait for the throttle so each sees a meaningful amount of change.
+            if self.report.cycles:
+                await asyncio.sleep(self._policy.cycle_throttle_s)
             if self._hooks.before_dirty_scan is not None:
                 await self._hooks.before_dirty_scan()
             dirty = await self._send_dirty_lists()
@@ -395,7 +399,8 @@ class Migrator:
         self.progress.blocks_pending = self._work.pending_count
 
     async def _receive_loop(self) -> None:
-        while True:
+        # Ends after the last CompletedAck: the destination may close right after it.
+        while self._acked_complete < len(self._devices):
             event = await self._channel.receive()
             await self._on_event(event)
 
@@ -413,6 +418,7 @@ class Migrator:
                 self._resolve(("custom", 0, event.sequence))
             case CompletedAck():
                 self._resolve(("completed", event.device, 0))
+                self._acked_complete += 1
             case NeedAt():
                 index = self._check_device(event.device)
                 blocks = self._geoms[index].blocks_touching(event.offset, event.length)

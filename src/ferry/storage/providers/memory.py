@@ -35,7 +35,9 @@ class MemoryDevice:
     async def read_at(self, offset: int, length: int) -> bytes:
         data = self._buffer()
         check_range(self._size_bytes, offset, length, self.name)
-        return bytes(data[offset : offset + length])
+        # One copy straight out of a memoryview: slicing the bytearray first would
+        # copy twice and, for large reads, churn fresh pages through mmap/munmap.
+        return bytes(memoryview(data)[offset : offset + length])
 
     async def write_at(self, offset: int, data: Buffer) -> None:
         buf = self._buffer()
