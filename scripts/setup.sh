@@ -12,6 +12,7 @@ APT_PACKAGES=(
     busybox-static cpio e2fsprogs     # guest initramfs and root filesystems
     iproute2 nftables                 # network namespaces for hosts, NAT, port forwarding
     redis-tools                       # redis-cli for talking to guest Redis
+    gcc libc6-dev                     # the static in-guest agent is compiled at image build
 )
 
 need_apt=()

@@ -35,11 +35,14 @@ import subprocess
 import time
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ferry.errors import ConfigError
 from ferry.vm import guest
+from ferry.vm.agent import build as agent_build
+from ferry.vm.agent.hooks import AGENT_PATH, HOOKS_PATH, AgentSpec
 from ferry.vm.image import debian
 from ferry.vm.image.cache import building, cache_root
 from ferry.vm.image.errors import BlueprintError, ImageError
@@ -62,7 +65,7 @@ BUSYBOX_PACKAGE = "busybox-static"
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _KNOWN_KEYS = {"name", "memory_mib", "disk_size_mib", "packages", "files", "workload",
-               "modules", "compress_initramfs"}
+               "modules", "compress_initramfs", "agent"}
 _WORKLOAD_KEYS = {"command", "readiness"}
 _FILE_KEYS = {"src", "dest", "mode"}
 
@@ -89,6 +92,7 @@ class Blueprint:
     readiness: str | None = None
     modules: tuple[str, ...] = ()
     compress_initramfs: bool = True
+    agent: AgentSpec = field(default_factory=AgentSpec)
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -190,6 +194,12 @@ def parse_blueprint(text: str, *, base_dir: Path, path: str = "<blueprint>") -> 
             kwargs["workload"] = _expect(workload, "command", str, path)
         if "readiness" in workload:
             kwargs["readiness"] = _expect(workload, "readiness", str, path)
+    if "agent" in data:
+        table = _expect(data, "agent", dict, path)
+        try:
+            kwargs["agent"] = AgentSpec.from_table(table)
+        except ConfigError as exc:
+            raise BlueprintError(str(exc), path=path) from exc
     try:
         return Blueprint(**kwargs)
     except BlueprintError as exc:
@@ -231,6 +241,9 @@ def _input_key(bp: Blueprint, kernel_id: str, versions: dict[str, str]) -> str:
     feed("blueprint", repr(
         (bp.name, bp.disk_size_mib, bp.packages, bp.workload, bp.readiness, bp.modules,
          bp.compress_initramfs, [(f.dest, f.mode) for f in bp.files])).encode())
+    feed("agent", repr(bp.agent).encode())
+    if bp.agent.enabled:
+        feed("agent-source", agent_build.agent_source_digest().encode())
     for f in bp.files:
         for host in _walk_files(f.src):
             feed(f"file:{f.dest}:{host.relative_to(f.src) if f.src.is_dir() else ''}",
@@ -297,9 +310,13 @@ def _build_into(scratch: Path, bp: Blueprint, cache: Path, *, kernel: Kernel, ke
     tree.symlink("/sbin/init", "/bin/busybox")
     add_guest_files(tree, guest.STAGE2_FILES)
     tree.write("/ferry/blueprint.env", env)
-    tree.write("/ferry/agent/README",
-               b"Put the guest agent here as an executable named 'agent';\n"
-               b"/ferry/start-agent runs it at boot.\n")
+    if bp.agent.enabled:
+        tree.copy(AGENT_PATH, agent_build.agent_binary(cache), mode=0o755)
+        tree.write(HOOKS_PATH, bp.agent.hooks_conf())
+    else:
+        tree.write("/ferry/agent/README",
+                   b"Put the guest agent here as an executable named 'agent';\n"
+                   b"/ferry/start-agent runs it at boot.\n")
     tree.write("/etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"
                               b"nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
     tree.write("/etc/group", b"root:x:0:\nnogroup:x:65534:\n")

@@ -1,0 +1,195 @@
+"""The agent codec: round trips, every split point, size caps, malformed input, resync."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from ferry.errors import FrameTooLargeError, RemoteProtocolError
+from ferry.vm.agent.errors import AgentFrameTooLargeError, AgentProtocolError, AgentRequestError
+from ferry.vm.agent.protocol import (
+    HEADER,
+    MAGIC,
+    MAX_FRAME_BYTES,
+    MAX_STDIN_BYTES,
+    AfterResume,
+    BeforeSuspend,
+    Decoder,
+    ErrorCode,
+    ErrorReply,
+    Exec,
+    ExecOutcome,
+    ExecResult,
+    Frame,
+    Hello,
+    HelloRequest,
+    HookResult,
+    HooksResult,
+    Message,
+    MessageType,
+    Ping,
+    Pong,
+    encode,
+)
+
+MESSAGES: list[Message] = [
+    HelloRequest(),
+    Ping(),
+    Exec(argv=(b"echo", b"hi there", b""), stdin=b"in\x00put", timeout_ms=1500,
+         max_output_bytes=100),
+    Exec(argv=(b"exit 3",), shell=True),
+    BeforeSuspend(timeout_ms=30_000),
+    AfterResume(timeout_ms=1, host_time_ns=-5),
+    AfterResume(timeout_ms=2000, host_time_ns=1_800_000_000_123_456_789),
+    Hello(protocol_version=1, agent_version="ferry-agent 1.0", boot_id="b0" * 16),
+    Pong(guest_time_ns=1 << 62, uptime_ns=12345),
+    ExecResult(outcome=ExecOutcome.EXITED, code=0, stdout=b"hi\n", stderr=b""),
+    ExecResult(outcome=ExecOutcome.SIGNALED, code=9, stdout=b"x" * 1000, stderr=b"e",
+               stdout_truncated=True, stderr_truncated=True),
+    ExecResult(outcome=ExecOutcome.EXITED, code=-1),
+    HooksResult(clock_offset_ns=-1_000_000_000_000, hooks=(
+        HookResult(command="sync", outcome=ExecOutcome.EXITED, code=0, output=b""),
+        HookResult(command="redis-cli save", outcome=ExecOutcome.TIMED_OUT, code=9,
+                   output=b"partial"),
+    )),
+    HooksResult(clock_offset_ns=0),
+    ErrorReply(code=ErrorCode.UNKNOWN_TYPE, message="unknown message type 77"),
+]
+
+
+def _decode_all(data: bytes, *, step: int | None = None, resync: bool = False) -> list[Frame]:
+    decoder = Decoder(resync=resync)
+    frames: list[Frame] = []
+    chunks = [data] if step is None else [data[i:i + step] for i in range(0, len(data), step)]
+    for chunk in chunks:
+        decoder.receive_data(chunk)
+        while (frame := decoder.next_frame()) is not None:
+            frames.append(frame)
+    assert decoder.buffered_bytes == 0
+    return frames
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)
+def test_round_trip(message: Message) -> None:
+    assert _decode_all(encode(message, 7)) == [Frame(7, message)]
+
+
+def test_byte_at_a_time_stream_of_every_message() -> None:
+    stream = b"".join(encode(m, i) for i, m in enumerate(MESSAGES))
+    expected = [Frame(i, m) for i, m in enumerate(MESSAGES)]
+    assert _decode_all(stream, step=1) == expected
+    assert _decode_all(stream, step=5) == expected
+
+
+def test_header_layout_matches_the_spec() -> None:
+    frame = encode(Ping(), 0x01020304)
+    assert frame == MAGIC + bytes([MessageType.PING, 0, 0, 0, 1, 2, 3, 4, 0, 0, 0, 0])
+
+
+def test_exit_code_folds_outcomes() -> None:
+    assert ExecResult(ExecOutcome.EXITED, 3).exit_code == 3
+    assert ExecResult(ExecOutcome.SIGNALED, 9).exit_code == 137
+    assert ExecResult(ExecOutcome.TIMED_OUT, 9).exit_code == 124
+    assert ExecResult(ExecOutcome.START_FAILED, 2).exit_code == 127
+    assert ExecResult(ExecOutcome.EXITED, 0).ok
+    assert not ExecResult(ExecOutcome.SIGNALED, 0).ok
+
+
+def test_oversized_frame_is_rejected_from_the_header_alone() -> None:
+    decoder = Decoder()
+    decoder.receive_data(HEADER.pack(MAGIC, MessageType.EXEC_RESULT, 0, 0, 1,
+                                     MAX_FRAME_BYTES + 1))
+    with pytest.raises(AgentFrameTooLargeError) as info:
+        decoder.next_frame()
+    assert isinstance(info.value, FrameTooLargeError)
+    small = Decoder(max_frame_bytes=8)
+    small.receive_data(encode(Pong(guest_time_ns=1, uptime_ns=2), 1))  # 16-byte payload
+    with pytest.raises(AgentFrameTooLargeError, match="exceeds the 8-byte cap"):
+        small.next_frame()
+
+
+def _frame(kind: int, payload: bytes, *, flags: int = 0, magic: bytes = MAGIC) -> bytes:
+    return HEADER.pack(magic, kind, flags, 0, 1, len(payload)) + payload
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (_frame(MessageType.PING, b"", magic=b"XAGT"), "magic"),
+        (b"FAGX", "magic"),
+        (_frame(99, b""), "unknown message type 99"),
+        (_frame(MessageType.PING, b"", flags=1), "flags"),
+        (_frame(MessageType.PING, b"x"), "trailing"),
+        (_frame(MessageType.BEFORE_SUSPEND, b"\0\0"), "needs 4 more bytes"),
+        (_frame(MessageType.EXEC_RESULT, b"\x07" + b"\0" * 13), "unknown ExecOutcome 7"),
+        (_frame(MessageType.EXEC_RESULT, b"\0" * 5 + b"\x04" + b"\0" * 8), "flags"),
+        (_frame(MessageType.ERROR, struct.pack(">HI", 1, 2) + b"\xff\xfe"), "not UTF-8"),
+        (_frame(MessageType.EXEC, b"\0" + b"\0\0\0\1" + b"\0\0\0\0" + b"\0\0"), "argc 0"),
+        (_frame(MessageType.EXEC_RESULT, b"\0" * 6 + struct.pack(">I", 2**31)), "stdout of"),
+        (_frame(MessageType.HOOKS_RESULT, b"\0" * 8 + b"\xff\xff"), "hooks exceed"),
+    ],
+)
+def test_malformed_frames_raise_remote_errors(data: bytes, match: str) -> None:
+    decoder = Decoder()
+    decoder.receive_data(data)
+    with pytest.raises(AgentProtocolError, match=match) as info:
+        decoder.next_frame()
+    assert isinstance(info.value, RemoteProtocolError)
+
+
+def test_resync_skips_garbage_and_broken_frames() -> None:
+    good = encode(Hello(protocol_version=1, agent_version="v", boot_id="b"))
+    broken = _frame(99, b"zz")  # a well-formed header of an unknown type
+    noise = b"\x00FAG" + b"junk" + broken + b"FA"
+    for step in (1, 3, None):
+        decoder = Decoder(resync=True)
+        frames = []
+        data = noise + good + b"tail-garbage"
+        chunks = [data] if step is None else [data[i:i + step] for i in range(0, len(data), step)]
+        for chunk in chunks:
+            decoder.receive_data(chunk)
+            while (frame := decoder.next_frame()) is not None:
+                frames.append(frame)
+        assert [f.message for f in frames] == [Hello(1, "v", "b")]
+        assert decoder.skipped_bytes >= len(noise)
+
+
+def test_discard_partial_gives_up_on_a_stale_header() -> None:
+    decoder = Decoder(resync=True)
+    stale = HEADER.pack(MAGIC, MessageType.EXEC_RESULT, 0, 0, 9, 1000) + b"only a bit"
+    decoder.receive_data(stale + encode(Hello(1, "v", "b")))
+    assert decoder.next_frame() is None  # the stale frame swallows the HELLO
+    decoder.discard_partial()
+    frame = decoder.next_frame()
+    assert frame is not None
+    assert frame.message == Hello(1, "v", "b")
+
+
+def test_strict_decoder_does_not_discard() -> None:
+    decoder = Decoder()
+    partial = encode(Ping())[:10]
+    decoder.receive_data(partial)
+    decoder.discard_partial()
+    assert decoder.buffered_bytes == len(partial)
+
+
+@pytest.mark.parametrize(
+    ("message", "match"),
+    [
+        (Exec(argv=()), "argv needs"),
+        (Exec(argv=(b"a\0b",)), "NUL"),
+        (Exec(argv=(b"cat",), stdin=b"x" * (MAX_STDIN_BYTES + 1)), "stdin"),
+        (Exec(argv=(b"cat",), timeout_ms=0), "timeout_ms"),
+        (Exec(argv=(b"cat",), max_output_bytes=-1), "max_output_bytes"),
+        (BeforeSuspend(timeout_ms=0), "timeout_ms"),
+    ],
+)
+def test_encoder_rejects_invalid_requests(message: Message, match: str) -> None:
+    with pytest.raises(AgentRequestError, match=match):
+        encode(message, 1)
+
+
+def test_encoder_enforces_the_frame_cap() -> None:
+    with pytest.raises(AgentRequestError, match="frame cap"):
+        encode(Exec(argv=(b"x" * 100,)), 1, max_frame_bytes=64)
