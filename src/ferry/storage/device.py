@@ -11,6 +11,8 @@ Contract for every implementation:
 * ``read_at(offset, length)`` returns exactly ``length`` bytes; a range that
   is not inside ``[0, size_bytes)`` raises :class:`DeviceRangeError`.
 * ``write_at(offset, data)`` writes all of ``data`` or raises; same range rule.
+  It must not keep a reference to ``data`` after it returns: callers (the NBD
+  server, the migration receiver) reuse their buffers.
 * ``flush()`` makes completed writes durable at this layer (a no-op for memory).
 * ``close()`` is idempotent; any other call after it raises
   :class:`DeviceClosedError`. Closing a decorator closes what it wraps.

@@ -1,0 +1,55 @@
+"""Errors of the NBD server.
+
+::
+
+    FerryError
+    └── NBDError                       the NBD server or a client connection failed
+        ├── NBDRemoteProtocolError     the client sent malformed or unexpected bytes
+        │   └── NBDOptionTooLargeError an option announced more data than we accept
+        ├── NBDLocalProtocolError      we tried to send something invalid (our bug)
+        ├── NBDUnknownExportError      NBD_OPT_EXPORT_NAME named no export (.export)
+        └── NBDServeError              a listening socket could not be set up (.address)
+
+Every one of them ends the client connection it concerns (a hard disconnect,
+as the spec allows on a violated MUST); the server keeps serving the others.
+"""
+
+from __future__ import annotations
+
+from ferry.errors import FerryError
+
+
+class NBDError(FerryError):
+    """The NBD server or one client connection failed."""
+
+
+class NBDRemoteProtocolError(NBDError):
+    """The client sent malformed, oversized or unexpected bytes."""
+
+
+class NBDOptionTooLargeError(NBDRemoteProtocolError):
+    """An option announced a payload larger than the server accepts."""
+
+
+class NBDLocalProtocolError(NBDError):
+    """We tried to send something the protocol does not allow (a bug on our side)."""
+
+
+class NBDUnknownExportError(NBDError):
+    """The client chose, with NBD_OPT_EXPORT_NAME, an export that does not exist.
+
+    That option cannot carry an error reply, so the spec makes the server
+    drop the connection.
+    """
+
+    def __init__(self, export: str) -> None:
+        super().__init__(f"no export named {export!r}")
+        self.export = export
+
+
+class NBDServeError(NBDError):
+    """A listening socket could not be bound."""
+
+    def __init__(self, message: str, *, address: str) -> None:
+        super().__init__(f"{message} ({address})")
+        self.address = address

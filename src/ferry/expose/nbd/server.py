@@ -1,0 +1,444 @@
+"""Asyncio NBD server: serves ferry devices to QEMU, qemu-img, nbdcopy and friends.
+
+The protocol lives in :mod:`ferry.expose.nbd.protocol`; this module moves
+bytes between it and a socket and runs requests against devices.
+
+Concurrency. Each listening socket has one background task owning a
+``TaskGroup`` of connection tasks; each connection owns a ``TaskGroup`` of
+request tasks, so up to :data:`MAX_IN_FLIGHT_REQUESTS` requests (and about
+:data:`MAX_IN_FLIGHT_BYTES` of payload) run at once and replies may leave
+out of order, as the spec allows. Every connection of an export shares one
+:class:`_ExportState`: FLUSH waits for the writes in flight on *any*
+connection of the export, then calls ``device.flush()``, which is what makes
+advertising NBD_FLAG_CAN_MULTI_CONN honest. FUA is write, then flush.
+
+Failure. A client that breaks the protocol or vanishes only ends its own
+connection (logged, never raised to the server); device errors become
+NBD error replies. Cancellation is never swallowed.
+
+The sockets are plain non-blocking sockets driven with ``loop.sock_recv_into``
+and ``sendmsg``: the receive path reads a WRITE's payload straight into its
+final buffer and the send path frames a READ's data without copying it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ferry.errors import DeviceError, DeviceRangeError, ReadOnlyError
+from ferry.expose.nbd.errors import NBDError, NBDServeError
+from ferry.expose.nbd.protocol import (
+    MAX_PAYLOAD_BYTES,
+    CacheRequest,
+    CommandFlag,
+    DisconnectRequest,
+    Errno,
+    ExportInfo,
+    ExportSelected,
+    FlushRequest,
+    HandshakeAborted,
+    OptionReceived,
+    ReadRequest,
+    RejectedRequest,
+    Request,
+    ServerConnection,
+    Signal,
+    TrimRequest,
+    WriteRequest,
+    WriteZeroesRequest,
+)
+from ferry.storage.device import Buffer, Device
+
+logger = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT_REQUESTS = 16
+"""Requests of one connection processed at once. QEMU keeps up to 16 in
+flight per connection (MAX_NBD_REQUESTS), so this never throttles it."""
+
+MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
+"""Payload bytes one connection may hold in flight before we stop reading
+its requests: bounds memory at about this plus one maximal request."""
+
+_ZERO_CHUNK_BYTES = 1024 * 1024
+_ZEROES = bytes(_ZERO_CHUNK_BYTES)
+"""WRITE_ZEROES is written in chunks of one shared zero buffer, so a 4 GiB
+request costs 1 MiB of memory."""
+
+_LISTEN_BACKLOG = 128
+_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Export:
+    """A device offered under a name; ``read_only`` refuses writes with EPERM."""
+
+    device: Device
+    read_only: bool = False
+    description: str = ""
+    block_size_bytes: int = 4096
+
+    def info(self) -> ExportInfo:
+        return ExportInfo(
+            size_bytes=self.device.size_bytes,
+            read_only=self.read_only,
+            description=self.description,
+            block_size_bytes=self.block_size_bytes,
+        )
+
+
+@dataclass(slots=True)
+class _ExportState:
+    """What all connections of one export share: the writes in flight."""
+
+    export: Export
+    writes_in_flight: set[asyncio.Future[None]] = field(default_factory=set)
+
+    async def wait_for_writes(self) -> None:
+        """Wait for every write in flight now (on any connection) to finish."""
+        pending = set(self.writes_in_flight)
+        if pending:
+            # asyncio.wait, unlike gather, never cancels what it waits for.
+            await asyncio.wait(pending)
+
+
+class _ConnectionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Prefixes a connection's tag; an adapter rather than a child logger per
+    connection because loggers are never freed and connections are unbounded."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        return f"[{self.extra['conn'] if self.extra else '?'}] {msg}", kwargs
+
+
+class _Budget:
+    """Bounds the requests and payload bytes one connection has in flight."""
+
+    def __init__(self) -> None:
+        self._requests = 0
+        self._bytes = 0
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def wait_for_room(self) -> None:
+        await self._room.wait()
+
+    def take(self, nbytes: int) -> None:
+        self._requests += 1
+        self._bytes += nbytes
+        if self._requests >= MAX_IN_FLIGHT_REQUESTS or self._bytes >= MAX_IN_FLIGHT_BYTES:
+            self._room.clear()
+
+    def give(self, nbytes: int) -> None:
+        self._requests -= 1
+        self._bytes -= nbytes
+        if self._requests < MAX_IN_FLIGHT_REQUESTS and self._bytes < MAX_IN_FLIGHT_BYTES:
+            self._room.set()
+
+
+def _request_bytes(request: Request) -> int:
+    if isinstance(request, ReadRequest | WriteRequest):
+        return request.length
+    return 0
+
+
+class _Connection:
+    """One client socket: handshake, then requests run concurrently."""
+
+    def __init__(
+        self,
+        server: NBDServer,
+        sock: socket.socket,
+        log: logging.LoggerAdapter,  # type: ignore[type-arg]
+    ) -> None:
+        self._server = server
+        self._sock = sock
+        self._log = log
+        self._loop = asyncio.get_running_loop()
+        self._send_lock = asyncio.Lock()
+        self._core = ServerConnection(server.catalogue)
+        self._budget = _Budget()
+        self._trace = log.isEnabledFor(logging.DEBUG)
+
+    async def run(self) -> None:
+        await self._send([self._core.data_to_send()])
+        selected = await self._handshake()
+        if selected is None:
+            return
+        state = self._server.export_state(selected.name)
+        self._log.info(
+            "export %r selected (structured replies %s)",
+            selected.name,
+            "on" if selected.structured_replies else "off",
+        )
+        async with asyncio.TaskGroup() as requests:
+            while True:
+                await self._budget.wait_for_room()
+                event = self._core.next_event()
+                if event is Signal.NEED_DATA:
+                    await self._receive()
+                    continue
+                if event is Signal.CLOSED or isinstance(event, DisconnectRequest):
+                    # Leaving the TaskGroup finishes outstanding requests first,
+                    # as NBD_CMD_DISC requires.
+                    self._log.debug("--> disconnect")
+                    break
+                assert not isinstance(event, OptionReceived | ExportSelected | HandshakeAborted)
+                if self._trace:
+                    self._log.debug("--> %s", _describe(event))
+                nbytes = _request_bytes(event)
+                self._budget.take(nbytes)
+                requests.create_task(self._serve_request(event, state, nbytes))
+
+    async def _receive(self) -> None:
+        n = await self._loop.sock_recv_into(self._sock, self._core.get_buffer())
+        if n:
+            self._core.buffer_updated(n)
+        else:
+            self._core.receive_eof()
+
+    async def _handshake(self) -> ExportSelected | None:
+        while True:
+            event = self._core.next_event()
+            out = self._core.data_to_send()
+            if isinstance(event, HandshakeAborted):
+                self._log.debug("--> option ABORT")
+                # The client may hang up without reading the ACK; that is fine.
+                with contextlib.suppress(OSError):
+                    await self._send([out])
+                return None
+            if out:
+                await self._send([out])
+            if event is Signal.NEED_DATA:
+                await self._receive()
+            elif event is Signal.CLOSED:
+                self._log.debug("client left during the handshake")
+                return None
+            elif isinstance(event, OptionReceived):
+                self._log.debug("--> option %d (%d bytes)", event.option, event.length)
+            elif isinstance(event, ExportSelected):
+                return event
+            else:  # pragma: no cover - the core emits no requests before transmission
+                raise AssertionError(f"unexpected event {event!r} in the handshake")
+
+    async def _serve_request(self, request: Request, state: _ExportState, nbytes: int) -> None:
+        try:
+            reply = await self._execute(request, state)
+        finally:
+            self._budget.give(nbytes)
+        if self._trace:
+            self._log.debug("<-- %s", _describe_reply(request, reply))
+        await self._send(reply)
+
+    async def _execute(self, request: Request, state: _ExportState) -> list[Buffer]:
+        """Run ``request`` against the device; return the reply to send."""
+        core = self._core
+        if isinstance(request, RejectedRequest):
+            return [core.reply_error(request, request.error, request.message)]
+        device = state.export.device
+        try:
+            if isinstance(request, ReadRequest):
+                data = await device.read_at(request.offset, request.length)
+                return [core.reply_read(request, data), data]
+            if isinstance(request, WriteRequest | WriteZeroesRequest):
+                await self._write(request, state)
+            elif isinstance(request, FlushRequest):
+                await state.wait_for_writes()
+                await device.flush()
+            # TRIM is a hint the spec lets a server ignore (a Device has no
+            # discard), and CACHE only asks to prefetch: both succeed as no-ops.
+            elif not isinstance(request, TrimRequest | CacheRequest):  # pragma: no cover
+                raise AssertionError(f"unhandled request {request!r}")
+        except ReadOnlyError as exc:
+            return [core.reply_error(request, Errno.EPERM, str(exc))]
+        except DeviceRangeError as exc:
+            writes = isinstance(request, WriteRequest | WriteZeroesRequest)
+            return [core.reply_error(request, Errno.ENOSPC if writes else Errno.EINVAL, str(exc))]
+        except DeviceError as exc:
+            self._log.warning("device error on %s: %s", _describe(request), exc)
+            return [core.reply_error(request, Errno.EIO, str(exc))]
+        except Exception as exc:  # a bug in a device must not take the connection down
+            self._log.exception("unexpected error on %s", _describe(request))
+            return [core.reply_error(request, Errno.EIO, f"internal error: {exc}")]
+        return [core.reply_done(request)]
+
+    async def _write(self, request: WriteRequest | WriteZeroesRequest, state: _ExportState) -> None:
+        device = state.export.device
+        done: asyncio.Future[None] = self._loop.create_future()
+        state.writes_in_flight.add(done)
+        try:
+            if isinstance(request, WriteRequest):
+                await device.write_at(request.offset, request.data)
+                # Like io.WriterAt, a device does not keep ``data`` after
+                # write_at returns, so the buffer can take the next write.
+                self._core.recycle(request.data)
+            else:
+                end = request.offset + request.length
+                for pos in range(request.offset, end, _ZERO_CHUNK_BYTES):
+                    n = min(_ZERO_CHUNK_BYTES, end - pos)
+                    await device.write_at(pos, memoryview(_ZEROES)[:n])
+        finally:
+            state.writes_in_flight.discard(done)
+            done.set_result(None)
+        if request.flags & CommandFlag.FUA:
+            await device.flush()
+
+    async def _send(self, buffers: list[Buffer]) -> None:
+        """Send ``buffers`` back to back; replies never interleave."""
+        views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        async with self._send_lock:
+            try:
+                sent = self._sock.sendmsg(views)
+            except BlockingIOError:
+                sent = 0
+            for view in views:
+                if sent >= len(view):
+                    sent -= len(view)
+                    continue
+                await self._loop.sock_sendall(self._sock, view[sent:])
+                sent = 0
+
+
+def _describe(request: Request | DisconnectRequest) -> str:
+    if isinstance(request, WriteRequest):
+        return f"WRITE handle={request.handle:#x} offset={request.offset} length={request.length}"
+    if isinstance(request, FlushRequest | DisconnectRequest):
+        return repr(request)
+    name = type(request).__name__.removesuffix("Request").upper()
+    return f"{name} handle={request.handle:#x} offset={request.offset} length={request.length}"
+
+
+def _describe_reply(request: Request, reply: list[Buffer]) -> str:
+    size = sum(len(memoryview(b).cast("B")) for b in reply)
+    handle = getattr(request, "handle", 0)
+    return f"reply handle={handle:#x} bytes={size}"
+
+
+class NBDServer:
+    """Serves named exports over UNIX or TCP sockets.
+
+    Use ``async with server.serve_unix(path) as address:`` (or ``serve_tcp``):
+    the socket is bound and listening when the block starts, clients are
+    served in the background, and leaving the block stops accepting, ends
+    every connection and removes the socket file.
+    """
+
+    def __init__(self, exports: Mapping[str, Export]) -> None:
+        for name in exports:
+            if len(name.encode()) > 4096:
+                raise ValueError(f"export name {name[:40]!r}... longer than 4096 bytes")
+        self._states = {name: _ExportState(export) for name, export in exports.items()}
+        self.catalogue: Mapping[str, ExportInfo] = {
+            name: export.info() for name, export in exports.items()
+        }
+        self._conn_ids = itertools.count(1)
+        if MAX_PAYLOAD_BYTES > MAX_IN_FLIGHT_BYTES:  # pragma: no cover - constants
+            raise AssertionError("a maximal request must fit the in-flight budget")
+
+    def export_state(self, name: str) -> _ExportState:
+        return self._states[name]
+
+    @contextlib.asynccontextmanager
+    async def serve_unix(self, path: str | os.PathLike[str]) -> AsyncIterator[str]:
+        """Listen on a UNIX socket at ``path``; yields the path once listening."""
+        address = os.fspath(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            raise NBDServeError(f"cannot bind: {exc.strerror}", address=address) from exc
+        try:
+            async with self._serving(sock, address):
+                yield address
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(address)
+
+    @contextlib.asynccontextmanager
+    async def serve_tcp(
+        self, host: str = "127.0.0.1", port: int = 0
+    ) -> AsyncIterator[tuple[str, int]]:
+        """Listen on TCP ``host:port`` (0 picks a free port); yields the bound address."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise NBDServeError(f"cannot bind: {exc.strerror}", address=f"{host}:{port}") from exc
+        bound = sock.getsockname()
+        async with self._serving(sock, f"{bound[0]}:{bound[1]}"):
+            yield bound[0], bound[1]
+
+    @contextlib.asynccontextmanager
+    async def _serving(self, sock: socket.socket, address: str) -> AsyncIterator[None]:
+        # The accept loop runs in its own task rather than a TaskGroup around
+        # the ``yield``: a TaskGroup there would wrap every exception of the
+        # caller's block in an ExceptionGroup. The task is always awaited here.
+        try:
+            sock.listen(_LISTEN_BACKLOG)
+            sock.setblocking(False)
+            task = asyncio.create_task(self._accept_loop(sock), name=f"nbd-accept {address}")
+        except BaseException:
+            sock.close()
+            raise
+        logger.info("NBD server listening on %s (exports: %s)", address, ", ".join(self._states))
+        try:
+            yield
+        finally:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+            finally:
+                sock.close()
+                logger.info("NBD server on %s stopped", address)
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        async with asyncio.TaskGroup() as connections:
+            while True:
+                try:
+                    client, _ = await loop.sock_accept(sock)
+                except OSError as exc:
+                    # Out of descriptors or a client that reset before accept:
+                    # keep serving the others.
+                    logger.warning("accept failed: %s", exc)
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        await asyncio.sleep(0.1)
+                    continue
+                client.setblocking(False)
+                # A 1 MiB read reply then leaves in one sendmsg instead of
+                # five rounds through the event loop (capped at wmem_max).
+                with contextlib.suppress(OSError):
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
+                connections.create_task(self._serve_client(client))
+
+    async def _serve_client(self, sock: socket.socket) -> None:
+        """Serve one client until it leaves; never raises except cancellation."""
+        conn_id = next(self._conn_ids)
+        log = _ConnectionLog(logger, {"conn": f"conn{conn_id}"})
+        log.debug("connected")
+        try:
+            await _Connection(self, sock, log).run()
+        except* NBDError as group:
+            log.info("dropping client: %s", "; ".join(str(e) for e in group.exceptions))
+        except* OSError as group:
+            log.info("client went away: %s", "; ".join(str(e) for e in group.exceptions))
+        except* Exception:
+            log.exception("connection failed")
+        finally:
+            sock.close()
+            log.debug("closed")
