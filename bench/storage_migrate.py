@@ -26,6 +26,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import shutil
 import socket
 import statistics
 import sys
@@ -33,7 +34,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import xxhash
@@ -179,8 +179,7 @@ async def ferry_migrate(
     )
     dest_digest = await asyncio.to_thread(parent.recv)
     await asyncio.to_thread(proc.join)
-    Path(tmp, "s").unlink(missing_ok=True)
-    os.rmdir(tmp)
+    await asyncio.to_thread(shutil.rmtree, tmp, ignore_errors=True)
     return {
         "elapsed_s": elapsed,
         "identical": source_digest == dest_digest,

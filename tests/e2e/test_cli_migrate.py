@@ -39,7 +39,7 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 
 
 
 @pytest.fixture
-def images(tmp_path: Path) -> Iterator[dict[str, Path]]:
+def images(tmp_path: Path) -> dict[str, Path]:
     a = tmp_path / "a.img"
     a.write_bytes(os.urandom(3 * 1024 * 1024 + 777))  # size not a multiple of the block size
     b = tmp_path / "b.img"
@@ -47,7 +47,7 @@ def images(tmp_path: Path) -> Iterator[dict[str, Path]]:
         f.truncate(8 * 1024 * 1024)
         f.seek(5 * 1024 * 1024)
         f.write(b"ferry" * 1000)
-    yield {"a": a, "b": b}
+    return {"a": a, "b": b}
 
 
 @pytest.fixture
@@ -61,8 +61,11 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def serve(args: list[str], procs: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
-    p = subprocess.Popen([*FERRY, "serve", "--no-progress", "--json", *args],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [*FERRY, "serve", "--no-progress", "--json", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     procs.append(p)
     return p
 
@@ -74,9 +77,21 @@ def test_serve_and_receive_over_tcp(
     server = serve(["--listen", f"127.0.0.1:{port}", f"a={images['a']}", f"b={images['b']}"], procs)
     wait_listening(port, server)
     out = tmp_path / "out"
-    recv = subprocess.run([*FERRY, "receive", "--json", "--no-progress", "--from",
-                           f"127.0.0.1:{port}", "--into", str(out)],
-                          capture_output=True, timeout=120, check=False)
+    recv = subprocess.run(
+        [
+            *FERRY,
+            "receive",
+            "--json",
+            "--no-progress",
+            "--from",
+            f"127.0.0.1:{port}",
+            "--into",
+            str(out),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
     assert recv.returncode == 0, recv.stderr.decode()
     report = json.loads(recv.stdout)
     assert report["verified"] is True
@@ -92,8 +107,12 @@ def test_serve_and_receive_over_tcp(
     port2 = free_port()
     server2 = serve(["--listen", f"127.0.0.1:{port2}", f"a={images['a']}"], procs)
     wait_listening(port2, server2)
-    again = subprocess.run([*FERRY, "receive", "--no-progress", "--from", f"127.0.0.1:{port2}",
-                            "--into", str(out)], capture_output=True, timeout=60, check=False)
+    again = subprocess.run(
+        [*FERRY, "receive", "--no-progress", "--from", f"127.0.0.1:{port2}", "--into", str(out)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     assert again.returncode == 2, again.stderr.decode()
     assert b"refusing to overwrite" in again.stderr
 
@@ -102,33 +121,74 @@ def test_serve_and_receive_over_mutual_tls(
     tmp_path: Path, images: dict[str, Path], procs: list[subprocess.Popen[bytes]]
 ) -> None:
     pki = tmp_path / "pki"
-    for argv in (["certs", "ca", str(pki / "ca")],
-                 ["certs", "host", "--ca", str(pki / "ca"), "--out", str(pki / "src"),
-                  "localhost", "--ip", "127.0.0.1"],
-                 ["certs", "host", "--ca", str(pki / "ca"), "--out", str(pki / "dst"), "dest"],
-                 ["certs", "ca", str(pki / "evil-ca")],
-                 ["certs", "host", "--ca", str(pki / "evil-ca"), "--out", str(pki / "evil"), "evil"]):
+    for argv in (
+        ["certs", "ca", str(pki / "ca")],
+        [
+            "certs",
+            "host",
+            "--ca",
+            str(pki / "ca"),
+            "--out",
+            str(pki / "src"),
+            "localhost",
+            "--ip",
+            "127.0.0.1",
+        ],
+        ["certs", "host", "--ca", str(pki / "ca"), "--out", str(pki / "dst"), "dest"],
+        ["certs", "ca", str(pki / "evil-ca")],
+        ["certs", "host", "--ca", str(pki / "evil-ca"), "--out", str(pki / "evil"), "evil"],
+    ):
         subprocess.run([*FERRY, *argv], check=True, capture_output=True, timeout=60)
 
     def tls(side: str) -> list[str]:
         name = {"src": "localhost", "dst": "dest", "evil": "evil"}[side]
-        return ["--tls-cert", str(pki / side / f"{name}.pem"), "--tls-key",
-                str(pki / side / f"{name}.key"), "--tls-ca", str(pki / side / "ca.pem")]
+        return [
+            "--tls-cert",
+            str(pki / side / f"{name}.pem"),
+            "--tls-key",
+            str(pki / side / f"{name}.key"),
+            "--tls-ca",
+            str(pki / side / "ca.pem"),
+        ]
 
     port = free_port()
     server = serve(["--listen", f"127.0.0.1:{port}", *tls("src"), f"a={images['a']}"], procs)
     wait_listening(port, server)
     # A client whose certificate comes from another CA is refused and receives nothing.
-    evil = subprocess.run([*FERRY, "receive", "--no-progress", "--from", f"127.0.0.1:{port}",
-                           "--into", str(tmp_path / "evil-out"), *tls("evil")],
-                          capture_output=True, timeout=60, check=False)
+    evil = subprocess.run(
+        [
+            *FERRY,
+            "receive",
+            "--no-progress",
+            "--from",
+            f"127.0.0.1:{port}",
+            "--into",
+            str(tmp_path / "evil-out"),
+            *tls("evil"),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     assert evil.returncode != 0
     assert not (tmp_path / "evil-out" / "a").exists()
     # The legitimate destination still gets the device.
     out = tmp_path / "out"
-    recv = subprocess.run([*FERRY, "receive", "--no-progress", "--from", f"127.0.0.1:{port}",
-                           "--into", str(out), *tls("dst")],
-                          capture_output=True, timeout=120, check=False)
+    recv = subprocess.run(
+        [
+            *FERRY,
+            "receive",
+            "--no-progress",
+            "--from",
+            f"127.0.0.1:{port}",
+            "--into",
+            str(out),
+            *tls("dst"),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
     assert recv.returncode == 0, recv.stderr.decode()
     assert (out / "a").read_bytes() == images["a"].read_bytes()
     assert server.wait(timeout=30) == 0
@@ -146,8 +206,11 @@ def test_peer_disconnecting_mid_migration(
     server = serve(["--listen", f"127.0.0.1:{port}", f"big={big}"], procs)
     wait_listening(port, server)
     out = tmp_path / "out"
-    recv = subprocess.Popen([*FERRY, "receive", "--no-progress", "--from", f"127.0.0.1:{port}",
-                             "--into", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    recv = subprocess.Popen(
+        [*FERRY, "receive", "--no-progress", "--from", f"127.0.0.1:{port}", "--into", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     procs.append(recv)
     deadline = time.monotonic() + 30
     partial = out / "big.partial"
@@ -166,8 +229,11 @@ def test_peer_disconnecting_mid_migration(
     server = serve(["--listen", f"127.0.0.1:{port}", f"big={big}"], procs)
     wait_listening(port, server)
     out2 = tmp_path / "out2"
-    recv = subprocess.Popen([*FERRY, "receive", "--no-progress", "--from", f"127.0.0.1:{port}",
-                             "--into", str(out2)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    recv = subprocess.Popen(
+        [*FERRY, "receive", "--no-progress", "--from", f"127.0.0.1:{port}", "--into", str(out2)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     procs.append(recv)
     partial = out2 / "big.partial"
     deadline = time.monotonic() + 30

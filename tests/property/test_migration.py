@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,30 +24,39 @@ from ferry.migration.channel import memory_channel_pair
 from ferry.migration.destination import DestinationDevice, Receiver
 from ferry.migration.policy import DirtyPolicy, Mode
 from ferry.migration.source import MigrationHooks, Migrator
-from ferry.migration.stacks import DestinationStack, source_stack, destination_stack
+from ferry.migration.stacks import DestinationStack, destination_stack, source_stack
 from ferry.protocol.messages import DeviceInfo
 from ferry.storage.providers.memory import MemoryDevice
 
 BS = 512
 
 
-@st.composite
-def scenarios(draw: st.DrawFn) -> dict[str, object]:
-    sizes = draw(st.lists(st.integers(1, 40 * BS), min_size=1, max_size=3))
-    return {
-        "sizes": sizes,
-        "seed": draw(st.integers(0, 2**32 - 1)),
-        "source_writes": draw(st.integers(0, 200)),
-        "dest_ops": draw(st.integers(0, 60)),
-        "mode": draw(st.sampled_from([Mode.HYBRID, Mode.PRECOPY_ONLY])),
-        "max_cycles": draw(st.integers(0, 4)),
-        "concurrency": draw(st.integers(1, 4)),
-    }
+@dataclass(frozen=True)
+class Scenario:
+    sizes: list[int]
+    seed: int
+    source_writes: int
+    dest_ops: int
+    mode: Mode
+    max_cycles: int
+    concurrency: int
 
 
-async def run_scenario(sc: dict[str, object]) -> None:
-    sizes: list[int] = sc["sizes"]  # type: ignore[assignment]
-    rnd = random.Random(sc["seed"])  # type: ignore[arg-type]
+scenarios = st.builds(
+    Scenario,
+    sizes=st.lists(st.integers(1, 40 * BS), min_size=1, max_size=3),
+    seed=st.integers(0, 2**32 - 1),
+    source_writes=st.integers(0, 200),
+    dest_ops=st.integers(0, 60),
+    mode=st.sampled_from([Mode.HYBRID, Mode.PRECOPY_ONLY]),
+    max_cycles=st.integers(0, 4),
+    concurrency=st.integers(1, 4),
+)
+
+
+async def run_scenario(sc: Scenario) -> None:
+    sizes = sc.sizes
+    rnd = random.Random(sc.seed)
     sources = [source_stack(f"d{i}", MemoryDevice(n), BS) for i, n in enumerate(sizes)]
     for s in sources:
         await s.local.write_at(0, rnd.randbytes(s.local.size_bytes))
@@ -56,7 +66,7 @@ async def run_scenario(sc: dict[str, object]) -> None:
     failures: list[str] = []
 
     async def source_writer() -> None:
-        for _ in range(sc["source_writes"]):  # type: ignore[call-overload]
+        for _ in range(sc.source_writes):
             if stop.is_set():
                 return
             s = rnd.choice(sources)
@@ -71,7 +81,7 @@ async def run_scenario(sc: dict[str, object]) -> None:
             model.append(bytearray(await s.remote.read_at(0, s.remote.size_bytes)))
 
     async def dest_ops() -> None:
-        for _ in range(sc["dest_ops"]):  # type: ignore[call-overload]
+        for _ in range(sc.dest_ops):
             i = rnd.randrange(len(dests))
             d = dests[i]
             size = d.local.size_bytes
@@ -89,7 +99,9 @@ async def run_scenario(sc: dict[str, object]) -> None:
 
     async def open_devices(infos: Sequence[DeviceInfo]) -> list[DestinationDevice]:
         for info in infos:
-            dests.append(destination_stack(info.name, MemoryDevice(info.size_bytes), info.block_size_bytes))
+            dests.append(
+                destination_stack(info.name, MemoryDevice(info.size_bytes), info.block_size_bytes)
+            )
         return [d.destination_device() for d in dests]
 
     ops: list[asyncio.Task[None]] = []
@@ -98,12 +110,18 @@ async def run_scenario(sc: dict[str, object]) -> None:
         ops.append(asyncio.get_running_loop().create_task(dest_ops()))
 
     a, b = memory_channel_pair()
-    policy = DirtyPolicy(max_dirty_blocks=2, min_cycles_below=2,
-                         max_cycles=sc["max_cycles"], cycle_throttle_s=0)  # type: ignore[arg-type]
-    mode: Mode = sc["mode"]  # type: ignore[assignment]
-    migrator = Migrator([s.source_device() for s in sources], a, policy=policy, mode=mode,
-                        hooks=MigrationHooks(suspend=suspend),
-                        concurrency=sc["concurrency"])  # type: ignore[arg-type]
+    policy = DirtyPolicy(
+        max_dirty_blocks=2, min_cycles_below=2, max_cycles=sc.max_cycles, cycle_throttle_s=0
+    )
+    mode = sc.mode
+    migrator = Migrator(
+        [s.source_device() for s in sources],
+        a,
+        policy=policy,
+        mode=mode,
+        hooks=MigrationHooks(suspend=suspend),
+        concurrency=sc.concurrency,
+    )
     receiver = Receiver(b, open_devices, mode=mode, on_handoff=on_handoff)
     async with asyncio.TaskGroup() as tg:
         tg.create_task(source_writer())
@@ -116,6 +134,6 @@ async def run_scenario(sc: dict[str, object]) -> None:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenarios())
-def test_destination_matches_source_at_handoff_plus_local_writes(sc: dict[str, object]) -> None:
+@given(scenarios)
+def test_destination_matches_source_at_handoff_plus_local_writes(sc: Scenario) -> None:
     asyncio.run(run_scenario(sc))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from package_helpers import MANIFEST, make_vm_dir
 
 from ferry.package import (
     PackageInfo,
@@ -15,6 +14,8 @@ from ferry.package import (
     load_private_key,
     write_package,
 )
+
+from .package_helpers import MANIFEST, make_vm_dir
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from package_helpers import MANIFEST, leftovers, members_of, tree
 
 from ferry.package import (
     PackageExistsError,
@@ -24,6 +23,8 @@ from ferry.package import (
     write_package,
 )
 from ferry.package.format import HEADER_NAME, SIGNATURE_NAME
+
+from .package_helpers import MANIFEST, leftovers, members_of, tree
 
 
 def test_round_trip_preserves_files_and_manifest(

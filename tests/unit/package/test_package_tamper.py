@@ -6,17 +6,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from package_helpers import (
-    MANIFEST,
-    Entry,
-    craft,
-    flip_byte,
-    header_for,
-    leftovers,
-    members_of,
-    signature_for,
-    signed_entries,
-)
 
 from ferry.package import (
     PackageError,
@@ -32,6 +21,18 @@ from ferry.package import (
     verify_package,
 )
 from ferry.package.format import HEADER_NAME, MAX_HEADER_BYTES, SIGNATURE_NAME
+
+from .package_helpers import (
+    MANIFEST,
+    Entry,
+    craft,
+    flip_byte,
+    header_for,
+    leftovers,
+    members_of,
+    signature_for,
+    signed_entries,
+)
 
 
 def refused(path: Path, trust: TrustStore, tmp_path: Path) -> PackageError:
