@@ -246,3 +246,38 @@ def test_peer_disconnecting_mid_migration(
     assert "peer" in err or "closed" in err
     assert not (out2 / "big").exists()
     assert not partial.exists()
+
+
+def test_receive_over_a_command_pipe(tmp_path: Path, images: dict[str, Path]) -> None:
+    """The ssh case: the receiver runs the source as a command and speaks over its stdio."""
+    source_cmd = " ".join(
+        [
+            *FERRY,
+            "serve",
+            "--no-progress",
+            "--listen",
+            "stdio",
+            f"a={images['a']}",
+            f"b={images['b']}",
+        ]
+    )
+    out = tmp_path / "out"
+    recv = subprocess.run(
+        [
+            *FERRY,
+            "receive",
+            "--no-progress",
+            "--json",
+            "--from",
+            f"exec:{source_cmd}",
+            "--into",
+            str(out),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert recv.returncode == 0, recv.stderr.decode()
+    assert json.loads(recv.stdout)["verified"] is True
+    for name, path in images.items():
+        assert (out / name).read_bytes() == path.read_bytes()
