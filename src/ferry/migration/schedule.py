@@ -109,8 +109,13 @@ class WorkQueue:
 
     def done(self, run: Run) -> None:
         inflight = self._inflight[run.device]
+        pending = self._pending[run.device]
         for b in range(run.first_block, run.first_block + run.count):
             inflight[b] = 0
+            if pending[b]:
+                # Pushed again while in flight: next_run skipped (and dropped) its
+                # queue entry then, so it goes back in line now.
+                self._queue.append((run.device, b))
         self._inflight_count -= run.count
         self._changed()
 
