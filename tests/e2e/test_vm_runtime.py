@@ -71,7 +71,10 @@ async def test_boot_with_ram_on_fuse_and_root_on_nbd(tmp_path: Path) -> None:
     token = secrets.token_hex(16)
     img = _image(tmp_path, f'name = "nbd-write"\nmemory_mib = 128\ndisk_size_mib = 16\n'
                            f'[workload]\ncommand = "echo {token} > /root/token && sync && '
-                           f'sleep 1000"\nreadiness = "test -s /root/token"\n')
+                           f'touch /tmp/synced && sleep 1000"\n'
+                           # Ready only once the token is synced to the disk: QEMU is
+                           # stopped right after, and an unsynced write would be lost.
+                           f'readiness = "test -e /tmp/synced"\n')
     disk = await _disk_device(img)
     memory = MemoryDevice(128 * MIB)
     async with QemuVM(VMConfig.from_image(img), work_dir=tmp_path / "vm", memory=memory,

@@ -24,8 +24,12 @@ from ferry.transport.pipe import stdio_stream
 from ferry.transport.tls import client_context, server_context
 
 
-async def run(args: argparse.Namespace, console: Console) -> ExitCode:
+async def run(args: argparse.Namespace, console: Console) -> ExitCode | int:
     match args.command:
+        case "vm" | "key" | "package":
+            from ferry.cli import vm as vm_cli
+
+            return await vm_cli.run(args, console)
         case "demo":
             return await demo(args, console)
         case "serve":

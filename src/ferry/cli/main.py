@@ -7,6 +7,8 @@ Subcommands (see docs/cli.md):
     ferry receive [-c CONFIG] --from EP --into DIR      receive a device group into files
     ferry inspect FILE                                  size, blocks, hashes of a device file
     ferry certs ca DIR / ferry certs host ...           mutual-TLS certificates
+    ferry vm build|snapshot|run|list|exec|stop          VMs (docs/vm.md)
+    ferry key create|trust / ferry package create|verify|extract   signed packages
 """
 
 from __future__ import annotations
@@ -108,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ip", action="append", default=[], help="IP address SAN (repeatable)")
     c.add_argument("--dns", action="append", default=[], help="extra DNS SAN (repeatable)")
     _add_common(c)
+
+    from ferry.cli import vm as vm_cli
+
+    vm_cli.add_parsers(sub, _add_common)
     return parser
 
 
@@ -135,6 +141,10 @@ def emit_json(data: Any) -> None:
 
 
 def exit_code_for(exc: BaseException) -> ExitCode:
+    from ferry.package.errors import PackageFormatError, PackageTamperedError, SignatureError
+
+    if isinstance(exc, PackageTamperedError | PackageFormatError | SignatureError):
+        return ExitCode.INTEGRITY  # a package that does not verify
     if isinstance(exc, ConfigError):
         return ExitCode.USAGE
     if isinstance(exc, IntegrityError):

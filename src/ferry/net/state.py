@@ -30,13 +30,19 @@ DEFAULT_RUN_DIR = Path("/run/ferry/net")
 
 
 def process_start_time(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), or None if it is gone."""
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None if it is gone.
+
+    A zombie counts as gone: it holds nothing any more, and whoever should
+    reap it (an init that reaps late, in containers) may take its time.
+    """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
     fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return None
     return int(fields[19])
 
 

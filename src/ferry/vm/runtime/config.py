@@ -36,6 +36,8 @@ class VMConfig:
     kernel_args: tuple[str, ...] = ()
     quiet_kernel: bool = True
     net: NetSpec | None = None
+    agent: bool = False
+    """Add the guest agent's virtio-serial port (socket ``work_dir/agent.sock``)."""
     extra_qemu_args: tuple[str, ...] = ()
     qmp_timeout_s: float = 30.0
     stop_timeout_s: float = 10.0

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
+import signal
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -41,6 +43,7 @@ from ferry.expose.nbd.server import Export, NBDServer
 from ferry.storage.device import Device
 from ferry.vm.image import (
     Accel,
+    AgentChannel,
     NbdDisk,
     SerialToFile,
     best_accel,
@@ -83,14 +86,19 @@ class QemuVM:
     """A QEMU process (or a sequence of them) on ferry-served RAM and disks."""
 
     def __init__(self, config: VMConfig, *, work_dir: Path, memory: Device,
-                 disks: Mapping[str, Device] | None = None, name: str = "vm") -> None:
+                 disks: Mapping[str, Device] | None = None, name: str = "vm",
+                 wrap_argv: Callable[[Sequence[str]], list[str]] | None = None) -> None:
         if memory.size_bytes != config.memory_bytes:
             raise ConfigError(f"memory device has {memory.size_bytes} bytes, the VM "
                               f"needs {config.memory_bytes} ({config.memory_mib} MiB)")
         self.config = config
         self.name = name
         self.work_dir = Path(work_dir).absolute()
-        for sock in ("qmp.sock", "nbd.sock", "migrate-out.sock", "migrate-in.sock"):
+        # ``wrap_argv`` runs QEMU through a launcher, e.g. inside a network
+        # namespace (``VMNetwork.wrap_argv``); the launcher must exec QEMU.
+        self._wrap_argv = wrap_argv
+        for sock in ("qmp.sock", "nbd.sock", "agent.sock", "migrate-out.sock",
+                     "migrate-in.sock"):
             if len(os.fsencode(self.work_dir / sock)) > _UNIX_PATH_MAX:
                 raise ConfigError(f"work_dir {self.work_dir} is too long for UNIX sockets")
         self.log = logger.getChild(name)
@@ -121,6 +129,11 @@ class QemuVM:
     @property
     def qmp_socket(self) -> Path:
         return self.work_dir / "qmp.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        """The guest agent's socket (QEMU listens) when ``config.agent`` is set."""
+        return self.work_dir / "agent.sock"
 
     @property
     def console_path(self) -> Path:
@@ -344,11 +357,14 @@ class QemuVM:
             serial=SerialToFile(self.work_dir / f"console.{generation}.log"),
             qmp_socket=self.qmp_socket, accel=self.accel, cpu_model=cfg.cpu_model,
             vcpus=cfg.vcpus, incoming="defer" if incoming else None, net=cfg.net,
+            agent=AgentChannel(self.agent_socket) if cfg.agent else None,
             extra_args=extra)
 
     async def _spawn(self, *, incoming: bool) -> None:
         number = self._generations + 1
         argv = self._argv(number, incoming=incoming)
+        if self._wrap_argv is not None:
+            argv = self._wrap_argv(argv)
         self._generations = number
         self._exit_error = None
         devstate.unlink_quietly(self.qmp_socket)
@@ -357,7 +373,8 @@ class QemuVM:
         out = _open_log(stderr_log)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out)
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                preexec_fn=_die_with_parent)
         finally:
             os.close(out)
         gen = _Generation(number, proc, stderr_log)
@@ -457,6 +474,20 @@ class QemuVM:
                 raise DeviceStateError(f"{what}: migration still {status} after "
                                        f"{self.config.qmp_timeout_s} s", vm=self.name)
             await asyncio.sleep(MIGRATION_POLL_S)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the forked child: SIGKILL QEMU when this process dies.
+
+    QEMU's RAM and disks are served by this process (FUSE, NBD): without it
+    QEMU can only hang on its next page fault. The setting survives the
+    exec of QEMU (and of a launcher such as ``ip netns exec`` that execs it).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _open_log(path: Path) -> int:

@@ -1,0 +1,281 @@
+"""``ferry vm ...``, ``ferry key ...``, ``ferry package ...``: argument parsing around
+:mod:`ferry.vm` and :mod:`ferry.package.commands` (see docs/vm.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ferry.cli.exitcodes import ExitCode
+from ferry.errors import ConfigError
+from ferry.package import PackageInfo, Progress, TrustStore
+from ferry.package import commands as pkg
+from ferry.vm import control, pkgcache, registry, snapshot, supervisor
+from ferry.vm.image import build_blueprint
+from ferry.vm.publish import parse_publish
+from ferry.vm.runtime import DEFAULT_CPU_MODEL
+
+AddCommon = Callable[[argparse.ArgumentParser], None]
+
+
+def add_parsers(sub: Any, add_common: AddCommon) -> None:
+    """Add the ``vm``, ``key`` and ``package`` command groups to ``sub``."""
+    p = sub.add_parser("vm", help="build, snapshot, run and control VMs")
+    vm = p.add_subparsers(dest="vm_command", required=True)
+
+    c = vm.add_parser("build", help="build a blueprint's kernel, initramfs and root disk")
+    c.add_argument("blueprint", help="shipped name (minimal, redis) or a .toml file")
+    add_common(c)
+
+    c = vm.add_parser("snapshot", help="boot a blueprint until ready and snapshot it")
+    c.add_argument("blueprint")
+    c.add_argument("-o", "--out", type=Path, required=True, help="package directory to write")
+    c.add_argument("--prepare", action="append", default=[], metavar="CMD",
+                   help="shell command to run in the guest before the snapshot (repeatable)")
+    c.add_argument("--cpu-model", default=DEFAULT_CPU_MODEL)
+    c.add_argument("--package", type=Path, metavar="FILE", help="also sign it into FILE")
+    c.add_argument("--key", type=Path, help="signing key (default: ferry's default key)")
+    add_common(c)
+
+    c = vm.add_parser("run", help="resume a package (or continue a suspended VM)")
+    c.add_argument("package", type=Path, nargs="?",
+                   help="package file; omit to continue the suspended VM --name")
+    c.add_argument("--name", help="VM id ([a-z0-9-], default: vm-<random>)")
+    c.add_argument("-p", "--publish", action="append", default=[], metavar="SPEC",
+                   help="[HOST:]HOST_PORT:GUEST_PORT[/tcp|/udp] (repeatable)")
+    c.add_argument("--allow-wildcard", action="store_true",
+                   help="allow publishing on 0.0.0.0 / ::")
+    c.add_argument("-d", "--detach", action="store_true", help="run in the background")
+    c.add_argument("--trust", type=Path, help="trust list (default: this host's)")
+    add_common(c)
+
+    c = vm.add_parser("list", help="running and suspended VMs")
+    add_common(c)
+
+    c = vm.add_parser("exec", help="run a command in a VM: ferry vm exec ID -- CMD...")
+    c.add_argument("vm_id")
+    c.add_argument("argv", nargs=argparse.REMAINDER)
+    c.add_argument("--timeout", type=float, default=30.0)
+    c.add_argument("-i", "--stdin", action="store_true", help="send stdin (at most 1 MiB)")
+    add_common(c)
+
+    c = vm.add_parser("stop", help="stop a VM (discard it, or --suspend it)")
+    c.add_argument("vm_id")
+    c.add_argument("--suspend", action="store_true",
+                   help="keep it: the next 'ferry vm run --name ID' continues it")
+    add_common(c)
+
+    p = sub.add_parser("key", help="package signing keys and this host's trust list")
+    key = p.add_subparsers(dest="key_command", required=True)
+    c = key.add_parser("create", help="create an ed25519 signing key")
+    c.add_argument("path", type=Path, nargs="?")
+    c.add_argument("--comment")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--trust", action="store_true", help="also trust it on this host")
+    c.add_argument("--trust-path", type=Path)
+    add_common(c)
+    c = key.add_parser("trust", help="trust a public key (.pub) on this host")
+    c.add_argument("pubkey", type=Path)
+    c.add_argument("--trust-path", type=Path)
+    add_common(c)
+
+    p = sub.add_parser("package", help="sign, verify and extract VM packages")
+    pk = p.add_subparsers(dest="package_command", required=True)
+    c = pk.add_parser("create", help="sign a package directory into one file")
+    c.add_argument("dir", type=Path)
+    c.add_argument("file", type=Path)
+    c.add_argument("--key", type=Path)
+    c.add_argument("--overwrite", action="store_true")
+    add_common(c)
+    c = pk.add_parser("verify", help="verify a package against the trust list")
+    c.add_argument("file", type=Path)
+    c.add_argument("--trust", type=Path)
+    add_common(c)
+    c = pk.add_parser("extract", help="verify and extract a package")
+    c.add_argument("file", type=Path)
+    c.add_argument("dir", type=Path)
+    c.add_argument("--trust", type=Path)
+    c.add_argument("--overwrite", action="store_true")
+    add_common(c)
+
+
+async def run(args: argparse.Namespace, console: Console) -> int:
+    from ferry.cli.main import emit_json
+
+    def out(data: Any, human: Callable[[], None]) -> None:
+        if args.json:
+            emit_json(data)
+        else:
+            human()
+
+    def progress(line: str) -> None:
+        if not args.no_progress:
+            console.print(f"[dim]…[/dim] {line}")
+
+    match args.command, getattr(args, f"{args.command}_command"):
+        case "vm", "build":
+            img = build_blueprint(args.blueprint)
+            data = {"blueprint": img.blueprint.name, "kernel": img.kernel,
+                    "initramfs": img.initramfs, "rootfs": img.rootfs, "key": img.key,
+                    "cache_hit": img.cache_hit}
+            out(data, lambda: console.print(
+                f"built {img.blueprint.name}{' (cached)' if img.cache_hit else ''}: "
+                f"{img.kernel}, {img.initramfs}, {img.rootfs}"))
+        case "vm", "snapshot":
+            report = await snapshot.snapshot(
+                args.blueprint, args.out, prepare=args.prepare, cpu_model=args.cpu_model,
+                net_run_dir=registry.VMPaths.default().net_run_dir, progress=progress)
+            data = {"package_dir": report.package_dir, "build_s": report.build_s,
+                    "boot_to_agent_s": report.boot_to_agent_s, "ready_s": report.ready_s,
+                    "state_bytes": report.device_state.state_bytes, "total_s": report.total_s}
+            if args.package:
+                info = pkg.package_create(args.out, args.package, key_path=args.key,
+                                          progress=_package_progress(progress))
+                data["package"] = _package_json(info)
+            out(data, lambda: console.print(
+                f"snapshot of {report.manifest.name} in {report.package_dir} (ready after "
+                f"{report.ready_s:.1f} s, device state {report.device_state.state_bytes} B)"
+                + (f", signed into {args.package}" if args.package else "")))
+        case "vm", "run":
+            return await _vm_run(args, console, progress, out)
+        case "vm", "list":
+            vms = registry.list_vms(registry.VMPaths.default())
+            out([{"vm_id": v.vm_id, "status": v.status, "pid": v.pid, "package": v.package,
+                  "forwards": list(v.forwards), "resume_ms": v.resume_ms} for v in vms],
+                lambda: _print_vms(console, vms))
+        case "vm", "exec":
+            argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+            if not argv:
+                raise ConfigError("no command given: ferry vm exec ID -- CMD...")
+            paths = registry.VMPaths.default()
+            reply = await control.request(
+                paths.control_socket(args.vm_id),
+                control.exec_payload(argv, stdin=sys.stdin.buffer.read() if args.stdin else b"",
+                                     timeout_s=args.timeout),
+                timeout_s=args.timeout + 10, vm=args.vm_id)
+            code, stdout, stderr = control.decode_exec(reply)
+            if args.json:
+                emit_json({"exit_code": code, "stdout": stdout.decode(errors="replace"),
+                           "stderr": stderr.decode(errors="replace")})
+            else:
+                sys.stdout.buffer.write(stdout)
+                sys.stdout.flush()
+                sys.stderr.buffer.write(stderr)
+                sys.stderr.flush()
+            return code
+        case "vm", "stop":
+            paths = registry.VMPaths.default()
+            mode = "suspend" if args.suspend else "discard"
+            reply = await control.request(paths.control_socket(args.vm_id),
+                                          {"op": "stop", "mode": mode}, timeout_s=120,
+                                          vm=args.vm_id)
+            reply.pop("ok", None)
+            out(reply, lambda: console.print(f"{args.vm_id}: stopped ({reply.get('mode')})"))
+        case "key", "create":
+            key_info = pkg.key_create(args.path, comment=args.comment, overwrite=args.overwrite,
+                                      trust=args.trust, trust_path=args.trust_path)
+            out({"key_id": key_info.key_id, "private_key": key_info.private_key_path,
+                 "public_key": key_info.public_key_path},
+                lambda: console.print(f"key {key_info.key_id}: {key_info.private_key_path} "
+                                      f"(+ .pub){', trusted' if args.trust else ''}"))
+        case "key", "trust":
+            pub = pkg.key_trust(args.pubkey, trust_path=args.trust_path)
+            out({"key_id": pub.key_id}, lambda: console.print(f"trusted key {pub.key_id}"))
+        case "package", "create":
+            info = pkg.package_create(args.dir, args.file, key_path=args.key,
+                                      overwrite=args.overwrite,
+                                      progress=_package_progress(progress))
+            out(_package_json(info), lambda: console.print(
+                f"{args.file}: {len(info.files)} files, signed by {info.key_id}"))
+        case "package", "verify":
+            info = pkg.package_verify(args.file, trust_path=args.trust,
+                                      progress=_package_progress(progress))
+            out(_package_json(info), lambda: console.print(
+                f"{args.file}: OK, {len(info.files)} files, signed by {info.key_id}"))
+        case "package", "extract":
+            info = pkg.package_extract(args.file, args.dir, trust_path=args.trust,
+                                       overwrite=args.overwrite,
+                                       progress=_package_progress(progress))
+            out(_package_json(info), lambda: console.print(
+                f"{args.file}: verified, extracted into {args.dir}"))
+        case _:
+            raise ConfigError(f"unknown command {args.command}")
+    return ExitCode.OK
+
+
+async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable[[str], None],
+                  out: Callable[[Any, Callable[[], None]], None]) -> int:
+    paths = registry.VMPaths.default()
+    forwards = tuple(parse_publish(s, allow_wildcard=args.allow_wildcard) for s in args.publish)
+    vm_id = registry.check_vm_id(args.name or f"vm-{snapshot.short_id()}")
+    package_dir = None
+    if args.package is not None:
+        trust = TrustStore.from_path(args.trust) if args.trust else TrustStore.default()
+        progress(f"verifying {args.package}")
+        opened = pkgcache.open_package(args.package, trust,
+                                       progress=_package_progress(progress))
+        package_dir = opened.directory
+    elif args.name is None:
+        raise ConfigError("give a package, or --name of a suspended VM")
+    request = supervisor.LaunchRequest(vm_id, package_dir, paths, forwards)
+
+    def show_ready(report: dict[str, Any]) -> None:
+        out(report, lambda: _print_ready(console, report))
+
+    if args.detach:
+        show_ready(await supervisor.launch_detached(request))
+        return ExitCode.OK
+
+    def console_out(data: bytes) -> None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+
+    report = await supervisor.supervise(request, on_ready=show_ready,
+                                        on_console=None if args.json else console_out)
+    if not args.json:
+        console.print(f"{vm_id}: stopped ({report.get('mode')})")
+    return ExitCode.OK
+
+
+def _print_ready(console: Console, report: dict[str, Any]) -> None:
+    t = report["resume"]
+    console.print(
+        f"[green]{report['vm_id']}[/green] running {t['running_s'] * 1e3:.0f} ms after launch "
+        f"(network {t['network_s'] * 1e3:.0f} ms ‖ devices {t['devices_s'] * 1e3:.0f} ms, "
+        f"QEMU spawn {t['spawn_s'] * 1e3:.0f} ms, state load {t['load_s'] * 1e3:.0f} ms, "
+        f"cont {t['cont_s'] * 1e3:.0f} ms); agent + clock sync {t['agent_s'] * 1e3:.0f} ms")
+    for fwd in report["forwards"]:
+        console.print(f"  forward {fwd}")
+
+
+def _print_vms(console: Console, vms: list[registry.VMInfo]) -> None:
+    table = Table()
+    for col in ("id", "status", "pid", "forwards", "resume"):
+        table.add_column(col)
+    for v in vms:
+        table.add_row(v.vm_id, v.status, str(v.pid or ""), ", ".join(v.forwards),
+                      f"{v.resume_ms} ms" if v.resume_ms is not None else "")
+    console.print(table)
+
+
+def _package_progress(progress: Callable[[str], None]) -> Callable[[Progress], None]:
+    seen: set[tuple[str, str]] = set()
+
+    def cb(p: Progress) -> None:
+        key = (p.phase.value, p.path)
+        if key not in seen and p.path:
+            seen.add(key)
+            progress(f"{p.phase.value} {p.path}")
+    return cb
+
+
+def _package_json(info: PackageInfo) -> dict[str, Any]:
+    return {"path": info.path, "key_id": info.key_id, "files": len(info.files),
+            "compressed_bytes": info.compressed_bytes, "total_bytes": info.total_bytes,
+            "header_sha256": info.header_sha256}

@@ -1,0 +1,166 @@
+"""The VM manifest: what a snapshot package holds and how to resume it.
+
+A package directory written by :func:`ferry.vm.snapshot.snapshot` looks like::
+
+    manifest.json          this manifest (also embedded in the signed package header)
+    memory                 guest RAM, raw, memory_mib MiB (mostly holes)
+    state.bin              QEMU's device state (migration stream without RAM)
+    disks/root.img         the root disk (raw ext4)
+    boot/vmlinuz           the kernel, boot/initramfs.cpio
+    hashes/<device>.xxh3   XXH3-128 of every block of a device, 16 bytes each, in order
+
+The manifest (``format`` = ``ferry-vm``, ``version`` = 1) records the machine
+QEMU must recreate exactly (machine type, CPU model, vCPUs, memory size,
+accelerator, the device set implied by ``agent`` and ``network``), every
+device's size and block size, the agent settings and the guest network
+settings baked in at boot. Block hashes are XXH3-128 (``ferry.storage.hashing``)
+like the migration protocol's; the package signature covers them through the
+SHA-256 of every file, so they need no cryptographic strength of their own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ferry.vm.errors import ManifestError
+
+FORMAT = "ferry-vm"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+MEMORY_PATH = "memory"
+STATE_PATH = "state.bin"
+KERNEL_PATH = "boot/vmlinuz"
+INITRAMFS_PATH = "boot/initramfs.cpio"
+MAX_MANIFEST_BYTES = 1024 * 1024
+"""A manifest is about 2 KB; the cap keeps a hostile one from filling memory."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEntry:
+    """One device file of the package and its block hashes."""
+
+    name: str
+    path: str
+    size_bytes: int
+    block_size_bytes: int
+    hashes_path: str
+
+
+@dataclass(frozen=True, slots=True)
+class MachineSpec:
+    """The QEMU machine a resume must recreate exactly."""
+
+    machine: str
+    cpu_model: str
+    vcpus: int
+    memory_mib: int
+    accel: str
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    """The guest agent in the image and its hooks (run by the guest itself)."""
+
+    enabled: bool
+    before_suspend: tuple[str, ...] = ()
+    after_resume: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GuestNetwork:
+    """The guest's network as configured at boot (fixed for every VM, see ferry.net)."""
+
+    ip: str
+    prefix_len: int
+    gateway: str
+    mac: str
+
+
+@dataclass(frozen=True, slots=True)
+class VMManifest:
+    """Everything needed to resume a snapshot; see the module docstring."""
+
+    name: str
+    blueprint: str
+    image_key: str
+    created: str
+    machine: MachineSpec
+    kernel_cmdline: str
+    kernel: str
+    initramfs: str
+    state: str
+    state_bytes: int
+    memory: DeviceEntry
+    disks: tuple[DeviceEntry, ...]
+    agent: AgentSettings
+    network: GuestNetwork
+    readiness: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory.size_bytes != self.machine.memory_mib * 1024 * 1024:
+            raise ManifestError(f"memory device has {self.memory.size_bytes} bytes, the "
+                                f"machine {self.machine.memory_mib} MiB")
+        for entry in (self.memory, *self.disks):
+            _check_rel(entry.path)
+            _check_rel(entry.hashes_path)
+            if entry.size_bytes <= 0 or entry.block_size_bytes <= 0:
+                raise ManifestError(f"device {entry.name}: sizes must be positive")
+        for rel in (self.kernel, self.initramfs, self.state):
+            _check_rel(rel)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {"format": FORMAT, "version": FORMAT_VERSION, **data}
+
+    @classmethod
+    def from_json(cls, data: object) -> VMManifest:
+        """Validate a decoded manifest; raises :class:`ManifestError`."""
+        if not isinstance(data, dict):
+            raise ManifestError("the manifest is not a JSON object")
+        if data.get("format") != FORMAT:
+            raise ManifestError(f"not a ferry VM manifest (format {data.get('format')!r})")
+        if data.get("version") != FORMAT_VERSION:
+            raise ManifestError(f"unsupported manifest version {data.get('version')!r}")
+        try:
+            fields = {k: v for k, v in data.items() if k not in ("format", "version")}
+            fields["machine"] = MachineSpec(**fields["machine"])
+            fields["memory"] = DeviceEntry(**fields["memory"])
+            fields["disks"] = tuple(DeviceEntry(**d) for d in fields["disks"])
+            agent = fields["agent"]
+            fields["agent"] = AgentSettings(
+                enabled=agent["enabled"], before_suspend=tuple(agent["before_suspend"]),
+                after_resume=tuple(agent["after_resume"]))
+            fields["network"] = GuestNetwork(**fields["network"])
+            return cls(**fields)
+        except (KeyError, TypeError) as exc:
+            raise ManifestError(f"invalid manifest: {exc!r}") from exc
+
+    @classmethod
+    def load(cls, package_dir: Path) -> VMManifest:
+        """Read ``package_dir/manifest.json``."""
+        path = package_dir / MANIFEST_NAME
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_MANIFEST_BYTES + 1)
+        except OSError as exc:
+            raise ManifestError(f"cannot read {path}: {exc}") from exc
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path} exceeds {MAX_MANIFEST_BYTES} bytes")
+        try:
+            return cls.from_json(json.loads(raw))
+        except ValueError as exc:
+            raise ManifestError(f"{path} is not JSON: {exc}") from exc
+
+    def write(self, package_dir: Path) -> Path:
+        path = package_dir / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
+        return path
+
+
+def _check_rel(rel: str) -> None:
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ManifestError(f"path {rel!r} must be relative, without '.' or '..'")

@@ -1,0 +1,103 @@
+"""Verified packages, extracted once into a cache keyed by their signed header's hash.
+
+``open_package(file, trust)`` verifies and extracts a package the first time
+and returns the extracted directory; later calls for the same file (same
+device, inode, size and mtime) return it without reading the package again.
+Entries live in ``<cache>/packages/<header sha256[:32]>/`` (or
+``$FERRY_PACKAGE_CACHE_DIR``) and are never
+modified: every VM runs on copy-on-write overlays over them
+(:mod:`ferry.vm.runner`). The signed header lists every file's SHA-256, so
+its hash names the content: two files with the same header hold the same
+verified bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ferry.package import ProgressCallback, TrustStore, extract_package
+from ferry.vm.image.cache import cache_root
+from ferry.vm.manifest import VMManifest
+
+log = logging.getLogger(__name__)
+
+_ID_FILE = ".ferry-package-id"
+PACKAGE_CACHE_ENV = "FERRY_PACKAGE_CACHE_DIR"
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedPackage:
+    """An extracted, verified package directory and its identity."""
+
+    directory: Path
+    package_id: str
+    """SHA-256 (hex) of the package's signed header."""
+    manifest: VMManifest
+    cache_hit: bool
+
+
+def packages_root(cache_dir: Path | None = None) -> Path:
+    """``cache_dir``, ``$FERRY_PACKAGE_CACHE_DIR``, or ``packages/`` in ferry's cache."""
+    if cache_dir is not None:
+        return cache_dir
+    env = os.environ.get(PACKAGE_CACHE_ENV)
+    return Path(env) if env else cache_root() / "packages"
+
+
+def _stat_key(file: Path) -> str:
+    st = file.stat()
+    raw = f"{file.resolve()}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def open_extracted(directory: Path) -> OpenedPackage:
+    """An entry of the cache (or any directory :func:`open_package` returned)."""
+    package_id = (directory / _ID_FILE).read_text().strip()
+    return OpenedPackage(directory, package_id, VMManifest.load(directory), cache_hit=True)
+
+
+def open_package(file: Path, trust: TrustStore, *, cache_dir: Path | None = None,
+                 progress: ProgressCallback | None = None) -> OpenedPackage:
+    """Verify and extract ``file`` into the package cache (once); see the module docstring.
+
+    Raises the package layer's errors (tampered, truncated, untrusted ...)
+    and :class:`~ferry.vm.errors.ManifestError` for a package that is not a VM.
+    """
+    root = packages_root(cache_dir)
+    index = root / "index"
+    index.mkdir(parents=True, exist_ok=True)
+    memo = index / _stat_key(Path(file))
+    if memo.is_file():
+        entry = root / memo.read_text().strip()
+        if (entry / _ID_FILE).is_file():
+            return open_extracted(entry)
+    staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
+    try:
+        dest = staging / "pkg"
+        info = extract_package(file, dest, trust, progress=progress)
+        package_id = info.header_sha256 or hashlib.sha256(
+            json.dumps(info.manifest, sort_keys=True).encode()).hexdigest()
+        manifest = VMManifest.load(dest)
+        (dest / _ID_FILE).write_text(package_id + "\n")
+        entry = root / package_id[:32]
+        cache_hit = entry.exists()
+        if not cache_hit:
+            try:
+                os.rename(dest, entry)
+            except OSError:  # another process extracted the same package meanwhile
+                cache_hit = True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    tmp = memo.with_suffix(".tmp")
+    tmp.write_text(entry.name + "\n")
+    os.replace(tmp, memo)
+    log.info("package %s: %s %s", file, "already extracted at" if cache_hit else "extracted to",
+             entry)
+    return OpenedPackage(entry, package_id, manifest, cache_hit=cache_hit)

@@ -1,0 +1,198 @@
+"""Where VMs live on a host, the records their supervisors keep, and crash cleanup.
+
+::
+
+    <run root>/vms/<id>/          (default /run/ferry; $FERRY_RUN_DIR) gone at reboot
+        supervisor.json           pid + start time of the supervisor and of QEMU, status,
+                                  forwards, resume timings
+        control.sock              the supervisor's control socket (ferry.vm.control)
+        qmp.sock nbd.sock agent.sock mnt/ console.N.log qemu.N.log   (QemuVM's work dir)
+    <run root>/net/               ferry.net's records (namespaces, links, nft tables)
+    <state root>/vms/<id>/        (default /var/lib/ferry; $FERRY_STATE_DIR) survives reboots
+        vm.json                   package, status "running" or "suspended"
+        memory.ovl(.map) root.ovl(.map)   copy-on-write overlays over the package's files
+        state.bin                 device state saved by a suspend
+
+A supervisor that died (even by SIGKILL) leaves its run dir, maybe a QEMU
+(normally killed with it through PDEATHSIG), a dead FUSE mount and its
+network. :func:`cleanup_leftovers` removes all of it; the overlays of a VM
+that was *running* when its supervisor died no longer match any saved device
+state, so they are deleted too (a suspended VM's are kept).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ferry.expose.fuse.errors import MountError
+from ferry.expose.fuse.mount import clean_stale_mount
+from ferry.net import cleanup_leftovers as cleanup_net_leftovers
+from ferry.net.state import process_start_time
+from ferry.vm.errors import VMSpecError
+
+log = logging.getLogger(__name__)
+
+RUN_ENV = "FERRY_RUN_DIR"
+STATE_ENV = "FERRY_STATE_DIR"
+SUPERVISOR_RECORD = "supervisor.json"
+VM_RECORD = "vm.json"
+CONTROL_SOCKET = "control.sock"
+
+_VM_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+
+
+def check_vm_id(vm_id: str) -> str:
+    """``[a-z0-9-]``, at most 40 characters: the id names namespaces and nft tables."""
+    if not _VM_ID_RE.match(vm_id):
+        raise VMSpecError(f"invalid VM id {vm_id!r}: use [a-z0-9-], at most 40 characters")
+    return vm_id
+
+
+@dataclass(frozen=True, slots=True)
+class VMPaths:
+    """The directories of one host's VMs (see the module docstring)."""
+
+    run_root: Path
+    state_root: Path
+
+    @classmethod
+    def default(cls) -> VMPaths:
+        return cls(Path(os.environ.get(RUN_ENV) or "/run/ferry"),
+                   Path(os.environ.get(STATE_ENV) or "/var/lib/ferry"))
+
+    @property
+    def net_run_dir(self) -> Path:
+        return self.run_root / "net"
+
+    def run_dir(self, vm_id: str) -> Path:
+        return self.run_root / "vms" / check_vm_id(vm_id)
+
+    def state_dir(self, vm_id: str) -> Path:
+        return self.state_root / "vms" / check_vm_id(vm_id)
+
+    def control_socket(self, vm_id: str) -> Path:
+        return self.run_dir(vm_id) / CONTROL_SOCKET
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` atomically (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def process_alive(pid: object, start: object) -> bool:
+    """Whether ``pid`` runs and is the same process (same start time) as recorded."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    now = process_start_time(pid)
+    return now is not None and (start is None or now == start)
+
+
+def this_process() -> dict[str, Any]:
+    pid = os.getpid()
+    return {"pid": pid, "pid_start": process_start_time(pid)}
+
+
+@dataclass(frozen=True, slots=True)
+class VMInfo:
+    """One VM as ``ferry vm list`` shows it."""
+
+    vm_id: str
+    status: str
+    pid: int | None
+    package: str | None
+    forwards: tuple[str, ...]
+    resume_ms: float | None
+
+
+def list_vms(paths: VMPaths) -> list[VMInfo]:
+    """Running VMs (live supervisors) and suspended ones, sorted by id."""
+    found: dict[str, VMInfo] = {}
+    for rec_path in sorted((paths.run_root / "vms").glob(f"*/{SUPERVISOR_RECORD}")):
+        rec = read_json(rec_path)
+        if rec is None or not process_alive(rec.get("pid"), rec.get("pid_start")):
+            continue
+        resume = rec.get("resume") or {}
+        total = resume.get("total_s")
+        found[rec_path.parent.name] = VMInfo(
+            rec_path.parent.name, str(rec.get("status", "?")), rec.get("pid"),
+            rec.get("package_dir"), tuple(rec.get("forwards", ())),
+            round(total * 1e3, 1) if isinstance(total, int | float) else None)
+    for rec_path in sorted((paths.state_root / "vms").glob(f"*/{VM_RECORD}")):
+        vm_id = rec_path.parent.name
+        rec = read_json(rec_path)
+        if vm_id in found or rec is None or rec.get("status") != "suspended":
+            continue
+        found[vm_id] = VMInfo(vm_id, "suspended", None, rec.get("package_dir"), (), None)
+    return [found[k] for k in sorted(found)]
+
+
+def live_supervisor(paths: VMPaths, vm_id: str) -> dict[str, Any] | None:
+    """The record of ``vm_id``'s supervisor if it is alive."""
+    rec = read_json(paths.run_dir(vm_id) / SUPERVISOR_RECORD)
+    if rec is not None and process_alive(rec.get("pid"), rec.get("pid_start")):
+        return rec
+    return None
+
+
+async def cleanup_leftovers(paths: VMPaths) -> list[str]:
+    """Remove what dead supervisors left behind; returns a description of each removal."""
+    removed: list[str] = []
+    vms_dir = paths.run_root / "vms"
+    for run_dir in sorted(vms_dir.glob("*")) if vms_dir.is_dir() else []:
+        if not run_dir.is_dir():
+            continue
+        rec = read_json(run_dir / SUPERVISOR_RECORD) or {}
+        if process_alive(rec.get("pid"), rec.get("pid_start")):
+            continue
+        if not rec and _younger_than_a_minute(run_dir):
+            continue  # a supervisor is creating it right now
+        qemu_pid = rec.get("qemu_pid")
+        if process_alive(qemu_pid, rec.get("qemu_start")):
+            assert isinstance(qemu_pid, int)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(qemu_pid, signal.SIGKILL)
+            removed.append(f"killed QEMU {qemu_pid} of {run_dir.name}")
+        try:
+            if await clean_stale_mount(str(run_dir / "mnt")):
+                removed.append(f"unmounted {run_dir / 'mnt'}")
+        except MountError as exc:
+            log.warning("leaving %s: %s", run_dir, exc)
+            continue
+        shutil.rmtree(run_dir, ignore_errors=True)
+        removed.append(f"removed {run_dir}")
+        state = paths.state_root / "vms" / run_dir.name
+        vm_rec = read_json(state / VM_RECORD)
+        if vm_rec is not None and vm_rec.get("status") == "running":
+            shutil.rmtree(state, ignore_errors=True)
+            removed.append(f"discarded {state} (it was running when its supervisor died)")
+    removed += [f"network {key}" for key in await cleanup_net_leftovers(paths.net_run_dir)]
+    for line in removed:
+        log.warning("leftover: %s", line)
+    return removed
+
+
+def _younger_than_a_minute(path: Path) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime < 60
+    except OSError:
+        return False

@@ -1,0 +1,281 @@
+"""Boot a blueprint and snapshot it into a package directory.
+
+::
+
+    report = await snapshot("redis", Path("redis-pkg"), prepare=["redis-cli set k v"])
+    # redis-pkg/ now holds memory, state.bin, disks/root.img, boot/*, hashes/*, manifest.json
+
+Steps: build the image (cached), create a VM network (namespace + tap, so the
+guest's virtio-net device exists and is configured with the fixed guest
+address; the resumed QEMU must have exactly the same device set), boot with
+RAM on ferry's FUSE mount over ``memory`` and the root disk on ferry's NBD
+export over ``disks/root.img``, wait for the agent's HELLO and the
+blueprint's readiness command (run through the agent), run the ``prepare``
+commands, the agent's before-suspend hooks, pause, flush guest RAM into the
+memory file and save the device state only. Then copy kernel and initramfs,
+hash every block and write the manifest. :func:`booted` is the same boot
+without the snapshot (cold-boot benchmarks use it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ferry.net import DEFAULT_RUN_DIR, PortForward, VMNetwork
+from ferry.storage import FileDevice
+from ferry.storage.hashing import block_hash
+from ferry.vm.agent import AgentClient, AgentError, connect_agent
+from ferry.vm.errors import SnapshotError
+from ferry.vm.image import Blueprint, BuiltImage, TapNet, build_blueprint, load_blueprint
+from ferry.vm.image.qemu_cmd import host_tsc_khz, kernel_cmdline
+from ferry.vm.manifest import (
+    INITRAMFS_PATH,
+    KERNEL_PATH,
+    MEMORY_PATH,
+    STATE_PATH,
+    AgentSettings,
+    DeviceEntry,
+    GuestNetwork,
+    MachineSpec,
+    VMManifest,
+)
+from ferry.vm.runtime import DEFAULT_CPU_MODEL, DeviceStateStats, QemuVM, VMConfig
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+BLOCK_SIZE_BYTES = 64 * 1024
+"""Block size of the manifest's hashes and of the runner's overlays (the engine's default)."""
+ROOT_DISK = "root"
+READINESS_POLL_S = 0.2
+
+Progress = Callable[[str], None]
+OnReady = Callable[[AgentClient], Awaitable[None]]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotReport:
+    """What :func:`snapshot` made and how long each part took."""
+
+    package_dir: Path
+    manifest: VMManifest
+    build_s: float
+    boot_to_agent_s: float
+    ready_s: float
+    device_state: DeviceStateStats
+    total_s: float
+
+
+@dataclass(slots=True)
+class Booted:
+    """A blueprint booted by :func:`booted`, ready for its workload."""
+
+    image: BuiltImage
+    vm: QemuVM
+    net: VMNetwork
+    agent: AgentClient
+    config: VMConfig
+    boot_to_agent_s: float = 0.0
+    ready_s: float = 0.0
+
+
+def short_id() -> str:
+    return secrets.token_hex(3)
+
+
+@contextlib.asynccontextmanager
+async def booted(
+    blueprint: Blueprint | str | Path,
+    memory: FileDevice,
+    disk: FileDevice,
+    *,
+    work_dir: Path,
+    forwards: Sequence[PortForward] = (),
+    cpu_model: str = DEFAULT_CPU_MODEL,
+    net_run_dir: Path = DEFAULT_RUN_DIR,
+    image: BuiltImage | None = None,
+    boot_timeout_s: float = 180.0,
+    ready_timeout_s: float = 180.0,
+    progress: Progress = _quiet,
+) -> AsyncIterator[Booted]:
+    """Cold-boot a blueprint on ``memory``/``disk`` in its own network namespace.
+
+    Yields once the agent said HELLO and the blueprint's readiness command
+    succeeded through it. Leaving stops QEMU and removes the network.
+    """
+    bp = blueprint if isinstance(blueprint, Blueprint) else load_blueprint(blueprint)
+    if image is None:
+        image = await asyncio.to_thread(build_blueprint, bp)
+    if not bp.agent.enabled:
+        raise SnapshotError("the blueprint has no guest agent ([agent] enabled = false)",
+                            vm=bp.name)
+    async with contextlib.AsyncExitStack() as stack:
+        net = VMNetwork(f"{bp.name[:24]}-{short_id()}", forwards, run_dir=net_run_dir)
+        await stack.enter_async_context(net)
+        config = VMConfig.from_image(
+            image, cpu_model=cpu_model, agent=True,
+            net=TapNet(net.tap_name, mac=net.guest_mac),
+            kernel_args=tuple(net.guest_kernel_args().split()))
+        vm = QemuVM(config, work_dir=work_dir, memory=memory, disks={ROOT_DISK: disk},
+                    name=net.vm_id, wrap_argv=net.wrap_argv)
+        await stack.enter_async_context(vm)
+        progress(f"booting {bp.name} ({config.memory_mib} MiB)")
+        t0 = time.monotonic()
+        await vm.start()
+        agent = await stack.enter_async_context(
+            connect_agent(vm.agent_socket, connect_timeout_s=30.0))
+        try:
+            await agent.wait_ready(boot_timeout_s)
+        except AgentError as exc:
+            raise SnapshotError(f"the guest agent did not come up: {exc} (console: "
+                                f"{vm.console_path})", vm=net.vm_id) from exc
+        boot_s = time.monotonic() - t0
+        progress(f"agent up after {boot_s:.1f} s; waiting for readiness")
+        await _wait_ready(agent, bp.readiness, ready_timeout_s, vm=net.vm_id)
+        yield Booted(image=image, vm=vm, net=net, agent=agent, config=config,
+                     boot_to_agent_s=boot_s, ready_s=time.monotonic() - t0)
+
+
+async def _wait_ready(agent: AgentClient, readiness: str | None, timeout_s: float,
+                      *, vm: str) -> None:
+    if not readiness:
+        return
+    deadline = time.monotonic() + timeout_s
+    last = b""
+    while True:
+        result = await agent.exec(readiness, timeout_s=30.0)
+        if result.ok:
+            return
+        last = result.stdout + result.stderr
+        if time.monotonic() > deadline:
+            raise SnapshotError(f"readiness {readiness!r} still failing after {timeout_s} s: "
+                                f"{last[-400:].decode(errors='replace')}", vm=vm)
+        await asyncio.sleep(READINESS_POLL_S)
+
+
+async def snapshot(
+    blueprint: Blueprint | str | Path,
+    out_dir: Path,
+    *,
+    prepare: Sequence[str] = (),
+    on_ready: OnReady | None = None,
+    cpu_model: str = DEFAULT_CPU_MODEL,
+    net_run_dir: Path = DEFAULT_RUN_DIR,
+    boot_timeout_s: float = 180.0,
+    progress: Progress = _quiet,
+) -> SnapshotReport:
+    """Boot ``blueprint`` until ready, run ``prepare`` (shell commands, via the agent,
+    each must exit 0) and then ``on_ready(agent)``, and write a package directory to
+    ``out_dir`` (which must not exist)."""
+    started = time.monotonic()
+    bp = blueprint if isinstance(blueprint, Blueprint) else load_blueprint(blueprint)
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise SnapshotError(f"{out_dir} already exists", vm=bp.name)
+    progress(f"building blueprint {bp.name}")
+    image = await asyncio.to_thread(build_blueprint, bp, out_dir / "disks")
+    build_s = time.monotonic() - started
+    try:
+        report = await _snapshot_into(bp, image, out_dir, prepare=prepare, on_ready=on_ready,
+                                      cpu_model=cpu_model,
+                                      net_run_dir=net_run_dir, boot_timeout_s=boot_timeout_s,
+                                      progress=progress)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    return SnapshotReport(package_dir=out_dir, manifest=report[0], build_s=build_s,
+                          boot_to_agent_s=report[1], ready_s=report[2], device_state=report[3],
+                          total_s=time.monotonic() - started)
+
+
+async def _snapshot_into(
+    bp: Blueprint, image: BuiltImage, out_dir: Path, *, prepare: Sequence[str],
+    on_ready: OnReady | None, cpu_model: str, net_run_dir: Path, boot_timeout_s: float,
+    progress: Progress,
+) -> tuple[VMManifest, float, float, DeviceStateStats]:
+    disk_path = out_dir / "disks" / "root.img"
+    os.replace(image.rootfs, disk_path)
+    memory_bytes = bp.memory_mib * MIB
+    work_dir = Path(tempfile.mkdtemp(prefix="ferry-snap-"))
+    try:
+        async with (
+            FileDevice(out_dir / MEMORY_PATH, size_bytes=memory_bytes, create=True,
+                       name="memory") as memory,
+            FileDevice(disk_path, name=ROOT_DISK) as disk,
+            booted(bp, memory, disk, work_dir=work_dir, cpu_model=cpu_model,
+                   net_run_dir=net_run_dir, image=image, boot_timeout_s=boot_timeout_s,
+                   progress=progress) as b,
+        ):
+            for command in prepare:
+                progress(f"prepare: {command}")
+                r = await b.agent.exec(command, timeout_s=120.0)
+                if not r.ok:
+                    raise SnapshotError(f"prepare command {command!r} failed with "
+                                        f"{r.exit_code}: {(r.stdout + r.stderr)[-400:]!r}",
+                                        vm=bp.name)
+            if on_ready is not None:
+                await on_ready(b.agent)
+            progress("before-suspend hooks")
+            await b.agent.before_suspend(timeout_s=60.0)
+            progress("saving device state")
+            stats = await b.vm.save_device_state(out_dir / STATE_PATH)
+            accel = b.vm.accel
+            cmdline = kernel_cmdline(tsc_khz=host_tsc_khz(), quiet=b.config.quiet_kernel,
+                                     root="/dev/vda", extra=b.config.kernel_args)
+            guest = b.net.guest
+            await b.vm.stop()
+            boot_s, ready_s = b.boot_to_agent_s, b.ready_s
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    progress("hashing blocks and writing the manifest")
+    (out_dir / "boot").mkdir()
+    await asyncio.to_thread(shutil.copyfile, image.kernel, out_dir / KERNEL_PATH)
+    await asyncio.to_thread(shutil.copyfile, image.initramfs, out_dir / INITRAMFS_PATH)
+    (out_dir / "hashes").mkdir()
+    memory_entry = DeviceEntry("memory", MEMORY_PATH, memory_bytes, BLOCK_SIZE_BYTES,
+                               "hashes/memory.xxh3")
+    disk_entry = DeviceEntry(ROOT_DISK, "disks/root.img", disk_path.stat().st_size,
+                             BLOCK_SIZE_BYTES, f"hashes/{ROOT_DISK}.xxh3")
+    for entry in (memory_entry, disk_entry):
+        await asyncio.to_thread(write_block_hashes, out_dir / entry.path,
+                                out_dir / entry.hashes_path, entry.block_size_bytes)
+    manifest = VMManifest(
+        name=bp.name, blueprint=bp.name, image_key=image.key,
+        created=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        machine=MachineSpec(machine="microvm", cpu_model=cpu_model, vcpus=1,
+                            memory_mib=bp.memory_mib, accel=accel.value if accel else "tcg"),
+        kernel_cmdline=cmdline, kernel=KERNEL_PATH, initramfs=INITRAMFS_PATH,
+        state=STATE_PATH, state_bytes=stats.state_bytes, memory=memory_entry,
+        disks=(disk_entry,),
+        agent=AgentSettings(enabled=True, before_suspend=bp.agent.before_suspend,
+                            after_resume=bp.agent.after_resume),
+        network=GuestNetwork(ip=guest.ip, prefix_len=guest.prefix_len, gateway=guest.gateway,
+                             mac=guest.mac),
+        readiness=bp.readiness)
+    manifest.write(out_dir)
+    return manifest, boot_s, ready_s, stats
+
+
+def write_block_hashes(device_file: Path, out: Path, block_size_bytes: int) -> int:
+    """Write XXH3-128 of each block of ``device_file`` to ``out``; returns the block count."""
+    count = 0
+    with open(device_file, "rb") as src, open(out, "wb") as dst:
+        while block := src.read(block_size_bytes):
+            dst.write(block_hash(block))
+            count += 1
+    return count

@@ -1,0 +1,342 @@
+"""The VM lifecycle end to end: blueprint -> snapshot -> signed package -> resumed VMs.
+
+Real QEMU (TCG here), real FUSE and NBD, real network namespaces, the real
+``ferry`` CLI and detached supervisor processes. One minimal and one Redis
+package are made once per module and shared by the tests (a TCG boot takes
+seconds; a resume takes a fraction of one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ferry.net import netns
+from ferry.package import TrustStore, generate_key, load_private_key, write_package
+from ferry.vm.agent import AgentClient
+from ferry.vm.manifest import VMManifest
+from ferry.vm.registry import VMPaths, read_json
+from ferry.vm.snapshot import snapshot
+
+pytestmark = pytest.mark.e2e
+
+FERRY = [sys.executable, "-m", "ferry.cli.main"]
+CLI_TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True, slots=True)
+class Env:
+    root: Path
+    paths: VMPaths
+    env: dict[str, str]
+    key: Path
+
+    def ferry(self, *args: str, check: bool = True,
+              timeout_s: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([*FERRY, *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout_s, check=False)
+        if check and proc.returncode != 0:
+            pytest.fail(f"ferry {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+        return proc
+
+    def ferry_json(self, *args: str) -> object:
+        return json.loads(self.ferry(*args, "--json").stdout)
+
+
+def _supervisor_pids(paths: VMPaths) -> list[int]:
+    pids = []
+    for rec in (paths.run_root / "vms").glob("*/supervisor.json"):
+        data = read_json(rec) or {}
+        if isinstance(data.get("pid"), int):
+            pids.append(data["pid"])
+    return pids
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Env]:
+    # Short paths: UNIX socket names are limited to 107 bytes.
+    root = Path(tempfile.mkdtemp(prefix="fvm-"))
+    paths = VMPaths(root / "run", root / "state")
+    key = root / "keys" / "signing.key"
+    environ = {**os.environ, "FERRY_RUN_DIR": str(paths.run_root),
+               "FERRY_STATE_DIR": str(paths.state_root),
+               "FERRY_TRUST_DIR": str(root / "trusted"),
+               "FERRY_SIGNING_KEY": str(key),
+               "FERRY_PACKAGE_CACHE_DIR": str(root / "pkgcache")}
+    e = Env(root, paths, environ, key)
+    try:
+        yield e
+    finally:
+        for pid in _supervisor_pids(paths):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            for _ in range(100):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        # Whatever is still there (a killed supervisor's network, a dead mount) goes now.
+        subprocess.run([sys.executable, "-c",
+                        "import asyncio,sys; from pathlib import Path; "
+                        "from ferry.vm.registry import VMPaths, cleanup_leftovers; "
+                        "asyncio.run(cleanup_leftovers(VMPaths(Path(sys.argv[1]), "
+                        "Path(sys.argv[2]))))", str(paths.run_root), str(paths.state_root)],
+                       check=False, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass(frozen=True, slots=True)
+class MinimalPackage:
+    file: Path
+    directory: Path
+    exec_results: dict[str, tuple[int, bytes, bytes]]
+
+
+@pytest.fixture(scope="module")
+def minimal(env: Env) -> MinimalPackage:
+    """Snapshot the minimal blueprint (checking agent exec while it runs) and sign it."""
+    results: dict[str, tuple[int, bytes, bytes]] = {}
+
+    async def during_boot(agent: AgentClient) -> None:
+        for label, cmd in (("echo", "echo hello from the guest"),
+                           ("fail", "echo oops >&2; exit 7"),
+                           ("mark", "echo snapshotted > /root/mark && sync")):
+            r = await agent.exec(cmd, timeout_s=30)
+            results[label] = (r.exit_code, r.stdout, r.stderr)
+
+    import asyncio
+
+    out = env.root / "minimal-pkg"
+    asyncio.run(snapshot("minimal", out, on_ready=during_boot,
+                         net_run_dir=env.paths.net_run_dir))
+    created = env.ferry_json("key", "create", "--trust")
+    assert isinstance(created, dict)
+    assert Path(created["public_key"]).is_file()
+    file = env.root / "minimal.ferry"
+    env.ferry("package", "create", str(out), str(file))
+    return MinimalPackage(file, out, results)
+
+
+@pytest.fixture(scope="module")
+def redis_package(env: Env) -> Path:
+    """Snapshot Redis with keys written before the snapshot; signed with the library."""
+    import asyncio
+
+    out = env.root / "redis-pkg"
+    asyncio.run(snapshot("redis", out, prepare=["redis-cli set greeting hello",
+                                                "redis-cli set counter 41"],
+                         net_run_dir=env.paths.net_run_dir))
+    if not env.key.exists():
+        generate_key(env.key)
+        TrustStore.from_path(env.root / "trusted", missing_ok=True).add(
+            env.key.with_name(env.key.name + ".pub"))
+    file = env.root / "redis.ferry"
+    write_package(out, file, load_private_key(env.key),
+                  manifest=VMManifest.load(out).to_json())
+    return file
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _redis(port: int, *command: str) -> bytes:
+    """One RESP command to 127.0.0.1:port; returns the reply (a bulk string's content)."""
+    payload = f"*{len(command)}\r\n".encode()
+    for part in command:
+        payload += f"${len(part.encode())}\r\n{part}\r\n".encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(payload)
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            data += chunk
+            first, _, rest = data.partition(b"\r\n")
+            if not chunk or (_ and not first.startswith(b"$")) or first == b"$-1":
+                return first
+            if first.startswith(b"$") and rest.endswith(b"\r\n"):
+                return rest[:-2]
+
+
+def _run_detached(env: Env, *args: str) -> dict[str, object]:
+    report = env.ferry_json("vm", "run", "--detach", *args)
+    assert isinstance(report, dict)
+    return report
+
+
+# -- minimal: exec, package, verify, tamper, resume --------------------------------------
+
+
+def test_agent_exec_round_trip_while_booted(minimal: MinimalPackage) -> None:
+    assert minimal.exec_results["echo"] == (0, b"hello from the guest\n", b"")
+    assert minimal.exec_results["fail"] == (7, b"", b"oops\n")
+    manifest = VMManifest.load(minimal.directory)
+    assert manifest.machine.memory_mib == 128
+    assert manifest.network.ip == "10.0.2.15"
+    # Block hashes: one 16-byte XXH3-128 per 64 KiB block of each device.
+    hashes = (minimal.directory / manifest.memory.hashes_path).stat().st_size
+    assert hashes == manifest.memory.size_bytes // manifest.memory.block_size_bytes * 16
+    assert (minimal.directory / manifest.state).read_bytes()[:4] == b"QEVM"
+
+
+def test_package_verifies_and_tampering_is_refused(env: Env, minimal: MinimalPackage) -> None:
+    info = env.ferry_json("package", "verify", str(minimal.file))
+    assert isinstance(info, dict)
+    assert info["files"] >= 7
+    data = bytearray(minimal.file.read_bytes())
+    tampered = env.root / "tampered.ferry"
+    data[len(data) // 2] ^= 0xFF
+    tampered.write_bytes(bytes(data))
+    proc = env.ferry("package", "verify", str(tampered), check=False)
+    assert proc.returncode == 3, proc.stderr
+    truncated = env.root / "truncated.ferry"
+    truncated.write_bytes(minimal.file.read_bytes()[: len(data) - 100])
+    proc = env.ferry("package", "verify", str(truncated), check=False)
+    assert proc.returncode == 3, proc.stderr
+    assert "truncated" in proc.stderr.lower() or "ends" in proc.stderr.lower()
+    # Running a tampered package is refused before anything starts.
+    proc = env.ferry("vm", "run", "--detach", "--name", "evil", str(tampered), check=False)
+    assert proc.returncode == 3, proc.stderr
+    assert not env.paths.run_dir("evil").exists()
+    assert not netns.exists("ferry-vm-evil")
+
+
+def test_resume_minimal_and_exec_again(env: Env, minimal: MinimalPackage) -> None:
+    report = _run_detached(env, "--name", "mini", str(minimal.file))
+    resume = report["resume"]
+    assert isinstance(resume, dict)
+    assert resume["running_s"] > 0
+    try:
+        # The file written before the snapshot is there: this is the snapshot's guest.
+        r = env.ferry("vm", "exec", "mini", "--", "cat", "/root/mark")
+        assert r.stdout == "snapshotted\n"
+        r = env.ferry("vm", "exec", "mini", "--", "sh", "-c", "echo err >&2; exit 5",
+                      check=False)
+        assert (r.returncode, r.stderr) == (5, "err\n")
+        # It resumed rather than booted: the console of the new QEMU shows no boot.
+        console = Path(str(report["console"])).read_text(errors="replace")
+        assert "ferry-guest: stage1" not in console
+        listed = env.ferry_json("vm", "list")
+        assert isinstance(listed, list)
+        assert [v["status"] for v in listed if v["vm_id"] == "mini"] == ["running"]
+    finally:
+        env.ferry("vm", "stop", "mini")
+    assert not env.paths.run_dir("mini").exists()
+    assert not env.paths.state_dir("mini").exists()  # discarded
+    assert not netns.exists("ferry-vm-mini")
+    # The package's files were never written.
+    assert env.ferry_json("package", "verify", str(minimal.file))
+
+
+def test_publishing_on_a_wildcard_address_needs_consent(env: Env,
+                                                        minimal: MinimalPackage) -> None:
+    proc = env.ferry("vm", "run", "--detach", "--name", "wild", "-p", "0.0.0.0:1:6379",
+                     str(minimal.file), check=False)
+    assert proc.returncode == 2
+    assert "wildcard" in proc.stderr
+
+
+# -- redis: two VMs from one package, suspend/continue, crash cleanup -------------------
+
+
+def test_two_vms_from_one_package(env: Env, redis_package: Path) -> None:
+    ports = {"ra": _free_port(), "rb": _free_port()}
+    started = []
+    try:
+        for vm_id, port in ports.items():
+            report = _run_detached(env, "--name", vm_id, "-p", f"127.0.0.1:{port}:6379",
+                                   str(redis_package))
+            started.append(vm_id)
+            assert report["forwards"] == [f"127.0.0.1:{port}->6379/tcp"]
+        for port in ports.values():
+            assert _redis(port, "PING") == b"+PONG"
+            assert _redis(port, "GET", "greeting") == b"hello"
+            assert _redis(port, "INCR", "counter") == b":42"
+        # Independent VMs: a write to one is not seen by the other.
+        assert _redis(ports["ra"], "SET", "only-a", "1") == b"+OK"
+        assert _redis(ports["rb"], "EXISTS", "only-a") == b":0"
+        r = env.ferry("vm", "exec", "rb", "--", "redis-cli", "get", "counter")
+        assert r.stdout == "42\n"
+    finally:
+        for vm_id in started:
+            env.ferry("vm", "stop", vm_id)
+    for vm_id in ports:
+        assert not netns.exists(f"ferry-vm-{vm_id}")
+
+
+def test_stop_with_suspend_and_continue(env: Env, redis_package: Path) -> None:
+    port = _free_port()
+    _run_detached(env, "--name", "rc", "-p", f"127.0.0.1:{port}:6379", str(redis_package))
+    try:
+        assert _redis(port, "SET", "added-after-resume", "yes") == b"+OK"
+        stopped = env.ferry_json("vm", "stop", "rc", "--suspend")
+        assert isinstance(stopped, dict)
+        assert stopped["mode"] == "suspend"
+        assert not netns.exists("ferry-vm-rc")
+        listed = env.ferry_json("vm", "list")
+        assert isinstance(listed, list)
+        assert [v["status"] for v in listed if v["vm_id"] == "rc"] == ["suspended"]
+        # No package this time: the VM continues from its own overlays and state.
+        _run_detached(env, "--name", "rc", "-p", f"127.0.0.1:{port}:6379")
+        assert _redis(port, "GET", "added-after-resume") == b"yes"
+        assert _redis(port, "GET", "greeting") == b"hello"
+    finally:
+        env.ferry("vm", "stop", "rc", check=False)
+    assert not env.paths.state_dir("rc").exists()
+
+
+def test_leftovers_of_a_killed_supervisor_are_cleaned(env: Env, redis_package: Path) -> None:
+    report = _run_detached(env, "--name", "rk", str(redis_package))
+    pid, qemu_pid = report["pid"], report["qemu_pid"]
+    assert isinstance(pid, int)
+    assert isinstance(qemu_pid, int)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while _alive(pid) or _alive(qemu_pid):  # QEMU dies with its supervisor (PDEATHSIG)
+        assert time.monotonic() < deadline, "QEMU outlived its supervisor"
+        time.sleep(0.1)
+    # What the killed run left: its namespace, run dir (dead FUSE mount) and overlays.
+    assert netns.exists("ferry-vm-rk")
+    assert env.paths.run_dir("rk").exists()
+    assert env.paths.state_dir("rk").exists()
+    listed = env.ferry_json("vm", "list")
+    assert isinstance(listed, list)
+    assert "rk" not in [v["vm_id"] for v in listed]
+    # The next start cleans all of it up.
+    _run_detached(env, "--name", "rn", str(redis_package))
+    try:
+        assert not netns.exists("ferry-vm-rk")
+        assert not env.paths.run_dir("rk").exists()
+        assert not env.paths.state_dir("rk").exists()
+        with open("/proc/self/mountinfo") as f:
+            assert str(env.paths.run_dir("rk")) not in f.read()
+    finally:
+        env.ferry("vm", "stop", "rn")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except FileNotFoundError:
+        return False
