@@ -212,6 +212,6 @@ def certs(args: argparse.Namespace, console: Console) -> ExitCode:
 
 
 async def demo(args: argparse.Namespace, console: Console) -> ExitCode:
-    from ferry.cli.demo import storage_demo
+    from ferry.cli.demo import run_demos
 
-    return await storage_demo(args, console)
+    return await run_demos(args, console)

@@ -14,6 +14,65 @@ from ferry.migration.destination import Receiver
 from ferry.migration.source import Migrator
 
 
+async def run_demos(args: argparse.Namespace, console: Console) -> ExitCode:
+    parts = args.parts or ["vm", "storage"]
+    results: dict[str, ExitCode] = {}
+    for part in parts:
+        runner = vm_demo if part == "vm" else storage_demo
+        results[part] = await runner(args, console)
+    return max(results.values(), default=ExitCode.OK)
+
+
+async def vm_demo(args: argparse.Namespace, console: Console) -> ExitCode:
+    from ferry.demo.vm import run_vm_demo
+
+    if not args.json:
+        console.print(
+            "[bold]ferry VM demo[/bold]: a Redis VM, snapshotted into a signed "
+            "package and resumed from it in its own network namespace"
+        )
+
+    def progress(line: str) -> None:
+        if not args.json and not args.no_progress:
+            console.print(f"  [dim]…[/dim] {line}")
+
+    result = await run_vm_demo(progress)
+    if args.json:
+        emit_json(
+            {
+                "vm": {
+                    "package": str(result.package),
+                    "package_bytes": result.package_bytes,
+                    "package_reused": result.package_reused,
+                    "port": result.port,
+                    "launch_to_pong_ms": result.launch_to_pong_ms,
+                    "resume": result.resume,
+                    "greeting": result.greeting,
+                    "ok": result.ok,
+                }
+            }
+        )
+    else:
+        t = result.resume
+        steps = ", ".join(
+            f"{k.removesuffix('_s')} {v * 1e3:.0f} ms" for k, v in t.items() if isinstance(v, float)
+        )
+        console.print(
+            f"  package {result.package} ({result.package_bytes / 2**20:.1f} MiB"
+            f"{', reused' if result.package_reused else ''}), signature verified"
+        )
+        console.print(
+            f"  resumed: first Redis PONG on 127.0.0.1:{result.port} "
+            f"[bold]{result.launch_to_pong_ms:.0f} ms[/bold] after launch ({steps})"
+        )
+        verdict = "[green]yes[/green]" if result.ok else "[red]NO[/red]"
+        console.print(
+            f"  GET greeting -> {result.greeting!r}; SET/GET after resume works: "
+            f"{verdict}; VM {result.vm_id} stopped and discarded"
+        )
+    return ExitCode.OK if result.ok else ExitCode.ERROR
+
+
 async def storage_demo(args: argparse.Namespace, console: Console) -> ExitCode:
     total = sum(args.size_mib) * 2**20
     state: dict[str, Migrator] = {}
