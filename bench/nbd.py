@@ -12,8 +12,13 @@ both with identical clients:
   the end of the image, so the stride visits the blocks in a scattered order
   that defeats read-ahead.
 
-Usage: ``python bench/nbd.py [--size-mib N] [--json]``. Needs nbdkit,
-libnbd-bin (nbdcopy) and qemu-utils.
+With ``--rounds N`` the two servers take turns N times (ferry, nbdkit,
+ferry, ...) and every figure is the median over the rounds; each ratio is
+the median of the per-round ratios, so a burst of load from other work on a
+shared machine skews one round, not the result.
+
+Usage: ``python bench/nbd.py [--size-mib N] [--rounds N] [--json]``. Needs
+nbdkit, libnbd-bin (nbdcopy) and qemu-utils.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -125,7 +131,14 @@ def _measure(uri: str, source: str, size_bytes: int) -> dict[str, float]:
     }
 
 
-def run(size_mib: int) -> dict[str, float | int]:
+_RATIOS = (
+    ("seq_read_mib_s", "seq_read_ratio"),
+    ("seq_write_mib_s", "seq_write_ratio"),
+    ("rand4k_read_iops", "rand4k_ratio"),
+)
+
+
+def run(size_mib: int, rounds: int = 1) -> dict[str, float | int]:
     for tool in ("nbdkit", "nbdcopy", "qemu-img"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found")
@@ -138,17 +151,20 @@ def run(size_mib: int) -> dict[str, float | int]:
             with path.open("wb") as f:
                 for pos in range(0, size, len(chunk)):
                     f.write(chunk[: min(len(chunk), size - pos)])
-        results: dict[str, float | int] = {"size_mib": size_mib}
-        for kind, prefix in (("ferry", ""), ("nbdkit", "nbdkit_")):
-            with _server(kind, str(base / f"{kind}.sock"), str(image)) as uri:
-                for key, value in _measure(uri, str(source), size).items():
-                    results[prefix + key] = round(value, 1)
-        for key, ratio in (
-            ("seq_read_mib_s", "seq_read_ratio"),
-            ("seq_write_mib_s", "seq_write_ratio"),
-            ("rand4k_read_iops", "rand4k_ratio"),
-        ):
-            results[ratio] = round(float(results[key]) / float(results["nbdkit_" + key]), 3)
+        samples: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            measured: dict[str, float] = {}
+            for kind, prefix in (("ferry", ""), ("nbdkit", "nbdkit_")):
+                with _server(kind, str(base / f"{kind}.sock"), str(image)) as uri:
+                    for key, value in _measure(uri, str(source), size).items():
+                        measured[prefix + key] = value
+            for key, ratio in _RATIOS:
+                measured[ratio] = measured[key] / measured["nbdkit_" + key]
+            for key, value in measured.items():
+                samples.setdefault(key, []).append(value)
+        results: dict[str, float | int] = {"size_mib": size_mib, "rounds": rounds}
+        for key, values in samples.items():
+            results[key] = round(statistics.median(values), 3 if key.endswith("ratio") else 1)
         return results
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -157,17 +173,25 @@ def run(size_mib: int) -> dict[str, float | int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--size-mib", type=int, default=1024, help="image size (default 1024)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="alternate the servers N times, report medians"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--serve", nargs=2, metavar=("SOCK", "IMAGE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         _serve_ferry(*args.serve)
         return
-    results = run(args.size_mib)
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    results = run(args.size_mib, args.rounds)
     if args.json:
         print(json.dumps(results))
         return
-    print(f"image {args.size_mib} MiB on /dev/shm, UNIX socket, same clients for both servers")
+    print(
+        f"image {args.size_mib} MiB on /dev/shm, UNIX socket, same clients for both servers, "
+        f"median of {args.rounds} round(s)"
+    )
     rows = (
         ("sequential read (nbdcopy, 1 MiB)", "seq_read_mib_s", "MiB/s", "seq_read_ratio"),
         ("sequential write (nbdcopy, 1 MiB)", "seq_write_mib_s", "MiB/s", "seq_write_ratio"),

@@ -8,6 +8,7 @@
         │   └── NBDOptionTooLargeError an option announced more data than we accept
         ├── NBDLocalProtocolError      we tried to send something invalid (our bug)
         ├── NBDUnknownExportError      NBD_OPT_EXPORT_NAME named no export (.export)
+        ├── NBDReplyAbortedError       a read reply broke off after its header was sent
         └── NBDServeError              a listening socket could not be set up (.address)
 
 Every one of them ends the client connection it concerns (a hard disconnect,
@@ -45,6 +46,16 @@ class NBDUnknownExportError(NBDError):
     def __init__(self, export: str) -> None:
         super().__init__(f"no export named {export!r}")
         self.export = export
+
+
+class NBDReplyAbortedError(NBDError):
+    """A read reply could not be finished after its header had gone out.
+
+    Raised when the file behind a device ends early (it was truncated) while
+    its data is being sent straight from the file: the client already holds
+    a header promising more bytes, so the only way out is to drop the
+    connection.
+    """
 
 
 class NBDServeError(NBDError):

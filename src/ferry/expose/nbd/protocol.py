@@ -176,6 +176,23 @@ class CommandFlag(enum.IntFlag):
     FAST_ZERO = 1 << 4
 
 
+_FUA = int(CommandFlag.FUA)
+_DF = int(CommandFlag.DF)
+_ALLOWED_FLAGS: dict[int, int] = {
+    # FUA is valid on every command once SEND_FUA is offered; DF is added
+    # for READ when structured replies are on.
+    Command.READ: _FUA,
+    Command.WRITE: _FUA,
+    Command.FLUSH: _FUA,
+    Command.TRIM: _FUA,
+    Command.CACHE: _FUA,
+    Command.WRITE_ZEROES: _FUA | int(CommandFlag.NO_HOLE),
+}
+_COMMAND_FLAGS = {bits: CommandFlag(bits) for bits in range(int(max(CommandFlag)) * 2)}
+"""Every combination of known flags, built once: CommandFlag(bits) per request
+costs as much as parsing the rest of the header."""
+
+
 class ReplyFlag(enum.IntFlag):
     DONE = 1 << 0
 
@@ -686,7 +703,7 @@ class ServerConnection:
             if command == Command.WRITE:
                 self._discard = length
             return RejectedRequest(handle, command, offset, length, error, message)
-        flags = CommandFlag(flag_bits)  # _validate admitted only known bits
+        flags = _COMMAND_FLAGS[flag_bits]  # _validate admitted only known bits
         if command == Command.WRITE:
             self._payload = self._new_payload(length)
             self._payload_filled = 0
@@ -738,20 +755,13 @@ class ServerConnection:
     ) -> tuple[Errno, str] | None:
         info = self.export
         assert info is not None
-        allowed = CommandFlag.FUA  # valid on every command once SEND_FUA is offered
-        if command == Command.READ:
-            if self.structured_replies:
-                allowed |= CommandFlag.DF
-        elif command == Command.WRITE_ZEROES:
-            allowed |= CommandFlag.NO_HOLE
-        elif command not in (
-            Command.WRITE,
-            Command.FLUSH,
-            Command.TRIM,
-            Command.CACHE,
-        ):
+        # Plain ints rather than enum arithmetic: this runs once per request.
+        allowed = _ALLOWED_FLAGS.get(command)
+        if allowed is None:
             return Errno.EINVAL, f"unsupported command {command}"
-        if flag_bits & ~int(allowed):
+        if command == Command.READ and self.structured_replies:
+            allowed |= _DF
+        if flag_bits & ~allowed:
             return Errno.EINVAL, f"flags {flag_bits:#x} not valid for command {command}"
         writes = command in (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
         if writes and info.read_only:
@@ -779,6 +789,15 @@ class ServerConnection:
             raise NBDLocalProtocolError(
                 f"read reply of {length} bytes for a {request.length}-byte request"
             )
+        return self.reply_read_header(request)
+
+    def reply_read_header(self, request: ReadRequest) -> bytes:
+        """The header of a successful reply to ``request``, whose data follows it.
+
+        For a caller that sends the ``request.length`` data bytes itself (from
+        a file with ``sendfile``); it must send exactly that many.
+        """
+        length = request.length
         if not self.structured_replies:
             return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, request.handle)
         if length == 0:

@@ -19,6 +19,11 @@ NBD error replies. Cancellation is never swallowed.
 The sockets are plain non-blocking sockets driven with ``loop.sock_recv_into``
 and ``sendmsg``: the receive path reads a WRITE's payload straight into its
 final buffer and the send path frames a READ's data without copying it.
+Devices backed by a file (see :mod:`ferry.expose.nbd.filereads`) skip
+``read_at``: small reads are ``pread`` inline in the receive loop and their
+replies leave batched in one ``sendmsg``; large ones go out with
+``sendfile``. Every write to the socket holds the connection's send lock, so
+one reply's bytes never interleave with another's.
 """
 
 from __future__ import annotations
@@ -36,6 +41,13 @@ from typing import Any
 
 from ferry.errors import DeviceError, DeviceRangeError, ReadOnlyError
 from ferry.expose.nbd.errors import NBDError, NBDServeError
+from ferry.expose.nbd.filereads import (
+    INLINE_READ_MAX_BYTES,
+    FileExtent,
+    file_extent_of,
+    pread_exact,
+    sendfile_all,
+)
 from ferry.expose.nbd.protocol import (
     MAX_PAYLOAD_BYTES,
     CacheRequest,
@@ -73,6 +85,11 @@ _ZEROES = bytes(_ZERO_CHUNK_BYTES)
 """WRITE_ZEROES is written in chunks of one shared zero buffer, so a 4 GiB
 request costs 1 MiB of memory."""
 
+_BATCH_MAX_BYTES = 1024 * 1024
+_BATCH_MAX_BUFFERS = 512
+"""Bounds on the inline read replies gathered for one sendmsg: memory, and
+the kernel's limit of 1024 buffers per call (IOV_MAX)."""
+
 _LISTEN_BACKLOG = 128
 _SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
@@ -101,6 +118,11 @@ class _ExportState:
 
     export: Export
     writes_in_flight: set[asyncio.Future[None]] = field(default_factory=set)
+    file_extent: FileExtent | None = None
+    """The device's ``file_extent`` capability, if it has one (see filereads)."""
+
+    def __post_init__(self) -> None:
+        self.file_extent = file_extent_of(self.export.device)
 
     async def wait_for_writes(self) -> None:
         """Wait for every write in flight now (on any connection) to finish."""
@@ -126,6 +148,9 @@ class _Budget:
         self._bytes = 0
         self._room = asyncio.Event()
         self._room.set()
+
+    def has_room(self) -> bool:
+        return self._room.is_set()
 
     async def wait_for_room(self) -> None:
         await self._room.wait()
@@ -160,6 +185,7 @@ class _Connection:
     ) -> None:
         self._server = server
         self._sock = sock
+        self._sock_fd = sock.fileno()
         self._log = log
         self._loop = asyncio.get_running_loop()
         self._send_lock = asyncio.Lock()
@@ -178,14 +204,27 @@ class _Connection:
             selected.name,
             "on" if selected.structured_replies else "off",
         )
+        # Replies to small reads served inline from a file, sent together in
+        # one sendmsg when we run out of parsed requests (or it grows large).
+        batch: list[Buffer] = []
+        batch_bytes = 0
         async with asyncio.TaskGroup() as requests:
             while True:
-                await self._budget.wait_for_room()
+                if not self._budget.has_room():
+                    if batch:
+                        await self._send(batch)
+                        batch, batch_bytes = [], 0
+                    await self._budget.wait_for_room()
                 event = self._core.next_event()
                 if event is Signal.NEED_DATA:
+                    if batch:
+                        await self._send(batch)
+                        batch, batch_bytes = [], 0
                     await self._receive()
                     continue
                 if event is Signal.CLOSED or isinstance(event, DisconnectRequest):
+                    if batch:
+                        await self._send(batch)
                     # Leaving the TaskGroup finishes outstanding requests first,
                     # as NBD_CMD_DISC requires.
                     self._log.debug("--> disconnect")
@@ -193,6 +232,19 @@ class _Connection:
                 assert not isinstance(event, OptionReceived | ExportSelected | HandshakeAborted)
                 if self._trace:
                     self._log.debug("--> %s", _describe(event))
+                if (
+                    type(event) is ReadRequest
+                    and event.length <= INLINE_READ_MAX_BYTES
+                    and state.file_extent is not None
+                ):
+                    reply = self._read_inline(event, state.file_extent)
+                    if reply is not None:
+                        batch += reply
+                        batch_bytes += event.length
+                        if batch_bytes >= _BATCH_MAX_BYTES or len(batch) >= _BATCH_MAX_BUFFERS:
+                            await self._send(batch)
+                            batch, batch_bytes = [], 0
+                        continue
                 nbytes = _request_bytes(event)
                 self._budget.take(nbytes)
                 requests.create_task(self._serve_request(event, state, nbytes))
@@ -228,8 +280,36 @@ class _Connection:
             else:  # pragma: no cover - the core emits no requests before transmission
                 raise AssertionError(f"unexpected event {event!r} in the handshake")
 
+    def _read_inline(self, request: ReadRequest, file_extent: FileExtent) -> list[Buffer] | None:
+        """Answer a small READ with ``pread`` now; ``None`` leaves it to ``read_at``.
+
+        Any failure (out of range, closed device, I/O error, short file) takes
+        the ``read_at`` path, which turns it into the right error reply.
+        """
+        try:
+            extent = file_extent(request.offset, request.length)
+            if extent is None:
+                return None
+            data = pread_exact(extent[0], request.length, extent[1])
+        except (DeviceError, OSError):
+            return None
+        if data is None:
+            return None
+        if self._trace:
+            self._log.debug("<-- reply handle=%#x bytes=%d (inline)", request.handle, len(data))
+        return [self._core.reply_read(request, data), data]
+
     async def _serve_request(self, request: Request, state: _ExportState, nbytes: int) -> None:
         try:
+            # Small reads come here only when the inline pread failed: read_at
+            # then reports what went wrong.
+            if (
+                type(request) is ReadRequest
+                and request.length > INLINE_READ_MAX_BYTES
+                and state.file_extent is not None
+                and await self._send_read_from_file(request, state.file_extent)
+            ):
+                return
             reply = await self._execute(request, state)
         finally:
             self._budget.give(nbytes)
@@ -290,20 +370,49 @@ class _Connection:
         if request.flags & CommandFlag.FUA:
             await device.flush()
 
+    async def _send_read_from_file(self, request: ReadRequest, file_extent: FileExtent) -> bool:
+        """Answer ``request`` with ``sendfile``; ``False`` leaves it to ``read_at``.
+
+        The range is checked (and the extent looked up) before the header
+        goes out, so every error the device would report still gets a proper
+        error reply; only a file that shrinks under us mid-reply drops the
+        connection (:class:`NBDReplyAbortedError`).
+        """
+        try:
+            extent = file_extent(request.offset, request.length)
+        except DeviceError:
+            return False
+        if extent is None or request.length == 0:
+            return False
+        fd, file_offset = extent
+        header = self._core.reply_read_header(request)
+        async with self._send_lock:
+            await self._send_unlocked([memoryview(header)])
+            await sendfile_all(self._loop, self._sock_fd, fd, file_offset, request.length)
+        if self._trace:
+            self._log.debug(
+                "<-- reply handle=%#x bytes=%d (sendfile)", request.handle, request.length
+            )
+        return True
+
     async def _send(self, buffers: list[Buffer]) -> None:
         """Send ``buffers`` back to back; replies never interleave."""
         views = [memoryview(b).cast("B") for b in buffers if len(b)]
         async with self._send_lock:
-            try:
-                sent = self._sock.sendmsg(views)
-            except BlockingIOError:
-                sent = 0
-            for view in views:
-                if sent >= len(view):
-                    sent -= len(view)
-                    continue
-                await self._loop.sock_sendall(self._sock, view[sent:])
-                sent = 0
+            await self._send_unlocked(views)
+
+    async def _send_unlocked(self, views: list[memoryview]) -> None:
+        """Send ``views`` back to back; the caller holds the send lock."""
+        try:
+            sent = self._sock.sendmsg(views)
+        except BlockingIOError:
+            sent = 0
+        for view in views:
+            if sent >= len(view):
+                sent -= len(view)
+                continue
+            await self._loop.sock_sendall(self._sock, view[sent:])
+            sent = 0
 
 
 def _describe(request: Request | DisconnectRequest) -> str:

@@ -48,6 +48,25 @@ class ForwardingDevice:
     async def write_at(self, offset: int, data: Buffer) -> None:
         await self._inner.write_at(offset, data)
 
+    def file_extent(self, offset: int, length: int) -> tuple[int, int] | None:
+        """The inner device's ``file_extent``, if reads pass through unchanged.
+
+        An optional capability (see ``FileDevice.file_extent``): a reader
+        that uses it bypasses ``read_at``. That is only safe while this
+        module leaves reads alone, so a module that overrides ``read_at``
+        (a waiting cache, a lock, read tracking, metrics) answers ``None``
+        here unless it overrides this method too; ``None`` also means the
+        inner device has no file behind it. Writes never take this path,
+        so modules that only watch writes (dirty tracking) keep working.
+        """
+        if type(self).read_at is not ForwardingDevice.read_at:
+            return None
+        extent = getattr(self._inner, "file_extent", None)
+        if extent is None:
+            return None
+        result: tuple[int, int] | None = extent(offset, length)
+        return result
+
     async def flush(self) -> None:
         await self._inner.flush()
 

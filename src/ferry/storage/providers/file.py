@@ -108,6 +108,20 @@ class FileDevice:
             raise DeviceClosedError("device is closed", device=self.name)
         return self._fd
 
+    def file_extent(self, offset: int, length: int) -> tuple[int, int]:
+        """Where ``read_at(offset, length)`` would read from: ``(fd, file_offset)``.
+
+        An optional capability for zero-copy readers (``os.sendfile``, a
+        ``pread`` off the event loop) such as the NBD server: the bytes at
+        ``file_offset`` of ``fd`` are the device's bytes at ``offset``.
+        Range-checked like :meth:`read_at`; raises :class:`DeviceClosedError`
+        once closed. The descriptor stays owned by the device: use it only
+        until the device is closed.
+        """
+        fd = self._open_fd()
+        check_range(self._size_bytes, offset, length, self.name)
+        return fd, offset
+
     async def read_at(self, offset: int, length: int) -> bytes:
         return self.read_sync(offset, length)
 
