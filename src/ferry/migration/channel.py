@@ -16,6 +16,7 @@ from ferry.errors import BrokenResourceError, ClosedResourceError
 from ferry.protocol.codec import Connection, ConnectionClosed
 from ferry.protocol.messages import Event
 from ferry.transport.base import Stream
+from ferry.transport.sockets import ReceiveIntoStream
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,9 @@ class StreamChannel:
 
     def __init__(self, stream: Stream, *, max_frame_bytes: int | None = None) -> None:
         self._stream = stream
+        # Sockets read straight into the codec's buffer; other streams hand us
+        # bytes that the codec then copies in.
+        self._receive_into = stream.receive_into if isinstance(stream, ReceiveIntoStream) else None
         self._conn = (
             Connection() if max_frame_bytes is None else Connection(max_frame_bytes=max_frame_bytes)
         )
@@ -68,15 +72,27 @@ class StreamChannel:
                 raise BrokenResourceError("peer closed the connection", peer=self.peer)
             if event is not None:
                 return event
+            await self._receive_more()
+
+    async def _receive_more(self) -> None:
+        """Read once from the stream into the codec."""
+        if self._receive_into is not None:
+            nbytes = await self._receive_into(self._conn.get_buffer())
+            self._check_not_mid_frame(nbytes)
+            self._conn.buffer_updated(nbytes)
+        else:
             data = await self._stream.receive_some(RECEIVE_CHUNK_BYTES)
-            if not data and self._conn.buffered_bytes:
-                # The peer vanished mid-frame: a broken link, not a protocol violation.
-                raise BrokenResourceError(
-                    f"connection closed in the middle of a frame "
-                    f"({self._conn.buffered_bytes} bytes buffered)",
-                    peer=self.peer,
-                )
+            self._check_not_mid_frame(len(data))
             self._conn.receive_data(data)
+
+    def _check_not_mid_frame(self, nbytes: int) -> None:
+        if not nbytes and self._conn.buffered_bytes:
+            # The peer vanished mid-frame: a broken link, not a protocol violation.
+            raise BrokenResourceError(
+                f"connection closed in the middle of a frame "
+                f"({self._conn.buffered_bytes} bytes buffered)",
+                peer=self.peer,
+            )
 
     async def aclose(self) -> None:
         if not self._closed:

@@ -736,6 +736,12 @@ def decode_frame(frame: bytes | bytearray | memoryview, limits: Limits = DEFAULT
 # --------------------------------------------------------------------------- connection
 
 
+RECEIVE_CHUNK_BYTES: Final = 64 * _KiB
+"""Least free space :meth:`Connection.get_buffer` offers (more if the frame in
+progress needs it): big enough that a burst of small frames arrives in one
+``recv``, small enough that making room rarely moves much."""
+
+
 class Connection:
     """One side of a migration connection: buffers bytes in, frames events out.
 
@@ -751,6 +757,11 @@ class Connection:
             if isinstance(event, ConnectionClosed):
                 break
             ...
+
+    With a transport that can read into a buffer (``recv_into``), skip the
+    copy of ``receive_data``: read into ``conn.get_buffer()`` and report the
+    count with ``conn.buffer_updated(n)`` (0 means EOF), like asyncio's
+    ``BufferedProtocol``.
 
     ``next_event`` raises RemoteProtocolError on malformed input, and keeps
     raising it afterwards: the byte stream cannot be resynchronised. ``send``
@@ -768,36 +779,104 @@ class Connection:
         self.limits = Limits(
             max_frame_bytes, max_devices, max_blocks_per_frame, max_blocks_per_list
         )
-        # Received bytes live in _buffer[_start:]. Consumed bytes are dropped
-        # lazily (see receive_data) so a burst of small frames costs O(n), not O(n^2).
+        # Received bytes live in _buffer[_start:_end]. The bytearray is never
+        # resized, only replaced by a bigger one, so views handed out by
+        # get_buffer() cannot block it; it grows to fit the largest frame seen.
         self._buffer = bytearray()
         self._start = 0
+        self._end = 0
+        self._lent: int | None = None  # length of the view get_buffer() handed out
         self._eof = False
         self._error: RemoteProtocolError | None = None
 
     @property
     def buffered_bytes(self) -> int:
         """Bytes received but not yet returned as events."""
-        return len(self._buffer) - self._start
+        return self._end - self._start
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes read from the transport; ``b""`` means the peer closed (EOF)."""
+        self._lent = None  # the room a pending get_buffer() view covered may move
         if not len(data):
             self._eof = True
             return
         if self._eof:
             raise LocalProtocolError("receive_data() after EOF")
-        start = self._start
-        if start:
-            # Compact only once the consumed prefix is at least half the buffer:
-            # the copy then costs no more than the bytes consumed since the last one.
-            if start == len(self._buffer):
-                self._buffer.clear()
-                self._start = 0
-            elif start >= len(self._buffer) >> 1:
-                del self._buffer[:start]
-                self._start = 0
-        self._buffer += data
+        with memoryview(data) as whole, whole.cast("B") as view:
+            n = len(view)
+            self._reserve(n)
+            self._buffer[self._end : self._end + n] = view
+        self._end += n
+
+    def get_buffer(self, min_bytes: int = 1) -> memoryview:
+        """A writable view of free space at the end of the receive buffer.
+
+        Read the transport's next bytes into it, then call
+        :meth:`buffer_updated` with the count. The view holds at least
+        ``min_bytes`` and the rest of the frame in progress; for a large frame
+        it ends exactly where that frame ends, so the frame is complete
+        without its bytes being moved again. It is only valid until the next
+        call of a receive method. Call ``next_event`` until it returns None
+        first, so the view is sized for the frame actually in progress.
+        """
+        if min_bytes < 1:
+            raise ValueError(f"min_bytes must be >= 1, not {min_bytes}")
+        if self._eof:
+            raise LocalProtocolError("get_buffer() after EOF")
+        rest = self._frame_rest()
+        self._reserve(max(min_bytes, rest, RECEIVE_CHUNK_BYTES))
+        stop = len(self._buffer)
+        if rest >= RECEIVE_CHUNK_BYTES and self._end + max(rest, min_bytes) < stop:
+            stop = self._end + max(rest, min_bytes)
+        self._lent = stop - self._end
+        with memoryview(self._buffer) as whole:
+            return whole[self._end : stop]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Report that ``nbytes`` were written into the last :meth:`get_buffer`
+        view; 0 means the peer closed (EOF), like ``receive_data(b"")``."""
+        lent, self._lent = self._lent, None
+        if lent is None:
+            raise LocalProtocolError("buffer_updated() without a preceding get_buffer()")
+        if not 0 <= nbytes <= lent:
+            raise ValueError(f"buffer_updated({nbytes}) for a view of {lent} bytes")
+        if nbytes == 0:
+            self._eof = True
+            return
+        self._end += nbytes
+
+    def _frame_rest(self) -> int:
+        """Bytes still missing of the frame at the front of the buffer."""
+        available = self._end - self._start
+        if available < HEADER_BYTES:
+            return HEADER_BYTES - available
+        length: int = HEADER.unpack_from(self._buffer, self._start)[3]
+        if length > self.limits.max_frame_bytes:
+            return 0  # next_event refuses the frame; do not make room for it
+        return max(HEADER_BYTES + length - available, 0)
+
+    def _reserve(self, n: int) -> None:
+        """Make at least ``n`` bytes of free space after ``_end``.
+
+        Buffered bytes move to the front only when no more of them remain
+        than were consumed before them, so moving costs no more than the
+        bytes consumed since (O(n) overall); otherwise the buffer grows.
+        """
+        start, end, capacity = self._start, self._end, len(self._buffer)
+        if start == end:
+            self._start = self._end = start = end = 0
+        if capacity - end >= n:
+            return
+        held = end - start
+        if held <= start and capacity - held >= n:
+            with memoryview(self._buffer) as mv:
+                mv[:held] = mv[start:end]  # memmove: the ranges may overlap
+        else:
+            biggest = self.limits.max_frame_bytes + HEADER_BYTES + RECEIVE_CHUNK_BYTES
+            new = bytearray(max(held + n, min(2 * capacity, biggest)))
+            new[:held] = memoryview(self._buffer)[start:end]
+            self._buffer = new
+        self._start, self._end = 0, held
 
     def next_event(self) -> Event | ConnectionClosed | None:
         """The next complete event; None if more data is needed; ConnectionClosed after EOF."""
@@ -811,13 +890,11 @@ class Connection:
 
     def _next_event(self) -> Event | ConnectionClosed | None:
         buffer, start = self._buffer, self._start
-        available = len(buffer) - start
+        available = self._end - start
         if available >= HEADER_BYTES:
             message_type, length = decode_header(buffer, start, self.limits)
             end = start + HEADER_BYTES + length
-            if end <= len(buffer):
-                # The views must be released before the buffer can grow again,
-                # hence the with-blocks (even when decoding raises).
+            if end <= self._end:
                 with memoryview(buffer) as mv, mv[start + HEADER_BYTES : end] as payload:
                     event = decode_payload(message_type, payload, self.limits)
                 self._start = end

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from ferry.errors import ClosedResourceError, ConfigError, TransportError
 from ferry.transport.base import Stream
@@ -37,8 +38,17 @@ AddressT = TypeVar("AddressT")
 Handler = Callable[[Stream], Awaitable[None]]
 """A per-connection coroutine function; the stream is closed when it returns."""
 
-StreamFactory = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[Stream]]
-"""Turns an accepted connection into a Stream (e.g. runs the TLS handshake)."""
+StreamFactory = Callable[[socket.socket], Awaitable[Stream]]
+"""Turns an accepted socket into a Stream (e.g. runs the TLS handshake); on
+failure it closes whatever it wrapped the socket in."""
+
+
+class Server(Protocol):
+    """The accept loop a Listener owns (:class:`ferry.transport.sockets.SocketServer`)."""
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
 
 ACCEPT_BACKLOG = 16
 """Connections accepted but not yet taken by ``accept()``; more are refused so
@@ -50,7 +60,7 @@ class Listener(Generic[AddressT]):
 
     def __init__(
         self,
-        server: asyncio.Server,
+        server: Server,
         address: AddressT,
         make_stream: StreamFactory,
         handler: Handler | None,
@@ -99,32 +109,28 @@ class Listener(Generic[AddressT]):
             raise ClosedResourceError(f"listener {self._label} is closed")
         return stream
 
-    async def on_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        """asyncio's per-connection callback; runs in a task asyncio created."""
+    async def on_connection(self, sock: socket.socket) -> None:
+        """The server's per-connection callback; runs in a task the server created."""
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         try:
-            await self._serve_connection(reader, writer)
+            await self._serve_connection(sock)
         finally:
             self._tasks.discard(task)
 
-    async def _serve_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _serve_connection(self, sock: socket.socket) -> None:
         if self._closed:
-            writer.close()
+            sock.close()
             return
         try:
-            stream = await self._make_stream(reader, writer)
+            stream = await self._make_stream(sock)
         except TransportError as exc:
-            writer.close()
+            sock.close()  # a no-op if the factory already closed it
             logger.warning("%s: dropped a connection: %s", self._label, exc)
             return
         except BaseException:
-            writer.close()
+            sock.close()
             raise
         if self._handler is None:
             if self._pending.qsize() >= ACCEPT_BACKLOG:

@@ -1,11 +1,13 @@
 """A :class:`~ferry.transport.base.Stream` over an asyncio reader/writer pair.
 
-TCP, UNIX sockets, TLS and pipes all end up as an ``asyncio.StreamReader``
-plus ``asyncio.StreamWriter``; :class:`AsyncioStream` puts the Stream contract
-on top of them. It is the one place where asyncio's and the OS's exceptions
-(``ConnectionResetError``, ``BrokenPipeError``, ``ssl.SSLError``,
-``IncompleteReadError`` ...) become :class:`BrokenResourceError` naming the
-peer, and where use after ``aclose()`` becomes :class:`ClosedResourceError`.
+Pipes (stdio, subprocesses) end up as an ``asyncio.StreamReader`` plus
+``asyncio.StreamWriter``; :class:`AsyncioStream` puts the Stream contract on
+top of them (TCP and UNIX sockets use the copy-free
+:class:`ferry.transport.sockets.SocketStream` instead). It is where asyncio's
+and the OS's exceptions (``ConnectionResetError``, ``BrokenPipeError``,
+``ssl.SSLError``, ``IncompleteReadError`` ...) become
+:class:`BrokenResourceError` naming the peer, and where use after
+``aclose()`` becomes :class:`ClosedResourceError`.
 """
 
 from __future__ import annotations
@@ -78,13 +80,17 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def set_nodelay(writer: asyncio.StreamWriter) -> None:
+def set_socket_nodelay(sock: socket.socket | None) -> None:
     """Disable Nagle on TCP sockets: the protocol sends small control frames
     (acks, fetch requests) whose latency matters more than packet count."""
-    sock = writer.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def set_nodelay(writer: asyncio.StreamWriter) -> None:
+    """:func:`set_socket_nodelay` for the socket under an asyncio writer."""
+    set_socket_nodelay(writer.get_extra_info("socket"))
 
 
 class AsyncioStream:

@@ -14,17 +14,19 @@ as a BrokenResourceError on its first receive (or send), not in connect.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 
 from ferry.errors import BrokenResourceError, TransportError
 from ferry.transport.base import Stream
 from ferry.transport.listener import Handler, Listener
-from ferry.transport.streams import (
-    READER_LIMIT_BYTES,
-    AsyncioStream,
-    ConnectTimeoutError,
-    describe,
+from ferry.transport.sockets import (
+    LISTEN_BACKLOG,
+    SocketServer,
+    SocketStream,
+    connect_socket,
 )
+from ferry.transport.streams import ConnectTimeoutError, describe
 from ferry.transport.tls import TLSStream
 
 DEFAULT_HOST = "127.0.0.1"
@@ -40,11 +42,29 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _peer_of(writer: asyncio.StreamWriter) -> str:
-    name = writer.get_extra_info("peername")
+def _peer_of(sock: socket.socket) -> str:
+    try:
+        name = sock.getpeername()
+    except OSError:
+        return "tcp:unknown"
     if isinstance(name, tuple) and len(name) >= 2:
         return format_address(str(name[0]), int(name[1]))
     return "tcp:unknown"
+
+
+async def _connect_any(host: str, port: int) -> socket.socket:
+    """Connect to the first address of ``host`` that accepts, like asyncio does."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    errors: list[OSError] = []
+    for family, _, proto, _, address in infos:
+        try:
+            return await connect_socket(family, address, proto)
+        except OSError as exc:
+            errors.append(exc)
+    if len(errors) == 1:
+        raise errors[0]
+    raise OSError(f"all of {len(errors)} addresses failed: {'; '.join(map(describe, errors))}")
 
 
 async def connect_tcp(
@@ -60,18 +80,19 @@ async def connect_tcp(
     ``server_hostname`` is the name the server certificate must carry; it
     defaults to ``host``. Failure raises BrokenResourceError, a timeout
     ConnectTimeoutError (both a BrokenResourceError and a DeadlineError).
+    Without TLS the stream is a :class:`SocketStream` (it has ``receive_into``).
     """
     peer = format_address(host, port)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     try:
         async with asyncio.timeout_at(deadline):
-            reader, writer = await asyncio.open_connection(host, port, limit=READER_LIMIT_BYTES)
+            sock = await _connect_any(host, port)
     except TimeoutError as exc:
         raise ConnectTimeoutError(f"connect timed out after {timeout_s} s", peer=peer) from exc
     except OSError as exc:
         raise BrokenResourceError(f"connect failed: {describe(exc)}", peer=peer) from exc
-    stream = AsyncioStream(reader, writer, peer)
+    stream = SocketStream(sock, peer)
     if ssl_context is None:
         return stream
     return await TLSStream.wrap(
@@ -101,31 +122,58 @@ async def serve_tcp(
     return await _listen(handler, host, port, ssl_context)
 
 
+async def _bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for every address ``host`` resolves to (as asyncio's
+    create_server: SO_REUSEADDR, IPv6 sockets IPv6-only)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    try:
+        for family, _, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, socket.SOCK_STREAM, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 async def _listen(
     handler: Handler | None, host: str, port: int, ssl_context: ssl.SSLContext | None
 ) -> Listener[TcpAddress]:
-    async def make_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Stream:
-        stream = AsyncioStream(reader, writer, _peer_of(writer))
+    async def make_stream(sock: socket.socket) -> Stream:
+        stream = SocketStream(sock, _peer_of(sock))
         if ssl_context is None:
             return stream
-        return await TLSStream.wrap(
-            stream, ssl_context, server_side=True, timeout_s=HANDSHAKE_TIMEOUT_S
-        )
+        try:
+            return await TLSStream.wrap(
+                stream, ssl_context, server_side=True, timeout_s=HANDSHAKE_TIMEOUT_S
+            )
+        except BaseException:
+            await stream.aclose()
+            raise
 
     listener: Listener[TcpAddress] | None = None
 
-    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def on_connection(sock: socket.socket) -> None:
         assert listener is not None
-        await listener.on_connection(reader, writer)
+        await listener.on_connection(sock)
 
     where = format_address(host, port)
     try:
-        server = await asyncio.start_server(
-            on_connection, host, port, limit=READER_LIMIT_BYTES, reuse_address=True
-        )
+        sockets = await _bind(host, port)
     except OSError as exc:
         raise TransportError(f"cannot listen on {where}: {describe(exc)}") from exc
-    bound = server.sockets[0].getsockname()
+    bound = sockets[0].getsockname()
     address = (str(bound[0]), int(bound[1]))
+    server = SocketServer(sockets, on_connection)
     listener = Listener(server, address, make_stream, handler, label=format_address(*address))
     return listener

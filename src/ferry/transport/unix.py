@@ -19,33 +19,40 @@ import stat
 from ferry.errors import BrokenResourceError, TransportError
 from ferry.transport.base import Stream
 from ferry.transport.listener import Handler, Listener
-from ferry.transport.streams import (
-    READER_LIMIT_BYTES,
-    AsyncioStream,
-    ConnectTimeoutError,
-    describe,
-)
+from ferry.transport.sockets import LISTEN_BACKLOG, SocketServer, SocketStream, connect_socket
+from ferry.transport.streams import ConnectTimeoutError, describe
 
 SOCKET_MODE = 0o600
+
+SEND_BUFFER_BYTES = 4 * 1024 * 1024
+"""Kernel send buffer asked for on every UNIX connection (the kernel caps it
+at ``net.core.wmem_max``). A UNIX stream socket holds in flight only what the
+sender's buffer allows, 208 KiB by default, so a 1 MiB migration frame took
+several sleep/wake rounds on both sides; 4 MiB sped a 512 MiB migration up by
+about 10-40 % here. Unlike TCP there is no autotuning this would disable."""
+
+
+def _stream(sock: socket.socket, peer: str) -> SocketStream:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+    return SocketStream(sock, peer)
 
 
 def _peer_name(path: str | os.PathLike[str]) -> str:
     return f"unix:{os.fspath(path)}"
 
 
-async def connect_unix(path: str | os.PathLike[str], *, timeout_s: float = 10.0) -> AsyncioStream:
+async def connect_unix(path: str | os.PathLike[str], *, timeout_s: float = 10.0) -> SocketStream:
     """Connect to the UNIX socket at ``path``."""
     peer = _peer_name(path)
     try:
         async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_unix_connection(
-                os.fspath(path), limit=READER_LIMIT_BYTES
-            )
+            sock = await connect_socket(socket.AF_UNIX, os.fspath(path))
     except TimeoutError as exc:
         raise ConnectTimeoutError(f"connect timed out after {timeout_s} s", peer=peer) from exc
     except OSError as exc:
         raise BrokenResourceError(f"connect failed: {describe(exc)}", peer=peer) from exc
-    return AsyncioStream(reader, writer, peer)
+    return _stream(sock, peer)
 
 
 async def listen_unix(path: str | os.PathLike[str]) -> Listener[str]:
@@ -97,14 +104,14 @@ def _bind(path: str) -> socket.socket:
 
 
 async def _listen(handler: Handler | None, path: str) -> Listener[str]:
-    async def make_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Stream:
-        return AsyncioStream(reader, writer, _peer_name(path))
+    async def make_stream(sock: socket.socket) -> Stream:
+        return _stream(sock, _peer_name(path))
 
     listener: Listener[str] | None = None
 
-    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def on_connection(sock: socket.socket) -> None:
         assert listener is not None
-        await listener.on_connection(reader, writer)
+        await listener.on_connection(sock)
 
     sock = _bind(path)
     identity = os.stat(path).st_ino
@@ -116,9 +123,8 @@ async def _listen(handler: Handler | None, path: str) -> Listener[str]:
                 os.unlink(path)
 
     try:
-        server = await asyncio.start_unix_server(
-            on_connection, sock=sock, limit=READER_LIMIT_BYTES
-        )
+        sock.listen(LISTEN_BACKLOG)
+        server = SocketServer([sock], on_connection)
     except BaseException:
         sock.close()
         remove_socket_file()

@@ -13,8 +13,9 @@ import pytest
 
 from ferry.errors import BrokenResourceError, ClosedResourceError, ConfigError, TransportError
 from ferry.transport.base import Stream
+from ferry.transport.sockets import SocketStream
 from ferry.transport.tcp import connect_tcp, listen_tcp, serve_tcp
-from ferry.transport.unix import connect_unix, listen_unix, serve_unix
+from ferry.transport.unix import SEND_BUFFER_BYTES, connect_unix, listen_unix, serve_unix
 
 
 async def test_tcp_listener_binds_loopback_by_default() -> None:
@@ -39,8 +40,26 @@ async def test_tcp_connections_disable_nagle() -> None:
         client = await connect_tcp(*listener.address)
         server = await listener.accept()
         for stream in (client, server):
-            sock = stream._writer.get_extra_info("socket")  # type: ignore[attr-defined]
+            assert isinstance(stream, SocketStream)
+            sock = stream.socket
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        await client.aclose()
+        await server.aclose()
+
+
+@pytest.fixture
+def wmem_max() -> int:
+    return int(Path("/proc/sys/net/core/wmem_max").read_text())
+
+
+async def test_unix_connections_ask_for_a_large_send_buffer(tmp_path: Path, wmem_max: int) -> None:
+    expected = 2 * min(SEND_BUFFER_BYTES, wmem_max)  # Linux doubles the value asked for
+    async with await listen_unix(tmp_path / "buf.sock") as listener:
+        client = await connect_unix(tmp_path / "buf.sock")
+        server = await listener.accept()
+        for stream in (client, server):
+            assert isinstance(stream, SocketStream)
+            assert stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == expected
         await client.aclose()
         await server.aclose()
 
