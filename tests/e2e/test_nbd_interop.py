@@ -1,5 +1,6 @@
 """ferry's NBD server against the real clients QEMU users run: qemu-img,
-qemu-io, nbdinfo and nbdcopy, over a UNIX socket.
+qemu-io, nbdinfo and nbdcopy, over a UNIX socket, and over TCP with TLS
+(NBD_OPT_STARTTLS, mutual certificates from ferry's own CA helpers).
 
 The server serves in the test's own event loop; the clients run as
 subprocesses started with ``asyncio.create_subprocess_exec``.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -20,6 +22,8 @@ import pytest
 
 from ferry.expose.nbd.server import Export, NBDServer
 from ferry.storage.providers.file import FileDevice
+from ferry.transport.certs import HostCertFiles, create_ca, create_host_cert
+from ferry.transport.tls import server_context_for
 
 pytestmark = [
     pytest.mark.e2e,
@@ -206,3 +210,184 @@ async def test_two_qemu_io_at_once(served: Served) -> None:
     on_disk = served.disk_path.read_bytes()
     assert on_disk[: 2 << 20] == b"\x5a" * (2 << 20)
     assert on_disk[4 << 20 : 6 << 20] == b"\xa5" * (2 << 20)
+
+
+# --- TLS over TCP: QEMU's and libnbd's gnutls clients --------------------------
+
+
+@dataclass
+class TLSServed:
+    port: int
+    dir: Path
+    disk_path: Path
+    creds: Path
+    """QEMU/libnbd client credentials: ca-cert.pem, client-cert.pem, client-key.pem."""
+    rogue_creds: Path
+    """The same files, but the client certificate is from another CA."""
+
+    def image_opts(self, export: str, *, tls: bool = True) -> str:
+        opts = (
+            f"driver=nbd,server.type=inet,server.host=127.0.0.1,"
+            f"server.port={self.port},export={export}"
+        )
+        return opts + (",tls-creds=tls0" if tls else "")
+
+    def nbds_uri(self, export: str) -> str:
+        return f"nbds://127.0.0.1:{self.port}/{export}?tls-certificates={self.creds}"
+
+
+def qemu_client_creds(files: HostCertFiles, ca_paths: list[Path], directory: Path) -> Path:
+    """Copy ferry's host certificate files under the names QEMU and libnbd look for.
+
+    ``ca-cert.pem`` holds every CA of ``ca_paths``: QEMU checks its own
+    certificate against it before connecting, as well as the server's.
+    """
+    directory.mkdir()
+    (directory / "ca-cert.pem").write_bytes(b"".join(p.read_bytes() for p in ca_paths))
+    shutil.copyfile(files.cert_path, directory / "client-cert.pem")
+    shutil.copyfile(files.key_path, directory / "client-key.pem")
+    return directory
+
+
+def tls_object(creds: Path) -> list[str]:
+    return ["--object", f"tls-creds-x509,id=tls0,dir={creds},endpoint=client"]
+
+
+async def run_failing(*argv: str) -> str:
+    """Run a client expected to fail; return its output."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode != 0, f"{argv[0]} unexpectedly succeeded: {out.decode()}"
+    return out.decode()
+
+
+@pytest.fixture
+async def tls_served() -> AsyncIterator[TLSServed]:
+    base = Path(tempfile.mkdtemp(prefix="ferry-nbd-tls-e2e-", dir="/tmp"))
+    try:
+        create_ca(base / "ca")
+        create_ca(base / "rogue-ca", name="rogue-ca")
+        # QEMU checks the server certificate against the host it dialled, here
+        # an IP address, so the certificate must name 127.0.0.1.
+        server_files = create_host_cert(
+            base / "ca", base / "server", "nbd-server", ips=["127.0.0.1"]
+        )
+        client_files = create_host_cert(base / "ca", base / "client", "qemu-client")
+        rogue_files = create_host_cert(base / "rogue-ca", base / "rogue", "qemu-client")
+        creds = qemu_client_creds(client_files, [base / "ca" / "ca.pem"], base / "creds")
+        # The rogue client trusts our CA as well as its own, so QEMU accepts
+        # its own certificate and our server's: it is our server that refuses.
+        rogue_creds = qemu_client_creds(
+            rogue_files,
+            [base / "ca" / "ca.pem", base / "rogue-ca" / "ca.pem"],
+            base / "rogue-creds",
+        )
+        disk_path = base / "disk.img"
+        disk = FileDevice(disk_path, size_bytes=SIZE, create=True)
+        server = NBDServer({"disk": Export(disk)})
+        try:
+            async with server.serve_tcp(ssl_context=server_context_for(server_files)) as (_, port):
+                yield TLSServed(port, base, disk_path, creds, rogue_creds)
+        finally:
+            await disk.close()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_qemu_over_tls(tls_served: TLSServed) -> None:
+    opts = tls_served.image_opts("disk")
+    creds = tls_object(tls_served.creds)
+    info = json.loads(await run("qemu-img", "info", "--output=json", *creds, "--image-opts", opts))
+    assert info["virtual-size"] == SIZE
+    await run(
+        "qemu-io",
+        *creds,
+        "--image-opts",
+        opts,
+        "-c",
+        "write -P 0x3c 0 1M",
+        "-c",
+        "read -P 0x3c 0 1M",
+        "-c",
+        "flush",
+    )
+    assert tls_served.disk_path.read_bytes()[: 1 << 20] == b"\x3c" * (1 << 20)
+    # Bulk both ways: large reads here cannot use sendfile, they go through TLS.
+    src = tls_served.dir / "src.img"
+    data = random_image(src, SIZE)
+    await run(
+        "qemu-img", "convert", "-n", *creds, "-f", "raw", "--target-image-opts", str(src), opts
+    )
+    assert tls_served.disk_path.read_bytes() == data
+    out = tls_served.dir / "out.img"
+    await run("qemu-img", "convert", *creds, "--image-opts", opts, "-O", "raw", str(out))
+    assert out.read_bytes() == data
+
+
+async def test_libnbd_over_tls(tls_served: TLSServed) -> None:
+    src = tls_served.dir / "src.img"
+    data = random_image(src, SIZE)
+    await run("nbdcopy", "--connections=2", "--flush", str(src), tls_served.nbds_uri("disk"))
+    assert tls_served.disk_path.read_bytes() == data
+    details = json.loads(await run("nbdinfo", "--json", tls_served.nbds_uri("disk")))
+    assert details["TLS"] is True
+    assert details["exports"][0]["export-size"] == SIZE
+
+
+async def test_plaintext_qemu_is_refused_and_server_keeps_serving(tls_served: TLSServed) -> None:
+    out = await run_failing(
+        "qemu-img", "info", "--image-opts", tls_served.image_opts("disk", tls=False)
+    )
+    assert "TLS" in out
+    # The URI form ends option haggling with NBD_OPT_EXPORT_NAME on old
+    # clients; any plaintext attempt must fail the same way.
+    await run_failing(
+        "qemu-io", "-f", "raw", "-c", "read 0 4k", f"nbd://127.0.0.1:{tls_served.port}/disk"
+    )
+    info = json.loads(
+        await run(
+            "qemu-img",
+            "info",
+            "--output=json",
+            *tls_object(tls_served.creds),
+            "--image-opts",
+            tls_served.image_opts("disk"),
+        )
+    )
+    assert info["virtual-size"] == SIZE
+
+
+async def test_client_certificate_from_another_ca_is_refused(
+    tls_served: TLSServed, caplog: pytest.LogCaptureFixture
+) -> None:
+    tls_served.disk_path.write_bytes(bytes(SIZE))
+    with caplog.at_level(logging.INFO, logger="ferry.expose.nbd.server"):
+        out = await run_failing(
+            "qemu-io",
+            *tls_object(tls_served.rogue_creds),
+            "--image-opts",
+            tls_served.image_opts("disk"),
+            "-c",
+            "write -P 0x77 0 4k",
+        )
+    assert "wrote" not in out
+    # Refused by our server during the handshake, not by QEMU beforehand.
+    assert "TLS handshake failed: certificate verify failed" in caplog.text
+    assert tls_served.disk_path.read_bytes()[:4096] == bytes(4096)
+    # Still serving the right clients.
+    await run(
+        "qemu-io",
+        *tls_object(tls_served.creds),
+        "--image-opts",
+        tls_served.image_opts("disk"),
+        "-c",
+        "write -P 0x77 0 4k",
+    )
+    assert tls_served.disk_path.read_bytes()[:4096] == b"\x77" * 4096

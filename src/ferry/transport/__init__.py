@@ -9,6 +9,7 @@ from ferry.transport.certs import CAFiles, HostCertFiles, create_ca, create_host
 from ferry.transport.listener import Handler, Listener
 from ferry.transport.memory import MemoryStream, memory_stream_pair
 from ferry.transport.pipe import fd_stream, stdio_stream, subprocess_stream
+from ferry.transport.sockets import ReceiveIntoStream, SocketStream
 from ferry.transport.streams import (
     AsyncioStream,
     ConnectTimeoutError,
@@ -33,6 +34,8 @@ __all__ = [
     "HostCertFiles",
     "Listener",
     "MemoryStream",
+    "ReceiveIntoStream",
+    "SocketStream",
     "Stream",
     "TLSStream",
     "client_context",

@@ -5,7 +5,9 @@
     FerryError
     └── NBDError                       the NBD server or a client connection failed
         ├── NBDRemoteProtocolError     the client sent malformed or unexpected bytes
-        │   └── NBDOptionTooLargeError an option announced more data than we accept
+        │   ├── NBDOptionTooLargeError an option announced more data than we accept
+        │   └── NBDTLSRequiredError    NBD_OPT_EXPORT_NAME before TLS on a TLS-only server
+        ├── NBDTLSError                the TLS handshake was refused or the TLS stream broke
         ├── NBDLocalProtocolError      we tried to send something invalid (our bug)
         ├── NBDUnknownExportError      NBD_OPT_EXPORT_NAME named no export (.export)
         ├── NBDReplyAbortedError       a read reply broke off after its header was sent
@@ -30,6 +32,25 @@ class NBDRemoteProtocolError(NBDError):
 
 class NBDOptionTooLargeError(NBDRemoteProtocolError):
     """An option announced a payload larger than the server accepts."""
+
+
+class NBDTLSRequiredError(NBDRemoteProtocolError):
+    """The client chose an export with NBD_OPT_EXPORT_NAME before starting TLS.
+
+    The server requires TLS, and that option cannot carry the
+    NBD_REP_ERR_TLS_REQD other options get, so the spec makes the server
+    drop the connection.
+    """
+
+
+class NBDTLSError(NBDError):
+    """TLS on one client connection failed.
+
+    The handshake was refused (a certificate not signed by our CA, no
+    certificate, no common protocol version) or timed out, or a TLS record
+    arrived corrupt. After the NBD_REP_ACK to NBD_OPT_STARTTLS there is no
+    way back to plaintext, so the connection ends.
+    """
 
 
 class NBDLocalProtocolError(NBDError):

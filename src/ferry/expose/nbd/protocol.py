@@ -28,6 +28,20 @@ Phases:
 NBD_OPT_ABORT; any protocol violation raises :class:`NBDRemoteProtocolError`
 and the wrapper hard-disconnects.
 
+TLS. A core made with ``TLSMode.REQUIRED`` is the spec's FORCEDTLS server:
+until TLS is up it answers every option but NBD_OPT_STARTTLS and
+NBD_OPT_ABORT with NBD_REP_ERR_TLS_REQD, and NBD_OPT_EXPORT_NAME (which
+cannot carry an error) raises :class:`NBDTLSRequiredError`. NBD_OPT_STARTTLS
+queues NBD_REP_ACK and yields :class:`TLSRequested`; the phase becomes
+``STARTING_TLS``, where the core parses nothing. The wrapper sends the ACK,
+runs the TLS handshake on the socket, feeding it first the bytes
+:meth:`ServerConnection.take_unparsed` returns (a client may send its TLS
+hello right behind the option), then calls
+:meth:`ServerConnection.tls_established` and from then on feeds the core
+decrypted bytes: ``OPTIONS -> STARTING_TLS -> OPTIONS``. The core never sees
+ciphertext. With ``TLSMode.NONE`` (the default, and always on UNIX sockets)
+NBD_OPT_STARTTLS gets NBD_REP_ERR_UNSUP.
+
 Wire format (all integers big-endian)::
 
     greeting   S: "NBDMAGIC" "IHAVEOPT" u16 handshake-flags
@@ -53,6 +67,7 @@ from ferry.expose.nbd.errors import (
     NBDLocalProtocolError,
     NBDOptionTooLargeError,
     NBDRemoteProtocolError,
+    NBDTLSRequiredError,
     NBDUnknownExportError,
 )
 from ferry.storage.device import Buffer
@@ -222,8 +237,19 @@ class Errno(enum.IntEnum):
 class Phase(enum.Enum):
     CLIENT_FLAGS = "client-flags"
     OPTIONS = "options"
+    STARTING_TLS = "starting-tls"
+    """NBD_OPT_STARTTLS was acknowledged; waiting for ``tls_established()``."""
     TRANSMISSION = "transmission"
     CLOSED = "closed"
+
+
+class TLSMode(enum.Enum):
+    """Whether a connection must upgrade to TLS (the spec's server modes)."""
+
+    NONE = "none"
+    """NOTLS: NBD_OPT_STARTTLS is refused with NBD_REP_ERR_UNSUP."""
+    REQUIRED = "required"
+    """FORCEDTLS: nothing but NBD_OPT_STARTTLS and NBD_OPT_ABORT before TLS."""
 
 
 class Signal(enum.Enum):
@@ -277,6 +303,16 @@ class ExportSelected:
 @dataclass(frozen=True, slots=True)
 class HandshakeAborted:
     """The client sent NBD_OPT_ABORT; the ACK is queued, then close the connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class TLSRequested:
+    """The client sent NBD_OPT_STARTTLS and its NBD_REP_ACK is queued.
+
+    Send the ACK, run the TLS handshake (server side) starting with the
+    bytes of :meth:`ServerConnection.take_unparsed`, then call
+    :meth:`ServerConnection.tls_established`.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,7 +391,9 @@ Request = (
     | CacheRequest
     | RejectedRequest
 )
-Event = OptionReceived | ExportSelected | HandshakeAborted | Request | DisconnectRequest
+Event = (
+    OptionReceived | ExportSelected | HandshakeAborted | TLSRequested | Request | DisconnectRequest
+)
 
 
 def transmission_flags(info: ExportInfo, structured_replies: bool) -> TransmissionFlag:
@@ -386,8 +424,11 @@ def transmission_flags(info: ExportInfo, structured_replies: bool) -> Transmissi
 class ServerConnection:
     """The state of one client connection, fed bytes, yielding events."""
 
-    def __init__(self, exports: Mapping[str, ExportInfo]) -> None:
+    def __init__(self, exports: Mapping[str, ExportInfo], *, tls: TLSMode = TLSMode.NONE) -> None:
         self._exports = dict(exports)
+        self.tls_mode = tls
+        self.tls_active = False
+        """True once :meth:`tls_established` was called: the bytes fed are decrypted."""
         self.phase = Phase.CLIENT_FLAGS
         self.client_flags = ClientFlag(0)
         self.structured_replies = False
@@ -483,6 +524,36 @@ class ServerConnection:
         self._out.clear()
         return out
 
+    # --- TLS upgrade ----------------------------------------------------------
+
+    def take_unparsed(self) -> bytes:
+        """Bytes received after NBD_OPT_STARTTLS: the start of the TLS handshake.
+
+        Only valid in ``STARTING_TLS``; the buffer is left empty, ready for
+        the decrypted bytes that follow the handshake.
+        """
+        self._require_starting_tls("take_unparsed")
+        data = bytes(self._scratch[self._rd : self._wr])
+        self._rd = self._wr = 0
+        return data
+
+    def tls_established(self) -> None:
+        """The TLS handshake succeeded: option haggling resumes inside TLS.
+
+        What was negotiated in plaintext is forgotten, as the spec asks
+        (nothing can be, in ``REQUIRED`` mode).
+        """
+        self._require_starting_tls("tls_established")
+        if self._rd != self._wr:
+            raise NBDLocalProtocolError("plaintext bytes left over: call take_unparsed() first")
+        self.tls_active = True
+        self.structured_replies = False
+        self.phase = Phase.OPTIONS
+
+    def _require_starting_tls(self, what: str) -> None:
+        if self.phase is not Phase.STARTING_TLS:
+            raise NBDLocalProtocolError(f"{what}() outside phase starting-tls ({self.phase.value})")
+
     # --- parsing ------------------------------------------------------------
 
     def _available(self) -> int:
@@ -519,6 +590,10 @@ class ServerConnection:
                 continue
             if self.phase is Phase.OPTIONS:
                 return self._next_option()
+            if self.phase is Phase.STARTING_TLS:
+                raise NBDLocalProtocolError(
+                    "next_event() while TLS is starting: call tls_established() first"
+                )
             return self._next_request()
 
     def _idle_signal(self) -> Signal:
@@ -568,6 +643,13 @@ class ServerConnection:
 
     def _handle_option(self, option: int, data: bytes) -> Event:
         received = OptionReceived(option, len(data))
+        if self.tls_mode is TLSMode.REQUIRED and not self.tls_active:
+            refused = self._before_tls(option, data)
+            if refused is not None:
+                return refused
+        elif option == Option.STARTTLS and self.tls_active:
+            self._reply_option_error(option, OptionReply.ERR_INVALID, "TLS is already active")
+            return received
         if option == Option.EXPORT_NAME:
             return self._export_name(data)
         if option == Option.ABORT:
@@ -600,6 +682,29 @@ class ServerConnection:
             return self._info_or_go(option, data) or received
         self._reply_option_error(option, OptionReply.ERR_UNSUP, f"option {option} not supported")
         return received
+
+    def _before_tls(self, option: int, data: bytes) -> Event | None:
+        """Answer ``option`` on a TLS-only connection before TLS; ``None``: handle as usual.
+
+        Only NBD_OPT_ABORT is handled as usual.
+        """
+        if option == Option.ABORT:
+            return None
+        if option == Option.EXPORT_NAME:
+            raise NBDTLSRequiredError(
+                "NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS on a server that requires TLS"
+            )
+        if option != Option.STARTTLS:
+            self._reply_option_error(
+                option, OptionReply.ERR_TLS_REQD, "TLS required: send NBD_OPT_STARTTLS first"
+            )
+            return OptionReceived(option, len(data))
+        if data:
+            self._reply_option_error(option, OptionReply.ERR_INVALID, "STARTTLS takes no data")
+            return OptionReceived(option, len(data))
+        self._reply_option(option, OptionReply.ACK)
+        self.phase = Phase.STARTING_TLS
+        return TLSRequested()
 
     def _export_name(self, data: bytes) -> ExportSelected:
         try:

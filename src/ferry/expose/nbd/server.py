@@ -24,6 +24,13 @@ Devices backed by a file (see :mod:`ferry.expose.nbd.filereads`) skip
 replies leave batched in one ``sendmsg``; large ones go out with
 ``sendfile``. Every write to the socket holds the connection's send lock, so
 one reply's bytes never interleave with another's.
+
+TLS. ``serve_tcp(..., ssl_context=ctx)`` makes every connection TLS-only
+(the spec's FORCEDTLS): the client must send NBD_OPT_STARTTLS before any
+other option, and after the ACK the socket is driven through a
+:class:`~ferry.expose.nbd.tlschannel.TLSChannel`. Under TLS large READs
+take ``read_at``/``pread`` instead of ``sendfile``. UNIX sockets stay
+plaintext: they are guarded by file permissions.
 """
 
 from __future__ import annotations
@@ -35,12 +42,13 @@ import itertools
 import logging
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ferry.errors import DeviceError, DeviceRangeError, ReadOnlyError
-from ferry.expose.nbd.errors import NBDError, NBDServeError
+from ferry.expose.nbd.errors import NBDError, NBDServeError, NBDTLSError
 from ferry.expose.nbd.filereads import (
     INLINE_READ_MAX_BYTES,
     FileExtent,
@@ -64,10 +72,13 @@ from ferry.expose.nbd.protocol import (
     Request,
     ServerConnection,
     Signal,
+    TLSMode,
+    TLSRequested,
     TrimRequest,
     WriteRequest,
     WriteZeroesRequest,
 )
+from ferry.expose.nbd.tlschannel import TLSChannel
 from ferry.storage.device import Buffer, Device
 
 logger = logging.getLogger(__name__)
@@ -89,6 +100,10 @@ _BATCH_MAX_BYTES = 1024 * 1024
 _BATCH_MAX_BUFFERS = 512
 """Bounds on the inline read replies gathered for one sendmsg: memory, and
 the kernel's limit of 1024 buffers per call (IOV_MAX)."""
+
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+"""A client that stalls its TLS handshake longer than this is dropped, so
+half-open handshakes cannot pin connections forever."""
 
 _LISTEN_BACKLOG = 128
 _SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
@@ -182,6 +197,7 @@ class _Connection:
         server: NBDServer,
         sock: socket.socket,
         log: logging.LoggerAdapter,  # type: ignore[type-arg]
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._server = server
         self._sock = sock
@@ -189,11 +205,21 @@ class _Connection:
         self._log = log
         self._loop = asyncio.get_running_loop()
         self._send_lock = asyncio.Lock()
-        self._core = ServerConnection(server.catalogue)
+        self._ssl_context = ssl_context
+        self._tls: TLSChannel | None = None
+        mode = TLSMode.NONE if ssl_context is None else TLSMode.REQUIRED
+        self._core = ServerConnection(server.catalogue, tls=mode)
         self._budget = _Budget()
         self._trace = log.isEnabledFor(logging.DEBUG)
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            if self._tls is not None:
+                await self._tls.close()
+
+    async def _run(self) -> None:
         await self._send([self._core.data_to_send()])
         selected = await self._handshake()
         if selected is None:
@@ -229,7 +255,9 @@ class _Connection:
                     # as NBD_CMD_DISC requires.
                     self._log.debug("--> disconnect")
                     break
-                assert not isinstance(event, OptionReceived | ExportSelected | HandshakeAborted)
+                assert not isinstance(
+                    event, OptionReceived | ExportSelected | HandshakeAborted | TLSRequested
+                )
                 if self._trace:
                     self._log.debug("--> %s", _describe(event))
                 if (
@@ -250,7 +278,10 @@ class _Connection:
                 requests.create_task(self._serve_request(event, state, nbytes))
 
     async def _receive(self) -> None:
-        n = await self._loop.sock_recv_into(self._sock, self._core.get_buffer())
+        if self._tls is not None:
+            n = await self._tls.recv_into(self._core.get_buffer())
+        else:
+            n = await self._loop.sock_recv_into(self._sock, self._core.get_buffer())
         if n:
             self._core.buffer_updated(n)
         else:
@@ -275,10 +306,28 @@ class _Connection:
                 return None
             elif isinstance(event, OptionReceived):
                 self._log.debug("--> option %d (%d bytes)", event.option, event.length)
+            elif isinstance(event, TLSRequested):
+                await self._start_tls()
             elif isinstance(event, ExportSelected):
                 return event
             else:  # pragma: no cover - the core emits no requests before transmission
                 raise AssertionError(f"unexpected event {event!r} in the handshake")
+
+    async def _start_tls(self) -> None:
+        """Upgrade to TLS after the ACK to NBD_OPT_STARTTLS went out."""
+        assert self._ssl_context is not None  # the core asks only in REQUIRED mode
+        self._log.debug("--> option STARTTLS")
+        tls = TLSChannel(self._sock, self._ssl_context)
+        try:
+            async with asyncio.timeout(TLS_HANDSHAKE_TIMEOUT_S):
+                await tls.handshake(self._core.take_unparsed())
+        except TimeoutError as exc:
+            raise NBDTLSError(
+                f"TLS handshake not finished after {TLS_HANDSHAKE_TIMEOUT_S} s"
+            ) from exc
+        self._core.tls_established()
+        self._tls = tls
+        self._log.info("TLS established (%s, client %s)", tls.version, tls.peer_subject())
 
     def _read_inline(self, request: ReadRequest, file_extent: FileExtent) -> list[Buffer] | None:
         """Answer a small READ with ``pread`` now; ``None`` leaves it to ``read_at``.
@@ -307,6 +356,7 @@ class _Connection:
                 type(request) is ReadRequest
                 and request.length > INLINE_READ_MAX_BYTES
                 and state.file_extent is not None
+                and self._tls is None  # sendfile would bypass TLS
                 and await self._send_read_from_file(request, state.file_extent)
             ):
                 return
@@ -403,6 +453,9 @@ class _Connection:
 
     async def _send_unlocked(self, views: list[memoryview]) -> None:
         """Send ``views`` back to back; the caller holds the send lock."""
+        if self._tls is not None:
+            await self._tls.send(views)
+            return
         try:
             sent = self._sock.sendmsg(views)
         except BlockingIOError:
@@ -473,9 +526,21 @@ class NBDServer:
 
     @contextlib.asynccontextmanager
     async def serve_tcp(
-        self, host: str = "127.0.0.1", port: int = 0
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> AsyncIterator[tuple[str, int]]:
-        """Listen on TCP ``host:port`` (0 picks a free port); yields the bound address."""
+        """Listen on TCP ``host:port`` (0 picks a free port); yields the bound address.
+
+        With ``ssl_context`` (a server context, such as
+        :func:`ferry.transport.tls.server_context`, which also demands a
+        client certificate from its CA) every client must upgrade with
+        NBD_OPT_STARTTLS before anything else; without it, plaintext.
+        """
+        if ssl_context is not None and ssl_context.protocol == ssl.PROTOCOL_TLS_CLIENT:
+            raise ValueError("ssl_context is a client context; NBD needs a server one")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -485,22 +550,31 @@ class NBDServer:
             sock.close()
             raise NBDServeError(f"cannot bind: {exc.strerror}", address=f"{host}:{port}") from exc
         bound = sock.getsockname()
-        async with self._serving(sock, f"{bound[0]}:{bound[1]}"):
+        async with self._serving(sock, f"{bound[0]}:{bound[1]}", ssl_context):
             yield bound[0], bound[1]
 
     @contextlib.asynccontextmanager
-    async def _serving(self, sock: socket.socket, address: str) -> AsyncIterator[None]:
+    async def _serving(
+        self, sock: socket.socket, address: str, ssl_context: ssl.SSLContext | None = None
+    ) -> AsyncIterator[None]:
         # The accept loop runs in its own task rather than a TaskGroup around
         # the ``yield``: a TaskGroup there would wrap every exception of the
         # caller's block in an ExceptionGroup. The task is always awaited here.
         try:
             sock.listen(_LISTEN_BACKLOG)
             sock.setblocking(False)
-            task = asyncio.create_task(self._accept_loop(sock), name=f"nbd-accept {address}")
+            task = asyncio.create_task(
+                self._accept_loop(sock, ssl_context), name=f"nbd-accept {address}"
+            )
         except BaseException:
             sock.close()
             raise
-        logger.info("NBD server listening on %s (exports: %s)", address, ", ".join(self._states))
+        logger.info(
+            "NBD server listening on %s%s (exports: %s)",
+            address,
+            " with TLS required" if ssl_context is not None else "",
+            ", ".join(self._states),
+        )
         try:
             yield
         finally:
@@ -515,7 +589,7 @@ class NBDServer:
                 sock.close()
                 logger.info("NBD server on %s stopped", address)
 
-    async def _accept_loop(self, sock: socket.socket) -> None:
+    async def _accept_loop(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
         loop = asyncio.get_running_loop()
         async with asyncio.TaskGroup() as connections:
             while True:
@@ -533,15 +607,15 @@ class NBDServer:
                 # five rounds through the event loop (capped at wmem_max).
                 with contextlib.suppress(OSError):
                     client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
-                connections.create_task(self._serve_client(client))
+                connections.create_task(self._serve_client(client, ssl_context))
 
-    async def _serve_client(self, sock: socket.socket) -> None:
+    async def _serve_client(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
         """Serve one client until it leaves; never raises except cancellation."""
         conn_id = next(self._conn_ids)
         log = _ConnectionLog(logger, {"conn": f"conn{conn_id}"})
         log.debug("connected")
         try:
-            await _Connection(self, sock, log).run()
+            await _Connection(self, sock, log, ssl_context).run()
         except* NBDError as group:
             log.info("dropping client: %s", "; ".join(str(e) for e in group.exceptions))
         except* OSError as group:
