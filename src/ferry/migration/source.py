@@ -259,8 +259,11 @@ class Migrator:
         await self._work.wait_drained()
 
         self._set_phase(Phase.DIRTY_CYCLES)
-        below = 0
-        while not self._policy.converged(cycles=self.report.cycles, cycles_below=below):
+        below = stalled = 0
+        best: int | None = None
+        while not self._policy.converged(
+            cycles=self.report.cycles, cycles_below=below, cycles_stalled=stalled
+        ):
             # Pre-copy itself took a while, so the first scan runs at once; later
             # scans wait for the throttle so each sees a meaningful amount of change.
             if self.report.cycles:
@@ -271,6 +274,10 @@ class Migrator:
             self.report.cycles += 1
             self.progress.cycle = self.report.cycles
             below = below + 1 if dirty <= self._policy.max_dirty_blocks else 0
+            if best is None or dirty < best * 0.9:
+                best, stalled = dirty, 0
+            else:
+                stalled += 1
             await self._work.wait_drained()
             if dirty == 0:
                 break  # nothing changed since the last scan: waiting longer gains nothing

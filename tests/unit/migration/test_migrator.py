@@ -272,3 +272,39 @@ async def test_postcopy_read_at_destination_fetches_block_on_demand() -> None:
         await migrator.run()
     assert got["data"] == b"\xee" * BS
     assert await snapshot(dests[0]) == await snapshot(src)
+
+
+async def test_cycles_stop_when_the_dirty_set_stops_shrinking() -> None:
+    """A writer that keeps dirtying the same number of blocks: the migrator gives up
+    cycling after max_cycles_without_progress scans, well before max_cycles."""
+    src = await make_source("hot", 64 * BS, seed=11)
+    stop = asyncio.Event()
+
+    async def hot_writer() -> None:
+        rnd = random.Random(3)
+        while not stop.is_set():
+            await src.local.write_at(rnd.randrange(32) * BS, rnd.randbytes(BS))
+            await asyncio.sleep(0)
+
+    async def suspend() -> None:
+        stop.set()
+
+    a, b = memory_channel_pair()
+    dests: list[DestinationStack] = []
+    policy = DirtyPolicy(
+        max_dirty_blocks=0,
+        min_cycles_below=1,
+        max_cycles=50,
+        cycle_throttle_s=0.01,
+        max_cycles_without_progress=3,
+    )
+    migrator = Migrator(
+        [src.source_device()], a, policy=policy, hooks=MigrationHooks(suspend=suspend)
+    )
+    receiver = Receiver(b, factory(dests))  # type: ignore[arg-type]
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(hot_writer())
+        tg.create_task(receiver.run())
+        report = await migrator.run()
+    assert 4 <= report.cycles < 50
+    assert await snapshot(dests[0]) == await snapshot(src)

@@ -66,6 +66,11 @@ def test_dirty_policy_converges_after_cycles_below_or_max() -> None:
     assert p.converged(cycles=5, cycles_below=0)
     with pytest.raises(ConfigError):
         DirtyPolicy(cycle_throttle_s=-1)
+    stalls = DirtyPolicy(max_cycles=20, max_cycles_without_progress=3)
+    assert not stalls.converged(cycles=4, cycles_below=0, cycles_stalled=2)
+    assert stalls.converged(cycles=4, cycles_below=0, cycles_stalled=3)
+    never = DirtyPolicy(max_cycles=20, max_cycles_without_progress=0)
+    assert not never.converged(cycles=4, cycles_below=0, cycles_stalled=10)
 
 
 @pytest.mark.parametrize("compression", list(Compression))
