@@ -1,0 +1,33 @@
+"""Errors of live VM migration::
+
+    FerryError
+    └── MigrationError
+        └── LiveMigrationError      the VM could not be moved (.vm, .handed_off)
+            └── HandoffPayloadError the HANDOFF payload is malformed
+"""
+
+from __future__ import annotations
+
+from ferry.errors import MigrationError
+
+
+class LiveMigrationError(MigrationError):
+    """Moving a running VM failed.
+
+    ``handed_off`` says where the VM is: False means it still runs on (or was
+    resumed on) the source and nothing was lost; True means the destination
+    holds the authority and the failure happened in post-copy.
+    """
+
+    def __init__(self, message: str, *, vm: str, handed_off: bool,
+                 phase: str | None = None) -> None:
+        super().__init__(f"vm {vm}: {message}", phase=phase)
+        self.vm = vm
+        self.handed_off = handed_off
+
+
+class HandoffPayloadError(LiveMigrationError):
+    """The HANDOFF payload from the source is malformed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, vm="?", handed_off=False, phase="stop-and-copy")

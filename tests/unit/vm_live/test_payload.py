@@ -1,0 +1,51 @@
+"""The HANDOFF payload codec: round trip; malformed input is refused with a typed error."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from ferry.vm.live import payload as wire
+from ferry.vm.live.errors import HandoffPayloadError
+
+SAMPLE = wire.HandoffPayload("vm1", {"pause": 12.5, "paused": 12.501}, {"memory": "ab" * 16},
+                             b"QEVM" + bytes(range(256)) * 10, (0x2d00000, 0x2e00000))
+
+
+def test_round_trip() -> None:
+    assert wire.decode(wire.encode(SAMPLE)) == SAMPLE
+
+
+def test_empty_state_round_trip() -> None:
+    p = wire.HandoffPayload("vm")
+    assert wire.decode(wire.encode(p)) == p
+
+
+def test_every_truncation_of_the_header_is_refused() -> None:
+    data = wire.encode(wire.HandoffPayload("vm", {"pause": 1.0}))
+    for cut in range(len(data)):
+        with pytest.raises(HandoffPayloadError):
+            wire.decode(data[:cut])
+
+
+@pytest.mark.parametrize("data", [
+    b"XXXX" + struct.pack(">I", 2) + b"{}",
+    b"FLV1" + struct.pack(">I", 1 << 30) + b"{}",
+    b"FLV1" + struct.pack(">I", 2) + b"{}",                       # fields missing
+    b"FLV1" + struct.pack(">I", 5) + b"[1,2]",
+    b"FLV1" + struct.pack(">I", 4) + b"\xff\xfe{}",
+    wire.MAGIC + struct.pack(">I", 40) + b'{"vm":1,"timeline":{},"digests":{}}    ',
+    wire.MAGIC + struct.pack(">I", 43) + b'{"vm":"v","timeline":{"a":"x"},"digests":{}}',
+    wire.MAGIC + struct.pack(">I", 53) + b'{"vm":"v","timeline":{},"digests":{},"prefetch":[-1]}',
+    wire.MAGIC + struct.pack(">I", 53) + b'{"vm":"v","timeline":{},"digests":{},"prefetch":"ab"}',
+])
+def test_malformed_payloads_are_refused(data: bytes) -> None:
+    with pytest.raises(HandoffPayloadError):
+        wire.decode(data)
+
+
+def test_oversized_header_is_refused_on_encode() -> None:
+    big = wire.HandoffPayload("vm", {f"k{i}": float(i) for i in range(10_000)})
+    with pytest.raises(HandoffPayloadError):
+        wire.encode(big)
