@@ -9,8 +9,11 @@ events to each device's *waiting cache* remote handle:
   already overwrote are skipped by the cache);
 * YouHave: the blocks are present from the shared base;
 * DirtyList: the blocks become absent again (readers wait), then DirtyAck;
-* Custom(HANDOFF): in PRECOPY_ONLY mode wait until every block is present;
-  run the hand-off hook (the VM layer resumes the VM), then CustomAck;
+* Custom(HANDOFF): in a task of its own, so events keep flowing: in
+  PRECOPY_ONLY mode wait until every block is present; run the hand-off hook
+  (the VM layer loads device state and resumes the VM, fetching blocks it
+  lacks), then CustomAck: the source suspended and waits for it, so until the
+  acknowledgement a failure here leaves the source in charge;
 * BlockHashes + Completed: read every block back, compare with the source's
   final hashes (blocks written locally after the hand-off excepted), then
   CompletedAck, or Error and IntegrityError naming the first bad block.
@@ -145,6 +148,8 @@ class Receiver:
         self._needs: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
         self._phase = Phase.IDLE
         self._handed_off = asyncio.Event()
+        self._handoff_task: asyncio.Task[None] | None = None
+        self._tasks: asyncio.TaskGroup
         self.report = ReceiveReport()
         self._log = log.getChild(channel.peer.replace(".", "_"))
 
@@ -167,8 +172,11 @@ class Receiver:
         start = time.monotonic()
         try:
             async with asyncio.TaskGroup() as tg:
+                self._tasks = tg
                 needs = tg.create_task(self._send_needs())
                 await self._receive_all(start)
+                if self._handoff_task is not None:
+                    await self._handoff_task
                 needs.cancel()
         except BaseException as exc:
             inner = exc
@@ -254,16 +262,13 @@ class Receiver:
                 self._phase = Phase.DIRTY_CYCLES
                 await self._channel.send(DirtyAck(event.device, event.sequence))
             case Custom(kind=EventKind.HANDOFF):
+                if self._handoff_task is not None:
+                    raise RemoteProtocolError("second HANDOFF")
                 self._phase = Phase.STOP_AND_COPY
-                if self._mode is Mode.PRECOPY_ONLY:
-                    for dest in self._devices:
-                        await dest.device.wait_all_present()
-                if self._on_handoff is not None:
-                    await self._on_handoff(event.payload)
-                self._handed_off.set()
-                self.report.handoff_at_s = time.monotonic() - start
-                self._phase = Phase.POSTCOPY
-                await self._channel.send(CustomAck(event.sequence))
+                # The hook (e.g. load device state and start the VM) may need blocks
+                # that only arrive after the HANDOFF, so events keep flowing while
+                # it runs; the acknowledgement goes out once it has finished.
+                self._handoff_task = self._tasks.create_task(self._take_over(event, start))
             case Custom():
                 if self._on_custom is not None:
                     await self._on_custom(event)
@@ -330,6 +335,17 @@ class Receiver:
         )
         await self._channel.send(Error(ErrorCode.INTEGRITY, str(exc)))
         raise exc
+
+    async def _take_over(self, event: Custom, start: float) -> None:
+        if self._mode is Mode.PRECOPY_ONLY:
+            for dest in self._devices:
+                await dest.device.wait_all_present()
+        if self._on_handoff is not None:
+            await self._on_handoff(event.payload)
+        self._handed_off.set()
+        self.report.handoff_at_s = time.monotonic() - start
+        self._phase = Phase.POSTCOPY
+        await self._channel.send(CustomAck(event.sequence))
 
     def _need_callback(self, index: int) -> Callable[[int], None]:
         def need(block: int) -> None:

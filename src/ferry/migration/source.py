@@ -16,7 +16,9 @@ Drafter:
    the policy says the dirty set has converged.
 4. **Suspend and hand-off.** Run the suspend hook (pause the VM, final
    flush), send the final DirtyList and wait for its ack, then send the
-   HANDOFF custom event; once it is acknowledged the destination runs. In
+   HANDOFF custom event and start streaming the final dirty blocks behind it
+   (NeedAt requests for them jump the queue). The destination acknowledges
+   the hand-off once it runs; from then on it holds the authority. In
    PRECOPY_ONLY mode the final dirty blocks are sent *before* the hand-off.
 5. **Post-copy.** Stream what the destination still lacks; NeedAt requests
    jump the queue. Per device: final block hashes, Completed, and the
@@ -126,12 +128,15 @@ class MigrationHooks:
     resume: if the migration fails after suspend but before the hand-off was
         acknowledged: the source must carry on running.
     handoff_payload: bytes carried by the HANDOFF event (e.g. VM metadata).
+    after_handoff: once the destination acknowledged the hand-off (it runs now):
+        stop the source VM, release its forwarded ports. Post-copy continues.
     """
 
     before_dirty_scan: Hook | None = None
     suspend: Hook | None = None
     resume: Hook | None = None
     handoff_payload: Callable[[], Awaitable[bytes]] | None = None
+    after_handoff: Hook | None = None
 
 
 @dataclass(slots=True)
@@ -294,16 +299,25 @@ class Migrator:
         payload = b""
         if self._hooks.handoff_payload is not None:
             payload = await self._hooks.handoff_payload()
-        await self._custom(EventKind.HANDOFF, payload)
-        self._handed_off = True
-        self.report.downtime_s = time.monotonic() - t_suspend
-        self._log.info("authority handed off after %.1f ms", self.report.downtime_s * 1e3)
-
-        self._set_phase(Phase.POSTCOPY)
-        t_post = time.monotonic()
+        # The destination acknowledges the hand-off once it runs (its hook may
+        # read blocks of the final dirty list, e.g. to load device state), so the
+        # final blocks start streaming right behind the HANDOFF event, and NeedAt
+        # requests for them are served while the acknowledgement is pending. Until
+        # it arrives the authority is still here: a failure resumes the source.
+        handoff = self._start_custom(EventKind.HANDOFF, payload)
+        await self._channel.send(handoff[1])
         if self._mode is Mode.HYBRID:
             for index, blocks in enumerate(self._final_dirty):
                 self._work.push(index, blocks)
+        await handoff[0]
+        self._handed_off = True
+        self.report.downtime_s = time.monotonic() - t_suspend
+        self._log.info("authority handed off after %.1f ms", self.report.downtime_s * 1e3)
+        if self._hooks.after_handoff is not None:
+            await self._hooks.after_handoff()
+
+        self._set_phase(Phase.POSTCOPY)
+        t_post = time.monotonic()
         await self._work.wait_drained()
         for index in range(len(self._devices)):
             await self._complete(index)
@@ -346,11 +360,11 @@ class Migrator:
                 YouHave(index, tuple(blocks[start : start + DIRTY_BLOCKS_PER_FRAME]))
             )
 
-    async def _custom(self, kind: int, payload: bytes) -> None:
+    def _start_custom(self, kind: int, payload: bytes) -> tuple[asyncio.Future[None], Custom]:
+        """A custom event to send and the future its acknowledgement resolves."""
         self._custom_seq += 1
         fut = self._expect(("custom", 0, self._custom_seq))
-        await self._channel.send(Custom(self._custom_seq, kind, payload))
-        await fut
+        return fut, Custom(self._custom_seq, kind, payload)
 
     async def _complete(self, index: int) -> None:
         geometry = self._geoms[index]

@@ -308,3 +308,61 @@ async def test_cycles_stop_when_the_dirty_set_stops_shrinking() -> None:
         report = await migrator.run()
     assert 4 <= report.cycles < 50
     assert await snapshot(dests[0]) == await snapshot(src)
+
+
+async def test_handoff_hook_may_read_blocks_of_the_final_dirty_list() -> None:
+    """B loads its device state inside the hand-off hook, from blocks that only
+    arrive after the HANDOFF: the receiver keeps processing events meanwhile and
+    acknowledges once the hook is done; the source counts downtime until then."""
+    size = 64 * BS
+    src = source_stack("state", MemoryDevice(size), BS)
+    await src.local.write_at(0, os.urandom(size))
+    a, b = memory_channel_pair()
+    dests: list[DestinationStack] = []
+    seen: dict[str, bytes] = {}
+    after: list[bool] = []
+
+    async def suspend() -> None:
+        await src.local.write_at(10 * BS, b"\x42" * (3 * BS))  # final dirty list
+
+    async def on_handoff(payload: bytes) -> None:
+        seen["state"] = await dests[0].local.read_at(10 * BS, 3 * BS)
+
+    async def after_handoff() -> None:
+        after.append(receiver.handed_off)
+
+    migrator = Migrator(
+        [src.source_device()],
+        a,
+        policy=DirtyPolicy(max_cycles=0, cycle_throttle_s=0),
+        hooks=MigrationHooks(suspend=suspend, after_handoff=after_handoff),
+    )
+    receiver = Receiver(b, factory(dests), on_handoff=on_handoff)  # type: ignore[arg-type]
+    async with asyncio.timeout(30), asyncio.TaskGroup() as tg:
+        tg.create_task(receiver.run())
+        report = await migrator.run()
+    assert seen["state"] == b"\x42" * (3 * BS)
+    assert after == [True]
+    assert report.downtime_s is not None
+
+
+async def test_failing_handoff_hook_keeps_the_authority_at_the_source() -> None:
+    src = await make_source("m", 16 * BS, seed=12)
+    a, b = memory_channel_pair()
+    dests: list[DestinationStack] = []
+    resumed: list[bool] = []
+
+    async def on_handoff(payload: bytes) -> None:
+        raise RuntimeError("QEMU refused the device state")
+
+    async def resume() -> None:
+        resumed.append(True)
+
+    migrator = Migrator([src.source_device()], a, policy=FAST, hooks=MigrationHooks(resume=resume))
+    receiver = Receiver(b, factory(dests), on_handoff=on_handoff)  # type: ignore[arg-type]
+    results = await asyncio.gather(migrator.run(), receiver.run(), return_exceptions=True)
+    assert isinstance(results[0], PeerError)
+    assert "QEMU refused the device state" in str(results[0])
+    assert not migrator.handed_off
+    assert resumed == [True]
+    assert isinstance(results[1], MigrationError)
