@@ -81,7 +81,6 @@ class IncomingVM:
         self._devices: VMDevices | None = None
         self._spawn: asyncio.Task[float] | None = None
         self._closing = asyncio.Event()
-        self._start_error: FerryError | None = None
         self.running = asyncio.Event()
         """Set once the guest runs here (downtime over)."""
         self.agent: AgentClient | None = None
@@ -132,8 +131,6 @@ class IncomingVM:
             rreport = await receiver.run()
             if self._spawn is not None and deferred:
                 await self.running.wait()
-            if self._start_error is not None:
-                raise self._start_error
         except (MigrationError, FerryError) as exc:
             self.report.outcome = "failed"
             self.report.error = str(exc)
@@ -172,18 +169,12 @@ class IncomingVM:
         await self._continue()
 
     async def _on_handoff_deferred(self, data: bytes) -> None:
+        # The Receiver keeps processing events while this hook runs and acknowledges
+        # the hand-off only when it returns, so loading state from blocks that arrive
+        # after the HANDOFF works here, and a failure leaves the VM running on A.
         self.report.timeline[Mark.HANDOFF_RECEIVED.value] = time.monotonic()
         p = self._take_payload(data)
-        assert self._tg is not None
-        self._tg.create_task(self._start_deferred(p), name=f"start {self.name}")
-
-    async def _start_deferred(self, p: wire.HandoffPayload) -> None:
-        try:
-            await self._start_deferred_steps(p)
-        except FerryError as exc:
-            # After the hand-off: nothing to fall back to; receive() reports it.
-            self._start_error = exc
-            self.running.set()
+        await self._start_deferred_steps(p)
 
     async def _start_deferred_steps(self, p: wire.HandoffPayload) -> None:
         t = self.report.timeline
