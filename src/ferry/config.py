@@ -5,7 +5,7 @@ Every key is optional; the defaults are the library's. See docs/cli.md::
     [migration]
     block_size_bytes = 65536      # per device unless a [[device]] says otherwise
     concurrency = 4               # block transfers in flight
-    mode = "hybrid"               # or "precopy-only"
+    mode = "hybrid"               # or "precopy-only", or "postcopy" (hand over first)
     compression = "none"          # "zstd" or "lz4" for slow links
     verify_source = false         # rehash the source at completion too
 

@@ -48,7 +48,7 @@ scenarios = st.builds(
     seed=st.integers(0, 2**32 - 1),
     source_writes=st.integers(0, 200),
     dest_ops=st.integers(0, 60),
-    mode=st.sampled_from([Mode.HYBRID, Mode.PRECOPY_ONLY]),
+    mode=st.sampled_from([Mode.HYBRID, Mode.PRECOPY_ONLY, Mode.POSTCOPY]),
     max_cycles=st.integers(0, 4),
     concurrency=st.integers(1, 4),
 )

@@ -27,10 +27,15 @@ class Mode(enum.Enum):
     PRECOPY_ONLY: send every remaining block before the hand-off, so the
     destination never depends on the source after it starts (longer downtime,
     no post-copy risk).
+    POSTCOPY: no pre-copy at all: suspend and hand over at once, then stream
+    every block while the destination fetches what it touches first. For
+    sources that do not run (a package served by a registry): the destination
+    starts as soon as the device state arrives.
     """
 
     HYBRID = "hybrid"
     PRECOPY_ONLY = "precopy-only"
+    POSTCOPY = "postcopy"
 
 
 @dataclass(frozen=True, slots=True)

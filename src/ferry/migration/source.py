@@ -252,6 +252,7 @@ class Migrator:
 
         self._set_phase(Phase.PRECOPY)
         t0 = time.monotonic()
+        everything: list[list[int]] = []
         for index, (dev, have) in enumerate(zip(self._devices, ack.have_base, strict=True)):
             blocks = list(range(self._geoms[index].block_count))
             if have and dev.base_blocks is not None:
@@ -260,13 +261,16 @@ class Migrator:
                 blocks = [b for b in blocks if b not in shared]
             if dev.volatility is not None:
                 blocks = dev.volatility.least_volatile_first(blocks)
-            self._work.push(index, blocks)
-        await self._work.wait_drained()
-
-        self._set_phase(Phase.DIRTY_CYCLES)
+            everything.append(blocks)
+        postcopy = self._mode is Mode.POSTCOPY
+        if not postcopy:
+            for index, blocks in enumerate(everything):
+                self._work.push(index, blocks)
+            await self._work.wait_drained()
+            self._set_phase(Phase.DIRTY_CYCLES)
         below = stalled = 0
         best: int | None = None
-        while not self._policy.converged(
+        while not postcopy and not self._policy.converged(
             cycles=self.report.cycles, cycles_below=below, cycles_stalled=stalled
         ):
             # Pre-copy itself took a while, so the first scan runs at once; later
@@ -308,6 +312,9 @@ class Migrator:
         await self._channel.send(handoff[1])
         if self._mode is Mode.HYBRID:
             for index, blocks in enumerate(self._final_dirty):
+                self._work.push(index, blocks)
+        elif postcopy:
+            for index, blocks in enumerate(everything):
                 self._work.push(index, blocks)
         await handoff[0]
         self._handed_off = True

@@ -366,3 +366,43 @@ async def test_failing_handoff_hook_keeps_the_authority_at_the_source() -> None:
     assert not migrator.handed_off
     assert resumed == [True]
     assert isinstance(results[1], MigrationError)
+
+
+class Recorder(Tamper):
+    """A channel that records the kinds of events it receives, in order."""
+
+    def __init__(self, inner: Channel) -> None:
+        super().__init__(inner)
+        self.done = True  # never tamper
+        self.kinds: list[str] = []
+
+    async def receive(self) -> Event:
+        event = await self.inner.receive()
+        self.kinds.append(type(event).__name__)
+        return event
+
+
+async def test_postcopy_mode_hands_over_first_and_fetches_on_demand() -> None:
+    """Pure post-copy (a registry start): nothing is sent before the hand-off; the
+    destination's first reads are served by NeedAt ahead of the background stream."""
+    size = 512 * BS
+    src = source_stack("mem", MemoryDevice(size), BS)
+    await src.local.write_at(0, os.urandom(size))
+    a, b = memory_channel_pair()
+    recorder = Recorder(b)
+    dests: list[DestinationStack] = []
+    got: dict[str, bytes] = {}
+
+    async def on_handoff(payload: bytes) -> None:
+        got["first"] = await dests[0].local.read_at(400 * BS, 2 * BS)
+
+    migrator = Migrator([src.source_device()], a, mode=Mode.POSTCOPY, concurrency=1)
+    receiver = Receiver(recorder, factory(dests), mode=Mode.POSTCOPY, on_handoff=on_handoff)  # type: ignore[arg-type]
+    async with asyncio.timeout(30), asyncio.TaskGroup() as tg:
+        tg.create_task(receiver.run())
+        report = await migrator.run()
+    assert report.cycles == 0
+    assert "precopy" not in report.devices[0].bytes_by_phase
+    assert recorder.kinds.index("Custom") < recorder.kinds.index("WriteBlocks")
+    assert got["first"] == await src.remote.read_at(400 * BS, 2 * BS)
+    assert await snapshot(dests[0]) == await snapshot(src)
