@@ -11,12 +11,22 @@ Then, ``--reps`` times each, alternating:
   (:func:`ferry.vm.supervisor.supervise`, what ``ferry vm run`` runs).
 
 The clock starts when the parent tells the warm child "go" and stops at the
-first ``+PONG`` read from the forwarded port on 127.0.0.1; the parent opens
-a new connection attempt every 5 ms, so no attempt's TCP retransmit timer
-delays the result. The resume breakdown comes from the child's report
-(network and devices overlap; QEMU spawn waits for the tap). ``--cli-reps``
-adds the time of the whole ``ferry vm run --detach`` command, Python start
-included.
+first ``+PONG`` read from the forwarded port on 127.0.0.1. The client probes
+like a user retrying (``--probe serial``, default): one connection at a
+time, a refused one retried 5 ms after the previous attempt began, an
+accepted one waited for (ferry holds it until the guest runs), with another
+attempt joining every 50 ms while none is answered (a SYN sent to a guest
+that is still booting is lost, and TCP would retry it only after 1 s).
+``--probe flood`` opens a new attempt every 5 ms regardless (the old method:
+every attempt made before the guest runs is one more connection it must
+serve at once, and each lost SYN waits for TCP's retransmit).
+
+The resume breakdown comes from the child's report (see
+:class:`ferry.vm.runner.ResumeTimings` for what overlaps what); right after
+the first PONG the parent asks the supervisor's control socket how much
+guest RAM went through FUSE and how much CPU QEMU used, to tell where the
+time between "running" and the PONG went. ``--cli-reps`` adds the time of
+the whole ``ferry vm run --detach`` command, Python start included.
 
     .venv/bin/python bench/resume.py --reps 5 --json
 """
@@ -41,6 +51,10 @@ from typing import Any
 
 ATTEMPT_EVERY_S = 0.005
 ATTEMPT_TIMEOUT_S = 2.0
+STALL_S = 0.05
+"""serial probing: an attempt still unanswered after this gets company (a SYN lost to a
+guest still booting would otherwise cost TCP's 1 s retransmit; this bounds how late a
+cold boot is seen to answer)."""
 PING_DEADLINE_S = 240.0
 
 CHILD = r"""
@@ -98,8 +112,15 @@ async def _ping_once(port: int) -> bool:
         writer.close()
 
 
-async def first_pong(port: int) -> float:
-    """Seconds until a PING on ``port`` is answered; attempts start every 5 ms."""
+async def first_pong(port: int, probe: str = "serial") -> float:
+    """Seconds until a PING on ``port`` is answered.
+
+    ``serial`` (default): one client at a time, like a user retrying: a refused
+    connection is retried 5 ms after the previous attempt began; an accepted one
+    is waited for (ferry holds it until the guest runs), with a second attempt
+    joining every ``STALL_S`` while none answers. ``flood``: a new attempt
+    every 5 ms regardless, each one more connection the guest must serve.
+    """
     t0 = time.monotonic()
     won: asyncio.Future[float] = asyncio.get_running_loop().create_future()
 
@@ -114,10 +135,18 @@ async def first_pong(port: int) -> float:
         while not won.done():
             if time.monotonic() - t0 > PING_DEADLINE_S:
                 raise TimeoutError(f"no PONG on port {port} within {PING_DEADLINE_S} s")
+            started = time.monotonic()
             task = asyncio.create_task(attempt())
             tasks.add(task)
             task.add_done_callback(tasks.discard)
-            await asyncio.wait([won], timeout=ATTEMPT_EVERY_S)
+            if probe == "flood":
+                await asyncio.wait([won], timeout=ATTEMPT_EVERY_S)
+                continue
+            pending: list[asyncio.Future[Any]] = [won, task]
+            await asyncio.wait(pending, timeout=STALL_S, return_when=asyncio.FIRST_COMPLETED)
+            pause = ATTEMPT_EVERY_S - (time.monotonic() - started)
+            if task.done() and not won.done() and pause > 0:
+                await asyncio.wait([won], timeout=pause)
         return won.result()
     finally:
         for task in tasks:
@@ -138,7 +167,7 @@ def _redis_get(port: int, key: str) -> bytes:
 
 
 async def one_run(mode: str, root: Path, vm_id: str, package_dir: Path | None,
-                  check_key: bool) -> dict[str, Any]:
+                  check_key: bool, probe: str = "serial") -> dict[str, Any]:
     port = _free_port()
     args = [sys.executable, "-c", CHILD, mode, str(root), str(port), vm_id]
     if package_dir is not None:
@@ -152,9 +181,22 @@ async def one_run(mode: str, root: Path, vm_id: str, package_dir: Path | None,
         assert json.loads(await proc.stdout.readline()) == {"ready": True}
         proc.stdin.write(b"go\n")
         await proc.stdin.drain()
-        seconds = await first_pong(port)
+        go = time.monotonic()
+        seconds = await first_pong(port, probe)
+        pong = time.monotonic()
+        at_pong = await _status(root, vm_id) if mode == "resume" else {}
+        t0 = time.monotonic()
+        warm_ok = await _ping_once(port)
+        warm_ms = (time.monotonic() - t0) * 1e3
         report = json.loads(await proc.stdout.readline())
-        result = {"ms": seconds * 1e3, "report": report}
+        result = {"ms": seconds * 1e3, "report": report, "at_pong": at_pong,
+                  "next_ping_ms": warm_ms if warm_ok else None}
+        resume = report.get("resume")
+        if resume:
+            # CLOCK_MONOTONIC is system-wide: the child's instants line up with ours.
+            launched = resume["launched_monotonic_s"]
+            result["go_to_launch_ms"] = (launched - go) * 1e3
+            result["running_to_pong_ms"] = (pong - launched - resume["running_s"]) * 1e3
         if check_key:
             result["key"] = await asyncio.to_thread(_redis_get, port, "snapshotted")
         return result
@@ -168,7 +210,20 @@ async def one_run(mode: str, root: Path, vm_id: str, package_dir: Path | None,
             await proc.wait()
 
 
-async def cli_run(root: Path, package: Path, env: dict[str, str]) -> float:
+async def _status(root: Path, vm_id: str) -> dict[str, Any]:
+    """The supervisor's live counters: guest RAM read through FUSE, QEMU's CPU use."""
+    from ferry.vm import control
+    from ferry.vm.registry import VMPaths
+
+    paths = VMPaths(root / "run", root / "state")
+    try:
+        reply = await control.request(paths.control_socket(vm_id), {"op": "status"})
+    except Exception as exc:  # diagnosis only: the bench result does not depend on it
+        return {"error": str(exc)}
+    return {**reply.get("memory_io", {}), "qemu": reply.get("qemu_usage", {})}
+
+
+async def cli_run(root: Path, package: Path, env: dict[str, str], probe: str) -> float:
     port = _free_port()
     t0 = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
@@ -176,7 +231,7 @@ async def cli_run(root: Path, package: Path, env: dict[str, str]) -> float:
         "-p", f"127.0.0.1:{port}:6379", str(package), env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        await first_pong(port)
+        await first_pong(port, probe)
         return (time.monotonic() - t0) * 1e3
     finally:
         await proc.wait()
@@ -186,8 +241,9 @@ async def cli_run(root: Path, package: Path, env: dict[str, str]) -> float:
         await stop.wait()
 
 
-async def bench(reps: int, cli_reps: int, progress: bool) -> dict[str, Any]:
+async def bench(reps: int, cli_reps: int, progress: bool, probe: str) -> dict[str, Any]:
     from ferry.package import TrustStore, generate_key, load_private_key, write_package
+    from ferry.vm import control  # noqa: F401  (imported now, not while timing)
     from ferry.vm.manifest import VMManifest
     from ferry.vm.pkgcache import open_package
     from ferry.vm.snapshot import snapshot
@@ -212,9 +268,10 @@ async def bench(reps: int, cli_reps: int, progress: bool) -> dict[str, Any]:
         resumed: list[dict[str, Any]] = []
         for i in range(reps):
             say(f"rep {i + 1}/{reps}: cold boot")
-            cold.append(await one_run("cold", root, f"cold{i}", None, False))
+            cold.append(await one_run("cold", root, f"cold{i}", None, False, probe))
             say(f"rep {i + 1}/{reps}: resume ({cold[-1]['ms']:.0f} ms cold)")
-            resumed.append(await one_run("resume", root, f"res{i}", opened.directory, True))
+            resumed.append(await one_run("resume", root, f"res{i}", opened.directory, True,
+                                         probe))
             say(f"           resumed in {resumed[-1]['ms']:.0f} ms")
         cli_ms: list[float] = []
         env = {**os.environ, "FERRY_RUN_DIR": str(root / "run"),
@@ -222,17 +279,20 @@ async def bench(reps: int, cli_reps: int, progress: bool) -> dict[str, Any]:
                "FERRY_PACKAGE_CACHE_DIR": str(root / "pkgcache")}
         for i in range(cli_reps):
             say(f"cli rep {i + 1}/{cli_reps}")
-            cli_ms.append(await cli_run(root, root / "redis.ferry", env))
+            cli_ms.append(await cli_run(root, root / "redis.ferry", env, probe))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
     cold_ms = statistics.median(r["ms"] for r in cold)
     resume_ms = statistics.median(r["ms"] for r in resumed)
-    fields = resumed[0]["report"]["resume"].keys()
+    fields = [k for k in resumed[0]["report"]["resume"]
+              if k.endswith("_s") and k != "launched_monotonic_s"]
     breakdown = {f"{k.removesuffix('_s')}_ms": round(statistics.median(
         r["report"]["resume"][k] for r in resumed) * 1e3, 1) for k in fields}
+    breakdown["running_to_pong_ms"] = _median(r.get("running_to_pong_ms") for r in resumed)
     return {
         "reps": reps,
+        "probe": probe,
         "cold_boot_ms": round(cold_ms, 1),
         "resume_ms": round(resume_ms, 1),
         "speedup": round(cold_ms / resume_ms, 1),
@@ -240,6 +300,8 @@ async def bench(reps: int, cli_reps: int, progress: bool) -> dict[str, Any]:
         "cold_boot_ms_all": [round(r["ms"], 1) for r in cold],
         "resume_ms_all": [round(r["ms"], 1) for r in resumed],
         "resume_breakdown_ms": breakdown,
+        "after_running": _after_running(resumed),
+        "next_ping_ms": _median(r.get("next_ping_ms") for r in resumed),
         "resume_cli_ms": round(statistics.median(cli_ms), 1) if cli_ms else None,
         "snapshot_s": round(snapshot_s, 2),
         "state_bytes": snap.device_state.state_bytes,
@@ -249,14 +311,40 @@ async def bench(reps: int, cli_reps: int, progress: bool) -> dict[str, Any]:
     }
 
 
+def _median(values: Any) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 1) if present else None
+
+
+def _after_running(resumed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of what happened between "running" and the first PONG (diagnosis)."""
+    reads, mib, cpu, wait, minflt = [], [], [], [], []
+    for r in resumed:
+        at_pong, resume = r.get("at_pong", {}), r["report"]["resume"]
+        if "reads" in at_pong:
+            reads.append(at_pong["reads"] - resume["ram_reads_at_running"])
+            mib.append((at_pong["bytes_read"] - resume["ram_read_bytes_at_running"]) / 2**20)
+        q0, q1 = resume.get("qemu_at_running") or {}, at_pong.get("qemu") or {}
+        if q0 and q1:
+            cpu.append((q1["cpu_s"] - q0["cpu_s"]) * 1e3)
+            wait.append((q1["runqueue_wait_s"] - q0["runqueue_wait_s"]) * 1e3)
+            minflt.append(q1["minflt"] - q0["minflt"])
+    return {"fuse_reads": _median(reads), "fuse_read_mib": _median(mib),
+            "qemu_cpu_ms": _median(cpu), "qemu_runqueue_wait_ms": _median(wait),
+            "qemu_minor_faults": _median(minflt)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--cli-reps", type=int, default=2,
                         help="also time the whole 'ferry vm run --detach' command")
+    parser.add_argument("--probe", choices=("serial", "flood"), default="serial",
+                        help="how the client looks for the first PONG (see the module doc)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = asyncio.run(bench(args.reps, args.cli_reps, progress=not args.json))
+    result = asyncio.run(bench(args.reps, args.cli_reps, progress=not args.json,
+                               probe=args.probe))
     if args.json:
         print(json.dumps(result, indent=2))
     else:

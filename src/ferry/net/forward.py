@@ -130,16 +130,18 @@ class TcpForwarder:
 
     Half-closes are passed through (a client's shutdown(SHUT_WR) reaches the
     guest as EOF and the reply still comes back). A connection the target
-    refuses is closed towards the client.
+    refuses is closed towards the client. With a ``gate``, accepted clients
+    are connected to the target only once the gate is set (the guest runs).
     """
 
     def __init__(self, forward: PortForward, target: tuple[str, int], *,
-                 namespace: str | None = None) -> None:
+                 namespace: str | None = None, gate: asyncio.Event | None = None) -> None:
         if forward.proto is not Proto.TCP:
             raise NetConfigError(f"{forward} is not a TCP forward")
         self.forward = forward
         self.target = target
         self.namespace = namespace
+        self._gate = gate
         self._listener: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._log = log.getChild(f"tcp.{forward.host_port}")
@@ -194,6 +196,8 @@ class TcpForwarder:
 
     async def _relay_unguarded(self, client_sock: socket.socket, peer: object) -> None:
         loop = asyncio.get_running_loop()
+        if self._gate is not None:
+            await self._gate.wait()
         try:
             upstream = await socket_in_netns(self.namespace, socket.AF_INET, socket.SOCK_STREAM)
         except NamespaceError as exc:
@@ -272,16 +276,19 @@ class UdpForwarder:
 
     Each client address gets its own upstream socket (a "flow"), so replies
     find their way back to the right client. Flows idle for
-    :data:`UDP_IDLE_TIMEOUT_S` are closed.
+    :data:`UDP_IDLE_TIMEOUT_S` are closed. With a ``gate``, flows open (and
+    the datagrams that arrived meanwhile are sent) once the gate is set.
     """
 
     def __init__(self, forward: PortForward, target: tuple[str, int], *,
-                 namespace: str | None = None, idle_timeout_s: float = UDP_IDLE_TIMEOUT_S) -> None:
+                 namespace: str | None = None, idle_timeout_s: float = UDP_IDLE_TIMEOUT_S,
+                 gate: asyncio.Event | None = None) -> None:
         if forward.proto is not Proto.UDP:
             raise NetConfigError(f"{forward} is not a UDP forward")
         self.forward = forward
         self.target = target
         self.namespace = namespace
+        self._gate = gate
         self.idle_timeout_s = idle_timeout_s
         self._sock: socket.socket | None = None
         self._transport: asyncio.DatagramTransport | None = None
@@ -344,6 +351,8 @@ class UdpForwarder:
 
     async def _open_flows(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._gate is not None:
+            await self._gate.wait()
         while True:
             client = await self._flow_requests.get()
             try:
@@ -385,8 +394,9 @@ class UdpForwarder:
 
 
 def make_forwarder(forward: PortForward, target: tuple[str, int], *,
-                   namespace: str | None = None) -> TcpForwarder | UdpForwarder:
-    """The forwarder for ``forward``'s protocol."""
+                   namespace: str | None = None,
+                   gate: asyncio.Event | None = None) -> TcpForwarder | UdpForwarder:
+    """The forwarder for ``forward``'s protocol (``gate``: see the classes)."""
     if forward.proto is Proto.TCP:
-        return TcpForwarder(forward, target, namespace=namespace)
-    return UdpForwarder(forward, target, namespace=namespace)
+        return TcpForwarder(forward, target, namespace=namespace, gate=gate)
+    return UdpForwarder(forward, target, namespace=namespace, gate=gate)

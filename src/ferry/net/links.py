@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 
 from ferry.net.command import run
 from ferry.net.errors import NetConfigError
@@ -27,6 +28,28 @@ def check_ifname(name: str) -> str:
     return name
 
 
+async def batch(namespace: str | None, commands: Sequence[str]) -> None:
+    """Run ``ip`` commands (without the leading ``ip``) in one ``ip -batch`` process.
+
+    One process instead of one per command: each spawn costs 2-5 ms here, and
+    a VM's network is on the resume path. ``ip`` stops at the first failing
+    line and names it (``Command failed -:N``) in the error.
+    """
+    if commands:
+        await run(ip_argv(namespace, "-batch", "-"), stdin="".join(f"{c}\n" for c in commands))
+
+
+def add_veth_commands(name: str, peer: str, *, peer_namespace: str | None = None,
+                      peer_mac: str | None = None) -> list[str]:
+    """The ``ip`` arguments of :func:`add_veth`."""
+    args = ["link", "add", check_ifname(name), "type", "veth", "peer", "name", check_ifname(peer)]
+    if peer_mac is not None:
+        args += ["address", peer_mac]
+    if peer_namespace is not None:
+        args += ["netns", check_name(peer_namespace)]
+    return args
+
+
 async def add_veth(
     namespace: str | None, name: str, peer: str, *, peer_namespace: str | None = None,
     peer_mac: str | None = None,
@@ -36,12 +59,8 @@ async def add_veth(
     The peer is created directly in its namespace, so no temporary name ever
     appears in the parent, where it could collide.
     """
-    args = ["link", "add", check_ifname(name), "type", "veth", "peer", "name", check_ifname(peer)]
-    if peer_mac is not None:
-        args += ["address", peer_mac]
-    if peer_namespace is not None:
-        args += ["netns", check_name(peer_namespace)]
-    await run(ip_argv(namespace, *args))
+    await run(ip_argv(namespace, *add_veth_commands(name, peer, peer_namespace=peer_namespace,
+                                                     peer_mac=peer_mac)))
 
 
 async def add_tap(namespace: str | None, name: str, *, owner_uid: int | None = None) -> None:
@@ -119,9 +138,20 @@ async def link_exists(namespace: str | None, name: str) -> bool:
 
 async def ipv4_addresses(namespace: str | None) -> list[str]:
     """Every IPv4 address in ``namespace`` as ``addr/prefix``."""
-    out = await run(ip_argv(namespace, "-j", "-4", "addr", "show"))
-    result: list[str] = []
+    return (await names_and_ipv4_addresses(namespace))[1]
+
+
+async def names_and_ipv4_addresses(namespace: str | None) -> tuple[set[str], list[str]]:
+    """(every interface name, every IPv4 address as ``addr/prefix``) from one ``ip`` call."""
+    out = await run(ip_argv(namespace, "-j", "addr", "show"))
+    names: set[str] = set()
+    addresses: list[str] = []
     for link in json.loads(out or "[]"):
+        if not isinstance(link, dict):
+            continue
+        if "ifname" in link:
+            names.add(str(link["ifname"]))
         for info in link.get("addr_info", []):
-            result.append(f"{info['local']}/{info['prefixlen']}")
-    return result
+            if info.get("family") == "inet":
+                addresses.append(f"{info['local']}/{info['prefixlen']}")
+    return names, addresses

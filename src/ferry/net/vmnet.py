@@ -28,15 +28,17 @@ record lists. The forwarders live in this process and die with it.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import enum
 import ipaddress
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 from ferry.net import links, netns, nft
 from ferry.net.errors import (
@@ -118,6 +120,11 @@ class GuestAttachment(Protocol):
         """Namespaces ``attach`` will create (recorded for cleanup before it runs)."""
         ...
 
+    def bridge_port_commands(self, bridge: str) -> tuple[str, ...]:
+        """``ip`` commands (batch syntax) run in the VM namespace right after ``bridge`` is up,
+        in the same process; ``attach`` runs after them."""
+        ...
+
     async def attach(self, vm_id: str, vm_ns: str, bridge: str, guest: GuestIdentity) -> None:
         """Create the guest side and make it a port of ``bridge`` in ``vm_ns``."""
         ...
@@ -135,10 +142,14 @@ class TapAttachment:
     def extra_namespaces(self, vm_id: str) -> tuple[str, ...]:
         return ()
 
+    def bridge_port_commands(self, bridge: str) -> tuple[str, ...]:
+        owner = f" user {self.owner_uid}" if self.owner_uid is not None else ""
+        return (f"tuntap add dev {TAP_NAME} mode tap{owner}",
+                f"link set {TAP_NAME} master {links.check_ifname(bridge)}",
+                f"link set {TAP_NAME} up")
+
     async def attach(self, vm_id: str, vm_ns: str, bridge: str, guest: GuestIdentity) -> None:
-        await links.add_tap(vm_ns, TAP_NAME, owner_uid=self.owner_uid)
-        await links.set_master(vm_ns, TAP_NAME, bridge)
-        await links.set_up(vm_ns, TAP_NAME)
+        return None  # everything happened in bridge_port_commands
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +162,9 @@ class NamespaceGuest:
 
     def extra_namespaces(self, vm_id: str) -> tuple[str, ...]:
         return (guest_namespace_name(vm_id),)
+
+    def bridge_port_commands(self, bridge: str) -> tuple[str, ...]:
+        return ()
 
     async def attach(self, vm_id: str, vm_ns: str, bridge: str, guest: GuestIdentity) -> None:
         gns = guest_namespace_name(vm_id)
@@ -165,9 +179,15 @@ class NamespaceGuest:
 
 
 class NetState(enum.Enum):
-    """Lifecycle of a :class:`VMNetwork`."""
+    """Lifecycle of a :class:`VMNetwork`.
+
+    ``CREATED --create_namespace()--> NAMESPACE --connect_uplink()--> UP``
+    (``start()`` does both); ``close()`` from any state leads to CLOSED.
+    """
 
     CREATED = "created"
+    NAMESPACE = "namespace"
+    """The namespace, bridge and guest port (the tap) exist: QEMU may start."""
     UP = "up"
     CLOSED = "closed"
 
@@ -185,6 +205,14 @@ class VMNetwork:
     own namespace (that is the operator's decision), only inside namespaces
     it made. With ``clean_leftovers`` (default) a start first removes what
     crashed owners recorded in ``run_dir``.
+
+    Starting in two steps lets QEMU start early: :meth:`create_namespace`
+    makes only what QEMU opens (namespace, bridge, tap) and
+    :meth:`connect_uplink` the rest (veth, NAT, forwarders), concurrently
+    with QEMU's start. With ``hold_forwards`` the forwarders listen from
+    ``connect_uplink`` on but connect a client to the guest only after
+    :meth:`open_forwards` (call it once the guest runs): an early client
+    waits instead of losing its SYN to a tap nobody reads yet.
     """
 
     def __init__(
@@ -198,6 +226,7 @@ class VMNetwork:
         run_dir: Path | str = DEFAULT_RUN_DIR,
         link_pool: ipaddress.IPv4Network = DEFAULT_LINK_POOL,
         clean_leftovers: bool = True,
+        hold_forwards: bool = False,
     ) -> None:
         self.vm_id = check_vm_id(vm_id)
         self.forwards = tuple(forwards)
@@ -220,6 +249,7 @@ class VMNetwork:
         self.state = NetState.CREATED
         self.slot: int | None = None
         self.forwarders: tuple[TcpForwarder | UdpForwarder, ...] = ()
+        self._forwards_open: asyncio.Event | None = asyncio.Event() if hold_forwards else None
         self._record: OwnerRecord | None = None
         self._log = log.getChild(vm_id)
 
@@ -309,25 +339,54 @@ class VMNetwork:
 
     async def start(self) -> None:
         """Create everything; on any failure, remove what was made and re-raise."""
+        await self.create_namespace()
+        await self.connect_uplink()
+
+    async def create_namespace(self) -> None:
+        """Step 1: the namespace, its bridge and the guest's port (QEMU's tap).
+
+        On failure everything made is removed and the error re-raised.
+        """
         if self.state is not NetState.CREATED:
             raise NetError(f"VM {self.vm_id} network is {self.state.value}, cannot start")
         if self.clean_leftovers:
             await cleanup_leftovers(self.run_dir)
         if self.parent is not None and not netns.exists(self.parent):
             raise NamespaceError("parent namespace does not exist", namespace=self.parent)
-        await self._reserve()
-        self.state = NetState.UP
+        await self._record_namespaces()
+        self.state = NetState.NAMESPACE
         try:
-            await self._build()
+            await self._build_namespace()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def connect_uplink(self) -> None:
+        """Step 2: the veth to the parent, NAT, and the port forwarders listening.
+
+        On failure everything made (step 1 included) is removed and the error re-raised.
+        """
+        if self.state is not NetState.NAMESPACE:
+            raise NetError(f"VM {self.vm_id} network is {self.state.value}, "
+                           "cannot connect its uplink")
+        try:
+            await self._reserve_slot()
+            self.state = NetState.UP
+            await self._build_uplink()
         except BaseException:
             await self.close()
             raise
         self._log.info("network up: ns %s, slot %s, forwards %s", self.namespace, self.slot,
                        ", ".join(map(str, self.forwards)) or "none")
 
+    def open_forwards(self) -> None:
+        """Let held forwarders (``hold_forwards=True``) connect clients to the guest."""
+        if self._forwards_open is not None:
+            self._forwards_open.set()
+
     async def close(self) -> None:
         """Stop forwarders, delete tables, links and namespaces, forget the record. Idempotent."""
-        if self.state is not NetState.UP:
+        if self.state not in (NetState.NAMESPACE, NetState.UP):
             self.state = NetState.CLOSED
             return
         self.state = NetState.CLOSED
@@ -338,18 +397,32 @@ class VMNetwork:
             self.run_dir.remove(self._record.key)
         self._log.info("network removed")
 
-    async def _reserve(self) -> None:
-        """Pick a free /30 slot in the parent and write the record, under the run-dir lock."""
-        key = f"vm-{self.vm_id}"
+    @property
+    def _key(self) -> str:
+        return f"vm-{self.vm_id}"
+
+    async def _record_namespaces(self) -> None:
+        """Record the namespaces about to be made, under the run-dir lock."""
         async with self.run_dir.locked():
-            records = self.run_dir.records()
-            if any(r.key == key for r in records) or netns.exists(self.namespace):
+            if (any(r.key == self._key for r in self.run_dir.records())
+                    or netns.exists(self.namespace)):
                 raise NamespaceError(f"VM {self.vm_id} already has a network",
                                      namespace=self.namespace)
+            self._record = OwnerRecord.for_current_process(
+                self._key, "vm",
+                namespaces=(self.namespace, *self.attachment.extra_namespaces(self.vm_id)),
+                parent=self.parent)
+            self.run_dir.write(self._record)
+
+    async def _reserve_slot(self) -> None:
+        """Pick a free /30 slot in the parent and add it, the parent link and the
+        parent's table to the record before any of them exists (under the lock)."""
+        assert self._record is not None
+        async with self.run_dir.locked():
+            records = self.run_dir.records()
             used = {r.slot for r in records if r.kind == "vm" and r.parent == self.parent}
-            present = [ipaddress.IPv4Interface(a).network
-                       for a in await links.ipv4_addresses(self.parent)]
-            names = await links.link_names(self.parent)
+            names, addresses = await links.names_and_ipv4_addresses(self.parent)
+            present = [ipaddress.IPv4Interface(a).network for a in addresses]
             for slot in range(self.link_pool.num_addresses // 4):
                 net = self._slot_net(slot)
                 if (slot in used or host_link_name(slot) in names
@@ -359,45 +432,61 @@ class VMNetwork:
             else:
                 raise AddressPoolExhaustedError(f"no free /30 in {self.link_pool}")
             self.slot = slot
-            self._record = OwnerRecord.for_current_process(
-                key, "vm",
-                namespaces=(self.namespace, *self.attachment.extra_namespaces(self.vm_id)),
-                links=((self.parent, host_link_name(slot)),),
-                tables=(nft.TableRef(self.parent, "ip", self.table),),
-                parent=self.parent, slot=slot,
-            )
+            self._record = dataclasses.replace(
+                self._record, links=((self.parent, host_link_name(slot)),),
+                tables=(nft.TableRef(self.parent, "ip", self.table),), slot=slot)
             self.run_dir.write(self._record)
 
-    async def _build(self) -> None:
-        ns, parent = self.namespace, self.parent
-        await netns.create(ns)
-        await netns.set_sysctl(ns, "net.ipv4.ip_forward", "1")
-        await links.add_bridge(ns, BRIDGE_NAME, mac=GATEWAY_MAC)
-        await links.add_address(ns, BRIDGE_NAME, f"{self.guest.gateway}/{self.guest.prefix_len}")
-        await links.set_up(ns, BRIDGE_NAME)
+    async def _build_namespace(self) -> None:
+        ns = self.namespace
+        await netns.create(ns, loopback_up=False)
+        g = self.guest
+        await links.batch(ns, [
+            "link set lo up",
+            f"link add {BRIDGE_NAME} address {GATEWAY_MAC} type bridge",
+            f"addr add {g.gateway}/{g.prefix_len} dev {BRIDGE_NAME}",
+            f"link set {BRIDGE_NAME} up",
+            *self.attachment.bridge_port_commands(BRIDGE_NAME),
+            # The guest's MAC and address never change, so the gateway needs no ARP:
+            # a connection forwarded before the guest runs (or answers ARP) would
+            # otherwise wait for the kernel's 1 s ARP retry.
+            f"neigh replace {g.ip} lladdr {g.mac} dev {BRIDGE_NAME} nud permanent",
+        ])
         await self.attachment.attach(self.vm_id, ns, BRIDGE_NAME, self.guest)
 
+    async def _build_uplink(self) -> None:
+        ns, parent = self.namespace, self.parent
         prefix = self.link_network.prefixlen
-        await links.add_veth(parent, self.host_link, UPLINK_NAME, peer_namespace=ns)
-        await links.add_address(parent, self.host_link, f"{self.parent_link_ip}/{prefix}")
-        await links.set_up(parent, self.host_link)
-        await links.add_address(ns, UPLINK_NAME, f"{self.vm_link_ip}/{prefix}")
-        await links.set_up(ns, UPLINK_NAME)
-        await links.add_default_route(ns, self.parent_link_ip)
 
-        await nft.load(ns, self._vm_ruleset())
-        await nft.load(parent, self._parent_ruleset())
-        if self.outbound and parent is not None:
-            await netns.set_sysctl(parent, "net.ipv4.ip_forward", "1")
-        elif self.outbound and await netns.get_sysctl(None, "net.ipv4.ip_forward") != "1":
-            self._log.warning("net.ipv4.ip_forward is 0 here: the guest's outbound traffic "
-                              "stops at this host until the operator enables it")
+        async def veth() -> None:
+            await links.batch(parent, [
+                " ".join(links.add_veth_commands(self.host_link, UPLINK_NAME,
+                                                 peer_namespace=ns)),
+                f"addr add {self.parent_link_ip}/{prefix} dev {self.host_link}",
+                f"link set {self.host_link} up"])
+            await links.batch(ns, [
+                f"addr add {self.vm_link_ip}/{prefix} dev {UPLINK_NAME}",
+                f"link set {UPLINK_NAME} up",
+                f"route add default via {self.parent_link_ip}"])
+
+        async def forwarding() -> None:
+            if self.outbound and parent is not None:
+                await netns.set_sysctl(parent, "net.ipv4.ip_forward", "1")
+            elif self.outbound and await netns.get_sysctl(None, "net.ipv4.ip_forward") != "1":
+                self._log.warning("net.ipv4.ip_forward is 0 here: the guest's outbound traffic "
+                                  "stops at this host until the operator enables it")
+
+        # Independent steps (rules only name interfaces), one process each, at once.
+        await _concurrently(veth(), nft.load(ns, self._vm_ruleset()),
+                            nft.load(parent, self._parent_ruleset()),
+                            netns.set_sysctl(ns, "net.ipv4.ip_forward", "1"), forwarding())
 
         started: list[TcpForwarder | UdpForwarder] = []
         self.forwarders = ()
         try:
             for f in self.forwards:
-                fwd = make_forwarder(f, (self.vm_link_ip, f.guest_port), namespace=parent)
+                fwd = make_forwarder(f, (self.vm_link_ip, f.guest_port), namespace=parent,
+                                     gate=self._forwards_open)
                 await fwd.start()
                 started.append(fwd)
         finally:
@@ -453,6 +542,20 @@ class VMNetwork:
             if fwd.forward is forward or fwd.forward == forward:
                 return fwd.local_address
         raise NetConfigError(f"{forward} is not a forward of VM {self.vm_id}")
+
+
+async def _concurrently(*steps: Coroutine[Any, Any, object]) -> None:
+    """Run ``steps`` in a TaskGroup; re-raise the first failure as itself, not as a group
+    (callers catch NetCommandError and friends)."""
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for step in steps:
+                tg.create_task(step)
+    except BaseExceptionGroup as group:
+        first = group.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from group
 
 
 __all__ = [

@@ -8,21 +8,38 @@
         await vm.suspend()              # optional: keep it for the next run of "web1"
     # leaving without suspend() discards the VM's overlays
 
-Resume, in order (the first two run concurrently):
+Resume, in order; what QEMU does not need to start runs alongside it::
 
-1. **network**: :class:`~ferry.net.VMNetwork` (namespace, tap ``ferry-tap0``,
-   NAT, the port forwarders listening);
-2. **devices**: copy-on-write :class:`~ferry.storage.OverlayDevice`\\ s in the
-   VM's state dir over the package's memory and disk files (the package is
-   never written, so any number of VMs run from it), the memory overlay
-   mounted on FUSE and the disks exported over NBD by :class:`QemuVM`;
-3. **spawn**: QEMU with ``-incoming defer`` inside the namespace, with the
+    tap ─────┐                        uplink (veth, NAT, forwarders) ──┐
+    devices ─┴─ spawn ── load ── cont ─────────────────────────────────┴─ open forwards ─ agent
+             └─ preload (RAM → page cache) ─┘
+
+1. **tap** (:meth:`VMNetwork.create_namespace`): namespace, bridge, tap
+   ``ferry-tap0`` and a permanent neighbour entry for the guest, in two
+   processes; alongside it **devices**: copy-on-write
+   :class:`~ferry.storage.OverlayDevice`\\ s in the VM's state dir over the
+   package's memory and disk files (the package is never written, so any
+   number of VMs run from it), the memory overlay mounted on FUSE and the
+   disks exported over NBD by :class:`QemuVM`;
+2. **spawn**: QEMU with ``-incoming defer`` inside the namespace, with the
    manifest's machine, CPU model, accelerator and exactly the snapshot's
-   device set; until QMP answers;
-4. **load**: the device state (the package's, or the VM's own after a suspend);
-5. **cont**: the guest runs (this is the resume time);
+   device set, until QMP answers; alongside it the **uplink**
+   (:meth:`VMNetwork.connect_uplink`: veth, NAT rules, the port forwarders
+   listening but holding connections) and the **preload**: every chunk of
+   guest RAM the package's block hashes say is non-zero (plus what this VM's
+   overlay holds) is pushed into the FUSE file's page cache
+   (:meth:`FuseMount.preload`), so the resumed guest does not fault its
+   working set in through the daemon, one 1 MiB huge-page readahead at a
+   time. It stops when QEMU is ready (what is left faults in as before) and
+   ends before the state load, i.e. before anything writes guest RAM;
+3. **load**: the device state (the package's, or the VM's own after a suspend);
+4. **cont**: the guest runs (this is the resume time);
+5. **open forwards**: connections that arrived meanwhile were held by the
+   forwarders (not refused, and no SYN lost to a tap nobody read yet) and now
+   reach the guest;
 6. **agent**: connect to the new agent socket, HELLO, ``after_resume``
-   (guest clock := host clock, then the blueprint's hooks).
+   (guest clock := host clock, then the blueprint's hooks). It does not hold
+   up the forwards: Redis answers while the clock is being set.
 
 A suspended VM (:meth:`RunningVM.suspend`) keeps its overlays and its saved
 device state in its state dir; the next :func:`run_vm` with the same id
@@ -35,27 +52,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
+import mmap
 import os
 import shutil
+import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+from ferry.expose.fuse import PRELOAD_CHUNK_BYTES, IoCounters, PreloadStats
 from ferry.net import GUEST_IP, GUEST_MAC, PortForward, VMNetwork
 from ferry.storage import FileDevice, OverlayDevice
+from ferry.storage.device import Buffer
 from ferry.vm.agent import AgentClient, AgentError, ExecResult, connect_agent
 from ferry.vm.errors import ManifestError, VMExistsError, VMLifecycleError, VMNotFoundError
 from ferry.vm.image import Accel, TapNet
+from ferry.vm.live.devices import VMDevices, local_devices
 from ferry.vm.manifest import DeviceEntry, VMManifest
-from ferry.vm.pkgcache import OpenedPackage, open_extracted
+from ferry.vm.pkgcache import OpenedPackage, nonzero_blocks, open_extracted
 from ferry.vm.registry import VM_RECORD, VMPaths, read_json, write_json
 from ferry.vm.runtime import DeviceStateStats, QemuVM, VMConfig
+from ferry.vm.runtime.vm import MEMORY_FILE
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STATE_FILE = "state.bin"
 AGENT_TIMEOUT_S = 30.0
@@ -70,10 +95,22 @@ class StopMode(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class ResumeTimings:
-    """Where a resume's time went, in seconds (network and devices overlap)."""
+    """Where a resume's time went, in seconds since launch or per step.
 
+    Overlaps: ``tap_s`` runs alongside ``devices_s``; ``uplink_s`` alongside
+    ``spawn_s`` + ``load_s`` + ``cont_s``; ``preload_s`` alongside ``spawn_s``.
+    """
+
+    launched_monotonic_s: float
+    """``time.monotonic()`` at launch (system-wide clock: lets a client line up its own)."""
+    setup_s: float
+    """Launch until the resume proper began (the supervisor's leftover check, records)."""
     network_s: float
-    """Namespace, tap, NAT and port forwarders up."""
+    """``tap_s`` + ``uplink_s`` (CPU spent on the network, mostly hidden)."""
+    tap_s: float
+    """Namespace, bridge, tap, guest neighbour entry: what QEMU needs to start."""
+    uplink_s: float
+    """Veth, NAT rules, port forwarders listening."""
     devices_s: float
     """Overlays opened, FUSE mounted, NBD serving."""
     spawn_s: float
@@ -84,12 +121,24 @@ class ResumeTimings:
     """``cont`` until QEMU's RESUME event."""
     running_s: float
     """Launch until the guest ran: the resume time."""
+    forwards_s: float
+    """Launch until the port forwards pass connections to the guest."""
     agent_s: float
-    """Agent reconnect (HELLO) and after-resume (clock sync, hooks), after running."""
+    """Agent reconnect (HELLO) and after-resume (clock sync, hooks), after the forwards open."""
     total_s: float
+    preload_s: float
+    """Non-zero guest RAM pushed into the page cache (alongside ``spawn_s``, cut short
+    when QEMU is ready)."""
+    preload_bytes: int
+    ram_reads_at_running: int
+    """FUSE reads of guest RAM until ``running`` (QEMU's own, during start and load)."""
+    ram_read_bytes_at_running: int
+    qemu_at_running: dict[str, float] = dataclasses.field(default_factory=dict)
+    """QEMU's :func:`process_usage` when the guest started running."""
 
-    def to_json(self) -> dict[str, float]:
-        return {k: round(v, 6) for k, v in asdict(self).items()}
+    def to_json(self) -> dict[str, Any]:
+        return {k: round(v, 6) if isinstance(v, float | int) else v
+                for k, v in asdict(self).items()}
 
 
 class RunningVM:
@@ -105,10 +154,22 @@ class RunningVM:
         self.timings = timings
         self.state_dir = state_dir
         self.suspended: DeviceStateStats | None = None
+        self.live: VMDevices | None = None
+        """The chainable device stacks QEMU writes through (what a live migration reads)."""
 
     @property
     def manifest(self) -> VMManifest:
         return self.package.manifest
+
+    def memory_counters(self) -> IoCounters:
+        """Reads and writes of guest RAM that went through the FUSE daemon so far."""
+        return self.qemu.mount.counters(MEMORY_FILE)
+
+    def qemu_usage(self) -> dict[str, float]:
+        """QEMU's CPU time, run-queue wait and page faults so far (all threads; see
+        :func:`process_usage`)."""
+        pid = self.qemu.pid
+        return process_usage(pid) if pid is not None else {}
 
     def forward_addresses(self) -> list[str]:
         """``host:port->guest/proto`` of every forward, with the real bound ports."""
@@ -133,6 +194,27 @@ class RunningVM:
         await self.qemu.stop()
         self.suspended = stats
         return stats
+
+
+def process_usage(pid: int) -> dict[str, float]:
+    """CPU seconds on a core, seconds waiting for one, minor and major page faults of
+    every thread of ``pid`` (``/proc``), for telling guest work from host contention."""
+    cpu_ns = wait_ns = minflt = majflt = 0
+    try:
+        for task in os.scandir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"{task.path}/schedstat") as f:
+                    run, wait = f.read().split()[:2]
+                with open(f"{task.path}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                cpu_ns += int(run)
+                wait_ns += int(wait)
+                minflt += int(fields[7])
+                majflt += int(fields[9])
+    except OSError:
+        return {}
+    return {"cpu_s": cpu_ns / 1e9, "runqueue_wait_s": wait_ns / 1e9, "minflt": minflt,
+            "majflt": majflt}
 
 
 def _overlay(package: OpenedPackage, entry: DeviceEntry, state_dir: Path) -> OverlayDevice:
@@ -197,24 +279,32 @@ async def run_vm(
     package: OpenedPackage | None = None,
     forwards: Sequence[PortForward] = (),
     agent_timeout_s: float = AGENT_TIMEOUT_S,
+    launched: float | None = None,
 ) -> AsyncIterator[RunningVM]:
-    """Resume ``package`` (or the suspended VM ``vm_id``) as VM ``vm_id``; see the module doc."""
-    launched = time.monotonic()
+    """Resume ``package`` (or the suspended VM ``vm_id``) as VM ``vm_id``; see the module doc.
+
+    ``launched`` is the ``time.monotonic()`` the launch began (the supervisor's
+    start); the timings count from it. Default: now.
+    """
+    entered = time.monotonic()
+    launched = entered if launched is None else launched
     package, state_dir, state_file = _prepare_state_dir(vm_id, paths, package)
     record = read_json(state_dir / VM_RECORD) or {}
     manifest = package.manifest
-    net_ok = manifest.network
-    if (net_ok.ip, net_ok.mac) != (GUEST_IP, GUEST_MAC):
-        raise ManifestError(f"the guest was snapshotted with {net_ok.ip}/{net_ok.mac}, this "
-                            f"host gives guests {GUEST_IP}/{GUEST_MAC}", vm=vm_id)
+    guest_net = manifest.network
+    if (guest_net.ip, guest_net.mac) != (GUEST_IP, GUEST_MAC):
+        raise ManifestError(f"the guest was snapshotted with {guest_net.ip}/{guest_net.mac}, "
+                            f"this host gives guests {GUEST_IP}/{GUEST_MAC}", vm=vm_id)
     running: RunningVM | None = None
     clean_exit = False
     try:
         async with contextlib.AsyncExitStack() as stack:
-            net = VMNetwork(vm_id, forwards, run_dir=paths.net_run_dir)
+            net = VMNetwork(vm_id, forwards, run_dir=paths.net_run_dir, hold_forwards=True)
             stack.push_async_callback(net.close)
-            net_task = asyncio.create_task(_timed(net.start()), name=f"net-up {vm_id}")
-            try:
+            # QEMU opens the tap when it starts: only the namespace and tap must
+            # exist before the spawn; the uplink (veth, NAT, forwarders) follows
+            # concurrently with QEMU's start and the state load.
+            async with _alongside(net.create_namespace(), f"netns {vm_id}") as tap_step:
                 t0 = time.monotonic()
                 memory = _overlay(package, manifest.memory, state_dir)
                 stack.push_async_callback(memory.close)
@@ -222,29 +312,38 @@ async def run_vm(
                 for entry in manifest.disks:
                     disks[entry.name] = dev = _overlay(package, entry, state_dir)
                     stack.push_async_callback(dev.close)
-                config = VMConfig(
-                    kernel=package.directory / manifest.kernel,
-                    initramfs=package.directory / manifest.initramfs,
-                    memory_mib=manifest.machine.memory_mib, cpu_model=manifest.machine.cpu_model,
-                    vcpus=manifest.machine.vcpus, accel=Accel(manifest.machine.accel),
-                    agent=manifest.agent.enabled, net=TapNet("ferry-tap0", mac=GUEST_MAC),
-                    kernel_args=(f"ferry.ip={net_ok.ip}/{net_ok.prefix_len}",
-                                 f"ferry.gw={net_ok.gateway}"))
-                qemu = QemuVM(config, work_dir=paths.run_dir(vm_id), memory=memory,
-                              disks=disks, name=vm_id, wrap_argv=net.wrap_argv)
+                # Dirty-tracked stacks over the overlays, so the VM can be live-migrated
+                # out (ferry.vm.migrate); the overlays stay what the callbacks close.
+                live = local_devices(memory, disks)
+                qemu = QemuVM(_qemu_config(package), work_dir=paths.run_dir(vm_id),
+                              memory=live.memory.vm_handle, disks=live.vm_disks(), name=vm_id,
+                              wrap_argv=net.wrap_argv)
                 await stack.enter_async_context(qemu)
                 devices_s = time.monotonic() - t0
-            finally:
-                if not net_task.done():
-                    await asyncio.wait([net_task])
-            network_s = net_task.result()
-            spawn_s = await qemu.start_incoming()
-            loaded = await qemu.load_device_state(state_file)
-            t1 = time.monotonic()
-            await qemu.resume()
-            cont_s = time.monotonic() - t1
-            running_s = time.monotonic() - launched
-            log.info("vm %s: running %.1f ms after launch", vm_id, running_s * 1e3)
+                # While QEMU starts, push the guest's non-zero RAM into the page cache
+                # so the resumed guest does not fault it in through the daemon. It
+                # must end before the state load, so before anything writes guest RAM.
+                enough = threading.Event()
+                preload_step = await stack.enter_async_context(_alongside(
+                    _preload_memory(qemu, package, memory, enough), f"preload {vm_id}"))
+            async with _alongside(net.connect_uplink(), f"uplink {vm_id}") as uplink_step:
+                spawn_s = await qemu.start_incoming()
+                # QEMU is ready: the chunks not stored yet fault in through the daemon
+                # instead of delaying the resume (on a busy host the preload is partial).
+                enough.set()
+                await preload_step.wait()
+                loaded = await qemu.load_device_state(state_file)
+                t1 = time.monotonic()
+                await qemu.resume()
+                cont_s = time.monotonic() - t1
+                running_s = time.monotonic() - launched
+                ram_at_running = dataclasses.replace(qemu.mount.counters(MEMORY_FILE))
+                qemu_at_running = process_usage(qemu.pid) if qemu.pid is not None else {}
+            # Clients that connected meanwhile were held, not refused: the guest runs now.
+            net.open_forwards()
+            forwards_s = time.monotonic() - launched
+            log.info("vm %s: running %.1f ms after launch, forwards open at %.1f ms",
+                     vm_id, running_s * 1e3, forwards_s * 1e3)
             t2 = time.monotonic()
             agent = await stack.enter_async_context(
                 connect_agent(qemu.agent_socket, connect_timeout_s=agent_timeout_s))
@@ -254,11 +353,19 @@ async def run_vm(
                 raise VMLifecycleError(f"the guest agent did not answer after resume: {exc}",
                                        vm=vm_id) from exc
             now = time.monotonic()
-            timings = ResumeTimings(network_s=network_s, devices_s=devices_s, spawn_s=spawn_s,
-                                    load_s=loaded.migrate_s, cont_s=cont_s,
-                                    running_s=running_s, agent_s=now - t2,
-                                    total_s=now - launched)
+            timings = ResumeTimings(
+                launched_monotonic_s=launched, setup_s=entered - launched,
+                network_s=tap_step.seconds + uplink_step.seconds, tap_s=tap_step.seconds,
+                uplink_s=uplink_step.seconds, devices_s=devices_s, spawn_s=spawn_s,
+                load_s=loaded.migrate_s, cont_s=cont_s, running_s=running_s,
+                forwards_s=forwards_s, agent_s=now - t2, total_s=now - launched,
+                preload_s=preload_step.seconds,
+                preload_bytes=preload_step.value.bytes_stored if preload_step.value else 0,
+                ram_reads_at_running=ram_at_running.reads,
+                ram_read_bytes_at_running=ram_at_running.bytes_read,
+                qemu_at_running=qemu_at_running)
             running = RunningVM(vm_id, package, qemu, net, agent, timings, state_dir)
+            running.live = live
             yield running
         clean_exit = True
     finally:
@@ -266,7 +373,112 @@ async def run_vm(
         _finish_state_dir(running if clean_exit else None, state_dir, record)
 
 
-async def _timed(awaitable: Any) -> float:
-    t0 = time.monotonic()
-    await awaitable
-    return time.monotonic() - t0
+def _preload_chunks(package: OpenedPackage, memory: OverlayDevice) -> list[int]:
+    """Offsets of the :data:`PRELOAD_CHUNK_BYTES` chunks of guest RAM worth preloading:
+    those with a block the package's hashes say is non-zero, or one this VM's overlay
+    holds (a suspended VM). Whole chunks: a few zero blocks cost less than more calls."""
+    geometry = memory.geometry
+    blocks = nonzero_blocks(package, package.manifest.memory)
+    if blocks is None:
+        blocks = list(range(geometry.block_count))  # the mount skips all-zero chunks
+    per_chunk = max(1, PRELOAD_CHUNK_BYTES // geometry.block_size_bytes)
+    chunk_bytes = per_chunk * geometry.block_size_bytes
+    return sorted({b // per_chunk * chunk_bytes for b in set(blocks) | memory.overlay_blocks()})
+
+
+async def _preload_memory(qemu: QemuVM, package: OpenedPackage, memory: OverlayDevice,
+                          enough: threading.Event) -> PreloadStats:
+    """Push the guest's non-zero RAM into the page cache of QEMU's memory file,
+    in address order, until done or ``enough`` is set.
+
+    Chunks the VM never wrote come straight from a read-only mapping of the
+    package's memory file (the kernel copies from its page cache: no copy
+    through Python); chunks the overlay holds are read through the device.
+    """
+    size = memory.size_bytes
+    geometry = memory.geometry
+    held_blocks = memory.overlay_blocks()
+    offsets = _preload_chunks(package, memory)
+    own: dict[int, bytes] = {}
+    for offset in offsets:
+        n = min(PRELOAD_CHUNK_BYTES, size - offset)
+        if any(b in held_blocks for b in geometry.blocks_touching(offset, n)):
+            own[offset] = await memory.read_at(offset, n)
+    with _mapped(package.directory / package.manifest.memory.path, size) as mapped:
+
+        def chunks() -> Generator[tuple[int, Buffer], None, None]:
+            with memoryview(mapped) as whole:
+                for offset in offsets:
+                    if enough.is_set():
+                        return
+                    if offset in own:
+                        yield offset, own[offset]
+                        continue
+                    with whole[offset:offset + PRELOAD_CHUNK_BYTES] as view:
+                        yield offset, view
+
+        source = chunks()
+        try:
+            return await qemu.mount.preload(MEMORY_FILE, source)
+        finally:
+            source.close()  # releases the views before the mapping closes
+
+
+@contextlib.contextmanager
+def _mapped(path: Path, size_bytes: int) -> Iterator[mmap.mmap]:
+    """A read-only mapping of the immutable package file ``path``."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        if len(mapped) != size_bytes:
+            raise ManifestError(f"{path} has {len(mapped)} bytes, the manifest says "
+                                f"{size_bytes}")
+        yield mapped
+
+
+def _qemu_config(package: OpenedPackage) -> VMConfig:
+    """The snapshot's machine exactly (same devices, CPU model, accelerator: no KVM probe)."""
+    manifest = package.manifest
+    net = manifest.network
+    return VMConfig(
+        kernel=package.directory / manifest.kernel,
+        initramfs=package.directory / manifest.initramfs,
+        memory_mib=manifest.machine.memory_mib, cpu_model=manifest.machine.cpu_model,
+        vcpus=manifest.machine.vcpus, accel=Accel(manifest.machine.accel),
+        agent=manifest.agent.enabled, net=TapNet("ferry-tap0", mac=GUEST_MAC),
+        kernel_args=(f"ferry.ip={net.ip}/{net.prefix_len}", f"ferry.gw={net.gateway}"))
+
+
+class _Step(Generic[T]):
+    """A step run by :func:`_alongside`: its result once done, and how long it took."""
+
+    def __init__(self, task: asyncio.Task[None]) -> None:
+        self.task = task
+        self.seconds = 0.0
+        self.value: T | None = None
+
+    async def wait(self) -> None:
+        """Wait for the step; raises its error."""
+        await asyncio.shield(self.task)
+
+
+@contextlib.asynccontextmanager
+async def _alongside(step: Coroutine[Any, Any, T], name: str) -> AsyncIterator[_Step[T]]:
+    """Run ``step`` while the block runs; leaving waits for it and raises its error.
+
+    If the block fails, the step is still awaited (not cancelled: a half-made
+    network is undone by its own close, and a preload by the unmount, neither
+    of which may race the step).
+    """
+    async def timed() -> None:
+        t0 = time.monotonic()
+        timing.value = await step
+        timing.seconds = time.monotonic() - t0
+
+    timing: _Step[T] = _Step(asyncio.create_task(timed(), name=name))
+    try:
+        yield timing
+    except BaseException:
+        await asyncio.wait([timing.task])
+        if not timing.task.cancelled() and timing.task.exception() is not None:
+            log.debug("%s also failed: %r", name, timing.task.exception())
+        raise
+    await timing.task

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from ferry.net import PortForward, Proto
 from ferry.net.state import process_start_time
 from ferry.vm import control
 from ferry.vm.errors import VMExistsError, VMLifecycleError
+from ferry.vm.migrate import MIGRATE_OPS, Movable, Outgoing
 from ferry.vm.pkgcache import open_extracted
 from ferry.vm.registry import (
     SUPERVISOR_RECORD,
@@ -97,6 +99,14 @@ class _Session:
         self.stopped: asyncio.Future[dict[str, Any]] = (
             asyncio.get_running_loop().create_future())
         self.record: dict[str, Any] = {}
+        self.outgoing = Outgoing(self._movable)
+
+    def _movable(self) -> Movable | None:
+        vm = self.vm
+        if vm is None or vm.live is None:
+            return None
+        return Movable(vm.vm_id, vm.qemu, vm.live, vm.agent, vm.net, vm.manifest,
+                       vm.package.directory, self.request.forwards)
 
     def request_stop(self, mode: StopMode) -> None:
         if not self.stop.done():
@@ -105,7 +115,7 @@ class _Session:
     async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
         if op == "status":
-            return {"ok": True, **self.record}
+            return {"ok": True, **self.record, **self.io_counters()}
         if op == "stop":
             self.request_stop(StopMode(req.get("mode", "discard")))
             return {"ok": True, **await asyncio.shield(self.stopped)}
@@ -117,7 +127,20 @@ class _Session:
             argv: list[str] | str = req["shell"] if "shell" in req else list(req["argv"])
             result = await self.vm.exec(argv, stdin=stdin, timeout_s=timeout_s)
             return {"ok": True, **control.encode_exec(result)}
+        if op in MIGRATE_OPS:
+            reply = await self.outgoing.handle(req)
+            if self.outgoing.gone:  # migrated or exported: nothing left to hold
+                self.request_stop(StopMode.DISCARD)
+            return reply
         raise ConfigError(f"unknown op {op!r}")
+
+    def io_counters(self) -> dict[str, Any]:
+        """Guest RAM read through FUSE and QEMU's CPU use so far (diagnosis, benches)."""
+        vm = self.vm
+        if vm is None:
+            return {}
+        return {"memory_io": dataclasses.asdict(vm.memory_counters()),
+                "qemu_usage": vm.qemu_usage()}
 
     def write_record(self, **changes: Any) -> None:
         self.record.update(changes)
@@ -139,6 +162,7 @@ async def supervise(
     come; ``log_file`` sends this process's stderr (logging) to
     ``<run dir>/supervisor.log``.
     """
+    launched = time.monotonic()
     paths, vm_id = request.paths, request.vm_id
     await cleanup_leftovers(paths)
     if live_supervisor(paths, vm_id) is not None:
@@ -159,7 +183,7 @@ async def supervise(
         package = open_extracted(request.package_dir) if request.package_dir else None
         async with control.serve_control(paths.control_socket(vm_id), session.handle):
             report = await _run(session, package_dir=package, on_ready=on_ready,
-                                on_console=on_console)
+                                on_console=on_console, launched=launched)
         return report
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -171,12 +195,13 @@ async def supervise(
 
 async def _run(session: _Session, *, package_dir: Any,
                on_ready: Callable[[dict[str, Any]], None] | None,
-               on_console: Callable[[bytes], None] | None) -> dict[str, Any]:
+               on_console: Callable[[bytes], None] | None,
+               launched: float) -> dict[str, Any]:
     request = session.request
     mode = StopMode.DISCARD
     stop_report: dict[str, Any] = {}
     async with run_vm(request.vm_id, request.paths, package=package_dir,
-                      forwards=request.forwards) as vm:
+                      forwards=request.forwards, launched=launched) as vm:
         session.vm = vm
         pid = vm.qemu.pid
         session.write_record(status="running", qemu_pid=pid,
@@ -208,7 +233,7 @@ async def _wait_for_stop(session: _Session, vm: RunningVM) -> StopMode:
         done, _ = await asyncio.wait({session.stop}, timeout=WATCH_INTERVAL_S)
         if done:
             return session.stop.result()
-        if vm.qemu.state is VMState.STOPPED:
+        if vm.qemu.state is VMState.STOPPED and not session.outgoing.active:
             log.error("vm %s: QEMU exited by itself; discarding the VM", vm.vm_id)
             return StopMode.DISCARD
 

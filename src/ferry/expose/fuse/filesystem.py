@@ -128,6 +128,11 @@ class DeviceFS(pyfuse3.Operations):
         """Live I/O counters of the file ``name`` (KeyError if unknown)."""
         return self._by_name[os.fsencode(name)].counters
 
+    def file_inode(self, name: str) -> tuple[int, Device]:
+        """The inode number and device of the file ``name`` (KeyError if unknown)."""
+        f = self._by_name[os.fsencode(name)]
+        return f.inode, f.device
+
     def abort_requests(self) -> None:
         """Fail every in-flight and future request with ``EIO``.
 

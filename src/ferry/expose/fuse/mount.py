@@ -37,7 +37,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -47,9 +47,15 @@ import pyfuse3
 import pyfuse3.asyncio
 
 from ferry.expose.fuse.bdi import NO_TUNING, BdiTuner, BdiTuning, bdi_dir
-from ferry.expose.fuse.errors import DaemonError, FlushError, MountError, SessionBusyError
+from ferry.expose.fuse.errors import (
+    DaemonError,
+    FlushError,
+    FuseError,
+    MountError,
+    SessionBusyError,
+)
 from ferry.expose.fuse.filesystem import DeviceFS, IoCounters
-from ferry.storage.device import Device
+from ferry.storage.device import Buffer, Device
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +160,22 @@ class FlushStats:
     duration_s: float
 
 
+PRELOAD_CHUNK_BYTES = 1 << 20
+"""A good size for :meth:`FuseMount.preload` chunks (that of QEMU's own huge-page
+readahead requests): per-call overhead vanishes, a chunk stays cheap to check for zeros."""
+
+
+@dataclass(frozen=True, slots=True)
+class PreloadStats:
+    """What one :meth:`FuseMount.preload` put into the page cache."""
+
+    name: str
+    bytes_stored: int
+    bytes_zero: int
+    """All-zero chunks skipped (a fault on them still goes through the daemon)."""
+    duration_s: float
+
+
 def _fsync_file(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -236,6 +258,58 @@ class FuseMount:
         log.debug("flushed %s: %d bytes in %.1f ms", name, stats.bytes_written,
                   stats.duration_s * 1e3)
         return stats
+
+    async def preload(self, name: str, chunks: Iterable[tuple[int, Buffer]]) -> PreloadStats:
+        """Put ``(offset, data)`` chunks of file ``name`` into the kernel's page cache.
+
+        The daemon pushes the data with FUSE_NOTIFY_STORE: no request, no
+        round trip, so a later page fault or read of those pages (QEMU's, on
+        a resumed guest) is served from memory instead of through the daemon.
+        The caller supplies the data (it knows where the device's bytes
+        already are, e.g. a mapping of an immutable base file: the kernel then
+        copies straight from it). ``chunks`` is consumed in a worker thread
+        (the store itself runs without the GIL) so the loop keeps serving
+        requests; all-zero chunks are skipped.
+
+        Only call it while nothing has *written* those pages through the mount
+        (before the guest runs): a store replaces a cached page even if it is
+        dirty. Raises FuseError if the kernel refuses a store or a chunk lies
+        beyond the file (a store there would grow it).
+        """
+        self._require_mounted()
+        inode, device = self._fs.file_inode(name)
+        # The kernel only takes stores for an inode it knows: look the file up
+        # (a stat opens no descriptor, so a concurrent fork cannot flush it).
+        await asyncio.to_thread(os.stat, self.path(name))
+        stats = await asyncio.to_thread(self._store, name, inode, device.size_bytes, chunks)
+        log.debug("preloaded %s: %d bytes (%d zero skipped) in %.1f ms", name,
+                  stats.bytes_stored, stats.bytes_zero, stats.duration_s * 1e3)
+        return stats
+
+    def _store(self, name: str, inode: int, size_bytes: int,
+               chunks: Iterable[tuple[int, Buffer]]) -> PreloadStats:
+        start = time.monotonic()
+        stored = zero = 0
+        zeros = b""
+        for offset, data in chunks:
+            with memoryview(data) as view:
+                n = view.nbytes
+                if offset < 0 or offset + n > size_bytes:
+                    raise FuseError(f"{self.mountpoint}/{name}: preload chunk {offset}+{n} "
+                                    f"is outside the file ({size_bytes} bytes)")
+                if len(zeros) != n:
+                    zeros = bytes(n)
+                if zeros.startswith(view):  # a memcmp; ``view == zeros`` goes byte by byte
+                    zero += n
+                    continue
+                try:
+                    # Typed as bytes, but pyfuse3 takes any contiguous buffer.
+                    pyfuse3.notify_store(inode, offset, view)  # type: ignore[arg-type]
+                except OSError as exc:
+                    raise FuseError(f"{self.mountpoint}/{name}: the kernel refused a "
+                                    f"page-cache store at {offset}: {exc}") from exc
+                stored += n
+        return PreloadStats(name, stored, zero, time.monotonic() - start)
 
     # -- lifecycle -------------------------------------------------------------
 

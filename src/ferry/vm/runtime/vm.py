@@ -30,6 +30,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -67,6 +68,11 @@ MIGRATION_POLL_S = 0.002
 coarser poll would dominate the measured time."""
 _UNIX_PATH_MAX = 107
 _STDERR_TAIL_BYTES = 2000
+QMP_CONNECT_RETRY_S = 0.002
+"""QEMU creates its QMP socket ~20 ms into its start; polling every 2 ms (a failed
+connect costs microseconds) instead of QMPClient's default 20 ms saves ~10 ms per resume."""
+_SETPRIV = shutil.which("setpriv")
+"""util-linux's ``setpriv --pdeathsig`` sets QEMU's parent-death signal without a preexec_fn."""
 
 
 class _Generation:
@@ -372,9 +378,16 @@ class QemuVM:
         self.log.info("spawning QEMU #%d: %s", number, " ".join(argv))
         out = _open_log(stderr_log)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                preexec_fn=_die_with_parent)
+            if _SETPRIV is not None:
+                # The same PDEATHSIG through a launcher: without a preexec_fn Python
+                # spawns with vfork instead of copying this process (3-4 ms saved).
+                proc = await asyncio.create_subprocess_exec(
+                    _SETPRIV, "--pdeathsig", "KILL", "--", *argv,
+                    stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out)
+            else:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                    preexec_fn=_die_with_parent)
         finally:
             os.close(out)
         gen = _Generation(number, proc, stderr_log)
@@ -392,7 +405,7 @@ class QemuVM:
         assert gen.watcher is not None
         connect = asyncio.create_task(QMPClient.connect_unix(
             self.qmp_socket, name=f"{self.name}.{gen.number}",
-            timeout_s=self.config.qmp_timeout_s))
+            timeout_s=self.config.qmp_timeout_s, retry_interval_s=QMP_CONNECT_RETRY_S))
         try:
             await asyncio.wait({connect, gen.watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
