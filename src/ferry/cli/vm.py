@@ -71,6 +71,8 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
                    help="keep it: the next 'ferry vm run --name ID' continues it")
     add_common(c)
 
+    _add_migration_parsers(vm, add_common)
+
     p = sub.add_parser("key", help="package signing keys and this host's trust list")
     key = p.add_subparsers(dest="key_command", required=True)
     c = key.add_parser("create", help="create an ed25519 signing key")
@@ -144,6 +146,10 @@ async def run(args: argparse.Namespace, console: Console) -> int:
                 + (f", signed into {args.package}" if args.package else "")))
         case "vm", "run":
             return await _vm_run(args, console, progress, out)
+        case "vm", "migrate" | "receive" | "registry":
+            from ferry.cli import vm_migrate
+
+            return await vm_migrate.run(args, console, out)
         case "vm", "list":
             vms = registry.list_vms(registry.VMPaths.default())
             out([{"vm_id": v.vm_id, "status": v.status, "pid": v.pid, "package": v.package,
@@ -279,3 +285,44 @@ def _package_json(info: PackageInfo) -> dict[str, Any]:
     return {"path": info.path, "key_id": info.key_id, "files": len(info.files),
             "compressed_bytes": info.compressed_bytes, "total_bytes": info.total_bytes,
             "header_sha256": info.header_sha256}
+
+
+def _add_migration_parsers(vm: Any, add_common: AddCommon) -> None:
+    def tls(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--tls-cert", type=Path, help="this host's certificate (PEM)")
+        c.add_argument("--tls-key", type=Path, help="this host's private key (PEM)")
+        c.add_argument("--tls-ca", type=Path, help="CA that signed the peer's certificate")
+
+    c = vm.add_parser("migrate", help="live-migrate a VM to another host, or into a package")
+    c.add_argument("vm_id")
+    to = c.add_mutually_exclusive_group(required=True)
+    to.add_argument("--to", metavar="HOST:PORT", help="a 'ferry vm receive' on another host")
+    to.add_argument("--to-package", type=Path, metavar="FILE",
+                    help="stop the VM into a signed package ('ferry vm run FILE' resumes it)")
+    c.add_argument("--precopy-only", action="store_true",
+                   help="copy everything before the hand-off (no post-copy risk, more downtime)")
+    c.add_argument("--key", type=Path, help="signing key for --to-package")
+    tls(c)
+    add_common(c)
+
+    c = vm.add_parser("receive", help="receive a VM (from 'ferry vm migrate' or a registry)")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--listen", metavar="ADDR:PORT", help="wait for one migration here")
+    src.add_argument("--registry", metavar="HOST:PORT", help="start a package from a registry")
+    c.add_argument("--package", help="package file name on the registry")
+    c.add_argument("--name", help="VM id here (default: the source's)")
+    c.add_argument("-p", "--publish", action="append", default=None, metavar="SPEC",
+                   help="forwards here (default: the source's ports on the --listen address)")
+    c.add_argument("--allow-wildcard", action="store_true")
+    c.add_argument("--precopy-only", action="store_true")
+    c.add_argument("-d", "--detach", action="store_true",
+                   help="return once listening (--listen) or running (--registry)")
+    tls(c)
+    add_common(c)
+
+    c = vm.add_parser("registry", help="serve signed packages for remote starts")
+    c.add_argument("dir", type=Path, help="directory of package files")
+    c.add_argument("--listen", required=True, metavar="ADDR:PORT")
+    c.add_argument("--trust", type=Path, help="trust list (default: this host's)")
+    tls(c)
+    add_common(c)

@@ -1,0 +1,180 @@
+"""``ferry vm migrate|receive|registry``: argument handling around :mod:`ferry.vm.migrate`,
+:mod:`ferry.vm.live.arrival` and :mod:`ferry.vm.live.pkgserve` (docs/live-migration.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from ferry.cli.exitcodes import ExitCode
+from ferry.errors import ConfigError, FerryError
+from ferry.package import TrustStore
+from ferry.vm import control, registry
+from ferry.vm.errors import ControlError, VMNotFoundError
+from ferry.vm.live.arrival import ArrivalRequest, arrive, launch_detached
+from ferry.vm.live.errors import LiveMigrationError
+from ferry.vm.live.pkgserve import serve_registry
+from ferry.vm.migrate import TLSFiles
+from ferry.vm.publish import parse_publish
+
+Out = Callable[[Any, Callable[[], None]], None]
+MIGRATE_TIMEOUT_S = 3600.0
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"bad address {text!r}: use HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _tls(args: argparse.Namespace) -> TLSFiles | None:
+    given = [args.tls_cert, args.tls_key, args.tls_ca]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ConfigError("--tls-cert, --tls-key and --tls-ca go together")
+    return TLSFiles(args.tls_cert.absolute(), args.tls_key.absolute(), args.tls_ca.absolute())
+
+
+async def run(args: argparse.Namespace, console: Console, out: Out) -> int:
+    match args.vm_command:
+        case "migrate":
+            return await _migrate(args, console, out)
+        case "receive":
+            return await _receive(args, console, out)
+        case _:
+            return await _registry(args, console, out)
+
+
+async def _migrate(args: argparse.Namespace, console: Console, out: Out) -> int:
+    sock = registry.VMPaths.default().control_socket(args.vm_id)
+    req: dict[str, Any] = {"op": "migrate", "precopy_only": args.precopy_only}
+    if args.to_package is not None:
+        req |= {"package": str(args.to_package.absolute()),
+                "key": str(args.key.absolute()) if args.key else None}
+    else:
+        tls = _tls(args)
+        req |= {"to": list(_address(args.to)), "tls": tls.to_json() if tls else None}
+    task = asyncio.create_task(_request_raw(sock, req, args.vm_id))
+    try:
+        reply = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        # Ctrl-C: ask the supervisor to cancel (it resumes the VM unless it was handed off)
+        # and wait for what happened before exiting.
+        with contextlib.suppress(FerryError):
+            await control.request(sock, {"op": "migrate-cancel"}, vm=args.vm_id)
+        with contextlib.suppress(FerryError, TimeoutError):
+            async with asyncio.timeout(60):
+                reply = await task
+                console.print(f"[red]interrupted:[/red] {reply.get('error') or 'completed'}")
+        raise
+    if not reply.get("ok"):
+        where = ("it runs on the destination" if reply.get("handed_off")
+                 else "the VM keeps running here")
+        raise LiveMigrationError(f"{reply.get('error')} ({where})", vm=args.vm_id,
+                                 handed_off=bool(reply.get("handed_off")))
+    reply.pop("ok", None)
+    if args.to_package is not None:
+        out(reply, lambda: console.print(
+            f"{args.vm_id}: exported into {reply['package']} (signed by {reply['key_id']}, "
+            f"paused {reply['paused_s'] * 1e3:.0f} ms); resume with 'ferry vm run "
+            f"{reply['package']}'"))
+    else:
+        out(reply, lambda: print_summary(console, reply["summary"], args.to))
+    return ExitCode.OK
+
+
+async def _request_raw(sock: Path, req: dict[str, Any], vm_id: str) -> dict[str, Any]:
+    """One control request whose ``ok: false`` reply is returned (with ``handed_off``)."""
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(sock),
+                                                            limit=control.MAX_LINE_BYTES)
+    except OSError as exc:
+        raise VMNotFoundError(f"no supervisor answers on {sock}", vm=vm_id) from exc
+    try:
+        writer.write(json.dumps(req).encode() + b"\n")
+        await writer.drain()
+        async with asyncio.timeout(MIGRATE_TIMEOUT_S):
+            line = await reader.readline()
+        reply = json.loads(line) if line else {"ok": False, "error": "the supervisor went away"}
+    finally:
+        writer.close()
+    if not isinstance(reply, dict):
+        raise ControlError(f"bad reply {reply!r}", vm=vm_id)
+    return reply
+
+
+def print_summary(console: Console, s: dict[str, Any], to: str) -> None:
+    steps = ", ".join(f"{k} {v:.1f}" for k, v in s.get("downtime_steps_ms", {}).items())
+    console.print(
+        f"[green]{s['vm']}[/green] migrated to {to}: downtime [bold]{s['downtime_ms']:.1f} ms"
+        f"[/bold] (paused on the source -> running on the destination"
+        f"{'' if s['downtime_measured_by'] == 'destination' else ', source view'})")
+    if steps:
+        console.print(f"  downtime steps (ms): {steps}")
+    console.print(f"  total {s['total_s']:.2f} s (pre-copy {s['precopy_s']:.2f} s, post-copy "
+                  f"{s['postcopy_s']:.2f} s), {s['cycles']} dirty cycles, "
+                  f"{s['postcopy_fetches']} post-copy fetches, mode {s['mode']}, "
+                  f"verified {s['verified']}")
+    for name, d in s["devices"].items():
+        phases = ", ".join(f"{p} {b / 2**20:.1f} MiB" for p, b in d["bytes_by_phase"].items())
+        console.print(f"  {name:<10} {d['size_bytes'] / 2**20:7.1f} MiB: {phases}")
+
+
+async def _receive(args: argparse.Namespace, console: Console, out: Out) -> int:
+    forwards = None
+    if args.publish is not None:
+        forwards = tuple(parse_publish(s, allow_wildcard=args.allow_wildcard)
+                         for s in args.publish)
+    request = ArrivalRequest(
+        paths=registry.VMPaths.default(),
+        listen=_address(args.listen) if args.listen else None,
+        registry=_address(args.registry) if args.registry else None,
+        package=args.package, name=args.name, forwards=forwards, tls=_tls(args),
+        precopy_only=args.precopy_only,
+        report_until="listening" if args.listen else "ready")
+    if args.detach:
+        event = await launch_detached(request)
+        if args.listen:
+            host, port = event["address"]
+            out(event, lambda: console.print(f"receiving on {host}:{port} (pid {event['pid']})"))
+        else:
+            out(event, lambda: _print_ready(console, event))
+        return ExitCode.OK
+
+    def listening(address: tuple[str, int]) -> None:
+        out({"event": "listening", "address": list(address)},
+            lambda: console.print(f"receiving on {address[0]}:{address[1]}"))
+
+    def ready(report: dict[str, Any]) -> None:
+        out({"event": "ready", **report}, lambda: _print_ready(console, report))
+
+    result = await arrive(request, on_listening=listening, on_ready=ready)
+    out({"event": "left", **result}, lambda: console.print(f"VM left ({result['mode']})"))
+    return ExitCode.OK
+
+
+def _print_ready(console: Console, r: dict[str, Any]) -> None:
+    downtime = r["report"].get("downtime_ms")
+    console.print(f"[green]{r['vm_id']}[/green] running here {r['running_s'] * 1e3:.0f} ms "
+                  f"after the start" + (f", downtime {downtime:.1f} ms" if downtime else ""))
+    for fwd in r["forwards"]:
+        console.print(f"  forward {fwd}")
+
+
+async def _registry(args: argparse.Namespace, console: Console, out: Out) -> int:
+    host, port = _address(args.listen)
+    trust = TrustStore.from_path(args.trust) if args.trust else TrustStore.default()
+    await serve_registry(args.dir, host, port, trust=trust, tls=_tls(args),
+                         on_listening=lambda a: out(
+                             {"event": "listening", "address": list(a)},
+                             lambda: console.print(f"registry of {args.dir} on {a[0]}:{a[1]}")))
+    return ExitCode.OK
