@@ -24,6 +24,7 @@ Every key is optional; the defaults are the library's. See docs/cli.md::
     name = "disk"
     path = "disk.img"
     block_size_bytes = 65536
+    max_dirty_blocks = 50         # this device's own dirty threshold (default: the policy's)
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ class DeviceConfig:
     name: str
     path: Path
     block_size_bytes: int = DEFAULT_BLOCK_SIZE_BYTES
+    max_dirty_blocks: int | None = None  # this device's own policy threshold
 
     def __post_init__(self) -> None:
+        if self.max_dirty_blocks is not None and self.max_dirty_blocks < 0:
+            raise ConfigError(f"{self.name}: max_dirty_blocks must be >= 0")
         if not self.name or "/" in self.name or len(self.name.encode()) > 255:
             raise ConfigError(f"invalid device name {self.name!r}")
         if self.block_size_bytes <= 0 or self.block_size_bytes % 512:
@@ -153,6 +157,7 @@ def parse_config(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
                 name=_take(dev, "name", str, "", where),
                 path=base_dir / _take(dev, "path", str, "", where),
                 block_size_bytes=_take(dev, "block_size_bytes", int, block_size, where),
+                max_dirty_blocks=_take(dev, "max_dirty_blocks", int, None, where),
             )
         )
         _no_extra(dev, where)

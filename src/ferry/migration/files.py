@@ -15,6 +15,7 @@ migrates live devices through the same machinery with its own writers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -40,6 +41,7 @@ PARTIAL_SUFFIX = ".partial"
 @dataclass(slots=True)
 class SourceGroup:
     stacks: list[SourceStack]
+    configs: list[DeviceConfig]
 
     async def close(self) -> None:
         for stack in self.stacks:
@@ -61,7 +63,8 @@ def open_source_files(devices: Sequence[DeviceConfig]) -> SourceGroup:
         [
             source_stack(dev.name, file, dev.block_size_bytes)
             for dev, file in zip(devices, files, strict=True)
-        ]
+        ],
+        list(devices),
     )
 
 
@@ -76,7 +79,13 @@ async def migrate_out(
     """Migrate ``group`` over ``stream`` and close the stream."""
     channel = StreamChannel(stream)
     migrator = Migrator(
-        [s.source_device(compression=config.compression) for s in group.stacks],
+        [
+            dataclasses.replace(
+                s.source_device(compression=config.compression),
+                max_dirty_blocks=d.max_dirty_blocks,
+            )
+            for s, d in zip(group.stacks, group.configs, strict=True)
+        ],
         channel,
         policy=config.policy,
         mode=config.mode,

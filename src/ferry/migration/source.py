@@ -114,6 +114,9 @@ class SourceDevice:
     base_hash: bytes | None = None
     base_blocks: Callable[[], frozenset[int]] | None = None
     compression: Compression = Compression.NONE
+    max_dirty_blocks: int | None = None
+    """This device's own "small enough" dirty count for the policy (None: the
+    policy's). A scan counts as below only when every device is below its own."""
 
 
 Hook = Callable[[], Awaitable[None]]
@@ -186,6 +189,7 @@ class Migrator:
         self._acks: dict[tuple[str, int, int], asyncio.Future[None]] = {}
         self._custom_seq = 0
         self._final_dirty: list[list[int]] = [[] for _ in devices]
+        self._last_counts: list[int] = [0 for _ in devices]
         self._failed_phase = Phase.IDLE
         self._acked_complete = 0
         self._dirty_seq = 0
@@ -282,7 +286,7 @@ class Migrator:
             dirty = await self._send_dirty_lists()
             self.report.cycles += 1
             self.progress.cycle = self.report.cycles
-            below = below + 1 if dirty <= self._policy.max_dirty_blocks else 0
+            below = below + 1 if self._all_small(self._last_counts) else 0
             if best is None or dirty < best * 0.9:
                 best, stalled = dirty, 0
             else:
@@ -353,12 +357,20 @@ class Migrator:
                 waits.append(fut)
                 await self._channel.send(DirtyList(index, self._dirty_seq, tuple(chunk)))
         await asyncio.gather(*waits)
+        self._last_counts = [len(blocks) for blocks in found]
         if final:
             self._final_dirty = found
         if push:
             for index, blocks in enumerate(found):
                 self._work.push(index, blocks)
         return total
+
+    def _all_small(self, counts: list[int]) -> bool:
+        limit = self._policy.max_dirty_blocks
+        return all(
+            n <= (limit if d.max_dirty_blocks is None else d.max_dirty_blocks)
+            for d, n in zip(self._devices, counts, strict=True)
+        )
 
     async def _send_you_have(self, index: int, blocks: list[int]) -> None:
         self.report.devices[index].base_blocks += len(blocks)

@@ -406,3 +406,43 @@ async def test_postcopy_mode_hands_over_first_and_fetches_on_demand() -> None:
     assert recorder.kinds.index("Custom") < recorder.kinds.index("WriteBlocks")
     assert got["first"] == await src.remote.read_at(400 * BS, 2 * BS)
     assert await snapshot(dests[0]) == await snapshot(src)
+
+
+@pytest.mark.parametrize(("hot_limit", "cycles"), [(None, 2), (0, 6)])
+async def test_per_device_dirty_threshold(hot_limit: int | None, cycles: int) -> None:
+    """A device's own max_dirty_blocks overrides the policy's for that device."""
+    import dataclasses
+
+    hot = await make_source("hot", 64 * BS, seed=13)
+    cold = await make_source("cold", 64 * BS, seed=14)
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        rnd = random.Random(5)
+        while not stop.is_set():
+            await hot.local.write_at(rnd.randrange(64) * BS, rnd.randbytes(16))
+            await asyncio.sleep(0)
+
+    async def suspend() -> None:
+        stop.set()
+
+    a, b = memory_channel_pair()
+    dests: list[DestinationStack] = []
+    policy = DirtyPolicy(
+        max_dirty_blocks=1000,
+        min_cycles_below=2,
+        max_cycles=6,
+        cycle_throttle_s=0.01,
+        max_cycles_without_progress=0,
+    )
+    devices = [
+        dataclasses.replace(hot.source_device(), max_dirty_blocks=hot_limit),
+        cold.source_device(),
+    ]
+    migrator = Migrator(devices, a, policy=policy, hooks=MigrationHooks(suspend=suspend))
+    receiver = Receiver(b, factory(dests))  # type: ignore[arg-type]
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(writer())
+        tg.create_task(receiver.run())
+        report = await migrator.run()
+    assert report.cycles == cycles
