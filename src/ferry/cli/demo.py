@@ -162,7 +162,7 @@ async def storage_demo(args: argparse.Namespace, console: Console) -> ExitCode:
     )
     console.print(
         f"  total {report.total_s:.2f} s ({mib / report.total_s:.0f} MiB/s), suspended for "
-        f"{downtime:.1f} ms (includes the demo's snapshot of the source for verification)"
+        f"{downtime:.1f} ms"
     )
     ok = result.identical and result.receive.verified
     verdict = "[green]identical[/green]" if ok else "[red]DIFFERENT[/red]"

@@ -67,8 +67,8 @@ async def run_storage_demo(
     for i, s in enumerate(sources):
         await _fill(s, i)
     dests: list[DestinationStack] = []
-    frozen: dict[str, bytes] = {}
     stop = asyncio.Event()
+    writing: asyncio.Task[None]
     stats = {"writes": 0, "bytes": 0}
 
     async def writer() -> None:
@@ -91,9 +91,10 @@ async def run_storage_demo(
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
     async def suspend() -> None:
+        # The writer stops here, so the source stays as it is at the hand-off
+        # point and can be compared with the destination after the migration.
         stop.set()
-        for s in sources:
-            frozen[s.name] = await s.remote.read_at(0, s.remote.size_bytes)
+        await writing
 
     async def open_devices(infos: Sequence[DeviceInfo]) -> list[DestinationDevice]:
         for info in infos:
@@ -116,7 +117,7 @@ async def run_storage_demo(
         if on_start is not None:
             on_start(migrator, receiver)
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(writer())
+            writing = tg.create_task(writer())
             receiving = tg.create_task(receiver.run())
             report = await migrator.run()
             receive = await receiving
@@ -124,9 +125,9 @@ async def run_storage_demo(
         await server.aclose()
     identical = True
     digests: dict[str, str] = {}
-    for d in dests:
+    for d, s in zip(dests, sources, strict=True):
         got = await d.remote.read_at(0, d.remote.size_bytes)
-        identical &= got == frozen[d.name]
+        identical &= got == await s.remote.read_at(0, s.remote.size_bytes)
         digests[d.name] = hashlib.sha256(got).hexdigest()[:16]
     return DemoResult(
         report, receive, stats["writes"], stats["bytes"], identical, digests, f"{host}:{port}"
