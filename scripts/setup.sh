@@ -23,7 +23,8 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
     echo "setup: installing system packages: ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    # With recommends: the same set the suite was developed and tested against.
+    apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
 PY=${PYTHON:-python3}
