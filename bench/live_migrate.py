@@ -99,8 +99,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     "after_resume_ms": rep.get("after_resume_ms"),
                     "prefetch_windows": rep.get("prefetch_windows"),
                     "prefetch_ms": rep.get("prefetch_ms"),
+                    "prefetch_ram_reads": rep.get("prefetch_ram_reads"),
                     "state_load_ram_reads": rep.get("state_load_ram_reads"),
                     "state_load_ram_read_bytes": rep.get("state_load_ram_read_bytes"),
+                    "cont_ram_reads": rep.get("cont_ram_reads"),
+                    "cont_ram_read_bytes": rep.get("cont_ram_read_bytes"),
                     "writes_during": len(writer.acknowledged) - acked_before,
                 })
                 await src.close()

@@ -129,6 +129,9 @@ async def test_running_vm_moves_and_continues(hosts: HostSet, counter_image: Bui
         assert sum(steps[s] for s in STEPS) == pytest.approx(dst["downtime_ms"], abs=0.01)
         assert dst["qemu_ready_before_handoff"]  # QEMU spawn was off the downtime path
         assert dst["prefetch_windows"] > 0  # virtio ring windows were warmed before the load
+        # ... by storing them into the page cache (no FUSE read), and the load needed no read.
+        assert dst["prefetch_ram_reads"] == 0
+        assert dst["state_load_ram_reads"] == 0
         # The agent works on B, in the same boot of the same guest.
         after = await b.request({"cmd": "exec", "command": "cat /proc/sys/kernel/random/boot_id"})
         assert after["stdout"] == before["stdout"]

@@ -100,8 +100,11 @@ class DestinationReport:
     state_bytes: int = 0
     prefetch_windows: int = 0             # ring windows warmed before the state load
     prefetch_ms: float | None = None
+    prefetch_ram_reads: int = 0           # FUSE reads while warming (0: stored, not read)
     state_load_ram_reads: int = 0         # FUSE reads of guest RAM during the state load
     state_load_ram_read_bytes: int = 0
+    cont_ram_reads: int = 0               # FUSE reads of guest RAM between cont and RESUME
+    cont_ram_read_bytes: int = 0
     digests: dict[str, str] = field(default_factory=dict)
     source_digests: dict[str, str] = field(default_factory=dict)
     receive: dict[str, Any] = field(default_factory=dict)
