@@ -85,6 +85,7 @@ async def hosts(site: Site) -> AsyncIterator[HostSet]:
         finally:
             for h in HOSTS:
                 await _stop_all(site.paths(h))
+                await cleanup_leftovers(run_dir=site.paths(h).net_run_dir)
             await cleanup_leftovers()
 
 
@@ -162,6 +163,7 @@ async def first_pong_s(hosts: HostSet, host: str, started: float) -> float:
     """Seconds from ``started`` to the first PONG on ``host``'s Redis port."""
     while True:
         sock = await socket_in_netns(hosts[host].namespace)
+        writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(1.0):
                 await asyncio.get_running_loop().sock_connect(
@@ -169,11 +171,17 @@ async def first_pong_s(hosts: HostSet, host: str, started: float) -> float:
                 reader, writer = await asyncio.open_connection(sock=sock)
                 writer.write(command("PING"))
                 line = await reader.readline()
-                writer.close()
                 if line.strip() == b"+PONG":
                     return time.monotonic() - started
         except (OSError, TimeoutError):
-            sock.close()
+            pass
+        finally:
+            # Once a transport owns the socket, only the transport may close it
+            # (closing the bare fd lets a new socket reuse it under the transport).
+            if writer is not None:
+                writer.close()
+            else:
+                sock.close()
         await asyncio.sleep(0.005)
 
 
