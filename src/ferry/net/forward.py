@@ -125,7 +125,39 @@ async def _bind(forward: PortForward, namespace: str | None, type_: int) -> sock
     return sock
 
 
-class TcpForwarder:
+class _ForwarderBase:
+    """What both forwarders share: the forward, its target, the bound socket."""
+
+    _proto: Proto
+
+    def __init__(self, forward: PortForward, target: tuple[str, int], *,
+                 namespace: str | None = None, gate: asyncio.Event | None = None) -> None:
+        if forward.proto is not self._proto:
+            raise NetConfigError(f"{forward} is not a {self._proto.value.upper()} forward")
+        self.forward = forward
+        self.target = target
+        self.namespace = namespace
+        self._gate = gate
+        self._bound: socket.socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._log = log.getChild(f"{self._proto.value}.{forward.host_port}")
+
+    @property
+    def local_address(self) -> tuple[str, int]:
+        """The bound host address (the real port when ``host_port`` was 0)."""
+        if self._bound is None:
+            raise ForwardError("not started", forward=str(self.forward))
+        name = self._bound.getsockname()
+        return str(name[0]), int(name[1])
+
+    async def _bind(self, type_: int) -> socket.socket:
+        if self._task is not None:
+            raise ForwardError("already started", forward=str(self.forward))
+        self._bound = await _bind(self.forward, self.namespace, type_)
+        return self._bound
+
+
+class TcpForwarder(_ForwarderBase):
     """Relays TCP connections from ``forward.host:host_port`` to ``target``.
 
     Half-closes are passed through (a client's shutdown(SHUT_WR) reaches the
@@ -134,33 +166,13 @@ class TcpForwarder:
     are connected to the target only once the gate is set (the guest runs).
     """
 
-    def __init__(self, forward: PortForward, target: tuple[str, int], *,
-                 namespace: str | None = None, gate: asyncio.Event | None = None) -> None:
-        if forward.proto is not Proto.TCP:
-            raise NetConfigError(f"{forward} is not a TCP forward")
-        self.forward = forward
-        self.target = target
-        self.namespace = namespace
-        self._gate = gate
-        self._listener: socket.socket | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._log = log.getChild(f"tcp.{forward.host_port}")
-
-    @property
-    def local_address(self) -> tuple[str, int]:
-        """The bound host address (the real port when ``host_port`` was 0)."""
-        if self._listener is None:
-            raise ForwardError("not started", forward=str(self.forward))
-        name = self._listener.getsockname()
-        return str(name[0]), int(name[1])
+    _proto = Proto.TCP
 
     async def start(self) -> None:
         """Bind and listen; connections are accepted from now on."""
-        if self._task is not None:
-            raise ForwardError("already started", forward=str(self.forward))
-        self._listener = await _bind(self.forward, self.namespace, socket.SOCK_STREAM)
-        self._listener.listen(128)
-        self._task = asyncio.create_task(self._serve(self._listener), name=f"fwd {self.forward}")
+        listener = await self._bind(socket.SOCK_STREAM)
+        listener.listen(128)
+        self._task = asyncio.create_task(self._serve(listener), name=f"fwd {self.forward}")
         self._log.debug("listening on %s -> %s", self.local_address, self.target)
 
     async def stop(self) -> None:
@@ -170,9 +182,9 @@ class TcpForwarder:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        if self._bound is not None:
+            self._bound.close()
+            self._bound = None
 
     async def _serve(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -271,7 +283,7 @@ class _UdpListener(asyncio.DatagramProtocol):
         log.debug("udp listener %s: %s", self.owner.forward, exc)
 
 
-class UdpForwarder:
+class UdpForwarder(_ForwarderBase):
     """Relays UDP datagrams from ``forward.host:host_port`` to ``target``.
 
     Each client address gets its own upstream socket (a "flow"), so replies
@@ -280,40 +292,24 @@ class UdpForwarder:
     the datagrams that arrived meanwhile are sent) once the gate is set.
     """
 
+    _proto = Proto.UDP
+
     def __init__(self, forward: PortForward, target: tuple[str, int], *,
                  namespace: str | None = None, idle_timeout_s: float = UDP_IDLE_TIMEOUT_S,
                  gate: asyncio.Event | None = None) -> None:
-        if forward.proto is not Proto.UDP:
-            raise NetConfigError(f"{forward} is not a UDP forward")
-        self.forward = forward
-        self.target = target
-        self.namespace = namespace
-        self._gate = gate
+        super().__init__(forward, target, namespace=namespace, gate=gate)
         self.idle_timeout_s = idle_timeout_s
-        self._sock: socket.socket | None = None
         self._transport: asyncio.DatagramTransport | None = None
         self._flows: dict[tuple[str, int], _UdpFlow] = {}
         self._pending: dict[tuple[str, int], list[bytes]] = {}
         self._flow_requests: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
-        self._log = log.getChild(f"udp.{forward.host_port}")
-
-    @property
-    def local_address(self) -> tuple[str, int]:
-        """The bound host address (the real port when ``host_port`` was 0)."""
-        if self._sock is None:
-            raise ForwardError("not started", forward=str(self.forward))
-        name = self._sock.getsockname()
-        return str(name[0]), int(name[1])
 
     async def start(self) -> None:
         """Bind; datagrams are relayed from now on."""
-        if self._task is not None:
-            raise ForwardError("already started", forward=str(self.forward))
-        self._sock = await _bind(self.forward, self.namespace, socket.SOCK_DGRAM)
+        sock = await self._bind(socket.SOCK_DGRAM)
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(lambda: _UdpListener(self),
-                                                           sock=self._sock)
+                                                           sock=sock)
         self._transport = transport
         self._task = asyncio.create_task(self._serve(), name=f"fwd {self.forward}")
 
@@ -327,7 +323,7 @@ class UdpForwarder:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
-        self._sock = None
+        self._bound = None  # closed with the transport
         for flow in self._flows.values():
             if flow.transport is not None:
                 flow.transport.close()
