@@ -29,6 +29,8 @@ from ferry.package.commands import package_create
 from ferry.package.keys import generate_key
 from ferry.package.trust import TrustStore
 from ferry.vm import control, pkgcache, registry, snapshot, supervisor
+from ferry.vm.image.cache import cache_root
+from ferry.vm.live.workload import command
 
 GREETING = "hello from a ferry snapshot"
 PING_TIMEOUT_S = 30.0
@@ -54,8 +56,7 @@ class VMDemoResult:
 
 
 def demo_dir() -> Path:
-    base = os.environ.get("FERRY_CACHE_DIR") or os.path.expanduser("~/.cache/ferry")
-    return Path(base) / "demo"
+    return cache_root() / "demo"
 
 
 def _free_port() -> int:
@@ -69,11 +70,7 @@ async def redis_command(port: int, *args: str, timeout_s: float = 5.0) -> bytes:
     async with asyncio.timeout(timeout_s):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            parts = [f"*{len(args)}\r\n".encode()]
-            for a in args:
-                data = a.encode()
-                parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-            writer.write(b"".join(parts))
+            writer.write(command(*args))
             await writer.drain()
             first = await reader.readline()
             if first.startswith(b"$") and first[1:3] != b"-1":
