@@ -58,6 +58,7 @@ from ferry.vm.registry import (
     check_vm_id,
     cleanup_leftovers,
     live_supervisor,
+    private_dir,
     this_process,
     write_json,
 )
@@ -234,7 +235,8 @@ async def arrive(request: ArrivalRequest, *,
                     raise VMExistsError("is already running on this host", vm=vm_id)
                 run_dir = paths.run_dir(vm_id)
                 shutil.rmtree(run_dir, ignore_errors=True)
-                run_dir.mkdir(parents=True, mode=0o700)
+                private_dir(run_dir.parent)
+                run_dir.mkdir(mode=0o700)
                 stack.callback(shutil.rmtree, run_dir, True)
                 held.run_dir = run_dir
                 boot = launch.boot_files(offer.manifest, boot_dir)
@@ -352,7 +354,7 @@ def main() -> int:
         out.write(json.dumps({"ok": False, "error": str(exc)}) + "\n")
         return 2
     log_path = request.paths.run_root / "vms" / f".receive-{os.getpid()}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(log_path.parent)
     logging.basicConfig(level=logging.INFO, filename=log_path,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
