@@ -316,7 +316,8 @@ async def send_refusal(stream: Stream, error: str) -> None:
     await send_frame(stream, {"refused": error[:MAX_TEXT_BYTES]})
 
 
-async def receive_offer(stream: Stream, cache: BootCache) -> tuple[Offer, Path]:
+async def receive_offer(stream: Stream, cache: BootCache, *,
+                        idle_timeout_s: float = IDLE_TIMEOUT_S) -> tuple[Offer, Path]:
     """Destination: read the offer, fetch missing boot files into ``cache`` (by SHA-256).
 
     Returns the offer and the directory its kernel and initramfs are pinned in
@@ -324,7 +325,7 @@ async def receive_offer(stream: Stream, cache: BootCache) -> tuple[Offer, Path]:
     The caller answers with :func:`send_ready` once it can take the VM.
     Raises :class:`RefusedError` when a registry refuses the request.
     """
-    frame = await receive_frame(stream)
+    frame = await receive_frame(stream, idle_timeout_s=idle_timeout_s)
     if "refused" in frame and "vm_id" not in frame:
         raise RefusedError(str(frame["refused"])[:MAX_TEXT_BYTES])
     offer = Offer.from_json(frame)
@@ -335,7 +336,8 @@ async def receive_offer(stream: Stream, cache: BootCache) -> tuple[Offer, Path]:
     await send_frame(stream, {"need": need})
     for name in need:
         b = offer.boot_file(name)
-        await cache.store(b.sha256, b.size_bytes, receive_chunks(stream, b.size_bytes))
+        await cache.store(b.sha256, b.size_bytes, receive_chunks(stream, b.size_bytes,
+                                                        idle_timeout_s=idle_timeout_s))
         if not await asyncio.to_thread(cache.pin, b.sha256, rel[name]):
             raise BootCacheFullError(f"boot file {name} was evicted as it arrived")
     return offer, cache.pin_dir

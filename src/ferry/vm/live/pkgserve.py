@@ -144,12 +144,13 @@ async def serve_registry(directory: Path, host: str, port: int, *, trust: TrustS
                          access: Access,
                          on_listening: Callable[[tuple[str, int]], None] = lambda a: None,
                          max_unauthenticated: int = auth.MAX_UNAUTHENTICATED,
+                         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
                          ) -> None:
     """Serve the packages in ``directory`` on ``host:port`` until cancelled.
 
     Every connection authenticates first (``access``: mutual TLS, the
     registry's token, or nobody with ``insecure``) within
-    :data:`~ferry.vm.live.access.HANDSHAKE_TIMEOUT_S`; at most
+    ``handshake_timeout_s``; at most
     ``max_unauthenticated`` connections are being vetted at once (more wait
     in the kernel's backlog). The rest of each request has idle deadlines.
     """
@@ -159,7 +160,7 @@ async def serve_registry(directory: Path, host: str, port: int, *, trust: TrustS
 
     async def serve_one(stream: Stream) -> None:
         try:
-            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+            async with asyncio.timeout(handshake_timeout_s):
                 await authenticate(stream)
         except (FerryError, TimeoutError) as exc:
             log.warning("registry: %s: not authenticated: %s", stream.peer,
