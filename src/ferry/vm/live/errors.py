@@ -40,4 +40,6 @@ class RefusedError(PeerError):
     that does not trust it); nothing was started."""
 
     def __init__(self, reason: str) -> None:
-        super().__init__(reason)
+        MigrationError.__init__(self, f"the peer refused: {reason}")
+        self.reason = reason
+        self.code = 0
