@@ -47,7 +47,7 @@ from ferry.vm.image import (
     AgentChannel,
     NbdDisk,
     SerialToFile,
-    best_accel,
+    choose_accel,
     host_tsc_khz,
     kernel_cmdline,
     qemu_argv,
@@ -348,8 +348,7 @@ class QemuVM:
 
     def _argv(self, generation: int, *, incoming: bool) -> list[str]:
         cfg = self.config
-        if self.accel is None:
-            self.accel = best_accel()
+        assert self.accel is not None, "resolved in _spawn"
         cmdline = kernel_cmdline(tsc_khz=host_tsc_khz(), quiet=cfg.quiet_kernel,
                                  root="/dev/vda" if self._disks else None, net=cfg.net,
                                  extra=cfg.kernel_args)
@@ -368,6 +367,8 @@ class QemuVM:
 
     async def _spawn(self, *, incoming: bool) -> None:
         number = self._generations + 1
+        if self.accel is None:
+            self.accel = (await choose_accel()).accel
         argv = self._argv(number, incoming=incoming)
         if self._wrap_argv is not None:
             argv = self._wrap_argv(argv)
