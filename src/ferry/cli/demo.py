@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
+from rich.markup import escape
 
 from ferry.cli.exitcodes import ExitCode
 from ferry.cli.main import emit_json
@@ -34,7 +35,7 @@ async def migrate_demo(args: argparse.Namespace, console: Console) -> ExitCode:
 
     def progress(line: str) -> None:
         if not args.json and not args.no_progress:
-            console.print(f"  [dim]…[/dim] {line}")
+            console.print(f"  [dim]…[/dim] {escape(line)}")
 
     result = await run_migrate_demo(progress)
     s = result.summary
@@ -73,7 +74,7 @@ async def vm_demo(args: argparse.Namespace, console: Console) -> ExitCode:
 
     def progress(line: str) -> None:
         if not args.json and not args.no_progress:
-            console.print(f"  [dim]…[/dim] {line}")
+            console.print(f"  [dim]…[/dim] {escape(line)}")
 
     result = await run_vm_demo(progress)
     if args.json:

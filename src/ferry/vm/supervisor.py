@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ferry.aio import cancel_and_wait
 from ferry.errors import ConfigError, FerryError
 from ferry.net import PortForward, Proto
 from ferry.net.state import process_start_time
@@ -257,9 +258,7 @@ async def _follow_console(vm: RunningVM, sink: Callable[[bytes], None] | None) -
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
 
 def _read_from(path: Path, offset: int) -> bytes:
