@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ferry.cli.exitcodes import ExitCode
-from ferry.cli.main import emit_json
+from ferry.cli.output import emit_json
 from ferry.cli.progress import show_progress
 from ferry.config import Config, DeviceConfig, TLSConfig, load_config
 from ferry.errors import ConfigError
@@ -40,6 +40,10 @@ async def run(args: argparse.Namespace, console: Console) -> ExitCode | int:
             return await inspect(args, console)
         case "certs":
             return certs(args, console)
+        case "doctor":
+            from ferry.cli.doctor import doctor
+
+            return await doctor(args, console)
     raise ConfigError(f"unknown command {args.command}")
 
 

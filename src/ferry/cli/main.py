@@ -3,6 +3,7 @@
 Subcommands (see docs/cli.md):
 
     ferry demo                      the main end-to-end demo
+    ferry doctor [--clean]          can this host run ferry's VMs, and what to fix
     ferry serve  [-c CONFIG] --listen EP NAME=PATH...   migrate device files to a receiver
     ferry receive [-c CONFIG] --from EP --into DIR      receive a device group into files
     ferry inspect FILE                                  size, blocks, hashes of a device file
@@ -14,14 +15,11 @@ Subcommands (see docs/cli.md):
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
@@ -110,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dns", action="append", default=[], help="extra DNS SAN (repeatable)")
     _add_common(c)
 
+    from ferry.cli import doctor as doctor_cli
     from ferry.cli import vm as vm_cli
+
+    p = doctor_cli.add_parser(sub)
+    _add_common(p)
 
     vm_cli.add_parsers(sub, _add_common)
     return parser
@@ -120,23 +122,6 @@ def _add_tls(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", type=Path, help="this host's certificate (PEM)")
     p.add_argument("--tls-key", type=Path, help="this host's private key (PEM)")
     p.add_argument("--tls-ca", type=Path, help="CA that signed the peer's certificate")
-
-
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n")
-    sys.stdout.flush()
 
 
 def split_rest(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -115,7 +115,7 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
 
 
 async def run(args: argparse.Namespace, console: Console) -> int:
-    from ferry.cli.main import emit_json
+    from ferry.cli.output import emit_json
 
     def out(data: Any, human: Callable[[], None]) -> None:
         if args.json:

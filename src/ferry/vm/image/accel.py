@@ -13,7 +13,7 @@ the reason logged once.
 
 The choice is cached in ``<run dir>/accel.json`` (``/run/ferry`` is a tmpfs,
 so the cache lives as long as the host boot), keyed by the boot id, the host
-kernel, the QEMU binary and the guest kernel: one probe per boot, not per
+kernel, the QEMU binary and the CPU model: one probe per boot, not per
 command. ``FERRY_ACCEL=auto|kvm|tcg`` (which the CLI's ``--accel`` sets)
 overrides it.
 """
@@ -183,8 +183,8 @@ def _run_dir() -> Path:
     return Path(os.environ.get(RUN_ENV) or DEFAULT_RUN_DIR)
 
 
-def cache_key(qemu: str, guest_kernel: Path) -> dict[str, str]:
-    """What a cached choice depends on: this boot, the host kernel, QEMU, the guest kernel."""
+def cache_key(qemu: str, cpu_model: str) -> dict[str, str]:
+    """What a cached choice depends on: this boot, the host kernel, QEMU, the CPU model."""
     def ident(path: str | Path) -> str:
         try:
             st = Path(path).stat()
@@ -198,7 +198,7 @@ def cache_key(qemu: str, guest_kernel: Path) -> dict[str, str]:
         boot_id = "unknown"
     uname = os.uname()
     return {"boot_id": boot_id, "host_kernel": f"{uname.release} {uname.version}",
-            "qemu": ident(shutil.which(qemu) or qemu), "guest_kernel": ident(guest_kernel)}
+            "qemu": ident(shutil.which(qemu) or qemu), "cpu_model": cpu_model}
 
 
 def _read_cache(path: Path, key: dict[str, str]) -> AccelChoice | None:
@@ -240,10 +240,10 @@ def _prepare(qemu: str, cache: Path | None, cpu_model: str) -> AccelChoice | _Pr
     """A cached choice, or the probe to run (fetches the guest kernel the first time)."""
     from ferry.vm.image.kernel import fetch_kernel  # apt work only when a probe is due
 
-    kernel = fetch_kernel()
-    key = cache_key(qemu, kernel.vmlinuz) | {"cpu_model": cpu_model}
+    key = cache_key(qemu, cpu_model)
     if cache is not None and (hit := _read_cache(cache, key)) is not None:
         return hit
+    kernel = fetch_kernel()
     busybox = shutil.which("busybox") or "/bin/busybox"
     initrd = probe_initramfs(Path(busybox), kernel.vmlinuz.parent / "accel-probe.cpio")
     return _Probe(probe_argv(qemu, kernel.vmlinuz, initrd, tsc_khz=host_tsc_khz(),
