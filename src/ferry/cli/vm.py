@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -255,6 +256,9 @@ async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable
                                         on_console=None if args.json else console_out)
     if not args.json:
         console.print(f"{vm_id}: stopped ({report.get('mode')})")
+    signum = report.get("signal")
+    if isinstance(signum, int):  # Ctrl-C or SIGTERM stopped it: say so in the exit code
+        return ExitCode.TERMINATED if signum == signal.SIGTERM else ExitCode.INTERRUPTED
     return ExitCode.OK
 
 

@@ -101,6 +101,11 @@ class _Session:
             asyncio.get_running_loop().create_future())
         self.record: dict[str, Any] = {}
         self.outgoing = Outgoing(self._movable)
+        self.signal: int | None = None  # the signal that asked this VM to stop, if any
+
+    def on_signal(self, signum: int) -> None:
+        self.signal = self.signal or signum
+        self.request_stop(StopMode.DISCARD)
 
     def _movable(self) -> Movable | None:
         vm = self.vm
@@ -180,11 +185,13 @@ async def supervise(
                              forwards=[str(f) for f in request.forwards],
                              started_at=time.time())
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, session.request_stop, StopMode.DISCARD)
+            loop.add_signal_handler(sig, session.on_signal, sig)
         package = open_extracted(request.package_dir) if request.package_dir else None
         async with control.serve_control(paths.control_socket(vm_id), session.handle):
             report = await _run(session, package_dir=package, on_ready=on_ready,
                                 on_console=on_console, launched=launched)
+        if session.signal is not None:
+            report["signal"] = session.signal
         return report
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
