@@ -169,3 +169,26 @@ def test_run_while_verifying(host: Host, package: Path) -> None:
     assert rc == 130, "".join(cmd.lines)
     assert took < END_WITHIN_S
     assert_clean(host, before)
+
+
+@pytest.fixture(scope="module")
+def demo_package(host: Host) -> None:
+    """One full ``ferry demo vm``: builds (or reuses) the demo's signed Redis package."""
+    out = subprocess.run([*FERRY, "demo", "vm", "--no-progress"], env=host.env,
+                         capture_output=True, text=True, timeout=900, check=False)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize(("when", "signum", "code"), [
+    ("verifying", signal.SIGTERM, 143),
+    ("resuming the package", signal.SIGINT, 130),
+])
+def test_demo(host: Host, demo_package: None, when: str, signum: int, code: int) -> None:
+    before = set(netns.list_namespaces())
+    cmd = start(host.env, "demo", "vm")
+    cmd.wait_for(when)
+    rc, took = cmd.signal_and_wait(signum)
+    assert rc == code, "".join(cmd.lines)
+    assert took < END_WITHIN_S
+    assert_clean(host, before)
+    assert list((host.root / "run" / "vms").glob("*/supervisor.json")) == []
