@@ -159,6 +159,13 @@ def parse_config(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
             pol, "min_cycles_below", int, d.min_cycles_below, "migration.policy"
         ),
         max_cycles=_take(pol, "max_cycles", int, d.max_cycles, "migration.policy"),
+        max_cycles_without_progress=_take(
+            pol,
+            "max_cycles_without_progress",
+            int,
+            d.max_cycles_without_progress,
+            "migration.policy",
+        ),
         cycle_throttle_s=_take(
             pol, "cycle_throttle_s", float, d.cycle_throttle_s, "migration.policy"
         ),
