@@ -15,7 +15,12 @@ from ferry.cli.progress import show_progress
 from ferry.config import Config, DeviceConfig, TLSConfig, load_config
 from ferry.errors import ConfigError
 from ferry.migration.destination import Receiver
-from ferry.migration.files import migrate_in, migrate_out, open_source_files
+from ferry.migration.files import (
+    make_target_directory,
+    migrate_in,
+    migrate_out,
+    open_source_files,
+)
 from ferry.migration.report import MigrationReport
 from ferry.migration.source import Migrator
 from ferry.transport.auth import new_token, token_from, write_token_file
@@ -168,6 +173,7 @@ class _Sized:
 
 async def receive(args: argparse.Namespace, console: Console) -> ExitCode:
     config = _config(args)
+    make_target_directory(args.into)  # a bad --into fails before we connect
     tls = _tls(args, config)
     endpoint = parse_endpoint(args.source)
     ctx: ssl.SSLContext | None = None

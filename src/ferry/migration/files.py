@@ -117,6 +117,18 @@ async def migrate_out(
         await channel.aclose()
 
 
+def make_target_directory(directory: Path) -> None:
+    """Create the directory devices are received into; ConfigError if it cannot be one."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{directory} exists and is not a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create {directory}: {exc.strerror}") from exc
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"{directory} is not writable")
+
+
 def _partial(final: Path) -> Path:
     return final.with_name(final.name + PARTIAL_SUFFIX)
 
@@ -140,7 +152,7 @@ class FileReceiver:
             if final.exists() and not self.overwrite:
                 raise ConfigError(f"{final} exists; refusing to overwrite it (use --overwrite)")
             finals.append(final)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_target_directory(self.directory)
         check_free_space(self.directory, infos)
         for info, final in zip(infos, finals, strict=True):
             partial = _partial(final)

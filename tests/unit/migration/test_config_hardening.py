@@ -8,7 +8,7 @@ import pytest
 
 from ferry.config import DeviceConfig, load_config, parse_config
 from ferry.errors import ConfigError
-from ferry.migration.files import open_source_files
+from ferry.migration.files import make_target_directory, open_source_files
 from ferry.migration.limits import ReceiveLimits
 
 
@@ -52,3 +52,13 @@ def test_serving_a_directory_or_a_missing_file_is_a_config_error(tmp_path: Path)
         open_source_files([DeviceConfig("d", tmp_path)])
     with pytest.raises(ConfigError, match="No such file"):
         open_source_files([DeviceConfig("d", tmp_path / "missing")])
+
+
+def test_a_target_that_cannot_be_a_directory_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(ConfigError, match="not a directory"):
+        make_target_directory(tmp_path / "file")
+    with pytest.raises(ConfigError, match="cannot create"):
+        make_target_directory(tmp_path / "file" / "sub")
+    make_target_directory(tmp_path / "new" / "dir")
+    assert (tmp_path / "new" / "dir").is_dir()
