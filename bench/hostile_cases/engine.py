@@ -84,13 +84,17 @@ def _nobody(payload: bytes) -> ServeAttack:
     return attack
 
 
+def _read_to_eof(s: socket.socket) -> bytes:
+    got = b""
+    while chunk := s.recv(65536):
+        got += chunk
+    return got
+
+
 def _talk(port: int, payload: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S) as s:
         s.sendall(payload)
-        got = b""
-        while chunk := s.recv(65536):
-            got += chunk
-        return got
+        return _read_to_eof(s)
 
 
 def _send_and_read(payload: bytes) -> ServeAttack:
@@ -353,9 +357,7 @@ def _garbage(path: Path, pid: int) -> tuple[bool, str]:
         s.connect(str(path))
         _recv_exactly(s, 18)
         s.sendall(os.urandom(4096))
-        got = b""
-        while chunk := s.recv(65536):
-            got += chunk
+        got = _read_to_eof(s)
     return True, f"dropped after {len(got)} bytes of replies"
 
 

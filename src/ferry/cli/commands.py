@@ -60,11 +60,16 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _tls(args: argparse.Namespace, config: Config) -> TLSConfig | None:
     given = [args.tls_cert, args.tls_key, args.tls_ca]
+    tls = config.tls
     if any(given):
         if not all(given):
             raise ConfigError("--tls-cert, --tls-key and --tls-ca go together")
-        return TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
-    return config.tls
+        tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
+    if tls is not None:
+        for what, path in (("certificate", tls.cert), ("key", tls.key), ("CA", tls.ca)):
+            if not path.is_file():
+                raise ConfigError(f"TLS {what} {path} is not a file")
+    return tls
 
 
 def _devices(args: argparse.Namespace, config: Config) -> list[DeviceConfig]:
