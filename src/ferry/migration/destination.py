@@ -322,15 +322,14 @@ class Receiver:
             )
         local = dev.locally_written()
         received = self._received[index]
-        to_read: list[int] = []
-        for block in range(g.block_count):
-            if block in local:
-                continue
-            got = received.get(block)
-            if got is None or self._readback:
-                to_read.append(block)
-            elif got != table.get(block):
-                await self._integrity_error(info.name, block)
+        if self._readback:
+            to_read = [b for b in range(g.block_count) if b not in local]
+        else:
+            missing, differing = received.compare(table)
+            for block in differing:
+                if block not in local:
+                    await self._integrity_error(info.name, block)
+            to_read = [b for b in missing if b not in local]
         for block in to_read:
             data = await dev.read_at(g.block_offset(block), g.block_length(block))
             if block_hash(data) != table.get(block):

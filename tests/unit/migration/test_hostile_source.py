@@ -280,3 +280,19 @@ def test_block_hash_table_memory_follows_blocks_recorded(traced: Callable[[], in
     assert table.get(5) is None
     with pytest.raises(IndexError):
         table.set(1 << 31, b"c" * 16)
+
+
+def test_block_hash_table_compare_finds_missing_and_differing_blocks() -> None:
+    count = 3000  # three chunks, the last one partial
+    final = BlockHashTable(count)
+    got = BlockHashTable(count)
+    for block in range(count):
+        final.set(block, block.to_bytes(16, "big"))
+        if block not in (5, 2999) and block // 1024 != 1:
+            got.set(block, block.to_bytes(16, "big"))
+    got.set(7, b"x" * 16)
+    got.set(2500, b"y" * 16)
+    missing, differing = got.compare(final)
+    assert missing == [5, *range(1024, 2048), 2999]
+    assert differing == [7, 2500]
+    assert final.compare(final) == ([], [])
