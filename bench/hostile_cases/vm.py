@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ferry.transport.auth import ACCEPTED, MAGIC
+from ferry.vm.live import launch
+from ferry.vm.live.testing import HOSTILE_OFFERS, INITRAMFS, KERNEL, frame, sample_offer
 from hostile_cases.base import (
     FERRY,
     READY_TIMEOUT_S,
@@ -43,10 +46,6 @@ from hostile_cases.base import (
     vm_hwm_kib,
     wait_rss,
 )
-
-from ferry.transport.auth import ACCEPTED, MAGIC
-from ferry.vm.live import launch
-from ferry.vm.live.testing import HOSTILE_OFFERS, INITRAMFS, KERNEL, frame, sample_offer
 
 SOCKET_TIMEOUT_S = 30.0
 Attack = Callable[["Endpoint"], tuple[bool, str]]

@@ -22,7 +22,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 from hostile_cases.base import FERRY, Case, child_env
-
 from hostile_cases.vm import VM_CASES
 
 pytestmark = [

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
+from rich.markup import escape
 
 from ferry.cli.exitcodes import ExitCode
-from ferry.cli.main import emit_json
+from ferry.cli.output import emit_json
 from ferry.cli.progress import show_progress
 from ferry.demo.storage import run_storage_demo
 from ferry.migration.destination import Receiver
@@ -16,11 +17,32 @@ from ferry.migration.source import Migrator
 
 async def run_demos(args: argparse.Namespace, console: Console) -> ExitCode:
     parts = args.parts or ["migrate", "vm", "storage"]
+    if {"migrate", "vm"} & set(parts) and not await host_ready(args, console):
+        return ExitCode.ERROR
     runners = {"migrate": migrate_demo, "vm": vm_demo, "storage": storage_demo}
     results: dict[str, ExitCode] = {}
     for part in parts:
         results[part] = await runners[part](args, console)
     return max(results.values(), default=ExitCode.OK)
+
+
+async def host_ready(args: argparse.Namespace, console: Console) -> bool:
+    """``ferry doctor`` first: the VM demos stop here, with its advice, on a host that
+    cannot run VMs; otherwise it says which accelerator the VMs will use and why."""
+    from ferry.cli.doctor import print_checks
+    from ferry.doctor import Status, can_run_vms, run_checks
+
+    checks = await run_checks()
+    if not can_run_vms(checks):
+        if not args.json:
+            console.print("[red]this host cannot run the VM demos:[/red]")
+        print_checks(console, [c for c in checks if c.status is not Status.OK])
+        return False
+    if not args.json:
+        accel = next((c for c in checks if c.name == "accelerator"), None)
+        if accel is not None:
+            console.print(f"[dim]accelerator: {escape(accel.detail)}[/dim]")
+    return True
 
 
 async def migrate_demo(args: argparse.Namespace, console: Console) -> ExitCode:
@@ -34,7 +56,7 @@ async def migrate_demo(args: argparse.Namespace, console: Console) -> ExitCode:
 
     def progress(line: str) -> None:
         if not args.json and not args.no_progress:
-            console.print(f"  [dim]…[/dim] {line}")
+            console.print(f"  [dim]…[/dim] {escape(line)}")
 
     result = await run_migrate_demo(progress)
     s = result.summary
@@ -73,7 +95,7 @@ async def vm_demo(args: argparse.Namespace, console: Console) -> ExitCode:
 
     def progress(line: str) -> None:
         if not args.json and not args.no_progress:
-            console.print(f"  [dim]…[/dim] {line}")
+            console.print(f"  [dim]…[/dim] {escape(line)}")
 
     result = await run_vm_demo(progress)
     if args.json:

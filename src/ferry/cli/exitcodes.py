@@ -11,4 +11,5 @@ class ExitCode(enum.IntEnum):
     USAGE = 2  # bad arguments or configuration
     INTEGRITY = 3  # data did not verify (migration hash mismatch, tampered package)
     PEER = 4  # the peer reported an error or went away
-    INTERRUPTED = 130  # Ctrl-C
+    INTERRUPTED = 130  # Ctrl-C (SIGINT)
+    TERMINATED = 143  # SIGTERM

@@ -3,6 +3,7 @@
 Subcommands (see docs/cli.md):
 
     ferry demo                      the main end-to-end demo
+    ferry doctor [--clean]          can this host run ferry's VMs, and what to fix
     ferry serve  [-c CONFIG] --listen EP NAME=PATH...   migrate device files to a receiver
     ferry receive [-c CONFIG] --from EP --into DIR      receive a device group into files
     ferry inspect FILE                                  size, blocks, hashes of a device file
@@ -14,31 +15,25 @@ Subcommands (see docs/cli.md):
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
-import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
-from ferry.cli.exitcodes import ExitCode
-from ferry.errors import (
-    BrokenResourceError,
-    ConfigError,
-    FerryError,
-    IntegrityError,
-    PeerError,
-)
+from ferry.cli.args import add_accel, positive_float, positive_int
+from ferry.cli.auth_args import add_auth_arguments
+from ferry.cli.failure import run_command
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true",
+                   help="on failure, print the Python traceback too")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,17 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which demos to run (default: migrate, vm, then storage)")
     p.add_argument(
         "--size-mib",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=[256, 128],
         help="sizes of the demo devices (default: 256 128)",
     )
     p.add_argument(
         "--write-rate-mib-s",
-        type=float,
+        type=positive_float,
         default=20.0,
         help="rate of the concurrent writer (default: 20)",
     )
+    add_accel(p)
     _add_common(p)
 
     p = sub.add_parser("serve", help="migrate device files to the receiver that connects")
@@ -76,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "devices", nargs="*", metavar="NAME=PATH", help="devices (or [[device]] in config)"
     )
     _add_tls(p)
+    add_auth_arguments(p, serving=True)
     _add_common(p)
 
     p = sub.add_parser("receive", help="receive a device group into files")
@@ -90,11 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.add_argument("--server-name", help="name the source's TLS certificate must carry")
     _add_tls(p)
+    add_auth_arguments(p, serving=False)
     _add_common(p)
 
     p = sub.add_parser("inspect", help="describe a device file")
     p.add_argument("path", type=Path)
-    p.add_argument("--block-size", type=int, default=65536)
+    p.add_argument("--block-size", type=positive_int, default=65536)
     p.add_argument("--hashes", action="store_true", help="list every block hash")
     _add_common(p)
 
@@ -113,7 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dns", action="append", default=[], help="extra DNS SAN (repeatable)")
     _add_common(c)
 
+    from ferry.cli import doctor as doctor_cli
     from ferry.cli import vm as vm_cli
+
+    p = doctor_cli.add_parser(sub)
+    _add_common(p)
 
     vm_cli.add_parsers(sub, _add_common)
     return parser
@@ -125,57 +127,39 @@ def _add_tls(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", type=Path, help="CA that signed the peer's certificate")
 
 
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n")
-    sys.stdout.flush()
-
-
-def exit_code_for(exc: BaseException) -> ExitCode:
-    from ferry.package.errors import PackageFormatError, PackageTamperedError, SignatureError
-
-    if isinstance(exc, PackageTamperedError | PackageFormatError | SignatureError):
-        return ExitCode.INTEGRITY  # a package that does not verify
-    if isinstance(exc, ConfigError):
-        return ExitCode.USAGE
-    if isinstance(exc, IntegrityError):
-        return ExitCode.INTEGRITY
-    if isinstance(exc, PeerError | BrokenResourceError):
-        return ExitCode.PEER
-    if isinstance(exc, FerryError) and exc.__cause__ is not None:
-        return exit_code_for(exc.__cause__)
-    return ExitCode.ERROR
+def split_rest(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``argv`` before the first ``--``, and what follows it (a guest command line)."""
+    argv = list(argv)
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    head, rest = split_rest(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(head)
+    if rest and not getattr(args, "takes_rest", False):
+        parser.error(f"unexpected arguments after '--': {' '.join(rest)}")
+    args.rest = rest
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    # Progress and messages go to stderr so stdout stays clean for --json and pipes.
-    console = Console(stderr=True)
+    fmt = ("%(asctime)s %(levelname)s %(name)s: %(message)s" if args.verbose
+           else "ferry: %(levelname)s: %(message)s")
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+    if args.verbose == 0:
+        logging.addLevelName(logging.WARNING, "warning")
+        logging.addLevelName(logging.ERROR, "error")
+    if getattr(args, "accel", None):
+        from ferry.vm.image.accel import ACCEL_ENV
+
+        os.environ[ACCEL_ENV] = args.accel  # inherited by supervisors and receivers
+    # Progress and messages go to stderr so stdout stays clean for --json and pipes;
+    # soft_wrap: never wrap lines (paths stay whole, scripts can grep them).
+    console = Console(stderr=True, soft_wrap=True, highlight=False)
     from ferry.cli import commands
 
-    try:
-        return int(asyncio.run(commands.run(args, console)))
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/red]")
-        return ExitCode.INTERRUPTED
-    except FerryError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        return exit_code_for(exc)
+    return run_command(lambda: commands.run(args, console), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from ferry.aio import cancel_and_wait
+
 Sample = Callable[[], tuple[str, int, int]]
 """Returns (description, completed, total)."""
 
@@ -50,8 +52,6 @@ async def show_progress(
         try:
             yield
         finally:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
+            await cancel_and_wait(poller)
             desc, done, total = sample()
             progress.update(task, description=desc, completed=done, total=total or None)

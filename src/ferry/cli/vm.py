@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from ferry.cli.args import add_accel, positive_float
 from ferry.cli.exitcodes import ExitCode
 from ferry.errors import ConfigError
 from ferry.package import PackageInfo, Progress, TrustStore
@@ -41,6 +44,7 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
     c.add_argument("--cpu-model", default=DEFAULT_CPU_MODEL)
     c.add_argument("--package", type=Path, metavar="FILE", help="also sign it into FILE")
     c.add_argument("--key", type=Path, help="signing key (default: ferry's default key)")
+    add_accel(c)
     add_common(c)
 
     c = vm.add_parser("run", help="resume a package (or continue a suspended VM)")
@@ -53,15 +57,19 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
                    help="allow publishing on 0.0.0.0 / ::")
     c.add_argument("-d", "--detach", action="store_true", help="run in the background")
     c.add_argument("--trust", type=Path, help="trust list (default: this host's)")
+    add_accel(c)
     add_common(c)
 
     c = vm.add_parser("list", help="running and suspended VMs")
     add_common(c)
 
-    c = vm.add_parser("exec", help="run a command in a VM: ferry vm exec ID -- CMD...")
+    c = vm.add_parser("exec", help="run a command in a VM: ferry vm exec [OPTIONS] ID -- CMD...")
     c.add_argument("vm_id")
-    c.add_argument("argv", nargs=argparse.REMAINDER)
-    c.add_argument("--timeout", type=float, default=30.0)
+    c.add_argument("argv", nargs="*", metavar="CMD",
+                   help="the command; put it after '--' when it has options of its own")
+    c.add_argument("--timeout", type=positive_float, default=30.0,
+                   help="seconds the command may run (default: 30)")
+    c.set_defaults(takes_rest=True)
     c.add_argument("-i", "--stdin", action="store_true", help="send stdin (at most 1 MiB)")
     add_common(c)
 
@@ -108,7 +116,7 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
 
 
 async def run(args: argparse.Namespace, console: Console) -> int:
-    from ferry.cli.main import emit_json
+    from ferry.cli.output import emit_json
 
     def out(data: Any, human: Callable[[], None]) -> None:
         if args.json:
@@ -118,7 +126,7 @@ async def run(args: argparse.Namespace, console: Console) -> int:
 
     def progress(line: str) -> None:
         if not args.no_progress:
-            console.print(f"[dim]…[/dim] {line}")
+            console.print(f"[dim]…[/dim] {escape(line)}")
 
     match args.command, getattr(args, f"{args.command}_command"):
         case "vm", "build":
@@ -156,7 +164,7 @@ async def run(args: argparse.Namespace, console: Console) -> int:
                   "forwards": list(v.forwards), "resume_ms": v.resume_ms} for v in vms],
                 lambda: _print_vms(console, vms))
         case "vm", "exec":
-            argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+            argv = [*args.argv, *args.rest]
             if not argv:
                 raise ConfigError("no command given: ferry vm exec ID -- CMD...")
             paths = registry.VMPaths.default()
@@ -222,6 +230,8 @@ async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable
     vm_id = registry.check_vm_id(args.name or f"vm-{snapshot.short_id()}")
     package_dir = None
     if args.package is not None:
+        if not args.package.is_file():
+            raise ConfigError(f"no package file {args.package}")
         trust = TrustStore.from_path(args.trust) if args.trust else TrustStore.default()
         progress(f"verifying {args.package}")
         opened = pkgcache.open_package(args.package, trust,
@@ -246,6 +256,9 @@ async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable
                                         on_console=None if args.json else console_out)
     if not args.json:
         console.print(f"{vm_id}: stopped ({report.get('mode')})")
+    signum = report.get("signal")
+    if isinstance(signum, int):  # Ctrl-C or SIGTERM stopped it: say so in the exit code
+        return ExitCode.TERMINATED if signum == signal.SIGTERM else ExitCode.INTERRUPTED
     return ExitCode.OK
 
 

@@ -142,7 +142,8 @@ async def _request_raw(sock: Path, req: dict[str, Any], vm_id: str) -> dict[str,
         reader, writer = await asyncio.open_unix_connection(str(sock),
                                                             limit=control.MAX_LINE_BYTES)
     except OSError as exc:
-        raise VMNotFoundError(f"no supervisor answers on {sock}", vm=vm_id) from exc
+        raise VMNotFoundError("no such VM runs on this host (see 'ferry vm list')",
+                              vm=vm_id) from exc
     try:
         writer.write(json.dumps(req).encode() + b"\n")
         await writer.drain()

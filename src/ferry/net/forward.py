@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol, cast
 
+from ferry.aio import cancel_and_wait
 from ferry.net.errors import ForwardError, NamespaceError, NetConfigError, WildcardAddressError
 from ferry.net.netns import socket_in_netns
 
@@ -78,7 +79,7 @@ class PortForward:
         if addr.is_unspecified and not self.allow_wildcard:
             raise WildcardAddressError(
                 f"refusing to forward on wildcard address {self.host}: it exposes the guest on "
-                "every interface; pass allow_wildcard=True if that is intended"
+                "every interface; use --allow-wildcard if that is intended"
             )
         if not 0 <= self.host_port <= 65535:
             raise NetConfigError(f"host_port out of range: {self.host_port}")
@@ -179,9 +180,7 @@ class TcpForwarder(_ForwarderBase):
         """Stop listening and close every relayed connection."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         if self._bound is not None:
             self._bound.close()
             self._bound = None
@@ -317,9 +316,7 @@ class UdpForwarder(_ForwarderBase):
         """Close the listener and every flow."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         if self._transport is not None:
             self._transport.close()
             self._transport = None

@@ -49,7 +49,7 @@ def commit_file(tmp: Path, final: Path, *, overwrite: bool) -> None:
         try:
             os.link(tmp, final)
         except FileExistsError as exc:
-            msg = "already exists (pass overwrite=True)"
+            msg = "already exists (use --overwrite to replace it)"
             raise PackageExistsError(msg, path=str(final)) from exc
         os.unlink(tmp)
     fsync_dir(final.parent)
@@ -58,7 +58,7 @@ def commit_file(tmp: Path, final: Path, *, overwrite: bool) -> None:
 def write_file_atomic(final: Path, data: bytes, *, mode: int, overwrite: bool) -> None:
     """Write a small file completely under a temporary name, fsync, then commit it."""
     if not overwrite and final.exists():
-        raise PackageExistsError("already exists (pass overwrite=True)", path=str(final))
+        raise PackageExistsError("already exists (use --overwrite to replace it)", path=str(final))
     tmp = temp_sibling(final)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)

@@ -335,7 +335,8 @@ def extract_package(
     src = Path(file)
     dest = Path(dest_dir)
     if (dest.exists() or dest.is_symlink()) and not overwrite:
-        raise PackageExistsError("destination already exists (pass overwrite=True)", path=str(dest))
+        raise PackageExistsError("destination already exists (use --overwrite to replace it)",
+                                 path=str(dest))
     if not dest.parent.is_dir():
         raise PackageIOError("parent directory does not exist", path=str(dest.parent))
     staging = temp_sibling(dest)

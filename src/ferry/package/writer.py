@@ -140,7 +140,7 @@ def write_package(
     src = Path(src_dir)
     out = Path(out_file)
     if out.exists() and not overwrite:
-        raise PackageExistsError("already exists (pass overwrite=True)", path=str(out))
+        raise PackageExistsError("already exists (use --overwrite to replace it)", path=str(out))
     names = _source_files(src)
     try:
         total = sum((src / n).stat().st_size for n in names)

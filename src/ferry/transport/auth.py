@@ -153,8 +153,14 @@ async def present_token(stream: Stream, token: str, *, timeout_s: float) -> None
         ) from None
     except FerryError as exc:
         raise AuthenticationError(f"refused: {exc}", peer=stream.peer) from exc
-    if answer != ACCEPTED:
+    if answer == REFUSED:
         raise AuthenticationError("the server refused the token", peer=stream.peer)
+    if answer != ACCEPTED:
+        raise AuthenticationError(
+            "the server closed the connection without accepting the token "
+            "(busy with other connections, or not a ferry endpoint)",
+            peer=stream.peer,
+        )
 
 
 def peer_uid(stream: Stream) -> int | None:

@@ -89,6 +89,8 @@ async def connect_tcp(
         async with asyncio.timeout_at(deadline):
             sock = await _connect_any(host, port)
     except TimeoutError as exc:
+        if exc.errno is not None:  # the kernel's ETIMEDOUT, before our deadline
+            raise BrokenResourceError(f"connect failed: {describe(exc)}", peer=peer) from exc
         raise ConnectTimeoutError(f"connect timed out after {timeout_s} s", peer=peer) from exc
     except OSError as exc:
         raise BrokenResourceError(f"connect failed: {describe(exc)}", peer=peer) from exc

@@ -111,7 +111,8 @@ async def request(path: Path, payload: dict[str, Any], *, timeout_s: float = 60.
             asyncio.open_unix_connection(os.fspath(path), limit=MAX_LINE_BYTES),
             CONNECT_TIMEOUT_S)
     except (FileNotFoundError, ConnectionRefusedError) as exc:
-        raise VMNotFoundError(f"no supervisor answers on {path}", vm=vm) from exc
+        raise VMNotFoundError("no such VM runs on this host (see 'ferry vm list')",
+                              vm=vm) from exc
     except (OSError, TimeoutError) as exc:
         raise ControlError(f"cannot reach the supervisor on {path}: {exc}", vm=vm) from exc
     try:

@@ -37,7 +37,14 @@ from ferry.storage import FileDevice
 from ferry.storage.hashing import block_hash
 from ferry.vm.agent import AgentClient, AgentError, connect_agent
 from ferry.vm.errors import SnapshotError
-from ferry.vm.image import Blueprint, BuiltImage, TapNet, build_blueprint, load_blueprint
+from ferry.vm.image import (
+    Accel,
+    Blueprint,
+    BuiltImage,
+    TapNet,
+    build_blueprint,
+    load_blueprint,
+)
 from ferry.vm.image.qemu_cmd import host_tsc_khz, kernel_cmdline
 from ferry.vm.manifest import (
     INITRAMFS_PATH,
@@ -142,7 +149,10 @@ async def booted(
         try:
             await agent.wait_ready(boot_timeout_s)
         except AgentError as exc:
-            raise SnapshotError(f"the guest agent did not come up: {exc} (console: "
+            hint = ("; the guest ran under KVM: if KVM is broken on this host, "
+                    "retry with FERRY_ACCEL=tcg (or --accel tcg)"
+                    if vm.accel is Accel.KVM else "")
+            raise SnapshotError(f"the guest agent did not come up: {exc}{hint} (console: "
                                 f"{vm.console_path})", vm=net.vm_id) from exc
         boot_s = time.monotonic() - t0
         progress(f"agent up after {boot_s:.1f} s; waiting for readiness")

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ferry.aio import cancel_and_wait
 from ferry.errors import ConfigError, FerryError
 from ferry.net import PortForward, Proto
 from ferry.net.state import process_start_time
@@ -101,6 +102,11 @@ class _Session:
             asyncio.get_running_loop().create_future())
         self.record: dict[str, Any] = {}
         self.outgoing = Outgoing(self._movable)
+        self.signal: int | None = None  # the signal that asked this VM to stop, if any
+
+    def on_signal(self, signum: int) -> None:
+        self.signal = self.signal or signum
+        self.request_stop(StopMode.DISCARD)
 
     def _movable(self) -> Movable | None:
         vm = self.vm
@@ -181,11 +187,13 @@ async def supervise(
                              forwards=[str(f) for f in request.forwards],
                              started_at=time.time())
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, session.request_stop, StopMode.DISCARD)
+            loop.add_signal_handler(sig, session.on_signal, sig)
         package = open_extracted(request.package_dir) if request.package_dir else None
         async with control.serve_control(paths.control_socket(vm_id), session.handle):
             report = await _run(session, package_dir=package, on_ready=on_ready,
                                 on_console=on_console, launched=launched)
+        if session.signal is not None:
+            report["signal"] = session.signal
         return report
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -259,9 +267,7 @@ async def _follow_console(vm: RunningVM, sink: Callable[[bytes], None] | None) -
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
 
 def _read_from(path: Path, offset: int) -> bytes:

@@ -225,3 +225,31 @@ async def test_same_user_refuses_streams_without_credentials() -> None:
     a, _b = memory_stream_pair()
     with pytest.raises(AuthenticationError):
         await same_user(a)
+
+
+async def test_tls_listener_drops_connections_beyond_the_setup_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ferry.transport import listener as listener_module
+    from ferry.transport.certs import create_ca, create_host_cert
+    from ferry.transport.tls import server_context_for
+
+    monkeypatch.setattr(listener_module, "MAX_CONNECTION_SETUPS", 2)
+    create_ca(tmp_path / "ca")
+    files = create_host_cert(tmp_path / "ca", tmp_path / "server", "s", ips=["127.0.0.1"])
+    async with await listen_tcp(ssl_context=server_context_for(files)) as listener:
+        host, port = listener.address
+        silent = []
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection(host, port)
+            silent.append((reader, writer))
+        # The first two sit in their TLS handshakes (10 s deadline); the third is
+        # dropped at once: it is the first to see EOF.
+        reads = {asyncio.create_task(r.read(1)): i for i, (r, _w) in enumerate(silent)}
+        done, pending = await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
+        assert [reads[t] for t in done] == [2]
+        assert [t.result() for t in done] == [b""]
+        for task in pending:
+            task.cancel()
+        for _r, w in silent:
+            w.close()

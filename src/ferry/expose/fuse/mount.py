@@ -336,7 +336,17 @@ class FuseMount:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._teardown(flush=True, exc=exc)
+        try:
+            await self._teardown(flush=True, exc=exc)
+        except BaseException as raised:
+            if raised is exc:
+                # The TaskGroup hands back the very exception it was given. Raising it
+                # again from here, when this mount is an AsyncExitStack callback, makes
+                # contextlib link it into its own __context__ chain and then loop
+                # forever walking that chain (Ctrl-C hung at 100% CPU). Returning lets
+                # the original exception propagate unchanged.
+                return
+            raise
 
     async def _mount(self) -> None:
         options = {f"fsname={FSNAME}", f"subtype={FSNAME}", "default_permissions"}

@@ -6,10 +6,10 @@ Public API::
     load_blueprint(path_or_name) -> Blueprint
     qemu_argv(kernel, initramfs, *, memory_mib, cmdline, ...) -> list[str]
     kernel_cmdline(*, tsc_khz, ...) -> str;  host_tsc_khz() -> int
-    probe_kvm() -> bool;  best_accel() -> Accel
+    choose_accel(override=None) -> AccelChoice  (async; best_accel() for sync callers)
 """
 
-from ferry.vm.image.accel import best_accel, probe_kvm
+from ferry.vm.image.accel import AccelChoice, best_accel, choose_accel, probe_kvm
 from ferry.vm.image.blueprint import Blueprint, BuiltImage, build_blueprint, load_blueprint
 from ferry.vm.image.errors import BlueprintError, ImageError, ModuleError, PackageError
 from ferry.vm.image.qemu_cmd import (
@@ -29,6 +29,7 @@ from ferry.vm.image.qemu_cmd import (
 
 __all__ = [
     "Accel",
+    "AccelChoice",
     "AgentChannel",
     "Blueprint",
     "BlueprintError",
@@ -45,6 +46,7 @@ __all__ = [
     "UserNet",
     "best_accel",
     "build_blueprint",
+    "choose_accel",
     "host_tsc_khz",
     "kernel_cmdline",
     "load_blueprint",

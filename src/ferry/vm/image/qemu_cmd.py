@@ -19,6 +19,14 @@ from ferry.errors import ConfigError
 
 QEMU_BINARY = "qemu-system-x86_64"
 
+DEFAULT_CPU_MODEL = "Nehalem-v1"
+"""A named model, not ``host``/``max``: a snapshot's CPU state (CPUID, MSRs,
+XSAVE layout) must be acceptable to the QEMU that restores it, on any host.
+``Nehalem-v1`` is the x86-64-v2 baseline (SSE4.2, POPCNT): TCG emulates all
+of it without warnings in QEMU 7.2 (plain ``Nehalem`` asks for spec-ctrl,
+which TCG lacks), and every x86 CPU KVM hosts have had since ~2011 has it.
+``qemu64`` is even safer but lacks SSE4.x. See docs/runtime.md."""
+
 
 class Accel(enum.Enum):
     TCG = "tcg"

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ferry.aio import cancel_and_wait
 from ferry.errors import FerryError
 from ferry.net.hosts import HostNamespace
 
@@ -110,6 +111,4 @@ class PeerProcess:
             except TimeoutError:
                 self.kill()
                 await self.proc.wait()
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        await cancel_and_wait(self._reader)

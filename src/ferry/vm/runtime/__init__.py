@@ -10,7 +10,8 @@ Public API (see docs/runtime.md)::
         await vm.stop(); await vm.start_incoming(); await vm.load_device_state(src)
 """
 
-from ferry.vm.runtime.config import DEFAULT_CPU_MODEL, VMConfig
+from ferry.vm.image.qemu_cmd import DEFAULT_CPU_MODEL
+from ferry.vm.runtime.config import VMConfig
 from ferry.vm.runtime.devstate import MAX_STATE_BYTES, DeviceStateStats
 from ferry.vm.runtime.errors import DeviceStateError, VMError, VMExitedError, VMStateError
 from ferry.vm.runtime.state import VMState

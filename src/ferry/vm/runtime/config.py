@@ -8,22 +8,14 @@ from typing import Any
 
 from ferry.errors import ConfigError
 from ferry.vm.image import Accel, BuiltImage
-from ferry.vm.image.qemu_cmd import NetSpec
-
-DEFAULT_CPU_MODEL = "Nehalem-v1"
-"""A named model, not ``host``/``max``: a snapshot's CPU state (CPUID, MSRs,
-XSAVE layout) must be acceptable to the QEMU that restores it, on any host.
-``Nehalem-v1`` is the x86-64-v2 baseline (SSE4.2, POPCNT): TCG emulates all
-of it without warnings in QEMU 7.2 (plain ``Nehalem`` asks for spec-ctrl,
-which TCG lacks), and every x86 CPU KVM hosts have had since ~2011 has it.
-``qemu64`` is even safer but lacks SSE4.x. See docs/runtime.md."""
+from ferry.vm.image.qemu_cmd import DEFAULT_CPU_MODEL, NetSpec
 
 
 @dataclass(frozen=True, slots=True)
 class VMConfig:
     """Kernel, initramfs and machine shape of one VM.
 
-    ``accel`` None means :func:`~ferry.vm.image.best_accel` at spawn time.
+    ``accel`` None means :func:`~ferry.vm.image.choose_accel` at spawn time.
     ``kernel_args`` are appended to ferry's standard command line.
     """
 

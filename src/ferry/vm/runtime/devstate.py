@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ferry.aio import cancel_and_wait
 from ferry.storage.device import Device
 from ferry.vm.runtime.errors import DeviceStateError
 
@@ -87,9 +88,7 @@ class StreamReceiver:
                                    vm=self._vm) from exc
 
     async def aclose(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._task
+        await cancel_and_wait(self._task, swallow_errors=True)
 
 
 @contextlib.asynccontextmanager

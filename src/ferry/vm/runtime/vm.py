@@ -38,6 +38,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from ferry.aio import cancel_and_wait, wait_briefly
 from ferry.errors import ConfigError
 from ferry.expose.fuse import FlushStats, FuseMount
 from ferry.expose.nbd.server import Export, NBDServer
@@ -47,7 +48,7 @@ from ferry.vm.image import (
     AgentChannel,
     NbdDisk,
     SerialToFile,
-    best_accel,
+    choose_accel,
     host_tsc_khz,
     kernel_cmdline,
     qemu_argv,
@@ -208,7 +209,7 @@ class QemuVM:
         if self._state in allowed:
             return
         if self._state is VMState.STOPPED and self._exit_error is not None:
-            raise self._exit_error
+            raise self._exited()
         raise VMStateError(f"cannot {action} in state {self._state.value}", vm=self.name)
 
     async def start(self) -> None:
@@ -358,8 +359,7 @@ class QemuVM:
 
     def _argv(self, generation: int, *, incoming: bool) -> list[str]:
         cfg = self.config
-        if self.accel is None:
-            self.accel = best_accel()
+        assert self.accel is not None, "resolved in _spawn"
         cmdline = kernel_cmdline(tsc_khz=host_tsc_khz(), quiet=cfg.quiet_kernel,
                                  root="/dev/vda" if self._disks else None, net=cfg.net,
                                  extra=cfg.kernel_args)
@@ -378,6 +378,8 @@ class QemuVM:
 
     async def _spawn(self, *, incoming: bool) -> None:
         number = self._generations + 1
+        if self.accel is None:
+            self.accel = (await choose_accel()).accel
         argv = self._argv(number, incoming=incoming)
         if self._wrap_argv is not None:
             argv = self._wrap_argv(argv)
@@ -420,13 +422,11 @@ class QemuVM:
             await asyncio.wait({connect, gen.watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not connect.done():
-                connect.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await connect
+                await cancel_and_wait(connect, swallow_errors=True)
         if self._exit_error is not None:
             if not connect.cancelled() and connect.exception() is None:
                 await connect.result().close()
-            raise self._exit_error
+            raise self._exited()
         return connect.result()
 
     async def _watch(self, gen: _Generation) -> None:
@@ -443,6 +443,18 @@ class QemuVM:
         if gen.qmp is not None:
             await gen.qmp.close()
 
+    def _exited(self) -> VMExitedError:
+        """A fresh copy of the recorded exit error.
+
+        Raising one stored exception object from several places links it into
+        its own ``__context__`` chain; contextlib's exit stacks then loop
+        forever walking that cycle (seen as a 100% CPU hang on Ctrl-C).
+        """
+        err = self._exit_error
+        assert err is not None
+        return VMExitedError("QEMU exited unexpectedly", vm=self.name,
+                             returncode=err.returncode, stderr_tail=err.stderr_tail)
+
     async def _reap(self, gen: _Generation) -> None:
         """Kill (if needed) and wait for ``gen``'s process; close its QMP; never raises."""
         gen.expected_exit = True
@@ -453,9 +465,7 @@ class QemuVM:
             await asyncio.shield(gen.proc.wait())
         finally:
             if gen.watcher is not None:
-                gen.watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await gen.watcher
+                await cancel_and_wait(gen.watcher)
             if gen.qmp is not None:
                 await gen.qmp.close()
             if self._gen is gen:
@@ -476,10 +486,9 @@ class QemuVM:
             gen = self._gen
             if gen is not None and gen.watcher is not None:
                 # Give the watcher a moment to reap a dying QEMU and record why.
-                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                    await asyncio.wait_for(asyncio.shield(gen.watcher), 2.0)
+                await wait_briefly(gen.watcher, 2.0)
             if self._exit_error is not None:
-                raise self._exit_error from exc
+                raise self._exited() from exc
             raise
 
     async def _wait_migration(self, what: str) -> None:
