@@ -25,6 +25,7 @@ import os
 import select
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,22 +56,33 @@ Attack = Callable[["Endpoint"], tuple[bool, str]]
 # -- the endpoints as processes -------------------------------------------------------------
 
 
+def home(workdir: Path) -> Path:
+    """The endpoint host's directories (run, state, token files): all it may write to."""
+    return workdir / "host"
+
+
 class Endpoint:
     """``ferry vm receive --listen`` or ``ferry vm registry`` on a loopback port."""
 
     def __init__(self, workdir: Path, *argv: str) -> None:
         self.port = free_port()
-        self.token_file = workdir / f"token-{self.port}"
-        self.env = child_env(FERRY_RUN_DIR=str(workdir / "run"),
-                             FERRY_STATE_DIR=str(workdir / "state"))
+        home(workdir).mkdir(exist_ok=True)
+        self.token_file = home(workdir) / f"token-{self.port}"
+        self.env = child_env(FERRY_RUN_DIR=str(home(workdir) / "run"),
+                             FERRY_STATE_DIR=str(home(workdir) / "state"))
         self.proc = subprocess.Popen(
             [*FERRY, "vm", *argv, "--listen", f"127.0.0.1:{self.port}", "--token-file",
              str(self.token_file), "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env)
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], READY_TIMEOUT_S)
-        line = self.proc.stdout.readline() if ready else b""
-        if b"listening" not in line:
+        timer = threading.Timer(READY_TIMEOUT_S, self.proc.kill)
+        timer.start()
+        try:  # the --json event spans several lines; EOF if it failed or was killed
+            while (line := self.proc.stdout.readline()) and b'"listening"' not in line:
+                pass
+        finally:
+            timer.cancel()
+        if not line:
             self.kill()
             raise RuntimeError(f"ferry vm {argv[0]} did not start: {self.stderr()[-300:]}")
         self.token = self.token_file.read_text().strip()
@@ -83,6 +95,7 @@ class Endpoint:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
     def stderr(self) -> str:
+        """What it wrote on stderr (once it has ended)."""
         if self.proc.poll() is None or self.proc.stderr is None:
             return ""
         return " ".join(self.proc.stderr.read().decode(errors="replace").split())
@@ -242,7 +255,7 @@ class SquatCase:
             ep.kill()
         return Outcome(self.name, self.endpoint, clean and alive,
                        detail if alive else f"{detail}; it died: {ep.stderr()[-300:]}",
-                       rss, escaped(workdir, before, workdir / "state"), served)
+                       rss, escaped(workdir, before, home(workdir)), served)
 
 
 # -- authenticated hostile sources (the launch exchange) ------------------------------------
@@ -290,10 +303,11 @@ class OfferCase:
             code, rss, err = ep.finish()
         finally:
             ep.kill()
-        cache = workdir / "state" / "boot-cache"
+        cache = home(workdir) / "state" / "boot-cache"
         left = [p.name for p in cache.iterdir() if p.is_file()] if cache.is_dir() else []
         clean = (code not in (0, None) and "Traceback" not in err and self.expect in err
                  and not left)
+        outside = escaped(workdir, before, home(workdir))
         again = Endpoint(workdir, "receive")
         try:
             served = receiver_serves_offer(again.port, again.token)
@@ -301,7 +315,7 @@ class OfferCase:
             again.kill()
         return Outcome(self.name, self.endpoint, clean,
                        f"exit {code}: {err[-160:]}" + (f"; left {left}" if left else ""), rss,
-                       escaped(workdir, before, workdir / "state"), served)
+                       outside, served)
 
 
 # -- the registry's refusals ----------------------------------------------------------------
@@ -326,8 +340,8 @@ class RefusalCase:
                 [*FERRY, "vm", "receive", "--registry", f"127.0.0.1:{ep.port}", "--package",
                  self.package, "--token-file", str(ep.token_file)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                env=child_env(FERRY_RUN_DIR=str(workdir / "rrun"),
-                              FERRY_STATE_DIR=str(workdir / "rstate")))
+                env=child_env(FERRY_RUN_DIR=str(workdir / "dest" / "run"),
+                              FERRY_STATE_DIR=str(workdir / "dest" / "state")))
             code, _ = wait_rss(proc, timeout_s=60.0)
             err = " ".join((proc.stderr.read() if proc.stderr else b"").decode().split())
             for _ in range(50):  # the registry closes its end right after refusing
@@ -342,7 +356,7 @@ class RefusalCase:
         clean = (code == 4 and "refused" in err and "Traceback" not in err and leaked <= 0)
         return Outcome(self.name, self.endpoint, clean,
                        f"exit {code}: {err[-160:]}; {leaked} descriptor(s) leaked", rss,
-                       escaped(workdir, before, workdir / "rstate"), served)
+                       escaped(workdir, before, workdir / "dest"), served)
 
 
 VM_CASES: list[SquatCase | OfferCase | RefusalCase] = [
