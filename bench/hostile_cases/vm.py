@@ -282,7 +282,8 @@ def _oversized_frame(s: socket.socket) -> None:
 
 
 def _silent(s: socket.socket) -> None:
-    _read_to_eof(s)  # the receiver's idle deadline (30 s) must end this
+    s.settimeout(2 * launch.IDLE_TIMEOUT_S)
+    _read_to_eof(s)  # the receiver's idle deadline must end this
 
 
 @dataclass(frozen=True)
