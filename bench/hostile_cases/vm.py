@@ -22,7 +22,6 @@ endpoint listens on loopback with its one-time token in a 0600 file.
 from __future__ import annotations
 
 import os
-import select
 import socket
 import subprocess
 import threading
@@ -46,6 +45,14 @@ from hostile_cases.base import (
     tree,
     vm_hwm_kib,
     wait_rss,
+)
+from hostile_cases.engine import (
+    ServeAttack,
+    _idle_flood,
+    _nobody,
+    _read_to_eof,
+    _send_and_read,
+    _slowloris,
 )
 
 SOCKET_TIMEOUT_S = 30.0
@@ -136,13 +143,6 @@ def _read_exactly(s: socket.socket, n: int) -> bytes:
     return got
 
 
-def _read_to_eof(s: socket.socket) -> bytes:
-    got = b""
-    while chunk := s.recv(65536):
-        got += chunk
-    return got
-
-
 def receiver_serves_offer(port: int, token: str) -> bool:
     """The legitimate source: its offer is answered with NEED (then it goes away)."""
     try:
@@ -165,68 +165,17 @@ def registry_answers(port: int, token: str) -> bool:
 
 # -- unauthenticated attacks ----------------------------------------------------------------
 
-_NOBODY_CLIENT = """
-import socket, sys
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30)
-s.sendall(sys.argv[2].encode("latin-1"))
-got = b""
-while chunk := s.recv(65536):
-    got += chunk
-print(len(got), got[:1].hex())
-"""
+def on_port(attack: ServeAttack) -> Attack:
+    """One of the engine's attacks on a listening socket, aimed at a VM endpoint."""
+    return lambda ep: attack(ep.port)
+
+
 _WRONG_TOKEN = MAGIC + b"0" * 64
-
-
-def _nobody(payload: bytes) -> Attack:
-    def attack(ep: Endpoint) -> tuple[bool, str]:
-        out = as_nobody(_NOBODY_CLIENT, str(ep.port), payload.decode("latin-1"))
-        if out.returncode != 0:
-            return False, f"client failed: {out.stderr.strip()[-200:]}"
-        count, *first = out.stdout.split()
-        return count in ("0", "1") and first in ([], ["00"]), f"nobody got {count} byte(s)"
-    return attack
 
 
 def _nobody_reads_token(ep: Endpoint) -> tuple[bool, str]:
     out = as_nobody("import sys; print(open(sys.argv[1]).read())", str(ep.token_file))
     return ep.token not in out.stdout, f"nobody: {out.stderr.strip()[-80:]}"
-
-
-def _send(payload: bytes) -> Attack:
-    def attack(ep: Endpoint) -> tuple[bool, str]:
-        with socket.create_connection(("127.0.0.1", ep.port), timeout=SOCKET_TIMEOUT_S) as s:
-            s.sendall(payload)
-            got = _read_to_eof(s)
-        return got in (b"", b"\x00"), f"got {got[:8]!r}"
-    return attack
-
-
-def _idle_flood(count: int) -> Attack:
-    def attack(ep: Endpoint) -> tuple[bool, str]:
-        held = [socket.create_connection(("127.0.0.1", ep.port), timeout=5)
-                for _ in range(count)]
-        readable, _, _ = select.select(held, [], [], 1.0)
-        leaked = sum(1 for s in readable if s.recv(1) not in (b"", b"\x00"))
-        for s in held:
-            s.close()
-        return leaked == 0, f"{count} idle connections, {leaked} got data"
-    return attack
-
-
-def _slow_preamble(ep: Endpoint) -> tuple[bool, str]:
-    """The token one byte every 0.5 s: the 10 s handshake deadline must cut it off."""
-    with socket.create_connection(("127.0.0.1", ep.port), timeout=SOCKET_TIMEOUT_S) as s:
-        start = time.monotonic()
-        for b in MAGIC + ep.token.encode():
-            try:
-                s.sendall(bytes([b]))
-            except OSError:
-                break
-            readable, _, _ = select.select([s], [], [], 0.5)
-            if readable:
-                got = s.recv(1)
-                return got in (b"", b"\x00"), f"cut off after {time.monotonic() - start:.1f} s"
-    return False, "sent the whole token slowly and was never cut off"
 
 
 @dataclass(frozen=True)
@@ -361,17 +310,19 @@ class RefusalCase:
 
 
 VM_CASES: list[SquatCase | OfferCase | RefusalCase] = [
-    SquatCase("another local user connects first (wrong token)", _nobody(_WRONG_TOKEN)),
-    SquatCase("another local user connects first (no token, waits)", _nobody(b"")),
+    SquatCase("another local user connects first (wrong token)",
+              on_port(_nobody(_WRONG_TOKEN))),
+    SquatCase("another local user connects first (no token, waits)", on_port(_nobody(b""))),
     SquatCase("another local user reads the token file", _nobody_reads_token),
-    SquatCase("garbage instead of a token", _send(b"GET / HTTP/1.1\r\n\r\n")),
-    SquatCase("a launch offer without a token", _send(frame(sample_offer()))),
-    SquatCase("50 idle connections", _idle_flood(50)),
-    SquatCase("token preamble one byte per 0.5 s", _slow_preamble),
-    SquatCase("another local user connects first (wrong token)", _nobody(_WRONG_TOKEN),
+    SquatCase("garbage instead of a token", on_port(_send_and_read(b"GET / HTTP/1.1\r\n\r\n"))),
+    SquatCase("a launch offer without a token", on_port(_send_and_read(frame(sample_offer())))),
+    SquatCase("50 idle connections", on_port(_idle_flood(50))),
+    SquatCase("token preamble one byte per 0.5 s", on_port(_slowloris)),
+    SquatCase("another local user connects first (wrong token)",
+              on_port(_nobody(_WRONG_TOKEN)), endpoint="ferry vm registry"),
+    SquatCase("garbage instead of a token", on_port(_send_and_read(b"\x00" * 4096)),
               endpoint="ferry vm registry"),
-    SquatCase("garbage instead of a token", _send(b"\x00" * 4096), endpoint="ferry vm registry"),
-    SquatCase("50 idle connections", _idle_flood(50), endpoint="ferry vm registry"),
+    SquatCase("50 idle connections", on_port(_idle_flood(50)), endpoint="ferry vm registry"),
     *(OfferCase(f"offer: {name}", _offer_then_close(make()), "malformed"
                 if "sha256" not in name else "hex")
       for name, make in sorted(HOSTILE_OFFERS.items())),

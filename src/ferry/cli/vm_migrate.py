@@ -80,12 +80,16 @@ def _connecting_access(args: argparse.Namespace, console: Console, what: str) ->
     return Access(tls=tls, token=token)
 
 
-def _token_note(console: Console, access: Access, args: argparse.Namespace) -> str:
-    if access.token is None:
-        return ""
-    if args.token_file is not None:
-        return f" (token in {args.token_file})"
-    return f"\n  token: {access.token}  (give it to the peer as $FERRY_TOKEN or a --token-file)"
+def _announce(out: Out, console: Console, event: dict[str, Any], text: str, access: Access,
+              args: argparse.Namespace) -> None:
+    """A listening side's event: with the token unless it went to --token-file."""
+    note = ""
+    if access.token is not None and args.token_file is not None:
+        note = f" (token in {args.token_file})"
+    elif access.token is not None:
+        event["token"] = access.token
+        note = f"\n  token: {access.token}  (give it to the peer as $FERRY_TOKEN or a --token-file)"
+    out(event, lambda: console.print(text + note))
 
 
 async def run(args: argparse.Namespace, console: Console, out: Out) -> int:
@@ -194,20 +198,15 @@ async def _receive(args: argparse.Namespace, console: Console, out: Out) -> int:
         event = await launch_detached(request)
         if args.listen:
             host, port = event["address"]
-            if access.token is not None and args.token_file is None:
-                event["token"] = access.token
-            out(event, lambda: console.print(f"receiving on {host}:{port} (pid {event['pid']})"
-                                             f"{_token_note(console, access, args)}"))
+            _announce(out, console, event, f"receiving on {host}:{port} (pid {event['pid']})",
+                      access, args)
         else:
             out(event, lambda: _print_ready(console, event))
         return ExitCode.OK
 
     def listening(address: tuple[str, int]) -> None:
-        event: dict[str, Any] = {"event": "listening", "address": list(address)}
-        if access.token is not None and args.token_file is None:
-            event["token"] = access.token
-        out(event, lambda: console.print(f"receiving on {address[0]}:{address[1]}"
-                                         f"{_token_note(console, access, args)}"))
+        _announce(out, console, {"event": "listening", "address": list(address)},
+                  f"receiving on {address[0]}:{address[1]}", access, args)
 
     def ready(report: dict[str, Any]) -> None:
         out({"event": "ready", **report}, lambda: _print_ready(console, report))
@@ -232,11 +231,8 @@ async def _registry(args: argparse.Namespace, console: Console, out: Out) -> int
     access = _listening_access(args, console, "this registry")
 
     def listening(a: tuple[str, int]) -> None:
-        event: dict[str, Any] = {"event": "listening", "address": list(a)}
-        if access.token is not None and args.token_file is None:
-            event["token"] = access.token
-        out(event, lambda: console.print(f"registry of {args.dir} on {a[0]}:{a[1]}"
-                                         f"{_token_note(console, access, args)}"))
+        _announce(out, console, {"event": "listening", "address": list(a)},
+                  f"registry of {args.dir} on {a[0]}:{a[1]}", access, args)
 
     await serve_registry(args.dir, host, port, trust=trust, access=access,
                          on_listening=listening)
