@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +69,31 @@ async def test_marker_after_the_deadline_is_not_kvm(tmp_path: Path) -> None:
     assert not result.ok
 
 
+def test_probe_dies_with_its_parent(tmp_path: Path) -> None:
+    """A parent killed outright (no finally runs) takes its probe QEMU along."""
+    pidfile = tmp_path / "pid"
+    qemu = stand_in(tmp_path, "hang", f"echo $$ > {pidfile}; exec sleep 30")
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import asyncio, sys\n"
+        "from ferry.vm.image.accel import probe_boot\n"
+        f"asyncio.run(probe_boot([{str(qemu)!r}], deadline_s=60))\n")])
+    for _ in range(100):
+        if pidfile.exists() and pidfile.read_text().strip():
+            break
+        time.sleep(0.05)
+    pid = int(pidfile.read_text())
+    parent.kill()
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    pytest.fail("the probe outlived its killed parent")
+
+
 async def test_probe_kills_the_process(tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     qemu = stand_in(tmp_path, "hang", f"echo $$ > {pidfile}; exec sleep 30")
@@ -76,9 +104,9 @@ async def test_probe_kills_the_process(tmp_path: Path) -> None:
 
 
 async def test_missing_binary_is_not_kvm(tmp_path: Path) -> None:
-    result = await probe_boot([str(tmp_path / "nope")], deadline_s=1)
+    result = await probe_boot([str(tmp_path / "nope")], deadline_s=10)
     assert not result.ok
-    assert "cannot start" in result.reason
+    assert "nope" in result.reason
 
 
 @pytest.mark.parametrize(("text", "want"), [("", None), ("auto", None), ("KVM", Accel.KVM),

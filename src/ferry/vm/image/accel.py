@@ -11,7 +11,7 @@ the probe boots the guest kernel ferry uses, with a one-file initramfs whose
 marker appears within :data:`PROBE_DEADLINE_S`; anything else means TCG, with
 the reason logged once.
 
-The choice is cached in ``<run dir>/accel.json`` (``/run/ferry`` is a tmpfs,
+The choice is cached in ``/run/ferry/accel.json`` (``/run/ferry`` is a tmpfs,
 so the cache lives as long as the host boot), keyed by the boot id, the host
 kernel, the QEMU binary and the CPU model: one probe per boot, not per
 command. ``FERRY_ACCEL=auto|kvm|tcg`` (which the CLI's ``--accel`` sets)
@@ -39,7 +39,6 @@ from ferry.vm.image.tree import Tree, write_newc
 log = logging.getLogger(__name__)
 
 ACCEL_ENV = "FERRY_ACCEL"
-RUN_ENV = "FERRY_RUN_DIR"
 DEFAULT_RUN_DIR = Path("/run/ferry")
 CACHE_FILE = "accel.json"
 
@@ -123,9 +122,13 @@ async def probe_boot(argv: list[str], *, deadline_s: float = PROBE_DEADLINE_S) -
     The process is killed however this ends, cancellation included.
     """
     started = time.monotonic()
+    # If this process is killed outright (SIGKILL: no finally runs), the kernel kills
+    # the probe too, instead of leaving a QEMU spinning in a hung guest forever.
+    setpriv = shutil.which("setpriv")
+    launcher = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            *launcher, *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, start_new_session=True)
     except OSError as exc:
         return ProbeResult(False, f"cannot start {argv[0]}: {exc.strerror or exc}", 0.0)
@@ -177,10 +180,6 @@ def probe_initramfs(busybox: Path, out: Path) -> Path:
         write_newc(tree, f)
     os.replace(tmp, out)
     return out
-
-
-def _run_dir() -> Path:
-    return Path(os.environ.get(RUN_ENV) or DEFAULT_RUN_DIR)
 
 
 def cache_key(qemu: str, cpu_model: str) -> dict[str, str]:
@@ -262,7 +261,9 @@ async def choose_accel(
                            Source.OVERRIDE)
     if (problem := _device_problem(kvm_device)) is not None:
         return AccelChoice(Accel.TCG, problem, Source.PROBE)
-    cache = (run_dir or _run_dir()) / CACHE_FILE
+    # The accelerator is the machine's, not one ferry instance's: one cache per host
+    # boot, whatever FERRY_RUN_DIR a test or demo host uses.
+    cache = (run_dir or DEFAULT_RUN_DIR) / CACHE_FILE
     try:
         prepared = await asyncio.to_thread(_prepare, qemu, cache if use_cache else None,
                                            cpu_model)
