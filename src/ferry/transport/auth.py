@@ -51,6 +51,7 @@ import logging
 import os
 import secrets
 import socket
+import stat
 import struct
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -315,9 +316,23 @@ async def accept_authenticated(
 
 
 def write_token_file(path: Path, token: str) -> None:
-    """Write ``token`` to ``path`` with mode 0600 (replacing a file we own there)."""
+    """Write ``token`` to ``path`` with mode 0600.
+
+    An existing file there is replaced only if it looks like an earlier token
+    file of ours (a small regular file of mode 0600 we own), so a mistyped
+    path cannot clobber anything else.
+    """
     validate_token(token)
-    with contextlib.suppress(FileNotFoundError):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write token file {path}: {exc.strerror}") from exc
+    else:
+        ours = stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+        if not ours or stat.S_IMODE(st.st_mode) != TOKEN_FILE_MODE or st.st_size > 128:
+            raise ConfigError(f"{path} exists and is not a token file of ours; remove it first")
         path.unlink()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, TOKEN_FILE_MODE)

@@ -152,6 +152,19 @@ def test_token_file_round_trip_and_mode(tmp_path: Path) -> None:
     assert token_from(path, {}) == token
 
 
+def test_writing_a_token_file_never_clobbers_another_file(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    write_token_file(path, new_token())
+    token = new_token()
+    write_token_file(path, token)  # an earlier token file is replaced
+    assert read_token_file(path) == token
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"do not lose me")
+    with pytest.raises(ConfigError, match="not a token file"):
+        write_token_file(precious, new_token())
+    assert precious.read_bytes() == b"do not lose me"
+
+
 def test_a_token_file_others_can_read_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "token"
     write_token_file(path, new_token())
