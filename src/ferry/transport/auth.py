@@ -273,8 +273,8 @@ async def accept_authenticated(
             )
             await stream.aclose()
             return
-        except FerryError as exc:
-            logger.warning("dropped a connection: %s", exc)
+        except (FerryError, OSError) as exc:
+            logger.warning("dropped a connection from %s: %s", stream.peer, exc)
             await stream.aclose()
             return
         except BaseException:
