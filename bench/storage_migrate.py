@@ -45,6 +45,14 @@ from ferry.migration.source import MigrationHooks, Migrator
 from ferry.migration.stacks import DestinationStack, SourceStack, destination_stack, source_stack
 from ferry.protocol.messages import DeviceInfo
 from ferry.storage.providers.memory import MemoryDevice
+from ferry.transport.auth import (
+    HANDSHAKE_TIMEOUT_S,
+    accept_authenticated,
+    new_token,
+    present_token,
+    same_user,
+    token_authenticator,
+)
 from ferry.transport.tcp import connect_tcp, listen_tcp
 from ferry.transport.unix import connect_unix, listen_unix
 
@@ -97,7 +105,7 @@ def raw_copy(data: bytes) -> tuple[float, bool]:
 # -- ferry migration -------------------------------------------------------------------------
 
 
-def _ferry_receiver(kind: str, where: str, conn: Connection) -> None:
+def _ferry_receiver(kind: str, where: str, token: str, conn: Connection) -> None:
     async def main() -> None:
         dests: list[DestinationStack] = []
 
@@ -110,7 +118,9 @@ def _ferry_receiver(kind: str, where: str, conn: Connection) -> None:
         listener = await (listen_tcp("127.0.0.1", 0) if kind == "tcp" else listen_unix(where))
         async with listener:
             conn.send(listener.address)
-            stream = await listener.accept()
+            # Authenticated as `ferry receive`/`serve` are: a token on TCP, the peer's uid on UNIX.
+            check = token_authenticator(token) if kind == "tcp" else same_user
+            stream = await accept_authenticated(listener, check)
         channel = StreamChannel(stream)
         await Receiver(channel, open_devices).run()
         await channel.aclose()
@@ -129,7 +139,10 @@ async def ferry_migrate(
 ) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="ferry-bench-")
     parent, child = mp.Pipe()
-    proc = mp.Process(target=_ferry_receiver, args=(kind, os.path.join(tmp, "s"), child))
+    token = new_token()
+    proc = mp.Process(
+        target=_ferry_receiver, args=(kind, os.path.join(tmp, "s"), token, child)
+    )
     proc.start()
     address = await asyncio.to_thread(parent.recv)
     stop = asyncio.Event()
@@ -160,6 +173,8 @@ async def ferry_migrate(
 
     start = time.perf_counter()
     stream = await (connect_tcp(*address) if kind == "tcp" else connect_unix(address))
+    if kind == "tcp":
+        await present_token(stream, token, timeout_s=HANDSHAKE_TIMEOUT_S)
     channel = StreamChannel(stream)
     migrator = Migrator(
         [stack.source_device()],

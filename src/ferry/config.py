@@ -8,12 +8,19 @@ Every key is optional; the defaults are the library's. See docs/cli.md::
     mode = "hybrid"               # or "precopy-only", or "postcopy" (hand over first)
     compression = "none"          # "zstd" or "lz4" for slow links
     verify_source = false         # rehash the source at completion too
+    idle_timeout_s = 60.0         # the receiver gives up on a source silent this long
 
     [migration.policy]
     max_dirty_blocks = 200
     min_cycles_below = 5
     max_cycles = 20
     cycle_throttle_s = 0.5
+
+    [limits]                      # what a receiver accepts from a source (docs/security.md)
+    max_devices = 256
+    max_device_bytes = 1099511627776      # 1 TiB
+    max_total_bytes = 4398046511104       # 4 TiB, and never more than the free disk space
+    max_total_blocks = 16777216
 
     [tls]                         # mutual TLS; all three or none
     cert = "host.pem"
@@ -36,6 +43,7 @@ from typing import Any
 
 from ferry.errors import ConfigError
 from ferry.migration.blocks import Compression
+from ferry.migration.limits import ReceiveLimits
 from ferry.migration.policy import DirtyPolicy, Mode
 from ferry.storage.device import DEFAULT_BLOCK_SIZE_BYTES
 
@@ -63,6 +71,13 @@ class TLSConfig:
     ca: Path
 
 
+MAX_CONCURRENCY = 256
+"""Block transfers in flight; each holds up to a frame (16 blocks) of data,
+so this bounds the source's buffers (4 already saturate loopback)."""
+
+MAX_IDLE_TIMEOUT_S = 24 * 3600.0
+
+
 @dataclass(frozen=True, slots=True)
 class MigrationConfig:
     block_size_bytes: int = DEFAULT_BLOCK_SIZE_BYTES
@@ -71,10 +86,14 @@ class MigrationConfig:
     compression: Compression = Compression.NONE
     verify_source: bool = False
     policy: DirtyPolicy = field(default_factory=DirtyPolicy)
+    idle_timeout_s: float = 60.0
+    limits: ReceiveLimits = field(default_factory=ReceiveLimits)
 
     def __post_init__(self) -> None:
-        if self.concurrency < 1:
-            raise ConfigError("migration.concurrency must be >= 1")
+        if not 1 <= self.concurrency <= MAX_CONCURRENCY:
+            raise ConfigError(f"migration.concurrency must be in 1..{MAX_CONCURRENCY}")
+        if not 0 < self.idle_timeout_s <= MAX_IDLE_TIMEOUT_S:
+            raise ConfigError(f"migration.idle_timeout_s must be in (0, {MAX_IDLE_TIMEOUT_S:g}]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +114,12 @@ def _take(table: dict[str, Any], key: str, kind: type, default: Any, where: str)
     return value
 
 
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a table, not {value!r}")
+    return dict(value)
+
+
 def _no_extra(table: dict[str, Any], where: str) -> None:
     if table:
         raise ConfigError(f"unknown key(s) in {where}: {', '.join(sorted(table))}")
@@ -108,11 +133,23 @@ def _enum(enum_type: Any, value: str, where: str) -> Any:
         raise ConfigError(f"{where} must be one of {choices}, not {value!r}") from None
 
 
+def _limits(table: dict[str, Any]) -> ReceiveLimits:
+    d = ReceiveLimits()
+    limits = ReceiveLimits(
+        **{
+            name: _take(table, name, int, getattr(d, name), "limits")
+            for name in ("max_devices", "max_device_bytes", "max_total_bytes", "max_total_blocks")
+        }
+    )
+    _no_extra(table, "limits")
+    return limits
+
+
 def parse_config(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     """Validate a parsed TOML document. Relative paths are relative to ``base_dir``."""
     data = dict(data)
-    mig = dict(data.pop("migration", {}))
-    pol = dict(mig.pop("policy", {}))
+    mig = _table(data.pop("migration", {}), "migration")
+    pol = _table(mig.pop("policy", {}), "migration.policy")
     d = DirtyPolicy()
     policy = DirtyPolicy(
         max_dirty_blocks=_take(
@@ -122,6 +159,13 @@ def parse_config(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
             pol, "min_cycles_below", int, d.min_cycles_below, "migration.policy"
         ),
         max_cycles=_take(pol, "max_cycles", int, d.max_cycles, "migration.policy"),
+        max_cycles_without_progress=_take(
+            pol,
+            "max_cycles_without_progress",
+            int,
+            d.max_cycles_without_progress,
+            "migration.policy",
+        ),
         cycle_throttle_s=_take(
             pol, "cycle_throttle_s", float, d.cycle_throttle_s, "migration.policy"
         ),
@@ -139,19 +183,24 @@ def parse_config(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         ),
         verify_source=_take(mig, "verify_source", bool, False, "migration"),
         policy=policy,
+        idle_timeout_s=_take(mig, "idle_timeout_s", float, 60.0, "migration"),
+        limits=_limits(_table(data.pop("limits", {}), "limits")),
     )
     _no_extra(mig, "migration")
     tls = None
     if "tls" in data:
-        t = dict(data.pop("tls"))
+        t = _table(data.pop("tls"), "tls")
         tls = TLSConfig(*(base_dir / _take(t, k, str, "", "tls") for k in ("cert", "key", "ca")))
         _no_extra(t, "tls")
         if not all(str(p) != str(base_dir) for p in (tls.cert, tls.key, tls.ca)):
             raise ConfigError("tls needs cert, key and ca")
     devices = []
-    for i, raw in enumerate(data.pop("device", [])):
-        dev = dict(raw)
+    raw_devices = data.pop("device", [])
+    if not isinstance(raw_devices, list):
+        raise ConfigError("device must be an array of tables ([[device]])")
+    for i, raw in enumerate(raw_devices):
         where = f"device[{i}]"
+        dev = _table(raw, where)
         devices.append(
             DeviceConfig(
                 name=_take(dev, "name", str, "", where),
@@ -176,4 +225,6 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
     return parse_config(data, path.parent)

@@ -20,7 +20,8 @@ as attributes, not only in the message::
     ├── TransportError              a byte stream failed (.peer)
     │   ├── ClosedResourceError     we already closed this stream
     │   ├── BrokenResourceError     the peer went away or the link broke
-    │   └── TLSConfigError          certificates/keys missing or invalid
+    │   ├── TLSConfigError          certificates/keys missing or invalid
+    │   └── AuthenticationError     the peer did not prove who it is (token, credentials)
     ├── MigrationError              a migration failed (.device, .phase)
     │   ├── IntegrityError          block contents do not match their hash (.block)
     │   ├── PeerError               the peer reported an error (.reason)
@@ -99,6 +100,11 @@ class BrokenResourceError(TransportError):
 
 class TLSConfigError(TransportError):
     """TLS certificates or keys are missing or invalid."""
+
+
+class AuthenticationError(TransportError):
+    """The peer did not authenticate: a wrong or missing token, a refused
+    token, a connection from another user, or no proof within the deadline."""
 
 
 class MigrationError(FerryError):

@@ -1,9 +1,14 @@
-"""End to end: ``ferry serve`` and ``ferry receive`` as real processes over TCP and mutual TLS."""
+"""End to end: ``ferry serve`` and ``ferry receive`` as real processes over TCP and mutual TLS.
+
+Plain TCP is token-guarded: every process gets the same one-time token in
+``$FERRY_TOKEN`` (serve uses it instead of generating one, receive presents it).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -15,6 +20,8 @@ from pathlib import Path
 import pytest
 
 FERRY = [sys.executable, "-m", "ferry.cli.main"]
+TOKEN = secrets.token_hex(32)
+ENV = {**os.environ, "FERRY_TOKEN": TOKEN}
 
 
 def free_port() -> int:
@@ -23,8 +30,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    """Wait for the server's readiness line (a probe connection would be taken as the peer)."""
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> bytes:
+    """Wait for the server's readiness line (a probe connection would be taken as the peer);
+    return what the server printed up to it."""
     assert proc.stderr is not None
     deadline = time.monotonic() + timeout_s
     seen = b""
@@ -32,7 +40,7 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 
         line = proc.stderr.readline()
         seen += line
         if b"serving" in line and str(port).encode() in line:
-            return
+            return seen
         if not line and proc.poll() is not None:
             raise AssertionError(f"server exited early: {seen!r}")
     raise AssertionError(f"server did not listen in time: {seen!r}")
@@ -65,6 +73,7 @@ def serve(args: list[str], procs: list[subprocess.Popen[bytes]]) -> subprocess.P
         [*FERRY, "serve", "--no-progress", "--json", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env=ENV,
     )
     procs.append(p)
     return p
@@ -89,6 +98,7 @@ def test_serve_and_receive_over_tcp(
             str(out),
         ],
         capture_output=True,
+        env=ENV,
         timeout=120,
         check=False,
     )
@@ -110,6 +120,7 @@ def test_serve_and_receive_over_tcp(
     again = subprocess.run(
         [*FERRY, "receive", "--no-progress", "--from", f"127.0.0.1:{port2}", "--into", str(out)],
         capture_output=True,
+        env=ENV,
         timeout=60,
         check=False,
     )
@@ -167,6 +178,7 @@ def test_serve_and_receive_over_mutual_tls(
             *tls("evil"),
         ],
         capture_output=True,
+        env=ENV,
         timeout=60,
         check=False,
     )
@@ -186,6 +198,7 @@ def test_serve_and_receive_over_mutual_tls(
             *tls("dst"),
         ],
         capture_output=True,
+        env=ENV,
         timeout=120,
         check=False,
     )
@@ -210,6 +223,7 @@ def test_peer_disconnecting_mid_migration(
         [*FERRY, "receive", "--no-progress", "--from", f"127.0.0.1:{port}", "--into", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env=ENV,
     )
     procs.append(recv)
     deadline = time.monotonic() + 30
@@ -233,6 +247,7 @@ def test_peer_disconnecting_mid_migration(
         [*FERRY, "receive", "--no-progress", "--from", f"127.0.0.1:{port}", "--into", str(out2)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env=ENV,
     )
     procs.append(recv)
     partial = out2 / "big.partial"
@@ -274,6 +289,7 @@ def test_receive_over_a_command_pipe(tmp_path: Path, images: dict[str, Path]) ->
             str(out),
         ],
         capture_output=True,
+        env=ENV,
         timeout=120,
         check=False,
     )
@@ -281,3 +297,83 @@ def test_receive_over_a_command_pipe(tmp_path: Path, images: dict[str, Path]) ->
     assert json.loads(recv.stdout)["verified"] is True
     for name, path in images.items():
         assert (out / name).read_bytes() == path.read_bytes()
+
+
+def test_receive_without_the_token_is_refused_and_the_source_keeps_waiting(
+    tmp_path: Path, images: dict[str, Path], procs: list[subprocess.Popen[bytes]]
+) -> None:
+    port = free_port()
+    token_file = tmp_path / "token"
+    server = subprocess.Popen(
+        [
+            *FERRY,
+            "serve",
+            "--no-progress",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--token-file",
+            str(token_file),
+            f"a={images['a']}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if k != "FERRY_TOKEN"},
+    )
+    procs.append(server)
+    wait_listening(port, server)
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    no_env = {k: v for k, v in os.environ.items() if k != "FERRY_TOKEN"}
+    receive = [*FERRY, "receive", "--no-progress", "--from", f"127.0.0.1:{port}"]
+    missing = subprocess.run(
+        [*receive, "--into", str(tmp_path / "a")],
+        capture_output=True, env=no_env, timeout=60, check=False,
+    )
+    assert missing.returncode == 2, missing.stderr.decode()
+    assert b"token" in missing.stderr
+    wrong = subprocess.run(
+        [*receive, "--into", str(tmp_path / "b")],
+        capture_output=True, env={**no_env, "FERRY_TOKEN": secrets.token_hex(32)},
+        timeout=60, check=False,
+    )
+    assert wrong.returncode != 0
+    assert b"does not match our token" in wrong.stderr
+    assert not (tmp_path / "a").exists()
+    assert not (tmp_path / "b").exists()
+    right = subprocess.run(
+        [*receive, "--into", str(tmp_path / "c"), "--token-file", str(token_file)],
+        capture_output=True, env=no_env, timeout=120, check=False,
+    )
+    assert right.returncode == 0, right.stderr.decode()
+    assert (tmp_path / "c" / "a").read_bytes() == images["a"].read_bytes()
+    assert server.wait(timeout=30) == 0
+
+
+def test_insecure_works_and_warns_on_both_sides(
+    tmp_path: Path, images: dict[str, Path], procs: list[subprocess.Popen[bytes]]
+) -> None:
+    no_env = {k: v for k, v in os.environ.items() if k != "FERRY_TOKEN"}
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            *FERRY, "serve", "--no-progress", "--insecure",
+            "--listen", f"127.0.0.1:{port}", f"a={images['a']}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=no_env,
+    )
+    procs.append(server)
+    printed = wait_listening(port, server)
+    assert b"warning" in printed
+    assert b"token:" not in printed
+    recv = subprocess.run(
+        [
+            *FERRY, "receive", "--no-progress", "--insecure",
+            "--from", f"127.0.0.1:{port}", "--into", str(tmp_path / "out"),
+        ],
+        capture_output=True, env=no_env, timeout=120, check=False,
+    )
+    assert recv.returncode == 0, recv.stderr.decode()
+    assert b"warning" in recv.stderr
+    assert (tmp_path / "out" / "a").read_bytes() == images["a"].read_bytes()
+    assert server.wait(timeout=30) == 0

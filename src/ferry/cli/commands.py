@@ -15,12 +15,19 @@ from ferry.cli.progress import show_progress
 from ferry.config import Config, DeviceConfig, TLSConfig, load_config
 from ferry.errors import ConfigError
 from ferry.migration.destination import Receiver
-from ferry.migration.files import migrate_in, migrate_out, open_source_files
+from ferry.migration.files import (
+    check_target_directory,
+    migrate_in,
+    migrate_out,
+    open_source_files,
+)
 from ferry.migration.report import MigrationReport
 from ferry.migration.source import Migrator
+from ferry.transport.auth import new_token, token_from, write_token_file
 from ferry.transport.base import Stream
-from ferry.transport.endpoint import Scheme, connect, listen, parse_endpoint
+from ferry.transport.endpoint import Scheme, listen, parse_endpoint
 from ferry.transport.pipe import stdio_stream
+from ferry.transport.secure import Guard, accept_peer, connect_peer, guard_for
 from ferry.transport.tls import client_context, server_context
 
 
@@ -53,11 +60,16 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _tls(args: argparse.Namespace, config: Config) -> TLSConfig | None:
     given = [args.tls_cert, args.tls_key, args.tls_ca]
+    tls = config.tls
     if any(given):
         if not all(given):
             raise ConfigError("--tls-cert, --tls-key and --tls-ca go together")
-        return TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
-    return config.tls
+        tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
+    if tls is not None:
+        for what, path in (("certificate", tls.cert), ("key", tls.key), ("CA", tls.ca)):
+            if not path.is_file():
+                raise ConfigError(f"TLS {what} {path} is not a file")
+    return tls
 
 
 def _devices(args: argparse.Namespace, config: Config) -> list[DeviceConfig]:
@@ -119,9 +131,15 @@ async def serve(args: argparse.Namespace, console: Console) -> ExitCode:
             stream = await stdio_stream()
         else:
             ctx = server_context(tls.cert, tls.key, tls.ca) if tls else None
+            guard = guard_for(endpoint, tls=ctx is not None, insecure=args.insecure)
+            token = _serving_token(args, console) if guard is Guard.TOKEN else None
+            if guard is Guard.INSECURE:
+                _warn_insecure(console)
             async with await listen(endpoint, ssl_context=ctx) as listener:
-                console.print(f"serving {len(devices)} device(s) on {listener.address}")
-                stream = await listener.accept()
+                console.print(
+                    f"serving {len(devices)} device(s) on {listener.address} ({guard.value})"
+                )
+                stream = await accept_peer(listener, guard, token)
         async with show_progress(console, sample, enabled=not args.no_progress and not args.json):
             report = await migrate_out(
                 group, stream, config.migration, on_start=lambda m: state.__setitem__("m", m)
@@ -135,6 +153,24 @@ async def serve(args: argparse.Namespace, console: Console) -> ExitCode:
     return ExitCode.OK
 
 
+def _serving_token(args: argparse.Namespace, console: Console) -> str:
+    """$FERRY_TOKEN if the caller chose one, else a fresh token; shown on stderr
+    and written to --token-file."""
+    token = token_from(None) or new_token()
+    if args.token_file is not None:
+        write_token_file(args.token_file, token)
+    console.print(f"token: {token}", soft_wrap=True, highlight=False)
+    return token
+
+
+def _warn_insecure(console: Console) -> None:
+    console.print(
+        "[yellow]warning:[/yellow] --insecure: no TLS and no token; anyone who can reach "
+        "this endpoint first sends or receives the data",
+        soft_wrap=True,
+    )
+
+
 class _Sized:
     def __init__(self, size_bytes: int) -> None:
         self.size_bytes = size_bytes
@@ -142,12 +178,21 @@ class _Sized:
 
 async def receive(args: argparse.Namespace, console: Console) -> ExitCode:
     config = _config(args)
+    check_target_directory(args.into)  # a bad --into fails before we connect
     tls = _tls(args, config)
     endpoint = parse_endpoint(args.source)
     ctx: ssl.SSLContext | None = None
     if tls is not None:
         ctx = client_context(tls.cert, tls.key, tls.ca)
-    stream = await connect(endpoint, ssl_context=ctx, server_hostname=args.server_name)
+    guard = guard_for(endpoint, tls=ctx is not None, insecure=args.insecure)
+    token = token_from(args.token_file)
+    if guard is Guard.INSECURE and token is not None:
+        guard = Guard.TOKEN  # a token given anyway is presented
+    if guard is Guard.INSECURE:
+        _warn_insecure(console)
+    stream = await connect_peer(
+        endpoint, guard, token, ssl_context=ctx, server_hostname=args.server_name
+    )
     state: dict[str, Receiver] = {}
 
     def sample() -> tuple[str, int, int]:

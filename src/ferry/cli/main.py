@@ -24,6 +24,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ferry.cli.args import add_accel, positive_float, positive_int
+from ferry.cli.auth_args import add_auth_arguments
 from ferry.cli.failure import run_command
 
 
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "devices", nargs="*", metavar="NAME=PATH", help="devices (or [[device]] in config)"
     )
     _add_tls(p)
+    add_auth_arguments(p, serving=True)
     _add_common(p)
 
     p = sub.add_parser("receive", help="receive a device group into files")
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.add_argument("--server-name", help="name the source's TLS certificate must carry")
     _add_tls(p)
+    add_auth_arguments(p, serving=False)
     _add_common(p)
 
     p = sub.add_parser("inspect", help="describe a device file")

@@ -27,6 +27,13 @@ from ferry.migration.stacks import DestinationStack, SourceStack, destination_st
 from ferry.protocol.messages import DeviceInfo
 from ferry.storage.device import DEFAULT_BLOCK_SIZE_BYTES
 from ferry.storage.providers.memory import MemoryDevice
+from ferry.transport.auth import (
+    HANDSHAKE_TIMEOUT_S,
+    accept_authenticated,
+    new_token,
+    present_token,
+    token_authenticator,
+)
 from ferry.transport.tcp import connect_tcp, listen_tcp
 
 
@@ -104,9 +111,12 @@ async def run_storage_demo(
 
     listener = await listen_tcp("127.0.0.1", 0)
     host, port = listener.address
+    token = new_token()  # as `ferry serve` does: the first local connection is not trusted
     async with listener:
+        accepting = asyncio.create_task(accept_authenticated(listener, token_authenticator(token)))
         client = await connect_tcp(host, port)
-        server = await listener.accept()
+        await present_token(client, token, timeout_s=HANDSHAKE_TIMEOUT_S)
+        server = await accepting
         migrator = Migrator(
             [s.source_device() for s in sources],
             StreamChannel(client),

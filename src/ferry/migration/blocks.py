@@ -104,6 +104,47 @@ def _event(
     return WriteBlocks(device, first_block, Encoding.PLAIN, hashes, data)
 
 
+def _unzstd(packed: Buffer, expected: int, device_name: str) -> bytes:
+    """Decompress one zstd frame of ``expected`` bytes without ever allocating more.
+
+    ``max_output_size`` only applies to frames that do not state their size; a
+    frame that does is decompressed into a buffer of the stated size, so a
+    stated size above ``expected`` is refused before anything is allocated.
+    """
+    try:
+        stated = zstandard.frame_content_size(packed)
+        if stated > expected:
+            raise RemoteProtocolError(
+                f"{device_name}: zstd frame states {stated} bytes, expected {expected}"
+            )
+        return zstandard.ZstdDecompressor().decompress(packed, max_output_size=expected)
+    except zstandard.ZstdError as exc:
+        raise RemoteProtocolError(f"{device_name}: bad zstd data: {exc}") from exc
+
+
+def _unlz4(packed: Buffer, expected: int, device_name: str) -> bytes:
+    """Decompress one lz4 frame of ``expected`` bytes without ever allocating more.
+
+    ``lz4.frame.decompress`` has no output limit and the frame decompressor
+    allocates a stated content size up front, so the stated size is checked
+    first and the output is capped at one byte past ``expected`` (a longer
+    frame is then refused without being decoded further).
+    """
+    try:
+        stated = int(lz4.frame.get_frame_info(packed)["content_size"])
+        if stated > expected:
+            raise RemoteProtocolError(
+                f"{device_name}: lz4 frame states {stated} bytes, expected {expected}"
+            )
+        decompressor = lz4.frame.LZ4FrameDecompressor()
+        data: bytes = decompressor.decompress(packed, max_length=expected + 1)
+        if not decompressor.eof and len(data) == expected:
+            raise RemoteProtocolError(f"{device_name}: lz4 frame longer than {expected} bytes")
+    except RuntimeError as exc:
+        raise RemoteProtocolError(f"{device_name}: bad lz4 data: {exc}") from exc
+    return data
+
+
 def decode_run(event: WriteBlocks, geometry: Geometry, device_name: str) -> bytes:
     """Return the decoded run of ``event`` after checking its shape and every
     block's hash against ``geometry``. Raises RemoteProtocolError for a run that
@@ -124,15 +165,9 @@ def decode_run(event: WriteBlocks, geometry: Geometry, device_name: str) -> byte
     elif event.encoding is Encoding.PLAIN:
         data = event.data if isinstance(event.data, bytes) else bytes(event.data)
     elif event.encoding is Encoding.ZSTD:
-        try:
-            data = zstandard.ZstdDecompressor().decompress(event.data, max_output_size=expected)
-        except zstandard.ZstdError as exc:
-            raise RemoteProtocolError(f"{device_name}: bad zstd data: {exc}") from exc
+        data = _unzstd(event.data, expected, device_name)
     elif event.encoding is Encoding.LZ4:
-        try:
-            data = lz4.frame.decompress(event.data)
-        except RuntimeError as exc:
-            raise RemoteProtocolError(f"{device_name}: bad lz4 data: {exc}") from exc
+        data = _unlz4(event.data, expected, device_name)
     else:  # pragma: no cover - the codec only produces known encodings
         raise RemoteProtocolError(f"{device_name}: unknown encoding {event.encoding}")
     if len(data) != expected:

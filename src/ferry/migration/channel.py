@@ -17,6 +17,7 @@ from ferry.protocol.codec import Connection, ConnectionClosed
 from ferry.protocol.messages import Event
 from ferry.transport.base import Stream
 from ferry.transport.sockets import ReceiveIntoStream
+from ferry.transport.streams import PeerIdleError
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,17 @@ class Channel(Protocol):
 class StreamChannel:
     """A Channel over a byte Stream, framed by the migration codec."""
 
-    def __init__(self, stream: Stream, *, max_frame_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        stream: Stream,
+        *,
+        max_frame_bytes: int | None = None,
+        idle_timeout_s: float | None = None,
+    ) -> None:
+        """``idle_timeout_s``: ``receive()`` raises :class:`PeerIdleError` when
+        the peer sends nothing for this long (None: wait forever)."""
         self._stream = stream
+        self._idle_timeout_s = idle_timeout_s
         # Sockets read straight into the codec's buffer; other streams hand us
         # bytes that the codec then copies in.
         self._receive_into = stream.receive_into if isinstance(stream, ReceiveIntoStream) else None
@@ -72,7 +82,16 @@ class StreamChannel:
                 raise BrokenResourceError("peer closed the connection", peer=self.peer)
             if event is not None:
                 return event
-            await self._receive_more()
+            if self._idle_timeout_s is None:
+                await self._receive_more()
+                continue
+            try:
+                async with asyncio.timeout(self._idle_timeout_s):
+                    await self._receive_more()
+            except TimeoutError:
+                raise PeerIdleError(
+                    f"peer sent nothing for {self._idle_timeout_s:g} s", peer=self.peer
+                ) from None
 
     async def _receive_more(self) -> None:
         """Read once from the stream into the codec."""

@@ -42,6 +42,8 @@ from ferry.errors import (
 )
 from ferry.migration.blocks import decode_run
 from ferry.migration.channel import Channel
+from ferry.migration.hashtable import BlockHashTable
+from ferry.migration.limits import ReceiveLimits
 from ferry.migration.policy import Mode
 from ferry.migration.state import Phase
 from ferry.protocol.messages import (
@@ -133,8 +135,10 @@ class Receiver:
         on_handoff: HandoffHook | None = None,
         on_custom: CustomHook | None = None,
         readback: bool = False,
+        limits: ReceiveLimits | None = None,
     ) -> None:
         self._channel = channel
+        self._limits = limits or ReceiveLimits()
         self._readback = readback
         self._open_devices = open_devices
         self._mode = mode
@@ -142,8 +146,8 @@ class Receiver:
         self._on_custom = on_custom
         self._devices: list[DestinationDevice] = []
         self._infos: list[DeviceInfo] = []
-        self._final_hashes: list[dict[int, bytes]] = []
-        self._received: list[list[bytes | None]] = []
+        self._final_hashes: list[BlockHashTable] = []
+        self._received: list[BlockHashTable] = []
         self._completed: set[int] = set()
         self._needs: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
         self._phase = Phase.IDLE
@@ -207,6 +211,8 @@ class Receiver:
                 Error(ErrorCode.VERSION, f"protocol version {hello.version} not supported")
             )
             raise RemoteProtocolError(f"peer speaks protocol version {hello.version}")
+        # Checked before the factory allocates or creates anything for them.
+        self._limits.check(hello.devices)
         self._infos = list(hello.devices)
         self._devices = list(await self._open_devices(hello.devices))
         if len(self._devices) != len(self._infos):
@@ -220,8 +226,9 @@ class Receiver:
                     device=info.name,
                 )
             dev.device.set_on_need(self._need_callback(index))
-        self._final_hashes = [{} for _ in self._infos]
-        self._received = [[None] * d.device.geometry.block_count for d in self._devices]
+        counts = [d.device.geometry.block_count for d in self._devices]
+        self._final_hashes = [BlockHashTable(n) for n in counts]
+        self._received = [BlockHashTable(n) for n in counts]
         self.report.devices = [i.name for i in self._infos]
         await self._channel.send(
             HelloAck(PROTOCOL_VERSION, tuple(d.has_base for d in self._devices))
@@ -241,7 +248,7 @@ class Receiver:
                 await dev.write_at(dev.geometry.block_offset(event.first_block), data)
                 received = self._received[index]
                 for i, h in enumerate(event.hashes):
-                    received[event.first_block + i] = h
+                    received.set(event.first_block + i, h)
                 self.report.bytes_received += len(data)
                 self.report.blocks_received += len(event.hashes)
             case YouHave():
@@ -258,7 +265,7 @@ class Receiver:
                 self._devices[index].device.mark_absent(event.blocks)
                 received = self._received[index]
                 for block in event.blocks:
-                    received[block] = None
+                    received.discard(block)
                 self._phase = Phase.DIRTY_CYCLES
                 await self._channel.send(DirtyAck(event.device, event.sequence))
             case Custom(kind=EventKind.HANDOFF):
@@ -280,7 +287,7 @@ class Receiver:
                     raise RemoteProtocolError("BlockHashes outside the device")
                 table = self._final_hashes[index]
                 for i, h in enumerate(event.hashes):
-                    table[event.first_block + i] = h
+                    table.set(event.first_block + i, h)
             case Completed():
                 index = self._check_device(event.device)
                 await self._verify(index)
@@ -315,18 +322,24 @@ class Receiver:
             )
         local = dev.locally_written()
         received = self._received[index]
-        to_read: list[int] = []
-        for block in range(g.block_count):
-            if block in local:
-                continue
-            got = received[block]
-            if got is None or self._readback:
-                to_read.append(block)
-            elif got != table[block]:
-                await self._integrity_error(info.name, block)
+        if self._readback:
+            to_read = [b for b in range(g.block_count) if b not in local]
+        else:
+            missing, differing = received.compare(table)
+            for block in differing:
+                if block not in local:
+                    await self._integrity_error(info.name, block)
+            to_read = [b for b in missing if b not in local]
+            if to_read and not self._devices[index].has_base:
+                # Only a shared base supplies blocks that never came over the
+                # wire: without one, reading back (up to the whole device)
+                # would only find what the source never sent.
+                raise RemoteProtocolError(
+                    f"{info.name}: Completed before block {to_read[0]} arrived"
+                )
         for block in to_read:
             data = await dev.read_at(g.block_offset(block), g.block_length(block))
-            if block_hash(data) != table[block]:
+            if block_hash(data) != table.get(block):
                 await self._integrity_error(info.name, block)
 
     async def _integrity_error(self, device: str, block: int) -> None:

@@ -16,7 +16,10 @@ Closing the listener (``aclose`` or leaving ``async with``) stops accepting,
 cancels running handlers and waits for them, closes connections nobody
 accepted, and wakes pending ``accept()`` calls with ClosedResourceError.
 A connection whose setup fails (a refused TLS client certificate) is logged
-at WARNING and dropped; the listener keeps serving.
+at WARNING and dropped; the listener keeps serving. At most
+:data:`MAX_CONNECTION_SETUPS` setups (TLS handshakes, each under its own
+deadline) run at once; a connection arriving beyond that is dropped at once,
+so a flood of silent clients costs a bounded number of tasks.
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ ACCEPT_BACKLOG = 16
 a flood of connections cannot grow memory without bound."""
 
 
+MAX_CONNECTION_SETUPS = 64
+"""Connections in setup (a TLS handshake) at once."""
+
+
 class Listener(Generic[AddressT]):
     """A listening socket; see the module docstring for the contract."""
 
@@ -76,6 +83,7 @@ class Listener(Generic[AddressT]):
         self._on_close = on_close
         self._pending: asyncio.Queue[Stream | None] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._setups = 0
         self._closed = False
 
     def __repr__(self) -> str:
@@ -123,6 +131,11 @@ class Listener(Generic[AddressT]):
         if self._closed:
             sock.close()
             return
+        if self._setups >= MAX_CONNECTION_SETUPS:
+            sock.close()
+            logger.warning("%s: too many connections in setup, dropped one", self._label)
+            return
+        self._setups += 1
         try:
             stream = await self._make_stream(sock)
         except TransportError as exc:
@@ -132,6 +145,8 @@ class Listener(Generic[AddressT]):
         except BaseException:
             sock.close()
             raise
+        finally:
+            self._setups -= 1
         if self._handler is None:
             if self._pending.qsize() >= ACCEPT_BACKLOG:
                 logger.warning("%s: backlog full, refusing %s", self._label, stream.peer)

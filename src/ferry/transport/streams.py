@@ -57,6 +57,10 @@ class ConnectTimeoutError(BrokenResourceError, DeadlineError):
     """Connecting (including the TLS handshake) exceeded its deadline."""
 
 
+class PeerIdleError(BrokenResourceError, DeadlineError):
+    """The peer sent nothing within the idle deadline; we gave up on it."""
+
+
 _BROKEN_ERRORS = (OSError, ssl.SSLError, asyncio.IncompleteReadError, EOFError)
 """What asyncio raises when the link breaks. ConnectionError and
 BrokenPipeError are OSErrors; asyncio surfaces a lost connection in

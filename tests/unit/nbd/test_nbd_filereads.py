@@ -235,7 +235,7 @@ async def test_waiting_cache_reads_still_wait(sock_dir: Path) -> None:
 async def test_file_reads_over_tcp(served: Served) -> None:
     """sendfile and the inline batch work on TCP sockets as well as UNIX ones."""
     server = NBDServer({"disk": Export(served.device)})
-    async with server.serve_tcp() as (host, port):
+    async with server.serve_tcp(insecure=True) as (host, port):
         reader, writer = await asyncio.open_connection(host, port)
         c = RawClient(reader, writer)
         await c.go("disk")

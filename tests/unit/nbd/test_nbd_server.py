@@ -227,11 +227,14 @@ async def test_stop_with_idle_client_connected(sock_dir: Path) -> None:
 async def test_tcp_and_bind_errors(sock_dir: Path) -> None:
     server = NBDServer({"d": Export(RecordingDevice(4096))})
     expected_flags = transmission_flags(server.catalogue["d"], structured_replies=False)
-    async with server.serve_tcp() as (host, port):
+    with pytest.raises(NBDServeError, match="insecure"):
+        async with server.serve_tcp():
+            pass
+    async with server.serve_tcp(insecure=True) as (host, port):
         reader, writer = await asyncio.open_connection(host, port)
         c = RawClient(reader, writer)
         assert await c.go("d") == (4096, expected_flags)
         await c.close()
         with pytest.raises(NBDServeError):
-            async with server.serve_tcp(host, port):
+            async with server.serve_tcp(host, port, insecure=True):
                 pass

@@ -53,6 +53,10 @@ class NBDTLSError(NBDError):
     """
 
 
+class NBDHandshakeTimeoutError(NBDError):
+    """A client did not finish the handshake (options, TLS) within the deadline."""
+
+
 class NBDLocalProtocolError(NBDError):
     """We tried to send something the protocol does not allow (a bug on our side)."""
 

@@ -25,12 +25,25 @@ replies leave batched in one ``sendmsg``; large ones go out with
 ``sendfile``. Every write to the socket holds the connection's send lock, so
 one reply's bytes never interleave with another's.
 
+Backpressure. A request's share of the in-flight budget is given back only
+once its reply has been sent, so a client that stops reading replies stops
+the server reading its requests: a connection holds at most about
+:data:`MAX_IN_FLIGHT_BYTES` of replies, however many requests it sends.
+
+Hostile clients. The handshake (options, TLS) must finish within
+:data:`HANDSHAKE_TIMEOUT_S`, and at most :data:`MAX_HANDSHAKING` connections
+may be in their handshake at once (the accept loop waits for a slot, so
+further clients queue in the kernel's backlog). After the handshake there is
+no idle deadline: QEMU leaves an idle disk's connection silent for hours.
+
 TLS. ``serve_tcp(..., ssl_context=ctx)`` makes every connection TLS-only
 (the spec's FORCEDTLS): the client must send NBD_OPT_STARTTLS before any
 other option, and after the ACK the socket is driven through a
 :class:`~ferry.expose.nbd.tlschannel.TLSChannel`. Under TLS large READs
-take ``read_at``/``pread`` instead of ``sendfile``. UNIX sockets stay
-plaintext: they are guarded by file permissions.
+take ``read_at``/``pread`` instead of ``sendfile``. Plaintext TCP, which any
+local user can reach, must be asked for with ``insecure=True``. UNIX sockets
+stay plaintext: the socket file is created mode 0600 (``mode=`` to widen it
+for a group), so only its owner (and root) can connect.
 """
 
 from __future__ import annotations
@@ -43,12 +56,17 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ferry.errors import DeviceError, DeviceRangeError, ReadOnlyError
-from ferry.expose.nbd.errors import NBDError, NBDServeError, NBDTLSError
+from ferry.expose.nbd.errors import (
+    NBDError,
+    NBDHandshakeTimeoutError,
+    NBDServeError,
+    NBDTLSError,
+)
 from ferry.expose.nbd.filereads import (
     INLINE_READ_MAX_BYTES,
     FileExtent,
@@ -104,6 +122,15 @@ the kernel's limit of 1024 buffers per call (IOV_MAX)."""
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
 """A client that stalls its TLS handshake longer than this is dropped, so
 half-open handshakes cannot pin connections forever."""
+
+HANDSHAKE_TIMEOUT_S = 10.0
+"""The whole handshake (options, TLS included) must finish within this: QEMU
+and nbd clients need milliseconds; an idle connection is dropped."""
+
+MAX_HANDSHAKING = 32
+"""Connections in their handshake at once; more wait in the listen backlog."""
+
+SOCKET_MODE = 0o600
 
 _LISTEN_BACKLOG = 128
 _SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
@@ -198,8 +225,10 @@ class _Connection:
         sock: socket.socket,
         log: logging.LoggerAdapter,  # type: ignore[type-arg]
         ssl_context: ssl.SSLContext | None = None,
+        handshake_done: Callable[[], None] = lambda: None,
     ) -> None:
         self._server = server
+        self._handshake_done = handshake_done
         self._sock = sock
         self._sock_fd = sock.fileno()
         self._log = log
@@ -220,8 +249,16 @@ class _Connection:
                 await self._tls.close()
 
     async def _run(self) -> None:
-        await self._send([self._core.data_to_send()])
-        selected = await self._handshake()
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                await self._send([self._core.data_to_send()])
+                selected = await self._handshake()
+        except TimeoutError:
+            raise NBDHandshakeTimeoutError(
+                f"handshake not finished within {HANDSHAKE_TIMEOUT_S:g} s"
+            ) from None
+        finally:
+            self._handshake_done()
         if selected is None:
             return
         state = self._server.export_state(selected.name)
@@ -349,6 +386,8 @@ class _Connection:
         return [self._core.reply_read(request, data), data]
 
     async def _serve_request(self, request: Request, state: _ExportState, nbytes: int) -> None:
+        # The budget comes back only once the reply is out: a client that does
+        # not read its replies stops us reading its requests (module docstring).
         try:
             # Small reads come here only when the inline pread failed: read_at
             # then reports what went wrong.
@@ -361,11 +400,11 @@ class _Connection:
             ):
                 return
             reply = await self._execute(request, state)
+            if self._trace:
+                self._log.debug("<-- %s", _describe_reply(request, reply))
+            await self._send(reply)
         finally:
             self._budget.give(nbytes)
-        if self._trace:
-            self._log.debug("<-- %s", _describe_reply(request, reply))
-        await self._send(reply)
 
     async def _execute(self, request: Request, state: _ExportState) -> list[Buffer]:
         """Run ``request`` against the device; return the reply to send."""
@@ -508,12 +547,16 @@ class NBDServer:
         return self._states[name]
 
     @contextlib.asynccontextmanager
-    async def serve_unix(self, path: str | os.PathLike[str]) -> AsyncIterator[str]:
-        """Listen on a UNIX socket at ``path``; yields the path once listening."""
+    async def serve_unix(
+        self, path: str | os.PathLike[str], *, mode: int = SOCKET_MODE
+    ) -> AsyncIterator[str]:
+        """Listen on a UNIX socket at ``path`` (file mode ``mode``, set before
+        listening); yields the path once listening."""
         address = os.fspath(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(address)
+            os.chmod(address, mode)
         except OSError as exc:
             sock.close()
             raise NBDServeError(f"cannot bind: {exc.strerror}", address=address) from exc
@@ -531,16 +574,24 @@ class NBDServer:
         port: int = 0,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        insecure: bool = False,
     ) -> AsyncIterator[tuple[str, int]]:
         """Listen on TCP ``host:port`` (0 picks a free port); yields the bound address.
 
         With ``ssl_context`` (a server context, such as
         :func:`ferry.transport.tls.server_context`, which also demands a
         client certificate from its CA) every client must upgrade with
-        NBD_OPT_STARTTLS before anything else; without it, plaintext.
+        NBD_OPT_STARTTLS before anything else. Plaintext, which lets any
+        local user read and write the exports, needs ``insecure=True``.
         """
         if ssl_context is not None and ssl_context.protocol == ssl.PROTOCOL_TLS_CLIENT:
             raise ValueError("ssl_context is a client context; NBD needs a server one")
+        if ssl_context is None and not insecure:
+            raise NBDServeError(
+                "plaintext NBD over TCP lets any local user at the exports: "
+                "give an ssl_context, or insecure=True",
+                address=f"{host}:{port}",
+            )
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -591,11 +642,14 @@ class NBDServer:
 
     async def _accept_loop(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
         loop = asyncio.get_running_loop()
+        handshaking = asyncio.Semaphore(MAX_HANDSHAKING)
         async with asyncio.TaskGroup() as connections:
             while True:
+                await handshaking.acquire()
                 try:
                     client, _ = await loop.sock_accept(sock)
                 except OSError as exc:
+                    handshaking.release()
                     # Out of descriptors or a client that reset before accept:
                     # keep serving the others.
                     logger.warning("accept failed: %s", exc)
@@ -607,15 +661,22 @@ class NBDServer:
                 # five rounds through the event loop (capped at wmem_max).
                 with contextlib.suppress(OSError):
                     client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
-                connections.create_task(self._serve_client(client, ssl_context))
+                connections.create_task(
+                    self._serve_client(client, ssl_context, _once(handshaking.release))
+                )
 
-    async def _serve_client(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
+    async def _serve_client(
+        self,
+        sock: socket.socket,
+        ssl_context: ssl.SSLContext | None,
+        handshake_done: Callable[[], None],
+    ) -> None:
         """Serve one client until it leaves; never raises except cancellation."""
         conn_id = next(self._conn_ids)
         log = _ConnectionLog(logger, {"conn": f"conn{conn_id}"})
         log.debug("connected")
         try:
-            await _Connection(self, sock, log, ssl_context).run()
+            await _Connection(self, sock, log, ssl_context, handshake_done).run()
         except* NBDError as group:
             log.info("dropping client: %s", "; ".join(str(e) for e in group.exceptions))
         except* OSError as group:
@@ -623,5 +684,19 @@ class NBDServer:
         except* Exception:
             log.exception("connection failed")
         finally:
+            handshake_done()
             sock.close()
             log.debug("closed")
+
+
+def _once(callback: Callable[[], None]) -> Callable[[], None]:
+    """``callback`` that runs on the first call only."""
+    done = False
+
+    def call() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            callback()
+
+    return call
