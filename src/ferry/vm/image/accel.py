@@ -72,6 +72,7 @@ class AccelChoice:
     reason: str
     source: Source
     probe_s: float | None = None  # how long the probe took, when one ran
+    console: str = ""  # the last lines QEMU and the guest printed, when the probe failed
 
     def to_json(self) -> dict[str, object]:
         data = asdict(self)
@@ -87,6 +88,7 @@ class ProbeResult:
     ok: bool
     reason: str
     elapsed_s: float
+    console: str = ""  # the last lines printed (QEMU's errors, the guest's console)
 
 
 def requested_accel(value: str | None = None) -> Accel | None:
@@ -146,12 +148,11 @@ async def probe_boot(argv: list[str], *, deadline_s: float = PROBE_DEADLINE_S) -
         if PROBE_MARKER in seen:
             return ProbeResult(True, f"a guest booted in {elapsed:.2f} s", elapsed)
         code = await proc.wait()
-        return ProbeResult(False, f"QEMU exited ({code}) before the guest booted: "
-                                  f"{_tail(seen)}", elapsed)
+        return ProbeResult(False, f"QEMU exited ({code}) before the guest booted",
+                           elapsed, _tail(seen))
     except TimeoutError:
-        return ProbeResult(False, f"the guest did not boot within {deadline_s:.0f} s (QEMU ran, "
-                                  f"the guest hung; console: {_tail(seen)})",
-                           time.monotonic() - started)
+        return ProbeResult(False, f"QEMU ran but the guest did not boot within "
+                                  f"{deadline_s:.0f} s", time.monotonic() - started, _tail(seen))
     finally:
         # The whole process group: nothing the probe started may hold its pipe open.
         with contextlib.suppress(ProcessLookupError):
@@ -206,7 +207,7 @@ def _read_cache(path: Path, key: dict[str, str]) -> AccelChoice | None:
         if data.get("key") != key:
             return None
         return AccelChoice(Accel(data["accel"]), str(data["reason"]), Source.CACHE,
-                           data.get("probe_s"))
+                           data.get("probe_s"), str(data.get("console", "")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -276,8 +277,9 @@ async def choose_accel(
     choice = AccelChoice(Accel.KVM if result.ok else Accel.TCG,
                          f"KVM works: {result.reason}" if result.ok
                          else f"KVM unusable: {result.reason}",
-                         Source.PROBE, round(result.elapsed_s, 3))
-    log.info("accelerator: %s (%s)", choice.accel.value, choice.reason)
+                         Source.PROBE, round(result.elapsed_s, 3), result.console)
+    log.info("accelerator: %s (%s%s)", choice.accel.value, choice.reason,
+             f"; console: {result.console}" if result.console else "")
     await asyncio.to_thread(_write_cache, cache, prepared.key, choice)
     return choice
 
