@@ -35,7 +35,17 @@ from ferry.protocol.messages import (
     WriteBlocks,
 )
 from ferry.storage.hashing import block_hash
-from ferry.transport.auth import MAGIC, PREAMBLE_BYTES, new_token
+from ferry.transport.auth import (
+    ACCEPTED,
+    CHALLENGE_BYTES,
+    MAGIC,
+    NONCE_BYTES,
+    PREAMBLE_BYTES,
+    PROOF_BYTES,
+    REFUSED,
+    new_token,
+    server_proof,
+)
 from hostile_cases.base import (
     Outcome,
     Serve,
@@ -65,12 +75,15 @@ s.sendall(sys.argv[2].encode("latin-1"))
 got = b""
 while chunk := s.recv(65536):
     got += chunk
-print(len(got), got[:1].hex())
+print(got.hex())
 """
 
 
 def _only_refusal(got: bytes) -> bool:
-    return got in (b"", b"\x00")
+    """Nothing but the handshake came back: at most the server's challenge (a
+    nonce and a proof, no data) and the refusal byte."""
+    challenge = len(got) in (CHALLENGE_BYTES, CHALLENGE_BYTES + 1)
+    return got in (b"", REFUSED) or (challenge and got[CHALLENGE_BYTES:] in (b"", REFUSED))
 
 
 def _nobody(payload: bytes) -> ServeAttack:
@@ -78,8 +91,8 @@ def _nobody(payload: bytes) -> ServeAttack:
         out = as_nobody(_NOBODY_CLIENT, str(port), payload.decode("latin-1"))
         if out.returncode != 0:
             return False, f"client failed: {out.stderr.strip()[-200:]}"
-        count, *first = out.stdout.split()
-        return count in ("0", "1") and first in ([], ["00"]), f"nobody got {count} byte(s)"
+        got = bytes.fromhex(out.stdout.strip())
+        return _only_refusal(got), f"nobody got {len(got)} byte(s) of handshake, no data"
 
     return attack
 
@@ -100,7 +113,7 @@ def _talk(port: int, payload: bytes) -> bytes:
 def _send_and_read(payload: bytes) -> ServeAttack:
     def attack(port: int) -> tuple[bool, str]:
         got = _talk(port, payload)
-        return _only_refusal(got), f"got {got[:8]!r}"
+        return _only_refusal(got), f"got {len(got)} byte(s) of handshake, no data"
 
     return attack
 
@@ -171,24 +184,32 @@ class ServeCase:
 
 
 class HostileSource:
-    """A fake source on a loopback port: accepts any token, then sends ``frames``."""
+    """A fake source on a loopback port that sends ``frames`` after the token
+    handshake: with ``token`` it authenticates (a hostile *authenticated* source),
+    without it it answers with a made-up challenge (an impostor on the port)."""
 
-    def __init__(self, frames: list[bytes]) -> None:
+    def __init__(self, frames: list[bytes], token: str | None) -> None:
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._server.getsockname()[1])
         self._frames = frames
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._token = token
 
     def serve_one(self) -> None:
         """Run in a thread: one connection, then close."""
         conn, _ = self._server.accept()
         with conn:
             conn.settimeout(SOCKET_TIMEOUT_S)
-            got = b""
-            while len(got) < PREAMBLE_BYTES and (chunk := conn.recv(PREAMBLE_BYTES - len(got))):
-                got += chunk
             try:
-                conn.sendall(b"\x01")
+                client_nonce = _recv_exactly(conn, PREAMBLE_BYTES)[len(MAGIC) :]
+                server_nonce = os.urandom(NONCE_BYTES)
+                proof = (
+                    server_proof(self._token, client_nonce, server_nonce)
+                    if self._token is not None
+                    else bytes(PROOF_BYTES)
+                )
+                conn.sendall(server_nonce + proof)
+                _recv_exactly(conn, PROOF_BYTES)
+                conn.sendall(ACCEPTED)
                 for frame in self._frames:
                     conn.sendall(frame)
                 while conn.recv(65536):
@@ -216,16 +237,18 @@ class ReceiveCase:
     expect: str
     """A fragment the receiver's error message must contain."""
     config: str = ""
+    knows_token: bool = True
     endpoint: str = "ferry receive"
 
     def run(self, workdir: Path) -> Outcome:
         target = workdir / "target"
         token = workdir / "token"
-        token.write_text(new_token())
+        secret = new_token()
+        token.write_text(secret)
         token.chmod(0o600)
         config = workdir / "config.toml"
         config.write_text(self.config)
-        source = HostileSource(self.frames())
+        source = HostileSource(self.frames(), secret if self.knows_token else None)
         thread = threading.Thread(target=source.serve_one, daemon=True)
         thread.start()
         before = tree(workdir)
@@ -403,7 +426,8 @@ def _lz4_bomb() -> list[bytes]:
     return _bomb(Encoding.LZ4, lz4.frame.compress(bytes(GiB)))
 
 
-_WRONG_TOKEN = MAGIC + new_token().encode()
+_WRONG_TOKEN = MAGIC + os.urandom(NONCE_BYTES) + os.urandom(PROOF_BYTES)
+"""A client hello and a made-up proof: all a client without the token can send."""
 
 ENGINE_CASES: list[ServeCase | ReceiveCase | NBDCase] = [
     ServeCase("another local user connects first (wrong token)", _nobody(_WRONG_TOKEN)),
@@ -412,6 +436,12 @@ ENGINE_CASES: list[ServeCase | ReceiveCase | NBDCase] = [
     ServeCase("garbage instead of a token", _send_and_read(b"GET / HTTP/1.1\r\n\r\n")),
     ServeCase("300 idle connections", _idle_flood(300)),
     ServeCase("token preamble one byte per 0.5 s", _slowloris),
+    ReceiveCase(
+        "a source squatting the port without the token",
+        lambda: [_hello(("disk", 1 << 20, 65536))],
+        "proof does not match",
+        knows_token=False,
+    ),
     ReceiveCase(
         "HELLO: one device of 2^31 blocks",
         lambda: [_hello(("disk", (1 << 31) * 65536, 65536))],

@@ -44,10 +44,11 @@ class Check:
     status: Status
     detail: str
     advice: str = ""
+    output: str = ""  # what a failed probe printed, for whoever digs deeper
 
     def to_json(self) -> dict[str, str]:
         return {"name": self.name, "status": self.status.value, "detail": self.detail,
-                "advice": self.advice}
+                "advice": self.advice, "output": self.output}
 
 
 def _run(argv: list[str], timeout_s: float = 10.0) -> subprocess.CompletedProcess[str]:
@@ -153,7 +154,7 @@ async def check_accel() -> Check:
     if choice.accel is Accel.TCG and choice.source.value != "override":
         return Check("accelerator", Status.WARN, detail,
                      "VMs run under TCG (software emulation): slower, but they work; "
-                     "set FERRY_ACCEL=kvm to force KVM")
+                     "set FERRY_ACCEL=kvm to force KVM", output=choice.console)
     return Check("accelerator", Status.OK, detail)
 
 

@@ -16,7 +16,7 @@ from ferry.config import Config, DeviceConfig, TLSConfig, load_config
 from ferry.errors import ConfigError
 from ferry.migration.destination import Receiver
 from ferry.migration.files import (
-    make_target_directory,
+    check_target_directory,
     migrate_in,
     migrate_out,
     open_source_files,
@@ -178,7 +178,7 @@ class _Sized:
 
 async def receive(args: argparse.Namespace, console: Console) -> ExitCode:
     config = _config(args)
-    make_target_directory(args.into)  # a bad --into fails before we connect
+    check_target_directory(args.into)  # a bad --into fails before we connect
     tls = _tls(args, config)
     endpoint = parse_endpoint(args.source)
     ctx: ssl.SSLContext | None = None

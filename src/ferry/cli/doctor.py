@@ -26,6 +26,8 @@ def print_checks(console: Console, checks: list[Check]) -> None:
     for c in checks:
         console.print(f"[{_STYLE[c.status]}]{c.status.value:<4}[/] {c.name:<{width}}  "
                       f"{escape(c.detail)}")
+        if c.output:
+            console.print(f"     {'':<{width}}  [dim]output: {escape(c.output)}[/dim]")
         if c.advice:
             console.print(f"     {'':<{width}}  -> {escape(c.advice)}")
 

@@ -19,11 +19,13 @@ from collections.abc import Awaitable, Callable
 
 from ferry.cli.exitcodes import ExitCode
 from ferry.errors import (
+    AuthenticationError,
     BrokenResourceError,
     ConfigError,
     FerryError,
     IntegrityError,
     PeerError,
+    RemoteProtocolError,
 )
 
 # "vm x: vm x: ..." and "... (phase p) (phase p)": one layer wraps another's message.
@@ -44,8 +46,9 @@ def exit_code_for(exc: BaseException) -> ExitCode:
         return ExitCode.USAGE
     if isinstance(exc, IntegrityError):
         return ExitCode.INTEGRITY
-    if isinstance(exc, PeerError | BrokenResourceError):
-        return ExitCode.PEER
+    if isinstance(exc, PeerError | BrokenResourceError | AuthenticationError
+                  | RemoteProtocolError):
+        return ExitCode.PEER  # the peer refused us, went away, or sent what we refuse
     if isinstance(exc, FerryError) and exc.__cause__ is not None:
         return exit_code_for(exc.__cause__)
     return ExitCode.ERROR

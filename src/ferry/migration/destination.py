@@ -330,6 +330,13 @@ class Receiver:
                 if block not in local:
                     await self._integrity_error(info.name, block)
             to_read = [b for b in missing if b not in local]
+            if to_read and not self._devices[index].has_base:
+                # Only a shared base supplies blocks that never came over the
+                # wire: without one, reading back (up to the whole device)
+                # would only find what the source never sent.
+                raise RemoteProtocolError(
+                    f"{info.name}: Completed before block {to_read[0]} arrived"
+                )
         for block in to_read:
             data = await dev.read_at(g.block_offset(block), g.block_length(block))
             if block_hash(data) != table.get(block):

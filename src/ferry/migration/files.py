@@ -117,16 +117,26 @@ async def migrate_out(
         await channel.aclose()
 
 
+def check_target_directory(directory: Path) -> None:
+    """Refuse, before anything is received, a target that cannot be a directory
+    of ours: an existing non-directory, or one (or its nearest existing
+    ancestor, if it is still to be created) that we cannot write."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{existing} exists and is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{existing} is not writable")
+
+
 def make_target_directory(directory: Path) -> None:
     """Create the directory devices are received into; ConfigError if it cannot be one."""
+    check_target_directory(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ConfigError(f"{directory} exists and is not a directory") from None
     except OSError as exc:
         raise ConfigError(f"cannot create {directory}: {exc.strerror}") from exc
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ConfigError(f"{directory} is not writable")
 
 
 def _partial(final: Path) -> Path:

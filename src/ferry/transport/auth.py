@@ -5,18 +5,21 @@ protocol byte: mutual TLS (:mod:`ferry.transport.tls`), the kernel's
 credentials on a UNIX socket, or, on plain TCP, a one-time *token* that the
 serving side prints and the connecting side presents. See docs/security.md.
 
-The token preamble, sent by the connecting side right after connect::
+The token handshake, right after connect, proves to *each* side that the
+other holds the token, without the token crossing the wire::
 
-    client -> server   b"FERRYTK1"            8 bytes of magic
-                       <token>                64 ASCII hex digits (32 random bytes)
-    server -> client   b"\\x01"                accepted: protocol bytes follow
-                       b"\\x00" + close        refused (or just close)
+    client -> server   b"FERRYTK2" + client nonce                  8 + 32 bytes
+    server -> client   server nonce + HMAC(token, "ferry server" + cn + sn)   32 + 32
+    client -> server   HMAC(token, "ferry client" + sn + cn)           32 bytes
+    server -> client   b"\x01" accepted (protocol bytes follow) | b"\x00" refused, then close
 
-The server reads exactly ``PREAMBLE_BYTES`` bytes (never a byte of the protocol
-that follows), gives up at the first byte that differs from the magic, and
-compares the token with :func:`hmac.compare_digest`. The client sends nothing
-else until it has read the one-byte answer, so a refused client never sends
-data.
+(HMAC-SHA256 keyed with the token's 32 bytes; nonces are 32 random bytes.)
+The server reads exactly what the handshake needs (never a byte of the
+protocol that follows), gives up at the first byte that differs from the
+magic, and compares proofs with :func:`hmac.compare_digest`. The client
+checks the server's proof before it answers, so a process squatting the
+source's port without the token gets no proof from the client and cannot feed
+it data; the client sends nothing else until it has read the final byte.
 
 API::
 
@@ -48,6 +51,7 @@ import logging
 import os
 import secrets
 import socket
+import stat
 import struct
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -59,11 +63,16 @@ from ferry.transport.listener import Listener
 
 logger = logging.getLogger(__name__)
 
-MAGIC = b"FERRYTK1"
+MAGIC = b"FERRYTK2"
 TOKEN_BYTES = 32
 """Random bytes per token: 256 bits, beyond any guessing within a handshake deadline."""
 TOKEN_CHARS = 2 * TOKEN_BYTES
-PREAMBLE_BYTES = len(MAGIC) + TOKEN_CHARS
+NONCE_BYTES = 32
+PROOF_BYTES = 32  # HMAC-SHA256
+PREAMBLE_BYTES = len(MAGIC) + NONCE_BYTES
+"""What the client sends first: the magic and its nonce."""
+CHALLENGE_BYTES = NONCE_BYTES + PROOF_BYTES
+"""The server's answer: its nonce and its proof."""
 ACCEPTED = b"\x01"
 REFUSED = b"\x00"
 
@@ -107,16 +116,35 @@ async def _receive_exactly(stream: Stream, nbytes: int, *, check_prefix: bytes =
     return bytes(got)
 
 
+def server_proof(token: str, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    """What the server sends to show it holds ``token``."""
+    return _proof(token, b"ferry server", client_nonce, server_nonce)
+
+
+def client_proof(token: str, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    """What the client sends to show it holds ``token``."""
+    return _proof(token, b"ferry client", server_nonce, client_nonce)
+
+
+def _proof(token: str, label: bytes, first: bytes, second: bytes) -> bytes:
+    key = bytes.fromhex(validate_token(token))
+    return hmac.digest(key, label + first + second, "sha256")
+
+
 async def check_token(stream: Stream, token: str, *, timeout_s: float) -> None:
-    """Server side: read the preamble within ``timeout_s`` and accept it or refuse it.
+    """Server side: run the handshake within ``timeout_s``; accept or refuse.
 
     On refusal a REFUSED byte is sent (best effort) and AuthenticationError is
     raised; the caller closes the stream.
     """
-    expected = MAGIC + validate_token(token).encode()
+    validate_token(token)
     try:
         async with asyncio.timeout(timeout_s):
-            got = await _receive_exactly(stream, PREAMBLE_BYTES, check_prefix=MAGIC)
+            hello = await _receive_exactly(stream, PREAMBLE_BYTES, check_prefix=MAGIC)
+            client_nonce = hello[len(MAGIC) :]
+            server_nonce = secrets.token_bytes(NONCE_BYTES)
+            await stream.send_all(server_nonce + server_proof(token, client_nonce, server_nonce))
+            proof = await _receive_exactly(stream, PROOF_BYTES)
     except TimeoutError:
         raise AuthenticationError(
             f"no token within {timeout_s:g} s", peer=stream.peer
@@ -124,7 +152,7 @@ async def check_token(stream: Stream, token: str, *, timeout_s: float) -> None:
     except AuthenticationError:
         await _refuse(stream)
         raise
-    if not hmac.compare_digest(got, expected):
+    if not hmac.compare_digest(proof, client_proof(token, client_nonce, server_nonce)):
         await _refuse(stream)
         raise AuthenticationError("wrong token", peer=stream.peer)
     await stream.send_all(ACCEPTED)
@@ -137,20 +165,33 @@ async def _refuse(stream: Stream) -> None:
 
 
 async def present_token(stream: Stream, token: str, *, timeout_s: float) -> None:
-    """Client side: send the preamble and wait for the server's answer.
+    """Client side: run the handshake within ``timeout_s``.
 
-    Raises AuthenticationError if the server refuses, closes, or does not
-    answer within ``timeout_s``.
+    Raises AuthenticationError if the server does not prove it holds the
+    token (then the client never proves it either), refuses ours, closes, or
+    does not answer in time.
     """
-    preamble = MAGIC + validate_token(token).encode()
+    validate_token(token)
+    client_nonce = secrets.token_bytes(NONCE_BYTES)
     try:
         async with asyncio.timeout(timeout_s):
-            await stream.send_all(preamble)
+            await stream.send_all(MAGIC + client_nonce)
+            challenge = await _receive_exactly(stream, CHALLENGE_BYTES)
+            server_nonce, proof = challenge[:NONCE_BYTES], challenge[NONCE_BYTES:]
+            if not hmac.compare_digest(proof, server_proof(token, client_nonce, server_nonce)):
+                raise AuthenticationError(
+                    "the server's proof does not match our token (a wrong token, or not "
+                    "the endpoint that printed it)",
+                    peer=stream.peer,
+                )
+            await stream.send_all(client_proof(token, client_nonce, server_nonce))
             answer = await stream.receive_some(1)
     except TimeoutError:
         raise AuthenticationError(
             f"no answer to the token within {timeout_s:g} s", peer=stream.peer
         ) from None
+    except AuthenticationError:
+        raise
     except FerryError as exc:
         raise AuthenticationError(f"refused: {exc}", peer=stream.peer) from exc
     if answer == REFUSED:
@@ -232,8 +273,8 @@ async def accept_authenticated(
             )
             await stream.aclose()
             return
-        except FerryError as exc:
-            logger.warning("dropped a connection: %s", exc)
+        except (FerryError, OSError) as exc:
+            logger.warning("dropped a connection from %s: %s", stream.peer, exc)
             await stream.aclose()
             return
         except BaseException:
@@ -275,9 +316,23 @@ async def accept_authenticated(
 
 
 def write_token_file(path: Path, token: str) -> None:
-    """Write ``token`` to ``path`` with mode 0600 (replacing a file we own there)."""
+    """Write ``token`` to ``path`` with mode 0600.
+
+    An existing file there is replaced only if it looks like an earlier token
+    file of ours (a small regular file of mode 0600 we own), so a mistyped
+    path cannot clobber anything else.
+    """
     validate_token(token)
-    with contextlib.suppress(FileNotFoundError):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write token file {path}: {exc.strerror}") from exc
+    else:
+        ours = stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+        if not ours or stat.S_IMODE(st.st_mode) != TOKEN_FILE_MODE or st.st_size > 128:
+            raise ConfigError(f"{path} exists and is not a token file of ours; remove it first")
         path.unlink()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, TOKEN_FILE_MODE)

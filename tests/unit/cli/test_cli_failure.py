@@ -15,7 +15,14 @@ import pytest
 from ferry.cli.exitcodes import ExitCode
 from ferry.cli.failure import exit_code_for, one_line, primary, report, run_command
 from ferry.cli.main import build_parser, main, split_rest
-from ferry.errors import ConfigError, IntegrityError, MigrationError, PeerError
+from ferry.errors import (
+    AuthenticationError,
+    ConfigError,
+    IntegrityError,
+    MigrationError,
+    PeerError,
+    RemoteProtocolError,
+)
 from ferry.vm.errors import SnapshotError
 
 
@@ -44,6 +51,8 @@ def test_foreign_errors_name_their_kind() -> None:
     (ConfigError("x"), ExitCode.USAGE),
     (IntegrityError("x", device="d", block=1), ExitCode.INTEGRITY),
     (PeerError("x"), ExitCode.PEER),
+    (AuthenticationError("wrong token"), ExitCode.PEER),
+    (RemoteProtocolError("bad frame"), ExitCode.PEER),
     (SnapshotError("x"), ExitCode.ERROR),
 ])
 def test_exit_codes(exc: Exception, code: ExitCode) -> None:

@@ -58,7 +58,7 @@ def test_a_target_that_cannot_be_a_directory_is_a_config_error(tmp_path: Path) -
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(ConfigError, match="not a directory"):
         make_target_directory(tmp_path / "file")
-    with pytest.raises(ConfigError, match="cannot create"):
+    with pytest.raises(ConfigError, match="not a directory"):
         make_target_directory(tmp_path / "file" / "sub")
     make_target_directory(tmp_path / "new" / "dir")
     assert (tmp_path / "new" / "dir").is_dir()

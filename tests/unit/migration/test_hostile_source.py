@@ -296,3 +296,25 @@ def test_block_hash_table_compare_finds_missing_and_differing_blocks() -> None:
     assert missing == [5, *range(1024, 2048), 2999]
     assert differing == [7, 2500]
     assert final.compare(final) == ([], [])
+
+
+async def test_completed_before_the_blocks_arrived_is_refused_without_reading_back(
+    tmp_path: Path,
+) -> None:
+    """A source that sends every final hash and Completed but no data: the
+    receiver does not read the whole (sparse) device back to find out."""
+    from ferry.protocol.messages import BlockHashes, Completed
+
+    blocks = 64
+
+    async def no_data(channel: StreamChannel) -> None:
+        await channel.send(hello(("disk", blocks * 65536, 65536)))
+        await channel.receive()  # HelloAck
+        await channel.send(BlockHashes(0, 0, tuple(bytes(16) for _ in range(blocks))))
+        await channel.send(Completed(0))
+        await channel.receive()
+
+    error = await _receive_files(tmp_path, no_data, MigrationConfig())
+    assert isinstance(error, RemoteProtocolError)
+    assert "before block 0 arrived" in str(error)
+    assert tree(tmp_path) == []

@@ -11,9 +11,11 @@ import pytest
 
 from ferry.errors import AuthenticationError, ClosedResourceError, ConfigError
 from ferry.transport.auth import (
-    ACCEPTED,
+    CHALLENGE_BYTES,
     MAGIC,
+    NONCE_BYTES,
     PREAMBLE_BYTES,
+    PROOF_BYTES,
     REFUSED,
     accept_authenticated,
     check_token,
@@ -54,15 +56,55 @@ async def test_right_token_is_accepted_and_protocol_bytes_follow_untouched() -> 
     assert await server.receive_some(100) == b"protocol"
 
 
+async def _client_closing_on_failure(stream: Stream, token: str) -> None:
+    try:
+        await present_token(stream, token, timeout_s=5)
+    except AuthenticationError:
+        await stream.aclose()
+        raise
+
+
 async def test_wrong_token_is_refused_on_both_sides() -> None:
     client, server = memory_stream_pair()
     results = await asyncio.gather(
-        present_token(client, new_token(), timeout_s=5),
+        _client_closing_on_failure(client, new_token()),
         check_token(server, new_token(), timeout_s=5),
         return_exceptions=True,
     )
     assert all(isinstance(r, AuthenticationError) for r in results), results
-    assert "wrong token" in str(results[1])
+    assert "proof does not match" in str(results[0])
+
+
+async def test_a_client_with_the_wrong_proof_is_refused() -> None:
+    token = new_token()
+    client, server = memory_stream_pair()
+    await client.send_all(MAGIC + bytes(NONCE_BYTES))
+    checking = asyncio.create_task(check_token(server, token, timeout_s=5))
+    challenge = await client.receive_some(CHALLENGE_BYTES)
+    assert len(challenge) == CHALLENGE_BYTES
+    await client.send_all(bytes(PROOF_BYTES))
+    with pytest.raises(AuthenticationError, match="wrong token"):
+        await checking
+    assert await client.receive_some(10) == REFUSED
+
+
+async def test_an_impostor_server_gets_no_proof_from_the_client() -> None:
+    """A squatter on the source's port answers with a made-up challenge: the
+    client refuses before proving anything, so it never accepts data."""
+    client, impostor = memory_stream_pair()
+
+    async def squat() -> bytes:
+        await impostor.receive_some(PREAMBLE_BYTES)
+        await impostor.send_all(bytes(CHALLENGE_BYTES))
+        got = b""
+        while chunk := await impostor.receive_some(100):
+            got += chunk
+        return got
+
+    squatting = asyncio.create_task(squat())
+    with pytest.raises(AuthenticationError, match="proof does not match"):
+        await _client_closing_on_failure(client, new_token())
+    assert await squatting == b""
 
 
 async def test_garbage_is_refused_at_the_first_wrong_byte() -> None:
@@ -75,33 +117,17 @@ async def test_garbage_is_refused_at_the_first_wrong_byte() -> None:
 
 @pytest.mark.parametrize("cut", [0, 1, len(MAGIC), PREAMBLE_BYTES - 1])
 async def test_a_preamble_cut_short_is_refused(cut: int) -> None:
-    token = new_token()
     client, server = memory_stream_pair()
-    await client.send_all((MAGIC + token.encode())[:cut])
+    await client.send_all((MAGIC + bytes(NONCE_BYTES))[:cut])
     await client.send_eof()
     with pytest.raises(AuthenticationError, match="closed during authentication"):
-        await check_token(server, token, timeout_s=5)
+        await check_token(server, new_token(), timeout_s=5)
 
 
 async def test_a_silent_client_times_out() -> None:
     _client, server = memory_stream_pair()
     with pytest.raises(AuthenticationError, match="no token within"):
         await check_token(server, new_token(), timeout_s=0.05)
-
-
-async def test_token_sent_one_byte_at_a_time_is_accepted() -> None:
-    token = new_token()
-    client, server = memory_stream_pair()
-
-    async def trickle() -> None:
-        for b in MAGIC + token.encode():
-            await client.send_all(bytes([b]))
-            await asyncio.sleep(0)
-
-    async with asyncio.TaskGroup() as tg:
-        tg.create_task(trickle())
-        await check_token(server, token, timeout_s=5)
-    assert await client.receive_some(1) == ACCEPTED
 
 
 async def test_a_server_that_closes_refuses_the_client() -> None:
@@ -124,6 +150,19 @@ def test_token_file_round_trip_and_mode(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert read_token_file(path) == token
     assert token_from(path, {}) == token
+
+
+def test_writing_a_token_file_never_clobbers_another_file(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    write_token_file(path, new_token())
+    token = new_token()
+    write_token_file(path, token)  # an earlier token file is replaced
+    assert read_token_file(path) == token
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"do not lose me")
+    with pytest.raises(ConfigError, match="not a token file"):
+        write_token_file(precious, new_token())
+    assert precious.read_bytes() == b"do not lose me"
 
 
 def test_a_token_file_others_can_read_is_refused(tmp_path: Path) -> None:
@@ -158,7 +197,7 @@ async def test_accept_authenticated_skips_bad_connections_and_returns_the_good_o
         garbage = await connect_tcp("127.0.0.1", port)
         await garbage.send_all(b"\x00" * PREAMBLE_BYTES)
         wrong = await connect_tcp("127.0.0.1", port)
-        await wrong.send_all(MAGIC + new_token().encode())
+        await wrong.send_all(MAGIC + bytes(NONCE_BYTES))
         accept = asyncio.create_task(
             accept_authenticated(listener, token_authenticator(token), handshake_timeout_s=5)
         )
@@ -166,7 +205,8 @@ async def test_accept_authenticated_skips_bad_connections_and_returns_the_good_o
         server = await accept
         await good.send_all(b"hello")
         assert await server.receive_some(10) == b"hello"
-        assert await wrong.receive_some(10) == REFUSED
+        assert len(await wrong.receive_some(CHALLENGE_BYTES)) == CHALLENGE_BYTES  # no proof sent
+        assert await wrong.receive_some(10) == b""
         assert await garbage.receive_some(10) == REFUSED
         # The silent connection was dropped when the winner was chosen.
         assert await silent.receive_some(10) == b""

@@ -11,7 +11,7 @@ the probe boots the guest kernel ferry uses, with a one-file initramfs whose
 marker appears within :data:`PROBE_DEADLINE_S`; anything else means TCG, with
 the reason logged once.
 
-The choice is cached in ``<run dir>/accel.json`` (``/run/ferry`` is a tmpfs,
+The choice is cached in ``/run/ferry/accel.json`` (``/run/ferry`` is a tmpfs,
 so the cache lives as long as the host boot), keyed by the boot id, the host
 kernel, the QEMU binary and the CPU model: one probe per boot, not per
 command. ``FERRY_ACCEL=auto|kvm|tcg`` (which the CLI's ``--accel`` sets)
@@ -39,7 +39,6 @@ from ferry.vm.image.tree import Tree, write_newc
 log = logging.getLogger(__name__)
 
 ACCEL_ENV = "FERRY_ACCEL"
-RUN_ENV = "FERRY_RUN_DIR"
 DEFAULT_RUN_DIR = Path("/run/ferry")
 CACHE_FILE = "accel.json"
 
@@ -73,6 +72,7 @@ class AccelChoice:
     reason: str
     source: Source
     probe_s: float | None = None  # how long the probe took, when one ran
+    console: str = ""  # the last lines QEMU and the guest printed, when the probe failed
 
     def to_json(self) -> dict[str, object]:
         data = asdict(self)
@@ -88,6 +88,7 @@ class ProbeResult:
     ok: bool
     reason: str
     elapsed_s: float
+    console: str = ""  # the last lines printed (QEMU's errors, the guest's console)
 
 
 def requested_accel(value: str | None = None) -> Accel | None:
@@ -123,9 +124,13 @@ async def probe_boot(argv: list[str], *, deadline_s: float = PROBE_DEADLINE_S) -
     The process is killed however this ends, cancellation included.
     """
     started = time.monotonic()
+    # If this process is killed outright (SIGKILL: no finally runs), the kernel kills
+    # the probe too, instead of leaving a QEMU spinning in a hung guest forever.
+    setpriv = shutil.which("setpriv")
+    launcher = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            *launcher, *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, start_new_session=True)
     except OSError as exc:
         return ProbeResult(False, f"cannot start {argv[0]}: {exc.strerror or exc}", 0.0)
@@ -143,12 +148,11 @@ async def probe_boot(argv: list[str], *, deadline_s: float = PROBE_DEADLINE_S) -
         if PROBE_MARKER in seen:
             return ProbeResult(True, f"a guest booted in {elapsed:.2f} s", elapsed)
         code = await proc.wait()
-        return ProbeResult(False, f"QEMU exited ({code}) before the guest booted: "
-                                  f"{_tail(seen)}", elapsed)
+        return ProbeResult(False, f"QEMU exited ({code}) before the guest booted",
+                           elapsed, _tail(seen))
     except TimeoutError:
-        return ProbeResult(False, f"the guest did not boot within {deadline_s:.0f} s (QEMU ran, "
-                                  f"the guest hung; console: {_tail(seen)})",
-                           time.monotonic() - started)
+        return ProbeResult(False, f"QEMU ran but the guest did not boot within "
+                                  f"{deadline_s:.0f} s", time.monotonic() - started, _tail(seen))
     finally:
         # The whole process group: nothing the probe started may hold its pipe open.
         with contextlib.suppress(ProcessLookupError):
@@ -179,10 +183,6 @@ def probe_initramfs(busybox: Path, out: Path) -> Path:
     return out
 
 
-def _run_dir() -> Path:
-    return Path(os.environ.get(RUN_ENV) or DEFAULT_RUN_DIR)
-
-
 def cache_key(qemu: str, cpu_model: str) -> dict[str, str]:
     """What a cached choice depends on: this boot, the host kernel, QEMU, the CPU model."""
     def ident(path: str | Path) -> str:
@@ -207,7 +207,7 @@ def _read_cache(path: Path, key: dict[str, str]) -> AccelChoice | None:
         if data.get("key") != key:
             return None
         return AccelChoice(Accel(data["accel"]), str(data["reason"]), Source.CACHE,
-                           data.get("probe_s"))
+                           data.get("probe_s"), str(data.get("console", "")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -262,7 +262,9 @@ async def choose_accel(
                            Source.OVERRIDE)
     if (problem := _device_problem(kvm_device)) is not None:
         return AccelChoice(Accel.TCG, problem, Source.PROBE)
-    cache = (run_dir or _run_dir()) / CACHE_FILE
+    # The accelerator is the machine's, not one ferry instance's: one cache per host
+    # boot, whatever FERRY_RUN_DIR a test or demo host uses.
+    cache = (run_dir or DEFAULT_RUN_DIR) / CACHE_FILE
     try:
         prepared = await asyncio.to_thread(_prepare, qemu, cache if use_cache else None,
                                            cpu_model)
@@ -275,8 +277,9 @@ async def choose_accel(
     choice = AccelChoice(Accel.KVM if result.ok else Accel.TCG,
                          f"KVM works: {result.reason}" if result.ok
                          else f"KVM unusable: {result.reason}",
-                         Source.PROBE, round(result.elapsed_s, 3))
-    log.info("accelerator: %s (%s)", choice.accel.value, choice.reason)
+                         Source.PROBE, round(result.elapsed_s, 3), result.console)
+    log.info("accelerator: %s (%s%s)", choice.accel.value, choice.reason,
+             f"; console: {result.console}" if result.console else "")
     await asyncio.to_thread(_write_cache, cache, prepared.key, choice)
     return choice
 
