@@ -31,7 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ferry.transport.auth import ACCEPTED, MAGIC
+from ferry.transport.auth import (
+    ACCEPTED,
+    CHALLENGE_BYTES,
+    MAGIC,
+    NONCE_BYTES,
+    client_proof,
+    server_proof,
+)
 from ferry.vm.live import launch
 from ferry.vm.live.testing import HOSTILE_OFFERS, INITRAMFS, KERNEL, frame, sample_offer
 from hostile_cases.base import (
@@ -47,6 +54,7 @@ from hostile_cases.base import (
     wait_rss,
 )
 from hostile_cases.engine import (
+    _WRONG_TOKEN,
     ServeAttack,
     _idle_flood,
     _nobody,
@@ -120,8 +128,16 @@ class Endpoint:
 
 
 def _authenticated(port: int, token: str) -> socket.socket:
+    """A connection that has run the token handshake (transport.auth) as the peer."""
     s = socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S)
-    s.sendall(MAGIC + token.encode())
+    client_nonce = os.urandom(NONCE_BYTES)
+    s.sendall(MAGIC + client_nonce)
+    challenge = _read_exactly(s, CHALLENGE_BYTES)
+    server_nonce, proof = challenge[:NONCE_BYTES], challenge[NONCE_BYTES:]
+    if proof != server_proof(token, client_nonce, server_nonce):
+        s.close()
+        raise RuntimeError("the endpoint does not hold the token")
+    s.sendall(client_proof(token, client_nonce, server_nonce))
     if s.recv(1) != ACCEPTED:
         s.close()
         raise RuntimeError("the endpoint refused the right token")
@@ -170,7 +186,6 @@ def on_port(attack: ServeAttack) -> Attack:
     return lambda ep: attack(ep.port)
 
 
-_WRONG_TOKEN = MAGIC + b"0" * 64
 
 
 def _nobody_reads_token(ep: Endpoint) -> tuple[bool, str]:
