@@ -71,10 +71,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(args.runs):
                 there = "lbb" if here == "lba" else "lba"
                 dst = await start_peer(there)
-                await dst.request({"cmd": "receive", "port": MIGRATE_PORT})
+                listening = await dst.request({"cmd": "receive", "port": MIGRATE_PORT})
                 acked_before = len(writer.acknowledged)
                 out = await src.request({"cmd": "migrate", "host": hosts[there].address,
-                                         "port": MIGRATE_PORT})
+                                         "port": MIGRATE_PORT, "token": listening["token"]})
                 received = await dst.next_event("received")
                 chain_ok &= bool(received["ok"]) and out["report"]["outcome"] == "completed"
                 rep = received.get("report") or {}

@@ -85,9 +85,9 @@ async def peer(hosts: HostSet, host: str, img: BuiltImage, work: Path,
 
 async def migrate(src: PeerProcess, dst: PeerProcess, hosts: HostSet,
                   dst_host: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    await dst.request({"cmd": "receive", "port": MIGRATE_PORT})
+    listening = await dst.request({"cmd": "receive", "port": MIGRATE_PORT})
     out = await src.request({"cmd": "migrate", "host": hosts[dst_host].address,
-                             "port": MIGRATE_PORT})
+                             "port": MIGRATE_PORT, "token": listening["token"]})
     received = await dst.next_event("received")
     assert received["ok"], received
     return out["report"], received["report"]
@@ -193,11 +193,11 @@ async def test_destination_killed_before_handoff_leaves_vm_on_a(
     async with peer(hosts, "lma", counter_image, tmp_path / "a") as a:
         booted = await a.request({"cmd": "boot", "rootfs": str(counter_image.rootfs)})
         async with peer(hosts, "lmb", counter_image, tmp_path / "b") as b:
-            await b.request({"cmd": "receive", "port": MIGRATE_PORT})
+            listening = await b.request({"cmd": "receive", "port": MIGRATE_PORT})
             os.kill(b.proc.pid, signal.SIGSTOP)  # B hangs mid-migration ...
             migrating = asyncio.create_task(a.request(
-                {"cmd": "migrate", "host": hosts["lmb"].address, "port": MIGRATE_PORT},
-                check=False))
+                {"cmd": "migrate", "host": hosts["lmb"].address, "port": MIGRATE_PORT,
+                 "token": listening["token"]}, check=False))
             await asyncio.sleep(1.0)
             b.kill()  # ... and dies
             reply = await migrating
@@ -217,19 +217,20 @@ async def test_link_cut_before_handoff_leaves_vm_on_a(
     async with peer(hosts, "lma", counter_image, tmp_path / "a") as a, \
             peer(hosts, "lmb", counter_image, tmp_path / "b") as b:
         booted = await a.request({"cmd": "boot", "rootfs": str(counter_image.rootfs)})
-        await b.request({"cmd": "receive", "port": MIGRATE_PORT})
-        os.kill(b.proc.pid, signal.SIGSTOP)  # hold B at the Hello so the cut lands mid-way
+        listening = await b.request({"cmd": "receive", "port": MIGRATE_PORT})
+        os.kill(b.proc.pid, signal.SIGSTOP)  # hold B so the cut lands in the handshake
         migrating = asyncio.create_task(a.request(
-            {"cmd": "migrate", "host": hosts["lmb"].address, "port": MIGRATE_PORT},
-            check=False))
+            {"cmd": "migrate", "host": hosts["lmb"].address, "port": MIGRATE_PORT,
+             "token": listening["token"]}, check=False))
         await asyncio.sleep(0.5)
         await hosts.cut_link("lmb")
         os.kill(b.proc.pid, signal.SIGCONT)
         reply = await migrating
         assert reply["ok"] is False
         assert reply["handed_off"] is False
-        received = await b.next_event("received")
-        assert received["ok"] is False  # B gave up too and removed its half-made VM
+        # B's proof of the token never reached A, so A never proved itself to B: B took
+        # no VM and keeps listening for a source that authenticates (accept_peer).
+        assert (await b.request({"cmd": "status"}))["has_vm"] is False
         await hosts.restore_link("lmb")
         await _assert_serving(a, booted["console"])
 

@@ -48,6 +48,10 @@ class Site:
     def paths(self, host: str) -> VMPaths:
         return VMPaths(self.root / host / "run", self.root / host / "state")
 
+    def token_file(self, host: str) -> Path:
+        """Where ``host``'s listening side writes its one-time token (mode 0600)."""
+        return self.root / f"{host}.token"
+
 
 @pytest.fixture(scope="module")
 def site() -> Iterator[Site]:
@@ -139,7 +143,9 @@ async def ferry_json(site: Site, hosts: HostSet, host: str, *args: str) -> Any:
 
 async def receive(site: Site, hosts: HostSet, host: str, *extra: str) -> dict[str, Any]:
     event = await ferry_json(site, hosts, host, "vm", "receive", "--detach", "--listen",
-                             f"{hosts[host].address}:{MIGRATE_PORT}", *extra)
+                             f"{hosts[host].address}:{MIGRATE_PORT}",
+                             "--token-file", str(site.token_file(host)), *extra)
+    assert "token" not in event  # it went to the file only
     _extra_pids.setdefault(str(site.paths(host).run_root), []).append(event["pid"])
     assert isinstance(event, dict)
     return event
@@ -193,7 +199,8 @@ async def run_on_a(site: Site, hosts: HostSet, package: Path, name: str) -> None
 async def migrate(site: Site, hosts: HostSet, src: str, dst: str, name: str) -> dict[str, Any]:
     await receive(site, hosts, dst)
     reply = await ferry_json(site, hosts, src, "vm", "migrate", name, "--to",
-                             f"{hosts[dst].address}:{MIGRATE_PORT}")
+                             f"{hosts[dst].address}:{MIGRATE_PORT}",
+                             "--token-file", str(site.token_file(dst)))
     assert isinstance(reply, dict)
     summary: dict[str, Any] = reply["summary"]
     assert summary["outcome"] == "completed"
@@ -255,7 +262,8 @@ async def test_failure_before_handoff_leaves_vm_serving_on_a(site: Site, hosts: 
     os.kill(event["pid"], signal.SIGSTOP)  # B hangs at the launch exchange ...
     migrating = asyncio.create_task(ferry(
         site, hosts, "mga", "vm", "migrate", "f1", "--to",
-        f"{hosts['mgb'].address}:{MIGRATE_PORT}", check=False))
+        f"{hosts['mgb'].address}:{MIGRATE_PORT}", "--token-file", str(site.token_file("mgb")),
+        check=False))
     await asyncio.sleep(1.0)
     os.kill(event["pid"], signal.SIGKILL)  # ... and dies
     code, _, err = await migrating
@@ -272,7 +280,8 @@ async def test_registry_start_is_post_copy(site: Site, hosts: HostSet, package: 
            "FERRY_STATE_DIR": str(paths.state_root)}
     registry = await asyncio.create_subprocess_exec(
         *hosts["mgc"].exec_argv([*FERRY, "vm", "registry", str(package.parent), "--listen",
-                                 f"{hosts['mgc'].address}:{REGISTRY_PORT}", "--json"]),
+                                 f"{hosts['mgc'].address}:{REGISTRY_PORT}", "--json",
+                                 "--token-file", str(site.token_file("mgc"))]),
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     try:
         assert registry.stdout is not None
@@ -284,7 +293,8 @@ async def test_registry_start_is_post_copy(site: Site, hosts: HostSet, package: 
         ready = await ferry_json(site, hosts, "mgb", "vm", "receive", "--detach", "--registry",
                                  f"{hosts['mgc'].address}:{REGISTRY_PORT}", "--package",
                                  package.name, "--name", "g1", "-p",
-                                 f"{hosts['mgb'].address}:{REDIS_PORT}:6379")
+                                 f"{hosts['mgb'].address}:{REDIS_PORT}:6379",
+                                 "--token-file", str(site.token_file("mgc")))
         async with asyncio.timeout(120):
             ttfr = await pong
         print(f"registry start: time to first PONG {ttfr * 1e3:.0f} ms "

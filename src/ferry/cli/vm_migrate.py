@@ -16,12 +16,13 @@ from rich.console import Console
 from ferry.cli.exitcodes import ExitCode
 from ferry.errors import ConfigError, FerryError
 from ferry.package import TrustStore
+from ferry.transport import auth
 from ferry.vm import control, registry
 from ferry.vm.errors import ControlError, VMNotFoundError
+from ferry.vm.live.access import Access, TLSFiles
 from ferry.vm.live.arrival import ArrivalRequest, arrive, launch_detached
 from ferry.vm.live.errors import LiveMigrationError
-from ferry.vm.live.pkgserve import serve_registry
-from ferry.vm.migrate import TLSFiles
+from ferry.vm.live.pkgserve import check_directory, serve_registry
 from ferry.vm.publish import parse_publish
 
 Out = Callable[[Any, Callable[[], None]], None]
@@ -44,6 +45,53 @@ def _tls(args: argparse.Namespace) -> TLSFiles | None:
     return TLSFiles(args.tls_cert.absolute(), args.tls_key.absolute(), args.tls_ca.absolute())
 
 
+def _warn_insecure(console: Console, args: argparse.Namespace, what: str) -> None:
+    if args.insecure:
+        console.print(f"[bold red]warning:[/bold red] --insecure: {what} authenticates no one; "
+                      "anyone who can reach it can take part. Use a token or mutual TLS.")
+
+
+def _listening_access(args: argparse.Namespace, console: Console, what: str) -> Access:
+    """The serving side: mutual TLS if given, else a fresh token (written to --token-file),
+    unless --insecure."""
+    tls = _tls(args)
+    if args.insecure and (tls is not None or args.token_file is not None):
+        raise ConfigError("--insecure excludes --tls-* and --token-file")
+    _warn_insecure(console, args, what)
+    access = Access.listening(tls, insecure=args.insecure)
+    if access.token is not None and args.token_file is not None:
+        auth.write_token_file(args.token_file, access.token)
+    return access
+
+
+def _connecting_access(args: argparse.Namespace, console: Console, what: str) -> Access:
+    """The connecting side: TLS and/or the peer's token (--token-file or $FERRY_TOKEN)."""
+    tls = _tls(args)
+    if args.insecure:
+        if tls is not None or args.token_file is not None:
+            raise ConfigError("--insecure excludes --tls-* and --token-file")
+        _warn_insecure(console, args, what)
+        return Access(insecure=True)
+    token = auth.token_from(args.token_file)
+    if tls is None and token is None:
+        raise ConfigError(f"{what} needs its token (--token-file PATH or ${auth.TOKEN_ENV}) "
+                          "or mutual TLS (--tls-cert/--tls-key/--tls-ca); --insecure skips "
+                          "authentication")
+    return Access(tls=tls, token=token)
+
+
+def _announce(out: Out, console: Console, event: dict[str, Any], text: str, access: Access,
+              args: argparse.Namespace) -> None:
+    """A listening side's event: with the token unless it went to --token-file."""
+    note = ""
+    if access.token is not None and args.token_file is not None:
+        note = f" (token in {args.token_file})"
+    elif access.token is not None:
+        event["token"] = access.token
+        note = f"\n  token: {access.token}  (give it to the peer as $FERRY_TOKEN or a --token-file)"
+    out(event, lambda: console.print(text + note))
+
+
 async def run(args: argparse.Namespace, console: Console, out: Out) -> int:
     match args.vm_command:
         case "migrate":
@@ -61,8 +109,8 @@ async def _migrate(args: argparse.Namespace, console: Console, out: Out) -> int:
         req |= {"package": str(args.to_package.absolute()),
                 "key": str(args.key.absolute()) if args.key else None}
     else:
-        tls = _tls(args)
-        req |= {"to": list(_address(args.to)), "tls": tls.to_json() if tls else None}
+        access = _connecting_access(args, console, "the destination")
+        req |= {"to": list(_address(args.to)), "access": access.to_json()}
     task = asyncio.create_task(_request_raw(sock, req, args.vm_id))
     try:
         reply = await asyncio.shield(task)
@@ -135,25 +183,30 @@ async def _receive(args: argparse.Namespace, console: Console, out: Out) -> int:
     if args.publish is not None:
         forwards = tuple(parse_publish(s, allow_wildcard=args.allow_wildcard)
                          for s in args.publish)
+    if args.registry:
+        access = _connecting_access(args, console, "the registry")
+    else:
+        access = _listening_access(args, console, "this receiver")
     request = ArrivalRequest(
-        paths=registry.VMPaths.default(),
+        paths=registry.VMPaths.default(), access=access,
         listen=_address(args.listen) if args.listen else None,
         registry=_address(args.registry) if args.registry else None,
-        package=args.package, name=args.name, forwards=forwards, tls=_tls(args),
+        package=args.package, name=args.name, forwards=forwards,
         precopy_only=args.precopy_only,
         report_until="listening" if args.listen else "ready")
     if args.detach:
         event = await launch_detached(request)
         if args.listen:
             host, port = event["address"]
-            out(event, lambda: console.print(f"receiving on {host}:{port} (pid {event['pid']})"))
+            _announce(out, console, event, f"receiving on {host}:{port} (pid {event['pid']})",
+                      access, args)
         else:
             out(event, lambda: _print_ready(console, event))
         return ExitCode.OK
 
     def listening(address: tuple[str, int]) -> None:
-        out({"event": "listening", "address": list(address)},
-            lambda: console.print(f"receiving on {address[0]}:{address[1]}"))
+        _announce(out, console, {"event": "listening", "address": list(address)},
+                  f"receiving on {address[0]}:{address[1]}", access, args)
 
     def ready(report: dict[str, Any]) -> None:
         out({"event": "ready", **report}, lambda: _print_ready(console, report))
@@ -173,9 +226,14 @@ def _print_ready(console: Console, r: dict[str, Any]) -> None:
 
 async def _registry(args: argparse.Namespace, console: Console, out: Out) -> int:
     host, port = _address(args.listen)
+    check_directory(args.dir)
     trust = TrustStore.from_path(args.trust) if args.trust else TrustStore.default()
-    await serve_registry(args.dir, host, port, trust=trust, tls=_tls(args),
-                         on_listening=lambda a: out(
-                             {"event": "listening", "address": list(a)},
-                             lambda: console.print(f"registry of {args.dir} on {a[0]}:{a[1]}")))
+    access = _listening_access(args, console, "this registry")
+
+    def listening(a: tuple[str, int]) -> None:
+        _announce(out, console, {"event": "listening", "address": list(a)},
+                  f"registry of {args.dir} on {a[0]}:{a[1]}", access, args)
+
+    await serve_registry(args.dir, host, port, trust=trust, access=access,
+                         on_listening=listening)
     return ExitCode.OK

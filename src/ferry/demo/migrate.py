@@ -83,6 +83,7 @@ async def run_migrate_demo(progress: Progress) -> MigrateDemoResult:
     TrustStore.from_path(trust_dir, missing_ok=True).add(
         root / "keys" / "signing.key.pub")
     hosts_root = root / "hosts"
+    hosts_root.mkdir(mode=0o700, exist_ok=True)
     result = MigrateDemoResult()
     progress("two hosts: network namespaces joined by a switch")
     async with host_namespaces(["demo-a", "demo-b"], switch_tag="demo") as hs:
@@ -92,9 +93,10 @@ async def run_migrate_demo(progress: Progress) -> MigrateDemoResult:
             progress(f"resuming the Redis package on host A, Redis published on {a}:{REDIS_PORT}")
             await h.ferry("demo-a", "vm", "run", "--detach", "--name", "demo", "--trust",
                           str(trust_dir), "-p", f"{a}:{REDIS_PORT}:6379", str(package))
-            progress(f"host B receives on {b}:{MIGRATE_PORT}")
+            progress(f"host B receives on {b}:{MIGRATE_PORT} (its one-time token in a 0600 file)")
+            token_file = hosts_root / "demo-b.token"
             await h.ferry("demo-b", "vm", "receive", "--detach", "--listen",
-                          f"{b}:{MIGRATE_PORT}")
+                          f"{b}:{MIGRATE_PORT}", "--token-file", str(token_file))
             writer = RedisWriter([(a, REDIS_PORT), (b, REDIS_PORT)],
                                  namespace=hs["demo-a"].namespace)
             stop = asyncio.Event()
@@ -104,7 +106,7 @@ async def run_migrate_demo(progress: Progress) -> MigrateDemoResult:
                     await writer.wait_acknowledged(WRITES_BEFORE)
                 progress("a client writes continuously; migrating the VM A -> B")
                 reply = await h.ferry("demo-a", "vm", "migrate", "demo", "--to",
-                                      f"{b}:{MIGRATE_PORT}")
+                                      f"{b}:{MIGRATE_PORT}", "--token-file", str(token_file))
                 result.summary = reply["summary"]
                 at_handoff = len(writer.acknowledged)
                 async with asyncio.timeout(60):

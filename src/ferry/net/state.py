@@ -105,11 +105,18 @@ class RunDir:
     def _file(self, key: str) -> Path:
         return self.path / f"{key}.json"
 
+    def _ensure(self) -> None:
+        """The directory, owner-only: its records name VMs, namespaces and addresses."""
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.path, 0o700)
+
     def write(self, record: OwnerRecord) -> None:
-        """Store ``record`` atomically."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Store ``record`` atomically (mode 0600)."""
+        self._ensure()
         tmp = self.path / f".{record.key}.json.tmp"
-        tmp.write_text(record.to_json())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(record.to_json())
         os.replace(tmp, self._file(record.key))
 
     def remove(self, key: str) -> None:
@@ -132,7 +139,7 @@ class RunDir:
     @contextlib.asynccontextmanager
     async def locked(self) -> AsyncIterator[None]:
         """Exclusive across processes (flock) while choosing slots and writing records."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._ensure()
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)

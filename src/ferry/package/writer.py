@@ -168,7 +168,7 @@ def write_package(
     tmp = temp_sibling(out)
     try:
         with tmp.open("xb") as fh:
-            os.fchmod(fh.fileno(), 0o644)
+            os.fchmod(fh.fileno(), 0o600)  # a package holds guest memory
             cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
             with cctx.stream_writer(fh, closefd=False) as z:
                 z.write(member_header(HEADER_NAME, len(header_bytes), mtime))

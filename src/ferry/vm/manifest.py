@@ -21,7 +21,9 @@ SHA-256 of every file, so they need no cryptographic strength of their own.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import types
+import typing
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,8 @@ class VMManifest:
     readiness: str | None = None
 
     def __post_init__(self) -> None:
+        for part in (self, self.machine, self.memory, *self.disks, self.agent, self.network):
+            _check_types(part)
         if self.memory.size_bytes != self.machine.memory_mib * 1024 * 1024:
             raise ManifestError(f"memory device has {self.memory.size_bytes} bytes, the "
                                 f"machine {self.machine.memory_mib} MiB")
@@ -135,8 +139,8 @@ class VMManifest:
                 after_resume=tuple(agent["after_resume"]))
             fields["network"] = GuestNetwork(**fields["network"])
             return cls(**fields)
-        except (KeyError, TypeError) as exc:
-            raise ManifestError(f"invalid manifest: {exc!r}") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"invalid manifest: {exc!r:.300}") from exc
 
     @classmethod
     def load(cls, package_dir: Path) -> VMManifest:
@@ -164,3 +168,32 @@ def _check_rel(rel: str) -> None:
     parts = rel.split("/")
     if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise ManifestError(f"path {rel!r} must be relative, without '.' or '..'")
+
+
+def _check_types(obj: Any) -> None:
+    """Every field of a manifest dataclass holds the type its annotation names (a manifest
+    may come from a peer: a string where a number belongs must not reach arithmetic)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if not _matches(value, hints[f.name]):
+            raise ManifestError(f"manifest field {type(obj).__name__}.{f.name} has the wrong "
+                                f"type ({type(value).__name__})")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (str, bool):
+        return isinstance(value, hint)
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, tuple) and all(_matches(v, item) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(hint))
+    if isinstance(hint, type) and is_dataclass(hint):
+        return isinstance(value, hint)
+    return False

@@ -4,7 +4,8 @@ The process that holds a VM (the per-VM supervisor of ``ferry vm run``, or
 the receiving process of ``ferry vm receive`` after a VM arrived) serves two
 control-socket ops through :class:`Outgoing`::
 
-    → {"op": "migrate", "to": [HOST, PORT], "tls": {cert,key,ca} | null, "precopy_only": false}
+    → {"op": "migrate", "to": [HOST, PORT], "precopy_only": false,
+       "access": {"tls": {cert,key,ca} | null, "token": HEX | null, "insecure": false}}
     → {"op": "migrate", "package": FILE, "key": KEYFILE | null}
     ← {"ok": true, "summary": {...}, "source": {...}, "destination": {...}}
     ← {"ok": false, "error": "...", "kind": "LiveMigrationError", "handed_off": false}
@@ -42,9 +43,9 @@ from ferry.net import PortForward, VMNetwork
 from ferry.package import commands as pkg
 from ferry.protocol.messages import Custom
 from ferry.storage.device import Device
-from ferry.transport.tls import client_context
 from ferry.vm.agent import AgentClient
-from ferry.vm.live import launch, link
+from ferry.vm.live import launch
+from ferry.vm.live.access import Access
 from ferry.vm.live.devices import VMDevices
 from ferry.vm.live.errors import LiveMigrationError
 from ferry.vm.live.source import DEFAULT_OPTIONS, LiveOptions, migrate_out
@@ -72,22 +73,6 @@ class Movable:
     boot_dir: Path
     """The directory ``manifest.kernel`` / ``manifest.initramfs`` are relative to."""
     forwards: tuple[PortForward, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class TLSFiles:
-    cert: Path
-    key: Path
-    ca: Path
-
-    @classmethod
-    def from_json(cls, data: Any) -> TLSFiles | None:
-        if not data:
-            return None
-        return cls(Path(data["cert"]), Path(data["key"]), Path(data["ca"]))
-
-    def to_json(self) -> dict[str, str]:
-        return {"cert": str(self.cert), "key": str(self.key), "ca": str(self.ca)}
 
 
 def options_for(precopy_only: bool) -> LiveOptions:
@@ -125,20 +110,18 @@ def summarize(source: dict[str, Any], destination: dict[str, Any] | None) -> dic
 
 
 async def migrate_to_host(
-    m: Movable, host: str, port: int, *, tls: TLSFiles | None = None,
+    m: Movable, host: str, port: int, *, access: Access,
     options: LiveOptions = DEFAULT_OPTIONS,
     on_handed_off: Callable[[], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
     """Live-migrate ``m`` to the ``ferry vm receive`` listening on ``host:port``.
 
+    ``access`` says how to authenticate to it (TLS, its token, or ``insecure``).
     Returns ``{"summary", "source", "destination"}`` once post-copy completed.
     Raises :class:`LiveMigrationError` (``handed_off`` says where the VM runs).
     """
-    opts = link.LinkOptions()
-    if tls is not None:
-        opts = dataclasses.replace(opts, tls=client_context(tls.cert, tls.key, tls.ca))
     try:
-        stream = await link.connect(host, port, opts)
+        stream = await access.connect(host, port)
     except FerryError as exc:
         raise LiveMigrationError(f"cannot reach the destination {host}:{port}: {exc}",
                                  vm=m.vm_id, handed_off=False, phase="idle") from exc
@@ -253,7 +236,7 @@ async def _dump(device: Device, path: Path) -> None:
 
 def _create_sparse(path: Path, size_bytes: int) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     os.ftruncate(fd, size_bytes)
     return fd
 
@@ -316,6 +299,6 @@ class Outgoing:
             self._handed_off = True
 
         return await migrate_to_host(m, str(host), int(port),
-                                     tls=TLSFiles.from_json(req.get("tls")),
+                                     access=Access.from_json(req.get("access")),
                                      options=options_for(bool(req.get("precopy_only"))),
                                      on_handed_off=handed_off)

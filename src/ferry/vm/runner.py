@@ -75,7 +75,7 @@ from ferry.vm.image import Accel, TapNet
 from ferry.vm.live.devices import VMDevices, local_devices
 from ferry.vm.manifest import DeviceEntry, VMManifest
 from ferry.vm.pkgcache import OpenedPackage, nonzero_blocks, open_extracted
-from ferry.vm.registry import VM_RECORD, VMPaths, read_json, write_json
+from ferry.vm.registry import VM_RECORD, VMPaths, private_dir, read_json, write_json
 from ferry.vm.runtime import DeviceStateStats, QemuVM, VMConfig
 from ferry.vm.runtime.vm import MEMORY_FILE
 
@@ -253,7 +253,8 @@ def _prepare_state_dir(vm_id: str, paths: VMPaths,
         raise VMNotFoundError("is not suspended here; give a package to run", vm=vm_id)
     else:
         shutil.rmtree(state_dir, ignore_errors=True)  # overlays without a record: stale
-        state_dir.mkdir(parents=True, mode=0o700)
+        private_dir(state_dir.parent)
+        state_dir.mkdir(mode=0o700)
         state_file = package.directory / package.manifest.state
     write_json(state_dir / VM_RECORD, {"vm_id": vm_id, "status": "running",
                                       "package_dir": str(package.directory),

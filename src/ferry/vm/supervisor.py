@@ -47,6 +47,7 @@ from ferry.vm.registry import (
     check_vm_id,
     cleanup_leftovers,
     live_supervisor,
+    private_dir,
     this_process,
     write_json,
 )
@@ -174,7 +175,8 @@ async def supervise(
     if live_supervisor(paths, vm_id) is not None:
         raise VMExistsError("is already running", vm=vm_id)
     run_dir = paths.run_dir(vm_id)
-    run_dir.mkdir(parents=True, mode=0o700)
+    private_dir(run_dir.parent)
+    run_dir.mkdir(mode=0o700)
     session = _Session(request)
     loop = asyncio.get_running_loop()
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,11 +10,10 @@ import pytest
 
 from ferry.net import Proto, WildcardAddressError
 from ferry.vm.errors import ManifestError, VMSpecError
+from ferry.vm.live.testing import sample_manifest
 from ferry.vm.manifest import (
     AgentSettings,
     DeviceEntry,
-    GuestNetwork,
-    MachineSpec,
     VMManifest,
 )
 from ferry.vm.publish import parse_publish
@@ -53,18 +53,9 @@ def test_bad_vm_ids(vm_id: str) -> None:
 
 
 def _manifest(**changes: object) -> VMManifest:
-    fields: dict[str, object] = dict(
-        name="redis", blueprint="redis", image_key="k", created="2026-01-01T00:00:00Z",
-        machine=MachineSpec("microvm", "Nehalem-v1", 1, 256, "tcg"),
-        kernel_cmdline="console=ttyS0", kernel="boot/vmlinuz",
-        initramfs="boot/initramfs.cpio", state="state.bin", state_bytes=70000,
-        memory=DeviceEntry("memory", "memory", 256 << 20, 65536, "hashes/memory.xxh3"),
-        disks=(DeviceEntry("root", "disks/root.img", 64 << 20, 65536, "hashes/root.xxh3"),),
-        agent=AgentSettings(True, ("sync",), ()),
-        network=GuestNetwork("10.0.2.15", 24, "10.0.2.2", "52:54:00:12:34:56"),
-        readiness="true")
-    fields.update(changes)
-    return VMManifest(**fields)  # type: ignore[arg-type]
+    base = dataclasses.replace(sample_manifest(), agent=AgentSettings(True, ("sync",), ()),
+                               readiness="true")
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
 def test_manifest_round_trip(tmp_path: Path) -> None:

@@ -120,6 +120,8 @@ class QemuConfig:
     incoming: str | None = None
     agent: AgentChannel | None = None
     net: NetSpec | None = None
+    sandbox: str | None = None
+    """``-sandbox`` value (QEMU's seccomp filter), e.g. ``on,spawn=deny``; None: none."""
     extra_args: Sequence[str] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -155,6 +157,7 @@ def qemu_argv(
     incoming: str | None = None,
     agent: AgentChannel | None = None,
     net: NetSpec | None = None,
+    sandbox: str | None = None,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
     """The full argv (``argv[0]`` included) for a microvm guest; see :class:`QemuConfig`."""
@@ -165,7 +168,7 @@ def qemu_argv(
     config = QemuConfig(
         memory_mib=memory_mib, cmdline=cmdline, memory_path=memory_path, disks=tuple(disks),
         serial=serial, qmp_socket=qmp_socket, accel=accel, cpu_model=cpu_model, vcpus=vcpus,
-        incoming=incoming, agent=agent, net=net, extra_args=tuple(extra_args),
+        incoming=incoming, agent=agent, net=net, sandbox=sandbox, extra_args=tuple(extra_args),
     )
     return argv_for(kernel, initramfs, config)
 
@@ -229,6 +232,8 @@ def argv_for(kernel: Path, initramfs: Path, config: QemuConfig) -> list[str]:
         argv += ["-qmp", f"unix:{_opt(config.qmp_socket)},server=on,wait=off"]
     if config.incoming is not None:
         argv += ["-incoming", config.incoming]
+    if config.sandbox is not None:
+        argv += ["-sandbox", config.sandbox]
     argv += list(config.extra_args)
     return argv
 

@@ -42,21 +42,23 @@ from ferry.net import GUEST_IP, GUEST_MAC, PortForward, Proto, VMNetwork
 from ferry.net.state import process_start_time
 from ferry.protocol.messages import Custom
 from ferry.transport.base import Stream
-from ferry.transport.tls import client_context, server_context
 from ferry.vm import control
 from ferry.vm.errors import ManifestError, VMExistsError, VMLifecycleError
 from ferry.vm.image import Accel, TapNet
 from ferry.vm.live import launch, link
+from ferry.vm.live.access import Access
+from ferry.vm.live.bootcache import BootCache
 from ferry.vm.live.destination import IncomingVM
 from ferry.vm.live.errors import LiveMigrationError
 from ferry.vm.manifest import VMManifest
-from ferry.vm.migrate import MIGRATE_OPS, Movable, Outgoing, TLSFiles, options_for
+from ferry.vm.migrate import MIGRATE_OPS, Movable, Outgoing, options_for
 from ferry.vm.registry import (
     SUPERVISOR_RECORD,
     VMPaths,
     check_vm_id,
     cleanup_leftovers,
     live_supervisor,
+    private_dir,
     this_process,
     write_json,
 )
@@ -75,13 +77,14 @@ class ArrivalRequest:
     """Where the VM comes from and how it is set up here."""
 
     paths: VMPaths
+    access: Access
+    """How the peer authenticates (TLS, a token, or insecure); see :mod:`.access`."""
     listen: tuple[str, int] | None = None
     registry: tuple[str, int] | None = None
     package: str | None = None
     name: str | None = None
     forwards: tuple[PortForward, ...] | None = None
     """None: the source's forwards, on this host (see :func:`rehome`)."""
-    tls: TLSFiles | None = None
     precopy_only: bool = False
     report_until: str = "ready"
 
@@ -97,7 +100,7 @@ class ArrivalRequest:
         return {"run_root": str(self.paths.run_root), "state_root": str(self.paths.state_root),
                 "listen": self.listen, "registry": self.registry, "package": self.package,
                 "name": self.name, "precopy_only": self.precopy_only,
-                "tls": self.tls.to_json() if self.tls else None,
+                "access": self.access.to_json(),
                 "report_until": self.report_until,
                 "forwards": None if self.forwards is None else [
                     [f.host, f.host_port, f.guest_port, f.proto.value, f.allow_wildcard]
@@ -113,7 +116,8 @@ class ArrivalRequest:
                 registry=((str(d["registry"][0]), int(d["registry"][1]))
                           if d.get("registry") else None),
                 package=d.get("package"), name=d.get("name"),
-                precopy_only=bool(d.get("precopy_only")), tls=TLSFiles.from_json(d.get("tls")),
+                precopy_only=bool(d.get("precopy_only")),
+                access=Access.from_json(d.get("access")),
                 report_until=str(d.get("report_until", "ready")),
                 forwards=None if fwd is None else tuple(
                     PortForward(h, hp, gp, Proto(p), allow_wildcard=w) for h, hp, gp, p, w in fwd))
@@ -143,13 +147,6 @@ def qemu_config(manifest: VMManifest, kernel: Path, initramfs: Path, tap: str) -
                     cpu_model=m.cpu_model, vcpus=m.vcpus, accel=Accel(m.accel),
                     agent=manifest.agent.enabled, net=TapNet(tap, mac=GUEST_MAC),
                     kernel_args=(f"ferry.ip={g.ip}/{g.prefix_len}", f"ferry.gw={g.gateway}"))
-
-
-def _link_options(tls: TLSFiles | None, *, server: bool) -> link.LinkOptions:
-    if tls is None:
-        return link.LinkOptions()
-    make = server_context if server else client_context
-    return link.LinkOptions(tls=make(tls.cert, tls.key, tls.ca))
 
 
 class _Held:
@@ -199,15 +196,18 @@ class _Held:
 
 async def _open_stream(request: ArrivalRequest,
                        on_listening: Callable[[tuple[str, int]], None]) -> Stream:
+    """The authenticated connection the VM arrives on: to the registry, or the first peer
+    that authenticates on the listening address (others are dropped, see accept_peer)."""
+    access = request.access
     if request.registry is not None:
         host, port = request.registry
-        stream = await link.connect(host, port, _link_options(request.tls, server=False))
+        stream = await access.connect(host, port)
         await launch.send_frame(stream, {"package": request.package})
         return stream
     assert request.listen is not None
-    async with link.listen(*request.listen, _link_options(request.tls, server=True)) as lst:
+    async with link.listen(*request.listen, access.link_options(server=True)) as lst:
         on_listening(lst.address)
-        return await lst.accept()
+        return await link.accept_peer(lst, access.authenticator())
 
 
 async def arrive(request: ArrivalRequest, *,
@@ -226,20 +226,20 @@ async def arrive(request: ArrivalRequest, *,
     try:
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(stream.aclose)
-            offer, boot = await launch.receive_offer(stream, paths.state_root / BOOT_CACHE)
+            cache = BootCache(paths.state_root / BOOT_CACHE)
+            stack.callback(cache.release)
+            offer, boot_dir = await launch.receive_offer(stream, cache)
             try:
                 vm_id = held.vm_id = check_vm_id(request.name or offer.vm_id)
                 if live_supervisor(paths, vm_id) is not None:
                     raise VMExistsError("is already running on this host", vm=vm_id)
                 run_dir = paths.run_dir(vm_id)
                 shutil.rmtree(run_dir, ignore_errors=True)
-                run_dir.mkdir(parents=True, mode=0o700)
+                private_dir(run_dir.parent)
+                run_dir.mkdir(mode=0o700)
                 stack.callback(shutil.rmtree, run_dir, True)
                 held.run_dir = run_dir
-                boot_dir = run_dir / "boot-files"
-                for name, path in launch.boot_files(offer.manifest, boot_dir).items():
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.symlink_to(boot[name])
+                boot = launch.boot_files(offer.manifest, boot_dir)
                 held.write_record(vm_id=vm_id, status="receiving", **this_process(),
                                   origin=offer.origin, package_dir=None, started_at=time.time())
                 forwards = (request.forwards if request.forwards is not None
@@ -354,7 +354,7 @@ def main() -> int:
         out.write(json.dumps({"ok": False, "error": str(exc)}) + "\n")
         return 2
     log_path = request.paths.run_root / "vms" / f".receive-{os.getpid()}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(log_path.parent)
     logging.basicConfig(level=logging.INFO, filename=log_path,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

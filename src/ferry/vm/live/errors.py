@@ -4,11 +4,13 @@
     └── MigrationError
         └── LiveMigrationError      the VM could not be moved (.vm, .handed_off)
             └── HandoffPayloadError the HANDOFF payload is malformed
+        └── PeerError
+            └── RefusedError        the peer (a registry) refused the request
 """
 
 from __future__ import annotations
 
-from ferry.errors import MigrationError
+from ferry.errors import MigrationError, PeerError
 
 
 class LiveMigrationError(MigrationError):
@@ -31,3 +33,13 @@ class HandoffPayloadError(LiveMigrationError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, vm="?", handed_off=False, phase="stop-and-copy")
+
+
+class RefusedError(PeerError):
+    """The peer refused the request outright (a registry without that package, or one
+    that does not trust it); nothing was started."""
+
+    def __init__(self, reason: str) -> None:
+        MigrationError.__init__(self, f"the peer refused: {reason}")
+        self.reason = reason
+        self.code = 0

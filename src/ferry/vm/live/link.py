@@ -11,16 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 from ferry.errors import BrokenResourceError, TransportError
+from ferry.transport import auth
 from ferry.transport.base import Stream
 from ferry.transport.streams import AsyncioStream, ConnectTimeoutError
 from ferry.transport.tcp import format_address
 from ferry.transport.tls import TLSStream
+
+if TYPE_CHECKING:
+    from ferry.transport.listener import Listener
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DEAD_PEER_S = 3.0
 SOCKET_BUFFER_BYTES = 1024 * 1024
@@ -78,26 +86,39 @@ async def connect(host: str, port: int, options: LinkOptions = LinkOptions(), *,
     return stream
 
 
-class LinkListener:
-    """Accepts migration connections on ``host:port`` (``port`` 0 picks one)."""
+ACCEPT_BACKLOG = 16
+"""Connections accepted (TLS done) but not yet taken by ``accept()``; more are closed."""
 
-    def __init__(self, server: asyncio.Server, queue: asyncio.Queue[Stream | BaseException],
+
+class LinkListener:
+    """Accepts migration connections on ``host:port`` (``port`` 0 picks one).
+
+    A connection whose TLS handshake fails is logged and dropped; the
+    listener keeps accepting. :func:`accept_peer` adds authentication.
+    """
+
+    def __init__(self, server: asyncio.Server, queue: asyncio.Queue[Stream],
                  address: tuple[str, int]) -> None:
         self._server = server
         self._queue = queue
         self.address = address
 
     async def accept(self) -> Stream:
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        return await self._queue.get()
+
+
+async def accept_peer(listener: LinkListener, authenticate: auth.Authenticate, *,
+                      handshake_timeout_s: float = auth.HANDSHAKE_TIMEOUT_S) -> Stream:
+    """The first connection that authenticates; silent, garbage or unauthenticated ones are
+    dropped (each after at most ``handshake_timeout_s``) and the listener keeps accepting."""
+    return await auth.accept_authenticated(cast("Listener[Any]", listener), authenticate,
+                                           handshake_timeout_s=handshake_timeout_s)
 
 
 @contextlib.asynccontextmanager
 async def listen(host: str, port: int = 0,
                  options: LinkOptions = LinkOptions()) -> AsyncIterator[LinkListener]:
-    queue: asyncio.Queue[Stream | BaseException] = asyncio.Queue()
+    queue: asyncio.Queue[Stream] = asyncio.Queue()
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
@@ -110,9 +131,14 @@ async def listen(host: str, port: int = 0,
                 stream = await TLSStream.wrap(stream, options.tls, server_side=True,
                                               timeout_s=TLS_HANDSHAKE_TIMEOUT_S)
             except TransportError as exc:
-                await queue.put(exc)
+                log.warning("dropped a connection: %s", exc)
+                await stream.aclose()
                 return
-        await queue.put(stream)
+        if queue.qsize() >= ACCEPT_BACKLOG:
+            log.warning("backlog full, dropped %s", stream.peer)
+            await stream.aclose()
+            return
+        queue.put_nowait(stream)
 
     try:
         server = await asyncio.start_server(on_connection, host, port, limit=READER_LIMIT_BYTES,
@@ -124,5 +150,7 @@ async def listen(host: str, port: int = 0,
         yield LinkListener(server, queue, (str(bound[0]), int(bound[1])))
     finally:
         server.close()
+        while not queue.empty():
+            await queue.get_nowait().aclose()
         with contextlib.suppress(Exception):
             await server.wait_closed()

@@ -9,9 +9,11 @@ It is driven by JSON lines on stdin and answers with JSON lines on stdout
 (:mod:`ferry.vm.live.control` is the client). Commands::
 
     {"cmd": "boot", "rootfs": PATH}                   boot here; answer when the agent is ready
-    {"cmd": "receive", "port": P}                     answer {"address": [h, p]} at once, then
-                                                      events "running" and "received"
-    {"cmd": "migrate", "host": H, "port": P}          move the VM there; answer with the report
+    {"cmd": "receive", "port": P}                     answer {"address": [h, p], "token": T}
+                                                      at once, then events "running" and
+                                                      "received" (T is null under --tls-dir)
+    {"cmd": "migrate", "host": H, "port": P,          move the VM there (presenting the
+     "token": T}                                      receiver's token); answer with the report
     {"cmd": "exec", "command": "sh -c string"}        run in the guest through the agent
     {"cmd": "status"}                                 VM state and console path
     {"cmd": "quit"}                                   tear down and exit (also on EOF)
@@ -40,11 +42,11 @@ from ferry.migration.channel import StreamChannel
 from ferry.migration.policy import Mode
 from ferry.net import PortForward, VMNetwork
 from ferry.storage.providers.memory import MemoryDevice
-from ferry.transport.tls import client_context, server_context
 from ferry.vm.agent import AgentClient, connect_agent
 from ferry.vm.guest import MARKER_READY
 from ferry.vm.image import TapNet
 from ferry.vm.live import link
+from ferry.vm.live.access import Access, TLSFiles
 from ferry.vm.live.destination import IncomingVM
 from ferry.vm.live.devices import VMDevices, local_devices
 from ferry.vm.live.errors import LiveMigrationError
@@ -73,14 +75,11 @@ class Peer:
         self.options = LiveOptions(mode=Mode(args.mode),
                                    state_transfer=StateTransfer(args.state),
                                    record_digests=args.record_digests)
-        self.link = link.LinkOptions(dead_peer_s=args.dead_peer_s)
+        self.tls: TLSFiles | None = None
         if args.tls_dir:
             d = Path(args.tls_dir)
-            cert, key, ca = d / f"{args.tls_name}.pem", d / f"{args.tls_name}.key", d / "ca.pem"
-            self.server_link = replace(self.link, tls=server_context(cert, key, ca))
-            self.client_link = replace(self.link, tls=client_context(cert, key, ca))
-        else:
-            self.server_link = self.client_link = self.link
+            self.tls = TLSFiles(d / f"{args.tls_name}.pem", d / f"{args.tls_name}.key",
+                                d / "ca.pem")
         self.held: _Held | None = None
         self.holder: asyncio.Task[None] | None = None
         self.release = asyncio.Event()
@@ -176,6 +175,7 @@ class Peer:
 
     async def receive(self, req: dict[str, Any]) -> dict[str, Any]:
         bound: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+        access = Access.listening(self.tls)
 
         async def body() -> None:
             incoming: IncomingVM | None = None
@@ -183,13 +183,15 @@ class Peer:
                 async with contextlib.AsyncExitStack() as stack:
                     net = await self.network(stack)
                     listener = await stack.enter_async_context(link.listen(
-                        self.args.host_address, int(req.get("port", 0)), self.server_link))
+                        self.args.host_address, int(req.get("port", 0)),
+                        access.link_options(server=True, dead_peer_s=self.args.dead_peer_s)))
                     incoming = IncomingVM(self.config(net), work_dir=self.work_dir,
                                           name=self.args.name, options=self.options,
                                           wrap_argv=net.wrap_argv if net else None)
                     await stack.enter_async_context(incoming)
                     bound.set_result(listener.address)
-                    channel = StreamChannel(await listener.accept())
+                    channel = StreamChannel(await link.accept_peer(listener,
+                                                                   access.authenticator()))
                     stack.push_async_callback(channel.aclose)
                     waiter = asyncio.create_task(self._announce_running(incoming))
                     try:
@@ -226,7 +228,7 @@ class Peer:
         except BaseException:
             await self._release_vm()
             raise
-        return {"address": [host, port]}
+        return {"address": [host, port], "token": access.token}
 
     async def _announce_running(self, incoming: IncomingVM) -> None:
         await incoming.running.wait()
@@ -236,7 +238,15 @@ class Peer:
         held = self.held
         if held is None:
             raise FerryError("this peer holds no VM")
-        stream = await link.connect(req["host"], int(req["port"]), self.client_link)
+        token = req.get("token")
+        access = Access(tls=self.tls, token=str(token) if token else None)
+        try:
+            stream = await access.connect(req["host"], int(req["port"]),
+                                          dead_peer_s=self.args.dead_peer_s)
+        except FerryError as exc:
+            raise LiveMigrationError(f"cannot reach the destination (failed before the "
+                                     f"hand-off): {exc}", vm=self.args.name,
+                                     handed_off=False) from exc
         channel = StreamChannel(stream)
 
         async def handed_off() -> None:

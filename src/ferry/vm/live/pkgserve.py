@@ -27,19 +27,20 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from ferry.errors import FerryError, TransportError
+from ferry.errors import ConfigError, FerryError
 from ferry.migration.channel import StreamChannel
 from ferry.migration.policy import DirtyPolicy, Mode
 from ferry.migration.source import MigrationHooks, Migrator
 from ferry.package import TrustStore
 from ferry.storage import FileDevice
+from ferry.transport import auth
 from ferry.transport.base import Stream
-from ferry.transport.tls import server_context
 from ferry.vm import pkgcache
 from ferry.vm.live import launch, link
 from ferry.vm.live import payload as wire
+from ferry.vm.live.access import HANDSHAKE_TIMEOUT_S, Access
 from ferry.vm.live.devices import local_devices, wire_order
-from ferry.vm.migrate import TLSFiles
+from ferry.vm.safepath import safe_join
 from ferry.vm.snapshot import short_id
 
 log = logging.getLogger(__name__)
@@ -59,25 +60,54 @@ def _vm_id_for(name: str) -> str:
 
 
 async def serve_package(stream: Stream, directory: Path, trust: TrustStore) -> None:
-    """Serve one destination on ``stream`` (one package, pure post-copy)."""
+    """Serve one (authenticated) destination on ``stream``: one package, pure post-copy.
+
+    A request the registry cannot serve (no such package, an untrusted one, a
+    malformed request) is answered with a refusal frame, which the destination
+    raises as :class:`~ferry.vm.live.errors.RefusedError`. The stream is always
+    closed when this returns.
+    """
+    try:
+        await _serve_package(stream, directory, trust)
+    finally:
+        await stream.aclose()
+
+
+async def _serve_package(stream: Stream, directory: Path, trust: TrustStore) -> None:
     try:
         request = await launch.receive_frame(stream)
-        name = str(request.get("package", ""))
-        if not _NAME_RE.match(name) or not await asyncio.to_thread((directory / name).is_file):
+    except FerryError as exc:
+        log.warning("registry: %s: %s", stream.peer, exc)
+        return
+    name = request.get("package")
+    try:
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise RegistryError(f"bad package name {name!r:.80}")
+        path = safe_join(directory, name)
+        if not await asyncio.to_thread(path.is_file):
             raise RegistryError(f"no package {name!r} here")
-        opened = await asyncio.to_thread(pkgcache.open_package, directory / name, trust)
+        opened = await asyncio.to_thread(pkgcache.open_package, path, trust)
         manifest = opened.manifest
         files = launch.boot_files(manifest, opened.directory)
         offer = launch.Offer(_vm_id_for(manifest.name), manifest, (),
                              await asyncio.to_thread(launch.describe_boot, files),
                              origin="registry")
-        state = await asyncio.to_thread((opened.directory / manifest.state).read_bytes)
+        state = await asyncio.to_thread(
+            safe_join(opened.directory, manifest.state).read_bytes)
+    except FerryError as exc:
+        log.warning("registry: %s: refused: %s", stream.peer, exc)
+        with contextlib.suppress(FerryError, OSError):
+            await launch.send_refusal(stream, f"registry: {exc}")
+        return
+    try:
         await launch.send_offer(stream, offer, files)
     except FerryError as exc:
         log.warning("registry: %s: %s", stream.peer, exc)
         return
-    memory = FileDevice(opened.directory / manifest.memory.path, read_only=True, name="memory")
-    disks = {e.name: FileDevice(opened.directory / e.path, read_only=True, name=e.name)
+    memory = FileDevice(safe_join(opened.directory, manifest.memory.path), read_only=True,
+                        name="memory")
+    disks = {e.name: FileDevice(safe_join(opened.directory, e.path), read_only=True,
+                                name=e.name)
              for e in manifest.disks}
     devices = local_devices(memory, disks, block_size_bytes=manifest.memory.block_size_bytes)
     channel = StreamChannel(stream)
@@ -104,20 +134,51 @@ async def serve_package(stream: Stream, directory: Path, trust: TrustStore) -> N
         await devices.close()
 
 
+def check_directory(directory: Path) -> None:
+    """ConfigError unless ``directory`` is a directory (before listening on anything)."""
+    if not directory.is_dir():
+        raise ConfigError(f"{directory} is not a directory of packages")
+
+
 async def serve_registry(directory: Path, host: str, port: int, *, trust: TrustStore,
-                         tls: TLSFiles | None = None,
+                         access: Access,
                          on_listening: Callable[[tuple[str, int]], None] = lambda a: None,
+                         max_unauthenticated: int = auth.MAX_UNAUTHENTICATED,
+                         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
                          ) -> None:
-    """Serve the packages in ``directory`` on ``host:port`` until cancelled."""
-    opts = link.LinkOptions()
-    if tls is not None:
-        opts = link.LinkOptions(tls=server_context(tls.cert, tls.key, tls.ca))
-    async with link.listen(host, port, opts) as listener, asyncio.TaskGroup() as tg:
+    """Serve the packages in ``directory`` on ``host:port`` until cancelled.
+
+    Every connection authenticates first (``access``: mutual TLS, the
+    registry's token, or nobody with ``insecure``) within
+    ``handshake_timeout_s``; at most
+    ``max_unauthenticated`` connections are being vetted at once (more wait
+    in the kernel's backlog). The rest of each request has idle deadlines.
+    """
+    check_directory(directory)
+    authenticate = access.authenticator()
+    vetting = asyncio.Semaphore(max_unauthenticated)
+
+    async def serve_one(stream: Stream) -> None:
+        try:
+            async with asyncio.timeout(handshake_timeout_s):
+                await authenticate(stream)
+        except (FerryError, TimeoutError) as exc:
+            log.warning("registry: %s: not authenticated: %s", stream.peer,
+                        exc or "handshake timed out")
+            await stream.aclose()
+            return
+        finally:
+            vetting.release()
+        await serve_package(stream, directory, trust)
+
+    async with link.listen(host, port, access.link_options(server=True)) as listener, \
+            asyncio.TaskGroup() as tg:
         on_listening(listener.address)
         while True:
+            await vetting.acquire()
             try:
                 stream = await listener.accept()
-            except TransportError as exc:  # a failed TLS handshake: that client only
-                log.warning("registry: %s", exc)
-                continue
-            tg.create_task(serve_package(stream, directory, trust))
+            except BaseException:
+                vetting.release()
+                raise
+            tg.create_task(serve_one(stream))

@@ -31,6 +31,8 @@ class VMConfig:
     agent: bool = False
     """Add the guest agent's virtio-serial port (socket ``work_dir/agent.sock``)."""
     extra_qemu_args: tuple[str, ...] = ()
+    sandbox: bool = True
+    """Run QEMU under its seccomp sandbox when this QEMU supports it (ferry.vm.runtime.sandbox)."""
     qmp_timeout_s: float = 30.0
     stop_timeout_s: float = 10.0
 

@@ -58,6 +58,7 @@ from ferry.vm.runtime import devstate
 from ferry.vm.runtime.config import VMConfig
 from ferry.vm.runtime.devstate import DeviceStateStats
 from ferry.vm.runtime.errors import DeviceStateError, VMExitedError, VMStateError
+from ferry.vm.runtime.sandbox import sandbox_option
 from ferry.vm.runtime.state import CAN_SPAWN, HAS_PROCESS, VMState
 
 logger = logging.getLogger(__name__)
@@ -172,6 +173,9 @@ class QemuVM:
     # -- context -------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        # Probe the sandbox (once per process) while the mount and NBD come up.
+        probe = asyncio.create_task(asyncio.to_thread(sandbox_option)) \
+            if self.config.sandbox else None
         try:
             await asyncio.to_thread(self.work_dir.mkdir, parents=True, exist_ok=True)
             await asyncio.to_thread((self.work_dir / "mnt").mkdir, exist_ok=True)
@@ -180,7 +184,13 @@ class QemuVM:
             if self._disks:
                 server = NBDServer({n: Export(d) for n, d in self._disks.items()})
                 await self._stack.enter_async_context(server.serve_unix(self.nbd_socket))
+            if probe is not None:
+                await probe
         except BaseException:
+            if probe is not None and not probe.done():
+                probe.cancel()
+                with contextlib.suppress(BaseException):
+                    await probe
             await self._stack.aclose()
             raise
         return self
@@ -364,7 +374,7 @@ class QemuVM:
             qmp_socket=self.qmp_socket, accel=self.accel, cpu_model=cfg.cpu_model,
             vcpus=cfg.vcpus, incoming="defer" if incoming else None, net=cfg.net,
             agent=AgentChannel(self.agent_socket) if cfg.agent else None,
-            extra_args=extra)
+            sandbox=sandbox_option() if cfg.sandbox else None, extra_args=extra)
 
     async def _spawn(self, *, incoming: bool) -> None:
         number = self._generations + 1
