@@ -124,7 +124,7 @@ async def migrate_to_host(
         stream = await access.connect(host, port)
     except FerryError as exc:
         raise LiveMigrationError(f"cannot reach the destination {host}:{port}: {exc}",
-                                 vm=m.vm_id, handed_off=False, phase="idle") from exc
+                                 vm=m.vm_id, handed_off=False) from exc
     channel = StreamChannel(stream)
     try:
         files = launch.boot_files(m.manifest, m.boot_dir)
@@ -134,7 +134,7 @@ async def migrate_to_host(
             await launch.send_offer(stream, offer, files)
         except FerryError as exc:
             raise LiveMigrationError(f"the destination did not take the VM: {exc}",
-                                     vm=m.vm_id, handed_off=False, phase="idle") from exc
+                                     vm=m.vm_id, handed_off=False) from exc
 
         async def handed_off() -> None:
             if m.network is not None:
@@ -267,7 +267,7 @@ class Outgoing:
             return {"ok": True, "cancelled": True}
         m = self._get()
         if m is None:
-            raise LiveMigrationError("the VM is not running", vm="?", handed_off=False)
+            raise LiveMigrationError("the VM is not running", vm=None, handed_off=False)
         if self.active or self.gone:
             raise LiveMigrationError("a migration is already running or done", vm=m.vm_id,
                                      handed_off=False)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ferry.errors import ConfigError, FerryError
+from ferry.errors import ConfigError, FerryError, MigrationError
 from ferry.migration.channel import StreamChannel
 from ferry.net import GUEST_IP, GUEST_MAC, PortForward, Proto, VMNetwork
 from ferry.net.state import process_start_time
@@ -291,8 +291,8 @@ async def arrive(request: ArrivalRequest, *,
     except FerryError as exc:
         if isinstance(exc, LiveMigrationError):
             raise
-        raise LiveMigrationError(f"receiving failed: {exc}", vm=held.vm_id,
-                                 handed_off=False) from exc
+        text = str(exc) if isinstance(exc, MigrationError) else f"receiving failed: {exc}"
+        raise LiveMigrationError(text, vm=held.vm_id, handed_off=False) from exc
 
 
 async def _hold(held: _Held, incoming: IncomingVM) -> dict[str, Any]:
@@ -327,11 +327,11 @@ async def launch_detached(request: ArrivalRequest, *,
         while True:
             line = await asyncio.wait_for(proc.stdout.readline(), timeout_s)
             if not line:
-                raise LiveMigrationError("the receiving process exited silently", vm="?",
+                raise LiveMigrationError("the receiving process exited silently", vm=None,
                                          handed_off=False)
             event = json.loads(line)
             if not event.get("ok", True):
-                raise LiveMigrationError(str(event.get("error")), vm="?",
+                raise LiveMigrationError(str(event.get("error")), vm=None,
                                          handed_off=bool(event.get("handed_off")))
             if event.get("event") == request.report_until:
                 event["pid"] = proc.pid
@@ -340,7 +340,7 @@ async def launch_detached(request: ArrivalRequest, *,
         proc.kill()
         await proc.wait()
         raise LiveMigrationError(f"the receiving process did not report within {timeout_s} s",
-                                 vm="?", handed_off=False) from exc
+                                 vm=None, handed_off=False) from exc
 
 
 def main() -> int:

@@ -21,9 +21,9 @@ class LiveMigrationError(MigrationError):
     holds the authority and the failure happened in post-copy.
     """
 
-    def __init__(self, message: str, *, vm: str, handed_off: bool,
+    def __init__(self, message: str, *, vm: str | None, handed_off: bool,
                  phase: str | None = None) -> None:
-        super().__init__(f"vm {vm}: {message}", phase=phase)
+        super().__init__(f"vm {vm}: {message}" if vm else message, phase=phase)
         self.vm = vm
         self.handed_off = handed_off
 
@@ -32,7 +32,7 @@ class HandoffPayloadError(LiveMigrationError):
     """The HANDOFF payload from the source is malformed."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, vm="?", handed_off=False, phase="stop-and-copy")
+        super().__init__(message, vm=None, handed_off=False, phase="stop-and-copy")
 
 
 class RefusedError(PeerError):
