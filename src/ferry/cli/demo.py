@@ -61,21 +61,24 @@ async def migrate_demo(args: argparse.Namespace, console: Console) -> ExitCode:
     result = await run_migrate_demo(progress)
     s = result.summary
     if args.json:
-        emit_json({"migrate": {"summary": s, "acknowledged_writes": result.acknowledged,
+        emit_json({"migrate": {"summary": s, "return_summary": result.return_summary,
+                               "acknowledged_writes": result.acknowledged,
                                "lost_writes": len(result.lost),
                                "client_max_stall_ms": result.client_max_stall_ms,
                                "ok": result.ok}})
     else:
-        steps = ", ".join(f"{k} {v:.1f}" for k, v in s.get("downtime_steps_ms", {}).items())
-        console.print(
-            f"  migrated A -> B: downtime [bold]{s.get('downtime_ms', 0):.1f} ms[/bold] "
-            f"(source paused -> destination running: {steps})"
-        )
-        console.print(
-            f"  total {s.get('total_s', 0):.2f} s, {s.get('cycles')} dirty cycles, "
-            f"{s.get('postcopy_fetches')} post-copy fetches, every block verified: "
-            f"{s.get('verified')}"
-        )
+        for label, hop in (("A -> B (first hop: B's page cache and QEMU are cold)", s),
+                           ("B -> A (back to a host that ran this guest)",
+                            result.return_summary)):
+            steps = ", ".join(f"{k} {v:.1f}"
+                              for k, v in hop.get("downtime_steps_ms", {}).items())
+            console.print(
+                f"  migrated {label}: downtime [bold]{hop.get('downtime_ms', 0):.1f} ms[/bold]"
+                f" (source paused -> destination running: {steps})")
+            console.print(
+                f"    total {hop.get('total_s', 0):.2f} s, {hop.get('cycles')} dirty cycles, "
+                f"{hop.get('postcopy_fetches')} post-copy fetches, every block verified: "
+                f"{hop.get('verified')}")
         verdict = "[green]all readable[/green]" if result.ok else "[red]LOST WRITES[/red]"
         console.print(
             f"  client: {result.acknowledged} acknowledged writes, {len(result.lost)} lost "
