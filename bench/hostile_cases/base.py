@@ -4,8 +4,12 @@ to start real endpoint processes the way users start them and to measure them.
 A case is any object with ``name``, ``endpoint`` and ``run(workdir) ->
 Outcome`` (:class:`Case`); ``workdir`` is a fresh directory the case owns.
 Memory is the endpoint process's high-water RSS: ``VmHWM`` from
-``/proc/PID/status`` while it runs, or ``ru_maxrss`` from ``wait4`` for a
-process that has exited (the same figure, read at exit).
+``/proc/PID/status`` while it runs, or ``ru_maxrss`` from ``wait4`` once it
+has exited. Endpoints start through :func:`spawn`, a small reaper process that
+forks them: ``ru_maxrss`` of a process forked straight from a big parent (a
+long pytest run) counts the parent's memory at the fork, because Linux carries
+the pre-exec address space's high-water mark into it. Through the reaper the
+floor is the reaper's own few MiB.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 FERRY = [sys.executable, "-m", "ferry.cli.main"]
 READY_TIMEOUT_S = 30.0
@@ -68,16 +72,69 @@ def vm_hwm_kib(pid: int) -> int:
     raise RuntimeError(f"no VmHWM for pid {pid}")
 
 
-def wait_rss(proc: subprocess.Popen[bytes], timeout_s: float = RUN_TIMEOUT_S) -> tuple[int, int]:
-    """Wait for ``proc``; return (exit code, max RSS in KiB). Kills it after ``timeout_s``."""
-    timer = threading.Timer(timeout_s, proc.kill)
-    timer.start()
+# The reaper: forks the endpoint (through setpriv, so it dies with the reaper),
+# passes SIGINT/SIGTERM/SIGHUP on, reports "PID\n" then "MAXRSS_KIB\n" on the fd
+# named in argv[1], and ends the way the endpoint ended.
+_REAPER = """
+import os, signal, sys
+fd, argv = int(sys.argv[1]), sys.argv[2:]
+pid = os.fork()
+if pid == 0:
+    os.execvp("setpriv", ["setpriv", "--pdeathsig", "KILL", "--", *argv])
+def forward(n, _frame):
     try:
-        _pid, status, usage = os.wait4(proc.pid, 0)
-    finally:
-        timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, int(usage.ru_maxrss)
+        os.kill(pid, n)
+    except ProcessLookupError:
+        pass
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(sig, forward)
+os.write(fd, b"%d\\n" % pid)
+_, status, usage = os.wait4(pid, 0)
+os.write(fd, b"%d\\n" % usage.ru_maxrss)
+code = os.waitstatus_to_exitcode(status)
+if code < 0:
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+
+
+class Spawned(subprocess.Popen[bytes]):
+    """An endpoint started through the reaper. ``pid`` is the reaper's (signals,
+    ``kill`` and pipes work as for any ``Popen``); ``endpoint_pid`` is the
+    endpoint's own, for ``/proc``."""
+
+    def __init__(self, argv: list[str], **kwargs: Any) -> None:
+        r, w = os.pipe()
+        try:
+            super().__init__(
+                [sys.executable, "-I", "-S", "-c", _REAPER, str(w), *argv],
+                pass_fds=(w,), **kwargs,
+            )
+        finally:
+            os.close(w)
+        self._report = os.fdopen(r, "rb")
+        self.endpoint_pid = int(self._report.readline())
+
+    def wait_rss(self, timeout_s: float = RUN_TIMEOUT_S) -> tuple[int, int]:
+        """Wait for the endpoint; return (exit code, its max RSS in KiB). Kills it
+        after ``timeout_s``."""
+        timer = threading.Timer(timeout_s, self.kill)
+        timer.start()
+        try:
+            code = self.wait()
+        finally:
+            timer.cancel()
+        line = self._report.readline()
+        self._report.close()
+        if not line:
+            raise RuntimeError(f"the reaper of {self.args!r} ended without a report (exit {code})")
+        return code, int(line)
+
+
+def spawn(argv: list[str], **kwargs: Any) -> Spawned:
+    """Start an endpoint the way users do, measured on its own (see the module doc)."""
+    return Spawned(argv, **kwargs)
 
 
 def tree(root: Path) -> set[Path]:
@@ -109,7 +166,7 @@ class Serve:
     def __init__(self, workdir: Path, devices: dict[str, Path], *extra: str) -> None:
         self.port = free_port()
         self.token_file = workdir / "serve.token"
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [
                 *FERRY, "serve", "--no-progress", "--listen", f"127.0.0.1:{self.port}",
                 "--token-file", str(self.token_file), *extra,
@@ -146,7 +203,7 @@ class Serve:
         return self.proc.poll() is None
 
     def hwm_kib(self) -> int:
-        return vm_hwm_kib(self.proc.pid)
+        return vm_hwm_kib(self.proc.endpoint_pid)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -156,16 +213,14 @@ class Serve:
 
 def receive(
     port: int, into: Path, *, token_file: Path | None = None, config: Path | None = None
-) -> subprocess.Popen[bytes]:
+) -> Spawned:
     """Start ``ferry receive`` from a loopback source."""
     argv = [*FERRY, "receive", "--no-progress", "--from", f"127.0.0.1:{port}", "--into", str(into)]
     if token_file is not None:
         argv += ["--token-file", str(token_file)]
     if config is not None:
         argv += ["-c", str(config)]
-    return subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env()
-    )
+    return spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env())
 
 
 def legit_migration(workdir: Path, into: Path) -> bool:
@@ -175,7 +230,7 @@ def legit_migration(workdir: Path, into: Path) -> bool:
     serve = Serve(workdir, {name: workdir / "legit-src" / "disk.img"})
     try:
         proc = receive(serve.port, into, token_file=serve.token_file)
-        code, _ = wait_rss(proc)
+        code, _ = proc.wait_rss()
         return code == 0 and (into / name).read_bytes() == data
     finally:
         serve.kill()
@@ -184,7 +239,7 @@ def legit_migration(workdir: Path, into: Path) -> bool:
 def served_intact(serve: Serve, workdir: Path, expected: dict[str, bytes]) -> bool:
     """After an attack on ``serve``: does the legitimate receiver get every device?"""
     into = workdir / "legit-into"
-    code, _ = wait_rss(receive(serve.port, into, token_file=serve.token_file))
+    code, _ = receive(serve.port, into, token_file=serve.token_file).wait_rss()
     return code == 0 and all((into / n).read_bytes() == d for n, d in expected.items())
 
 

@@ -57,7 +57,6 @@ from hostile_cases.base import (
     served_intact,
     tree,
     vm_hwm_kib,
-    wait_rss,
 )
 
 GiB = 1024**3
@@ -253,7 +252,7 @@ class ReceiveCase:
         thread.start()
         before = tree(workdir)
         proc = receive(source.port, target, token_file=token, config=config)
-        code, rss = wait_rss(proc)
+        code, rss = proc.wait_rss()
         thread.join(SOCKET_TIMEOUT_S)
         err = proc.stderr.read().decode() if proc.stderr else ""
         left = sorted(p.name for p in target.rglob("*")) if target.exists() else []

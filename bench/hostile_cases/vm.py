@@ -49,9 +49,9 @@ from hostile_cases.base import (
     child_env,
     escaped,
     free_port,
+    spawn,
     tree,
     vm_hwm_kib,
-    wait_rss,
 )
 from hostile_cases.engine import (
     _WRONG_TOKEN,
@@ -85,7 +85,7 @@ class Endpoint:
         self.token_file = home(workdir) / f"token-{self.port}"
         self.env = child_env(FERRY_RUN_DIR=str(home(workdir) / "run"),
                              FERRY_STATE_DIR=str(home(workdir) / "state"))
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [*FERRY, "vm", *argv, "--listen", f"127.0.0.1:{self.port}", "--token-file",
              str(self.token_file), "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env)
@@ -107,7 +107,7 @@ class Endpoint:
         return self.proc.poll() is None
 
     def open_fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+        return len(os.listdir(f"/proc/{self.proc.endpoint_pid}/fd"))
 
     def stderr(self) -> str:
         """What it wrote on stderr (once it has ended)."""
@@ -117,7 +117,7 @@ class Endpoint:
 
     def finish(self) -> tuple[int, int, str]:
         """Wait for the process to end (it must, by itself): exit code, max RSS, stderr."""
-        code, rss = wait_rss(self.proc, timeout_s=90.0)
+        code, rss = self.proc.wait_rss(timeout_s=90.0)
         err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
         return code, rss, " ".join(err.split())
 
@@ -213,7 +213,7 @@ class SquatCase:
         try:
             clean, detail = self.attack(ep)
             alive = ep.alive
-            rss = vm_hwm_kib(ep.proc.pid) if alive else 0
+            rss = vm_hwm_kib(ep.proc.endpoint_pid) if alive else 0
             served = alive and legit(ep.port, ep.token)
         finally:
             ep.kill()
@@ -301,20 +301,20 @@ class RefusalCase:
         before = tree(workdir)
         try:
             fds = ep.open_fds()
-            proc = subprocess.Popen(
+            proc = spawn(
                 [*FERRY, "vm", "receive", "--registry", f"127.0.0.1:{ep.port}", "--package",
                  self.package, "--token-file", str(ep.token_file)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 env=child_env(FERRY_RUN_DIR=str(workdir / "dest" / "run"),
                               FERRY_STATE_DIR=str(workdir / "dest" / "state")))
-            code, _ = wait_rss(proc, timeout_s=60.0)
+            code, _ = proc.wait_rss(timeout_s=60.0)
             err = " ".join((proc.stderr.read() if proc.stderr else b"").decode().split())
             for _ in range(50):  # the registry closes its end right after refusing
                 if ep.open_fds() <= fds:
                     break
                 time.sleep(0.1)
             leaked = ep.open_fds() - fds
-            rss = vm_hwm_kib(ep.proc.pid)
+            rss = vm_hwm_kib(ep.proc.endpoint_pid)
             served = ep.alive and registry_answers(ep.port, ep.token)
         finally:
             ep.kill()
