@@ -3,7 +3,7 @@
     sudo .venv/bin/python bench/live_migrate.py --runs 5 --json
 
 Hosts ``lba`` and ``lbb`` run ferry peers (one process per hop, see
-ferry.vm.live.peer); a client on host ``lbc`` writes ``SET`` continuously to
+ferry.testing.peer); a client on host ``lbc`` writes ``SET`` continuously to
 the VM's forwarded port, reconnecting to whichever host serves it. Reports
 downtime (source paused -> destination running, both on CLOCK_MONOTONIC),
 its step-by-step breakdown, totals, bytes, post-copy fetches, acknowledged
@@ -24,11 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ferry.net import cleanup_leftovers, host_namespaces
-from ferry.vm.image import build_blueprint, load_blueprint
-from ferry.vm.live.control import PeerProcess
-from ferry.vm.live.report import STEPS
-from ferry.vm.live.workload import RedisWriter
+from ferry.guest.image import build_blueprint, load_blueprint
+from ferry.live.report import STEPS
+from ferry.net import cleanup_leftovers
+from ferry.testing.hosts import host_namespaces
+from ferry.testing.peer_control import PeerProcess
+from ferry.testing.workload import RedisWriter
 
 HOSTS = ("lba", "lbb", "lbc")
 MIGRATE_PORT = 7511

@@ -8,7 +8,7 @@ Then, ``--reps`` times each, alternating:
   as a node daemon would be) boots the blueprint with RAM on FUSE, root
   disk on NBD, its own network namespace and the port forward;
 * **resume**: the same kind of child resumes the package
-  (:func:`ferry.vm.supervisor.supervise`, what ``ferry vm run`` runs).
+  (:func:`ferry.node.supervisor.supervise`, what ``ferry vm run`` runs).
 
 The clock starts when the parent tells the warm child "go" and stops at the
 first ``+PONG`` read from the forwarded port on 127.0.0.1. The client probes
@@ -64,8 +64,8 @@ from ferry.net import PortForward
 from ferry.storage import FileDevice
 from ferry.vm.registry import VMPaths
 from ferry.vm.snapshot import booted
-from ferry.vm.supervisor import LaunchRequest, supervise
-from ferry.vm.image import build_blueprint
+from ferry.node.supervisor import LaunchRequest, supervise
+from ferry.guest.image import build_blueprint
 
 mode, root, port, vm_id = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 paths = VMPaths(root / "run", root / "state")
@@ -212,7 +212,7 @@ async def one_run(mode: str, root: Path, vm_id: str, package_dir: Path | None,
 
 async def _status(root: Path, vm_id: str) -> dict[str, Any]:
     """The supervisor's live counters: guest RAM read through FUSE, QEMU's CPU use."""
-    from ferry.vm import control
+    from ferry.node import control
     from ferry.vm.registry import VMPaths
 
     paths = VMPaths(root / "run", root / "state")
@@ -243,7 +243,6 @@ async def cli_run(root: Path, package: Path, env: dict[str, str], probe: str) ->
 
 async def bench(reps: int, cli_reps: int, progress: bool, probe: str) -> dict[str, Any]:
     from ferry.package import TrustStore, generate_key, load_private_key, write_package
-    from ferry.vm import control  # noqa: F401  (imported now, not while timing)
     from ferry.vm.manifest import VMManifest
     from ferry.vm.pkgcache import open_package
     from ferry.vm.snapshot import snapshot

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ferry.live import launch
+from ferry.testing.live import HOSTILE_OFFERS, INITRAMFS, KERNEL, frame, sample_offer
 from ferry.transport.auth import (
     ACCEPTED,
     CHALLENGE_BYTES,
@@ -39,8 +41,6 @@ from ferry.transport.auth import (
     client_proof,
     server_proof,
 )
-from ferry.vm.live import launch
-from ferry.vm.live.testing import HOSTILE_OFFERS, INITRAMFS, KERNEL, frame, sample_offer
 from hostile_cases.base import (
     FERRY,
     READY_TIMEOUT_S,

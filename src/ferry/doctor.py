@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ferry.vm.image.accel import choose_accel
-from ferry.vm.image.cache import cache_root
-from ferry.vm.image.qemu_cmd import QEMU_BINARY, Accel
+from ferry.guest.image.cache import cache_root
+from ferry.qemu.accel import choose_accel
+from ferry.qemu.argv import QEMU_BINARY, Accel
 from ferry.vm.registry import VMPaths
 
 # Below this much free space, building images and writing packages fails.

@@ -13,15 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from ferry.vm.image.accel import (
-    Source,
-    choose_accel,
-    probe_argv,
-    probe_boot,
-    probe_initramfs,
-)
-from ferry.vm.image.kernel import fetch_kernel
-from ferry.vm.image.qemu_cmd import QEMU_BINARY, Accel, host_tsc_khz
+from ferry.guest.image.kernel import fetch_kernel
+from ferry.qemu.accel import Source, choose_accel, probe_argv, probe_boot, probe_initramfs
+from ferry.qemu.argv import QEMU_BINARY, Accel, host_tsc_khz
 
 pytestmark = pytest.mark.e2e
 

@@ -20,25 +20,20 @@ from pathlib import Path
 
 import pytest
 
-from ferry.vm.agent import (
-    AgentHookError,
-    AgentTimeoutError,
-    ExecOutcome,
-    connect_agent,
-)
-from ferry.vm.agent.protocol import Decoder
-from ferry.vm.guest import MARKER_AGENT, MARKER_READY
-from ferry.vm.image import (
+from ferry.guest.agent import AgentHookError, AgentTimeoutError, ExecOutcome, connect_agent
+from ferry.guest.agent.protocol import Decoder
+from ferry.guest.files import MARKER_AGENT, MARKER_READY
+from ferry.guest.image import build_blueprint
+from ferry.guest.image.blueprint import parse_blueprint
+from ferry.qemu.accel import best_accel
+from ferry.qemu.argv import (
     AgentChannel,
     FileDisk,
     SerialToFile,
-    best_accel,
-    build_blueprint,
     host_tsc_khz,
     kernel_cmdline,
     qemu_argv,
 )
-from ferry.vm.image.blueprint import parse_blueprint
 
 pytestmark = pytest.mark.e2e
 

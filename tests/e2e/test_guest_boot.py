@@ -16,18 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from ferry.vm.guest import MARKER_BOOTED, MARKER_READY, MARKER_STAGE1
-from ferry.vm.image import (
+from ferry.guest.files import MARKER_BOOTED, MARKER_READY, MARKER_STAGE1
+from ferry.guest.image import build_blueprint
+from ferry.guest.image.blueprint import BuiltImage, parse_blueprint
+from ferry.qemu.accel import best_accel
+from ferry.qemu.argv import (
     FileDisk,
     SerialToFile,
     UserNet,
-    best_accel,
-    build_blueprint,
     host_tsc_khz,
     kernel_cmdline,
     qemu_argv,
 )
-from ferry.vm.image.blueprint import BuiltImage, parse_blueprint
 
 pytestmark = pytest.mark.e2e
 

@@ -20,14 +20,15 @@ from typing import Any
 
 import pytest
 
-from ferry.net import HostSet, cleanup_leftovers, host_namespaces
+from ferry.guest.files import MARKER_STAGE1
+from ferry.guest.image import build_blueprint, load_blueprint
+from ferry.guest.image.blueprint import BuiltImage, parse_blueprint
+from ferry.live.report import OVERLAPPED, STEPS
+from ferry.net import cleanup_leftovers
+from ferry.testing.hosts import HostSet, host_namespaces
+from ferry.testing.peer_control import PeerProcess
+from ferry.testing.workload import RedisWriter
 from ferry.transport.certs import create_ca, create_host_cert
-from ferry.vm.guest import MARKER_STAGE1
-from ferry.vm.image import build_blueprint, load_blueprint
-from ferry.vm.image.blueprint import BuiltImage, parse_blueprint
-from ferry.vm.live.control import PeerProcess
-from ferry.vm.live.report import OVERLAPPED, STEPS
-from ferry.vm.live.workload import RedisWriter
 
 pytestmark = pytest.mark.e2e
 

@@ -34,12 +34,12 @@ from ferry.net import (
     VMNetwork,
     WildcardAddressError,
     cleanup_leftovers,
-    host_namespaces,
     links,
     netns,
     nft,
 )
 from ferry.net.state import remove_resources
+from ferry.testing.hosts import host_namespaces
 
 
 def _netns_usable() -> bool:

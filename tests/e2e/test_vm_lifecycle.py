@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from ferry.guest.agent import AgentClient
 from ferry.net import netns
 from ferry.package import TrustStore, generate_key, load_private_key, write_package
-from ferry.vm.agent import AgentClient
 from ferry.vm.manifest import VMManifest
 from ferry.vm.registry import VMPaths, read_json
 from ferry.vm.snapshot import snapshot

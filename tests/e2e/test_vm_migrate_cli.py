@@ -22,10 +22,11 @@ from typing import Any
 
 import pytest
 
-from ferry.net import HostSet, cleanup_leftovers, host_namespaces
+from ferry.net import cleanup_leftovers
 from ferry.net.netns import socket_in_netns
 from ferry.package import TrustStore, generate_key, load_private_key, write_package
-from ferry.vm.live.workload import RedisWriter, command
+from ferry.testing.hosts import HostSet, host_namespaces
+from ferry.testing.workload import RedisWriter, command
 from ferry.vm.manifest import VMManifest
 from ferry.vm.registry import VMPaths, read_json
 from ferry.vm.registry import cleanup_leftovers as cleanup_vms

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from ferry.guest.files import MARKER_READY, MARKER_STAGE1
+from ferry.guest.image import build_blueprint
+from ferry.guest.image.blueprint import BuiltImage, parse_blueprint
+from ferry.qemu import QemuVM, VMConfig, VMExitedError, VMState, VMStateError
+from ferry.qemu.qmp import QMPCommandError, QMPCommandNotFoundError
 from ferry.storage import FileDevice, MemoryDevice
-from ferry.vm.guest import MARKER_READY, MARKER_STAGE1
-from ferry.vm.image import build_blueprint
-from ferry.vm.image.blueprint import BuiltImage, parse_blueprint
-from ferry.vm.qmp import QMPCommandError, QMPCommandNotFoundError
-from ferry.vm.runtime import QemuVM, VMConfig, VMExitedError, VMState, VMStateError
 
 pytestmark = pytest.mark.e2e
 

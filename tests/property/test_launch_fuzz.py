@@ -22,11 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ferry.errors import FerryError
+from ferry.live import launch, pkgserve
+from ferry.live.bootcache import BootCache
 from ferry.package import TrustStore
+from ferry.testing.live import HOSTILE_OFFERS, frame, sample_offer
 from ferry.transport.memory import memory_stream_pair
-from ferry.vm.live import launch, pkgserve
-from ferry.vm.live.bootcache import BootCache
-from ferry.vm.live.testing import HOSTILE_OFFERS, frame, sample_offer
 
 ALLOCATION_BOUND_BYTES = 4 * 1024 * 1024
 """Parsing an offer of a few KiB needs far less; a forged size or count would not."""

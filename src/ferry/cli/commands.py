@@ -12,8 +12,8 @@ from rich.table import Table
 from ferry.cli.exitcodes import ExitCode
 from ferry.cli.output import emit_json
 from ferry.cli.progress import show_progress
-from ferry.config import Config, DeviceConfig, TLSConfig, load_config
 from ferry.errors import ConfigError
+from ferry.migration.config import Config, DeviceConfig, TLSConfig, load_config
 from ferry.migration.destination import Receiver
 from ferry.migration.files import (
     check_target_directory,

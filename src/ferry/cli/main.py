@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.addLevelName(logging.WARNING, "warning")
         logging.addLevelName(logging.ERROR, "error")
     if getattr(args, "accel", None):
-        from ferry.vm.image.accel import ACCEL_ENV
+        from ferry.qemu.accel import ACCEL_ENV
 
         os.environ[ACCEL_ENV] = args.accel  # inherited by supervisors and receivers
     # Progress and messages go to stderr so stdout stays clean for --json and pipes;

@@ -17,12 +17,13 @@ from rich.table import Table
 from ferry.cli.args import add_accel, positive_float
 from ferry.cli.exitcodes import ExitCode
 from ferry.errors import ConfigError
+from ferry.guest.image import build_blueprint
+from ferry.node import control, supervisor
 from ferry.package import PackageInfo, Progress, TrustStore
 from ferry.package import commands as pkg
-from ferry.vm import control, pkgcache, registry, snapshot, supervisor
-from ferry.vm.image import build_blueprint
+from ferry.qemu import DEFAULT_CPU_MODEL
+from ferry.vm import pkgcache, registry, snapshot
 from ferry.vm.publish import parse_publish
-from ferry.vm.runtime import DEFAULT_CPU_MODEL
 
 AddCommon = Callable[[argparse.ArgumentParser], None]
 

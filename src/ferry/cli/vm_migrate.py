@@ -1,5 +1,5 @@
-"""``ferry vm migrate|receive|registry``: argument handling around :mod:`ferry.vm.migrate`,
-:mod:`ferry.vm.live.arrival` and :mod:`ferry.vm.live.pkgserve` (docs/live-migration.md)."""
+"""``ferry vm migrate|receive|registry``: argument handling around :mod:`ferry.live.outgoing`,
+:mod:`ferry.node.arrival` and :mod:`ferry.live.pkgserve` (docs/live-migration.md)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ from rich.console import Console
 
 from ferry.cli.exitcodes import ExitCode
 from ferry.errors import ConfigError, FerryError
+from ferry.live.access import Access, TLSFiles
+from ferry.live.errors import LiveMigrationError
+from ferry.live.pkgserve import check_directory, serve_registry
+from ferry.node import control
+from ferry.node.arrival import ArrivalRequest, arrive, launch_detached
 from ferry.package import TrustStore
 from ferry.transport import auth
-from ferry.vm import control, registry
+from ferry.vm import registry
 from ferry.vm.errors import ControlError, VMNotFoundError
-from ferry.vm.live.access import Access, TLSFiles
-from ferry.vm.live.arrival import ArrivalRequest, arrive, launch_detached
-from ferry.vm.live.errors import LiveMigrationError
-from ferry.vm.live.pkgserve import check_directory, serve_registry
 from ferry.vm.publish import parse_publish
 
 Out = Callable[[Any, Callable[[], None]], None]

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from ferry.errors import FerryError
-from ferry.net import HostSet, host_namespaces
 from ferry.package.trust import TrustStore
-from ferry.vm.live.workload import RedisWriter
+from ferry.testing.hosts import HostSet, host_namespaces
+from ferry.testing.workload import RedisWriter
 from ferry.vm.registry import VMPaths, cleanup_leftovers
 
 REDIS_PORT = 16379

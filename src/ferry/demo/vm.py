@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from ferry.errors import FerryError
+from ferry.guest.image.cache import cache_root
 from ferry.net.forward import PortForward
+from ferry.node import control, supervisor
 from ferry.package.commands import package_create
 from ferry.package.keys import generate_key
 from ferry.package.trust import TrustStore
-from ferry.vm import control, pkgcache, registry, snapshot, supervisor
-from ferry.vm.image.cache import cache_root
-from ferry.vm.live.workload import command
+from ferry.testing.workload import command
+from ferry.vm import pkgcache, registry, snapshot
 
 GREETING = "hello from a ferry snapshot"
 PING_TIMEOUT_S = 30.0

@@ -23,9 +23,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ferry.config import DeviceConfig, MigrationConfig
 from ferry.errors import ConfigError, DeviceError
 from ferry.migration.channel import StreamChannel
+from ferry.migration.config import DeviceConfig, MigrationConfig
 from ferry.migration.destination import DestinationDevice, Receiver, ReceiveReport
 from ferry.migration.limits import check_device_name, check_free_space
 from ferry.migration.report import MigrationReport

@@ -12,7 +12,6 @@ Public API::
     TcpForwarder / UdpForwarder(forward, target, *, namespace=None): start()/stop()
     cleanup_leftovers(run_dir) -> list[str]
     netns_exec_argv(ns, argv) -> list[str]
-    host_namespaces(names, *, subnet=..., switch_tag="0", run_dir=...)  (test hosts)
 """
 
 from ferry.net.errors import (
@@ -25,7 +24,6 @@ from ferry.net.errors import (
     WildcardAddressError,
 )
 from ferry.net.forward import PortForward, Proto, TcpForwarder, UdpForwarder, make_forwarder
-from ferry.net.hosts import HostNamespace, HostSet, host_namespaces
 from ferry.net.netns import netns_exec_argv, socket_in_netns
 from ferry.net.state import DEFAULT_RUN_DIR, RunDir, cleanup_leftovers
 from ferry.net.vmnet import (
@@ -51,8 +49,6 @@ __all__ = [
     "ForwardError",
     "GuestAttachment",
     "GuestIdentity",
-    "HostNamespace",
-    "HostSet",
     "NamespaceError",
     "NamespaceGuest",
     "NetCommandError",
@@ -68,7 +64,6 @@ __all__ = [
     "VMNetwork",
     "WildcardAddressError",
     "cleanup_leftovers",
-    "host_namespaces",
     "make_forwarder",
     "netns_exec_argv",
     "socket_in_netns",

@@ -10,6 +10,7 @@
         ├── SnapshotError            booting, readiness or saving a snapshot failed
         ├── VMNotFoundError          no such VM (running or suspended)
         ├── VMExistsError            a VM with this id already runs or is suspended
+        ├── DeviceSetError           a VM's devices are not memory, disks and at most one state
         └── ControlError             the supervisor's control socket failed or said no
 """
 
@@ -44,6 +45,11 @@ class VMNotFoundError(VMLifecycleError):
 
 class VMExistsError(VMLifecycleError):
     """A VM with this id is already running (or suspended from another package)."""
+
+
+class DeviceSetError(VMLifecycleError):
+    """A set of devices does not describe one VM: exactly one ``memory``, at most one
+    ``state`` and otherwise ``disk/<name>``."""
 
 
 class ControlError(VMLifecycleError):

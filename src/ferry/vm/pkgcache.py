@@ -22,10 +22,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ferry.guest.image.cache import cache_root
 from ferry.package import ProgressCallback, TrustStore, extract_package
 from ferry.storage.device import Geometry
 from ferry.storage.hashing import BLOCK_HASH_BYTES, block_hash
-from ferry.vm.image.cache import cache_root
 from ferry.vm.manifest import DeviceEntry, VMManifest
 
 log = logging.getLogger(__name__)

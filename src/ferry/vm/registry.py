@@ -5,7 +5,7 @@
     <run root>/vms/<id>/          (default /run/ferry; $FERRY_RUN_DIR) gone at reboot
         supervisor.json           pid + start time of the supervisor and of QEMU, status,
                                   forwards, resume timings
-        control.sock              the supervisor's control socket (ferry.vm.control)
+        control.sock              the supervisor's control socket (ferry.node.control)
         qmp.sock nbd.sock agent.sock mnt/ console.N.log qemu.N.log   (QemuVM's work dir)
     <run root>/net/               ferry.net's records (namespaces, links, nft tables)
     <state root>/vms/<id>/        (default /var/lib/ferry; $FERRY_STATE_DIR) survives reboots

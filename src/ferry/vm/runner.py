@@ -66,18 +66,18 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from ferry.expose.fuse import PRELOAD_CHUNK_BYTES, IoCounters, PreloadStats
+from ferry.guest.agent import AgentClient, AgentError, ExecResult, connect_agent
 from ferry.net import GUEST_IP, GUEST_MAC, PortForward, VMNetwork
+from ferry.qemu import DeviceStateStats, QemuVM, VMConfig
+from ferry.qemu.argv import Accel, TapNet
+from ferry.qemu.vm import MEMORY_FILE
 from ferry.storage import FileDevice, OverlayDevice
 from ferry.storage.device import Buffer
-from ferry.vm.agent import AgentClient, AgentError, ExecResult, connect_agent
+from ferry.vm.devices import VMDevices, local_devices
 from ferry.vm.errors import ManifestError, VMExistsError, VMLifecycleError, VMNotFoundError
-from ferry.vm.image import Accel, TapNet
-from ferry.vm.live.devices import VMDevices, local_devices
 from ferry.vm.manifest import DeviceEntry, VMManifest
 from ferry.vm.pkgcache import OpenedPackage, nonzero_blocks, open_extracted
 from ferry.vm.registry import VM_RECORD, VMPaths, private_dir, read_json, write_json
-from ferry.vm.runtime import DeviceStateStats, QemuVM, VMConfig
-from ferry.vm.runtime.vm import MEMORY_FILE
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -314,7 +314,7 @@ async def run_vm(
                     disks[entry.name] = dev = _overlay(package, entry, state_dir)
                     stack.push_async_callback(dev.close)
                 # Dirty-tracked stacks over the overlays, so the VM can be live-migrated
-                # out (ferry.vm.migrate); the overlays stay what the callbacks close.
+                # out (ferry.live.outgoing); the overlays stay what the callbacks close.
                 live = local_devices(memory, disks)
                 qemu = QemuVM(_qemu_config(package), work_dir=paths.run_dir(vm_id),
                               memory=live.memory.vm_handle, disks=live.vm_disks(), name=vm_id,

@@ -32,20 +32,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ferry.guest.agent import AgentClient, AgentError, connect_agent
+from ferry.guest.image import Blueprint, BuiltImage, build_blueprint, load_blueprint
 from ferry.net import DEFAULT_RUN_DIR, PortForward, VMNetwork
+from ferry.qemu import DEFAULT_CPU_MODEL, DeviceStateStats, QemuVM, VMConfig
+from ferry.qemu.argv import Accel, TapNet, host_tsc_khz, kernel_cmdline
 from ferry.storage import FileDevice
 from ferry.storage.hashing import block_hash
-from ferry.vm.agent import AgentClient, AgentError, connect_agent
 from ferry.vm.errors import SnapshotError
-from ferry.vm.image import (
-    Accel,
-    Blueprint,
-    BuiltImage,
-    TapNet,
-    build_blueprint,
-    load_blueprint,
-)
-from ferry.vm.image.qemu_cmd import host_tsc_khz, kernel_cmdline
 from ferry.vm.manifest import (
     INITRAMFS_PATH,
     KERNEL_PATH,
@@ -57,7 +51,6 @@ from ferry.vm.manifest import (
     MachineSpec,
     VMManifest,
 )
-from ferry.vm.runtime import DEFAULT_CPU_MODEL, DeviceStateStats, QemuVM, VMConfig
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ferry.config import DeviceConfig, load_config, parse_config
 from ferry.errors import ConfigError
+from ferry.migration.config import DeviceConfig, load_config, parse_config
 from ferry.migration.files import make_target_directory, open_source_files
 from ferry.migration.limits import ReceiveLimits
 

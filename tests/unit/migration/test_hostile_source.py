@@ -16,10 +16,10 @@ import lz4.frame
 import pytest
 import zstandard
 
-from ferry.config import MigrationConfig
 from ferry.errors import FerryError, PeerError, RemoteProtocolError
 from ferry.migration.blocks import decode_run
 from ferry.migration.channel import StreamChannel, memory_channel_pair
+from ferry.migration.config import MigrationConfig
 from ferry.migration.destination import DestinationDevice, Receiver
 from ferry.migration.files import migrate_in
 from ferry.migration.hashtable import BlockHashTable

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ferry.config import load_config, parse_config
 from ferry.errors import ConfigError, IntegrityError, RemoteProtocolError
 from ferry.migration.blocks import Compression, decode_run, encode_run
+from ferry.migration.config import load_config, parse_config
 from ferry.migration.policy import DirtyPolicy, Mode
 from ferry.migration.schedule import Run, WorkQueue
 from ferry.protocol.messages import Encoding, WriteBlocks

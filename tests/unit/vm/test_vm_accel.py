@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from ferry.errors import ConfigError
-from ferry.vm.image import accel
-from ferry.vm.image.accel import (
+from ferry.guest.image.kernel import Kernel
+from ferry.qemu import accel
+from ferry.qemu.accel import (
     PROBE_MARKER,
     Source,
     choose_accel,
@@ -26,8 +27,7 @@ from ferry.vm.image.accel import (
     probe_initramfs,
     requested_accel,
 )
-from ferry.vm.image.kernel import Kernel
-from ferry.vm.image.qemu_cmd import Accel
+from ferry.qemu.argv import Accel
 
 MARKER = PROBE_MARKER.decode()
 
@@ -75,7 +75,7 @@ def test_probe_dies_with_its_parent(tmp_path: Path) -> None:
     qemu = stand_in(tmp_path, "hang", f"echo $$ > {pidfile}; exec sleep 30")
     parent = subprocess.Popen([sys.executable, "-c", (
         "import asyncio, sys\n"
-        "from ferry.vm.image.accel import probe_boot\n"
+        "from ferry.qemu.accel import probe_boot\n"
         f"asyncio.run(probe_boot([{str(qemu)!r}], deadline_s=60))\n")])
     for _ in range(100):
         if pidfile.exists() and pidfile.read_text().strip():
@@ -143,7 +143,7 @@ def fake_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     boot.mkdir()
     (boot / "vmlinuz").write_bytes(b"not a kernel")
     kernel = Kernel("linux-image-x", "1", "1", boot / "vmlinuz", boot, cache_hit=True)
-    monkeypatch.setattr("ferry.vm.image.kernel.fetch_kernel", lambda: kernel)
+    monkeypatch.setattr("ferry.guest.image.kernel.fetch_kernel", lambda: kernel)
     return tmp_path
 
 

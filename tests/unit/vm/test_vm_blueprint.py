@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from ferry.errors import ConfigError
-from ferry.vm.image.blueprint import load_blueprint, parse_blueprint
-from ferry.vm.image.elf import read_elf
-from ferry.vm.image.errors import BlueprintError
+from ferry.guest.image.blueprint import load_blueprint, parse_blueprint
+from ferry.guest.image.elf import read_elf
+from ferry.guest.image.errors import BlueprintError
 
 GOOD = """
 name = "web-1"

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from ferry.vm.image.errors import ModuleError
-from ferry.vm.image.modules import ModuleIndex, module_name
+from ferry.guest.image.errors import ModuleError
+from ferry.guest.image.modules import ModuleIndex, module_name
 
 R = "kernel/drivers/virtio/"
 FAKE_DEP = f"""\

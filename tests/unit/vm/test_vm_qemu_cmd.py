@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from ferry.errors import ConfigError
-from ferry.vm.image.qemu_cmd import (
+from ferry.qemu.argv import (
     AgentChannel,
     FileDisk,
     NbdDisk,

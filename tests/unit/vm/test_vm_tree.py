@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from ferry.vm.image.errors import ImageError
-from ferry.vm.image.rootfs import resolve_in_root
-from ferry.vm.image.tree import Tree, write_newc
+from ferry.guest.image.errors import ImageError
+from ferry.guest.image.rootfs import resolve_in_root
+from ferry.guest.image.tree import Tree, write_newc
 
 
 def _sample(tmp_path: Path) -> Tree:

@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 
 from ferry.errors import DeadlineError
-from ferry.transport.base import Stream
-from ferry.transport.memory import memory_stream_pair
-from ferry.vm.agent import (
+from ferry.guest.agent import (
     AgentClient,
     AgentConnectError,
     AgentDisconnectedError,
@@ -24,7 +22,7 @@ from ferry.vm.agent import (
     connect_agent,
     open_agent,
 )
-from ferry.vm.agent.protocol import (
+from ferry.guest.agent.protocol import (
     AfterResume,
     BeforeSuspend,
     Decoder,
@@ -43,6 +41,8 @@ from ferry.vm.agent.protocol import (
     Pong,
     encode,
 )
+from ferry.transport.base import Stream
+from ferry.transport.memory import memory_stream_pair
 
 HELLO = Hello(protocol_version=1, agent_version="fake 1", boot_id="boot-1")
 Handler = Callable[[Frame], Message | None]

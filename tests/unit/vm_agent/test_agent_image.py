@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from ferry.errors import ConfigError
-from ferry.vm.agent import build as agent_build
-from ferry.vm.agent.hooks import AgentSpec
-from ferry.vm.image.blueprint import _input_key, parse_blueprint
-from ferry.vm.image.elf import read_elf
-from ferry.vm.image.errors import BlueprintError
+from ferry.guest.agent.hooks import AgentSpec
+from ferry.guest.image import agent as agent_build
+from ferry.guest.image.blueprint import _input_key, parse_blueprint
+from ferry.guest.image.elf import read_elf
+from ferry.guest.image.errors import BlueprintError
 
 
 def test_agent_table_parses(tmp_path: Path) -> None:

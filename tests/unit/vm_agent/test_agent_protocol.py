@@ -7,8 +7,12 @@ import struct
 import pytest
 
 from ferry.errors import FrameTooLargeError, RemoteProtocolError
-from ferry.vm.agent.errors import AgentFrameTooLargeError, AgentProtocolError, AgentRequestError
-from ferry.vm.agent.protocol import (
+from ferry.guest.agent.errors import (
+    AgentFrameTooLargeError,
+    AgentProtocolError,
+    AgentRequestError,
+)
+from ferry.guest.agent.protocol import (
     HEADER,
     MAGIC,
     MAX_FRAME_BYTES,

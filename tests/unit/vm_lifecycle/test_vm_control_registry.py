@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ferry.vm import control
+from ferry.node import control
 from ferry.vm.errors import ControlError, VMNotFoundError
 from ferry.vm.registry import (
     SUPERVISOR_RECORD,

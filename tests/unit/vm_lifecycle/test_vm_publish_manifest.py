@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ferry.net import Proto, WildcardAddressError
+from ferry.testing.live import sample_manifest
 from ferry.vm.errors import ManifestError, VMSpecError
-from ferry.vm.live.testing import sample_manifest
 from ferry.vm.manifest import (
     AgentSettings,
     DeviceEntry,

@@ -21,7 +21,7 @@ from ferry.migration.policy import DirtyPolicy
 from ferry.migration.source import MigrationHooks, Migrator
 from ferry.protocol.messages import DeviceInfo
 from ferry.storage.providers.memory import MemoryDevice
-from ferry.vm.live.devices import (
+from ferry.vm.devices import (
     MEMORY,
     STATE,
     VMDevices,
@@ -30,7 +30,7 @@ from ferry.vm.live.devices import (
     memory_backing,
     wire_order,
 )
-from ferry.vm.live.errors import LiveMigrationError
+from ferry.vm.errors import DeviceSetError
 
 BS = 4096
 FAST = DirtyPolicy(max_dirty_blocks=4, min_cycles_below=2, max_cycles=6, cycle_throttle_s=0.01)
@@ -102,8 +102,8 @@ async def test_a_vm_keeps_moving_and_nothing_is_lost() -> None:
 
 async def test_unexpected_device_sets_are_refused() -> None:
     infos = [DeviceInfo("disk/root", BS, BS), DeviceInfo("swap", BS, BS)]
-    with pytest.raises(LiveMigrationError):
+    with pytest.raises(DeviceSetError):
         incoming_devices(infos, memory_backing, "vm")
-    with pytest.raises(LiveMigrationError):
+    with pytest.raises(DeviceSetError):
         incoming_devices([DeviceInfo(MEMORY, BS, BS), DeviceInfo(MEMORY, BS, BS)],
                          memory_backing, "vm")

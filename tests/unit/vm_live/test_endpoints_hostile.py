@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from ferry.live import launch
+from ferry.live.access import Access
+from ferry.live.bootcache import BootCache
+from ferry.live.errors import RefusedError
+from ferry.live.pkgserve import serve_registry
+from ferry.node.arrival import ArrivalRequest, _open_stream
 from ferry.package import TrustStore
+from ferry.testing.live import connect_raw, frame, sample_offer
 from ferry.transport import auth
 from ferry.transport.base import Stream
-from ferry.vm.live import launch
-from ferry.vm.live.access import Access
-from ferry.vm.live.arrival import ArrivalRequest, _open_stream
-from ferry.vm.live.bootcache import BootCache
-from ferry.vm.live.errors import RefusedError
-from ferry.vm.live.pkgserve import serve_registry
-from ferry.vm.live.testing import connect_raw, frame, sample_offer
 from ferry.vm.registry import VMPaths
 
 GARBAGE = [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x00" * 4096,

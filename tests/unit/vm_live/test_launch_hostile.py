@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from ferry.errors import DeadlineError, RemoteProtocolError
+from ferry.live import launch
+from ferry.live.bootcache import BootCache, BootCacheFullError
+from ferry.live.errors import RefusedError
+from ferry.testing.live import HOSTILE_OFFERS, INITRAMFS, KERNEL, frame, sample_offer
 from ferry.transport.base import Stream
 from ferry.transport.memory import memory_stream_pair
-from ferry.vm.live import launch
-from ferry.vm.live.bootcache import BootCache, BootCacheFullError
-from ferry.vm.live.errors import RefusedError
-from ferry.vm.live.testing import HOSTILE_OFFERS, INITRAMFS, KERNEL, frame, sample_offer
 
 
 def _tree(root: Path) -> set[Path]:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from ferry.errors import BrokenResourceError
+from ferry.live import link
 from ferry.transport.certs import create_ca, create_host_cert
 from ferry.transport.tls import client_context_for, server_context_for
-from ferry.vm.live import link
 
 
 async def test_round_trip_and_socket_options() -> None:

@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
-from ferry.vm.live import payload as wire
-from ferry.vm.live.errors import HandoffPayloadError
+from ferry.live import payload as wire
+from ferry.live.errors import HandoffPayloadError
 
 SAMPLE = wire.HandoffPayload("vm1", {"pause": 12.5, "paused": 12.501}, {"memory": "ab" * 16},
                              b"QEVM" + bytes(range(256)) * 10, (0x2d00000, 0x2e00000))

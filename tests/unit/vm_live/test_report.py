@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ferry.vm.live.report import OVERLAPPED, STEPS, DestinationReport, breakdown_ms
+from ferry.live.report import OVERLAPPED, STEPS, DestinationReport, breakdown_ms
 
 SOURCE = {"suspend": 9.0, "pause": 10.0, "paused": 10.001, "flushed": 10.012,
           "state_saved": 10.010, "suspended": 10.0125, "dirty_acked": 10.014}

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from ferry.vm.qmp import (
+from ferry.qemu.qmp import (
     ClientState,
     QMPClient,
     QMPCommandError,
@@ -78,7 +78,7 @@ async def _echo(cmd: dict[str, Any], writer: asyncio.StreamWriter) -> bool:
 async def test_execute_returns_results_and_typed_errors(tmp_path: Path,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     sock = tmp_path / "qmp.sock"
-    caplog.set_level(logging.DEBUG, logger="ferry.vm.qmp")
+    caplog.set_level(logging.DEBUG, logger="ferry.qemu.qmp")
     async with fake_qmp(sock, _echo) as seen, \
             await QMPClient.connect_unix(sock, name="t") as qmp:
         assert qmp.state is ClientState.RUNNING

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ferry.vm.qmp import (
+from ferry.qemu.qmp import (
     MAX_MESSAGE_BYTES,
     ErrorReply,
     Event,

@@ -8,15 +8,8 @@ from pathlib import Path
 import pytest
 
 from ferry.errors import ConfigError
+from ferry.qemu import DeviceStateError, QemuVM, VMConfig, VMState, VMStateError, devstate
 from ferry.storage import MemoryDevice
-from ferry.vm.runtime import (
-    DeviceStateError,
-    QemuVM,
-    VMConfig,
-    VMState,
-    VMStateError,
-    devstate,
-)
 
 MIB = 1024 * 1024
 

@@ -1,0 +1,304 @@
+"""Move a supervised VM: to another host (live), or into a package on disk.
+
+The process that holds a VM (the per-VM supervisor of ``ferry vm run``, or
+the receiving process of ``ferry vm receive`` after a VM arrived) serves two
+control-socket ops through :class:`Outgoing`::
+
+    → {"op": "migrate", "to": [HOST, PORT], "precopy_only": false,
+       "access": {"tls": {cert,key,ca} | null, "token": HEX | null, "insecure": false}}
+    → {"op": "migrate", "package": FILE, "key": KEYFILE | null}
+    ← {"ok": true, "summary": {...}, "source": {...}, "destination": {...}}
+    ← {"ok": false, "error": "...", "kind": "LiveMigrationError", "handed_off": false}
+    → {"op": "migrate-cancel"}          (Ctrl-C on the client: cancel unless handed off)
+
+A live migration connects to ``ferry vm receive`` on the destination, runs
+the launch exchange (:mod:`ferry.live.launch`: manifest, forwards, boot
+files) and then :func:`~ferry.live.migrate_out`. Before the hand-off any
+failure (destination killed, link cut, cancel) resumes the VM here; the VM
+leaves this process only after post-copy completed. An export pauses the
+guest, saves its device state, writes memory, disks and state into a new
+package directory, signs it into ``FILE`` and only then stops the VM (on
+failure the guest continues here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ferry.errors import ConfigError, FerryError
+from ferry.guest.agent import AgentClient
+from ferry.live import launch
+from ferry.live.access import Access
+from ferry.live.errors import LiveMigrationError
+from ferry.live.source import DEFAULT_OPTIONS, LiveOptions, migrate_out
+from ferry.migration.channel import StreamChannel
+from ferry.migration.policy import Mode
+from ferry.net import PortForward, VMNetwork
+from ferry.package import commands as pkg
+from ferry.protocol.messages import Custom
+from ferry.qemu import QemuVM
+from ferry.storage.device import Device
+from ferry.vm.devices import VMDevices
+from ferry.vm.manifest import STATE_PATH, VMManifest
+from ferry.vm.snapshot import write_block_hashes
+
+log = logging.getLogger(__name__)
+
+MIGRATE_OPS = ("migrate", "migrate-cancel")
+REPORT_TIMEOUT_S = 10.0
+EXPORT_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class Movable:
+    """What moving a VM needs from the process that holds it."""
+
+    vm_id: str
+    qemu: QemuVM
+    devices: VMDevices
+    agent: AgentClient | None
+    network: VMNetwork | None
+    manifest: VMManifest
+    boot_dir: Path
+    """The directory ``manifest.kernel`` / ``manifest.initramfs`` are relative to."""
+    forwards: tuple[PortForward, ...]
+
+
+def options_for(precopy_only: bool) -> LiveOptions:
+    return LiveOptions(mode=Mode.PRECOPY_ONLY if precopy_only else Mode.HYBRID)
+
+
+def summarize(source: dict[str, Any], destination: dict[str, Any] | None) -> dict[str, Any]:
+    """The figures a user reads: downtime, total time, bytes per device and phase, cycles,
+    post-copy fetches (from the source's report and, when it came, the destination's)."""
+    mig = source.get("migration") or {}
+    dest = destination or {}
+    downtime = dest.get("downtime_ms")
+    return {
+        "vm": source.get("vm"),
+        "outcome": source.get("outcome"),
+        "handed_off": source.get("handed_off"),
+        "mode": mig.get("mode"),
+        "downtime_ms": downtime if downtime is not None else source.get("downtime_source_ms"),
+        "downtime_measured_by": "destination" if downtime is not None else "source",
+        "downtime_steps_ms": dest.get("downtime_steps_ms", {}),
+        "total_s": mig.get("total_s"),
+        "precopy_s": mig.get("precopy_s"),
+        "postcopy_s": mig.get("postcopy_s"),
+        "cycles": mig.get("cycles"),
+        "postcopy_fetches": mig.get("postcopy_fetches"),
+        "bytes_total": mig.get("bytes_total"),
+        "wire_bytes": mig.get("wire_bytes"),
+        "devices": {d["name"]: {"size_bytes": d["size_bytes"],
+                                "bytes_by_phase": d["bytes_by_phase"],
+                                "zero_blocks": d["zero_blocks"],
+                                "postcopy_fetches": d["postcopy_fetches"]}
+                    for d in mig.get("devices", [])},
+        "verified": (dest.get("receive") or {}).get("verified"),
+    }
+
+
+async def migrate_to_host(
+    m: Movable, host: str, port: int, *, access: Access,
+    options: LiveOptions = DEFAULT_OPTIONS,
+    on_handed_off: Callable[[], Awaitable[None]] | None = None,
+) -> dict[str, Any]:
+    """Live-migrate ``m`` to the ``ferry vm receive`` listening on ``host:port``.
+
+    ``access`` says how to authenticate to it (TLS, its token, or ``insecure``).
+    Returns ``{"summary", "source", "destination"}`` once post-copy completed.
+    Raises :class:`LiveMigrationError` (``handed_off`` says where the VM runs).
+    """
+    try:
+        stream = await access.connect(host, port)
+    except FerryError as exc:
+        raise LiveMigrationError(f"cannot reach the destination {host}:{port}: {exc}",
+                                 vm=m.vm_id, handed_off=False) from exc
+    channel = StreamChannel(stream)
+    try:
+        files = launch.boot_files(m.manifest, m.boot_dir)
+        offer = launch.Offer(m.vm_id, m.manifest, m.forwards,
+                             await asyncio.to_thread(launch.describe_boot, files))
+        try:
+            await launch.send_offer(stream, offer, files)
+        except FerryError as exc:
+            raise LiveMigrationError(f"the destination did not take the VM: {exc}",
+                                     vm=m.vm_id, handed_off=False) from exc
+
+        async def handed_off() -> None:
+            if m.network is not None:
+                await m.network.close()  # clients reconnect to the new host
+            if on_handed_off is not None:
+                await on_handed_off()
+
+        report = await migrate_out(m.qemu, m.devices, channel, agent=m.agent, options=options,
+                                   on_handed_off=handed_off)
+        source = report.to_json()
+        destination: dict[str, Any] | None = None
+        try:
+            async with asyncio.timeout(REPORT_TIMEOUT_S):
+                event = await channel.receive()
+            if isinstance(event, Custom) and event.kind == launch.REPORT_KIND:
+                destination = launch_report(event.payload)
+        except (FerryError, TimeoutError) as exc:
+            log.info("vm %s: no report from the destination (%s)", m.vm_id, exc)
+        return {"summary": summarize(source, destination), "source": source,
+                "destination": destination}
+    finally:
+        await channel.aclose()
+
+
+def launch_report(payload: bytes) -> dict[str, Any] | None:
+    import json
+
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+async def export_to_package(m: Movable, file: Path, *, key: Path | None = None,
+                            overwrite: bool = False) -> dict[str, Any]:
+    """Pause ``m``, write it into a signed package at ``file``, then stop it.
+
+    If anything fails before the package is complete, the guest continues.
+    """
+    if await asyncio.to_thread(file.exists) and not overwrite:
+        raise ConfigError(f"{file} already exists")
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix=".ferry-export-", dir=file.parent))
+    out = work / "pkg"
+    try:
+        out.mkdir()
+        if m.agent is not None:
+            with contextlib.suppress(FerryError, TimeoutError):
+                await m.agent.before_suspend(30.0)
+        paused = time.monotonic()
+        stats = await m.qemu.save_device_state(out / STATE_PATH)  # pauses and flushes
+        try:
+            manifest = await _write_package_dir(m, out, stats.state_bytes)
+            info = await asyncio.to_thread(pkg.package_create, out, file, key_path=key,
+                                           overwrite=overwrite)
+        except BaseException:
+            log.warning("vm %s: export failed; the guest continues here", m.vm_id)
+            await m.qemu.resume()
+            raise
+        await m.qemu.stop()
+        return {"package": str(file), "key_id": info.key_id, "state_bytes": stats.state_bytes,
+                "paused_s": round(time.monotonic() - paused, 3),
+                "total_s": round(time.monotonic() - started, 3), "name": manifest.name}
+    finally:
+        await asyncio.to_thread(shutil.rmtree, work, True)
+
+
+async def _write_package_dir(m: Movable, out: Path, state_bytes: int) -> VMManifest:
+    manifest = dataclasses.replace(m.manifest, state_bytes=state_bytes)
+    for name, src in launch.boot_files(m.manifest, m.boot_dir).items():
+        rel = manifest.kernel if name == "kernel" else manifest.initramfs
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(shutil.copyfile, src, out / rel)
+    entries = [(manifest.memory, m.devices.memory.stack.remote)]
+    for entry in manifest.disks:
+        entries.append((entry, m.devices.disks[entry.name].stack.remote))
+    for entry, device in entries:
+        await _dump(device, out / entry.path)
+        (out / entry.hashes_path).parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(write_block_hashes, out / entry.path, out / entry.hashes_path,
+                                entry.block_size_bytes)
+    manifest.write(out)
+    return manifest
+
+
+async def _dump(device: Device, path: Path) -> None:
+    """Copy a device into a sparse file (all-zero chunks become holes)."""
+    size = device.size_bytes
+    f = await asyncio.to_thread(_create_sparse, path, size)
+    try:
+        for offset in range(0, size, EXPORT_CHUNK_BYTES):
+            data = bytes(await device.read_at(offset, min(EXPORT_CHUNK_BYTES, size - offset)))
+            if data.count(0) != len(data):
+                await asyncio.to_thread(os.pwrite, f, data, offset)
+    finally:
+        os.close(f)
+
+
+def _create_sparse(path: Path, size_bytes: int) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.ftruncate(fd, size_bytes)
+    return fd
+
+
+class Outgoing:
+    """The ``migrate`` / ``migrate-cancel`` control ops of a process holding one VM."""
+
+    def __init__(self, get_movable: Callable[[], Movable | None]) -> None:
+        self._get = get_movable
+        self._task: asyncio.Task[dict[str, Any]] | None = None
+        self._handed_off = False
+        self.gone = False
+        """The VM left this process (migrated or exported): stop holding it."""
+
+    @property
+    def active(self) -> bool:
+        """A migration is running (the VM's QEMU may stop without that being a crash)."""
+        return self._task is not None and not self._task.done()
+
+    async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        if req.get("op") == "migrate-cancel":
+            if self._task is None or self._task.done():
+                return {"ok": True, "cancelled": False, "reason": "no migration running"}
+            if self._handed_off:
+                return {"ok": True, "cancelled": False,
+                        "reason": "already handed off: post-copy must finish"}
+            self._task.cancel()
+            return {"ok": True, "cancelled": True}
+        m = self._get()
+        if m is None:
+            raise LiveMigrationError("the VM is not running", vm=None, handed_off=False)
+        if self.active or self.gone:
+            raise LiveMigrationError("a migration is already running or done", vm=m.vm_id,
+                                     handed_off=False)
+        self._task = asyncio.create_task(self._run(m, req), name=f"migrate {m.vm_id}")
+        try:
+            result = await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            if self._task.cancelled():
+                return {"ok": False, "handed_off": False, "kind": "Cancelled",
+                        "error": f"vm {m.vm_id}: migration cancelled before the hand-off; "
+                                 "the VM keeps running here"}
+            raise
+        except LiveMigrationError as exc:
+            if exc.handed_off:
+                self.gone = True
+            return {"ok": False, "handed_off": exc.handed_off, "kind": type(exc).__name__,
+                    "error": str(exc)}
+        self.gone = True
+        return {"ok": True, **result}
+
+    async def _run(self, m: Movable, req: dict[str, Any]) -> dict[str, Any]:
+        if req.get("package"):
+            key = Path(req["key"]) if req.get("key") else None
+            return await export_to_package(m, Path(req["package"]), key=key,
+                                           overwrite=bool(req.get("overwrite")))
+        host, port = req["to"]
+
+        async def handed_off() -> None:
+            self._handed_off = True
+
+        return await migrate_to_host(m, str(host), int(port),
+                                     access=Access.from_json(req.get("access")),
+                                     options=options_for(bool(req.get("precopy_only"))),
+                                     on_handed_off=handed_off)

@@ -1,0 +1,58 @@
+"""What a :class:`~ferry.qemu.vm.QemuVM` boots: a frozen, validated value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ferry.errors import ConfigError
+from ferry.guest.image import BuiltImage
+from ferry.qemu.argv import DEFAULT_CPU_MODEL, Accel, NetSpec
+
+
+@dataclass(frozen=True, slots=True)
+class VMConfig:
+    """Kernel, initramfs and machine shape of one VM.
+
+    ``accel`` None means :func:`~ferry.guest.image.choose_accel` at spawn time.
+    ``kernel_args`` are appended to ferry's standard command line.
+    """
+
+    kernel: Path
+    initramfs: Path
+    memory_mib: int
+    cpu_model: str = DEFAULT_CPU_MODEL
+    vcpus: int = 1
+    accel: Accel | None = None
+    kernel_args: tuple[str, ...] = ()
+    quiet_kernel: bool = True
+    net: NetSpec | None = None
+    agent: bool = False
+    """Add the guest agent's virtio-serial port (socket ``work_dir/agent.sock``)."""
+    extra_qemu_args: tuple[str, ...] = ()
+    sandbox: bool = True
+    """Run QEMU under its seccomp sandbox when this QEMU supports it (ferry.qemu.sandbox)."""
+    qmp_timeout_s: float = 30.0
+    stop_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.memory_mib < 16:
+            raise ConfigError(f"memory_mib must be >= 16, got {self.memory_mib}")
+        if self.vcpus < 1:
+            raise ConfigError(f"vcpus must be >= 1, got {self.vcpus}")
+        if not self.cpu_model or self.cpu_model.startswith(",") or " " in self.cpu_model:
+            raise ConfigError("cpu_model must be a QEMU CPU model name")
+        if self.qmp_timeout_s <= 0 or self.stop_timeout_s <= 0:
+            raise ConfigError("timeouts must be positive")
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory_mib * 1024 * 1024
+
+    @classmethod
+    def from_image(cls, image: BuiltImage, **overrides: Any) -> VMConfig:
+        """The config for a built blueprint (its kernel, initramfs and memory size)."""
+        base = cls(kernel=image.kernel, initramfs=image.initramfs,
+                   memory_mib=image.blueprint.memory_mib)
+        return replace(base, **overrides) if overrides else base

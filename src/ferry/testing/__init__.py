@@ -1,0 +1,10 @@
+"""Test and benchmark helpers, public like ``trio.testing``.
+
+* :mod:`ferry.testing.hosts`: network namespaces that stand in for hosts;
+* :mod:`ferry.testing.workload`: a Redis writer that counts lost writes and stalls;
+* :mod:`ferry.testing.live`: a small kernel, initramfs and launch offers for tests;
+* :mod:`ferry.testing.peer`, :mod:`ferry.testing.peer_control`: a bench-only VM
+  peer process (to be retired for the node's holder).
+
+Nothing in ``ferry`` below the demo imports this package.
+"""

@@ -1,0 +1,134 @@
+"""The device stacks of a VM that can move.
+
+Every device of a live VM (guest RAM, each disk) is a *chainable* stack::
+
+    provider ─ VolatilityMonitor ─ dirty tracker ─┬─ local ──[waiting cache]── what QEMU uses
+                                                   └─ remote ── what the next migration reads
+
+On the host where the VM was booted there is no waiting cache: QEMU (via
+FUSE/NBD) writes the dirty tracker's local handle. On a destination the
+receiver fills a waiting cache on top of the tracker's local handle, so reads
+of blocks that have not arrived wait; once the migration in has completed the
+very same stack can be migrated out again (A -> B -> C -> A).
+
+Device names on the wire: ``memory``, ``disk/<name>`` and, when the device
+state travels as a device, ``state``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ferry.migration.destination import DestinationDevice
+from ferry.migration.source import SourceDevice
+from ferry.migration.stacks import SourceStack, source_stack
+from ferry.protocol.messages import DeviceInfo
+from ferry.storage.device import DEFAULT_BLOCK_SIZE_BYTES, Device
+from ferry.storage.modules.waiting import WaitingLocal, WaitingRemote, waiting_cache
+from ferry.storage.providers.memory import MemoryDevice
+from ferry.vm.errors import DeviceSetError
+
+MEMORY = "memory"
+STATE = "state"
+DISK_PREFIX = "disk/"
+STATE_DEVICE_BYTES = 1024 * 1024
+"""Room for QEMU's device state (~60 KB for a microvm guest) when it travels as a device."""
+
+Backing = Callable[[str, int], Device]
+"""Makes the provider of a device from its wire name and size (default: MemoryDevice)."""
+
+
+def memory_backing(name: str, size_bytes: int) -> Device:
+    return MemoryDevice(size_bytes, name=name)
+
+
+@dataclass(slots=True)
+class LiveDevice:
+    """One chainable stack; ``vm_handle`` is what QEMU (FUSE/NBD) uses."""
+
+    name: str
+    stack: SourceStack
+    waiting_local: WaitingLocal | None = None
+    waiting_remote: WaitingRemote | None = None
+
+    @property
+    def vm_handle(self) -> Device:
+        return self.waiting_local if self.waiting_local is not None else self.stack.local
+
+    def source_device(self) -> SourceDevice:
+        return self.stack.source_device()
+
+    async def close(self) -> None:
+        if self.waiting_local is not None:
+            await self.waiting_local.close()
+        else:
+            await self.stack.close()
+
+
+@dataclass(slots=True)
+class VMDevices:
+    """Guest RAM, the disks (first one is the root disk) and an optional state device."""
+
+    memory: LiveDevice
+    disks: dict[str, LiveDevice] = field(default_factory=dict)
+    state: LiveDevice | None = None
+
+    def all(self) -> list[LiveDevice]:
+        out = [self.memory, *self.disks.values()]
+        if self.state is not None:
+            out.append(self.state)
+        return out
+
+    def vm_disks(self) -> dict[str, Device]:
+        """What :class:`~ferry.qemu.QemuVM` takes as ``disks``."""
+        return {name: d.vm_handle for name, d in self.disks.items()}
+
+    async def close(self) -> None:
+        for dev in self.all():
+            await dev.close()
+
+
+def local_devices(memory: Device, disks: Mapping[str, Device] | None = None, *,
+                  with_state: bool = False,
+                  block_size_bytes: int = DEFAULT_BLOCK_SIZE_BYTES) -> VMDevices:
+    """Stacks for a VM booted on this host, over the given providers."""
+    state = None
+    if with_state:
+        state = LiveDevice(STATE, source_stack(STATE, MemoryDevice(STATE_DEVICE_BYTES, name=STATE),
+                                               block_size_bytes))
+    return VMDevices(
+        memory=LiveDevice(MEMORY, source_stack(MEMORY, memory, block_size_bytes)),
+        disks={n: LiveDevice(DISK_PREFIX + n, source_stack(DISK_PREFIX + n, d, block_size_bytes))
+               for n, d in (disks or {}).items()},
+        state=state,
+    )
+
+
+def incoming_device(info: DeviceInfo, backing: Backing) -> LiveDevice:
+    """A chainable stack with a waiting cache on top, for a device described by the source."""
+    stack = source_stack(info.name, backing(info.name, info.size_bytes), info.block_size_bytes)
+    local, remote = waiting_cache(stack.local, info.block_size_bytes)
+    return LiveDevice(info.name, stack, local, remote)
+
+
+def incoming_devices(infos: Sequence[DeviceInfo], backing: Backing,
+                     vm: str) -> tuple[VMDevices, list[DestinationDevice]]:
+    """The destination's stacks for the source's Hello, in the Hello's order."""
+    made = [incoming_device(i, backing) for i in infos]
+    memory = [d for d in made if d.name == MEMORY]
+    state = [d for d in made if d.name == STATE]
+    disks = {d.name[len(DISK_PREFIX):]: d for d in made if d.name.startswith(DISK_PREFIX)}
+    if len(memory) != 1 or len(state) > 1 or len(memory) + len(state) + len(disks) != len(made):
+        raise DeviceSetError(f"unexpected device set {[i.name for i in infos]}", vm=vm)
+    devices = VMDevices(memory[0], disks, state[0] if state else None)
+    dest: list[DestinationDevice] = []
+    for d in made:
+        assert d.waiting_remote is not None
+        dest.append(DestinationDevice(d.waiting_remote))
+    return devices, dest
+
+
+def wire_order(devices: VMDevices) -> list[LiveDevice]:
+    """Memory first (it is what the guest touches first after resume), then disks, state."""
+    return devices.all()
