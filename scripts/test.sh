@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets everything up, then runs the whole test suite: ruff, mypy --strict, pytest.
+# Sets everything up, then runs the whole test suite: ruff, mypy --strict, the import
+# check (no cycles, upper layers import lower ones only), pytest.
 # Extra arguments are passed to pytest (e.g. scripts/test.sh -k nbd).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,6 +8,7 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 echo "== ruff"; ruff check src tests bench
 echo "== mypy"; mypy
+echo "== imports"; python scripts/check_imports.py
 echo "== pytest"
 set +e
 pytest -q -p no:cacheprovider "$@"
