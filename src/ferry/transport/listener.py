@@ -54,8 +54,9 @@ class Server(Protocol):
     async def wait_closed(self) -> None: ...
 
 ACCEPT_BACKLOG = 16
-"""Connections accepted but not yet taken by ``accept()``; more are refused so
-a flood of connections cannot grow memory without bound."""
+"""Connections accepted but not yet taken by ``accept()``. When full, the oldest is
+dropped for the newest, so a flood cannot grow memory without bound and cannot
+lock out the peer that connects after it."""
 
 
 MAX_CONNECTION_SETUPS = 64
@@ -148,11 +149,15 @@ class Listener(Generic[AddressT]):
         finally:
             self._setups -= 1
         if self._handler is None:
-            if self._pending.qsize() >= ACCEPT_BACKLOG:
-                logger.warning("%s: backlog full, refusing %s", self._label, stream.peer)
-                await stream.aclose()
-                return
+            # Full: drop the oldest unaccepted connection, not the newest. A flood that
+            # has stopped then cannot lock out the peer that comes after it (the newest
+            # is the likeliest to still be there), and the queue stays bounded.
+            oldest = self._pending.get_nowait() if self._pending.qsize() >= ACCEPT_BACKLOG else None
             self._pending.put_nowait(stream)
+            if oldest is not None:
+                logger.warning("%s: backlog full, dropped the oldest unaccepted connection (%s)",
+                               self._label, oldest.peer)
+                await oldest.aclose()
             return
         try:
             await self._handler(stream)

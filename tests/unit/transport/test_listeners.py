@@ -13,6 +13,7 @@ import pytest
 
 from ferry.errors import BrokenResourceError, ClosedResourceError, ConfigError, TransportError
 from ferry.transport.base import Stream
+from ferry.transport.listener import ACCEPT_BACKLOG
 from ferry.transport.sockets import SocketStream
 from ferry.transport.tcp import connect_tcp, listen_tcp, serve_tcp
 from ferry.transport.unix import SEND_BUFFER_BYTES, connect_unix, listen_unix, serve_unix
@@ -207,3 +208,24 @@ async def test_unix_live_socket_and_regular_file_are_not_clobbered(tmp_path: Pat
 async def test_connect_unix_missing_path(tmp_path: Path) -> None:
     with pytest.raises(BrokenResourceError, match=r"nothing-here\.sock"):
         await connect_unix(tmp_path / "nothing-here.sock")
+
+
+async def test_a_flood_of_unaccepted_connections_cannot_lock_out_the_next_peer() -> None:
+    """More connections than the backlog arrive before anyone calls accept(): the queue
+    stays bounded, and the peer that connects after the flood is the one accept() finds."""
+    async with await listen_tcp() as listener:
+        flood = [await connect_tcp(*listener.address) for _ in range(ACCEPT_BACKLOG + 8)]
+        await asyncio.sleep(0.2)  # let the server queue (and drop) them
+        legit = await connect_tcp(*listener.address)
+        await legit.send_all(b"legit")
+        for s in flood:
+            await s.aclose()
+        accepted = []
+        while True:
+            server = await asyncio.wait_for(listener.accept(), 5)
+            accepted.append(server)
+            if await server.receive_some(5) == b"legit":
+                break
+        assert len(accepted) <= ACCEPT_BACKLOG  # the 8 oldest were dropped, not queued
+        for s in [*accepted, legit]:
+            await s.aclose()
