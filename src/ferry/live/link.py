@@ -134,11 +134,12 @@ async def listen(host: str, port: int = 0,
                 log.warning("dropped a connection: %s", exc)
                 await stream.aclose()
                 return
-        if queue.qsize() >= ACCEPT_BACKLOG:
-            log.warning("backlog full, dropped %s", stream.peer)
-            await stream.aclose()
-            return
+        # Full: drop the oldest for the newest (see transport.listener.ACCEPT_BACKLOG).
+        oldest = queue.get_nowait() if queue.qsize() >= ACCEPT_BACKLOG else None
         queue.put_nowait(stream)
+        if oldest is not None:
+            log.warning("backlog full, dropped the oldest unaccepted connection (%s)", oldest.peer)
+            await oldest.aclose()
 
     try:
         server = await asyncio.start_server(on_connection, host, port, limit=READER_LIMIT_BYTES,
