@@ -27,8 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ferry.aio import cancel_and_wait
+from ferry.errors import BrokenResourceError
 from ferry.qemu.errors import DeviceStateError
 from ferry.storage.device import Device
+from ferry.transport.streams import ConnectTimeoutError
+from ferry.transport.unix import socket_when_listening
 
 MAGIC = b"FERRYDS1"
 _HEADER = struct.Struct(">8sQ")
@@ -116,18 +119,12 @@ async def send_stream(path: Path, data: bytes, *, vm: str, timeout_s: float) -> 
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout_s):
-            while True:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.setblocking(False)
-                try:
-                    await loop.sock_connect(sock, os.fspath(path))
-                    break
-                except (FileNotFoundError, ConnectionRefusedError):
-                    sock.close()
-                    await asyncio.sleep(0.002)
-                except BaseException:
-                    sock.close()
-                    raise
+            try:
+                sock = await socket_when_listening(path, timeout_s=timeout_s)
+            except ConnectTimeoutError as exc:
+                raise TimeoutError from exc
+            except BrokenResourceError as exc:
+                raise DeviceStateError(f"feeding the device state failed: {exc}", vm=vm) from exc
             with sock:
                 await loop.sock_sendall(sock, data)
                 sock.shutdown(socket.SHUT_WR)

@@ -70,9 +70,6 @@ MIGRATION_POLL_S = 0.002
 coarser poll would dominate the measured time."""
 _UNIX_PATH_MAX = 107
 _STDERR_TAIL_BYTES = 2000
-QMP_CONNECT_RETRY_S = 0.002
-"""QEMU creates its QMP socket ~20 ms into its start; polling every 2 ms (a failed
-connect costs microseconds) instead of QMPClient's default 20 ms saves ~10 ms per resume."""
 _SETPRIV = shutil.which("setpriv")
 """util-linux's ``setpriv --pdeathsig`` sets QEMU's parent-death signal without a preexec_fn."""
 
@@ -417,7 +414,7 @@ class QemuVM:
         assert gen.watcher is not None
         connect = asyncio.create_task(QMPClient.connect_unix(
             self.qmp_socket, name=f"{self.name}.{gen.number}",
-            timeout_s=self.config.qmp_timeout_s, retry_interval_s=QMP_CONNECT_RETRY_S))
+            timeout_s=self.config.qmp_timeout_s))
         try:
             await asyncio.wait({connect, gen.watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -55,6 +55,42 @@ async def connect_unix(path: str | os.PathLike[str], *, timeout_s: float = 10.0)
     return _stream(sock, peer)
 
 
+WAIT_INTERVAL_S = 0.002
+"""How often :func:`socket_when_listening` retries: a QEMU that is starting creates its
+sockets within milliseconds (the resume path waits on them), and each try is one cheap
+syscall."""
+
+
+async def socket_when_listening(path: str | os.PathLike[str], *, timeout_s: float) -> socket.socket:
+    """A connected socket to ``path``, retrying while nothing listens there yet (the file
+    is missing or refuses), as when QEMU is still creating its sockets. Raises
+    :class:`ConnectTimeoutError` after ``timeout_s`` with the last refusal, and
+    :class:`BrokenResourceError` at once for any other error."""
+    peer = _peer_name(path)
+    address = os.fspath(path)
+    last: OSError | None = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                try:
+                    return await connect_socket(socket.AF_UNIX, address)
+                except (FileNotFoundError, ConnectionRefusedError) as exc:
+                    last = exc
+                await asyncio.sleep(WAIT_INTERVAL_S)
+    except TimeoutError as exc:
+        why = describe(last) if last is not None else "no attempt finished"
+        raise ConnectTimeoutError(f"nothing listened within {timeout_s} s ({why})",
+                                  peer=peer) from exc
+    except OSError as exc:
+        raise BrokenResourceError(f"connect failed: {describe(exc)}", peer=peer) from exc
+
+
+async def connect_unix_when_listening(path: str | os.PathLike[str], *,
+                                      timeout_s: float) -> SocketStream:
+    """:func:`connect_unix`, retrying while nothing listens at ``path`` yet."""
+    return _stream(await socket_when_listening(path, timeout_s=timeout_s), _peer_name(path))
+
+
 async def listen_unix(path: str | os.PathLike[str]) -> Listener[str]:
     """Bind and listen at ``path``; take connections with ``await listener.accept()``."""
     return await _listen(None, os.fspath(path))

@@ -13,10 +13,17 @@ import pytest
 
 from ferry.errors import BrokenResourceError, ClosedResourceError, ConfigError, TransportError
 from ferry.transport.base import Stream
-from ferry.transport.listener import ACCEPT_BACKLOG
+from ferry.transport.listener import ACCEPT_BACKLOG, Listener
 from ferry.transport.sockets import SocketStream
+from ferry.transport.streams import ConnectTimeoutError
 from ferry.transport.tcp import connect_tcp, listen_tcp, serve_tcp
-from ferry.transport.unix import SEND_BUFFER_BYTES, connect_unix, listen_unix, serve_unix
+from ferry.transport.unix import (
+    SEND_BUFFER_BYTES,
+    connect_unix,
+    connect_unix_when_listening,
+    listen_unix,
+    serve_unix,
+)
 
 
 async def test_tcp_listener_binds_loopback_by_default() -> None:
@@ -229,3 +236,35 @@ async def test_a_flood_of_unaccepted_connections_cannot_lock_out_the_next_peer()
         assert len(accepted) <= ACCEPT_BACKLOG  # the 8 oldest were dropped, not queued
         for s in [*accepted, legit]:
             await s.aclose()
+
+
+async def test_connect_when_listening_waits_for_a_socket_that_appears_later(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "late.sock"
+
+    async def listen_later() -> Listener[str]:
+        await asyncio.sleep(0.1)
+        return await listen_unix(path)
+
+    later = asyncio.create_task(listen_later())
+    client = await connect_unix_when_listening(path, timeout_s=5)
+    async with await later as listener:
+        server = await listener.accept()
+        await client.send_all(b"hi")
+        assert await server.receive_some(2) == b"hi"
+        await server.aclose()
+    await client.aclose()
+
+
+async def test_connect_when_listening_gives_up_with_a_typed_error(tmp_path: Path) -> None:
+    with pytest.raises(ConnectTimeoutError, match=r"nothing listened within 0\.1 s"):
+        await connect_unix_when_listening(tmp_path / "never.sock", timeout_s=0.1)
+
+
+async def test_connect_when_listening_does_not_retry_other_errors(tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(BrokenResourceError) as info:  # ENOTDIR: waiting cannot help
+        await connect_unix_when_listening(a_file / "x.sock", timeout_s=5)
+    assert not isinstance(info.value, ConnectTimeoutError)

@@ -63,7 +63,7 @@ from ferry.guest.agent.protocol import (
     encode,
 )
 from ferry.transport.base import Stream
-from ferry.transport.unix import connect_unix
+from ferry.transport.unix import connect_unix_when_listening
 
 log = logging.getLogger(__name__)
 
@@ -320,14 +320,9 @@ async def connect_agent(
     waits until the first is closed.
     """
     path = os.fspath(socket_path)
-    deadline = time.monotonic() + connect_timeout_s
-    while True:
-        try:
-            stream = await connect_unix(path, timeout_s=max(0.01, deadline - time.monotonic()))
-            break
-        except BrokenResourceError as exc:  # also ConnectTimeoutError
-            if time.monotonic() >= deadline:
-                raise AgentConnectError(f"cannot connect to agent socket {path}: {exc}") from exc
-            await asyncio.sleep(0.05)
+    try:
+        stream = await connect_unix_when_listening(path, timeout_s=connect_timeout_s)
+    except BrokenResourceError as exc:  # also ConnectTimeoutError
+        raise AgentConnectError(f"cannot connect to agent socket {path}: {exc}") from exc
     async with open_agent(stream, name=os.path.basename(path)) as client:
         yield client

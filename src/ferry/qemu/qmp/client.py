@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
+from ferry.errors import BrokenResourceError
 from ferry.qemu.qmp.errors import (
     QMPConnectionError,
     QMPError,
@@ -45,6 +46,8 @@ from ferry.qemu.qmp.protocol import (
     QMPProtocol,
     Reply,
 )
+from ferry.transport.streams import ConnectTimeoutError
+from ferry.transport.unix import socket_when_listening
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +106,7 @@ class QMPClient:
 
     @classmethod
     async def connect_unix(cls, path: str | os.PathLike[str], *, name: str = "qmp",
-                           timeout_s: float = DEFAULT_TIMEOUT_S,
-                           retry_interval_s: float = 0.02) -> QMPClient:
+                           timeout_s: float = DEFAULT_TIMEOUT_S) -> QMPClient:
         """Connect to QEMU's ``-qmp unix:PATH,server=on`` and negotiate capabilities.
 
         Retries until the socket accepts (QEMU creates it while starting up)
@@ -112,17 +114,17 @@ class QMPClient:
         """
         address = os.fspath(path)
         deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                reader, writer = await asyncio.open_unix_connection(address)
-                break
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
-                if time.monotonic() >= deadline:
-                    raise QMPTimeoutError(f"QMP socket {address} not accepting after "
-                                          f"{timeout_s} s: {exc}") from exc
-                await asyncio.sleep(retry_interval_s)
-            except OSError as exc:
-                raise QMPConnectionError(f"cannot connect to {address}: {exc}") from exc
+        try:
+            sock = await socket_when_listening(address, timeout_s=timeout_s)
+        except ConnectTimeoutError as exc:
+            raise QMPTimeoutError(f"QMP socket {address} not accepting: {exc}") from exc
+        except BrokenResourceError as exc:
+            raise QMPConnectionError(f"cannot connect to {address}: {exc}") from exc
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         client = cls(reader, writer, name=name)
         try:
             remaining = max(0.0, deadline - time.monotonic())
