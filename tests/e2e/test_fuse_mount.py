@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from ferry.buffers import Buffer
 from ferry.errors import DeviceError
 from ferry.expose.fuse import (
     NO_TUNING,
@@ -32,7 +33,6 @@ from ferry.expose.fuse import (
     find_mount,
 )
 from ferry.expose.fuse.bdi import BdiTuner, bdi_dir, read_values
-from ferry.storage.device import Buffer
 from ferry.storage.modules.waiting import waiting_cache
 from ferry.storage.providers.memory import MemoryDevice
 

@@ -11,8 +11,8 @@ import asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ferry.buffers import Buffer
 from ferry.errors import AuthenticationError
-from ferry.storage.device import Buffer
 from ferry.transport.auth import (
     MAGIC,
     NONCE_BYTES,

@@ -17,7 +17,8 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ferry.storage import Buffer, Device, MemoryDevice, dirty_tracker
+from ferry.buffers import Buffer
+from ferry.storage import Device, MemoryDevice, dirty_tracker
 from ferry.storage.modules._forward import ForwardingDevice
 
 BS = 512

@@ -12,9 +12,10 @@ from functools import lru_cache
 import lz4.frame
 import zstandard
 
+from ferry.buffers import Buffer
 from ferry.errors import IntegrityError, RemoteProtocolError
 from ferry.protocol.messages import Encoding, WriteBlocks
-from ferry.storage.device import Buffer, Geometry
+from ferry.storage.device import Geometry
 from ferry.storage.hashing import block_hash
 
 MAX_DECODED_RUN_BYTES = 64 * 1024 * 1024

@@ -86,10 +86,13 @@ from ferry.protocol.messages import (
     WriteBlocks,
     YouHave,
 )
-from ferry.storage.hashing import BLOCK_HASH_BYTES
 
 _KiB: Final = 1024
 _MiB: Final = 1024 * _KiB
+
+BLOCK_HASH_BYTES: Final = 16
+"""Every block hash on the wire is 16 bytes (XXH3-128, ``storage.hashing``; a test
+keeps the two in step, so changing the hash is a deliberate protocol change)."""
 
 HEADER: Final = struct.Struct(">BBHI")
 HEADER_BYTES: Final = HEADER.size  # 8

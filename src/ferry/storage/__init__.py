@@ -5,7 +5,8 @@ Providers hold data (:class:`MemoryDevice`, :class:`FileDevice`,
 (dirty tracking, volatility, locking, metrics, the waiting cache).
 """
 
-from ferry.storage.device import DEFAULT_BLOCK_SIZE_BYTES, Buffer, Device, Geometry, check_range
+from ferry.buffers import Buffer
+from ferry.storage.device import DEFAULT_BLOCK_SIZE_BYTES, Device, Geometry, check_range
 from ferry.storage.modules.dirty import DirtyLocal, DirtyRemote, dirty_tracker
 from ferry.storage.modules.lockable import Lockable, ReadOnlyGate
 from ferry.storage.modules.metrics import DeviceStats, MetricsDevice

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from ferry.buffers import Buffer
 from ferry.errors import DeviceRangeError
 
 DEFAULT_BLOCK_SIZE_BYTES = 64 * 1024
@@ -33,7 +34,6 @@ DEFAULT_BLOCK_SIZE_BYTES = 64 * 1024
 enough that per-block overheads (hash, frame header) are small against a
 loopback copy, yet small enough that a post-copy fetch stays fast."""
 
-Buffer = bytes | bytearray | memoryview
 
 
 @runtime_checkable

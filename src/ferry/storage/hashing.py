@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import xxhash
 
-from ferry.storage.device import Buffer
+from ferry.buffers import Buffer
 
 BLOCK_HASH_BYTES = 16
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from ferry.storage.device import Buffer
+from ferry.buffers import Buffer
 
 
 @runtime_checkable

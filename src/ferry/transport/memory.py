@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 
+from ferry.buffers import Buffer
 from ferry.errors import BrokenResourceError, ClosedResourceError
-from ferry.storage.device import Buffer
 from ferry.transport.streams import DEFAULT_RECEIVE_BYTES
 
 DEFAULT_CAPACITY_BYTES = 64 * 1024

@@ -35,8 +35,8 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, runtime_checkable
 
+from ferry.buffers import Buffer
 from ferry.errors import BrokenResourceError, ClosedResourceError
-from ferry.storage.device import Buffer
 from ferry.transport.base import Stream
 from ferry.transport.streams import DEFAULT_RECEIVE_BYTES, describe, set_socket_nodelay
 

@@ -19,13 +19,13 @@ import socket
 import ssl
 from collections.abc import Iterator, Sequence
 
+from ferry.buffers import Buffer
 from ferry.errors import (
     BrokenResourceError,
     ClosedResourceError,
     DeadlineError,
     TransportError,
 )
-from ferry.storage.device import Buffer
 
 logger = logging.getLogger(__name__)
 

@@ -16,13 +16,13 @@ import os
 import ssl
 from typing import cast
 
+from ferry.buffers import Buffer
 from ferry.errors import (
     BrokenResourceError,
     ClosedResourceError,
     TLSConfigError,
     TransportError,
 )
-from ferry.storage.device import Buffer
 from ferry.transport.base import Stream
 from ferry.transport.certs import HostCertFiles
 from ferry.transport.streams import (

@@ -65,6 +65,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from ferry.buffers import Buffer
 from ferry.expose.fuse import PRELOAD_CHUNK_BYTES, IoCounters, PreloadStats
 from ferry.guest.agent import AgentClient, AgentError, ExecResult, connect_agent
 from ferry.net import GUEST_IP, GUEST_MAC, PortForward, VMNetwork
@@ -72,7 +73,6 @@ from ferry.qemu import DeviceStateStats, QemuVM, VMConfig
 from ferry.qemu.argv import Accel, TapNet
 from ferry.qemu.vm import MEMORY_FILE
 from ferry.storage import FileDevice, OverlayDevice
-from ferry.storage.device import Buffer
 from ferry.vm.devices import VMDevices, local_devices
 from ferry.vm.errors import ManifestError, VMExistsError, VMLifecycleError, VMNotFoundError
 from ferry.vm.manifest import DeviceEntry, VMManifest

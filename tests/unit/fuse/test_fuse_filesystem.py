@@ -9,9 +9,9 @@ import os
 import pyfuse3
 import pytest
 
+from ferry.buffers import Buffer
 from ferry.errors import DeviceClosedError, DeviceError, ReadOnlyError
 from ferry.expose.fuse.filesystem import DeviceFS
-from ferry.storage.device import Buffer
 from ferry.storage.providers.memory import MemoryDevice
 
 FIRST = pyfuse3.ROOT_INODE + 1

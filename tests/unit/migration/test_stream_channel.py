@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from ferry.buffers import Buffer
 from ferry.errors import BrokenResourceError
 from ferry.migration.channel import StreamChannel
 from ferry.protocol.codec import encode
@@ -23,7 +24,6 @@ from ferry.protocol.messages import (
     NeedAt,
     WriteBlocks,
 )
-from ferry.storage.device import Buffer
 from ferry.transport.sockets import SocketStream
 
 MiB = 1024 * 1024

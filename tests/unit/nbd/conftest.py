@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from ferry.buffers import Buffer
 from ferry.errors import DeviceError
-from ferry.storage.device import Buffer, check_range
+from ferry.storage.device import check_range
 
 
 @pytest.fixture

@@ -338,3 +338,11 @@ def test_every_message_type_has_a_golden_frame() -> None:
     covered = {frame_type for _, golden in GOLDEN for frame_type in [int(golden[:2], 16)]}
     assert covered == {int(t) for t in MessageType}
     assert HEADER_BYTES == 8
+
+
+def test_the_wire_hash_size_is_the_storage_hash_size() -> None:
+    """The codec owns the wire's hash width; the engine's hash must produce exactly it."""
+    from ferry.protocol.codec import BLOCK_HASH_BYTES as WIRE
+    from ferry.storage.hashing import BLOCK_HASH_BYTES, block_hash
+
+    assert WIRE == BLOCK_HASH_BYTES == len(block_hash(b"x" * 4096))

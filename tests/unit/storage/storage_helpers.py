@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from ferry.storage.device import Buffer, Device
+from ferry.buffers import Buffer
+from ferry.storage.device import Device
 from ferry.storage.modules._forward import ForwardingDevice
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from ferry.buffers import Buffer
 from ferry.errors import ClosedResourceError
-from ferry.storage.device import Buffer
 from ferry.transport import sockets
 from ferry.transport.memory import memory_stream_pair
 from ferry.transport.sockets import ReceiveIntoStream, SocketStream

@@ -46,6 +46,7 @@ from typing import Self
 import pyfuse3
 import pyfuse3.asyncio
 
+from ferry.buffers import Buffer
 from ferry.expose.fuse.bdi import NO_TUNING, BdiTuner, BdiTuning, bdi_dir
 from ferry.expose.fuse.errors import (
     DaemonError,
@@ -55,7 +56,7 @@ from ferry.expose.fuse.errors import (
     SessionBusyError,
 )
 from ferry.expose.fuse.filesystem import DeviceFS, IoCounters
-from ferry.storage.device import Buffer, Device
+from ferry.storage.device import Device
 
 log = logging.getLogger(__name__)
 

@@ -63,6 +63,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ferry.buffers import Buffer
 from ferry.expose.nbd.errors import (
     NBDLocalProtocolError,
     NBDOptionTooLargeError,
@@ -70,7 +71,6 @@ from ferry.expose.nbd.errors import (
     NBDTLSRequiredError,
     NBDUnknownExportError,
 )
-from ferry.storage.device import Buffer
 
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"

@@ -60,6 +60,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ferry.buffers import Buffer
 from ferry.errors import DeviceError, DeviceRangeError, ReadOnlyError
 from ferry.expose.nbd.errors import (
     NBDError,
@@ -97,7 +98,7 @@ from ferry.expose.nbd.protocol import (
     WriteZeroesRequest,
 )
 from ferry.expose.nbd.tlschannel import TLSChannel
-from ferry.storage.device import Buffer, Device
+from ferry.storage.device import Device
 
 logger = logging.getLogger(__name__)
 

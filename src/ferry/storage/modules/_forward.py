@@ -10,7 +10,8 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Self
 
-from ferry.storage.device import Buffer, Device
+from ferry.buffers import Buffer
+from ferry.storage.device import Device
 
 
 def device_name(device: Device) -> str | None:

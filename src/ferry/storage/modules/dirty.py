@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ferry.storage.device import Buffer, Device, Geometry, check_range
+from ferry.buffers import Buffer
+from ferry.storage.device import Device, Geometry, check_range
 from ferry.storage.modules._forward import ForwardingDevice
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 
+from ferry.buffers import Buffer
 from ferry.errors import ReadOnlyError
-from ferry.storage.device import Buffer, Device
+from ferry.storage.device import Device
 from ferry.storage.modules._forward import ForwardingDevice
 
 

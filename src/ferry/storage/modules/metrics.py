@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ferry.storage.device import Buffer, Device
+from ferry.buffers import Buffer
+from ferry.storage.device import Device
 from ferry.storage.modules._forward import ForwardingDevice
 
 

@@ -15,7 +15,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from ferry.storage.device import Buffer, Device, Geometry, check_range
+from ferry.buffers import Buffer
+from ferry.storage.device import Device, Geometry, check_range
 from ferry.storage.modules._forward import ForwardingDevice
 
 

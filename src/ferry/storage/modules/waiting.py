@@ -29,8 +29,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 
+from ferry.buffers import Buffer
 from ferry.errors import DeviceClosedError, DeviceError, DeviceRangeError
-from ferry.storage.device import Buffer, Device, Geometry, check_range
+from ferry.storage.device import Device, Geometry, check_range
 from ferry.storage.modules._forward import ForwardingDevice, device_name
 
 

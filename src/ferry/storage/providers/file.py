@@ -15,8 +15,9 @@ import stat
 from types import TracebackType
 from typing import Self
 
+from ferry.buffers import Buffer
 from ferry.errors import ConfigError, DeviceClosedError, DeviceError, ReadOnlyError
-from ferry.storage.device import Buffer, Geometry, check_range
+from ferry.storage.device import Geometry, check_range
 
 
 class DeviceFullError(DeviceError):

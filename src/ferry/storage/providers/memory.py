@@ -5,8 +5,9 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Self
 
+from ferry.buffers import Buffer
 from ferry.errors import DeviceClosedError
-from ferry.storage.device import Buffer, check_range
+from ferry.storage.device import check_range
 
 
 class MemoryDevice:

@@ -42,8 +42,9 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Self
 
+from ferry.buffers import Buffer
 from ferry.errors import BaseMismatchError, ConfigError, DeviceClosedError, DeviceError
-from ferry.storage.device import DEFAULT_BLOCK_SIZE_BYTES, Buffer, Device, Geometry, check_range
+from ferry.storage.device import DEFAULT_BLOCK_SIZE_BYTES, Device, Geometry, check_range
 from ferry.storage.providers.file import FileDevice, translate_os_error
 
 logger = logging.getLogger(__name__)
