@@ -47,6 +47,7 @@ from ferry.errors import ConfigError
 from ferry.guest.agent import ExecResult
 from ferry.live.access import Access
 from ferry.live.errors import LiveMigrationError
+from ferry.node.record import HolderState
 from ferry.vm.errors import ControlError, VMNotFoundError
 from ferry.vm.runner import StopMode
 
@@ -155,7 +156,7 @@ Request = StatusRequest | StopRequest | ExecRequest | MigrateRequest | MigrateCa
 class StatusReply:
     op = ControlOp.STATUS
     vm_id: str
-    state: str
+    state: HolderState
     pid: int
     qemu_pid: int | None = None
     forwards: tuple[str, ...] = ()
@@ -363,7 +364,7 @@ def encode_reply(reply: Reply) -> bytes:
                           "handed_off": reply.handed_off})
         case StatusReply():
             return _dump({"ok": True, "op": reply.op.value, "vm_id": reply.vm_id,
-                          "state": reply.state, "pid": reply.pid, "qemu_pid": reply.qemu_pid,
+                          "state": reply.state.value, "pid": reply.pid, "qemu_pid": reply.qemu_pid,
                           "forwards": list(reply.forwards), "memory_io": dict(reply.memory_io),
                           "qemu_usage": dict(reply.qemu_usage)})
         case StopReply():
@@ -398,7 +399,11 @@ def decode_reply(line: bytes) -> Reply:
     num = (int, float)
     match op:
         case ControlOp.STATUS:
-            return StatusReply(_get(d, "vm_id", str), _get(d, "state", str), _get(d, "pid", int),
+            try:
+                state = HolderState(_get(d, "state", str))
+            except ValueError as exc:
+                raise ControlProtocolError(f"bad state {d.get('state')!r}") from exc
+            return StatusReply(_get(d, "vm_id", str), state, _get(d, "pid", int),
                                _get(d, "qemu_pid", int, None),
                                _str_tuple(d.get("forwards", []), "forwards"),
                                _mapping(d, "memory_io") or {}, _mapping(d, "qemu_usage") or {})

@@ -164,7 +164,7 @@ class Holder:
         qemu_usage: Mapping[str, float] = {}
         if self.vm is not None and self.vm.counters is not None:
             memory_io, qemu_usage = self.vm.counters()
-        return StatusReply(r.vm_id, r.state.value, r.pid, r.qemu_pid, r.forwards, memory_io,
+        return StatusReply(r.vm_id, r.state, r.pid, r.qemu_pid, r.forwards, memory_io,
                            qemu_usage)
 
     async def watch(self, vm: HeldVM) -> Ending:

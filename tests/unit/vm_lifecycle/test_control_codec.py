@@ -11,6 +11,7 @@ import pytest
 from ferry.live.access import Access
 from ferry.node import control
 from ferry.node.control import ControlOp, ControlProtocolError
+from ferry.node.record import HolderState
 from ferry.vm.runner import StopMode
 
 REQUESTS: list[control.Request] = [
@@ -27,7 +28,7 @@ REQUESTS: list[control.Request] = [
 ]
 
 REPLIES: list[control.Reply] = [
-    control.StatusReply("r1", "running", 4711, 4712, ("127.0.0.1:1->2/tcp",),
+    control.StatusReply("r1", HolderState.MIGRATING, 4711, 4712, ("127.0.0.1:1->2/tcp",),
                         {"reads": 3}, {"cpu_s": 0.5}),
     control.StopReply(StopMode.SUSPEND, state_bytes=72226, flush_bytes=4096),
     control.StopReply(StopMode.DISCARD),
@@ -109,6 +110,7 @@ BAD_REPLIES = [
     b'{"ok": true}\n',                                    # no op
     b'{"ok": true, "op": "status", "vm_id": "r1"}\n',     # missing fields
     b'{"ok": true, "op": "status", "vm_id": "r1", "state": "running", "pid": "1"}\n',
+    b'{"ok": true, "op": "status", "vm_id": "r1", "state": "dancing", "pid": 1}\n',
     b'{"ok": true, "op": "exec", "exit_code": 0, "outcome": "E", "stdout": "!", "stderr": ""}\n',
     b'{"ok": true, "op": "migrate", "summary": [], "source": {}}\n',
     b'{"ok": true, "op": "migrate-cancel", "cancelled": 1}\n',
