@@ -136,6 +136,10 @@ class Holder:
             case StatusRequest():
                 return self._status()
             case StopRequest(mode=mode):
+                if self.record.state is HolderState.RECEIVING:
+                    raise VMLifecycleError("the VM is still arriving; stop its 'ferry vm "
+                                           "receive' (Ctrl-C or SIGTERM) to abort",
+                                           vm=self.vm_id)
                 if mode is StopMode.SUSPEND and not (self.vm and self.vm.can_suspend):
                     raise VMLifecycleError("this VM cannot be suspended here; export it with "
                                            "'ferry vm migrate ID --to-package FILE'",

@@ -98,3 +98,13 @@ async def test_a_second_holder_of_one_id_is_refused(tmp_path: Path) -> None:
             async with holding(paths, record()):
                 pass
         assert paths.control_socket("h1").exists()
+
+
+async def test_stop_is_refused_while_the_vm_arrives(tmp_path: Path) -> None:
+    paths = VMPaths(tmp_path / "run", tmp_path / "state")
+    client = ControlClient(paths.control_socket("h1"), "h1")
+    arriving = HolderRecord.for_this_process("h1", HolderState.RECEIVING)
+    async with holding(paths, arriving):
+        assert (await client.status()).state is HolderState.RECEIVING
+        with pytest.raises(RemoteOpError, match="still arriving"):
+            await client.stop()
