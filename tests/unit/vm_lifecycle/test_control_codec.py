@@ -4,6 +4,7 @@ messages are refused with ControlProtocolError."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -98,12 +99,6 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("line", BAD_REQUESTS)
-def test_malformed_requests_are_refused(line: bytes) -> None:
-    with pytest.raises(ControlProtocolError):
-        control.decode_request(line)
-
-
 BAD_REPLIES = [
     b'{"op": "status"}\n',                                # no ok
     b'{"ok": "yes", "op": "status"}\n',
@@ -118,10 +113,12 @@ BAD_REPLIES = [
 ]
 
 
-@pytest.mark.parametrize("line", BAD_REPLIES)
-def test_malformed_replies_are_refused(line: bytes) -> None:
+@pytest.mark.parametrize(("decode", "line"),
+                         [(control.decode_request, line) for line in BAD_REQUESTS]
+                         + [(control.decode_reply, line) for line in BAD_REPLIES])
+def test_malformed_messages_are_refused(decode: Callable[[bytes], object], line: bytes) -> None:
     with pytest.raises(ControlProtocolError):
-        control.decode_reply(line)
+        decode(line)
 
 
 def test_oversized_messages_are_refused() -> None:
