@@ -283,6 +283,7 @@ def test_two_vms_from_one_package(env: Env, redis_package: Path) -> None:
             # The stop answered once the VM was gone: nothing of it is left.
             assert not env.paths.run_dir(vm_id).exists()
             assert not netns.exists(f"ferry-vm-{vm_id}")
+            assert list(env.paths.net_run_dir.glob(f"*{vm_id}*.json")) == []
     listed = env.ferry_json("vm", "list")
     assert isinstance(listed, list)
     assert [v for v in listed if v["vm_id"] in ports] == []

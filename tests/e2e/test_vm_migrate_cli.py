@@ -317,10 +317,13 @@ async def test_registry_start_is_post_copy(site: Site, hosts: HostSet, package: 
         namespaces = [n for n in set(netns.list_namespaces()) - namespaces_before
                       if n.startswith("ferry-vm-g1-")]
         assert len(namespaces) == 1
+        net_records = site.paths("mgb").net_run_dir.glob("*g1-*.json")
+        assert len(list(net_records)) == 1
         stopped = await ferry_json(site, hosts, "mgb", "vm", "stop", "g1")
         assert stopped["mode"] == "discard"
         assert not site.paths("mgb").run_dir("g1").exists()
         assert not any(netns.exists(n) for n in namespaces)
+        assert list(site.paths("mgb").net_run_dir.glob("*g1-*.json")) == []  # net records
         assert await ferry_json(site, hosts, "mgb", "vm", "list") == []
     finally:
         registry.send_signal(signal.SIGTERM)
