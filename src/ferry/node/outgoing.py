@@ -20,15 +20,12 @@ from ferry.live.errors import LiveMigrationError
 from ferry.live.outgoing import Movable, export_to_package, migrate_to_host, options_for
 from ferry.live.source import LiveOptions
 from ferry.node.control import (
-    ControlOp,
     ExportReply,
     MigrateCancelReply,
     MigrateCancelRequest,
     MigrateReply,
     MigrateRequest,
 )
-
-MIGRATE_OPS = frozenset({ControlOp.MIGRATE, ControlOp.MIGRATE_CANCEL})
 
 
 class MigrateFn(Protocol):
