@@ -140,7 +140,11 @@ class Holder:
                     raise VMLifecycleError("the VM is still arriving; stop its 'ferry vm "
                                            "receive' (Ctrl-C or SIGTERM) to abort",
                                            vm=self.vm_id)
-                if mode is StopMode.SUSPEND and not (self.vm and self.vm.can_suspend):
+                vm = self.vm
+                if mode is StopMode.SUSPEND and vm is None:
+                    raise VMLifecycleError("the VM is not running (yet): nothing to suspend",
+                                           vm=self.vm_id)
+                if mode is StopMode.SUSPEND and vm is not None and not vm.can_suspend:
                     raise VMLifecycleError("this VM cannot be suspended here; export it with "
                                            "'ferry vm migrate ID --to-package FILE'",
                                            vm=self.vm_id)
