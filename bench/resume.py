@@ -212,15 +212,15 @@ async def one_run(mode: str, root: Path, vm_id: str, package_dir: Path | None,
 
 async def _status(root: Path, vm_id: str) -> dict[str, Any]:
     """The supervisor's live counters: guest RAM read through FUSE, QEMU's CPU use."""
-    from ferry.node import control
+    from ferry.node.control import ControlClient
     from ferry.vm.registry import VMPaths
 
     paths = VMPaths(root / "run", root / "state")
     try:
-        reply = await control.request(paths.control_socket(vm_id), {"op": "status"})
+        reply = await ControlClient(paths.control_socket(vm_id), vm_id).status()
     except Exception as exc:  # diagnosis only: the bench result does not depend on it
         return {"error": str(exc)}
-    return {**reply.get("memory_io", {}), "qemu": reply.get("qemu_usage", {})}
+    return {**reply.memory_io, "qemu": dict(reply.qemu_usage)}
 
 
 async def cli_run(root: Path, package: Path, env: dict[str, str], probe: str) -> float:

@@ -280,8 +280,13 @@ def test_two_vms_from_one_package(env: Env, redis_package: Path) -> None:
     finally:
         for vm_id in started:
             env.ferry("vm", "stop", vm_id)
-    for vm_id in ports:
-        assert not netns.exists(f"ferry-vm-{vm_id}")
+            # The stop answered once the VM was gone: nothing of it is left.
+            assert not env.paths.run_dir(vm_id).exists()
+            assert not netns.exists(f"ferry-vm-{vm_id}")
+            assert list(env.paths.net_run_dir.glob(f"*{vm_id}*.json")) == []
+    listed = env.ferry_json("vm", "list")
+    assert isinstance(listed, list)
+    assert [v for v in listed if v["vm_id"] in ports] == []
 
 
 def test_stop_with_suspend_and_continue(env: Env, redis_package: Path) -> None:

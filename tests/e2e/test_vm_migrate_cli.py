@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from ferry.net import cleanup_leftovers
+from ferry.net import cleanup_leftovers, netns
 from ferry.net.netns import socket_in_netns
 from ferry.package import TrustStore, generate_key, load_private_key, write_package
 from ferry.testing.hosts import HostSet, host_namespaces
@@ -120,14 +120,23 @@ _extra_pids: dict[str, list[int]] = {}
 """Processes a test started that may not have a supervisor record (listening receivers)."""
 
 
+def host_env(site: Site, host: str) -> dict[str, str]:
+    paths = site.paths(host)
+    return {**site.env, "FERRY_RUN_DIR": str(paths.run_root),
+            "FERRY_STATE_DIR": str(paths.state_root)}
+
+
+async def ferry_process(site: Site, hosts: HostSet, host: str,
+                        *args: str) -> asyncio.subprocess.Process:
+    """``ferry ARGS`` started on ``host`` (``ip netns exec`` execs it: the pid is ferry's)."""
+    return await asyncio.create_subprocess_exec(
+        *hosts[host].exec_argv([*FERRY, *args]), env=host_env(site, host),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
 async def ferry(site: Site, hosts: HostSet, host: str, *args: str,
                 check: bool = True, timeout_s: float = 300) -> tuple[int, str, str]:
-    paths = site.paths(host)
-    env = {**site.env, "FERRY_RUN_DIR": str(paths.run_root),
-           "FERRY_STATE_DIR": str(paths.state_root)}
-    proc = await asyncio.create_subprocess_exec(
-        *hosts[host].exec_argv([*FERRY, *args]), env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await ferry_process(site, hosts, host, *args)
     async with asyncio.timeout(timeout_s):
         out, err = await proc.communicate()
     assert proc.returncode is not None
@@ -276,19 +285,18 @@ async def test_failure_before_handoff_leaves_vm_serving_on_a(site: Site, hosts: 
 
 
 async def test_registry_start_is_post_copy(site: Site, hosts: HostSet, package: Path) -> None:
-    paths = site.paths("mgc")
-    env = {**site.env, "FERRY_RUN_DIR": str(paths.run_root),
-           "FERRY_STATE_DIR": str(paths.state_root)}
     registry = await asyncio.create_subprocess_exec(
         *hosts["mgc"].exec_argv([*FERRY, "vm", "registry", str(package.parent), "--listen",
                                  f"{hosts['mgc'].address}:{REGISTRY_PORT}", "--json",
                                  "--token-file", str(site.token_file("mgc"))]),
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        env=host_env(site, "mgc"), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL)
     try:
         assert registry.stdout is not None
         async with asyncio.timeout(60):
             while b"listening" not in await registry.stdout.readline():
                 pass
+        namespaces_before = set(netns.list_namespaces())
         started = time.monotonic()
         pong = asyncio.create_task(first_pong_s(hosts, "mgb", started))
         ready = await ferry_json(site, hosts, "mgb", "vm", "receive", "--detach", "--registry",
@@ -303,6 +311,54 @@ async def test_registry_start_is_post_copy(site: Site, hosts: HostSet, package: 
         assert ready["origin"] == "registry"
         assert ready["report"]["receive"]["verified"] is True
         assert await redis_get(hosts, "mgb", "greeting") == b"hello"
+        # A received VM's stop answers once it is gone: run dir, record, namespace.
+        assert [v["status"] for v in await ferry_json(site, hosts, "mgb", "vm", "list")] == [
+            "running"]
+        namespaces = [n for n in set(netns.list_namespaces()) - namespaces_before
+                      if n.startswith("ferry-vm-g1-")]
+        assert len(namespaces) == 1
+        net_records = site.paths("mgb").net_run_dir.glob("*g1-*.json")
+        assert len(list(net_records)) == 1
+        stopped = await ferry_json(site, hosts, "mgb", "vm", "stop", "g1")
+        assert stopped["mode"] == "discard"
+        assert not site.paths("mgb").run_dir("g1").exists()
+        assert not any(netns.exists(n) for n in namespaces)
+        assert list(site.paths("mgb").net_run_dir.glob("*g1-*.json")) == []  # net records
+        assert await ferry_json(site, hosts, "mgb", "vm", "list") == []
     finally:
         registry.send_signal(signal.SIGTERM)
         await registry.wait()
+
+
+async def test_ctrl_c_during_migrate_keeps_the_vm_on_the_source(site: Site, hosts: HostSet,
+                                                               package: Path) -> None:
+    """SIGINT to ``ferry vm migrate`` before the hand-off: exit 130, the VM runs on A.
+
+    "Before the hand-off" is made certain rather than hoped for: the receiver on B is
+    frozen (SIGSTOP) before the migration starts, so the migration cannot get past its
+    first exchange with B; the signal is sent once A's record says ``migrating``.
+    """
+    await run_on_a(site, hosts, package, "c1")
+    event = await receive(site, hosts, "mgb")
+    os.kill(event["pid"], signal.SIGSTOP)
+    try:
+        proc = await ferry_process(site, hosts, "mga", "vm", "migrate", "c1", "--to",
+                                   f"{hosts['mgb'].address}:{MIGRATE_PORT}",
+                                   "--token-file", str(site.token_file("mgb")))
+        record = site.paths("mga").run_dir("c1") / "supervisor.json"
+        async with asyncio.timeout(60):
+            while (read_json(record) or {}).get("status") != "migrating":
+                assert proc.returncode is None
+                await asyncio.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(90):
+            _, err = await proc.communicate()
+        assert proc.returncode == 130, err.decode()
+        assert "cancelled before the hand-off" in err.decode()
+    finally:
+        os.kill(event["pid"], signal.SIGKILL)
+    listed = await ferry_json(site, hosts, "mga", "vm", "list")
+    assert [(v["vm_id"], v["status"]) for v in listed] == [("c1", "running")]
+    assert await redis_get(hosts, "mga", "greeting") == b"hello"
+    _, out, _ = await ferry(site, hosts, "mga", "vm", "exec", "c1", "--", "redis-cli", "ping")
+    assert out.strip() == "PONG"

@@ -18,12 +18,15 @@ from ferry.cli.args import add_accel, positive_float
 from ferry.cli.exitcodes import ExitCode
 from ferry.errors import ConfigError
 from ferry.guest.image import build_blueprint
-from ferry.node import control, supervisor
+from ferry.node import supervisor
+from ferry.node.control import ControlClient
+from ferry.node.process import launch_detached
 from ferry.package import PackageInfo, Progress, TrustStore
 from ferry.package import commands as pkg
 from ferry.qemu import DEFAULT_CPU_MODEL
 from ferry.vm import pkgcache, registry, snapshot
 from ferry.vm.publish import parse_publish
+from ferry.vm.runner import StopMode
 
 AddCommon = Callable[[argparse.ArgumentParser], None]
 
@@ -168,13 +171,10 @@ async def run(args: argparse.Namespace, console: Console) -> int:
             argv = [*args.argv, *args.rest]
             if not argv:
                 raise ConfigError("no command given: ferry vm exec ID -- CMD...")
-            paths = registry.VMPaths.default()
-            reply = await control.request(
-                paths.control_socket(args.vm_id),
-                control.exec_payload(argv, stdin=sys.stdin.buffer.read() if args.stdin else b"",
-                                     timeout_s=args.timeout),
-                timeout_s=args.timeout + 10, vm=args.vm_id)
-            code, stdout, stderr = control.decode_exec(reply)
+            reply = await _client(args.vm_id).exec(
+                argv, stdin=sys.stdin.buffer.read() if args.stdin else b"",
+                timeout_s=args.timeout)
+            code, stdout, stderr = reply.exit_code, reply.stdout, reply.stderr
             if args.json:
                 emit_json({"exit_code": code, "stdout": stdout.decode(errors="replace"),
                            "stderr": stderr.decode(errors="replace")})
@@ -185,13 +185,11 @@ async def run(args: argparse.Namespace, console: Console) -> int:
                 sys.stderr.flush()
             return code
         case "vm", "stop":
-            paths = registry.VMPaths.default()
-            mode = "suspend" if args.suspend else "discard"
-            reply = await control.request(paths.control_socket(args.vm_id),
-                                          {"op": "stop", "mode": mode}, timeout_s=120,
-                                          vm=args.vm_id)
-            reply.pop("ok", None)
-            out(reply, lambda: console.print(f"{args.vm_id}: stopped ({reply.get('mode')})"))
+            stopped = await _client(args.vm_id).stop(
+                StopMode.SUSPEND if args.suspend else StopMode.DISCARD)
+            data = {"mode": stopped.mode.value, "state_bytes": stopped.state_bytes,
+                    "flush_bytes": stopped.flush_bytes}
+            out(data, lambda: console.print(f"{args.vm_id}: stopped ({stopped.mode.value})"))
         case "key", "create":
             key_info = pkg.key_create(args.path, comment=args.comment, overwrite=args.overwrite,
                                       trust=args.trust, trust_path=args.trust_path)
@@ -246,7 +244,7 @@ async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable
         out(report, lambda: _print_ready(console, report))
 
     if args.detach:
-        show_ready(await supervisor.launch_detached(request))
+        show_ready(await launch_detached(request))
         return ExitCode.OK
 
     def console_out(data: bytes) -> None:
@@ -261,6 +259,11 @@ async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable
     if isinstance(signum, int):  # Ctrl-C or SIGTERM stopped it: say so in the exit code
         return ExitCode.TERMINATED if signum == signal.SIGTERM else ExitCode.INTERRUPTED
     return ExitCode.OK
+
+
+def _client(vm_id: str) -> ControlClient:
+    """The control client of the VM ``vm_id`` on this host."""
+    return ControlClient(registry.VMPaths.default().control_socket(vm_id), vm_id)
 
 
 def _print_ready(console: Console, report: dict[str, Any]) -> None:

@@ -1,14 +1,13 @@
-"""``ferry vm migrate|receive|registry``: argument handling around :mod:`ferry.live.outgoing`,
-:mod:`ferry.node.arrival` and :mod:`ferry.live.pkgserve` (docs/live-migration.md)."""
+"""``ferry vm migrate|receive|registry``: argument handling around the VM's control socket
+(:class:`ferry.node.control.ControlClient`), :mod:`ferry.node.arrival` and
+:mod:`ferry.live.pkgserve` (docs/live-migration.md)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
-import json
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from rich.console import Console
@@ -16,14 +15,13 @@ from rich.console import Console
 from ferry.cli.exitcodes import ExitCode
 from ferry.errors import ConfigError, FerryError
 from ferry.live.access import Access, TLSFiles
-from ferry.live.errors import LiveMigrationError
 from ferry.live.pkgserve import check_directory, serve_registry
-from ferry.node import control
-from ferry.node.arrival import ArrivalRequest, arrive, launch_detached
+from ferry.node.arrival import ArrivalRequest, arrive
+from ferry.node.control import ControlClient, ExportReply, MigrateRequest
+from ferry.node.process import launch_detached
 from ferry.package import TrustStore
 from ferry.transport import auth
 from ferry.vm import registry
-from ferry.vm.errors import ControlError, VMNotFoundError
 from ferry.vm.publish import parse_publish
 
 Out = Callable[[Any, Callable[[], None]], None]
@@ -104,65 +102,45 @@ async def run(args: argparse.Namespace, console: Console, out: Out) -> int:
 
 
 async def _migrate(args: argparse.Namespace, console: Console, out: Out) -> int:
-    sock = registry.VMPaths.default().control_socket(args.vm_id)
-    req: dict[str, Any] = {"op": "migrate", "precopy_only": args.precopy_only}
+    client = ControlClient(registry.VMPaths.default().control_socket(args.vm_id), args.vm_id)
     if args.to_package is not None:
-        req |= {"package": str(args.to_package.absolute()),
-                "key": str(args.key.absolute()) if args.key else None}
+        req = MigrateRequest(package=args.to_package.absolute(),
+                             key=args.key.absolute() if args.key else None,
+                             precopy_only=args.precopy_only)
     else:
-        access = _connecting_access(args, console, "the destination")
-        req |= {"to": list(_address(args.to)), "access": access.to_json()}
-    task = asyncio.create_task(_request_raw(sock, req, args.vm_id))
+        req = MigrateRequest(to=_address(args.to), precopy_only=args.precopy_only,
+                             access=_connecting_access(args, console, "the destination"))
+    task = asyncio.create_task(client.migrate(req, timeout_s=MIGRATE_TIMEOUT_S))
     try:
         reply = await asyncio.shield(task)
     except asyncio.CancelledError:
-        # Ctrl-C: ask the supervisor to cancel (it resumes the VM unless it was handed off)
+        # Ctrl-C: ask the VM's holder to cancel (it resumes the VM unless it was handed off)
         # and wait for what happened before exiting.
         with contextlib.suppress(FerryError):
-            await control.request(sock, {"op": "migrate-cancel"}, vm=args.vm_id)
+            await client.migrate_cancel()
         with contextlib.suppress(FerryError, TimeoutError):
             async with asyncio.timeout(60):
-                reply = await task
-                console.print(f"[red]interrupted:[/red] {reply.get('error') or 'completed'}")
+                await task
+        if task.done() and not task.cancelled():
+            error = task.exception()
+            console.print(f"[red]interrupted:[/red] {error or 'completed'}")
         raise
-    if not reply.get("ok"):
-        where = ("it runs on the destination" if reply.get("handed_off")
-                 else "the VM keeps running here")
-        raise LiveMigrationError(f"{reply.get('error')} ({where})", vm=args.vm_id,
-                                 handed_off=bool(reply.get("handed_off")))
-    reply.pop("ok", None)
-    if args.to_package is not None:
-        out(reply, lambda: console.print(
-            f"{args.vm_id}: exported into {reply['package']} (signed by {reply['key_id']}, "
-            f"paused {reply['paused_s'] * 1e3:.0f} ms); resume with 'ferry vm run "
-            f"{reply['package']}'"))
+    if isinstance(reply, ExportReply):
+        data = {"package": reply.package, "key_id": reply.key_id,
+                "state_bytes": reply.state_bytes, "paused_s": reply.paused_s,
+                "total_s": reply.total_s, "name": reply.name}
+        out(data, lambda: console.print(
+            f"{args.vm_id}: exported into {reply.package} (signed by {reply.key_id}, "
+            f"paused {reply.paused_s * 1e3:.0f} ms); resume with 'ferry vm run "
+            f"{reply.package}'"))
     else:
-        out(reply, lambda: print_summary(console, reply["summary"], args.to))
+        out({"summary": dict(reply.summary), "source": dict(reply.source),
+             "destination": None if reply.destination is None else dict(reply.destination)},
+            lambda: print_summary(console, reply.summary, args.to))
     return ExitCode.OK
 
 
-async def _request_raw(sock: Path, req: dict[str, Any], vm_id: str) -> dict[str, Any]:
-    """One control request whose ``ok: false`` reply is returned (with ``handed_off``)."""
-    try:
-        reader, writer = await asyncio.open_unix_connection(str(sock),
-                                                            limit=control.MAX_LINE_BYTES)
-    except OSError as exc:
-        raise VMNotFoundError("no such VM runs on this host (see 'ferry vm list')",
-                              vm=vm_id) from exc
-    try:
-        writer.write(json.dumps(req).encode() + b"\n")
-        await writer.drain()
-        async with asyncio.timeout(MIGRATE_TIMEOUT_S):
-            line = await reader.readline()
-        reply = json.loads(line) if line else {"ok": False, "error": "the supervisor went away"}
-    finally:
-        writer.close()
-    if not isinstance(reply, dict):
-        raise ControlError(f"bad reply {reply!r}", vm=vm_id)
-    return reply
-
-
-def print_summary(console: Console, s: dict[str, Any], to: str) -> None:
+def print_summary(console: Console, s: Mapping[str, Any], to: str) -> None:
     steps = ", ".join(f"{k} {v:.1f}" for k, v in s.get("downtime_steps_ms", {}).items())
     console.print(
         f"[green]{s['vm']}[/green] migrated to {to}: downtime [bold]{s['downtime_ms']:.1f} ms"
@@ -197,6 +175,7 @@ async def _receive(args: argparse.Namespace, console: Console, out: Out) -> int:
         report_until="listening" if args.listen else "ready")
     if args.detach:
         event = await launch_detached(request)
+        event = {"event": request.report_until, **event}
         if args.listen:
             host, port = event["address"]
             _announce(out, console, event, f"receiving on {host}:{port} (pid {event['pid']})",
@@ -212,8 +191,9 @@ async def _receive(args: argparse.Namespace, console: Console, out: Out) -> int:
     def ready(report: dict[str, Any]) -> None:
         out({"event": "ready", **report}, lambda: _print_ready(console, report))
 
-    result = await arrive(request, on_listening=listening, on_ready=ready)
-    out({"event": "left", **result}, lambda: console.print(f"VM left ({result['mode']})"))
+    ending = await arrive(request, on_listening=listening, on_ready=ready)
+    out({"event": "left", "mode": ending.value},
+        lambda: console.print(f"VM left ({ending.value})"))
     return ExitCode.OK
 
 

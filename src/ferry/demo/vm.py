@@ -26,7 +26,9 @@ from typing import Any
 from ferry.errors import FerryError
 from ferry.guest.image.cache import cache_root
 from ferry.net.forward import PortForward
-from ferry.node import control, supervisor
+from ferry.node import supervisor
+from ferry.node.control import ControlClient
+from ferry.node.process import launch_detached
 from ferry.package.commands import package_create
 from ferry.package.keys import generate_key
 from ferry.package.trust import TrustStore
@@ -136,16 +138,14 @@ async def run_vm_demo(progress: Progress) -> VMDemoResult:
     )
     progress(f"resuming the package as VM {vm_id}, Redis published on 127.0.0.1:{port}")
     started = time.monotonic()
-    report = await supervisor.launch_detached(request)
+    report = await launch_detached(request)
     try:
         pong = await wait_for_pong(port)
         greeting = await redis_command(port, "GET", "greeting")
         set_ok = (await redis_command(port, "SET", "resumed", "yes")).startswith(b"+OK")
         get_ok = (await redis_command(port, "GET", "resumed")).endswith(b"yes\r\n")
     finally:
-        await control.request(
-            paths.control_socket(vm_id), {"op": "stop", "mode": "discard"}, timeout_s=120, vm=vm_id
-        )
+        await ControlClient(paths.control_socket(vm_id), vm_id).stop()
     text = greeting.split(b"\r\n")[1].decode(errors="replace") if b"\r\n" in greeting else ""
     return VMDemoResult(
         package,

@@ -2,7 +2,7 @@
 
 The process that holds a VM (the per-VM supervisor of ``ferry vm run``, or
 the receiving process of ``ferry vm receive`` after a VM arrived) serves two
-control-socket ops through :class:`Outgoing`::
+control-socket ops through :class:`ferry.node.outgoing.Outgoing`::
 
     → {"op": "migrate", "to": [HOST, PORT], "precopy_only": false,
        "access": {"tls": {cert,key,ca} | null, "token": HEX | null, "insecure": false}}
@@ -55,7 +55,6 @@ from ferry.vm.snapshot import write_block_hashes
 
 log = logging.getLogger(__name__)
 
-MIGRATE_OPS = ("migrate", "migrate-cancel")
 REPORT_TIMEOUT_S = 10.0
 EXPORT_CHUNK_BYTES = 4 * 1024 * 1024
 
@@ -239,66 +238,3 @@ def _create_sparse(path: Path, size_bytes: int) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     os.ftruncate(fd, size_bytes)
     return fd
-
-
-class Outgoing:
-    """The ``migrate`` / ``migrate-cancel`` control ops of a process holding one VM."""
-
-    def __init__(self, get_movable: Callable[[], Movable | None]) -> None:
-        self._get = get_movable
-        self._task: asyncio.Task[dict[str, Any]] | None = None
-        self._handed_off = False
-        self.gone = False
-        """The VM left this process (migrated or exported): stop holding it."""
-
-    @property
-    def active(self) -> bool:
-        """A migration is running (the VM's QEMU may stop without that being a crash)."""
-        return self._task is not None and not self._task.done()
-
-    async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
-        if req.get("op") == "migrate-cancel":
-            if self._task is None or self._task.done():
-                return {"ok": True, "cancelled": False, "reason": "no migration running"}
-            if self._handed_off:
-                return {"ok": True, "cancelled": False,
-                        "reason": "already handed off: post-copy must finish"}
-            self._task.cancel()
-            return {"ok": True, "cancelled": True}
-        m = self._get()
-        if m is None:
-            raise LiveMigrationError("the VM is not running", vm=None, handed_off=False)
-        if self.active or self.gone:
-            raise LiveMigrationError("a migration is already running or done", vm=m.vm_id,
-                                     handed_off=False)
-        self._task = asyncio.create_task(self._run(m, req), name=f"migrate {m.vm_id}")
-        try:
-            result = await asyncio.shield(self._task)
-        except asyncio.CancelledError:
-            if self._task.cancelled():
-                return {"ok": False, "handed_off": False, "kind": "Cancelled",
-                        "error": f"vm {m.vm_id}: migration cancelled before the hand-off; "
-                                 "the VM keeps running here"}
-            raise
-        except LiveMigrationError as exc:
-            if exc.handed_off:
-                self.gone = True
-            return {"ok": False, "handed_off": exc.handed_off, "kind": type(exc).__name__,
-                    "error": str(exc)}
-        self.gone = True
-        return {"ok": True, **result}
-
-    async def _run(self, m: Movable, req: dict[str, Any]) -> dict[str, Any]:
-        if req.get("package"):
-            key = Path(req["key"]) if req.get("key") else None
-            return await export_to_package(m, Path(req["package"]), key=key,
-                                           overwrite=bool(req.get("overwrite")))
-        host, port = req["to"]
-
-        async def handed_off() -> None:
-            self._handed_off = True
-
-        return await migrate_to_host(m, str(host), int(port),
-                                     access=Access.from_json(req.get("access")),
-                                     options=options_for(bool(req.get("precopy_only"))),
-                                     on_handed_off=handed_off)

@@ -1,50 +1,447 @@
-"""The supervisor's control socket: one JSON request line, one JSON reply line.
+"""A VM holder's control socket: typed requests and replies, their codec, server and client.
 
-Every running VM's supervisor listens on ``<run dir>/control.sock``. A
-client connects, sends one request and reads one reply::
+Every process holding a VM (:mod:`ferry.node.holder`) listens on
+``<run dir>/control.sock``. A client connects, sends one request line and
+reads one reply line (UTF-8 JSON, ``\\n``-terminated, at most
+:data:`MAX_LINE_BYTES`)::
 
     → {"op": "status"}
-    ← {"ok": true, "vm_id": "r1", "status": "running", "qemu_pid": 4711, ...}
-    → {"op": "exec", "argv": ["redis-cli", "dbsize"], "timeout_s": 30, "stdin": "<base64>"}
-    → {"op": "exec", "shell": "echo $HOSTNAME", "timeout_s": 30}
-    ← {"ok": true, "exit_code": 0, "outcome": "EXITED", "stdout": "<base64>", "stderr": "<base64>"}
+    ← {"ok": true, "op": "status", "vm_id": "r1", "state": "running", "pid": 4711, ...}
+    → {"op": "exec", "argv": ["redis-cli", "dbsize"], "shell": null, "timeout_s": 30,
+       "stdin": "<base64>"}
+    ← {"ok": true, "op": "exec", "exit_code": 0, "outcome": "EXITED",
+       "stdout": "<base64>", "stderr": "<base64>"}
     → {"op": "stop", "mode": "discard" | "suspend"}
-    ← {"ok": true, "mode": "suspend", "state_bytes": 72226}      (after the VM is gone)
-    ← {"ok": false, "error": "...", "kind": "AgentTimeoutError"}  (any failure)
+    ← {"ok": true, "op": "stop", "mode": "suspend", "state_bytes": 72226, ...}
+                                         (after the VM, its run dir and network are gone)
+    → {"op": "migrate", "to": [HOST, PORT], "access": {...}, "precopy_only": false}
+    → {"op": "migrate", "package": FILE, "key": KEYFILE | null, "overwrite": false}
+    ← {"ok": true, "op": "migrate", "summary": {...}, "source": {...}, "destination": {...}}
+    ← {"ok": true, "op": "export", "package": FILE, "key_id": ..., "state_bytes": ...}
+    → {"op": "migrate-cancel"}         (Ctrl-C on the client: cancel unless handed off)
+    ← {"ok": true, "op": "migrate-cancel", "cancelled": true, "reason": ""}
+    ← {"ok": false, "error": "...", "kind": "LiveMigrationError", "handed_off": false}
 
-Lines are UTF-8 JSON ending in ``\\n``, at most :data:`MAX_LINE_BYTES`. The
-socket is created owner-only (umask 077) in a 0700 directory: whoever can use it controls
-the VM.
+Each message is a frozen dataclass; :func:`decode_request` and
+:func:`decode_reply` check every field's type and raise
+:class:`ControlProtocolError` on anything else. The socket is created
+owner-only (umask 077) in a 0700 directory: whoever can use it controls the VM.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
+import enum
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from ferry.errors import ConfigError
 from ferry.guest.agent import ExecResult
+from ferry.live.access import Access
+from ferry.live.errors import LiveMigrationError
+from ferry.node.record import HolderState
 from ferry.vm.errors import ControlError, VMNotFoundError
+from ferry.vm.runner import StopMode
 
 log = logging.getLogger(__name__)
 
 MAX_LINE_BYTES = 4 * 1024 * 1024
 """Covers an exec's 1 MiB stdin and 1 MiB of each output stream in base64."""
 CONNECT_TIMEOUT_S = 5.0
+SERVER_DRAIN_S = 30.0
+"""How long closing the socket waits for requests in flight (a ``stop`` waits for cleanup)."""
 
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+class ControlProtocolError(ControlError):
+    """A control message that is not valid JSON, too long, or has a wrong field."""
 
 
-def encode_exec(result: ExecResult) -> dict[str, Any]:
-    return {"exit_code": result.exit_code, "outcome": result.outcome.name,
-            "stdout": base64.b64encode(result.stdout).decode(),
-            "stderr": base64.b64encode(result.stderr).decode()}
+class RemoteOpError(ControlError):
+    """The holder ran the request and it failed there; ``kind`` is its error class."""
+
+    def __init__(self, message: str, *, vm: str | None, kind: str) -> None:
+        super().__init__(message, vm=vm)
+        self.kind = kind
+
+
+class ControlOp(enum.Enum):
+    STATUS = "status"
+    STOP = "stop"
+    EXEC = "exec"
+    MIGRATE = "migrate"
+    MIGRATE_CANCEL = "migrate-cancel"
+
+
+# -- requests ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest:
+    op = ControlOp.STATUS
+
+
+@dataclass(frozen=True, slots=True)
+class StopRequest:
+    op = ControlOp.STOP
+    mode: StopMode = StopMode.DISCARD
+
+
+@dataclass(frozen=True, slots=True)
+class ExecRequest:
+    """A list argv (execvp) or a shell string (``sh -c``), never both."""
+
+    op = ControlOp.EXEC
+    argv: tuple[str, ...] | None = None
+    shell: str | None = None
+    stdin: bytes = b""
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if (self.argv is None) == (self.shell is None):
+            raise ControlProtocolError("exec needs exactly one of argv or shell")
+        if self.argv is not None and not self.argv:
+            raise ControlProtocolError("exec needs a command")
+        if not self.timeout_s > 0:
+            raise ControlProtocolError("exec timeout_s must be positive")
+
+    @classmethod
+    def of(cls, argv: Sequence[str] | str, *, stdin: bytes = b"",
+           timeout_s: float = 30.0) -> ExecRequest:
+        if isinstance(argv, str):
+            return cls(shell=argv, stdin=stdin, timeout_s=timeout_s)
+        return cls(argv=tuple(argv), stdin=stdin, timeout_s=timeout_s)
+
+    @property
+    def command(self) -> list[str] | str:
+        return list(self.argv) if self.argv is not None else str(self.shell)
+
+
+@dataclass(frozen=True, slots=True)
+class MigrateRequest:
+    """Live to ``to`` (authenticating with ``access``), or into the package file ``package``."""
+
+    op = ControlOp.MIGRATE
+    to: tuple[str, int] | None = None
+    access: Access | None = None
+    precopy_only: bool = False
+    package: Path | None = None
+    key: Path | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.to is None) == (self.package is None):
+            raise ControlProtocolError("migrate needs exactly one of to or package")
+        if self.to is not None and self.access is None:
+            raise ControlProtocolError("a live migration needs access")
+
+
+@dataclass(frozen=True, slots=True)
+class MigrateCancelRequest:
+    op = ControlOp.MIGRATE_CANCEL
+
+
+Request = StatusRequest | StopRequest | ExecRequest | MigrateRequest | MigrateCancelRequest
+
+
+# -- replies -------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class StatusReply:
+    op = ControlOp.STATUS
+    vm_id: str
+    state: HolderState
+    pid: int
+    qemu_pid: int | None = None
+    forwards: tuple[str, ...] = ()
+    memory_io: Mapping[str, int] = field(default_factory=dict)
+    """Guest RAM read through FUSE (``IoCounters`` as a mapping); empty when not running."""
+    qemu_usage: Mapping[str, float] = field(default_factory=dict)
+    """QEMU's CPU use so far; empty when not running."""
+
+
+@dataclass(frozen=True, slots=True)
+class StopReply:
+    op = ControlOp.STOP
+    mode: StopMode
+    state_bytes: int | None = None
+    flush_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecReply:
+    op = ControlOp.EXEC
+    exit_code: int
+    outcome: str
+    stdout: bytes
+    stderr: bytes
+
+    @classmethod
+    def of(cls, result: ExecResult) -> ExecReply:
+        return cls(result.exit_code, result.outcome.name, result.stdout, result.stderr)
+
+
+@dataclass(frozen=True, slots=True)
+class MigrateReply:
+    """A finished live migration; ``summary`` is ``live.outgoing.summarize``'s mapping."""
+
+    op = ControlOp.MIGRATE
+    summary: Mapping[str, Any]
+    source: Mapping[str, Any]
+    destination: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExportReply:
+    """A VM stopped into a signed package (the reply of ``migrate`` with ``package``)."""
+
+    op = ControlOp.MIGRATE  # answers a migrate request; encoded with op "export"
+    package: str
+    key_id: str
+    state_bytes: int
+    paused_s: float
+    total_s: float
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class MigrateCancelReply:
+    op = ControlOp.MIGRATE_CANCEL
+    cancelled: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    error: str
+    kind: str
+    handed_off: bool | None = None
+    """For a failed migrate: whether the VM had already moved (it then runs there)."""
+
+
+Reply = (StatusReply | StopReply | ExecReply | MigrateReply | ExportReply | MigrateCancelReply
+         | ErrorReply)
+
+
+# -- codec ---------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def _get(d: Mapping[str, Any], key: str, kind: type[T] | tuple[type, ...],
+         default: Any = ...) -> T:
+    if key not in d:
+        if default is ...:
+            raise ControlProtocolError(f"missing field {key!r}")
+        value: T = default
+        return value
+    value = d[key]
+    if value is None and default is None:
+        return value
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise ControlProtocolError(f"field {key!r} must be a number, not {value!r}")
+    if not isinstance(value, kind):
+        raise ControlProtocolError(f"field {key!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _b64(text: str, key: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ControlProtocolError(f"field {key!r} is not base64") from exc
+
+
+def _mapping(d: Mapping[str, Any], key: str, *, optional: bool = False) -> dict[str, Any] | None:
+    return _get(d, key, dict, None if optional else ...)
+
+
+def _address(value: Any) -> tuple[str, int]:
+    if (not isinstance(value, list) or len(value) != 2 or not isinstance(value[0], str)
+            or not isinstance(value[1], int) or isinstance(value[1], bool)
+            or not 0 < value[1] < 65536):
+        raise ControlProtocolError(f"bad address {value!r}: use [HOST, PORT]")
+    return value[0], value[1]
+
+
+def _str_tuple(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ControlProtocolError(f"field {key!r} must be a list of strings")
+    return tuple(value)
+
+
+def _load(line: bytes) -> tuple[dict[str, Any], ControlOp | None]:
+    if len(line) > MAX_LINE_BYTES:
+        raise ControlProtocolError(f"message of {len(line)} bytes is over the "
+                                   f"{MAX_LINE_BYTES}-byte limit")
+    try:
+        data = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ControlProtocolError(f"not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ControlProtocolError("a control message is a JSON object")
+    op = data.get("op")
+    if op is None:
+        return data, None
+    if op == "export":
+        return data, ControlOp.MIGRATE
+    try:
+        return data, ControlOp(op)
+    except ValueError as exc:
+        raise ControlProtocolError(f"unknown op {op!r}") from exc
+
+
+def _dump(data: Mapping[str, Any]) -> bytes:
+    return json.dumps(data).encode() + b"\n"
+
+
+def encode_request(req: Request) -> bytes:
+    match req:
+        case StopRequest(mode=mode):
+            return _dump({"op": req.op.value, "mode": mode.value})
+        case ExecRequest():
+            return _dump({"op": req.op.value, "argv": None if req.argv is None
+                          else list(req.argv), "shell": req.shell, "timeout_s": req.timeout_s,
+                          "stdin": base64.b64encode(req.stdin).decode()})
+        case MigrateRequest():
+            return _dump({"op": req.op.value, "to": None if req.to is None else list(req.to),
+                          "access": None if req.access is None else req.access.to_json(),
+                          "precopy_only": req.precopy_only,
+                          "package": None if req.package is None else str(req.package),
+                          "key": None if req.key is None else str(req.key),
+                          "overwrite": req.overwrite})
+        case _:
+            return _dump({"op": req.op.value})
+
+
+def decode_request(line: bytes) -> Request:
+    """The request in ``line``; :class:`ControlProtocolError` if it is not a valid one."""
+    d, op = _load(line)
+    match op:
+        case ControlOp.STATUS:
+            return StatusRequest()
+        case ControlOp.MIGRATE_CANCEL:
+            return MigrateCancelRequest()
+        case ControlOp.STOP:
+            try:
+                return StopRequest(StopMode(_get(d, "mode", str, "discard")))
+            except ValueError as exc:
+                raise ControlProtocolError(f"bad stop mode {d.get('mode')!r}") from exc
+        case ControlOp.EXEC:
+            argv = d.get("argv")
+            return ExecRequest(argv=None if argv is None else _str_tuple(argv, "argv"),
+                               shell=_get(d, "shell", str, None),
+                               stdin=_b64(_get(d, "stdin", str, ""), "stdin"),
+                               timeout_s=float(_get(d, "timeout_s", (int, float), 30.0)))
+        case ControlOp.MIGRATE:
+            to = d.get("to")
+            package = _get(d, "package", str, None)
+            key = _get(d, "key", str, None)
+            access = d.get("access")
+            try:
+                parsed_access = None if access is None else Access.from_json(access)
+            except (ConfigError, KeyError, TypeError) as exc:
+                raise ControlProtocolError(f"bad access: {exc}") from exc
+            return MigrateRequest(to=None if to is None else _address(to), access=parsed_access,
+                                  precopy_only=_get(d, "precopy_only", bool, False),
+                                  package=None if package is None else Path(package),
+                                  key=None if key is None else Path(key),
+                                  overwrite=_get(d, "overwrite", bool, False))
+        case None:
+            raise ControlProtocolError("the request has no op")
+
+
+def encode_reply(reply: Reply) -> bytes:
+    match reply:
+        case ErrorReply():
+            return _dump({"ok": False, "error": reply.error, "kind": reply.kind,
+                          "handed_off": reply.handed_off})
+        case StatusReply():
+            return _dump({"ok": True, "op": reply.op.value, "vm_id": reply.vm_id,
+                          "state": reply.state.value, "pid": reply.pid, "qemu_pid": reply.qemu_pid,
+                          "forwards": list(reply.forwards), "memory_io": dict(reply.memory_io),
+                          "qemu_usage": dict(reply.qemu_usage)})
+        case StopReply():
+            return _dump({"ok": True, "op": reply.op.value, "mode": reply.mode.value,
+                          "state_bytes": reply.state_bytes, "flush_bytes": reply.flush_bytes})
+        case ExecReply():
+            return _dump({"ok": True, "op": reply.op.value, "exit_code": reply.exit_code,
+                          "outcome": reply.outcome,
+                          "stdout": base64.b64encode(reply.stdout).decode(),
+                          "stderr": base64.b64encode(reply.stderr).decode()})
+        case MigrateReply():
+            return _dump({"ok": True, "op": reply.op.value, "summary": dict(reply.summary),
+                          "source": dict(reply.source),
+                          "destination": None if reply.destination is None
+                          else dict(reply.destination)})
+        case ExportReply():
+            return _dump({"ok": True, "op": "export", "package": reply.package,
+                          "key_id": reply.key_id, "state_bytes": reply.state_bytes,
+                          "paused_s": reply.paused_s, "total_s": reply.total_s,
+                          "name": reply.name})
+        case MigrateCancelReply():
+            return _dump({"ok": True, "op": reply.op.value, "cancelled": reply.cancelled,
+                          "reason": reply.reason})
+
+
+def decode_reply(line: bytes) -> Reply:
+    """The reply in ``line``; :class:`ControlProtocolError` if it is not a valid one."""
+    d, op = _load(line)
+    if _get(d, "ok", bool) is False:
+        return ErrorReply(_get(d, "error", str), _get(d, "kind", str, "Error"),
+                          _get(d, "handed_off", bool, None))
+    num = (int, float)
+    match op:
+        case ControlOp.STATUS:
+            try:
+                state = HolderState(_get(d, "state", str))
+            except ValueError as exc:
+                raise ControlProtocolError(f"bad state {d.get('state')!r}") from exc
+            return StatusReply(_get(d, "vm_id", str), state, _get(d, "pid", int),
+                               _get(d, "qemu_pid", int, None),
+                               _str_tuple(d.get("forwards", []), "forwards"),
+                               _mapping(d, "memory_io") or {}, _mapping(d, "qemu_usage") or {})
+        case ControlOp.STOP:
+            try:
+                mode = StopMode(_get(d, "mode", str))
+            except ValueError as exc:
+                raise ControlProtocolError(f"bad stop mode {d.get('mode')!r}") from exc
+            return StopReply(mode, _get(d, "state_bytes", int, None),
+                             _get(d, "flush_bytes", int, None))
+        case ControlOp.EXEC:
+            return ExecReply(_get(d, "exit_code", int), _get(d, "outcome", str),
+                             _b64(_get(d, "stdout", str), "stdout"),
+                             _b64(_get(d, "stderr", str), "stderr"))
+        case ControlOp.MIGRATE if d.get("op") == "export":
+            return ExportReply(_get(d, "package", str), _get(d, "key_id", str),
+                               _get(d, "state_bytes", int), float(_get(d, "paused_s", num)),
+                               float(_get(d, "total_s", num)), _get(d, "name", str))
+        case ControlOp.MIGRATE:
+            summary = _mapping(d, "summary")
+            source = _mapping(d, "source")
+            assert summary is not None
+            assert source is not None
+            return MigrateReply(summary, source, _mapping(d, "destination", optional=True))
+        case ControlOp.MIGRATE_CANCEL:
+            return MigrateCancelReply(_get(d, "cancelled", bool), _get(d, "reason", str, ""))
+        case None:
+            raise ControlProtocolError("the reply has no op")
+
+
+# -- server --------------------------------------------------------------------------------
+
+Handler = Callable[[Request], Awaitable[Reply]]
+
+
+def error_reply(exc: BaseException) -> ErrorReply:
+    handed_off = exc.handed_off if isinstance(exc, LiveMigrationError) else None
+    return ErrorReply(str(exc), type(exc).__name__, handed_off)
 
 
 @contextlib.asynccontextmanager
@@ -61,18 +458,17 @@ async def serve_control(path: Path, handler: Handler) -> AsyncIterator[None]:
         assert task is not None
         tasks.add(task)
         try:
+            reply: Reply
             try:
-                line = await reader.readuntil(b"\n")
-                request = json.loads(line)
-                if not isinstance(request, dict):
-                    raise ValueError("the request is not a JSON object")
-                reply = await handler(request)
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
-                reply = {"ok": False, "error": f"bad request: {exc}", "kind": "BadRequest"}
+                reply = await handler(decode_request(await reader.readuntil(b"\n")))
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+                reply = ErrorReply(f"bad request: {exc}", ControlProtocolError.__name__)
+            except ControlProtocolError as exc:
+                reply = ErrorReply(f"bad request: {exc}", type(exc).__name__)
             except Exception as exc:
                 log.info("control request failed: %s", exc)
-                reply = {"ok": False, "error": str(exc), "kind": type(exc).__name__}
-            writer.write(json.dumps(reply).encode() + b"\n")
+                reply = error_reply(exc)
+            writer.write(encode_reply(reply))
             await writer.drain()
         except (ConnectionError, OSError):
             pass
@@ -94,7 +490,7 @@ async def serve_control(path: Path, handler: Handler) -> AsyncIterator[None]:
     finally:
         server.close()
         if tasks:
-            await asyncio.wait(list(tasks), timeout=30.0)
+            await asyncio.wait(list(tasks), timeout=SERVER_DRAIN_S)
         _unlink(path)
 
 
@@ -103,53 +499,85 @@ def _unlink(path: Path) -> None:
         os.unlink(path)
 
 
-async def request(path: Path, payload: dict[str, Any], *, timeout_s: float = 60.0,
-                  vm: str | None = None) -> dict[str, Any]:
-    """Send one request to a supervisor and return its (``ok``) reply; else ControlError."""
-    try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(os.fspath(path), limit=MAX_LINE_BYTES),
-            CONNECT_TIMEOUT_S)
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        raise VMNotFoundError("no such VM runs on this host (see 'ferry vm list')",
-                              vm=vm) from exc
-    except (OSError, TimeoutError) as exc:
-        raise ControlError(f"cannot reach the supervisor on {path}: {exc}", vm=vm) from exc
-    try:
-        writer.write(json.dumps(payload).encode() + b"\n")
-        await writer.drain()
-        line = await asyncio.wait_for(reader.readuntil(b"\n"), timeout_s)
-        reply = json.loads(line)
-    except TimeoutError as exc:
-        raise ControlError(f"no reply to {payload.get('op')} within {timeout_s} s",
-                           vm=vm) from exc
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError,
-            ValueError) as exc:
-        raise ControlError(f"the supervisor's reply to {payload.get('op')} broke: {exc}",
-                           vm=vm) from exc
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-    if not isinstance(reply, dict) or not reply.get("ok"):
-        error = reply.get("error") if isinstance(reply, dict) else reply
-        raise ControlError(f"{payload.get('op')} failed: {error}", vm=vm)
-    return reply
+# -- client --------------------------------------------------------------------------------
+
+R = TypeVar("R", StatusReply, StopReply, ExecReply, MigrateCancelReply)
 
 
-def exec_payload(argv: Sequence[str] | str, *, stdin: bytes = b"",
-                 timeout_s: float = 30.0) -> dict[str, Any]:
-    """The ``exec`` request for a list argv (execvp) or a shell string (``sh -c``)."""
-    payload: dict[str, Any] = {"op": "exec", "timeout_s": timeout_s,
-                               "stdin": base64.b64encode(stdin).decode()}
-    if isinstance(argv, str):
-        payload["shell"] = argv
-    else:
-        payload["argv"] = list(argv)
-    return payload
+@dataclass(frozen=True, slots=True)
+class ControlClient:
+    """Requests to the holder of ``vm_id`` on ``socket``; typed replies, typed errors.
 
+    A failed ``migrate`` raises :class:`LiveMigrationError` (its ``handed_off``
+    says where the VM runs); any other failed op :class:`RemoteOpError`; a VM
+    that does not run here :class:`VMNotFoundError`.
+    """
 
-def decode_exec(reply: dict[str, Any]) -> tuple[int, bytes, bytes]:
-    """(exit code, stdout, stderr) of an ``exec`` reply."""
-    return (int(reply["exit_code"]), base64.b64decode(reply["stdout"]),
-            base64.b64decode(reply["stderr"]))
+    socket: Path
+    vm_id: str | None = None
+
+    async def status(self) -> StatusReply:
+        return await self._expect(StatusRequest(), StatusReply, 10.0)
+
+    async def stop(self, mode: StopMode = StopMode.DISCARD, *,
+                   timeout_s: float = 120.0) -> StopReply:
+        return await self._expect(StopRequest(mode), StopReply, timeout_s)
+
+    async def exec(self, argv: Sequence[str] | str, *, stdin: bytes = b"",
+                   timeout_s: float = 30.0) -> ExecReply:
+        return await self._expect(ExecRequest.of(argv, stdin=stdin, timeout_s=timeout_s),
+                                  ExecReply, timeout_s + 10.0)
+
+    async def migrate_cancel(self) -> MigrateCancelReply:
+        return await self._expect(MigrateCancelRequest(), MigrateCancelReply, 10.0)
+
+    async def migrate(self, req: MigrateRequest, *,
+                      timeout_s: float = 3600.0) -> MigrateReply | ExportReply:
+        reply = await self.send(req, timeout_s=timeout_s)
+        if isinstance(reply, ErrorReply):
+            where = ("it runs on the destination" if reply.handed_off
+                     else "the VM keeps running here")
+            raise LiveMigrationError(f"{reply.error} ({where})", vm=self.vm_id,
+                                     handed_off=bool(reply.handed_off))
+        if not isinstance(reply, MigrateReply | ExportReply):
+            raise ControlProtocolError(f"a {reply.op.value} reply to migrate", vm=self.vm_id)
+        return reply
+
+    async def _expect(self, req: Request, kind: type[R], timeout_s: float) -> R:
+        reply = await self.send(req, timeout_s=timeout_s)
+        if isinstance(reply, ErrorReply):
+            raise RemoteOpError(f"{req.op.value} failed: {reply.error}", vm=self.vm_id,
+                                kind=reply.kind)
+        if not isinstance(reply, kind):
+            raise ControlProtocolError(f"a {type(reply).__name__} answered {req.op.value}",
+                                       vm=self.vm_id)
+        return reply
+
+    async def send(self, req: Request, *, timeout_s: float) -> Reply:
+        """One request, its reply as it came (an :class:`ErrorReply` is returned)."""
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(os.fspath(self.socket), limit=MAX_LINE_BYTES),
+                CONNECT_TIMEOUT_S)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise VMNotFoundError("no such VM runs on this host (see 'ferry vm list')",
+                                  vm=self.vm_id) from exc
+        except (OSError, TimeoutError) as exc:
+            raise ControlError(f"cannot reach the VM's holder on {self.socket}: {exc}",
+                               vm=self.vm_id) from exc
+        try:
+            writer.write(encode_request(req))
+            await writer.drain()
+            async with asyncio.timeout(timeout_s):
+                line = await reader.readline()
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise ControlError(f"{req.op.value}: no reply from the VM's holder ({exc!r})",
+                               vm=self.vm_id) from exc
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        if not line:
+            raise ControlError(f"{req.op.value}: the VM's holder closed the connection",
+                               vm=self.vm_id)
+        return decode_reply(line)

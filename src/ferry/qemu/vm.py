@@ -115,6 +115,7 @@ class QemuVM:
         self._gen: _Generation | None = None
         self._generations = 0
         self._exit_error: VMExitedError | None = None
+        self._crashed = asyncio.Event()
         self.accel: Accel | None = config.accel
 
     # -- properties ----------------------------------------------------------------
@@ -166,6 +167,12 @@ class QemuVM:
         if self._mount is None:
             raise VMStateError("the VM context is not entered", vm=self.name)
         return self._mount
+
+    async def wait_crashed(self) -> VMExitedError:
+        """Wait until QEMU exits by itself (not through :meth:`stop` or a hand-off);
+        returns why. A later start clears it: it waits for that generation's exit."""
+        await self._crashed.wait()
+        return self._exited()
 
     # -- context -------------------------------------------------------------------
 
@@ -382,6 +389,7 @@ class QemuVM:
             argv = self._wrap_argv(argv)
         self._generations = number
         self._exit_error = None
+        self._crashed.clear()
         devstate.unlink_quietly(self.qmp_socket)
         stderr_log = self.work_dir / f"qemu.{number}.log"
         self.log.info("spawning QEMU #%d: %s", number, " ".join(argv))
@@ -437,6 +445,7 @@ class QemuVM:
                                          returncode=returncode, stderr_tail=tail)
         if self._gen is gen:
             self._state = VMState.STOPPED
+            self._crashed.set()
         if gen.qmp is not None:
             await gen.qmp.close()
 

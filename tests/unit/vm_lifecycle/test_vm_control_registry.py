@@ -7,12 +7,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from ferry.node import control
-from ferry.vm.errors import ControlError, VMNotFoundError
+from ferry.node.control import RemoteOpError
+from ferry.vm.errors import VMNotFoundError
 from ferry.vm.registry import (
     SUPERVISOR_RECORD,
     VM_RECORD,
@@ -22,30 +22,39 @@ from ferry.vm.registry import (
     this_process,
     write_json,
 )
+from ferry.vm.runner import StopMode
 
 
 async def test_control_round_trip_and_errors(tmp_path: Path) -> None:
-    seen: list[dict[str, Any]] = []
+    seen: list[control.Request] = []
     release = asyncio.Event()
 
-    async def handler(req: dict[str, Any]) -> dict[str, Any]:
+    async def handler(req: control.Request) -> control.Reply:
         seen.append(req)
-        if req["op"] == "boom":
-            raise RuntimeError("it broke")
-        if req["op"] == "slow":
-            await release.wait()
-        return {"ok": True, "echo": req}
+        match req:
+            case control.ExecRequest(shell="boom"):
+                raise RuntimeError("it broke")
+            case control.ExecRequest():
+                return control.ExecReply(0, "EXITED", req.stdin, repr(req.command).encode())
+            case control.StopRequest():
+                await release.wait()
+                return control.StopReply(req.mode)
+            case _:
+                return control.ErrorReply("not here", "Unsupported")
 
     sock = tmp_path / "c.sock"
+    client = control.ControlClient(sock, "c1")
     async with control.serve_control(sock, handler):
         assert os.stat(sock).st_mode & 0o077 == 0  # owner only
-        reply = await control.request(sock, control.exec_payload(["a", "b"], stdin=b"\x00x"))
-        assert reply["echo"]["argv"] == ["a", "b"]
-        assert reply["echo"]["stdin"] == "AHg="
-        shell = await control.request(sock, control.exec_payload("echo $X"))
-        assert shell["echo"]["shell"] == "echo $X"
-        with pytest.raises(ControlError, match="it broke"):
-            await control.request(sock, {"op": "boom"})
+        reply = await client.exec(["a", "b"], stdin=b"\x00x")
+        assert (reply.stdout, reply.stderr) == (b"\x00x", b"['a', 'b']")
+        shell = await client.exec("echo $X")
+        assert shell.stderr == b"'echo $X'"
+        with pytest.raises(RemoteOpError, match="it broke") as info:
+            await client.exec("boom")
+        assert info.value.kind == "RuntimeError"
+        with pytest.raises(RemoteOpError, match="not here"):
+            await client.status()
         # A malformed request gets an error reply, not a hang.
         r, w = await asyncio.open_unix_connection(os.fspath(sock))
         w.write(b"[1, 2]\n")
@@ -53,13 +62,13 @@ async def test_control_round_trip_and_errors(tmp_path: Path) -> None:
         assert b"bad request" in await r.readline()
         w.close()
         # Leaving waits for a request in flight (a stop replies after the VM is gone).
-        slow = asyncio.create_task(control.request(sock, {"op": "slow"}))
+        slow = asyncio.create_task(client.stop(StopMode.SUSPEND))
         await asyncio.sleep(0.05)
         asyncio.get_running_loop().call_later(0.1, release.set)
-    assert (await slow)["ok"]
+    assert (await slow).mode is StopMode.SUSPEND
     assert not sock.exists()
     with pytest.raises(VMNotFoundError):
-        await control.request(sock, {"op": "status"})
+        await client.status()
 
 
 def _dead_pid() -> int:

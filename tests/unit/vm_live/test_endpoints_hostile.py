@@ -16,12 +16,11 @@ from ferry.live.access import Access
 from ferry.live.bootcache import BootCache
 from ferry.live.errors import RefusedError
 from ferry.live.pkgserve import serve_registry
-from ferry.node.arrival import ArrivalRequest, _open_stream
+from ferry.live.receive import open_link
 from ferry.package import TrustStore
 from ferry.testing.live import connect_raw, frame, sample_offer
 from ferry.transport import auth
 from ferry.transport.base import Stream
-from ferry.vm.registry import VMPaths
 
 GARBAGE = [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x00" * 4096,
            auth.MAGIC + os.urandom(auth.NONCE_BYTES + auth.PROOF_BYTES),  # a made-up proof
@@ -42,10 +41,9 @@ def open_fds() -> int:
 
 async def test_receive_serves_the_peer_with_the_token_after_hostile_ones(tmp_path: Path) -> None:
     token = auth.new_token()
-    request = ArrivalRequest(paths=VMPaths(tmp_path / "run", tmp_path / "state"),
-                             access=Access(token=token), listen=("127.0.0.1", 0))
     bound: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-    accepting = asyncio.create_task(_open_stream(request, bound.set_result))
+    accepting = asyncio.create_task(open_link(Access(token=token), listen=("127.0.0.1", 0),
+                                              on_listening=bound.set_result))
     host, port = await bound
     silent = await asyncio.open_connection(host, port)  # never says a word
     for data in GARBAGE:

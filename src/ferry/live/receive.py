@@ -1,0 +1,98 @@
+"""The live half of receiving a VM: link, launch exchange answers, QEMU config, the receive.
+
+:mod:`ferry.node.arrival` decides where and as what the VM lands (paths,
+name, forwards, access, records) and calls these with plain values::
+
+    stream = await open_link(access, listen=(ADDR, PORT))         # or registry + package
+    offer, boot_dir = await launch.receive_offer(stream, cache)   # manifest, forwards, boot
+    async with incoming_vm(offer.manifest, boot_dir, ...) as incoming:
+        report = await receive_vm(stream, incoming)               # ready, receive, report
+    (any failure before the receive: await refuse(stream, exc))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from ferry.errors import FerryError
+from ferry.live import launch, link
+from ferry.live.access import Access
+from ferry.live.destination import IncomingVM, WrapArgv
+from ferry.live.outgoing import options_for
+from ferry.live.report import DestinationReport
+from ferry.migration.channel import StreamChannel
+from ferry.net import GUEST_IP, GUEST_MAC
+from ferry.protocol.messages import Custom
+from ferry.qemu import VMConfig
+from ferry.qemu.argv import Accel, TapNet
+from ferry.transport.base import Stream
+from ferry.vm.errors import ManifestError
+from ferry.vm.manifest import VMManifest
+
+
+async def open_link(access: Access, *, listen: tuple[str, int] | None = None,
+                    registry: tuple[str, int] | None = None, package: str | None = None,
+                    on_listening: Callable[[tuple[str, int]], None] = lambda a: None) -> Stream:
+    """The authenticated connection the VM arrives on: to ``registry`` asking for
+    ``package``, or the first peer that authenticates on ``listen`` (others are dropped,
+    see :func:`~ferry.live.link.accept_peer`)."""
+    if registry is not None:
+        stream = await access.connect(*registry)
+        await launch.send_frame(stream, {"package": package})
+        return stream
+    assert listen is not None
+    async with link.listen(*listen, access.link_options(server=True)) as lst:
+        on_listening(lst.address)
+        return await link.accept_peer(lst, access.authenticator())
+
+
+def qemu_config(manifest: VMManifest, kernel: Path, initramfs: Path, tap: str) -> VMConfig:
+    """The manifest's machine exactly (the same config :mod:`ferry.vm.runner` resumes with)."""
+    g = manifest.network
+    if (g.ip, g.mac) != (GUEST_IP, GUEST_MAC):
+        raise ManifestError(f"the guest was snapshotted with {g.ip}/{g.mac}, this host gives "
+                            f"guests {GUEST_IP}/{GUEST_MAC}")
+    m = manifest.machine
+    return VMConfig(kernel=kernel, initramfs=initramfs, memory_mib=m.memory_mib,
+                    cpu_model=m.cpu_model, vcpus=m.vcpus, accel=Accel(m.accel),
+                    agent=manifest.agent.enabled, net=TapNet(tap, mac=GUEST_MAC),
+                    kernel_args=(f"ferry.ip={g.ip}/{g.prefix_len}", f"ferry.gw={g.gateway}"))
+
+
+@contextlib.asynccontextmanager
+async def incoming_vm(manifest: VMManifest, boot_dir: Path, *, vm_id: str, work_dir: Path,
+                      tap: str, wrap_argv: WrapArgv | None,
+                      precopy_only: bool) -> AsyncIterator[IncomingVM]:
+    """An :class:`IncomingVM` for ``manifest`` (boot files in ``boot_dir``) on ``tap``."""
+    boot = launch.boot_files(manifest, boot_dir)
+    config = qemu_config(manifest, boot["kernel"], boot["initramfs"], tap)
+    async with IncomingVM(config, work_dir=work_dir, name=vm_id,
+                          options=options_for(precopy_only), wrap_argv=wrap_argv) as incoming:
+        yield incoming
+
+
+async def refuse(stream: Stream, exc: BaseException) -> None:
+    """Tell the source this host will not take the VM (best effort)."""
+    with contextlib.suppress(FerryError):
+        await launch.send_ready(stream, str(exc))
+
+
+async def receive_vm(stream: Stream, incoming: IncomingVM, *,
+                     agent_wait_s: float) -> DestinationReport:
+    """Say ready, receive the VM, send the source this side's report; then wait up to
+    ``agent_wait_s`` for the guest agent. Raises :class:`LiveMigrationError`."""
+    await launch.send_ready(stream)
+    channel = StreamChannel(stream)
+    report = await incoming.receive(channel)
+    with contextlib.suppress(FerryError):
+        await channel.send(Custom(launch.REPORT_SEQUENCE, launch.REPORT_KIND,
+                                  json.dumps(report.to_json()).encode()))
+    await channel.aclose()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(agent_wait_s):
+            await incoming.agent_ready.wait()
+    return report

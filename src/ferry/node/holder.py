@@ -1,0 +1,236 @@
+"""The one process shape that holds a VM: run dir, record, control socket, watch, ending.
+
+``ferry vm run`` (:mod:`ferry.node.supervisor`) and ``ferry vm receive``
+(:mod:`ferry.node.arrival`) differ in how the VM comes up; once it runs, both
+hold it the same way, through :func:`holding` and :class:`Holder`:
+
+* the run dir ``<run root>/vms/<id>/`` (0700) with the record
+  ``supervisor.json`` (:class:`~ferry.node.record.HolderRecord`) and the
+  control socket (:mod:`ferry.node.control`);
+* the ops: ``status``, ``exec`` (through the guest agent), ``stop`` (discard,
+  or suspend where the VM has a state dir), ``migrate`` / ``migrate-cancel``
+  (:class:`~ferry.node.outgoing.Outgoing`);
+* :meth:`Holder.watch`: until a stop request, the VM leaving (migrated or
+  exported) or QEMU exiting by itself (an event from
+  :meth:`~ferry.qemu.QemuVM.wait_crashed`, no polling);
+* leaving :func:`holding` removes the run dir (after the caller's own
+  cleanup: QEMU, FUSE mount, network) and only then answers a pending
+  ``stop``: when ``ferry vm stop`` returns, nothing of the VM is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+import shutil
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ferry.aio import cancel_and_wait
+from ferry.guest.agent import AgentClient
+from ferry.live.outgoing import Movable
+from ferry.node import control
+from ferry.node.control import (
+    ExecReply,
+    ExecRequest,
+    MigrateCancelRequest,
+    MigrateRequest,
+    Reply,
+    Request,
+    StatusReply,
+    StatusRequest,
+    StopReply,
+    StopRequest,
+)
+from ferry.node.outgoing import Outgoing
+from ferry.node.record import HolderRecord, HolderState
+from ferry.qemu import QemuVM
+from ferry.vm.errors import VMExistsError, VMLifecycleError
+from ferry.vm.registry import VMPaths, live_supervisor, private_dir
+from ferry.vm.runner import StopMode
+
+log = logging.getLogger(__name__)
+
+
+class Ending(enum.Enum):
+    """How a held VM left its holder."""
+
+    DISCARD = "discard"
+    SUSPEND = "suspend"
+    """Kept in the state dir; ``ferry vm run --name ID`` continues it."""
+    MIGRATED = "migrated"
+    """Moved to another host or into a package."""
+    CRASHED = "crashed"
+    """QEMU exited by itself; the VM was discarded."""
+
+    @classmethod
+    def of(cls, mode: StopMode) -> Ending:
+        return cls.SUSPEND if mode is StopMode.SUSPEND else cls.DISCARD
+
+
+@dataclass(frozen=True, slots=True)
+class HeldVM:
+    """A running VM as the holder's ops see it."""
+
+    qemu: QemuVM
+    agent: AgentClient | None
+    movable: Movable
+    can_suspend: bool = False
+    counters: Callable[[], tuple[Mapping[str, int], Mapping[str, float]]] | None = None
+    """Guest RAM read through FUSE and QEMU's CPU use so far (status: diagnosis, benches)."""
+
+
+class Holder:
+    """The state behind one VM's control socket; made by :func:`holding`."""
+
+    def __init__(self, paths: VMPaths, record: HolderRecord) -> None:
+        self.paths = paths
+        self.record = record
+        self.vm: HeldVM | None = None
+        self.signal: int | None = None
+        """The signal that asked this VM to stop, if one did."""
+        self.outcome = StopReply(StopMode.DISCARD)
+        """What a pending ``stop`` request is answered once the VM is gone."""
+        loop = asyncio.get_running_loop()
+        self._stop: asyncio.Future[Ending] = loop.create_future()
+        self._ended: asyncio.Future[StopReply] = loop.create_future()
+        self.outgoing = Outgoing(lambda: self.vm.movable if self.vm is not None else None,
+                                 on_active=self._migrating)
+
+    @property
+    def vm_id(self) -> str:
+        return self.record.vm_id
+
+    @property
+    def run_dir(self) -> Path:
+        return self.paths.run_dir(self.vm_id)
+
+    def update(self, **changes: Any) -> None:
+        """Change record fields and rewrite ``supervisor.json``."""
+        for name, value in changes.items():
+            setattr(self.record, name, value)
+        self.record.write(self.run_dir)
+
+    def _migrating(self, active: bool) -> None:
+        if self.record.state in (HolderState.RUNNING, HolderState.MIGRATING):
+            # Called when a migration task ends, possibly as the run dir is being removed.
+            with contextlib.suppress(OSError):
+                self.update(state=HolderState.MIGRATING if active else HolderState.RUNNING)
+
+    def request_stop(self, ending: Ending) -> None:
+        if not self._stop.done():
+            self._stop.set_result(ending)
+
+    def on_signal(self, signum: int) -> None:
+        """SIGTERM/SIGINT: discard the VM (the first signal is reported)."""
+        self.signal = self.signal or signum
+        self.request_stop(Ending.DISCARD)
+
+    async def handle(self, req: Request) -> Reply:
+        match req:
+            case StatusRequest():
+                return self._status()
+            case StopRequest(mode=mode):
+                if self.record.state is HolderState.RECEIVING:
+                    raise VMLifecycleError("the VM is still arriving; stop its 'ferry vm "
+                                           "receive' (Ctrl-C or SIGTERM) to abort",
+                                           vm=self.vm_id)
+                vm = self.vm
+                if mode is StopMode.SUSPEND and vm is None:
+                    raise VMLifecycleError("the VM is not running (yet): nothing to suspend",
+                                           vm=self.vm_id)
+                if mode is StopMode.SUSPEND and vm is not None and not vm.can_suspend:
+                    raise VMLifecycleError("this VM cannot be suspended here; export it with "
+                                           "'ferry vm migrate ID --to-package FILE'",
+                                           vm=self.vm_id)
+                self.request_stop(Ending.of(mode))
+                return await asyncio.shield(self._ended)
+            case ExecRequest():
+                agent = self.vm.agent if self.vm is not None else None
+                if agent is None:
+                    raise VMLifecycleError("the VM is not running (or has no agent)",
+                                           vm=self.vm_id)
+                return ExecReply.of(await agent.exec(req.command, stdin=req.stdin,
+                                                     timeout_s=req.timeout_s))
+            case MigrateRequest():
+                try:
+                    return await self.outgoing.migrate(req)
+                finally:
+                    if self.outgoing.gone:
+                        self.request_stop(Ending.MIGRATED)
+            case MigrateCancelRequest():
+                return self.outgoing.cancel(req)
+
+    def _status(self) -> StatusReply:
+        r = self.record
+        memory_io: Mapping[str, int] = {}
+        qemu_usage: Mapping[str, float] = {}
+        if self.vm is not None and self.vm.counters is not None:
+            memory_io, qemu_usage = self.vm.counters()
+        return StatusReply(r.vm_id, r.state, r.pid, r.qemu_pid, r.forwards, memory_io,
+                           qemu_usage)
+
+    async def watch(self, vm: HeldVM) -> Ending:
+        """Hold ``vm`` until a stop request, its leaving, or QEMU's own exit."""
+        self.vm = vm
+        while True:
+            crashed = asyncio.ensure_future(vm.qemu.wait_crashed())
+            waiting: set[asyncio.Future[Any]] = {self._stop, crashed}
+            try:
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                await cancel_and_wait(crashed)
+            if self._stop.done():
+                return self._stop.result()
+            if self.outgoing.active:  # a migration stops QEMU; it decides where the VM is
+                await self.outgoing.idle.wait()
+                if self.outgoing.gone:
+                    return Ending.MIGRATED
+                continue
+            log.error("vm %s: QEMU exited by itself; discarding the VM", self.vm_id)
+            return Ending.CRASHED
+
+    def _finish(self) -> None:
+        if not self._ended.done():
+            self._ended.set_result(self.outcome)
+
+
+@contextlib.asynccontextmanager
+async def holding(paths: VMPaths, record: HolderRecord) -> AsyncIterator[Holder]:
+    """Create ``record.vm_id``'s run dir, write its record, serve its control socket.
+
+    On leaving, the run dir goes (the block must have released QEMU, the mount
+    and the network by then) and only then does a pending ``stop`` get its reply.
+    Raises :class:`VMExistsError` if a live holder has the id.
+    """
+    vm_id = record.vm_id
+    if live_supervisor(paths, vm_id) is not None:
+        raise VMExistsError("is already running on this host", vm=vm_id)
+    run_dir = paths.run_dir(vm_id)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    private_dir(run_dir.parent)
+    run_dir.mkdir(mode=0o700)
+    holder = Holder(paths, record)
+    try:
+        holder.update()
+        async with control.serve_control(paths.control_socket(vm_id), holder.handle):
+            try:
+                yield holder
+            finally:
+                await asyncio.to_thread(shutil.rmtree, run_dir, True)
+                holder._finish()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        holder._finish()
+
+
+def stop_report(ending: Ending, outcome: StopReply) -> dict[str, Any]:
+    """How the VM ended, as the CLI prints it and ``--json`` shows it."""
+    extra = {k: v for k, v in dataclasses.asdict(outcome).items()
+             if k.endswith("_bytes") and v is not None}
+    return {"mode": ending.value, **extra}

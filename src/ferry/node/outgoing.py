@@ -1,0 +1,125 @@
+"""The ``migrate`` and ``migrate-cancel`` ops of a process holding one VM.
+
+One migration at a time. Before the hand-off a cancel (Ctrl-C on ``ferry vm
+migrate``) or any failure resumes the VM here; after it the VM belongs to the
+destination and a cancel is refused. Once the VM left (migrated, or exported
+into a package) :attr:`Outgoing.gone` is set and the holder stops holding it.
+The moving itself is :func:`ferry.live.outgoing.migrate_to_host` and
+:func:`~ferry.live.outgoing.export_to_package`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from ferry.live.access import Access
+from ferry.live.errors import LiveMigrationError
+from ferry.live.outgoing import Movable, export_to_package, migrate_to_host, options_for
+from ferry.live.source import LiveOptions
+from ferry.node.control import (
+    ExportReply,
+    MigrateCancelReply,
+    MigrateCancelRequest,
+    MigrateReply,
+    MigrateRequest,
+)
+
+
+class MigrateFn(Protocol):
+    def __call__(self, m: Movable, host: str, port: int, *, access: Access,
+                 options: LiveOptions,
+                 on_handed_off: Callable[[], Awaitable[None]] | None) -> Awaitable[dict[str, Any]]:
+        ...
+
+
+class ExportFn(Protocol):
+    def __call__(self, m: Movable, file: Path, *, key: Path | None,
+                 overwrite: bool) -> Awaitable[dict[str, Any]]:
+        ...
+
+
+class Outgoing:
+    """Runs one migration of the VM ``get_movable`` returns (None: not running yet)."""
+
+    def __init__(self, get_movable: Callable[[], Movable | None], *,
+                 migrate: MigrateFn = migrate_to_host, export: ExportFn = export_to_package,
+                 on_active: Callable[[bool], None] = lambda active: None) -> None:
+        self._get = get_movable
+        self._migrate = migrate
+        self._export = export
+        self._on_active = on_active
+        self._task: asyncio.Task[MigrateReply | ExportReply] | None = None
+        self._handed_off = False
+        self.idle = asyncio.Event()
+        """Set while no migration runs."""
+        self.idle.set()
+        self.gone = False
+        """The VM left this process (migrated or exported): stop holding it."""
+
+    @property
+    def active(self) -> bool:
+        """A migration is running (the VM's QEMU may stop without that being a crash)."""
+        return self._task is not None and not self._task.done()
+
+    def cancel(self, _: MigrateCancelRequest | None = None) -> MigrateCancelReply:
+        if not self.active:
+            return MigrateCancelReply(False, "no migration running")
+        if self._handed_off:
+            return MigrateCancelReply(False, "already handed off: post-copy must finish")
+        assert self._task is not None
+        self._task.cancel()
+        return MigrateCancelReply(True)
+
+    async def migrate(self, req: MigrateRequest) -> MigrateReply | ExportReply:
+        """Run ``req`` to its end; :class:`LiveMigrationError` (with ``handed_off``) if it
+        failed or was cancelled."""
+        m = self._get()
+        if m is None:
+            raise LiveMigrationError("the VM is not running", vm=None, handed_off=False)
+        if self.active or self.gone:
+            raise LiveMigrationError("a migration is already running or done", vm=m.vm_id,
+                                     handed_off=False)
+        self._handed_off = False
+        self.idle.clear()
+        self._on_active(True)
+        self._task = asyncio.create_task(self._run(m, req), name=f"migrate {m.vm_id}")
+        self._task.add_done_callback(self._finished)
+        try:
+            result = await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            if self._task.cancelled():
+                raise LiveMigrationError("migration cancelled before the hand-off",
+                                         vm=m.vm_id, handed_off=False) from None
+            raise
+        except LiveMigrationError as exc:
+            if exc.handed_off:
+                self.gone = True
+            raise
+        self.gone = True
+        return result
+
+    def _finished(self, _: asyncio.Task[MigrateReply | ExportReply]) -> None:
+        self.idle.set()
+        self._on_active(False)
+
+    async def _run(self, m: Movable, req: MigrateRequest) -> MigrateReply | ExportReply:
+        if req.package is not None:
+            done = await self._export(m, req.package, key=req.key, overwrite=req.overwrite)
+            return ExportReply(str(done["package"]), str(done["key_id"]),
+                               int(done["state_bytes"]), float(done["paused_s"]),
+                               float(done["total_s"]), str(done["name"]))
+        assert req.to is not None
+        assert req.access is not None
+
+        async def handed_off() -> None:
+            self._handed_off = True
+
+        host, port = req.to
+        moved = await self._migrate(m, host, port, access=req.access,
+                                    options=options_for(req.precopy_only),
+                                    on_handed_off=handed_off)
+        destination: Mapping[str, Any] | None = moved["destination"]
+        return MigrateReply(moved["summary"], moved["source"], destination)

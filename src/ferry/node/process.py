@@ -1,0 +1,204 @@
+"""A VM holder in its own process: ``python -m ferry.node.process``.
+
+``ferry vm run --detach`` and ``ferry vm receive --detach`` start one with
+:func:`launch_detached`, which writes the request as one JSON line on the
+child's stdin and reads JSON event lines from its stdout until the event it
+waits for (then the child closes stdout and goes on holding the VM)::
+
+    → {"kind": "run", "vm_id": ..., "package_dir": ..., "run_root": ..., ...}
+    → {"kind": "receive", "listen": [ADDR, PORT], "access": {...}, ...}
+    ← {"event": "listening", "address": [ADDR, PORT]}        (receive --listen)
+    ← {"event": "ready", "vm_id": ..., "pid": ..., ...}       (the VM runs)
+    ← {"ok": false, "error": "...", "kind": "...", "handed_off": false}
+
+The child logs to ``<run root>/vms/.holder-<pid>.log`` (removed when it
+exits cleanly) and runs in its own session, so the caller's Ctrl-C does not
+reach it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ferry.errors import ConfigError, FerryError
+from ferry.live.access import Access
+from ferry.live.errors import LiveMigrationError
+from ferry.net import PortForward, Proto
+from ferry.node.arrival import ArrivalRequest, arrive
+from ferry.node.supervisor import LaunchRequest, supervise
+from ferry.vm.errors import VMLifecycleError
+from ferry.vm.registry import VMPaths, private_dir
+
+log = logging.getLogger(__name__)
+
+LAUNCH_TIMEOUT_S = 120.0
+
+HolderRequest = LaunchRequest | ArrivalRequest
+
+
+# -- the request on the pipe ----------------------------------------------------------------
+
+def _forwards(fwds: tuple[PortForward, ...]) -> list[list[Any]]:
+    return [[f.host, f.host_port, f.guest_port, f.proto.value, f.allow_wildcard] for f in fwds]
+
+
+def _address(value: Any) -> tuple[str, int] | None:
+    return None if value is None else (str(value[0]), int(value[1]))
+
+
+def encode_request(request: HolderRequest) -> bytes:
+    paths = {"run_root": str(request.paths.run_root),
+             "state_root": str(request.paths.state_root)}
+    data: dict[str, Any]
+    if isinstance(request, LaunchRequest):
+        data = {"kind": "run", "vm_id": request.vm_id, "forwards": _forwards(request.forwards),
+                "package_dir": str(request.package_dir) if request.package_dir else None}
+    else:
+        data = {"kind": "receive", "listen": request.listen, "registry": request.registry,
+                "package": request.package, "name": request.name,
+                "precopy_only": request.precopy_only, "access": request.access.to_json(),
+                "report_until": request.report_until,
+                "forwards": None if request.forwards is None else _forwards(request.forwards)}
+    return json.dumps(paths | data).encode() + b"\n"
+
+
+def decode_request(line: bytes) -> HolderRequest:
+    """The request in ``line``; :class:`ConfigError` if it is not one."""
+    try:
+        d = json.loads(line)
+        paths = VMPaths(Path(d["run_root"]), Path(d["state_root"]))
+        fwd = d["forwards"]
+        forwards = None if fwd is None else tuple(
+            PortForward(h, hp, gp, Proto(p), allow_wildcard=w) for h, hp, gp, p, w in fwd)
+        if d["kind"] == "run":
+            return LaunchRequest(vm_id=d["vm_id"], paths=paths, forwards=forwards or (),
+                                 package_dir=Path(d["package_dir"]) if d["package_dir"]
+                                 else None)
+        if d["kind"] == "receive":
+            return ArrivalRequest(
+                paths=paths, access=Access.from_json(d["access"]),
+                listen=_address(d["listen"]), registry=_address(d["registry"]),
+                package=d["package"], name=d["name"], forwards=forwards,
+                precopy_only=bool(d["precopy_only"]), report_until=str(d["report_until"]))
+        raise ValueError(f"unknown kind {d['kind']!r}")
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ConfigError(f"invalid holder request: {exc!r}") from exc
+
+
+# -- the parent -----------------------------------------------------------------------------
+
+def _failed(request: HolderRequest, text: str, handed_off: bool = False) -> FerryError:
+    if isinstance(request, ArrivalRequest):
+        return LiveMigrationError(text, vm=request.name, handed_off=handed_off)
+    return VMLifecycleError(f"the supervisor failed to start the VM: {text}", vm=request.vm_id)
+
+
+async def launch_detached(request: HolderRequest, *,
+                          timeout_s: float = LAUNCH_TIMEOUT_S) -> dict[str, Any]:
+    """Start a holder process for ``request``; return the event it was started for
+    (``ready`` for a run; ``request.report_until`` for a receive), with the child's ``pid``.
+
+    Raises :class:`VMLifecycleError` (a run) or :class:`LiveMigrationError` (a receive)
+    with the child's error if it failed first.
+    """
+    until = request.report_until if isinstance(request, ArrivalRequest) else "ready"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ferry.node.process", stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    proc.stdin.write(encode_request(request))
+    await proc.stdin.drain()
+    proc.stdin.close()
+    try:
+        while True:
+            line = await asyncio.wait_for(proc.stdout.readline(), timeout_s)
+            if not line:
+                await proc.wait()
+                raise _failed(request, "it exited silently")
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = {"ok": False, "error": f"unreadable report {line[:200]!r}"}
+            if not event.get("ok", True):
+                await proc.wait()
+                raise _failed(request, str(event.get("error")), bool(event.get("handed_off")))
+            if event.get("event") == until:
+                event.pop("event")
+                event["pid"] = proc.pid
+                return dict(event)
+    except TimeoutError as exc:
+        proc.kill()
+        await proc.wait()
+        raise _failed(request, f"no report within {timeout_s} s") from exc
+
+
+# -- the child ------------------------------------------------------------------------------
+
+def main() -> int:
+    """``python -m ferry.node.process``: see the module doc."""
+    out = os.fdopen(os.dup(1), "w")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 1)  # nothing else may write into the launcher's pipe
+    try:
+        request = decode_request(sys.stdin.buffer.readline())
+    except ConfigError as exc:
+        out.write(json.dumps({"ok": False, "error": str(exc), "kind": "ConfigError"}) + "\n")
+        return 2
+    log_path = request.paths.run_root / "vms" / f".holder-{os.getpid()}.log"
+    private_dir(log_path.parent)
+    logging.basicConfig(level=logging.INFO, filename=log_path,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    os.dup2(fd, 2)  # QEMU's and Python's own complaints land in the log too
+    os.close(fd)
+
+    def emit(obj: dict[str, Any]) -> None:
+        if out.closed:
+            return
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+        if obj.get("event") == ("ready" if isinstance(request, LaunchRequest)
+                                else request.report_until):
+            out.close()
+
+    async def run() -> None:
+        if isinstance(request, LaunchRequest):
+            await supervise(request, on_ready=lambda r: emit({"event": "ready", **r}))
+            return
+        main_task = asyncio.current_task()
+        assert main_task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, main_task.cancel)
+        await arrive(request,
+                     on_listening=lambda a: emit({"event": "listening", "address": list(a)}),
+                     on_ready=lambda r: emit({"event": "ready", **r}))
+
+    code = 0
+    try:
+        asyncio.run(run())
+    except asyncio.CancelledError:
+        code = 130
+    except (FerryError, OSError) as exc:
+        log.error("holding failed: %s", exc)
+        emit({"ok": False, "error": str(exc), "kind": type(exc).__name__,
+              "handed_off": bool(getattr(exc, "handed_off", False))})
+        code = 1
+    if code == 0:
+        with contextlib.suppress(OSError):
+            log_path.unlink()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The control socket's codec: every op round-trips; malformed, mistyped and oversized
+messages are refused with ControlProtocolError."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ferry.live.access import Access
+from ferry.node import control
+from ferry.node.control import ControlOp, ControlProtocolError
+from ferry.node.record import HolderState
+from ferry.vm.runner import StopMode
+
+REQUESTS: list[control.Request] = [
+    control.StatusRequest(),
+    control.StopRequest(),
+    control.StopRequest(StopMode.SUSPEND),
+    control.ExecRequest.of(["redis-cli", "dbsize"], stdin=b"\x00\xff", timeout_s=5.5),
+    control.ExecRequest.of("echo $HOSTNAME"),
+    control.MigrateRequest(to=("10.0.0.2", 7521), access=Access(token="ab" * 32),
+                           precopy_only=True),
+    control.MigrateRequest(to=("::1", 7521), access=Access(insecure=True)),
+    control.MigrateRequest(package=Path("/tmp/x.ferry"), key=Path("/k"), overwrite=True),
+    control.MigrateCancelRequest(),
+]
+
+REPLIES: list[control.Reply] = [
+    control.StatusReply("r1", HolderState.MIGRATING, 4711, 4712, ("127.0.0.1:1->2/tcp",),
+                        {"reads": 3}, {"cpu_s": 0.5}),
+    control.StopReply(StopMode.SUSPEND, state_bytes=72226, flush_bytes=4096),
+    control.StopReply(StopMode.DISCARD),
+    control.ExecReply(3, "EXITED", b"out\x00", b"err\xff"),
+    control.MigrateReply({"vm": "r1", "downtime_ms": 12.5, "devices": {"memory": {}}},
+                         {"outcome": "completed"}, None),
+    control.MigrateReply({"vm": "r1"}, {"outcome": "completed"}, {"downtime_ms": 3.0}),
+    control.ExportReply("/tmp/x.ferry", "k1", 100, 0.25, 1.5, "redis"),
+    control.MigrateCancelReply(True),
+    control.MigrateCancelReply(False, "already handed off: post-copy must finish"),
+    control.ErrorReply("it broke", "LiveMigrationError", handed_off=True),
+    control.ErrorReply("no", "VMLifecycleError"),
+]
+
+
+def test_every_op_has_a_request() -> None:
+    assert {r.op for r in REQUESTS} == set(ControlOp)
+
+
+@pytest.mark.parametrize("req", REQUESTS, ids=lambda r: type(r).__name__)
+def test_request_round_trip(req: control.Request) -> None:
+    line = control.encode_request(req)
+    assert line.endswith(b"\n")
+    assert line.count(b"\n") == 1
+    assert control.decode_request(line) == req
+
+
+@pytest.mark.parametrize("reply", REPLIES, ids=lambda r: type(r).__name__)
+def test_reply_round_trip(reply: control.Reply) -> None:
+    assert control.decode_reply(control.encode_reply(reply)) == reply
+
+
+def test_request_fed_whole_only() -> None:
+    """A line cut anywhere is not a request (the server reads whole lines)."""
+    line = control.encode_request(REQUESTS[5])
+    for cut in range(1, len(line) - 1):
+        with pytest.raises(ControlProtocolError):
+            control.decode_request(line[:cut])
+
+
+BAD_REQUESTS = [
+    b"not json\n",
+    b"[1, 2]\n",
+    b"\xff\xfe\n",
+    b'{"no_op": 1}\n',
+    b'{"op": "reboot"}\n',
+    b'{"op": "stop", "mode": "explode"}\n',
+    b'{"op": "stop", "mode": 1}\n',
+    b'{"op": "exec"}\n',
+    b'{"op": "exec", "argv": ["a"], "shell": "b"}\n',
+    b'{"op": "exec", "argv": []}\n',
+    b'{"op": "exec", "argv": "ls"}\n',
+    b'{"op": "exec", "argv": [1]}\n',
+    b'{"op": "exec", "shell": "x", "stdin": "***"}\n',
+    b'{"op": "exec", "shell": "x", "timeout_s": "10"}\n',
+    b'{"op": "exec", "shell": "x", "timeout_s": true}\n',
+    b'{"op": "exec", "shell": "x", "timeout_s": -1}\n',
+    b'{"op": "migrate"}\n',
+    b'{"op": "migrate", "to": ["h", 1]}\n',
+    b'{"op": "migrate", "to": ["h", 70000], "access": {"insecure": true}}\n',
+    b'{"op": "migrate", "to": "h:1", "access": {"insecure": true}}\n',
+    b'{"op": "migrate", "to": ["h", 1], "access": "token"}\n',
+    b'{"op": "migrate", "to": ["h", 1], "access": {}}\n',
+    b'{"op": "migrate", "to": ["h", 1], "package": "/x", "access": {"insecure": true}}\n',
+    b'{"op": "migrate", "package": 5}\n',
+    b'{"op": "migrate", "package": "/x", "overwrite": "yes"}\n',
+]
+
+
+BAD_REPLIES = [
+    b'{"op": "status"}\n',                                # no ok
+    b'{"ok": "yes", "op": "status"}\n',
+    b'{"ok": true}\n',                                    # no op
+    b'{"ok": true, "op": "status", "vm_id": "r1"}\n',     # missing fields
+    b'{"ok": true, "op": "status", "vm_id": "r1", "state": "running", "pid": "1"}\n',
+    b'{"ok": true, "op": "status", "vm_id": "r1", "state": "dancing", "pid": 1}\n',
+    b'{"ok": true, "op": "exec", "exit_code": 0, "outcome": "E", "stdout": "!", "stderr": ""}\n',
+    b'{"ok": true, "op": "migrate", "summary": [], "source": {}}\n',
+    b'{"ok": true, "op": "migrate-cancel", "cancelled": 1}\n',
+    b'{"ok": false}\n',
+]
+
+
+@pytest.mark.parametrize(("decode", "line"),
+                         [(control.decode_request, line) for line in BAD_REQUESTS]
+                         + [(control.decode_reply, line) for line in BAD_REPLIES])
+def test_malformed_messages_are_refused(decode: Callable[[bytes], object], line: bytes) -> None:
+    with pytest.raises(ControlProtocolError):
+        decode(line)
+
+
+def test_oversized_messages_are_refused() -> None:
+    big = json.dumps({"op": "exec", "shell": "x" * control.MAX_LINE_BYTES}).encode() + b"\n"
+    with pytest.raises(ControlProtocolError, match="limit"):
+        control.decode_request(big)
+    with pytest.raises(ControlProtocolError, match="limit"):
+        control.decode_reply(big)
+
+
+async def test_the_server_refuses_oversized_and_malformed_lines(tmp_path: Path) -> None:
+    import asyncio
+    import os
+
+    async def handler(req: control.Request) -> control.Reply:
+        return control.MigrateCancelReply(False, "idle")
+
+    sock = tmp_path / "c.sock"
+    async with control.serve_control(sock, handler):
+        for line in (b"x" * (control.MAX_LINE_BYTES + 10) + b"\n", b'{"op": "reboot"}\n'):
+            r, w = await asyncio.open_unix_connection(os.fspath(sock))
+            w.write(line)
+            await w.drain()
+            reply = control.decode_reply(await r.readline())
+            w.close()
+            assert isinstance(reply, control.ErrorReply)
+            assert reply.kind == "ControlProtocolError"
+        ok = await control.ControlClient(sock).migrate_cancel()
+        assert ok == control.MigrateCancelReply(False, "idle")

@@ -1,0 +1,59 @@
+"""What a detached holder gets on its stdin (ferry.node.process), and rehome()."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ferry.errors import ConfigError
+from ferry.live.access import Access, TLSFiles
+from ferry.net import PortForward, Proto
+from ferry.node.arrival import ArrivalRequest, rehome
+from ferry.node.process import decode_request, encode_request
+from ferry.node.supervisor import LaunchRequest
+from ferry.vm.registry import VMPaths
+
+PATHS = VMPaths(Path("/run/x"), Path("/var/lib/x"))
+FORWARDS = (PortForward("127.0.0.1", 16379, 6379),
+            PortForward("0.0.0.0", 5353, 53, Proto.UDP, allow_wildcard=True))
+
+
+@pytest.mark.parametrize("request_", [
+    LaunchRequest("r1", Path("/cache/pkg"), PATHS, FORWARDS),
+    LaunchRequest("r1", None, PATHS),
+    ArrivalRequest(PATHS, Access(token="0f" * 32), listen=("10.0.0.2", 7400),
+                   report_until="listening"),
+    ArrivalRequest(PATHS, Access(tls=TLSFiles(Path("c"), Path("k"), Path("ca"))),
+                   registry=("10.0.0.3", 7500), package="redis.ferry", name="g1",
+                   forwards=FORWARDS, precopy_only=True),
+    ArrivalRequest(PATHS, Access(insecure=True), listen=("::1", 1), forwards=()),
+], ids=["run", "continue", "receive", "registry", "no-forwards"])
+def test_round_trip(request_: LaunchRequest | ArrivalRequest) -> None:
+    line = encode_request(request_)
+    assert line.endswith(b"\n")
+    assert decode_request(line) == request_
+
+
+@pytest.mark.parametrize("line", [
+    b"",
+    b"{}\n",
+    b'{"kind": "fly", "run_root": "/r", "state_root": "/s", "forwards": null}\n',
+    b'{"kind": "run", "run_root": "/r", "state_root": "/s", "forwards": [],'
+    b' "vm_id": "BAD ID", "package_dir": null}\n',
+    b'{"kind": "run", "run_root": "/r", "state_root": "/s", "forwards": [[1]],'
+    b' "vm_id": "r1", "package_dir": null}\n',
+])
+def test_bad_requests_are_config_errors(line: bytes) -> None:
+    with pytest.raises(ConfigError):
+        decode_request(line)
+
+
+def test_rehome_keeps_loopback_and_moves_the_rest_to_the_listen_address() -> None:
+    source = (PortForward("127.0.0.1", 1, 2), PortForward("10.0.0.1", 16379, 6379),
+              PortForward("0.0.0.0", 53, 53, Proto.UDP, allow_wildcard=True))
+    assert rehome(source, "10.0.0.2") == (
+        PortForward("127.0.0.1", 1, 2), PortForward("10.0.0.2", 16379, 6379),
+        PortForward("10.0.0.2", 53, 53, Proto.UDP))
+    # A registry start has no listen address: the forwards stay as they were.
+    assert rehome(source, None) == source
