@@ -8,13 +8,14 @@ Public API::
     IncomingVM(config, *, work_dir, name, options, backing, wrap_argv)  destination side:
         async with ...: report = await incoming.receive(channel); incoming.vm / .devices
     LiveOptions(mode, policy, state_transfer, agent_hooks, ...)
-    link.connect(host, port, LinkOptions) / link.listen(...)   TCP/TLS noticing dead peers
+    Access(tls, token, insecure).connect(host, port) / .listen(host, port) / .accept(l)
+                                        the link: ferry.transport TCP/TLS tuned to notice
+                                        a dead peer (ferry.transport.tuning)
     python -m ferry.testing.peer  +  control.PeerProcess                one peer process per host
 """
 
 from ferry.live.destination import IncomingVM
 from ferry.live.errors import HandoffPayloadError, LiveMigrationError
-from ferry.live.link import LinkOptions
 from ferry.live.report import STEPS, DestinationReport, SourceReport
 from ferry.live.source import FAST_POLICY, LiveOptions, StateTransfer, migrate_out
 from ferry.vm.devices import LiveDevice, VMDevices, local_devices
@@ -25,7 +26,6 @@ __all__ = [
     "DestinationReport",
     "HandoffPayloadError",
     "IncomingVM",
-    "LinkOptions",
     "LiveDevice",
     "LiveMigrationError",
     "LiveOptions",

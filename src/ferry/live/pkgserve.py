@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ferry.errors import ConfigError, FerryError
-from ferry.live import launch, link
+from ferry.live import launch
 from ferry.live import payload as wire
 from ferry.live.access import HANDSHAKE_TIMEOUT_S, Access
 from ferry.migration.channel import StreamChannel
@@ -171,7 +171,7 @@ async def serve_registry(directory: Path, host: str, port: int, *, trust: TrustS
             vetting.release()
         await serve_package(stream, directory, trust)
 
-    async with link.listen(host, port, access.link_options(server=True)) as listener, \
+    async with await access.listen(host, port) as listener, \
             asyncio.TaskGroup() as tg:
         on_listening(listener.address)
         while True:

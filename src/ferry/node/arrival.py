@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.errors import ConfigError, FerryError, MigrationError
-from ferry.live import launch, link
+from ferry.live import launch
 from ferry.live.access import Access
 from ferry.live.bootcache import BootCache
 from ferry.live.destination import IncomingVM
@@ -205,9 +205,9 @@ async def _open_stream(request: ArrivalRequest,
         await launch.send_frame(stream, {"package": request.package})
         return stream
     assert request.listen is not None
-    async with link.listen(*request.listen, access.link_options(server=True)) as lst:
+    async with await access.listen(*request.listen) as lst:
         on_listening(lst.address)
-        return await link.accept_peer(lst, access.authenticator())
+        return await access.accept(lst)
 
 
 async def arrive(request: ArrivalRequest, *,

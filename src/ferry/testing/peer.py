@@ -40,7 +40,6 @@ from typing import Any
 from ferry.errors import FerryError
 from ferry.guest.agent import AgentClient, connect_agent
 from ferry.guest.files import MARKER_READY
-from ferry.live import link
 from ferry.live.access import Access, TLSFiles
 from ferry.live.destination import IncomingVM
 from ferry.live.errors import LiveMigrationError
@@ -51,6 +50,7 @@ from ferry.net import PortForward, VMNetwork
 from ferry.qemu import QemuVM, VMConfig
 from ferry.qemu.argv import TapNet
 from ferry.storage.providers.memory import MemoryDevice
+from ferry.transport.tuning import DEFAULT_DEAD_PEER_S
 from ferry.vm.devices import VMDevices, local_devices
 
 log = logging.getLogger("ferry.testing.peer")
@@ -182,16 +182,15 @@ class Peer:
             try:
                 async with contextlib.AsyncExitStack() as stack:
                     net = await self.network(stack)
-                    listener = await stack.enter_async_context(link.listen(
+                    listener = await stack.enter_async_context(await access.listen(
                         self.args.host_address, int(req.get("port", 0)),
-                        access.link_options(server=True, dead_peer_s=self.args.dead_peer_s)))
+                        dead_peer_s=self.args.dead_peer_s))
                     incoming = IncomingVM(self.config(net), work_dir=self.work_dir,
                                           name=self.args.name, options=self.options,
                                           wrap_argv=net.wrap_argv if net else None)
                     await stack.enter_async_context(incoming)
                     bound.set_result(listener.address)
-                    channel = StreamChannel(await link.accept_peer(listener,
-                                                                   access.authenticator()))
+                    channel = StreamChannel(await access.accept(listener))
                     stack.push_async_callback(channel.aclose)
                     waiter = asyncio.create_task(self._announce_running(incoming))
                     try:
@@ -326,7 +325,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--state", default=StateTransfer.PAYLOAD.value,
                    choices=[s.value for s in StateTransfer])
     p.add_argument("--record-digests", action="store_true")
-    p.add_argument("--dead-peer-s", type=float, default=link.DEFAULT_DEAD_PEER_S)
+    p.add_argument("--dead-peer-s", type=float, default=DEFAULT_DEAD_PEER_S)
     p.add_argument("--tls-dir")
     p.add_argument("--tls-name")
     p.add_argument("--log-file")
