@@ -10,9 +10,8 @@ on the same connection, right before the migration's Hello::
                                               <-  NEED  {"need": ["kernel", ...]}
     kernel / initramfs bytes (those asked for) ->
                                               <-  READY {"ok": true} | {"ok": false, "error"}
-    ... migration protocol (Hello ...) ...
-                                              <-  REPORT (a Custom event after the last
-                                                  CompletedAck: the destination's report)
+    ... migration protocol (Hello ... the last CompletedAck) ...
+    ... report exchange in these frames (:mod:`ferry.live.report_exchange`) ...
 
 A registry start prefixes one frame, destination -> registry: ``{"package": NAME}``.
 
@@ -45,7 +44,6 @@ from ferry.errors import (
 from ferry.live.bootcache import BootCache, BootCacheFullError, check_sha256
 from ferry.live.errors import RefusedError
 from ferry.net import PortForward, Proto
-from ferry.protocol.messages import EventKind
 from ferry.transport.base import Stream
 from ferry.vm.manifest import VMManifest
 from ferry.vm.registry import check_vm_id
@@ -61,9 +59,6 @@ IDLE_TIMEOUT_S = 30.0
 """A peer silent this long inside the launch exchange is dropped (a live source answers
 in milliseconds; a boot file arrives in 1 MiB chunks)."""
 BOOT_FILES = ("kernel", "initramfs")
-REPORT_KIND = EventKind.APPLICATION + 1
-"""Custom event kind of the destination's report, sent after the last CompletedAck."""
-REPORT_SEQUENCE = 0xFFFF_FFF0
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.errors import ConfigError, FerryError, MigrationError
-from ferry.live import launch
+from ferry.live import launch, report_exchange
 from ferry.live.access import Access
 from ferry.live.bootcache import BootCache
 from ferry.live.destination import IncomingVM
@@ -47,7 +47,6 @@ from ferry.migration.channel import StreamChannel
 from ferry.net import GUEST_IP, GUEST_MAC, PortForward, Proto, VMNetwork
 from ferry.net.state import process_start_time
 from ferry.node import control
-from ferry.protocol.messages import Custom
 from ferry.qemu import VMConfig, VMState
 from ferry.qemu.argv import Accel, TapNet
 from ferry.transport.base import Stream
@@ -267,8 +266,7 @@ async def arrive(request: ArrivalRequest, *,
             channel = StreamChannel(stream)
             report = await incoming.receive(channel)
             with contextlib.suppress(FerryError):
-                await channel.send(Custom(launch.REPORT_SEQUENCE, launch.REPORT_KIND,
-                                          json.dumps(report.to_json()).encode()))
+                await report_exchange.serve_report(stream, report)
             await channel.aclose()
             running_s = time.monotonic() - started
             with contextlib.suppress(TimeoutError):
@@ -282,7 +280,7 @@ async def arrive(request: ArrivalRequest, *,
             held.write_record(status="running", qemu_pid=pid,
                               qemu_start=process_start_time(pid) if pid else None,
                               forwards=fwd_text, origin=offer.origin,
-                              arrival={"downtime_ms": report.downtime_ms,
+                              arrival={"handoff_to_running_ms": report.handoff_to_running_ms,
                                        "running_s": round(running_s, 3)})
             on_ready({"vm_id": vm_id, "pid": os.getpid(), "qemu_pid": pid,
                       "forwards": fwd_text, "origin": offer.origin,

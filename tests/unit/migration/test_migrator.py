@@ -343,7 +343,7 @@ async def test_handoff_hook_may_read_blocks_of_the_final_dirty_list() -> None:
         report = await migrator.run()
     assert seen["state"] == b"\x42" * (3 * BS)
     assert after == [True]
-    assert report.downtime_s is not None
+    assert report.suspend_to_handoff_ack_s is not None
 
 
 async def test_failing_handoff_hook_keeps_the_authority_at_the_source() -> None:
