@@ -143,15 +143,18 @@ async def fetch_report(stream: Stream, *, probes: int = CLOCK_PROBES,
 async def serve_report(stream: Stream, report: DestinationReport, *,
                        clock: Clock = time.monotonic) -> None:
     """Destination: answer the source's clock probes, then send ``report`` when asked."""
-    for _ in range(MAX_CLOCK_PROBES + 1):
+    probes = 0
+    while True:
         msg = await _receive(stream)
         received = clock()
         match msg:
-            case ClockProbe():
+            case ClockProbe() if probes < MAX_CLOCK_PROBES:
+                probes += 1
                 await _send(stream, ClockReply(msg.sent_s, received, clock()))
+            case ClockProbe():
+                raise RemoteProtocolError(f"more than {MAX_CLOCK_PROBES} clock probes")
             case ReportRequest():
                 await _send(stream, Report(report))
                 return
             case _:
                 raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the source")
-    raise RemoteProtocolError(f"more than {MAX_CLOCK_PROBES} clock probes")
