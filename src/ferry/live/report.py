@@ -13,16 +13,16 @@ checks every field's type and bounds every string, list and map.
 from __future__ import annotations
 
 import dataclasses
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ferry.errors import RemoteProtocolError
+from ferry.live import checks
 from ferry.live.timeline import Mark, Side, Timeline
 from ferry.migration.destination import ReceiveReport
 from ferry.migration.report import MigrationReport
 
-MAX_TEXT_BYTES = 4096
 MAX_ITEMS = 64
 """Devices, digests: a VM has a memory device, a state device and at most 16 disks."""
 
@@ -123,44 +123,21 @@ class DestinationReport:
 
 # -- checking a peer's report ----------------------------------------------------------
 
-def _text(value: object) -> str:
-    if not isinstance(value, str) or len(value.encode("utf-8", "replace")) > MAX_TEXT_BYTES:
-        raise ValueError(f"not a string of at most {MAX_TEXT_BYTES} bytes")
-    return value
-
-
-def _int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or abs(value) >= 1 << 63:
-        raise ValueError("not a 64-bit integer")
-    return value
-
-
-def _float(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError("not a finite number")
-    return float(value)
-
-
-def _bool(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("not a boolean")
-    return value
-
-
-def _texts(value: object) -> list[str]:
+def _texts(value: object, what: str) -> list[str]:
     if not isinstance(value, list) or len(value) > MAX_ITEMS:
-        raise ValueError(f"not a list of at most {MAX_ITEMS} items")
-    return [_text(v) for v in value]
+        raise ValueError(f"{what} must be a list of at most {MAX_ITEMS} items")
+    return [checks.text(v, what) for v in value]
 
 
-def _text_map(value: object) -> dict[str, str]:
+def _text_map(value: object, what: str) -> dict[str, str]:
     if not isinstance(value, dict) or len(value) > MAX_ITEMS:
-        raise ValueError(f"not an object of at most {MAX_ITEMS} items")
-    return {_text(k): _text(v) for k, v in value.items()}
+        raise ValueError(f"{what} must be an object of at most {MAX_ITEMS} items")
+    return {checks.text(k, what): checks.text(v, what) for k, v in value.items()}
 
 
-_CHECKS = {"str": _text, "int": _int, "float": _float, "bool": _bool,
-           "list[str]": _texts, "dict[str, str]": _text_map}
+_CHECKS: dict[str, Callable[[object, str], object]] = {
+    "str": checks.text, "int": checks.integer, "float": checks.finite, "bool": checks.boolean,
+    "list[str]": _texts, "dict[str, str]": _text_map}
 """A checker per annotation (the modules use ``from __future__ import annotations``,
 so annotations are strings); ``X | None`` also takes null."""
 
@@ -179,9 +156,9 @@ def _flat_from_json(cls: type[T], data: dict[str, Any], *, special: tuple[str, .
         check = _CHECKS[kind.removesuffix(" | None")]
         value = data[f.name]
         try:
-            values[f.name] = None if optional and value is None else check(value)
+            values[f.name] = None if optional and value is None else check(value, f.name)
         except ValueError as exc:
-            raise RemoteProtocolError(f"{cls.__name__}.{f.name}: {exc}") from None
+            raise RemoteProtocolError(f"{cls.__name__}: {exc}") from None
     try:
         return cls(**values)
     except TypeError as exc:  # a required field is missing

@@ -22,13 +22,12 @@ RemoteProtocolError.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from ferry.errors import RemoteProtocolError
-from ferry.live import launch
+from ferry.live import checks, launch
 from ferry.live.clock import ClockOffset, ClockSample, ClockSampleError, estimate
 from ferry.live.report import DestinationReport
 from ferry.live.timeline import Clock
@@ -80,9 +79,10 @@ def encode(msg: Message) -> dict[str, Any]:
 
 
 def _stamp(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise RemoteProtocolError(f"clock stamp {value!r:.40} is not a finite number")
-    return float(value)
+    try:
+        return checks.finite(value, "a clock stamp")
+    except ValueError as exc:
+        raise RemoteProtocolError(str(exc)) from None
 
 
 def decode(frame: dict[str, Any]) -> Message:

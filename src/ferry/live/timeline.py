@@ -29,12 +29,12 @@ Destination marks::
 from __future__ import annotations
 
 import enum
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ferry.errors import RemoteProtocolError
+from ferry.live import checks
 
 Clock = Callable[[], float]
 """Seconds on a monotonic clock (``time.monotonic``; tests pass simulated clocks)."""
@@ -111,10 +111,10 @@ class Timeline:
                 raise RemoteProtocolError(f"unknown timeline mark {key!r:.40}") from None
             if mark.side is not side:
                 raise RemoteProtocolError(f"{mark.value} is not a {side.value} mark")
-            if isinstance(value, bool) or not isinstance(value, int | float) \
-                    or not math.isfinite(value):
-                raise RemoteProtocolError(f"timeline mark {mark.value} is not a finite number")
-            timeline._marks[mark] = float(value)
+            try:
+                timeline._marks[mark] = checks.finite(value, f"timeline mark {mark.value}")
+            except ValueError as exc:
+                raise RemoteProtocolError(str(exc)) from None
         return timeline
 
     def _check(self, mark: Mark) -> None:
