@@ -228,28 +228,28 @@ async def migrate_out(
         if on_handed_off is not None:
             await on_handed_off()
 
+    leaving = asyncio.TaskGroup()
+
+    async def after_handoff() -> None:
+        # The destination runs the guest now. The migrator awaits this hook before
+        # post-copy, and stopping QEMU (QMP quit, up to its stop timeout) or closing the
+        # network must not hold back post-copy and every device's completion, so the
+        # hook only records the moment and spawns the rest in ``leaving``, which
+        # migrate_out leaves only once that is done.
+        t.mark(Mark.HANDOFF_ACKED)
+        report.handed_off = True
+        leaving.create_task(leave(), name=f"leave {vm.name}")
+
     prefetch = await ring_windows(vm)
+    migrator = Migrator(
+        [d.source_device() for d in wire_order(devices)], channel, policy=options.policy,
+        mode=options.mode, concurrency=options.concurrency,
+        max_run_blocks=options.max_run_blocks,
+        hooks=MigrationHooks(before_dirty_scan=before_scan, suspend=suspend, resume=resume,
+                             handoff_payload=handoff_payload, after_handoff=after_handoff))
     failure: BaseException | None = None
     try:
-        async with asyncio.TaskGroup() as tg:
-
-            async def after_handoff() -> None:
-                # The destination runs the guest now. The migrator awaits this hook
-                # before post-copy, and stopping QEMU (QMP quit, up to its stop timeout)
-                # or closing the network must not hold back post-copy and every device's
-                # completion, so the hook only records the moment and spawns the rest
-                # in this task group, which also waits for it to finish.
-                t.mark(Mark.HANDOFF_ACKED)
-                report.handed_off = True
-                tg.create_task(leave(), name=f"leave {vm.name}")
-
-            migrator = Migrator(
-                [d.source_device() for d in wire_order(devices)], channel,
-                policy=options.policy, mode=options.mode, concurrency=options.concurrency,
-                max_run_blocks=options.max_run_blocks,
-                hooks=MigrationHooks(before_dirty_scan=before_scan, suspend=suspend,
-                                     resume=resume, handoff_payload=handoff_payload,
-                                     after_handoff=after_handoff))
+        async with leaving:
             try:
                 await migrator.run()
             except (MigrationError, VMError, AgentError) as exc:
