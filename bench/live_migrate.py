@@ -5,9 +5,11 @@
 Hosts ``lba`` and ``lbb`` run ferry peers (one process per hop, see
 ferry.testing.peer); a client on host ``lbc`` writes ``SET`` continuously to
 the VM's forwarded port, reconnecting to whichever host serves it. Reports
-downtime (source paused -> destination running, both on CLOCK_MONOTONIC),
-its step-by-step breakdown, totals, bytes, post-copy fetches, acknowledged
-and lost writes, and the longest stall the client saw.
+downtime (source paused -> destination running: the source's view, ended by
+the destination's "running" acknowledgement, and the offset-corrected figure
+with its uncertainty, see ferry.live.downtime), its step-by-step breakdown,
+totals, bytes, post-copy fetches, acknowledged and lost writes, and the
+longest stall the client saw.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.guest.image import build_blueprint, load_blueprint
-from ferry.live.report import STEPS
+from ferry.live.downtime import STEPS
 from ferry.net import cleanup_leftovers
 from ferry.testing.hosts import host_namespaces
 from ferry.testing.peer_control import PeerProcess
@@ -80,11 +82,14 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 chain_ok &= bool(received["ok"]) and out["report"]["outcome"] == "completed"
                 rep = received.get("report") or {}
                 mig = out["report"]["migration"]
+                summary = out["summary"]
                 runs.append({
                     "from": here, "to": there,
-                    "downtime_ms": rep.get("downtime_ms"),
-                    "downtime_steps_ms": rep.get("downtime_steps_ms"),
-                    "downtime_source_ms": out["report"]["downtime_source_ms"],
+                    "downtime_corrected_ms": summary["downtime_corrected_ms"],
+                    "downtime_corrected_uncertainty_ms":
+                        summary["downtime_corrected_uncertainty_ms"],
+                    "downtime_steps_ms": summary["downtime_steps_ms"],
+                    "downtime_source_view_ms": summary["downtime_source_view_ms"],
                     "total_s": round(mig["total_s"], 3),
                     "precopy_s": round(mig["precopy_s"], 3),
                     "postcopy_s": round(mig["postcopy_s"], 3),
@@ -117,15 +122,18 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             await stack.aclose()
             await cleanup_leftovers()
             await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
-    downtimes = [r["downtime_ms"] for r in runs if r["downtime_ms"] is not None]
+    downtimes = [r["downtime_corrected_ms"] for r in runs
+                 if r["downtime_corrected_ms"] is not None]
     steps = {s: _p50([r["downtime_steps_ms"][s] for r in runs
                       if s in (r["downtime_steps_ms"] or {})]) for s in STEPS}
     return {
         "runs": len(runs), "mode": args.mode, "state_transfer": args.state,
         "memory_mib": img.blueprint.memory_mib, "boot_s": round(boot_s, 2),
-        "downtime_ms": downtimes,
-        "downtime_ms_p50": _p50(downtimes),
-        "downtime_ms_max": max(downtimes) if downtimes else None,
+        "downtime_corrected_ms": downtimes,
+        "downtime_corrected_ms_p50": _p50(downtimes),
+        "downtime_corrected_ms_max": max(downtimes) if downtimes else None,
+        "downtime_source_view_ms_p50": _p50([r["downtime_source_view_ms"] for r in runs
+                                             if r["downtime_source_view_ms"] is not None]),
         "downtime_steps_ms_p50": steps,
         "total_s_p50": _p50([r["total_s"] for r in runs]),
         "acknowledged_writes": len(writer.acknowledged),
@@ -148,8 +156,9 @@ def main() -> None:
     if args.json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return
-    sys.stdout.write(f"downtime p50 {result['downtime_ms_p50']} ms, max "
-                     f"{result['downtime_ms_max']} ms over {result['runs']} runs\n")
+    sys.stdout.write(f"downtime (offset-corrected) p50 {result['downtime_corrected_ms_p50']} ms, "
+                     f"max {result['downtime_corrected_ms_max']} ms over {result['runs']} runs; "
+                     f"source's view p50 {result['downtime_source_view_ms_p50']} ms\n")
     for step, ms in result["downtime_steps_ms_p50"].items():
         sys.stdout.write(f"  {step:<18} {ms:8.2f} ms\n")
     sys.stdout.write(f"total p50 {result['total_s_p50']} s; writes acknowledged "

@@ -263,7 +263,7 @@ async def run(size_mib: int, repeat: int, write_rate: float) -> dict[str, Any]:
         "converged": _converged(per_cycle[:-1], policy),
         "forced_by_max_cycles": rep.cycles >= policy.max_cycles,
         "dirty_total_s": round(dirty["elapsed_s"], 3),
-        "dirty_downtime_ms": round((rep.downtime_s or 0) * 1e3, 2),
+        "dirty_downtime_ms": round((rep.suspend_to_handoff_ack_s or 0) * 1e3, 2),
         "dirty_postcopy_s": round(rep.postcopy_s, 3),
         "dirty_bytes_by_phase": rep.devices[0].bytes_by_phase,
         "dirty_identical": dirty["identical"],

@@ -98,7 +98,8 @@ def _show_report(console: Console, report: MigrationReport) -> None:
             str(d.postcopy_fetches),
         )
     console.print(table)
-    downtime = f"{report.downtime_s * 1e3:.1f} ms" if report.downtime_s is not None else "n/a"
+    suspend = report.suspend_to_handoff_ack_s
+    downtime = f"{suspend * 1e3:.1f} ms" if suspend is not None else "n/a"
     console.print(
         f"{report.outcome}: {report.total_s:.2f} s total, {report.cycles} dirty cycles, "
         f"hand-off after {downtime} of suspension"

@@ -10,6 +10,7 @@ from rich.markup import escape
 from ferry.cli.exitcodes import ExitCode
 from ferry.cli.output import emit_json
 from ferry.cli.progress import show_progress
+from ferry.cli.vm_migrate import downtime_text
 from ferry.demo.storage import run_storage_demo
 from ferry.migration.destination import Receiver
 from ferry.migration.source import Migrator
@@ -72,9 +73,8 @@ async def migrate_demo(args: argparse.Namespace, console: Console) -> ExitCode:
                             result.return_summary)):
             steps = ", ".join(f"{k} {v:.1f}"
                               for k, v in hop.get("downtime_steps_ms", {}).items())
-            console.print(
-                f"  migrated {label}: downtime [bold]{hop.get('downtime_ms', 0):.1f} ms[/bold]"
-                f" (source paused -> destination running: {steps})")
+            console.print(f"  migrated {label}: downtime {downtime_text(hop)}")
+            console.print(f"    downtime steps (ms): {steps}")
             console.print(
                 f"    total {hop.get('total_s', 0):.2f} s, {hop.get('cycles')} dirty cycles, "
                 f"{hop.get('postcopy_fetches')} post-copy fetches, every block verified: "
@@ -180,7 +180,7 @@ async def storage_demo(args: argparse.Namespace, console: Console) -> ExitCode:
             f"  zero blocks {d.zero_blocks:6d}  dirty blocks per scan: {cycles}"
         )
     mib = sum(d.size_bytes for d in report.devices) / 2**20
-    downtime = (report.downtime_s or 0) * 1e3
+    downtime = (report.suspend_to_handoff_ack_s or 0) * 1e3
     console.print(
         f"  writer: {result.writes} writes ({result.written_bytes / 2**20:.1f} MiB) during the "
         f"migration; {report.cycles} dirty cycles"

@@ -140,12 +140,24 @@ async def _migrate(args: argparse.Namespace, console: Console, out: Out) -> int:
     return ExitCode.OK
 
 
+def downtime_text(s: Mapping[str, Any]) -> str:
+    """The downtime figures of a summary, each named for what it measures."""
+    view = s.get("downtime_source_view_ms")
+    corrected = s.get("downtime_corrected_ms")
+    parts = []
+    if corrected is not None:
+        parts.append(f"[bold]{corrected:.1f} ms[/bold] \u00b1 "
+                     f"{s['downtime_corrected_uncertainty_ms']:.1f} (source paused -> "
+                     f"destination running, clocks offset-corrected)")
+    if view is not None:
+        parts.append(f"{view:.1f} ms as the source saw it (paused -> "
+                     f"\"running\" acknowledged)")
+    return "; ".join(parts) or "not measured"
+
+
 def print_summary(console: Console, s: Mapping[str, Any], to: str) -> None:
     steps = ", ".join(f"{k} {v:.1f}" for k, v in s.get("downtime_steps_ms", {}).items())
-    console.print(
-        f"[green]{s['vm']}[/green] migrated to {to}: downtime [bold]{s['downtime_ms']:.1f} ms"
-        f"[/bold] (paused on the source -> running on the destination"
-        f"{'' if s['downtime_measured_by'] == 'destination' else ', source view'})")
+    console.print(f"[green]{s['vm']}[/green] migrated to {to}: downtime {downtime_text(s)}")
     if steps:
         console.print(f"  downtime steps (ms): {steps}")
     console.print(f"  total {s['total_s']:.2f} s (pre-copy {s['precopy_s']:.2f} s, post-copy "
@@ -198,9 +210,10 @@ async def _receive(args: argparse.Namespace, console: Console, out: Out) -> int:
 
 
 def _print_ready(console: Console, r: dict[str, Any]) -> None:
-    downtime = r["report"].get("downtime_ms")
+    resumed = r["report"].get("handoff_to_running_ms")
     console.print(f"[green]{r['vm_id']}[/green] running here {r['running_s'] * 1e3:.0f} ms "
-                  f"after the start" + (f", downtime {downtime:.1f} ms" if downtime else ""))
+                  f"after the start" + (f", {resumed:.1f} ms from the hand-off's arrival to "
+                                        f"running" if resumed is not None else ""))
     for fwd in r["forwards"]:
         console.print(f"  forward {fwd}")
 

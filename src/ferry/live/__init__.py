@@ -5,30 +5,36 @@ Public API::
     local_devices(memory, disks, *, with_state=False) -> VMDevices     chainable stacks
     migrate_out(vm, devices, channel, *, agent=None, options=LiveOptions(),
                 on_handed_off=None) -> SourceReport                   source side
+    report_exchange.fetch_report / serve_report       after it: clocks, the destination's
+                                                      report; MigrationSummary.of(...) sums up
     IncomingVM(config, *, work_dir, name, options, backing, wrap_argv)  destination side:
         async with ...: report = await incoming.receive(channel); incoming.vm / .devices
     LiveOptions(mode, policy, state_transfer, agent_hooks, ...)
-    link.connect(host, port, LinkOptions) / link.listen(...)   TCP/TLS noticing dead peers
+    Access(tls, token, insecure).connect(host, port) / .listen(host, port) / .accept(l)
+                                        the link: ferry.transport TCP/TLS tuned to notice
+                                        a dead peer (ferry.transport.tuning)
     python -m ferry.testing.peer  +  control.PeerProcess                one peer process per host
 """
 
 from ferry.live.destination import IncomingVM
+from ferry.live.downtime import STEPS, Downtime
 from ferry.live.errors import HandoffPayloadError, LiveMigrationError
-from ferry.live.link import LinkOptions
-from ferry.live.report import STEPS, DestinationReport, SourceReport
+from ferry.live.report import DestinationReport, SourceReport
 from ferry.live.source import FAST_POLICY, LiveOptions, StateTransfer, migrate_out
+from ferry.live.summary import MigrationSummary
 from ferry.vm.devices import LiveDevice, VMDevices, local_devices
 
 __all__ = [
     "FAST_POLICY",
     "STEPS",
     "DestinationReport",
+    "Downtime",
     "HandoffPayloadError",
     "IncomingVM",
-    "LinkOptions",
     "LiveDevice",
     "LiveMigrationError",
     "LiveOptions",
+    "MigrationSummary",
     "SourceReport",
     "StateTransfer",
     "VMDevices",

@@ -15,16 +15,18 @@ TLS and a token may be combined; ``insecure`` excludes both.
 
 from __future__ import annotations
 
-import dataclasses
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ferry.errors import ConfigError
-from ferry.live import link
 from ferry.transport import auth
 from ferry.transport.base import Stream
+from ferry.transport.listener import Listener
+from ferry.transport.tcp import TcpAddress, connect_tcp, listen_tcp
 from ferry.transport.tls import client_context, server_context
+from ferry.transport.tuning import DEFAULT_DEAD_PEER_S, TcpTuning
 
 HANDSHAKE_TIMEOUT_S = auth.HANDSHAKE_TIMEOUT_S
 
@@ -69,13 +71,25 @@ class Access:
             return cls(insecure=True)
         return cls(tls=tls) if tls is not None else cls(token=auth.new_token())
 
-    def link_options(self, *, server: bool, dead_peer_s: float = link.DEFAULT_DEAD_PEER_S,
-                     ) -> link.LinkOptions:
-        opts = link.LinkOptions(dead_peer_s=dead_peer_s)
+    def ssl_context(self, *, server: bool) -> ssl.SSLContext | None:
+        """The mutual-TLS context of one end of the link (None without TLS)."""
         if self.tls is None:
-            return opts
+            return None
         make = server_context if server else client_context
-        return dataclasses.replace(opts, tls=make(self.tls.cert, self.tls.key, self.tls.ca))
+        return make(self.tls.cert, self.tls.key, self.tls.ca)
+
+    async def listen(self, host: str, port: int = 0, *,
+                     dead_peer_s: float = DEFAULT_DEAD_PEER_S) -> Listener[TcpAddress]:
+        """A TCP listener for VM links (TLS if configured; take peers with :meth:`accept`)."""
+        return await listen_tcp(host, port, ssl_context=self.ssl_context(server=True),
+                                tuning=TcpTuning(dead_peer_s=dead_peer_s))
+
+    async def accept(self, listener: Listener[TcpAddress]) -> Stream:
+        """The first connection that authenticates; silent, garbage or unauthenticated ones
+        are dropped (each after at most the handshake timeout) and the listener keeps
+        accepting."""
+        return await auth.accept_authenticated(listener, self.authenticator(),
+                                               handshake_timeout_s=HANDSHAKE_TIMEOUT_S)
 
     def authenticator(self) -> auth.Authenticate:
         """Server side: what vets a connection once the listener (and TLS) accepted it."""
@@ -89,10 +103,10 @@ class Access:
             await auth.present_token(stream, self.token, timeout_s=HANDSHAKE_TIMEOUT_S)
 
     async def connect(self, host: str, port: int, *,
-                      dead_peer_s: float = link.DEFAULT_DEAD_PEER_S) -> Stream:
+                      dead_peer_s: float = DEFAULT_DEAD_PEER_S) -> Stream:
         """Connect to a VM endpoint and authenticate; the stream is closed on failure."""
-        stream = await link.connect(host, port, self.link_options(server=False,
-                                                                  dead_peer_s=dead_peer_s))
+        stream = await connect_tcp(host, port, ssl_context=self.ssl_context(server=False),
+                                   tuning=TcpTuning(dead_peer_s=dead_peer_s))
         try:
             await self.present(stream)
         except BaseException:

@@ -12,15 +12,14 @@ Timeline of :meth:`IncomingVM.receive`:
    mounts them and spawns QEMU with ``-incoming defer`` *in the background*,
    so QEMU's start-up (40-80 ms) overlaps pre-copy instead of the downtime.
 2. Pre-copy and dirty cycles fill the waiting caches.
-3. HANDOFF. In HYBRID mode the hand-off is acknowledged at once and the
-   state is loaded and the VM continued in a task: loading the state already
-   reads guest RAM (virtio rings), and blocks of the final dirty list only
-   arrive after the acknowledgement (the receive loop is busy while the hook
-   runs, so waiting for them inside it would deadlock). Reads of absent
-   blocks fetch them on demand. In PRECOPY_ONLY mode every block is present
-   before the hook runs, so (with the state in the payload) the state is
-   loaded and the VM continued *before* the acknowledgement: a failure there
-   still leaves the VM on the source.
+3. HANDOFF. The receiver runs the hand-off hook in a task of its own and
+   acknowledges the hand-off only when the hook returned, that is once the
+   guest runs here (QEMU's RESUME event): the source's view of the downtime
+   ends with that acknowledgement, and a failure before it leaves the VM on
+   the source. In HYBRID mode loading the state already reads guest RAM
+   (virtio rings) whose blocks of the final dirty list arrive while the hook
+   runs (the receive loop keeps going); reads of absent blocks fetch them on
+   demand. In PRECOPY_ONLY mode every block is present before the hook runs.
 4. Post-copy: reads of absent blocks (FUSE reads of guest RAM, NBD reads)
    wait for NeedAt fetches; the rest streams in. The agent reconnects and
    runs its after-resume hooks (clock sync) outside the downtime.
@@ -30,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import time
@@ -44,7 +42,7 @@ from ferry.expose.fuse import FuseError
 from ferry.guest.agent import AgentClient, AgentError, connect_agent
 from ferry.live import payload as wire
 from ferry.live.errors import LiveMigrationError
-from ferry.live.report import DestinationReport, Mark
+from ferry.live.report import DestinationReport
 from ferry.live.source import (
     DEFAULT_OPTIONS,
     RING_WINDOW_BYTES,
@@ -52,6 +50,7 @@ from ferry.live.source import (
     StateTransfer,
     device_digest,
 )
+from ferry.live.timeline import Mark
 from ferry.migration.channel import Channel
 from ferry.migration.destination import DestinationDevice, Receiver
 from ferry.migration.policy import Mode
@@ -136,12 +135,12 @@ class IncomingVM:
         except (MigrationError, FerryError) as exc:
             self.report.outcome = "failed"
             self.report.error = str(exc)
-            self.report.receive = dataclasses.asdict(receiver.report)
+            self.report.receive = receiver.report
             raise LiveMigrationError(f"receiving failed: {exc}", vm=self.name,
                                      handed_off=receiver.handed_off,
                                      phase=receiver.phase.value) from exc
         self.report.outcome = "completed"
-        self.report.receive = dataclasses.asdict(rreport)
+        self.report.receive = rreport
         return self.report
 
     async def _open_devices(self, infos: Sequence[DeviceInfo]) -> Sequence[DestinationDevice]:
@@ -165,8 +164,7 @@ class IncomingVM:
         self.report.qemu_spawn_ms = round(await self._spawn * 1e3, 3)
 
     async def _on_handoff(self, data: bytes) -> None:
-        t = self.report.timeline
-        t[Mark.HANDOFF_RECEIVED.value] = time.monotonic()
+        self.report.timeline.mark(Mark.HANDOFF_RECEIVED)
         p = self._take_payload(data)
         await self._wait_spawned()
         await self._warm(p.prefetch)
@@ -177,17 +175,16 @@ class IncomingVM:
         # The Receiver keeps processing events while this hook runs and acknowledges
         # the hand-off only when it returns, so loading state from blocks that arrive
         # after the HANDOFF works here, and a failure leaves the VM running on A.
-        self.report.timeline[Mark.HANDOFF_RECEIVED.value] = time.monotonic()
+        self.report.timeline.mark(Mark.HANDOFF_RECEIVED)
         p = self._take_payload(data)
         await self._start_deferred_steps(p)
 
     async def _start_deferred_steps(self, p: wire.HandoffPayload) -> None:
-        t = self.report.timeline
         await self._wait_spawned()
         if self.options.record_digests:
             for dev in self.devices.all():
                 self.report.digests[dev.name] = await device_digest(dev.vm_handle)
-            t[Mark.HANDOFF_RECEIVED.value] = time.monotonic()  # digests are test overhead
+            self.report.timeline.mark(Mark.HANDOFF_RECEIVED)  # digests are test overhead
         state = p.state
         if not state:
             if self.devices.state is None:
@@ -250,13 +247,12 @@ class IncomingVM:
         counters = self.vm.mount.counters("memory")
         before_bytes, before_reads = counters.bytes_read, counters.reads
         await self.vm.load_device_state(state)
-        self.report.timeline[Mark.STATE_LOADED.value] = time.monotonic()
+        self.report.timeline.mark(Mark.STATE_LOADED)
         self.report.state_load_ram_reads = counters.reads - before_reads
         self.report.state_load_ram_read_bytes = counters.bytes_read - before_bytes
 
     def _take_payload(self, data: bytes) -> wire.HandoffPayload:
         p = wire.decode(data)
-        self.report.source_timeline = p.timeline
         self.report.source_digests = p.digests
         self.report.state_bytes = len(p.state)
         self.report.handed_off = True
@@ -266,11 +262,12 @@ class IncomingVM:
         counters = self.vm.mount.counters("memory")
         before_bytes, before_reads = counters.bytes_read, counters.reads
         await self.vm.resume()
-        self.report.timeline[Mark.RUNNING.value] = time.monotonic()
+        self.report.timeline.mark(Mark.RUNNING)
         self.report.cont_ram_reads = counters.reads - before_reads
         self.report.cont_ram_read_bytes = counters.bytes_read - before_bytes
         self.running.set()
-        self._log.info("running here; downtime %s ms", self.report.downtime_ms)
+        self._log.info("running here %s ms after the hand-off arrived",
+                       self.report.handoff_to_running_ms)
         if self.config.agent:
             assert self._tg is not None
             self._tg.create_task(self._hold_agent(), name=f"agent {self.name}")

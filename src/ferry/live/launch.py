@@ -10,9 +10,8 @@ on the same connection, right before the migration's Hello::
                                               <-  NEED  {"need": ["kernel", ...]}
     kernel / initramfs bytes (those asked for) ->
                                               <-  READY {"ok": true} | {"ok": false, "error"}
-    ... migration protocol (Hello ...) ...
-                                              <-  REPORT (a Custom event after the last
-                                                  CompletedAck: the destination's report)
+    ... migration protocol (Hello ... the last CompletedAck) ...
+    ... report exchange in these frames (:mod:`ferry.live.report_exchange`) ...
 
 A registry start prefixes one frame, destination -> registry: ``{"package": NAME}``.
 
@@ -42,10 +41,10 @@ from ferry.errors import (
     FrameTooLargeError,
     RemoteProtocolError,
 )
+from ferry.live import checks
 from ferry.live.bootcache import BootCache, BootCacheFullError, check_sha256
 from ferry.live.errors import RefusedError
 from ferry.net import PortForward, Proto
-from ferry.protocol.messages import EventKind
 from ferry.transport.base import Stream
 from ferry.vm.manifest import VMManifest
 from ferry.vm.registry import check_vm_id
@@ -61,9 +60,6 @@ IDLE_TIMEOUT_S = 30.0
 """A peer silent this long inside the launch exchange is dropped (a live source answers
 in milliseconds; a boot file arrives in 1 MiB chunks)."""
 BOOT_FILES = ("kernel", "initramfs")
-REPORT_KIND = EventKind.APPLICATION + 1
-"""Custom event kind of the destination's report, sent after the last CompletedAck."""
-REPORT_SEQUENCE = 0xFFFF_FFF0
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +75,7 @@ MAX_GUEST_MEMORY_MIB = 64 * 1024
 MAX_VCPUS = 64
 MAX_DISKS = 16
 MAX_DEVICE_BYTES = 16 * 1024**4
-MAX_TEXT_BYTES = 4096
-"""Any string in an offer (names, paths, the kernel command line, hook commands)."""
+MAX_TEXT_BYTES = checks.MAX_TEXT_BYTES
 MAX_HOOKS = 32
 ORIGINS = ("migration", "registry")
 
@@ -118,13 +113,14 @@ class Offer:
             if sorted(b.name for b in boot) != sorted(BOOT_FILES):
                 raise ValueError(f"boot files {[b.name for b in boot]}")
             forwards = tuple(_forward(item) for item in _list(data, "forwards", MAX_FORWARDS))
-            origin = _text(data.get("origin", "migration"), "origin")
+            origin = checks.text(data.get("origin", "migration"), "origin")
             if origin not in ORIGINS:
                 raise ValueError(f"origin {origin!r}")
             manifest = VMManifest.from_json(data.get("manifest"))
             _check_bounds(manifest)
-            return cls(vm_id=check_vm_id(_text(data.get("vm_id"), "vm_id")), manifest=manifest,
-                       origin=origin, forwards=forwards, boot=boot)
+            vm_id = check_vm_id(checks.text(data.get("vm_id"), "vm_id"))
+            return cls(vm_id=vm_id, manifest=manifest, origin=origin, forwards=forwards,
+                       boot=boot)
         except RemoteProtocolError:
             raise
         except (KeyError, TypeError, ValueError, FerryError) as exc:
@@ -132,18 +128,6 @@ class Offer:
 
     def boot_file(self, name: str) -> BootFile:
         return next(b for b in self.boot if b.name == name)
-
-
-def _text(value: object, what: str) -> str:
-    if not isinstance(value, str) or len(value.encode("utf-8", "replace")) > MAX_TEXT_BYTES:
-        raise ValueError(f"{what} must be a string of at most {MAX_TEXT_BYTES} bytes")
-    return value
-
-
-def _int(value: object, what: str, low: int, high: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"{what} must be an integer in [{low}, {high}], got {value!r:.40}")
-    return value
 
 
 def _list(data: dict[str, Any], key: str, max_items: int) -> list[Any]:
@@ -159,7 +143,7 @@ def _boot_file(item: object) -> BootFile:
     name, sha, size = item
     if name not in BOOT_FILES:
         raise ValueError(f"boot file name {name!r:.40}")
-    return BootFile(name, check_sha256(sha), _int(size, f"boot file {name} size", 1,
+    return BootFile(name, check_sha256(sha), checks.integer(size, f"boot file {name} size", 1,
                                                   MAX_BOOT_FILE_BYTES))
 
 
@@ -167,27 +151,29 @@ def _forward(item: object) -> PortForward:
     if not isinstance(item, list) or len(item) != 4:
         raise ValueError("a forward is [host, host_port, guest_port, proto]")
     host, host_port, guest_port, proto = item
-    return PortForward(_text(host, "forward host"), _int(host_port, "host port", 0, 65535),
-                       _int(guest_port, "guest port", 1, 65535), Proto(_text(proto, "proto")))
+    return PortForward(checks.text(host, "forward host"),
+                       checks.integer(host_port, "host port", 0, 65535),
+                       checks.integer(guest_port, "guest port", 1, 65535),
+                       Proto(checks.text(proto, "proto")))
 
 
 def _check_bounds(m: VMManifest) -> None:
     """Limits a peer's manifest must respect before this host makes anything from it."""
-    _int(m.machine.memory_mib, "memory_mib", 16, MAX_GUEST_MEMORY_MIB)
-    _int(m.machine.vcpus, "vcpus", 1, MAX_VCPUS)
+    checks.integer(m.machine.memory_mib, "memory_mib", 16, MAX_GUEST_MEMORY_MIB)
+    checks.integer(m.machine.vcpus, "vcpus", 1, MAX_VCPUS)
     if len(m.disks) > MAX_DISKS:
         raise ValueError(f"{len(m.disks)} disks (at most {MAX_DISKS})")
     if len({d.name for d in m.disks}) != len(m.disks):
         raise ValueError("disk names repeat")
     for d in (m.memory, *m.disks):
-        _int(d.size_bytes, f"device {d.name} size", 1, MAX_DEVICE_BYTES)
-        _int(d.block_size_bytes, f"device {d.name} block size", 512, 16 * 1024 * 1024)
+        checks.integer(d.size_bytes, f"device {d.name} size", 1, MAX_DEVICE_BYTES)
+        checks.integer(d.block_size_bytes, f"device {d.name} block size", 512, 16 * 1024 * 1024)
     texts = [m.name, m.blueprint, m.image_key, m.created, m.machine.machine, m.machine.cpu_model,
              m.machine.accel, m.kernel_cmdline, m.kernel, m.initramfs, m.state,
              *(d.name for d in m.disks), *(d.path for d in (m.memory, *m.disks)),
              *m.agent.before_suspend, *m.agent.after_resume]
     for t in texts:
-        _text(t, "a manifest string")
+        checks.text(t, "a manifest string")
     if len(m.agent.before_suspend) + len(m.agent.after_resume) > MAX_HOOKS:
         raise ValueError(f"more than {MAX_HOOKS} agent hooks")
 

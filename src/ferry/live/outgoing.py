@@ -13,7 +13,9 @@ control-socket ops through :class:`ferry.node.outgoing.Outgoing`::
 
 A live migration connects to ``ferry vm receive`` on the destination, runs
 the launch exchange (:mod:`ferry.live.launch`: manifest, forwards, boot
-files) and then :func:`~ferry.live.migrate_out`. Before the hand-off any
+files), then :func:`~ferry.live.migrate_out`, then the report exchange
+(:mod:`ferry.live.report_exchange`: clocks compared, the destination's report
+fetched) that the summary's downtime figures come from. Before the hand-off any
 failure (destination killed, link cut, cancel) resumes the VM here; the VM
 leaves this process only after post-copy completed. An export pauses the
 guest, saves its device state, writes memory, disks and state into a new
@@ -38,15 +40,17 @@ from typing import Any
 
 from ferry.errors import ConfigError, FerryError
 from ferry.guest.agent import AgentClient
-from ferry.live import launch
+from ferry.live import launch, report_exchange
 from ferry.live.access import Access
+from ferry.live.clock import ClockOffset
 from ferry.live.errors import LiveMigrationError
+from ferry.live.report import DestinationReport, SourceReport
 from ferry.live.source import DEFAULT_OPTIONS, LiveOptions, migrate_out
+from ferry.live.summary import MigrationSummary
 from ferry.migration.channel import StreamChannel
 from ferry.migration.policy import Mode
 from ferry.net import PortForward, VMNetwork
 from ferry.package import commands as pkg
-from ferry.protocol.messages import Custom
 from ferry.qemu import QemuVM
 from ferry.storage.device import Device
 from ferry.vm.devices import VMDevices
@@ -55,7 +59,6 @@ from ferry.vm.snapshot import write_block_hashes
 
 log = logging.getLogger(__name__)
 
-REPORT_TIMEOUT_S = 10.0
 EXPORT_CHUNK_BYTES = 4 * 1024 * 1024
 
 
@@ -78,34 +81,10 @@ def options_for(precopy_only: bool) -> LiveOptions:
     return LiveOptions(mode=Mode.PRECOPY_ONLY if precopy_only else Mode.HYBRID)
 
 
-def summarize(source: dict[str, Any], destination: dict[str, Any] | None) -> dict[str, Any]:
-    """The figures a user reads: downtime, total time, bytes per device and phase, cycles,
-    post-copy fetches (from the source's report and, when it came, the destination's)."""
-    mig = source.get("migration") or {}
-    dest = destination or {}
-    downtime = dest.get("downtime_ms")
-    return {
-        "vm": source.get("vm"),
-        "outcome": source.get("outcome"),
-        "handed_off": source.get("handed_off"),
-        "mode": mig.get("mode"),
-        "downtime_ms": downtime if downtime is not None else source.get("downtime_source_ms"),
-        "downtime_measured_by": "destination" if downtime is not None else "source",
-        "downtime_steps_ms": dest.get("downtime_steps_ms", {}),
-        "total_s": mig.get("total_s"),
-        "precopy_s": mig.get("precopy_s"),
-        "postcopy_s": mig.get("postcopy_s"),
-        "cycles": mig.get("cycles"),
-        "postcopy_fetches": mig.get("postcopy_fetches"),
-        "bytes_total": mig.get("bytes_total"),
-        "wire_bytes": mig.get("wire_bytes"),
-        "devices": {d["name"]: {"size_bytes": d["size_bytes"],
-                                "bytes_by_phase": d["bytes_by_phase"],
-                                "zero_blocks": d["zero_blocks"],
-                                "postcopy_fetches": d["postcopy_fetches"]}
-                    for d in mig.get("devices", [])},
-        "verified": (dest.get("receive") or {}).get("verified"),
-    }
+def summarize(source: SourceReport, destination: DestinationReport | None,
+              clock: ClockOffset | None) -> MigrationSummary:
+    """The figures a user reads (see :class:`~ferry.live.summary.MigrationSummary`)."""
+    return MigrationSummary.of(source, destination, clock)
 
 
 async def migrate_to_host(
@@ -143,29 +122,17 @@ async def migrate_to_host(
 
         report = await migrate_out(m.qemu, m.devices, channel, agent=m.agent, options=options,
                                    on_handed_off=handed_off)
-        source = report.to_json()
-        destination: dict[str, Any] | None = None
+        destination: DestinationReport | None = None
+        clock: ClockOffset | None = None
         try:
-            async with asyncio.timeout(REPORT_TIMEOUT_S):
-                event = await channel.receive()
-            if isinstance(event, Custom) and event.kind == launch.REPORT_KIND:
-                destination = launch_report(event.payload)
-        except (FerryError, TimeoutError) as exc:
+            destination, clock = await report_exchange.fetch_report(stream)
+        except FerryError as exc:
             log.info("vm %s: no report from the destination (%s)", m.vm_id, exc)
-        return {"summary": summarize(source, destination), "source": source,
-                "destination": destination}
+        return {"summary": summarize(report, destination, clock).to_json(),
+                "source": report.to_json(),
+                "destination": None if destination is None else destination.to_json()}
     finally:
         await channel.aclose()
-
-
-def launch_report(payload: bytes) -> dict[str, Any] | None:
-    import json
-
-    try:
-        data = json.loads(payload)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
 
 
 async def export_to_package(m: Movable, file: Path, *, key: Path | None = None,

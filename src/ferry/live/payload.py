@@ -1,13 +1,16 @@
-"""The HANDOFF payload: source timestamps plus (optionally) QEMU's device state.
+"""The HANDOFF payload: QEMU's device state (unless it travels in a device) and what the
+destination does with it.
 
 Wire format (sans-IO, all integers big-endian)::
 
-    magic  b"FLV1"        4 bytes
+    magic  b"FLV2"        4 bytes
     hlen   u32            length of the JSON header
-    header JSON (UTF-8)   {"vm": str, "timeline": {step: monotonic s}, "digests": {...},
+    header JSON (UTF-8)   {"vm": str, "digests": {...},
                            "prefetch": [RAM offsets to warm before the state load]}
     state  bytes          QEMU's device-state stream (empty if it travels in a device)
 
+The source's timestamps stay on the source (version 1 carried them, and the
+destination subtracted its own clock from them: meaningless between hosts).
 Carrying the ~60 KB device state here saves the destination one NeedAt
 round trip per state block compared with sending it as a dirty device.
 """
@@ -21,7 +24,7 @@ from typing import Any
 
 from ferry.live.errors import HandoffPayloadError
 
-MAGIC = b"FLV1"
+MAGIC = b"FLV2"
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PREFETCH = 4096
 MAX_STATE_BYTES = 64 * 1024 * 1024
@@ -32,14 +35,13 @@ _HEAD = struct.Struct(">4sI")
 @dataclass(frozen=True, slots=True)
 class HandoffPayload:
     vm: str
-    timeline: dict[str, float] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
     state: bytes = b""
     prefetch: tuple[int, ...] = ()
 
 
 def encode(p: HandoffPayload) -> bytes:
-    header = json.dumps({"vm": p.vm, "timeline": p.timeline, "digests": p.digests,
+    header = json.dumps({"vm": p.vm, "digests": p.digests,
                          "prefetch": list(p.prefetch)},
                         separators=(",", ":")).encode()
     if len(header) > MAX_HEADER_BYTES:
@@ -62,11 +64,9 @@ def decode(data: bytes) -> HandoffPayload:
         raise HandoffPayloadError(f"device state of {len(state)} bytes is too large")
     try:
         obj: Any = json.loads(data[_HEAD.size:_HEAD.size + hlen])
-        vm, timeline, digests = obj["vm"], obj["timeline"], obj["digests"]
-        if not isinstance(vm, str) or not isinstance(timeline, dict) \
-                or not isinstance(digests, dict):
+        vm, digests = obj["vm"], obj["digests"]
+        if not isinstance(vm, str) or not isinstance(digests, dict):
             raise TypeError("wrong field types")
-        tl = {str(k): float(v) for k, v in timeline.items()}
         dg = {str(k): str(v) for k, v in digests.items()}
         prefetch = obj.get("prefetch", [])
         if not isinstance(prefetch, list) or len(prefetch) > MAX_PREFETCH or not all(
@@ -74,4 +74,4 @@ def decode(data: bytes) -> HandoffPayload:
             raise TypeError("prefetch must be a short list of offsets")
     except (ValueError, KeyError, TypeError) as exc:
         raise HandoffPayloadError(f"malformed header: {exc}") from exc
-    return HandoffPayload(vm, tl, dg, bytes(state), tuple(prefetch))
+    return HandoffPayload(vm, dg, bytes(state), tuple(prefetch))

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ferry.errors import ConfigError, FerryError
-from ferry.live import launch, link
+from ferry.live import launch, report_exchange
 from ferry.live import payload as wire
 from ferry.live.access import HANDSHAKE_TIMEOUT_S, Access
 from ferry.migration.channel import StreamChannel
@@ -113,7 +113,7 @@ async def _serve_package(stream: Stream, directory: Path, trust: TrustStore) -> 
     channel = StreamChannel(stream)
 
     async def payload() -> bytes:
-        return wire.encode(wire.HandoffPayload(offer.vm_id, {}, {}, state))
+        return wire.encode(wire.HandoffPayload(offer.vm_id, {}, state))
 
     migrator = Migrator([d.source_device() for d in wire_order(devices)], channel,
                         policy=POSTCOPY_POLICY, mode=Mode.POSTCOPY, concurrency=4,
@@ -124,9 +124,10 @@ async def _serve_package(stream: Stream, directory: Path, trust: TrustStore) -> 
                  stream.peer, offer.vm_id, name,
                  report.to_json()["bytes_total"] / 2**20, report.total_s,
                  report.postcopy_fetches)
-        with contextlib.suppress(FerryError, TimeoutError):
-            async with asyncio.timeout(5.0):
-                await channel.receive()  # the destination's report: read it, then close
+        with contextlib.suppress(FerryError):
+            arrived, _ = await report_exchange.fetch_report(stream)
+            log.info("registry: %s runs %s, %s ms after its hand-off arrived", stream.peer,
+                     offer.vm_id, arrived.handoff_to_running_ms)
     except FerryError as exc:
         log.warning("registry: %s: serving %s failed: %s", stream.peer, name, exc)
     finally:
@@ -171,7 +172,7 @@ async def serve_registry(directory: Path, host: str, port: int, *, trust: TrustS
             vetting.release()
         await serve_package(stream, directory, trust)
 
-    async with link.listen(host, port, access.link_options(server=True)) as listener, \
+    async with await access.listen(host, port) as listener, \
             asyncio.TaskGroup() as tg:
         on_listening(listener.address)
         while True:

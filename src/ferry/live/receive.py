@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from ferry.errors import FerryError
-from ferry.live import launch, link
+from ferry.live import launch, report_exchange
 from ferry.live.access import Access
 from ferry.live.destination import IncomingVM, WrapArgv
 from ferry.live.outgoing import options_for
 from ferry.live.report import DestinationReport
 from ferry.migration.channel import StreamChannel
 from ferry.net import GUEST_IP, GUEST_MAC
-from ferry.protocol.messages import Custom
 from ferry.qemu import VMConfig
 from ferry.qemu.argv import Accel, TapNet
 from ferry.transport.base import Stream
@@ -39,15 +37,15 @@ async def open_link(access: Access, *, listen: tuple[str, int] | None = None,
                     on_listening: Callable[[tuple[str, int]], None] = lambda a: None) -> Stream:
     """The authenticated connection the VM arrives on: to ``registry`` asking for
     ``package``, or the first peer that authenticates on ``listen`` (others are dropped,
-    see :func:`~ferry.live.link.accept_peer`)."""
+    see :meth:`~ferry.live.access.Access.accept`)."""
     if registry is not None:
         stream = await access.connect(*registry)
         await launch.send_frame(stream, {"package": package})
         return stream
     assert listen is not None
-    async with link.listen(*listen, access.link_options(server=True)) as lst:
+    async with await access.listen(*listen) as lst:
         on_listening(lst.address)
-        return await link.accept_peer(lst, access.authenticator())
+        return await access.accept(lst)
 
 
 def qemu_config(manifest: VMManifest, kernel: Path, initramfs: Path, tap: str) -> VMConfig:
@@ -89,8 +87,7 @@ async def receive_vm(stream: Stream, incoming: IncomingVM, *,
     channel = StreamChannel(stream)
     report = await incoming.receive(channel)
     with contextlib.suppress(FerryError):
-        await channel.send(Custom(launch.REPORT_SEQUENCE, launch.REPORT_KIND,
-                                  json.dumps(report.to_json()).encode()))
+        await report_exchange.serve_report(stream, report)
     await channel.aclose()
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(agent_wait_s):

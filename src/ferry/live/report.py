@@ -1,65 +1,34 @@
-"""What a live migration reports, and where its downtime went.
+"""What each side of a live migration reports.
 
-Both sides record ``time.monotonic()`` (CLOCK_MONOTONIC) at each step. The
-source's timeline reaches the destination in the HANDOFF payload, so the
-destination can compute the whole downtime, *source paused -> destination
-running*, from one clock. That is only meaningful while both peers share a
-clock (peers on one machine, as the namespace hosts of tests and benchmarks);
-between machines the cross-host steps are left out and the source's view
-(pause -> hand-off acknowledged) is the upper bound.
+Each report carries its side's :class:`~ferry.live.timeline.Timeline` (that
+host's clock only). The downtime across both hosts is put together on the
+source from its own timeline, the destination's report (which comes back in
+the report frame, :mod:`ferry.live.report_exchange`) and the clock offset
+measured there: see :mod:`ferry.live.downtime`.
 
-Steps of the downtime, in order (they add up to the downtime)::
-
-    pause            QMP stop on the source
-    flush_and_save   final flush of guest RAM through FUSE, overlapped with the
-                     device-state save (QMP migrate, no RAM); both are also
-                     reported on their own as final_flush and state_save
-    final_dirty_list the last DirtyList and its DirtyAck (one round trip)
-    handoff          the HANDOFF event (with the device state) reaching the destination
-    state_load       migrate-incoming on the destination (it reads guest RAM: virtio
-                     rings; absent blocks are fetched on demand)
-    cont             QMP cont until QEMU's RESUME event
+The destination's report arrives from a peer, so :meth:`DestinationReport.from_json`
+checks every field's type and bounds every string, list and map.
 """
 
 from __future__ import annotations
 
-import enum
-import itertools
-from dataclasses import asdict, dataclass, field
-from typing import Any
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-STEPS = ("pause", "flush_and_save", "final_dirty_list", "handoff", "state_load", "cont")
-OVERLAPPED = ("final_flush", "state_save")
+from ferry.errors import RemoteProtocolError
+from ferry.live import checks
+from ferry.live.timeline import Mark, Side, Timeline
+from ferry.migration.destination import ReceiveReport
+from ferry.migration.report import MigrationReport
 
-
-class Mark(enum.Enum):
-    """Timestamps of the suspend/hand-off sequence (monotonic seconds)."""
-
-    SUSPEND = "suspend"            # suspend hook entered (before-suspend hook, if any, runs)
-    PAUSE = "pause"                # QMP stop sent: downtime starts
-    PAUSED = "paused"
-    FLUSHED = "flushed"
-    STATE_SAVED = "state_saved"
-    SUSPENDED = "suspended"        # both of the above done
-    DIRTY_ACKED = "dirty_acked"    # final DirtyAck received (payload being built)
-    HANDOFF_RECEIVED = "handoff_received"
-    STATE_LOADED = "state_loaded"
-    RUNNING = "running"            # RESUME event on the destination: downtime ends
-    HANDOFF_ACKED = "handoff_acked"
+MAX_ITEMS = 64
+"""Devices, digests: a VM has a memory device, a state device and at most 16 disks."""
 
 
-def breakdown_ms(t: dict[str, float]) -> dict[str, float]:
-    """Per-step durations in ms from a merged timeline (steps with a missing mark are left out)."""
-    order = [Mark.PAUSE, Mark.PAUSED, Mark.SUSPENDED, Mark.DIRTY_ACKED,
-             Mark.HANDOFF_RECEIVED, Mark.STATE_LOADED, Mark.RUNNING]
-    out: dict[str, float] = {}
-    pairs = [*zip(STEPS, itertools.pairwise(order), strict=True),
-             ("final_flush", (Mark.PAUSED, Mark.FLUSHED)),
-             ("state_save", (Mark.PAUSED, Mark.STATE_SAVED))]
-    for step, (a, b) in pairs:
-        if a.value in t and b.value in t:
-            out[step] = round((t[b.value] - t[a.value]) * 1e3, 3)
-    return out
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 3)
 
 
 @dataclass(slots=True)
@@ -70,33 +39,44 @@ class SourceReport:
     outcome: str = "running"
     error: str | None = None
     handed_off: bool = False
-    timeline: dict[str, float] = field(default_factory=dict)
+    timeline: Timeline = field(default_factory=lambda: Timeline(Side.SOURCE))
     before_suspend_ms: float | None = None
     state_bytes: int = 0
     flush_bytes: int = 0
     state_in_payload: bool = True
-    downtime_source_ms: float | None = None   # pause -> hand-off acknowledged
     digests: dict[str, str] = field(default_factory=dict)
-    migration: dict[str, Any] = field(default_factory=dict)
+    migration: MigrationReport | None = None
+
+    @property
+    def downtime_source_view_ms(self) -> float | None:
+        """Source paused -> the destination's "running" acknowledgement received (source
+        clock): an upper bound of the downtime (see :mod:`ferry.live.downtime`)."""
+        return _ms(self.timeline.span_s(Mark.PAUSE, Mark.HANDOFF_ACKED))
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"vm": self.vm, "outcome": self.outcome, "error": self.error,
+                "handed_off": self.handed_off, "timeline": self.timeline.to_json(),
+                "before_suspend_ms": self.before_suspend_ms, "state_bytes": self.state_bytes,
+                "flush_bytes": self.flush_bytes, "state_in_payload": self.state_in_payload,
+                "downtime_source_view_ms": self.downtime_source_view_ms,
+                "digests": dict(self.digests),
+                "migration": None if self.migration is None else self.migration.to_json()}
 
 
 @dataclass(slots=True)
 class DestinationReport:
-    """The destination's view, including the source's timeline from the payload."""
+    """The destination's view, on the destination's clock."""
 
     vm: str
     outcome: str = "running"
     error: str | None = None
     handed_off: bool = False
-    timeline: dict[str, float] = field(default_factory=dict)
-    source_timeline: dict[str, float] = field(default_factory=dict)
+    timeline: Timeline = field(default_factory=lambda: Timeline(Side.DESTINATION))
     qemu_spawn_ms: float | None = None
     qemu_ready_before_handoff: bool = False
     after_resume_ms: float | None = None
     clock_offset_ns: int | None = None
+    """The guest's clock against this host's, as the agent's after-resume sync found it."""
     state_bytes: int = 0
     prefetch_windows: int = 0             # ring windows warmed before the state load
     prefetch_ms: float | None = None
@@ -107,23 +87,79 @@ class DestinationReport:
     cont_ram_read_bytes: int = 0
     digests: dict[str, str] = field(default_factory=dict)
     source_digests: dict[str, str] = field(default_factory=dict)
-    receive: dict[str, Any] = field(default_factory=dict)
+    receive: ReceiveReport | None = None
 
     @property
-    def downtime_ms(self) -> float | None:
-        """Source paused -> destination running (same-machine clocks)."""
-        start = self.source_timeline.get(Mark.PAUSE.value)
-        end = self.timeline.get(Mark.RUNNING.value)
-        if start is None or end is None:
-            return None
-        return round((end - start) * 1e3, 3)
+    def handoff_to_running_ms(self) -> float | None:
+        """HANDOFF received -> guest running, on this host's clock alone."""
+        return _ms(self.timeline.span_s(Mark.HANDOFF_RECEIVED, Mark.RUNNING))
 
     @property
-    def downtime_steps_ms(self) -> dict[str, float]:
-        return breakdown_ms({**self.source_timeline, **self.timeline})
+    def verified(self) -> bool:
+        return self.receive is not None and self.receive.verified
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["downtime_ms"] = self.downtime_ms
-        data["downtime_steps_ms"] = self.downtime_steps_ms
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["timeline"] = self.timeline.to_json()
+        data["digests"] = dict(self.digests)
+        data["source_digests"] = dict(self.source_digests)
+        data["receive"] = None if self.receive is None else dataclasses.asdict(self.receive)
+        data["handoff_to_running_ms"] = self.handoff_to_running_ms
         return data
+
+    @classmethod
+    def from_json(cls, data: object) -> DestinationReport:
+        """A peer's report, every field checked (RemoteProtocolError names the first bad one)."""
+        if not isinstance(data, dict):
+            raise RemoteProtocolError("the destination's report is not a JSON object")
+        report = _flat_from_json(cls, data, special=("timeline", "receive"))
+        report.timeline = Timeline.from_json(Side.DESTINATION, data.get("timeline", {}))
+        if (receive := data.get("receive")) is not None:
+            if not isinstance(receive, dict):
+                raise RemoteProtocolError("receive is not a JSON object")
+            report.receive = _flat_from_json(ReceiveReport, receive, special=())
+        return report
+
+
+# -- checking a peer's report ----------------------------------------------------------
+
+def _texts(value: object, what: str) -> list[str]:
+    if not isinstance(value, list) or len(value) > MAX_ITEMS:
+        raise ValueError(f"{what} must be a list of at most {MAX_ITEMS} items")
+    return [checks.text(v, what) for v in value]
+
+
+def _text_map(value: object, what: str) -> dict[str, str]:
+    if not isinstance(value, dict) or len(value) > MAX_ITEMS:
+        raise ValueError(f"{what} must be an object of at most {MAX_ITEMS} items")
+    return {checks.text(k, what): checks.text(v, what) for k, v in value.items()}
+
+
+_CHECKS: dict[str, Callable[[object, str], object]] = {
+    "str": checks.text, "int": checks.integer, "float": checks.finite, "bool": checks.boolean,
+    "list[str]": _texts, "dict[str, str]": _text_map}
+"""A checker per annotation (the modules use ``from __future__ import annotations``,
+so annotations are strings); ``X | None`` also takes null."""
+
+T = TypeVar("T")
+
+
+def _flat_from_json(cls: type[T], data: dict[str, Any], *, special: tuple[str, ...]) -> T:
+    """``cls(**data)`` with every field of a plain type checked; ``special`` fields are
+    left at their defaults for the caller; unknown keys are ignored."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in special or f.name not in data:
+            continue
+        kind = str(f.type)
+        optional = kind.endswith(" | None")
+        check = _CHECKS[kind.removesuffix(" | None")]
+        value = data[f.name]
+        try:
+            values[f.name] = None if optional and value is None else check(value, f.name)
+        except ValueError as exc:
+            raise RemoteProtocolError(f"{cls.__name__}: {exc}") from None
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required field is missing
+        raise RemoteProtocolError(f"{cls.__name__}: {exc}") from None

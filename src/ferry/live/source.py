@@ -10,10 +10,13 @@ guest keeps running, with the VM plugged into the migrator's hooks:
   the downtime: QMP ``stop``, final flush, device state saved (into the
   HANDOFF payload, or into the ``state`` device whose blocks then go in the
   final dirty list);
-* ``handoff_payload``: source timeline + device state;
+* ``handoff_payload``: device state (and digests, ring windows to warm);
 * ``resume``: if anything fails before the hand-off is acknowledged, QMP
   ``cont``: the VM carries on here and nothing is lost (the migrator only
   ever reads the devices).
+
+* ``after_handoff``: the destination acknowledged the hand-off, which it
+  does once its guest runs: the downtime as the source sees it ends here.
 
 Once the destination acknowledged the hand-off the source QEMU is stopped at
 once (it must never run again) and ``on_handed_off`` runs (close the VM's
@@ -37,11 +40,11 @@ from ferry.errors import MigrationError
 from ferry.guest.agent import AgentClient, AgentError
 from ferry.live import payload as wire
 from ferry.live.errors import LiveMigrationError
-from ferry.live.report import Mark, SourceReport
+from ferry.live.report import SourceReport
+from ferry.live.timeline import Mark, Timeline
 from ferry.migration.channel import Channel
 from ferry.migration.policy import DirtyPolicy, Mode
 from ferry.migration.source import MigrationHooks, Migrator
-from ferry.protocol.messages import Custom, CustomAck, Event, EventKind
 from ferry.qemu import DeviceStateStats, QemuVM, VMError, devstate
 from ferry.qemu.qmp import QMPError
 from ferry.storage.device import Device
@@ -106,35 +109,6 @@ async def device_digest(device: Device) -> str:
     return block_hash(bytes(hashes)).hex()
 
 
-class _HandoffWatch:
-    """A Channel wrapper that notices the destination acknowledging HANDOFF."""
-
-    def __init__(self, inner: Channel, timeline: dict[str, float]) -> None:
-        self._inner = inner
-        self._timeline = timeline
-        self._seq: int | None = None
-        self.acked = asyncio.Event()
-
-    @property
-    def peer(self) -> str:
-        return self._inner.peer
-
-    async def send(self, event: Event) -> None:
-        if isinstance(event, Custom) and event.kind == EventKind.HANDOFF:
-            self._seq = event.sequence
-        await self._inner.send(event)
-
-    async def receive(self) -> Event:
-        event = await self._inner.receive()
-        if isinstance(event, CustomAck) and event.sequence == self._seq:
-            self._timeline[Mark.HANDOFF_ACKED.value] = time.monotonic()
-            self.acked.set()
-        return event
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
 RING_WINDOW_BYTES = 1024 * 1024
 """QEMU maps guest RAM with MADV_HUGEPAGE, so a cold fault reads this much through FUSE."""
 
@@ -167,9 +141,9 @@ async def ring_windows(vm: QemuVM) -> tuple[int, ...]:
     return tuple(sorted(windows))
 
 
-async def _timed(aw: Awaitable[T], timeline: dict[str, float], mark: Mark) -> T:
+async def _timed(aw: Awaitable[T], timeline: Timeline, mark: Mark) -> T:
     result = await aw
-    timeline[mark.value] = time.monotonic()
+    timeline.mark(mark)
     return result
 
 
@@ -211,22 +185,22 @@ async def migrate_out(
         return stats
 
     async def suspend() -> None:
-        t[Mark.SUSPEND.value] = time.monotonic()
+        suspend_at = t.mark(Mark.SUSPEND)
         if agent is not None and options.agent_hooks:
             await agent.before_suspend(options.agent_timeout_s)
-            report.before_suspend_ms = (time.monotonic() - t[Mark.SUSPEND.value]) * 1e3
+            report.before_suspend_ms = (time.monotonic() - suspend_at) * 1e3
         # Flush while the guest still runs, so the flush inside the downtime only
         # carries what the guest dirtied in the last few milliseconds.
         await vm.flush_memory()
-        t[Mark.PAUSE.value] = time.monotonic()
+        t.mark(Mark.PAUSE)
         await vm.pause()
-        t[Mark.PAUSED.value] = time.monotonic()
+        t.mark(Mark.PAUSED)
         # The final flush and the device-state save are independent (the state has no
         # RAM in it: x-ignore-shared), so they overlap.
         async with asyncio.TaskGroup() as tg:
             flush = tg.create_task(_timed(vm.flush_memory(), t, Mark.FLUSHED))
             save = tg.create_task(_timed(save_state(), t, Mark.STATE_SAVED))
-        t[Mark.SUSPENDED.value] = time.monotonic()
+        t.mark(Mark.SUSPENDED)
         report.flush_bytes = flush.result().bytes_written
         stats = save.result()
         report.state_bytes = stats.state_bytes
@@ -234,12 +208,12 @@ async def migrate_out(
             for dev in devices.all():
                 report.digests[dev.name] = await device_digest(dev.stack.local)
             # Digest time is test-only overhead: keep it out of the step breakdown.
-            t[Mark.SUSPENDED.value] = time.monotonic()
+            t.mark(Mark.SUSPENDED)
 
     async def handoff_payload() -> bytes:
-        t[Mark.DIRTY_ACKED.value] = time.monotonic()
-        return wire.encode(wire.HandoffPayload(vm.name, dict(t), dict(report.digests),
-                                               state_bytes, prefetch))
+        t.mark(Mark.DIRTY_ACKED)
+        return wire.encode(wire.HandoffPayload(vm.name, dict(report.digests), state_bytes,
+                                               prefetch))
 
     async def resume() -> None:
         vlog.warning("migration failed before the hand-off: resuming the VM here")
@@ -248,42 +222,47 @@ async def migrate_out(
             with contextlib.suppress(AgentError, TimeoutError):
                 await agent.after_resume(options.agent_timeout_s, check=False)
 
-    prefetch = await ring_windows(vm)
-    watch = _HandoffWatch(channel, t)
-    migrator = Migrator(
-        [d.source_device() for d in wire_order(devices)], watch, policy=options.policy,
-        mode=options.mode, concurrency=options.concurrency,
-        max_run_blocks=options.max_run_blocks,
-        hooks=MigrationHooks(before_dirty_scan=before_scan, suspend=suspend, resume=resume,
-                             handoff_payload=handoff_payload))
-
-    async def after_handoff() -> None:
-        await watch.acked.wait()
-        report.handed_off = True
+    async def leave() -> None:
         vlog.info("hand-off acknowledged; stopping the source QEMU")
         await vm.stop()
         if on_handed_off is not None:
             await on_handed_off()
 
+    leaving = asyncio.TaskGroup()
+
+    async def after_handoff() -> None:
+        # The destination runs the guest now. The migrator awaits this hook before
+        # post-copy, and stopping QEMU (QMP quit, up to its stop timeout) or closing the
+        # network must not hold back post-copy and every device's completion, so the
+        # hook only records the moment and spawns the rest in ``leaving``, which
+        # migrate_out leaves only once that is done.
+        t.mark(Mark.HANDOFF_ACKED)
+        report.handed_off = True
+        leaving.create_task(leave(), name=f"leave {vm.name}")
+
+    prefetch = await ring_windows(vm)
+    migrator = Migrator(
+        [d.source_device() for d in wire_order(devices)], channel, policy=options.policy,
+        mode=options.mode, concurrency=options.concurrency,
+        max_run_blocks=options.max_run_blocks,
+        hooks=MigrationHooks(before_dirty_scan=before_scan, suspend=suspend, resume=resume,
+                             handoff_payload=handoff_payload, after_handoff=after_handoff))
+    failure: BaseException | None = None
     try:
-        async with asyncio.TaskGroup() as tg:
-            follower = tg.create_task(after_handoff())
+        async with leaving:
             try:
-                mreport = await migrator.run()
-            finally:
-                if not watch.acked.is_set():
-                    follower.cancel()
+                await migrator.run()
+            except (MigrationError, VMError, AgentError) as exc:
+                failure = exc  # but let a source QEMU that is being stopped finish stopping
     except* (MigrationError, VMError, AgentError) as group:
-        exc = group.exceptions[0]
+        failure = failure or group.exceptions[0]
+    report.migration = migrator.report
+    if failure is not None:
         report.outcome = "failed"
-        report.error = str(exc)
+        report.error = str(failure)
         report.handed_off = migrator.handed_off
-        report.migration = migrator.report.to_json()
-        raise LiveMigrationError(f"live migration failed: {exc}", vm=vm.name,
+        raise LiveMigrationError(f"live migration failed: {failure}", vm=vm.name,
                                  handed_off=migrator.handed_off,
-                                 phase=migrator.phase.value) from exc
+                                 phase=migrator.phase.value) from failure
     report.outcome = "completed"
-    report.migration = mreport.to_json()
-    if Mark.PAUSE.value in t and Mark.HANDOFF_ACKED.value in t:
-        report.downtime_source_ms = (t[Mark.HANDOFF_ACKED.value] - t[Mark.PAUSE.value]) * 1e3
     return report

@@ -35,7 +35,9 @@ class MigrationReport:
     cycles: int = 0
     total_s: float = 0.0
     precopy_s: float = 0.0
-    downtime_s: float | None = None  # suspend hook start -> hand-off acknowledged
+    suspend_to_handoff_ack_s: float | None = None
+    """Suspend hook entered -> hand-off acknowledged: includes the VM layer's work before
+    it pauses (agent hooks, a flush while the guest runs), so it is not the VM's downtime."""
     postcopy_s: float = 0.0
     postcopy_fetches: int = 0
     outcome: str = "running"

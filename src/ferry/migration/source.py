@@ -322,8 +322,9 @@ class Migrator:
                 self._work.push(index, blocks)
         await handoff[0]
         self._handed_off = True
-        self.report.downtime_s = time.monotonic() - t_suspend
-        self._log.info("authority handed off after %.1f ms", self.report.downtime_s * 1e3)
+        self.report.suspend_to_handoff_ack_s = time.monotonic() - t_suspend
+        self._log.info("authority handed off %.1f ms after the suspend point",
+                       self.report.suspend_to_handoff_ack_s * 1e3)
         if self._hooks.after_handoff is not None:
             await self._hooks.after_handoff()
 

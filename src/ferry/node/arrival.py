@@ -132,7 +132,8 @@ async def arrive(request: ArrivalRequest, *,
                         for f in net.forwarders for h, p in [f.local_address[:2]]]
             holder.record.set_qemu(pid)
             holder.update(state=HolderState.RUNNING, forwards=tuple(fwd_text),
-                          arrival={"downtime_ms": report.downtime_ms, "running_s": running_s})
+                          arrival={"handoff_to_running_ms": report.handoff_to_running_ms,
+                                   "running_s": running_s})
             on_ready({"vm_id": vm_id, "pid": os.getpid(), "qemu_pid": pid,
                       "forwards": fwd_text, "origin": offer.origin,
                       "running_s": running_s, "report": report.to_json()})

@@ -13,7 +13,8 @@ It is driven by JSON lines on stdin and answers with JSON lines on stdout
                                                       at once, then events "running" and
                                                       "received" (T is null under --tls-dir)
     {"cmd": "migrate", "host": H, "port": P,          move the VM there (presenting the
-     "token": T}                                      receiver's token); answer with the report
+     "token": T}                                      receiver's token); answer with the
+                                                      source's report and the summary
     {"cmd": "exec", "command": "sh -c string"}        run in the guest through the agent
     {"cmd": "status"}                                 VM state and console path
     {"cmd": "quit"}                                   tear down and exit (also on EOF)
@@ -40,17 +41,21 @@ from typing import Any
 from ferry.errors import FerryError
 from ferry.guest.agent import AgentClient, connect_agent
 from ferry.guest.files import MARKER_READY
-from ferry.live import link
+from ferry.live import report_exchange
 from ferry.live.access import Access, TLSFiles
+from ferry.live.clock import ClockOffset
 from ferry.live.destination import IncomingVM
 from ferry.live.errors import LiveMigrationError
+from ferry.live.report import DestinationReport
 from ferry.live.source import LiveOptions, StateTransfer, migrate_out
+from ferry.live.summary import MigrationSummary
 from ferry.migration.channel import StreamChannel
 from ferry.migration.policy import Mode
 from ferry.net import PortForward, VMNetwork
 from ferry.qemu import QemuVM, VMConfig
 from ferry.qemu.argv import TapNet
 from ferry.storage.providers.memory import MemoryDevice
+from ferry.transport.tuning import DEFAULT_DEAD_PEER_S
 from ferry.vm.devices import VMDevices, local_devices
 
 log = logging.getLogger("ferry.testing.peer")
@@ -182,22 +187,24 @@ class Peer:
             try:
                 async with contextlib.AsyncExitStack() as stack:
                     net = await self.network(stack)
-                    listener = await stack.enter_async_context(link.listen(
+                    listener = await stack.enter_async_context(await access.listen(
                         self.args.host_address, int(req.get("port", 0)),
-                        access.link_options(server=True, dead_peer_s=self.args.dead_peer_s)))
+                        dead_peer_s=self.args.dead_peer_s))
                     incoming = IncomingVM(self.config(net), work_dir=self.work_dir,
                                           name=self.args.name, options=self.options,
                                           wrap_argv=net.wrap_argv if net else None)
                     await stack.enter_async_context(incoming)
                     bound.set_result(listener.address)
-                    channel = StreamChannel(await link.accept_peer(listener,
-                                                                   access.authenticator()))
+                    stream = await access.accept(listener)
+                    channel = StreamChannel(stream)
                     stack.push_async_callback(channel.aclose)
                     waiter = asyncio.create_task(self._announce_running(incoming))
                     try:
                         report = await incoming.receive(channel)
                     finally:
                         waiter.cancel()
+                    with contextlib.suppress(FerryError):
+                        await report_exchange.serve_report(stream, report)
                     await channel.aclose()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(60.0):
@@ -232,7 +239,7 @@ class Peer:
 
     async def _announce_running(self, incoming: IncomingVM) -> None:
         await incoming.running.wait()
-        await self.emit({"event": "running", "downtime_ms": incoming.report.downtime_ms})
+        await self.emit({"event": "running"})
 
     async def migrate(self, req: dict[str, Any]) -> dict[str, Any]:
         held = self.held
@@ -254,9 +261,15 @@ class Peer:
                 await held.network.close()  # clients reconnect to the new host
             await self.emit({"event": "handed_off"})
 
+        destination: DestinationReport | None = None
+        clock: ClockOffset | None = None
         try:
             report = await migrate_out(held.vm, held.devices, channel, agent=held.agent,
                                        options=self.options, on_handed_off=handed_off)
+            try:
+                destination, clock = await report_exchange.fetch_report(stream)
+            except FerryError as exc:
+                log.warning("no report from the destination: %s", exc)
         except LiveMigrationError as exc:
             if exc.handed_off:
                 await self._release_vm()
@@ -264,7 +277,8 @@ class Peer:
         finally:
             await channel.aclose()
         await self._release_vm()
-        return {"report": report.to_json()}
+        return {"report": report.to_json(),
+                "summary": MigrationSummary.of(report, destination, clock).to_json()}
 
     async def exec(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.held is None or self.held.agent is None:
@@ -326,7 +340,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--state", default=StateTransfer.PAYLOAD.value,
                    choices=[s.value for s in StateTransfer])
     p.add_argument("--record-digests", action="store_true")
-    p.add_argument("--dead-peer-s", type=float, default=link.DEFAULT_DEAD_PEER_S)
+    p.add_argument("--dead-peer-s", type=float, default=DEFAULT_DEAD_PEER_S)
     p.add_argument("--tls-dir")
     p.add_argument("--tls-name")
     p.add_argument("--log-file")

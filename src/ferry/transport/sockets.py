@@ -323,12 +323,21 @@ class SocketServer:
 
 
 async def connect_socket(
-    family: socket.AddressFamily, address: str | tuple[object, ...], proto: int = 0
+    family: socket.AddressFamily,
+    address: str | tuple[object, ...],
+    proto: int = 0,
+    *,
+    prepare: Callable[[socket.socket], None] | None = None,
 ) -> socket.socket:
-    """A connected non-blocking stream socket to ``address``; closed again on failure."""
+    """A connected non-blocking stream socket to ``address``; closed again on failure.
+
+    ``prepare`` sets options that must precede the connect (buffer sizes).
+    """
     sock = socket.socket(family, socket.SOCK_STREAM, proto)
     try:
         sock.setblocking(False)
+        if prepare is not None:
+            prepare(sock)
         await asyncio.get_running_loop().sock_connect(sock, address)
     except BaseException:
         sock.close()

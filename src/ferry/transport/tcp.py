@@ -6,6 +6,10 @@ migration endpoint on every interface must be an explicit choice
 runs per connection, after accept, so a client that fails it is logged and
 dropped without disturbing the listener or other connections.
 
+A :class:`~ferry.transport.tuning.TcpTuning` (dead-peer detection, bounded
+buffers) applies to a connecting socket before it connects, and to a
+listener's sockets and every connection it accepts.
+
 With TLS 1.3 the client finishes its handshake before the server has checked
 the client certificate; a refused client therefore sees the server's alert
 as a BrokenResourceError on its first receive (or send), not in connect.
@@ -14,6 +18,7 @@ as a BrokenResourceError on its first receive (or send), not in connect.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import ssl
 
@@ -28,6 +33,7 @@ from ferry.transport.sockets import (
 )
 from ferry.transport.streams import ConnectTimeoutError, describe
 from ferry.transport.tls import TLSStream
+from ferry.transport.tuning import TcpTuning, apply, apply_buffers
 
 DEFAULT_HOST = "127.0.0.1"
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -52,14 +58,15 @@ def _peer_of(sock: socket.socket) -> str:
     return "tcp:unknown"
 
 
-async def _connect_any(host: str, port: int) -> socket.socket:
+async def _connect_any(host: str, port: int, tuning: TcpTuning | None) -> socket.socket:
     """Connect to the first address of ``host`` that accepts, like asyncio does."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     errors: list[OSError] = []
+    prepare = None if tuning is None else functools.partial(apply, tuning=tuning)
     for family, _, proto, _, address in infos:
         try:
-            return await connect_socket(family, address, proto)
+            return await connect_socket(family, address, proto, prepare=prepare)
         except OSError as exc:
             errors.append(exc)
     if len(errors) == 1:
@@ -74,6 +81,7 @@ async def connect_tcp(
     ssl_context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
     timeout_s: float = 10.0,
+    tuning: TcpTuning | None = None,
 ) -> Stream:
     """Connect to ``host:port`` (TLS when ``ssl_context`` is given) within ``timeout_s``.
 
@@ -87,7 +95,7 @@ async def connect_tcp(
     deadline = loop.time() + timeout_s
     try:
         async with asyncio.timeout_at(deadline):
-            sock = await _connect_any(host, port)
+            sock = await _connect_any(host, port, tuning)
     except TimeoutError as exc:
         if exc.errno is not None:  # the kernel's ETIMEDOUT, before our deadline
             raise BrokenResourceError(f"connect failed: {describe(exc)}", peer=peer) from exc
@@ -107,10 +115,14 @@ async def connect_tcp(
 
 
 async def listen_tcp(
-    host: str = DEFAULT_HOST, port: int = 0, *, ssl_context: ssl.SSLContext | None = None
+    host: str = DEFAULT_HOST,
+    port: int = 0,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    tuning: TcpTuning | None = None,
 ) -> Listener[TcpAddress]:
     """Bind and listen; take connections with ``await listener.accept()``."""
-    return await _listen(None, host, port, ssl_context)
+    return await _listen(None, host, port, ssl_context, tuning)
 
 
 async def serve_tcp(
@@ -121,10 +133,10 @@ async def serve_tcp(
     ssl_context: ssl.SSLContext | None = None,
 ) -> Listener[TcpAddress]:
     """Bind and listen, running ``handler(stream)`` for every connection."""
-    return await _listen(handler, host, port, ssl_context)
+    return await _listen(handler, host, port, ssl_context, None)
 
 
-async def _bind(host: str, port: int) -> list[socket.socket]:
+async def _bind(host: str, port: int, tuning: TcpTuning | None) -> list[socket.socket]:
     """Listening sockets for every address ``host`` resolves to (as asyncio's
     create_server: SO_REUSEADDR, IPv6 sockets IPv6-only)."""
     loop = asyncio.get_running_loop()
@@ -139,6 +151,8 @@ async def _bind(host: str, port: int) -> list[socket.socket]:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if tuning is not None:
+                apply_buffers(sock, tuning)
             sock.bind(address)
             sock.listen(LISTEN_BACKLOG)
     except BaseException:
@@ -149,9 +163,19 @@ async def _bind(host: str, port: int) -> list[socket.socket]:
 
 
 async def _listen(
-    handler: Handler | None, host: str, port: int, ssl_context: ssl.SSLContext | None
+    handler: Handler | None,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    tuning: TcpTuning | None,
 ) -> Listener[TcpAddress]:
     async def make_stream(sock: socket.socket) -> Stream:
+        if tuning is not None:
+            try:
+                apply(sock, tuning)
+            except OSError as exc:  # the peer reset the connection already
+                raise BrokenResourceError(f"tuning failed: {describe(exc)}",
+                                          peer=_peer_of(sock)) from exc
         stream = SocketStream(sock, _peer_of(sock))
         if ssl_context is None:
             return stream
@@ -171,7 +195,7 @@ async def _listen(
 
     where = format_address(host, port)
     try:
-        sockets = await _bind(host, port)
+        sockets = await _bind(host, port, tuning)
     except OSError as exc:
         raise TransportError(f"cannot listen on {where}: {describe(exc)}") from exc
     bound = sockets[0].getsockname()
