@@ -31,9 +31,10 @@ from ferry.migration.files import (
 )
 from ferry.migration.report import MigrationReport
 from ferry.migration.source import MigrationHooks, Migrator
-from ferry.protocol.messages import BlockHashes, Event
 from ferry.transport.base import Stream
 from ferry.transport.memory import memory_stream_pair
+
+from .test_migrator import Tamper
 
 BLOCK = 64 * 1024
 SIZES = {"disk": 5 * BLOCK + 1000, "swap": 2 * BLOCK}  # disk ends in a partial block
@@ -79,34 +80,8 @@ async def _transfer(
     return results[0], results[1]
 
 
-class _CorruptFirstHash:
-    """A source channel that lies about one block's final hash (a source whose
-    file changed behind ferry's back looks like this to the destination)."""
-
-    def __init__(self, inner: StreamChannel) -> None:
-        self.inner = inner
-        self.done = False
-
-    @property
-    def peer(self) -> str:
-        return self.inner.peer
-
-    async def send(self, event: Event) -> None:
-        if isinstance(event, BlockHashes) and not self.done:
-            self.done = True
-            event = BlockHashes(event.device, event.first_block,
-                                (bytes(len(event.hashes[0])), *event.hashes[1:]))
-        await self.inner.send(event)
-
-    async def receive(self) -> Event:
-        return await self.inner.receive()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
 async def _tampering_source(group: SourceGroup, stream: Stream) -> MigrationReport:
-    channel = _CorruptFirstHash(StreamChannel(stream))
+    channel = Tamper(StreamChannel(stream))
     try:
         return await Migrator([s.source_device() for s in group.stacks], channel).run()
     finally:
@@ -140,7 +115,7 @@ async def test_partial_files_are_renamed_only_after_verification(tmp_path: Path)
     assert _names(into) == sorted(SIZES)
 
 
-async def test_a_device_that_fails_verification_is_never_renamed(tmp_path: Path) -> None:
+async def test_a_device_that_fails_its_hash_check_is_never_renamed(tmp_path: Path) -> None:
     configs = _write_sources(tmp_path / "src")
     into = tmp_path / "into"
     _, received = await _transfer(configs, into, tamper=True)
