@@ -9,7 +9,6 @@ Public API::
         async with ...: report = await incoming.receive(channel); incoming.vm / .devices
     LiveOptions(mode, policy, state_transfer, agent_hooks, ...)
     link.connect(host, port, LinkOptions) / link.listen(...)   TCP/TLS noticing dead peers
-    python -m ferry.testing.peer  +  control.PeerProcess                one peer process per host
 """
 
 from ferry.live.destination import IncomingVM

@@ -6,8 +6,6 @@
 * :mod:`ferry.testing.site`: namespace hosts driven through the ``ferry`` CLI;
 * :mod:`ferry.testing.packages`: signed packages made with ``ferry vm snapshot``;
 * :mod:`ferry.testing.redis_hops`: a Redis VM migrated along a route under writes;
-* :mod:`ferry.testing.peer`, :mod:`ferry.testing.peer_control`: a bench-only VM
-  peer process (to be retired for the node's holder).
 
 Nothing in ``ferry`` below the demo imports this package.
 """
