@@ -35,7 +35,7 @@ from typing import Any
 from ferry.testing.hosts import host_namespaces
 from ferry.testing.packages import Signer
 from ferry.testing.redis_hops import Hop, run_redis_hops
-from ferry.testing.site import Site, downtime_ms
+from ferry.testing.site import Site, downtime
 
 HOSTS = ("lba", "lbb", "lbc")
 MIGRATE_PORT = 7511
@@ -47,11 +47,11 @@ def _p50(xs: list[float]) -> float | None:
 
 def _hop(h: Hop) -> dict[str, Any]:
     s = h.summary
+    d = downtime(s)
     return {
         "from": h.src, "to": h.dst,
-        "downtime_ms": downtime_ms(s),
-        "downtime_measured_by": s.get("downtime_measured_by"),
-        "downtime_steps_ms": s.get("downtime_steps_ms"),
+        "downtime_ms": d.ms, "downtime_measured_by": d.measured_by,
+        "downtime_steps_ms": d.steps_ms,
         "total_s": s["total_s"], "precopy_s": s["precopy_s"], "postcopy_s": s["postcopy_s"],
         "command_s": h.command_s,
         "cycles": s["cycles"], "postcopy_fetches": s["postcopy_fetches"],

@@ -29,7 +29,7 @@ from ferry.net.netns import socket_in_netns
 from ferry.testing.hosts import host_namespaces
 from ferry.testing.packages import Signer
 from ferry.testing.redis_hops import REDIS_PORT, run_redis_hops
-from ferry.testing.site import FERRY, Site, downtime_ms
+from ferry.testing.site import FERRY, Site, downtime
 from ferry.testing.workload import command
 from ferry.transport.certs import create_ca, create_host_cert
 
@@ -93,11 +93,11 @@ def assert_hop(reply: dict[str, Any], command_s: float) -> None:
     assert (s["outcome"], s["handed_off"], s["verified"]) == ("completed", True, True)
     assert set(s["devices"]) == {"memory", "disk/root"}
     # The downtime is a part of the migration, measured on one clock (namespace hosts).
-    assert s["downtime_measured_by"] == "destination"
-    assert 0 < downtime_ms(s) < min(s["total_s"], command_s) * 1e3
-    steps = s["downtime_steps_ms"]
-    assert set(steps) == {*STEPS, *OVERLAPPED}
-    assert all(ms >= 0 for ms in steps.values()), steps
+    d = downtime(s)
+    assert d.measured_by == "destination"
+    assert 0 < d.ms < min(s["total_s"], command_s) * 1e3
+    assert set(d.steps_ms) == {*STEPS, *OVERLAPPED}
+    assert all(ms >= 0 for ms in d.steps_ms.values()), d.steps_ms
     dst = reply["destination"]
     assert dst["qemu_ready_before_handoff"]  # QEMU spawn was off the downtime path
     assert dst["prefetch_windows"] > 0  # virtio ring windows were warmed before the load
@@ -116,7 +116,7 @@ async def test_redis_moves_under_writes_and_back_losing_nothing(
     for hop in hops.hops:
         assert_hop(hop.reply, hop.command_s)
         assert hop.writes_during >= 30  # writes continued on the new host
-        print(f"{hop.src}->{hop.dst}: downtime {downtime_ms(hop.summary)} ms, "
+        print(f"{hop.src}->{hop.dst}: downtime {downtime(hop.summary).ms} ms, "
               f"total {hop.summary['total_s']} s")
     # Back on A it is a normal supervised VM, gone from B, holding what it held before.
     assert await listed(site, "upa") == [("r1", "running")]

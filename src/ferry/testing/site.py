@@ -8,8 +8,8 @@ between them (:meth:`Site.hop`). The demo, the live-migration benchmark and
 the e2e tests all move VMs through it, so they measure and test the commands
 users type and nothing else.
 
-:func:`downtime_ms` is the one place that reads the downtime out of the
-summary ``ferry vm migrate --json`` prints.
+:func:`downtime` is the one place that reads the downtime (its figure, its
+steps, who measured it) out of the summary ``ferry vm migrate --json`` prints.
 """
 
 from __future__ import annotations
@@ -28,7 +28,13 @@ from typing import Any
 from ferry.errors import FerryError
 from ferry.net import cleanup_leftovers as cleanup_networks
 from ferry.testing.hosts import HostSet
-from ferry.vm.registry import SUPERVISOR_RECORD, VMPaths, cleanup_leftovers, read_json
+from ferry.vm.registry import (
+    SUPERVISOR_RECORD,
+    VMPaths,
+    cleanup_leftovers,
+    process_alive,
+    read_json,
+)
 
 FERRY = (sys.executable, "-m", "ferry.cli.main")
 CLI_TIMEOUT_S = 300.0
@@ -39,13 +45,23 @@ AccessArgs = Callable[[str], Sequence[str]]
 ``--tls-cert/--tls-key/--tls-ca``); by default the destination's token file."""
 
 
-def downtime_ms(summary: Mapping[str, Any]) -> float:
-    """The downtime of one hop (source paused -> destination running), in ms, from the
-    ``summary`` of ``ferry vm migrate --json``."""
-    value = summary["downtime_ms"]
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise TypeError(f"no downtime in the summary: {value!r}")
-    return float(value)
+@dataclass(frozen=True, slots=True)
+class Downtime:
+    """One hop's downtime: source paused -> destination running."""
+
+    ms: float
+    steps_ms: dict[str, float]
+    measured_by: str
+    """``destination`` (one clock: namespace hosts) or ``source`` (its own view)."""
+
+
+def downtime(summary: Mapping[str, Any]) -> Downtime:
+    """The downtime in the ``summary`` of ``ferry vm migrate --json``."""
+    ms = summary["downtime_ms"]
+    if not isinstance(ms, int | float) or isinstance(ms, bool):
+        raise TypeError(f"no downtime in the summary: {ms!r}")
+    return Downtime(float(ms), dict(summary.get("downtime_steps_ms") or {}),
+                    str(summary["downtime_measured_by"]))
 
 
 class CliError(FerryError):
@@ -176,12 +192,11 @@ class Site:
 
 
 async def _wait_gone(pid: int) -> None:
+    """Until ``pid`` exited (a zombie counts: this machine's init reaps late), else SIGKILL."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + STOP_GRACE_S
     while loop.time() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not process_alive(pid, None):
             return
         await asyncio.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
