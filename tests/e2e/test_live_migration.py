@@ -37,6 +37,8 @@ from .conftest import REDIS_KEYS
 
 pytestmark = pytest.mark.e2e
 
+# Host and VM names of this module only: VM networks are named after the VM, and other
+# e2e runs may share the machine.
 HOSTS = ("upa", "upb", "upc")
 MIGRATE_PORT = 7521
 REGISTRY_PORT = 7522
@@ -108,7 +110,7 @@ def assert_hop(reply: dict[str, Any], command_s: float) -> None:
 
 async def test_redis_moves_under_writes_and_back_losing_nothing(
         site: Site, redis_package: Path) -> None:
-    hops = await run_redis_hops(site, redis_package, ["upa", "upb", "upa"], vm="r1",
+    hops = await run_redis_hops(site, redis_package, ["upa", "upb", "upa"], vm="up-r1",
                                 migrate_port=MIGRATE_PORT, writes_between=30,
                                 client_host="upc")
     assert hops.lost == []
@@ -119,7 +121,7 @@ async def test_redis_moves_under_writes_and_back_losing_nothing(
         print(f"{hop.src}->{hop.dst}: downtime {downtime(hop.summary).ms} ms, "
               f"total {hop.summary['total_s']} s")
     # Back on A it is a normal supervised VM, gone from B, holding what it held before.
-    assert await listed(site, "upa") == [("r1", "running")]
+    assert await listed(site, "upa") == [("up-r1", "running")]
     assert await listed(site, "upb") == []
     assert await redis_get(site, "upa", "greeting") == GREETING
 
@@ -137,22 +139,22 @@ async def test_chain_over_mutual_tls_in_one_boot_then_export(
         return ("--tls-cert", str(d / f"{host}.pem"), "--tls-key", str(d / f"{host}.key"),
                 "--tls-ca", str(d / "ca.pem"))
 
-    await site.vm_run("upa", "t1", redis_package, "-p",
+    await site.vm_run("upa", "up-t1", redis_package, "-p",
                       f"{site.address('upa')}:{REDIS_PORT}:6379")
-    before = await boot_id(site, "upa", "t1")
+    before = await boot_id(site, "upa", "up-t1")
     for src, dst in (("upa", "upb"), ("upb", "upc"), ("upc", "upa")):
         started = time.monotonic()
-        reply = await site.hop("t1", src, dst, MIGRATE_PORT, access=mutual_tls)
+        reply = await site.hop("up-t1", src, dst, MIGRATE_PORT, access=mutual_tls)
         assert_hop(reply, time.monotonic() - started)
         assert await listed(site, src) == []
-        assert await boot_id(site, dst, "t1") == before  # the same guest, never rebooted
+        assert await boot_id(site, dst, "up-t1") == before  # the same guest, never rebooted
     assert await redis_get(site, "upa", "greeting") == GREETING
     # Export the VM on A into a package; it stops, and resuming the package brings it back.
     exported = root / "exported.ferry"
-    reply = await site.ferry_json("upa", "vm", "migrate", "t1", "--to-package", str(exported))
+    reply = await site.ferry_json("upa", "vm", "migrate", "up-t1", "--to-package", str(exported))
     assert reply["package"] == str(exported)
     assert await listed(site, "upa") == []
-    await site.vm_run("upa", "t2", exported, "-p", f"{site.address('upa')}:{REDIS_PORT}:6379")
+    await site.vm_run("upa", "up-t2", exported, "-p", f"{site.address('upa')}:{REDIS_PORT}:6379")
     assert await redis_get(site, "upa", "greeting") == GREETING
 
 
@@ -178,23 +180,23 @@ async def start_migrate_to_held_b(site: Site, vm: str,
 
 async def test_destination_dies_before_handoff_vm_stays_on_a_and_moves_later(
         site: Site, redis_package: Path) -> None:
-    pid, migrating = await start_migrate_to_held_b(site, "f1", redis_package)
+    pid, migrating = await start_migrate_to_held_b(site, "up-f1", redis_package)
     await asyncio.sleep(1.0)  # B hangs at the launch exchange ...
     os.kill(pid, signal.SIGKILL)  # ... and dies
     result = await migrating
     assert result.returncode != 0
     assert "keeps running here" in result.stderr
-    await assert_serving_on_a(site, "f1")
+    await assert_serving_on_a(site, "up-f1")
     # Nothing was lost: the same VM still migrates to a new receiver on B.
-    before = await boot_id(site, "upa", "f1")
+    before = await boot_id(site, "upa", "up-f1")
     started = time.monotonic()
-    reply = await site.hop("f1", "upa", "upb", MIGRATE_PORT)
+    reply = await site.hop("up-f1", "upa", "upb", MIGRATE_PORT)
     assert_hop(reply, time.monotonic() - started)
-    assert await boot_id(site, "upb", "f1") == before
+    assert await boot_id(site, "upb", "up-f1") == before
 
 
 async def test_link_cut_before_handoff_leaves_vm_on_a(site: Site, redis_package: Path) -> None:
-    pid, migrating = await start_migrate_to_held_b(site, "c1", redis_package)
+    pid, migrating = await start_migrate_to_held_b(site, "up-c1", redis_package)
     await asyncio.sleep(0.5)  # the cut lands in the handshake
     await site.hosts.cut_link("upb")
     os.kill(pid, signal.SIGCONT)
@@ -204,7 +206,7 @@ async def test_link_cut_before_handoff_leaves_vm_on_a(site: Site, redis_package:
     # B's proof of the token never reached A, so A never proved itself to B: B took no VM.
     assert await listed(site, "upb") == []
     await site.hosts.restore_link("upb")
-    await assert_serving_on_a(site, "c1")
+    await assert_serving_on_a(site, "up-c1")
 
 
 async def first_pong_s(site: Site, host: str, started: float) -> float:
@@ -252,7 +254,7 @@ async def test_registry_start_is_post_copy(site: Site, redis_package: Path) -> N
         ready = await site.ferry_json(
             "upb", "vm", "receive", "--detach", "--registry",
             f"{site.address('upc')}:{REGISTRY_PORT}", "--package", redis_package.name,
-            "--name", "g1", "-p", f"{site.address('upb')}:{REDIS_PORT}:6379",
+            "--name", "up-g1", "-p", f"{site.address('upb')}:{REDIS_PORT}:6379",
             "--token-file", str(site.token_file("upc")))
         async with asyncio.timeout(120):
             ttfr = await pong

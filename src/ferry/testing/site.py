@@ -192,12 +192,21 @@ class Site:
 
 
 async def _wait_gone(pid: int) -> None:
-    """Until ``pid`` exited (a zombie counts: this machine's init reaps late), else SIGKILL."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + STOP_GRACE_S
-    while loop.time() < deadline:
-        if not process_alive(pid, None):
-            return
-        await asyncio.sleep(0.1)
+    """Until ``pid`` exited (a zombie counts: this machine's init reaps late); SIGKILL
+    after :data:`STOP_GRACE_S`, and wait for that too: cleaning up after a process that
+    still runs would skip what it owns."""
+    if await _exited_within(pid, STOP_GRACE_S):
+        return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+    await _exited_within(pid, STOP_GRACE_S)
+
+
+async def _exited_within(pid: int, timeout_s: float) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while process_alive(pid, None):
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
