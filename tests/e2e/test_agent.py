@@ -2,8 +2,8 @@
 
 One guest with the agent serves the whole module (boots take seconds under
 TCG); every test connects its own client, so each one also exercises the
-agent noticing a host leave and a new one arrive. A second guest, built
-without the agent, checks that calls time out with a clear error.
+agent noticing a host leave and a new one arrive. Calls to a guest without
+an agent time out with a clear error: tests/unit/guest/agent/test_agent_client.py.
 """
 
 from __future__ import annotations
@@ -47,14 +47,6 @@ disk_size_mib = 16
 [agent]
 before_suspend = ["echo suspended > /root/suspend-hook", "test ! -e /root/fail-suspend"]
 after_resume = ["date +%s > /root/resume-hook"]
-"""
-
-NO_AGENT_BLUEPRINT = """
-name = "no-agent-test"
-disk_size_mib = 16
-
-[agent]
-enabled = false
 """
 
 
@@ -113,11 +105,6 @@ def _boot(blueprint: str, out: Path) -> Iterator[Guest]:
 @pytest.fixture(scope="module")
 def guest(_guest_dir: Path) -> Iterator[Guest]:
     yield from _boot(AGENT_BLUEPRINT, _guest_dir / "with")
-
-
-@pytest.fixture(scope="module")
-def bare_guest(_guest_dir: Path) -> Iterator[Guest]:
-    yield from _boot(NO_AGENT_BLUEPRINT, _guest_dir / "without")
 
 
 async def _qmp(path: Path, *commands: str) -> None:
@@ -277,12 +264,3 @@ async def test_reconnect_across_a_paused_vm(guest: Guest) -> None:
         finally:
             await _qmp(guest.qmp_socket, "cont")
         assert (await agent.exec(["echo", "again"])).stdout == b"again\n"
-
-
-async def test_calls_to_a_guest_without_agent_time_out(bare_guest: Guest) -> None:
-    assert MARKER_AGENT not in bare_guest.console.read_text()
-    async with connect_agent(bare_guest.agent_socket) as agent:
-        with pytest.raises(AgentTimeoutError, match=r"agent did not answer hello within 2\.0 s"):
-            await agent.wait_ready(2.0)
-        with pytest.raises(AgentTimeoutError, match=r"agent did not answer exec within 3\.0 s"):
-            await agent.exec(["true"], timeout_s=1.0)

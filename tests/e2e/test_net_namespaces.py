@@ -32,7 +32,6 @@ from ferry.net import (
     Proto,
     RunDir,
     VMNetwork,
-    WildcardAddressError,
     cleanup_leftovers,
     links,
     netns,
@@ -292,14 +291,6 @@ async def test_ipv6_loopback_forward(run_dir: Path) -> None:
             reply = await tcp_exchange(*net.local_address(fwd), b"hello")
             assert reply.startswith(b"v6|")
             assert reply.endswith(b"|hello")
-
-
-async def test_wildcard_forward_refused_by_default() -> None:
-    with pytest.raises(WildcardAddressError):
-        PortForward("0.0.0.0", 16379, 6379)
-    with pytest.raises(WildcardAddressError):
-        PortForward("::", 16379, 6379)
-    assert PortForward("0.0.0.0", 16379, 6379, allow_wildcard=True).host == "0.0.0.0"
 
 
 async def test_two_vms_with_identical_guest_ips(run_dir: Path) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from ferry.net import netns
+from ferry.testing.packages import Signer
 
 pytestmark = pytest.mark.e2e
 
@@ -79,15 +80,21 @@ class Host:
     env: dict[str, str]
 
     def qemus(self) -> list[int]:
-        """QEMU processes started under this test's directories."""
+        """QEMU processes this test's commands started: their command line or their
+        environment (inherited from the ferry command, which runs with this host's
+        directories in it) names this test's root. Other QEMUs on the machine (a
+        snapshot elsewhere) are not ours."""
         found = []
+        root = str(self.root).encode()
         for proc in Path("/proc").glob("[0-9]*"):
             try:
                 cmd = (proc / "cmdline").read_bytes()
+                if b"qemu-system" not in cmd.split(b"\0")[0]:
+                    continue
+                env = (proc / "environ").read_bytes()
             except OSError:
                 continue
-            if b"qemu-system" in cmd.split(b"\0")[0] and (
-                    str(self.root).encode() in cmd or b"ferry-snap-" in cmd):
+            if root in cmd or root in env:
                 found.append(int(proc.name))
         return found
 
@@ -97,11 +104,10 @@ class Host:
 
 
 @pytest.fixture(scope="module")
-def host() -> Iterator[Host]:
+def host(signer: Signer) -> Iterator[Host]:
     root = Path(tempfile.mkdtemp(prefix="fsig-"))
-    env = {**os.environ, "FERRY_RUN_DIR": str(root / "run"),
-           "FERRY_STATE_DIR": str(root / "state"), "FERRY_TRUST_DIR": str(root / "trusted"),
-           "FERRY_SIGNING_KEY": str(root / "keys" / "signing.key"),
+    env = {**os.environ, **signer.env, "FERRY_RUN_DIR": str(root / "run"),
+           "FERRY_STATE_DIR": str(root / "state"),
            "FERRY_PACKAGE_CACHE_DIR": str(root / "pkgcache")}
     try:
         yield Host(root, env)
@@ -109,18 +115,6 @@ def host() -> Iterator[Host]:
         subprocess.run([*FERRY, "doctor", "--clean", "--json"], env=env,
                        capture_output=True, check=False, timeout=120)
         shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def package(host: Host) -> Path:
-    """A signed minimal package, made with the CLI (no signal)."""
-    subprocess.run([*FERRY, "key", "create", "--trust"], env=host.env, check=True,
-                   capture_output=True, timeout=60)
-    file = host.root / "minimal.ferry"
-    subprocess.run([*FERRY, "vm", "snapshot", "minimal", "-o", str(host.root / "pkg"),
-                    "--package", str(file)], env=host.env, check=True, capture_output=True,
-                   timeout=600)
-    return file
 
 
 def assert_clean(host: Host, namespaces_before: set[str]) -> None:
@@ -136,7 +130,8 @@ def assert_clean(host: Host, namespaces_before: set[str]) -> None:
     ("booting", signal.SIGINT, 130),
     ("agent up", signal.SIGTERM, 143),
 ])
-def test_snapshot(host: Host, package: Path, when: str, signum: int, code: int) -> None:
+def test_snapshot(host: Host, minimal_package: Path, when: str, signum: int,
+                  code: int) -> None:
     before = set(netns.list_namespaces())
     out = host.root / f"snap-{code}"
     cmd = start(host.env, "vm", "snapshot", "minimal", "-o", str(out))
@@ -149,10 +144,11 @@ def test_snapshot(host: Host, package: Path, when: str, signum: int, code: int) 
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_run_in_the_foreground(host: Host, package: Path, signum: int, code: int) -> None:
+def test_run_in_the_foreground(host: Host, minimal_package: Path, signum: int,
+                               code: int) -> None:
     before = set(netns.list_namespaces())
     name = f"sig-{code}"
-    cmd = start(host.env, "vm", "run", "--name", name, str(package))
+    cmd = start(host.env, "vm", "run", "--name", name, str(minimal_package))
     cmd.wait_for("running")
     rc, took = cmd.signal_and_wait(signum)
     assert rc == code, "".join(cmd.lines)
@@ -161,9 +157,9 @@ def test_run_in_the_foreground(host: Host, package: Path, signum: int, code: int
     assert_clean(host, before)
 
 
-def test_run_while_verifying(host: Host, package: Path) -> None:
+def test_run_while_verifying(host: Host, minimal_package: Path) -> None:
     before = set(netns.list_namespaces())
-    cmd = start(host.env, "vm", "run", "--name", "sig-early", str(package))
+    cmd = start(host.env, "vm", "run", "--name", "sig-early", str(minimal_package))
     cmd.wait_for("verifying")
     rc, took = cmd.signal_and_wait(signal.SIGINT)
     assert rc == 130, "".join(cmd.lines)

@@ -1,8 +1,8 @@
 """The VM lifecycle end to end: blueprint -> snapshot -> signed package -> resumed VMs.
 
 Real QEMU (TCG here), real FUSE and NBD, real network namespaces, the real
-``ferry`` CLI and detached supervisor processes. One minimal and one Redis
-package are made once per module and shared by the tests (a TCG boot takes
+``ferry`` CLI and detached supervisor processes. The session's minimal and Redis
+packages (tests/e2e/conftest.py) are shared by the tests (a TCG boot takes
 seconds; a resume takes a fraction of one).
 """
 
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from ferry.guest.agent import AgentClient
 from ferry.net import netns
-from ferry.package import TrustStore, generate_key, load_private_key, write_package
+from ferry.testing.packages import Signer
 from ferry.vm.manifest import VMManifest
 from ferry.vm.registry import VMPaths, read_json
-from ferry.vm.snapshot import snapshot
+
+from .conftest import MINIMAL_MARK
 
 pytestmark = pytest.mark.e2e
 
@@ -41,7 +41,6 @@ class Env:
     root: Path
     paths: VMPaths
     env: dict[str, str]
-    key: Path
 
     def ferry(self, *args: str, check: bool = True,
               timeout_s: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
@@ -65,17 +64,14 @@ def _supervisor_pids(paths: VMPaths) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def env() -> Iterator[Env]:
+def env(signer: Signer) -> Iterator[Env]:
     # Short paths: UNIX socket names are limited to 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="fvm-"))
     paths = VMPaths(root / "run", root / "state")
-    key = root / "keys" / "signing.key"
-    environ = {**os.environ, "FERRY_RUN_DIR": str(paths.run_root),
+    environ = {**os.environ, **signer.env, "FERRY_RUN_DIR": str(paths.run_root),
                "FERRY_STATE_DIR": str(paths.state_root),
-               "FERRY_TRUST_DIR": str(root / "trusted"),
-               "FERRY_SIGNING_KEY": str(key),
                "FERRY_PACKAGE_CACHE_DIR": str(root / "pkgcache")}
-    e = Env(root, paths, environ, key)
+    e = Env(root, paths, environ)
     try:
         yield e
     finally:
@@ -106,51 +102,11 @@ def env() -> Iterator[Env]:
 class MinimalPackage:
     file: Path
     directory: Path
-    exec_results: dict[str, tuple[int, bytes, bytes]]
 
 
 @pytest.fixture(scope="module")
-def minimal(env: Env) -> MinimalPackage:
-    """Snapshot the minimal blueprint (checking agent exec while it runs) and sign it."""
-    results: dict[str, tuple[int, bytes, bytes]] = {}
-
-    async def during_boot(agent: AgentClient) -> None:
-        for label, cmd in (("echo", "echo hello from the guest"),
-                           ("fail", "echo oops >&2; exit 7"),
-                           ("mark", "echo snapshotted > /root/mark && sync")):
-            r = await agent.exec(cmd, timeout_s=30)
-            results[label] = (r.exit_code, r.stdout, r.stderr)
-
-    import asyncio
-
-    out = env.root / "minimal-pkg"
-    asyncio.run(snapshot("minimal", out, on_ready=during_boot,
-                         net_run_dir=env.paths.net_run_dir))
-    created = env.ferry_json("key", "create", "--trust")
-    assert isinstance(created, dict)
-    assert Path(created["public_key"]).is_file()
-    file = env.root / "minimal.ferry"
-    env.ferry("package", "create", str(out), str(file))
-    return MinimalPackage(file, out, results)
-
-
-@pytest.fixture(scope="module")
-def redis_package(env: Env) -> Path:
-    """Snapshot Redis with keys written before the snapshot; signed with the library."""
-    import asyncio
-
-    out = env.root / "redis-pkg"
-    asyncio.run(snapshot("redis", out, prepare=["redis-cli set greeting hello",
-                                                "redis-cli set counter 41"],
-                         net_run_dir=env.paths.net_run_dir))
-    if not env.key.exists():
-        generate_key(env.key)
-        TrustStore.from_path(env.root / "trusted", missing_ok=True).add(
-            env.key.with_name(env.key.name + ".pub"))
-    file = env.root / "redis.ferry"
-    write_package(out, file, load_private_key(env.key),
-                  manifest=VMManifest.load(out).to_json())
-    return file
+def minimal(signer: Signer, minimal_package: Path) -> MinimalPackage:
+    return MinimalPackage(minimal_package, signer.snapshot_dir("minimal"))
 
 
 def _free_port() -> int:
@@ -187,9 +143,7 @@ def _run_detached(env: Env, *args: str) -> dict[str, object]:
 # -- minimal: exec, package, verify, tamper, resume --------------------------------------
 
 
-def test_agent_exec_round_trip_while_booted(minimal: MinimalPackage) -> None:
-    assert minimal.exec_results["echo"] == (0, b"hello from the guest\n", b"")
-    assert minimal.exec_results["fail"] == (7, b"", b"oops\n")
+def test_the_snapshot_is_a_complete_package(minimal: MinimalPackage) -> None:
     manifest = VMManifest.load(minimal.directory)
     assert manifest.machine.memory_mib == 128
     assert manifest.network.ip == "10.0.2.15"
@@ -229,7 +183,7 @@ def test_resume_minimal_and_exec_again(env: Env, minimal: MinimalPackage) -> Non
     try:
         # The file written before the snapshot is there: this is the snapshot's guest.
         r = env.ferry("vm", "exec", "mini", "--", "cat", "/root/mark")
-        assert r.stdout == "snapshotted\n"
+        assert r.stdout == f"{MINIMAL_MARK}\n"
         r = env.ferry("vm", "exec", "mini", "--", "sh", "-c", "echo err >&2; exit 5",
                       check=False)
         assert (r.returncode, r.stderr) == (5, "err\n")
@@ -246,14 +200,6 @@ def test_resume_minimal_and_exec_again(env: Env, minimal: MinimalPackage) -> Non
     assert not netns.exists("ferry-vm-mini")
     # The package's files were never written.
     assert env.ferry_json("package", "verify", str(minimal.file))
-
-
-def test_publishing_on_a_wildcard_address_needs_consent(env: Env,
-                                                        minimal: MinimalPackage) -> None:
-    proc = env.ferry("vm", "run", "--detach", "--name", "wild", "-p", "0.0.0.0:1:6379",
-                     str(minimal.file), check=False)
-    assert proc.returncode == 2
-    assert "wildcard" in proc.stderr
 
 
 # -- redis: two VMs from one package, suspend/continue, crash cleanup -------------------

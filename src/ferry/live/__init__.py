@@ -13,7 +13,6 @@ Public API::
     Access(tls, token, insecure).connect(host, port) / .listen(host, port) / .accept(l)
                                         the link: ferry.transport TCP/TLS tuned to notice
                                         a dead peer (ferry.transport.tuning)
-    python -m ferry.testing.peer  +  control.PeerProcess                one peer process per host
 """
 
 from ferry.live.destination import IncomingVM

@@ -103,7 +103,8 @@ def block_hashes(draw: st.DrawFn) -> BlockHashes:
 @st.composite
 def byte_ranges(draw: st.DrawFn) -> tuple[int, int, int]:
     offset = draw(u64)
-    return draw(u16), offset, draw(st.integers(1, 2**64 - offset))
+    # The length is a u64 too, and the range must end within 2**64.
+    return draw(u16), offset, draw(st.integers(1, min(2**64 - 1, 2**64 - offset)))
 
 
 read_at_responses = st.builds(ReadAtResponse, request_id=u32, data=st.binary(max_size=100)) | (

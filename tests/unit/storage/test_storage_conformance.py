@@ -14,7 +14,6 @@ from types import TracebackType
 from typing import Protocol, Self
 
 import pytest
-from storage_helpers import pattern
 
 from ferry.errors import DeviceClosedError, DeviceRangeError
 from ferry.storage import (
@@ -29,6 +28,8 @@ from ferry.storage import (
     dirty_tracker,
     waiting_cache,
 )
+
+from .storage_helpers import pattern
 
 BS = 4096
 SIZE = 5 * BS + 1000  # the last block is short on purpose

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from storage_helpers import GatedDevice
 
 from ferry.errors import DeviceClosedError, DeviceRangeError
 from ferry.storage import Geometry, MemoryDevice, dirty_tracker
+
+from .storage_helpers import GatedDevice
 
 BS = 4096
 SIZE = 8 * BS + 100

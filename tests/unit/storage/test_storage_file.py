@@ -8,10 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from storage_helpers import pattern
 
 from ferry.errors import ConfigError, DeviceError, ReadOnlyError
 from ferry.storage import DeviceFullError, FileDevice
+
+from .storage_helpers import pattern
 
 BS = 4096
 

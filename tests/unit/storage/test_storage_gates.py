@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from storage_helpers import GatedDevice
 
 from ferry.errors import DeviceClosedError, ReadOnlyError
 from ferry.storage import DeviceStats, Lockable, MemoryDevice, MetricsDevice, ReadOnlyGate
+
+from .storage_helpers import GatedDevice
 
 SIZE = 8192
 

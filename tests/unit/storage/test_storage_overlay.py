@@ -6,10 +6,11 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from storage_helpers import GatedDevice, pattern
 
 from ferry.errors import BaseMismatchError, DeviceError, ReadOnlyError
 from ferry.storage import FileDevice, MemoryDevice, OverlayDevice, OverlayMapError, ReadOnlyGate
+
+from .storage_helpers import GatedDevice, pattern
 
 BS = 4096
 SIZE = 6 * BS + 300

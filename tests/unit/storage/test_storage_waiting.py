@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from storage_helpers import GatedDevice, pattern
 
 from ferry.errors import BrokenResourceError, DeviceClosedError, DeviceRangeError
 from ferry.storage import MemoryDevice, UnalignedWriteError, WaitingRemote, waiting_cache
+
+from .storage_helpers import GatedDevice, pattern
 
 BS = 4096
 SIZE = 4 * BS + 100  # blocks 0..3 and a short block 4

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from nbd_helpers import STRUCTURED_MAGIC, RawClient, request
 
 from ferry.errors import DeviceRangeError
 from ferry.expose.nbd.filereads import INLINE_READ_MAX_BYTES, file_extent_of
@@ -27,6 +26,8 @@ from ferry.storage.modules.metrics import MetricsDevice
 from ferry.storage.modules.waiting import waiting_cache
 from ferry.storage.providers.file import FileDevice
 from ferry.storage.providers.memory import MemoryDevice
+
+from .nbd_helpers import STRUCTURED_MAGIC, RawClient, request
 
 SIZE = 8 << 20
 READ, WRITE = 0, 1

@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import RecordingDevice
-from nbd_helpers import RawClient, go_payload, option, request
 
 from ferry.expose.nbd.errors import NBDServeError
 from ferry.expose.nbd.protocol import transmission_flags
 from ferry.expose.nbd.server import Export, NBDServer
+
+from .conftest import RecordingDevice
+from .nbd_helpers import RawClient, go_payload, option, request
 
 SIZE = 4 << 20
 EINVAL, EPERM, EIO, ENOSPC = 22, 1, 5, 28

@@ -20,14 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import RecordingDevice
-from nbd_helpers import RawClient, go_payload, option
 
 from ferry.expose.nbd import server as server_module
 from ferry.expose.nbd.server import Export, NBDServer
 from ferry.storage.providers.file import FileDevice
 from ferry.transport.certs import HostCertFiles, create_ca, create_host_cert
 from ferry.transport.tls import client_context_for, server_context_for
+
+from .conftest import RecordingDevice
+from .nbd_helpers import RawClient, go_payload, option
 
 SIZE = 4 << 20
 ACK, ERR_TLS_REQD = 1, 2**31 + 5

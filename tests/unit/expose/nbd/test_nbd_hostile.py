@@ -13,11 +13,12 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from nbd_helpers import RawClient, request
 
 from ferry.expose.nbd import server as nbd_server
 from ferry.expose.nbd.server import Export, NBDServer
 from ferry.storage.providers.memory import MemoryDevice
+
+from .nbd_helpers import RawClient, request
 
 MiB = 1024 * 1024
 READS = 60_000

@@ -8,7 +8,6 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nbd_helpers import go_payload, option, parse_option_replies, request
 
 from ferry.expose.nbd.errors import (
     NBDLocalProtocolError,
@@ -39,6 +38,8 @@ from ferry.expose.nbd.protocol import (
     WriteRequest,
     WriteZeroesRequest,
 )
+
+from .nbd_helpers import go_payload, option, parse_option_replies, request
 
 SIZE = 1 << 20
 EXPORTS = {

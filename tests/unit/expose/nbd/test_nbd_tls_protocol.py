@@ -5,7 +5,6 @@ from __future__ import annotations
 import struct
 
 import pytest
-from nbd_helpers import go_payload, option, parse_option_replies
 
 from ferry.expose.nbd.errors import (
     NBDLocalProtocolError,
@@ -24,6 +23,8 @@ from ferry.expose.nbd.protocol import (
     TLSMode,
     TLSRequested,
 )
+
+from .nbd_helpers import go_payload, option, parse_option_replies
 
 EXPORTS = {"disk": ExportInfo(1 << 20), "ro": ExportInfo(4096, read_only=True)}
 ACK, SERVER, INFO = 1, 2, 3

@@ -1,0 +1,47 @@
+"""What every e2e module shares: ONE minimal and ONE Redis package per session.
+
+Both are made as users make them (``ferry key create --trust``, then ``ferry
+vm snapshot BLUEPRINT --package FILE``), signed by one key that
+:attr:`Signer.env` makes trusted; a module gives its hosts that environment.
+A snapshot is a TCG boot (tens of seconds on this machine): made once, not
+once per module. Tests never write to these files (a resume works on
+overlays in its own state dir), so sharing them is safe.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ferry.testing.packages import Signer
+
+MINIMAL_MARK = "snapshotted"
+"""Written to /root/mark in the minimal guest before its snapshot."""
+REDIS_KEYS = {"greeting": "hello", "counter": "41"}
+"""Set in the Redis guest before its snapshot."""
+
+
+@pytest.fixture(scope="session")
+def signer() -> Iterator[Signer]:
+    root = Path(tempfile.mkdtemp(prefix="fe2e-"))  # short: UNIX socket paths
+    try:
+        yield Signer(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def minimal_package(signer: Signer) -> Path:
+    """The minimal blueprint, snapshotted after writing /root/mark, signed."""
+    return signer.package("minimal", prepare=[f"echo {MINIMAL_MARK} > /root/mark && sync"])
+
+
+@pytest.fixture(scope="session")
+def redis_package(signer: Signer) -> Path:
+    """The Redis blueprint (256 MiB), snapshotted with :data:`REDIS_KEYS` set, signed."""
+    return signer.package("redis", prepare=[f"redis-cli set {k} {v}"
+                                            for k, v in REDIS_KEYS.items()])
