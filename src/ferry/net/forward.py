@@ -37,6 +37,8 @@ from ferry.net.netns import socket_in_netns
 log = logging.getLogger(__name__)
 
 COPY_CHUNK_BYTES = 64 * 1024
+CLOSE_GRACE_S = 1.0
+"""How long a relay's closing end may take to hand its unsent data over."""
 UDP_MAX_DATAGRAM_BYTES = 65535
 UDP_IDLE_TIMEOUT_S = 30.0
 """A UDP flow with no datagram either way for this long is forgotten, as conntrack does for
@@ -231,11 +233,27 @@ class TcpForwarder(_ForwarderBase):
         except* OSError as group:
             self._log.debug("relay for %s ended: %s", peer, group.exceptions)
         finally:
-            for w in (c_writer, u_writer):
-                w.close()
-            for w in (c_writer, u_writer):
-                with contextlib.suppress(OSError):
-                    await w.wait_closed()
+            await _close_both(c_writer, u_writer)
+
+
+async def _close_both(*writers: asyncio.StreamWriter) -> None:
+    """Close a relay's two ends. A close waits for unsent data to drain, and the other
+    side may never read it again (a guest that was stopped, a client that hung): so a
+    relay being torn down (cancelled: the forwarder stops) aborts at once, and any other
+    close is given :data:`CLOSE_GRACE_S` before it is aborted."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        for w in writers:
+            w.transport.abort()
+        return
+    for w in writers:
+        w.close()
+    for w in writers:
+        try:
+            async with asyncio.timeout(CLOSE_GRACE_S):
+                await w.wait_closed()
+        except (OSError, TimeoutError):
+            w.transport.abort()
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -71,6 +71,14 @@ class ArrivalRequest:
                               f"{self.report_until!r}")
 
 
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """How a received VM left: its ending, and the signal that stopped it if one did."""
+
+    ending: Ending
+    signal: int | None = None
+
+
 def rehome(forwards: tuple[PortForward, ...], listen_host: str | None) -> tuple[PortForward, ...]:
     """The source's forwards on this host: loopback stays loopback, any other address
     becomes the address this host listens on for migrations (its address on that network)."""
@@ -84,8 +92,11 @@ def rehome(forwards: tuple[PortForward, ...], listen_host: str | None) -> tuple[
 
 async def arrive(request: ArrivalRequest, *,
                  on_listening: Callable[[tuple[str, int]], None] = lambda a: None,
-                 on_ready: Callable[[dict[str, Any]], None] = lambda r: None) -> Ending:
+                 on_ready: Callable[[dict[str, Any]], None] = lambda r: None) -> Arrival:
     """Receive one VM and hold it until it is stopped, migrated on, or QEMU exits.
+
+    Once the VM runs, SIGTERM/SIGINT stop it as ``ferry vm stop`` would
+    (:meth:`Holder.signals_stop`); before that they cancel the receive.
 
     Raises :class:`LiveMigrationError` if it never started here.
     """
@@ -137,9 +148,10 @@ async def arrive(request: ArrivalRequest, *,
             on_ready({"vm_id": vm_id, "pid": os.getpid(), "qemu_pid": pid,
                       "forwards": fwd_text, "origin": offer.origin,
                       "running_s": running_s, "report": report.to_json()})
-            ending = await holder.watch(held)
+            with holder.signals_stop():
+                ending = await holder.watch(held)
             holder.update(state=HolderState.STOPPING)
-            return ending
+            return Arrival(ending, holder.signal)
     except FerryError as exc:
         if isinstance(exc, LiveMigrationError):
             raise
@@ -147,4 +159,4 @@ async def arrive(request: ArrivalRequest, *,
         raise LiveMigrationError(text, vm=vm_id, handed_off=False) from exc
 
 
-__all__ = ["ArrivalRequest", "arrive", "rehome"]
+__all__ = ["Arrival", "ArrivalRequest", "arrive", "rehome"]

@@ -26,7 +26,8 @@ import dataclasses
 import enum
 import logging
 import shutil
-from collections.abc import AsyncIterator, Callable, Mapping
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,9 @@ from ferry.vm.registry import VMPaths, live_supervisor, private_dir
 from ferry.vm.runner import StopMode
 
 log = logging.getLogger(__name__)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Ending(enum.Enum):
@@ -130,6 +134,23 @@ class Holder:
         """SIGTERM/SIGINT: discard the VM (the first signal is reported)."""
         self.signal = self.signal or signum
         self.request_stop(Ending.DISCARD)
+
+    @contextlib.contextmanager
+    def signals_stop(self) -> Iterator[None]:
+        """While inside: SIGTERM/SIGINT ask for a discard stop, exactly as ``ferry vm
+        stop`` does, so the VM is torn down in order and not by cancelling whatever
+        is awaiting. On the way out a further signal cancels the calling task (a
+        teardown that hangs can still be interrupted)."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self.on_signal, sig)
+        try:
+            yield
+        finally:
+            for sig in STOP_SIGNALS:
+                loop.add_signal_handler(sig, task.cancel)
 
     async def handle(self, req: Request) -> Reply:
         match req:

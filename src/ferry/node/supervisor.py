@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -72,18 +71,12 @@ async def supervise(
     record = HolderRecord.for_this_process(
         vm_id, HolderState.STARTING, package_dir=str(request.package_dir or ""),
         forwards=tuple(str(f) for f in request.forwards))
-    loop = asyncio.get_running_loop()
     async with holding(paths, record) as holder:
         if log_file:
             _redirect_stderr(holder.run_dir / "supervisor.log")
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, holder.on_signal, sig)
-        try:
+        with holder.signals_stop():
             ending = await _run(holder, request, on_ready=on_ready, on_console=on_console,
                                 launched=launched)
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
     report = stop_report(ending, holder.outcome)
     if holder.signal is not None:
         report["signal"] = holder.signal

@@ -237,3 +237,35 @@ async def test_socket_in_current_namespace_is_nonblocking() -> None:
         assert sock.getblocking() is False
     finally:
         sock.close()
+
+
+async def test_tcp_stop_is_prompt_when_the_target_stopped_reading() -> None:
+    """A target that accepted and then never reads again (a guest that was stopped),
+    and a client still writing: the relay's upstream has data that can never drain.
+    Stopping the forwarder must not wait for it (it did, forever: a received VM's holder
+    hung in its network teardown on SIGTERM)."""
+    stalled: list[socket.socket] = []
+
+    def keep(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        cast(asyncio.Transport, writer.transport).pause_reading()  # accept, never read
+        stalled.append(sock)
+
+    server = await asyncio.start_server(keep, "127.0.0.1", 0)
+    target = server.sockets[0].getsockname()[:2]
+    fwd = TcpForwarder(PortForward("127.0.0.1", 0, 1), target)
+    await fwd.start()
+    try:
+        _, writer = await asyncio.open_connection(*fwd.local_address)
+        chunk = b"x" * 65536
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):  # until every buffer on the way is full
+                while True:
+                    writer.write(chunk)
+                    await writer.drain()
+        async with asyncio.timeout(10):  # a hang guard: it ends at once, or never
+            await fwd.stop()
+        writer.transport.abort()
+    finally:
+        await fwd.stop()
+        server.close()
