@@ -9,6 +9,8 @@ the child's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from types import TracebackType
 from typing import Any
 
 
@@ -48,3 +50,30 @@ async def wait_briefly(task: asyncio.Future[Any], timeout_s: float) -> None:
             raise
     except Exception:
         pass
+
+
+class StackSafe:
+    """An async context manager made safe to enter into an ``AsyncExitStack``.
+
+    A manager whose ``__aexit__`` raises the very exception it was handed (as
+    ``asyncio.TaskGroup`` does with a CancelledError) makes Python 3.11's
+    ``AsyncExitStack`` link that exception into its own ``__context__`` chain,
+    and the next exit callback that raises then walks the cycle forever (a
+    process spinning at 100 % CPU on Ctrl-C). This wrapper returns instead, so
+    the stack propagates the exception it already holds.
+    """
+
+    def __init__(self, inner: contextlib.AbstractAsyncContextManager[Any]) -> None:
+        self._inner = inner
+
+    async def __aenter__(self) -> Any:
+        return await self._inner.__aenter__()
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> bool | None:
+        try:
+            return await self._inner.__aexit__(et, e, tb)
+        except BaseException as raised:
+            if e is not None and raised is e:
+                return False
+            raise

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 
@@ -58,3 +60,45 @@ async def test_wait_briefly_does_not_cancel() -> None:
     await wait_briefly(child, 0.05)
     assert not child.done()
     await cancel_and_wait(child)
+
+
+_SPIN_CASE = '''
+import asyncio, contextlib
+from ferry.aio import StackSafe
+
+class RaisesCancelled:
+    """A teardown that awaits and is cancelled: raises a fresh CancelledError."""
+    async def __aenter__(self): return self
+    async def __aexit__(self, *exc):
+        raise asyncio.CancelledError()
+
+@contextlib.asynccontextmanager
+async def incoming():
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(StackSafe(asyncio.TaskGroup()))
+        await stack.enter_async_context(RaisesCancelled())
+        yield
+
+async def main():
+    try:
+        async with contextlib.AsyncExitStack() as outer:
+            outer.push_async_callback(asyncio.sleep, 0)
+            await outer.enter_async_context(incoming())
+            raise asyncio.CancelledError()
+    except asyncio.CancelledError:
+        print("ended")
+
+asyncio.run(main())
+'''
+
+
+def test_a_task_group_in_an_exit_stack_cannot_spin_a_cancelled_teardown() -> None:
+    """The shape of IncomingVM's teardown under Ctrl-C/SIGTERM. Without StackSafe,
+    Python 3.11's AsyncExitStack links the TaskGroup's re-raised CancelledError into
+    its own context chain and the outer stack then walks that cycle forever at 100 %
+    CPU (a received VM's holder did). Run in a subprocess: a spin cannot be timed out
+    from inside the loop it occupies."""
+    out = subprocess.run([sys.executable, "-c", _SPIN_CASE], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ended"

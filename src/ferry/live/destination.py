@@ -37,6 +37,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from ferry.aio import StackSafe
 from ferry.errors import FerryError, MigrationError
 from ferry.expose.fuse import FuseError
 from ferry.guest.agent import AgentClient, AgentError, connect_agent
@@ -102,7 +103,7 @@ class IncomingVM:
         return self._devices
 
     async def __aenter__(self) -> Self:
-        self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
+        self._tg = await self._stack.enter_async_context(StackSafe(asyncio.TaskGroup()))
         self._stack.callback(self._closing.set)  # runs before the TaskGroup exits
         return self
 
