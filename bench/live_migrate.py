@@ -62,6 +62,9 @@ def _hop(h: Hop) -> dict[str, Any]:
         "bytes_by_device": {n: d["bytes_by_phase"] for n, d in s["devices"].items()},
         "verified": s["verified"],
         "writes_during": h.writes_during,
+        # Inside the destination's state_load step: warming the ring windows (absent
+        # blocks are fetched on demand) before QEMU loads the state.
+        "destination_prefetch_ms": (h.reply.get("destination") or {}).get("prefetch_ms"),
     }
 
 
