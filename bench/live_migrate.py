@@ -50,6 +50,7 @@ def _p50(xs: list[float]) -> float | None:
 def _hop(h: Hop) -> dict[str, Any]:
     s = h.summary
     d = downtime(s)
+    dst = h.reply.get("destination") or {}
     return {
         "from": h.src, "to": h.dst,
         "downtime_ms": d.ms, "downtime_uncertainty_ms": d.uncertainty_ms,
@@ -63,8 +64,12 @@ def _hop(h: Hop) -> dict[str, Any]:
         "verified": s["verified"],
         "writes_during": h.writes_during,
         # Inside the destination's state_load step: warming the ring windows (absent
-        # blocks are fetched on demand) before QEMU loads the state.
-        "destination_prefetch_ms": (h.reply.get("destination") or {}).get("prefetch_ms"),
+        # blocks are fetched on demand) before QEMU loads the state; and the guest RAM
+        # the load and the cont still read cold through FUSE.
+        "destination_prefetch_ms": dst.get("prefetch_ms"),
+        "destination_prefetch_windows": dst.get("prefetch_windows"),
+        "destination_load_ram_reads": dst.get("state_load_ram_reads"),
+        "destination_cont_ram_reads": dst.get("cont_ram_reads"),
     }
 
 

@@ -200,7 +200,7 @@ class IncomingVM:
         """Put the source's ring windows into this mount's page cache before the load.
 
         Loading the state reads every ring (and RAM near them); through FUSE
-        each window is a cold 1 MiB read served by this process's event loop
+        each window is a cold read (up to 1 MiB) served by this process's event loop
         between post-copy writes, one fault after the other. Instead the
         windows are read from the memory stack's waiting cache, all at once
         (absent blocks, such as the rings' own, dirty at the suspend point, are
