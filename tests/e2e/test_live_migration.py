@@ -29,7 +29,7 @@ from ferry.net.netns import socket_in_netns
 from ferry.testing.hosts import host_namespaces
 from ferry.testing.packages import Signer
 from ferry.testing.redis_hops import REDIS_PORT, run_redis_hops
-from ferry.testing.site import FERRY, Site, downtime
+from ferry.testing.site import FERRY, Site, downtime, exited_within
 from ferry.testing.workload import command
 from ferry.transport.certs import create_ca, create_host_cert
 from ferry.vm.registry import SUPERVISOR_RECORD, read_json
@@ -140,22 +140,9 @@ async def test_redis_moves_under_writes_and_back_losing_nothing(
     assert record is not None
     os.kill(record["pid"], signal.SIGTERM)
     # A hang guard (the holder used to hang here, spinning in its teardown).
-    assert await asyncio.to_thread(_exits_within, record["pid"], 30.0)
+    assert await exited_within(record["pid"], 30.0)
     assert [n for n in netns.list_namespaces() if n.startswith("ferry-vm-up-r1-")] == []
     assert await listed(site, "upa") == []
-
-
-def _exits_within(pid: int, timeout_s: float) -> bool:
-    """Whether ``pid`` is gone (or a zombie: not ours to reap) within ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return True
-        except OSError:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 async def test_chain_over_mutual_tls_in_one_boot_then_export(

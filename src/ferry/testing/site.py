@@ -218,14 +218,15 @@ async def _wait_gone(pid: int) -> None:
     """Until ``pid`` exited (a zombie counts: this machine's init reaps late); SIGKILL
     after :data:`STOP_GRACE_S`, and wait for that too: cleaning up after a process that
     still runs would skip what it owns."""
-    if await _exited_within(pid, STOP_GRACE_S):
+    if await exited_within(pid, STOP_GRACE_S):
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    await _exited_within(pid, STOP_GRACE_S)
+    await exited_within(pid, STOP_GRACE_S)
 
 
-async def _exited_within(pid: int, timeout_s: float) -> bool:
+async def exited_within(pid: int, timeout_s: float) -> bool:
+    """Whether ``pid`` is gone (or a zombie) within ``timeout_s``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while process_alive(pid, None):

@@ -49,10 +49,6 @@ class TcpTuning:
             raise ConfigError(f"buffer_bytes must be in [4096, 1 GiB], got {self.buffer_bytes}")
 
 
-LIVE_LINK = TcpTuning()
-"""What a live-migration link uses (the defaults above)."""
-
-
 def apply_buffers(sock: socket.socket, tuning: TcpTuning) -> None:
     """Set the buffer sizes (also valid on a listening socket, whose connections inherit them)."""
     if tuning.buffer_bytes is not None:
