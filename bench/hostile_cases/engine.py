@@ -70,7 +70,7 @@ ServeAttack = Callable[[int], tuple[bool, str]]
 _NOBODY_CLIENT = """
 import socket, sys
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30)
-s.sendall(sys.argv[2].encode("latin-1"))
+s.sendall(bytes.fromhex(sys.argv[2]))
 got = b""
 try:
     while chunk := s.recv(65536):
@@ -90,7 +90,7 @@ def _only_refusal(got: bytes) -> bool:
 
 def _nobody(payload: bytes) -> ServeAttack:
     def attack(port: int) -> tuple[bool, str]:
-        out = as_nobody(_NOBODY_CLIENT, str(port), payload.decode("latin-1"))
+        out = as_nobody(_NOBODY_CLIENT, str(port), payload.hex())  # argv: no NUL bytes
         if out.returncode != 0:
             return False, f"client failed: {out.stderr.strip()[-200:]}"
         got = bytes.fromhex(out.stdout.strip())
