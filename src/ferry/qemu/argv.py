@@ -83,11 +83,13 @@ class UserNet:
     """QEMU user-mode networking (no privileges) with TCP port forwards.
 
     ``host_forwards`` holds ``(host_port, guest_port)`` pairs bound on
-    127.0.0.1. The guest is 10.0.2.15/24 with gateway 10.0.2.2.
+    ``bind`` (127.0.0.1 unless a host address is given). The guest is
+    10.0.2.15/24 with gateway 10.0.2.2.
     """
 
     host_forwards: tuple[tuple[int, int], ...] = ()
     mac: str = "52:54:00:12:34:56"
+    bind: str = "127.0.0.1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +218,8 @@ def argv_for(kernel: Path, initramfs: Path, config: QemuConfig) -> list[str]:
                             f"name={_opt(config.agent.name)}"]
 
     if isinstance(config.net, UserNet):
-        fwd = "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in config.net.host_forwards)
+        bind = config.net.bind
+        fwd = "".join(f",hostfwd=tcp:{bind}:{h}-:{g}" for h, g in config.net.host_forwards)
         argv += ["-netdev", f"user,id=net0{fwd}",
                  "-device", f"virtio-net-device,netdev=net0,mac={config.net.mac}"]
     elif isinstance(config.net, TapNet):

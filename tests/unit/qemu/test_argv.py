@@ -88,6 +88,9 @@ def test_serial_socket_agent_and_nets() -> None:
     assert "virtserialport,bus=vser0.0,chardev=agent0,name=ferry.agent" in devices
     assert _pairs(argv, "-netdev") == [
         "user,id=net0,hostfwd=tcp:127.0.0.1:16379-:6379,hostfwd=tcp:127.0.0.1:2222-:22"]
+    on_host = qemu_argv(K, INITRD, memory_mib=64, cmdline="",
+                        net=UserNet(host_forwards=((16379, 6379),), bind="10.77.0.2"))
+    assert _pairs(on_host, "-netdev") == ["user,id=net0,hostfwd=tcp:10.77.0.2:16379-:6379"]
     tap = qemu_argv(K, INITRD, memory_mib=64, cmdline="", net=TapNet("tap7"))
     assert _pairs(tap, "-netdev") == ["tap,id=net0,ifname=tap7,script=no,downscript=no"]
 
