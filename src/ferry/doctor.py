@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ferry.guest.image.cache import cache_root
+from ferry.hostconfig import Accel
 from ferry.qemu.accel import choose_accel
-from ferry.qemu.argv import QEMU_BINARY, Accel
+from ferry.qemu.argv import QEMU_BINARY
 from ferry.vm.registry import VMPaths
 
 # Below this much free space, building images and writing packages fails.

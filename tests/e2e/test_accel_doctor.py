@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from ferry.guest.image.kernel import fetch_kernel
+from ferry.hostconfig import Accel
 from ferry.qemu.accel import Source, choose_accel, probe_argv, probe_boot, probe_initramfs
-from ferry.qemu.argv import QEMU_BINARY, Accel, host_tsc_khz
+from ferry.qemu.argv import QEMU_BINARY, host_tsc_khz
 
 pytestmark = pytest.mark.e2e
 

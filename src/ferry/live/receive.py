@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from ferry.errors import FerryError
+from ferry.hostconfig import Accel
 from ferry.live import launch, report_exchange
 from ferry.live.access import Access
 from ferry.live.destination import IncomingVM, WrapArgv
@@ -26,7 +27,7 @@ from ferry.live.report import DestinationReport
 from ferry.migration.channel import StreamChannel
 from ferry.net import GUEST_IP, GUEST_MAC
 from ferry.qemu import VMConfig
-from ferry.qemu.argv import Accel, TapNet
+from ferry.qemu.argv import TapNet
 from ferry.transport.base import Stream
 from ferry.vm.errors import ManifestError
 from ferry.vm.manifest import VMManifest

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from ferry.errors import ConfigError
 from ferry.guest.image.tree import Tree, write_newc
-from ferry.qemu.argv import DEFAULT_CPU_MODEL, QEMU_BINARY, Accel, host_tsc_khz
+from ferry.hostconfig import Accel
+from ferry.qemu.argv import DEFAULT_CPU_MODEL, QEMU_BINARY, host_tsc_khz
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ from typing import Any
 
 from ferry.errors import ConfigError
 from ferry.guest.image import BuiltImage
-from ferry.qemu.argv import DEFAULT_CPU_MODEL, Accel, NetSpec
+from ferry.hostconfig import Accel
+from ferry.qemu.argv import DEFAULT_CPU_MODEL, NetSpec
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,10 +42,10 @@ from ferry.aio import cancel_and_wait, wait_briefly
 from ferry.errors import ConfigError
 from ferry.expose.fuse import FlushStats, FuseMount
 from ferry.expose.nbd.server import Export, NBDServer
+from ferry.hostconfig import Accel
 from ferry.qemu import devstate
 from ferry.qemu.accel import choose_accel
 from ferry.qemu.argv import (
-    Accel,
     AgentChannel,
     NbdDisk,
     SerialToFile,

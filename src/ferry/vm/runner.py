@@ -68,9 +68,10 @@ from typing import Any, Generic, TypeVar
 from ferry.buffers import Buffer
 from ferry.expose.fuse import PRELOAD_CHUNK_BYTES, IoCounters, PreloadStats
 from ferry.guest.agent import AgentClient, AgentError, ExecResult, connect_agent
+from ferry.hostconfig import Accel
 from ferry.net import GUEST_IP, GUEST_MAC, PortForward, VMNetwork
 from ferry.qemu import DeviceStateStats, QemuVM, VMConfig
-from ferry.qemu.argv import Accel, TapNet
+from ferry.qemu.argv import TapNet
 from ferry.qemu.vm import MEMORY_FILE
 from ferry.storage import FileDevice, OverlayDevice
 from ferry.vm.devices import VMDevices, local_devices

@@ -34,9 +34,10 @@ from pathlib import Path
 
 from ferry.guest.agent import AgentClient, AgentError, connect_agent
 from ferry.guest.image import Blueprint, BuiltImage, build_blueprint, load_blueprint
+from ferry.hostconfig import Accel
 from ferry.net import DEFAULT_RUN_DIR, PortForward, VMNetwork
 from ferry.qemu import DEFAULT_CPU_MODEL, DeviceStateStats, QemuVM, VMConfig
-from ferry.qemu.argv import Accel, TapNet, host_tsc_khz, kernel_cmdline
+from ferry.qemu.argv import TapNet, host_tsc_khz, kernel_cmdline
 from ferry.storage import FileDevice
 from ferry.storage.hashing import block_hash
 from ferry.vm.errors import SnapshotError

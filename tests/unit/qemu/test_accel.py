@@ -18,6 +18,7 @@ import pytest
 
 from ferry.errors import ConfigError
 from ferry.guest.image.kernel import Kernel
+from ferry.hostconfig import Accel
 from ferry.qemu import accel
 from ferry.qemu.accel import (
     PROBE_MARKER,
@@ -27,7 +28,6 @@ from ferry.qemu.accel import (
     probe_initramfs,
     requested_accel,
 )
-from ferry.qemu.argv import Accel
 
 MARKER = PROBE_MARKER.decode()
 
