@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -58,8 +59,9 @@ cold boot is seen to answer)."""
 PING_DEADLINE_S = 240.0
 
 CHILD = r"""
-import asyncio, json, signal, sys
+import asyncio, dataclasses, json, os, signal, sys
 from pathlib import Path
+from ferry.hostconfig import HostConfig
 from ferry.net import PortForward
 from ferry.storage import FileDevice
 from ferry.vm.registry import VMPaths
@@ -68,26 +70,28 @@ from ferry.node.supervisor import LaunchRequest, supervise
 from ferry.guest.image import build_blueprint
 
 mode, root, port, vm_id = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-paths = VMPaths(root / "run", root / "state")
+host = dataclasses.replace(HostConfig.from_environ(os.environ), run_root=root / "run",
+                           state_root=root / "state")
+paths = VMPaths.of(host)
 fwd = PortForward("127.0.0.1", port, 6379)
 
 def say(obj):
     sys.stdout.write(json.dumps(obj) + "\n"); sys.stdout.flush()
 
 async def cold():
-    image = build_blueprint("redis", root / vm_id)
+    image = build_blueprint("redis", root / vm_id, cache_dir=host.cache_root)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     say({"ready": True}); sys.stdin.readline()
     async with FileDevice(root / vm_id / "memory", size_bytes=image.blueprint.memory_mib << 20,
                           create=True) as mem, FileDevice(image.rootfs) as disk:
         async with booted("redis", mem, disk, work_dir=root / vm_id / "w", forwards=[fwd],
-                          net_run_dir=paths.net_run_dir, image=image) as b:
+                          host=host, image=image) as b:
             say({"boot_to_agent_s": b.boot_to_agent_s, "ready_s": b.ready_s})
             await stop.wait()
 
 async def resume():
-    request = LaunchRequest(vm_id, Path(sys.argv[5]), paths, (fwd,))
+    request = LaunchRequest(vm_id, Path(sys.argv[5]), host, (fwd,))
     say({"ready": True}); sys.stdin.readline()
     await supervise(request, on_ready=say)
 
@@ -242,6 +246,7 @@ async def cli_run(root: Path, package: Path, env: dict[str, str], probe: str) ->
 
 
 async def bench(reps: int, cli_reps: int, progress: bool, probe: str) -> dict[str, Any]:
+    from ferry.hostconfig import HostConfig
     from ferry.package import TrustStore, generate_key, load_private_key, write_package
     from ferry.vm.manifest import VMManifest
     from ferry.vm.pkgcache import open_package
@@ -255,8 +260,10 @@ async def bench(reps: int, cli_reps: int, progress: bool, probe: str) -> dict[st
     try:
         say("snapshotting redis")
         t0 = time.monotonic()
+        host = dataclasses.replace(HostConfig.from_environ(os.environ), run_root=root / "run",
+                                   state_root=root / "state")
         snap = await snapshot("redis", root / "pkg", prepare=["redis-cli set snapshotted yes"],
-                              net_run_dir=root / "run" / "net")
+                              host=host)
         snapshot_s = time.monotonic() - t0
         generate_key(root / "k.key")
         trust = TrustStore.from_path(root / "trust", missing_ok=True).add(root / "k.key.pub")

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ferry.guest.image.cache import cache_root
-from ferry.qemu.accel import choose_accel
-from ferry.qemu.argv import QEMU_BINARY, Accel
+from ferry.hostconfig import Accel, HostConfig
+from ferry.qemu.accel import host_accel
+from ferry.qemu.argv import QEMU_BINARY
 from ferry.vm.registry import VMPaths
 
 # Below this much free space, building images and writing packages fails.
@@ -148,8 +148,8 @@ def check_space(name: str, path: Path) -> Check:
     return Check(name, Status.OK, free)
 
 
-async def check_accel() -> Check:
-    choice = await choose_accel()
+async def check_accel(host: HostConfig) -> Check:
+    choice = await host_accel(host)
     detail = f"{choice.accel.value}: {choice.reason} ({choice.source.value})"
     if choice.accel is Accel.TCG and choice.source.value != "override":
         return Check("accelerator", Status.WARN, detail,
@@ -200,28 +200,29 @@ def check_leftovers(paths: VMPaths) -> Check:
     return Check("leftovers", Status.OK, "none")
 
 
-async def run_checks(paths: VMPaths | None = None) -> list[Check]:
-    """Every check, in the order a person would fix them."""
-    paths = paths or VMPaths.default()
+async def run_checks(host: HostConfig) -> list[Check]:
+    """Every check of ``host``, in the order a person would fix them."""
+    paths = VMPaths.of(host)
     sync_checks: list[Callable[[], Check]] = [
         check_qemu, check_tools, check_fuse, check_tun, check_netns, check_nft,
         check_ip_forward,
-        lambda: check_space("cache space", cache_root()),
+        lambda: check_space("cache space", host.cache_root),
         lambda: check_space("state space", paths.state_root),
         lambda: check_leftovers(paths),
     ]
     checks = [await asyncio.to_thread(c) for c in sync_checks]
     if checks[0].status is not Status.FAIL:
-        checks.insert(1, await check_accel())
+        checks.insert(1, await check_accel(host))
     return checks
 
 
-async def clean(paths: VMPaths | None = None) -> list[str]:
-    """Remove leftovers of crashed runs (records, namespaces, tables, mounts, QEMUs)."""
+async def clean(host: HostConfig) -> list[str]:
+    """Remove leftovers of ``host``'s crashed runs (records, namespaces, tables, mounts,
+    QEMUs)."""
     from ferry.net.state import cleanup_leftovers as net_cleanup
     from ferry.vm.registry import cleanup_leftovers as vm_cleanup
 
-    paths = paths or VMPaths.default()
+    paths = VMPaths.of(host)
     done = [f"vm {k}" for k in await vm_cleanup(paths)]
     done += [f"network {k}" for k in await net_cleanup(paths.net_run_dir)]
     for mnt in _ferry_mounts():

@@ -7,6 +7,7 @@ which hangs (as PVM hosts of this kind do) fails this test.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,15 @@ from pathlib import Path
 import pytest
 
 from ferry.guest.image.kernel import fetch_kernel
+from ferry.hostconfig import Accel, HostConfig
 from ferry.qemu.accel import Source, choose_accel, probe_argv, probe_boot, probe_initramfs
-from ferry.qemu.argv import QEMU_BINARY, Accel, host_tsc_khz
+from ferry.qemu.argv import QEMU_BINARY, host_tsc_khz
 
 pytestmark = pytest.mark.e2e
+
+# These tests call the library directly: they pass it the host configuration of the
+# environment they run in (FERRY_CACHE_DIR, FERRY_ACCEL ...), as the CLI does.
+HOST = HostConfig.from_environ(os.environ)
 
 FERRY = [sys.executable, "-m", "ferry.cli.main"]
 BOOT_DEADLINE_S = 120.0  # TCG on a shared 2-core machine
@@ -26,10 +32,11 @@ BOOT_DEADLINE_S = 120.0  # TCG on a shared 2-core machine
 async def test_the_chosen_accelerator_boots_a_guest(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FERRY_ACCEL", raising=False)
-    choice = await choose_accel(run_dir=tmp_path, use_cache=False)
+    choice = await choose_accel(kernel_cache_dir=HOST.cache_root, run_dir=tmp_path,
+                                use_cache=False)
     assert choice.source is Source.PROBE
     assert choice.reason
-    kernel = fetch_kernel()
+    kernel = fetch_kernel(HOST.cache_root)
     initrd = probe_initramfs(Path("/bin/busybox"), tmp_path / "probe.cpio")
     argv = probe_argv(QEMU_BINARY, kernel.vmlinuz, initrd, tsc_khz=host_tsc_khz())
     argv[argv.index("-accel") + 1] = choice.accel.value

@@ -25,6 +25,7 @@ from ferry.guest.agent.protocol import Decoder
 from ferry.guest.files import MARKER_AGENT, MARKER_READY
 from ferry.guest.image import build_blueprint
 from ferry.guest.image.blueprint import parse_blueprint
+from ferry.hostconfig import HostConfig
 from ferry.qemu.accel import best_accel
 from ferry.qemu.argv import (
     AgentChannel,
@@ -36,6 +37,10 @@ from ferry.qemu.argv import (
 )
 
 pytestmark = pytest.mark.e2e
+
+# These tests call the library directly: they pass it the host configuration of the
+# environment they run in (FERRY_CACHE_DIR, FERRY_ACCEL ...), as the CLI does.
+HOST = HostConfig.from_environ(os.environ)
 
 BOOT_DEADLINE_S = 120.0  # generous: TCG on a shared 2-core machine
 READY_DEADLINE_S = 60.0
@@ -80,13 +85,14 @@ def _guest_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _boot(blueprint: str, out: Path) -> Iterator[Guest]:
     out.mkdir(parents=True, exist_ok=True)
-    img = build_blueprint(parse_blueprint(blueprint, base_dir=out), out)
+    img = build_blueprint(parse_blueprint(blueprint, base_dir=out), out,
+                          cache_dir=HOST.cache_root)
     agent_socket, qmp_socket, console = out / "agent.sock", out / "qmp.sock", out / "console.log"
     argv = qemu_argv(
         img.kernel, img.initramfs, memory_mib=img.blueprint.memory_mib,
         cmdline=kernel_cmdline(tsc_khz=host_tsc_khz()), disks=[FileDisk(img.rootfs)],
         serial=SerialToFile(console), qmp_socket=qmp_socket,
-        agent=AgentChannel(agent_socket), accel=best_accel(),
+        agent=AgentChannel(agent_socket), accel=best_accel(HOST),
     )
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)

@@ -6,6 +6,7 @@ cache (``$FERRY_CACHE_DIR`` or ``~/.cache/ferry``); later runs reuse them.
 
 from __future__ import annotations
 
+import os
 import secrets
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 from ferry.guest.files import MARKER_BOOTED, MARKER_READY, MARKER_STAGE1
 from ferry.guest.image import build_blueprint
 from ferry.guest.image.blueprint import BuiltImage, parse_blueprint
+from ferry.hostconfig import HostConfig
 from ferry.qemu.accel import best_accel
 from ferry.qemu.argv import (
     FileDisk,
@@ -31,6 +33,10 @@ from ferry.qemu.argv import (
 
 pytestmark = pytest.mark.e2e
 
+# These tests call the library directly: they pass it the host configuration of the
+# environment they run in (FERRY_CACHE_DIR, FERRY_ACCEL ...), as the CLI does.
+HOST = HostConfig.from_environ(os.environ)
+
 BOOT_DEADLINE_S = 120.0  # generous: TCG on a shared 2-core machine
 
 
@@ -38,7 +44,7 @@ def _argv(img: BuiltImage, log: Path, net: UserNet | None = None) -> list[str]:
     return qemu_argv(
         img.kernel, img.initramfs, memory_mib=img.blueprint.memory_mib,
         cmdline=kernel_cmdline(tsc_khz=host_tsc_khz(), net=net),
-        disks=[FileDisk(img.rootfs)], serial=SerialToFile(log), net=net, accel=best_accel(),
+        disks=[FileDisk(img.rootfs)], serial=SerialToFile(log), net=net, accel=best_accel(HOST),
     )
 
 
@@ -71,7 +77,7 @@ def _wait_for(log: Path, marker: str, proc: subprocess.Popen[bytes]) -> float:
 
 
 def test_minimal_blueprint_boots_to_ready(tmp_path: Path) -> None:
-    img = build_blueprint("minimal", tmp_path)
+    img = build_blueprint("minimal", tmp_path, cache_dir=HOST.cache_root)
     log = tmp_path / "console.log"
     with _qemu(_argv(img, log)) as proc:
         _wait_for(log, MARKER_READY, proc)
@@ -88,7 +94,7 @@ def test_guest_writes_reach_the_root_disk(tmp_path: Path) -> None:
         f'command = "echo {token} > /root/token && sync && poweroff -f"\n',
         base_dir=tmp_path,
     )
-    img = build_blueprint(bp, tmp_path)
+    img = build_blueprint(bp, tmp_path, cache_dir=HOST.cache_root)
     log = tmp_path / "console.log"
     with _qemu(_argv(img, log)) as proc:
         _wait_for(log, MARKER_BOOTED, proc)
@@ -127,7 +133,7 @@ def _redis(port: int, *command: str) -> bytes:
 
 
 def test_redis_blueprint_serves_clients(tmp_path: Path) -> None:
-    img = build_blueprint("redis", tmp_path)
+    img = build_blueprint("redis", tmp_path, cache_dir=HOST.cache_root)
     port = _free_port()
     net = UserNet(host_forwards=((port, 6379),))
     log = tmp_path / "console.log"

@@ -18,11 +18,16 @@ import pytest
 from ferry.guest.files import MARKER_READY, MARKER_STAGE1
 from ferry.guest.image import build_blueprint
 from ferry.guest.image.blueprint import BuiltImage, parse_blueprint
+from ferry.hostconfig import HostConfig
 from ferry.qemu import QemuVM, VMConfig, VMExitedError, VMState, VMStateError
 from ferry.qemu.qmp import QMPCommandError, QMPCommandNotFoundError
 from ferry.storage import FileDevice, MemoryDevice
 
 pytestmark = pytest.mark.e2e
+
+# These tests call the library directly: they pass it the host configuration of the
+# environment they run in (FERRY_CACHE_DIR, FERRY_ACCEL ...), as the CLI does.
+HOST = HostConfig.from_environ(os.environ)
 
 BOOT_DEADLINE_S = 120.0  # TCG on a shared 2-core machine
 MIB = 1024 * 1024
@@ -40,7 +45,8 @@ TICK_RE = re.compile(rb"^tick (\d+)\r?$", re.MULTILINE)
 
 
 def _image(tmp_path: Path, text: str) -> BuiltImage:
-    return build_blueprint(parse_blueprint(text, base_dir=tmp_path), tmp_path)
+    return build_blueprint(parse_blueprint(text, base_dir=tmp_path), tmp_path,
+                           cache_dir=HOST.cache_root)
 
 
 async def _disk_device(img: BuiltImage) -> MemoryDevice:

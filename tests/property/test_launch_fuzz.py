@@ -115,7 +115,8 @@ async def _registry_request(wire: bytes, directory: Path) -> None:
 
     sender = asyncio.create_task(send())
     # serve_package catches and logs what it refuses; anything else escapes and fails.
-    await pkgserve.serve_package(b, directory, TrustStore({}, directory / "trust"))
+    await pkgserve.serve_package(b, directory, TrustStore({}, directory / "trust"),
+                                 cache_dir=directory / "cache")
     sender.cancel()
 
 

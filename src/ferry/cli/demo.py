@@ -33,7 +33,7 @@ async def host_ready(args: argparse.Namespace, console: Console) -> bool:
     from ferry.cli.doctor import print_checks
     from ferry.doctor import Status, can_run_vms, run_checks
 
-    checks = await run_checks()
+    checks = await run_checks(args.host)
     if not can_run_vms(checks):
         if not args.json:
             console.print("[red]this host cannot run the VM demos:[/red]")
@@ -59,7 +59,7 @@ async def migrate_demo(args: argparse.Namespace, console: Console) -> ExitCode:
         if not args.json and not args.no_progress:
             console.print(f"  [dim]…[/dim] {escape(line)}")
 
-    result = await run_migrate_demo(progress)
+    result = await run_migrate_demo(progress, args.host)
     s = result.summary
     if args.json:
         emit_json({"migrate": {"summary": s, "return_summary": result.return_summary,
@@ -100,7 +100,7 @@ async def vm_demo(args: argparse.Namespace, console: Console) -> ExitCode:
         if not args.json and not args.no_progress:
             console.print(f"  [dim]…[/dim] {escape(line)}")
 
-    result = await run_vm_demo(progress)
+    result = await run_vm_demo(progress, args.host)
     if args.json:
         emit_json(
             {

@@ -33,8 +33,8 @@ def print_checks(console: Console, checks: list[Check]) -> None:
 
 
 async def doctor(args: argparse.Namespace, console: Console) -> ExitCode:
-    cleaned = await clean() if args.clean else []
-    checks = await run_checks()
+    cleaned = await clean(args.host) if args.clean else []
+    checks = await run_checks(args.host)
     ok = can_run_vms(checks)
     if args.json:
         emit_json({"ok": ok, "checks": [c.to_json() for c in checks], "cleaned": cleaned})

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ferry.cli.args import add_accel, positive_float, positive_int
+from ferry.cli.args import add_accel, host_config, positive_float, positive_int
 from ferry.cli.auth_args import add_auth_arguments
 from ferry.cli.failure import run_command
 
@@ -150,16 +150,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose == 0:
         logging.addLevelName(logging.WARNING, "warning")
         logging.addLevelName(logging.ERROR, "error")
-    if getattr(args, "accel", None):
-        from ferry.qemu.accel import ACCEL_ENV
-
-        os.environ[ACCEL_ENV] = args.accel  # inherited by supervisors and receivers
     # Progress and messages go to stderr so stdout stays clean for --json and pipes;
     # soft_wrap: never wrap lines (paths stay whole, scripts can grep them).
     console = Console(stderr=True, soft_wrap=True, highlight=False)
     from ferry.cli import commands
 
-    return run_command(lambda: commands.run(args, console), debug=args.debug)
+
+    async def command() -> int:
+        # The one place ferry reads its host configuration from the environment; a bad
+        # value (FERRY_ACCEL=hvf) is a ConfigError with its exit code, like any other.
+        args.host = host_config(args, os.environ)
+        return await commands.run(args, console)
+
+    return run_command(command, debug=args.debug)
 
 
 if __name__ == "__main__":

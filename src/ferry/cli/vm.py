@@ -134,7 +134,7 @@ async def run(args: argparse.Namespace, console: Console) -> int:
 
     match args.command, getattr(args, f"{args.command}_command"):
         case "vm", "build":
-            img = build_blueprint(args.blueprint)
+            img = build_blueprint(args.blueprint, cache_dir=args.host.cache_root)
             data = {"blueprint": img.blueprint.name, "kernel": img.kernel,
                     "initramfs": img.initramfs, "rootfs": img.rootfs, "key": img.key,
                     "cache_hit": img.cache_hit}
@@ -144,12 +144,13 @@ async def run(args: argparse.Namespace, console: Console) -> int:
         case "vm", "snapshot":
             report = await snapshot.snapshot(
                 args.blueprint, args.out, prepare=args.prepare, cpu_model=args.cpu_model,
-                net_run_dir=registry.VMPaths.default().net_run_dir, progress=progress)
+                host=args.host, progress=progress)
             data = {"package_dir": report.package_dir, "build_s": report.build_s,
                     "boot_to_agent_s": report.boot_to_agent_s, "ready_s": report.ready_s,
                     "state_bytes": report.device_state.state_bytes, "total_s": report.total_s}
             if args.package:
-                info = pkg.package_create(args.out, args.package, key_path=args.key,
+                info = pkg.package_create(args.out, args.package,
+                                          key_path=args.key or args.host.signing_key,
                                           progress=_package_progress(progress))
                 data["package"] = _package_json(info)
             out(data, lambda: console.print(
@@ -163,7 +164,7 @@ async def run(args: argparse.Namespace, console: Console) -> int:
 
             return await vm_migrate.run(args, console, out)
         case "vm", "list":
-            vms = registry.list_vms(registry.VMPaths.default())
+            vms = registry.list_vms(registry.VMPaths.of(args.host))
             out([{"vm_id": v.vm_id, "status": v.status, "pid": v.pid, "package": v.package,
                   "forwards": list(v.forwards), "resume_ms": v.resume_ms} for v in vms],
                 lambda: _print_vms(console, vms))
@@ -171,7 +172,7 @@ async def run(args: argparse.Namespace, console: Console) -> int:
             argv = [*args.argv, *args.rest]
             if not argv:
                 raise ConfigError("no command given: ferry vm exec ID -- CMD...")
-            reply = await _client(args.vm_id).exec(
+            reply = await _client(args).exec(
                 argv, stdin=sys.stdin.buffer.read() if args.stdin else b"",
                 timeout_s=args.timeout)
             code, stdout, stderr = reply.exit_code, reply.stdout, reply.stderr
@@ -185,34 +186,37 @@ async def run(args: argparse.Namespace, console: Console) -> int:
                 sys.stderr.flush()
             return code
         case "vm", "stop":
-            stopped = await _client(args.vm_id).stop(
+            stopped = await _client(args).stop(
                 StopMode.SUSPEND if args.suspend else StopMode.DISCARD)
             data = {"mode": stopped.mode.value, "state_bytes": stopped.state_bytes,
                     "flush_bytes": stopped.flush_bytes}
             out(data, lambda: console.print(f"{args.vm_id}: stopped ({stopped.mode.value})"))
         case "key", "create":
-            key_info = pkg.key_create(args.path, comment=args.comment, overwrite=args.overwrite,
-                                      trust=args.trust, trust_path=args.trust_path)
+            key_info = pkg.key_create(args.path, host=args.host, comment=args.comment,
+                                      overwrite=args.overwrite, trust=args.trust,
+                                      trust_path=args.trust_path)
             out({"key_id": key_info.key_id, "private_key": key_info.private_key_path,
                  "public_key": key_info.public_key_path},
                 lambda: console.print(f"key {key_info.key_id}: {key_info.private_key_path} "
                                       f"(+ .pub){', trusted' if args.trust else ''}"))
         case "key", "trust":
-            pub = pkg.key_trust(args.pubkey, trust_path=args.trust_path)
+            pub = pkg.key_trust(args.pubkey, host=args.host, trust_path=args.trust_path)
             out({"key_id": pub.key_id}, lambda: console.print(f"trusted key {pub.key_id}"))
         case "package", "create":
-            info = pkg.package_create(args.dir, args.file, key_path=args.key,
+            info = pkg.package_create(args.dir, args.file,
+                                      key_path=args.key or args.host.signing_key,
                                       overwrite=args.overwrite,
                                       progress=_package_progress(progress))
             out(_package_json(info), lambda: console.print(
                 f"{args.file}: {len(info.files)} files, signed by {info.key_id}"))
         case "package", "verify":
-            info = pkg.package_verify(args.file, trust_path=args.trust,
+            info = pkg.package_verify(args.file, host=args.host, trust_path=args.trust,
                                       progress=_package_progress(progress))
             out(_package_json(info), lambda: console.print(
                 f"{args.file}: OK, {len(info.files)} files, signed by {info.key_id}"))
         case "package", "extract":
-            info = pkg.package_extract(args.file, args.dir, trust_path=args.trust,
+            info = pkg.package_extract(args.file, args.dir, host=args.host,
+                                       trust_path=args.trust,
                                        overwrite=args.overwrite,
                                        progress=_package_progress(progress))
             out(_package_json(info), lambda: console.print(
@@ -224,21 +228,21 @@ async def run(args: argparse.Namespace, console: Console) -> int:
 
 async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable[[str], None],
                   out: Callable[[Any, Callable[[], None]], None]) -> int:
-    paths = registry.VMPaths.default()
+    host = args.host
     forwards = tuple(parse_publish(s, allow_wildcard=args.allow_wildcard) for s in args.publish)
     vm_id = registry.check_vm_id(args.name or f"vm-{snapshot.short_id()}")
     package_dir = None
     if args.package is not None:
         if not args.package.is_file():
             raise ConfigError(f"no package file {args.package}")
-        trust = TrustStore.from_path(args.trust) if args.trust else TrustStore.default()
+        trust = TrustStore.from_path(args.trust) if args.trust else TrustStore.for_host(host)
         progress(f"verifying {args.package}")
-        opened = pkgcache.open_package(args.package, trust,
+        opened = pkgcache.open_package(args.package, trust, cache_dir=host.package_cache,
                                        progress=_package_progress(progress))
         package_dir = opened.directory
     elif args.name is None:
         raise ConfigError("give a package, or --name of a suspended VM")
-    request = supervisor.LaunchRequest(vm_id, package_dir, paths, forwards)
+    request = supervisor.LaunchRequest(vm_id, package_dir, host, forwards)
 
     def show_ready(report: dict[str, Any]) -> None:
         out(report, lambda: _print_ready(console, report))
@@ -261,9 +265,9 @@ async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable
     return ExitCode.OK
 
 
-def _client(vm_id: str) -> ControlClient:
-    """The control client of the VM ``vm_id`` on this host."""
-    return ControlClient(registry.VMPaths.default().control_socket(vm_id), vm_id)
+def _client(args: argparse.Namespace) -> ControlClient:
+    """The control client of the VM ``args.vm_id`` on this host."""
+    return ControlClient(registry.VMPaths.of(args.host).control_socket(args.vm_id), args.vm_id)
 
 
 def _print_ready(console: Console, report: dict[str, Any]) -> None:

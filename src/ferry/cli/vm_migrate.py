@@ -103,10 +103,11 @@ async def run(args: argparse.Namespace, console: Console, out: Out) -> int:
 
 
 async def _migrate(args: argparse.Namespace, console: Console, out: Out) -> int:
-    client = ControlClient(registry.VMPaths.default().control_socket(args.vm_id), args.vm_id)
+    client = ControlClient(registry.VMPaths.of(args.host).control_socket(args.vm_id),
+                           args.vm_id)
     if args.to_package is not None:
         req = MigrateRequest(package=args.to_package.absolute(),
-                             key=args.key.absolute() if args.key else None,
+                             key=(args.key or args.host.signing_key).absolute(),
                              precopy_only=args.precopy_only)
     else:
         req = MigrateRequest(to=_address(args.to), precopy_only=args.precopy_only,
@@ -180,7 +181,7 @@ async def _receive(args: argparse.Namespace, console: Console, out: Out) -> int:
     else:
         access = _listening_access(args, console, "this receiver")
     request = ArrivalRequest(
-        paths=registry.VMPaths.default(), access=access,
+        host=args.host, access=access,
         listen=_address(args.listen) if args.listen else None,
         registry=_address(args.registry) if args.registry else None,
         package=args.package, name=args.name, forwards=forwards,
@@ -224,13 +225,14 @@ def _print_ready(console: Console, r: dict[str, Any]) -> None:
 async def _registry(args: argparse.Namespace, console: Console, out: Out) -> int:
     host, port = _address(args.listen)
     check_directory(args.dir)
-    trust = TrustStore.from_path(args.trust) if args.trust else TrustStore.default()
+    trust = TrustStore.from_path(args.trust) if args.trust else TrustStore.for_host(args.host)
     access = _listening_access(args, console, "this registry")
 
     def listening(a: tuple[str, int]) -> None:
         _announce(out, console, {"event": "listening", "address": list(a)},
                   f"registry of {args.dir} on {a[0]}:{a[1]}", access, args)
 
-    await serve_registry(args.dir, host, port, trust=trust, access=access,
+    await serve_registry(args.dir, host, port, trust=trust,
+                         cache_dir=args.host.package_cache, access=access,
                          on_listening=listening)
     return ExitCode.OK

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ferry.errors import FerryError
+from ferry.hostconfig import HostConfig
 from ferry.package.trust import TrustStore
 from ferry.testing.hosts import host_namespaces
 from ferry.testing.redis_hops import run_redis_hops
@@ -48,12 +49,12 @@ class MigrateDemoResult:
                 and bool(self.return_summary.get("verified")))
 
 
-async def run_migrate_demo(progress: Progress) -> MigrateDemoResult:
+async def run_migrate_demo(progress: Progress, host: HostConfig) -> MigrateDemoResult:
     from ferry.demo.vm import _ensure_package, demo_dir
 
-    root = demo_dir()
+    root = demo_dir(host)
     root.mkdir(parents=True, exist_ok=True)
-    package, _, _ = await _ensure_package(root, progress)
+    package, _, _ = await _ensure_package(root, progress, host)
     trust_dir = root / "trusted"
     TrustStore.from_path(trust_dir, missing_ok=True).add(
         root / "keys" / "signing.key.pub")

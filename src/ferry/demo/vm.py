@@ -14,6 +14,7 @@ Steps (each one a library call a user could make with the CLI):
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 import socket
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.errors import FerryError
-from ferry.guest.image.cache import cache_root
+from ferry.hostconfig import HostConfig
 from ferry.net.forward import PortForward
 from ferry.node import supervisor
 from ferry.node.control import ControlClient
@@ -58,8 +59,8 @@ class VMDemoResult:
         return self.greeting == GREETING and self.set_get_ok
 
 
-def demo_dir() -> Path:
-    return cache_root() / "demo"
+def demo_dir(host: HostConfig) -> Path:
+    return host.cache_root / "demo"
 
 
 def _free_port() -> int:
@@ -97,7 +98,8 @@ async def wait_for_pong(port: int, timeout_s: float = PING_TIMEOUT_S) -> float:
         await asyncio.sleep(0.005)
 
 
-async def _ensure_package(root: Path, progress: Progress) -> tuple[Path, TrustStore, bool]:
+async def _ensure_package(root: Path, progress: Progress,
+                          host: HostConfig) -> tuple[Path, TrustStore, bool]:
     key = root / "keys" / "signing.key"
     if not key.exists():
         generate_key(key, comment="ferry demo")
@@ -112,29 +114,31 @@ async def _ensure_package(root: Path, progress: Progress) -> tuple[Path, TrustSt
         "redis",
         work,
         prepare=[f"redis-cli set greeting '{GREETING}'"],
-        net_run_dir=registry.VMPaths.default().net_run_dir,
+        host=host,
         progress=progress,
     )
     progress("signing the snapshot into one package file")
     tmp = package.with_suffix(".tmp")
-    await asyncio.to_thread(package_create, work, tmp, key_path=key, overwrite=True)
+    await asyncio.to_thread(functools.partial(package_create, work, tmp, key_path=key,
+                                              overwrite=True))
     os.replace(tmp, package)
     await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
     return package, trust, False
 
 
-async def run_vm_demo(progress: Progress) -> VMDemoResult:
-    root = demo_dir()
+async def run_vm_demo(progress: Progress, host: HostConfig) -> VMDemoResult:
+    root = demo_dir(host)
     root.mkdir(parents=True, exist_ok=True)
-    paths = registry.VMPaths.default()
+    paths = registry.VMPaths.of(host)
     await registry.cleanup_leftovers(paths)
-    package, trust, reused = await _ensure_package(root, progress)
+    package, trust, reused = await _ensure_package(root, progress, host)
     progress(f"verifying {package.name} and extracting it into the package cache")
-    opened = await asyncio.to_thread(pkgcache.open_package, package, trust)
+    opened = await asyncio.to_thread(functools.partial(
+        pkgcache.open_package, package, trust, cache_dir=host.package_cache))
     port = _free_port()
     vm_id = f"demo-{snapshot.short_id()}"
     request = supervisor.LaunchRequest(
-        vm_id, opened.directory, paths, (PortForward("127.0.0.1", port, 6379),)
+        vm_id, opened.directory, host, (PortForward("127.0.0.1", port, 6379),)
     )
     progress(f"resuming the package as VM {vm_id}, Redis published on 127.0.0.1:{port}")
     started = time.monotonic()

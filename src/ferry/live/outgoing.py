@@ -137,10 +137,15 @@ async def migrate_to_host(
 
 async def export_to_package(m: Movable, file: Path, *, key: Path | None = None,
                             overwrite: bool = False) -> dict[str, Any]:
-    """Pause ``m``, write it into a signed package at ``file``, then stop it.
+    """Pause ``m``, write it into a package at ``file`` signed with ``key``, then stop it.
+
+    ``key`` is the caller's choice (the CLI sends ``--key`` or the host's
+    ``HostConfig.signing_key``); None is refused: a holder has no default.
 
     If anything fails before the package is complete, the guest continues.
     """
+    if key is None:
+        raise ConfigError("an export needs a signing key")
     if await asyncio.to_thread(file.exists) and not overwrite:
         raise ConfigError(f"{file} already exists")
     started = time.monotonic()

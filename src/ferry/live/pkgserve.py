@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 from collections.abc import Callable
@@ -59,7 +60,8 @@ def _vm_id_for(name: str) -> str:
     return f"{base}-{short_id()}"
 
 
-async def serve_package(stream: Stream, directory: Path, trust: TrustStore) -> None:
+async def serve_package(stream: Stream, directory: Path, trust: TrustStore, *,
+                        cache_dir: Path) -> None:
     """Serve one (authenticated) destination on ``stream``: one package, pure post-copy.
 
     A request the registry cannot serve (no such package, an untrusted one, a
@@ -68,12 +70,13 @@ async def serve_package(stream: Stream, directory: Path, trust: TrustStore) -> N
     closed when this returns.
     """
     try:
-        await _serve_package(stream, directory, trust)
+        await _serve_package(stream, directory, trust, cache_dir)
     finally:
         await stream.aclose()
 
 
-async def _serve_package(stream: Stream, directory: Path, trust: TrustStore) -> None:
+async def _serve_package(stream: Stream, directory: Path, trust: TrustStore,
+                         cache_dir: Path) -> None:
     try:
         request = await launch.receive_frame(stream)
     except FerryError as exc:
@@ -86,7 +89,8 @@ async def _serve_package(stream: Stream, directory: Path, trust: TrustStore) -> 
         path = safe_join(directory, name)
         if not await asyncio.to_thread(path.is_file):
             raise RegistryError(f"no package {name!r} here")
-        opened = await asyncio.to_thread(pkgcache.open_package, path, trust)
+        opened = await asyncio.to_thread(
+            functools.partial(pkgcache.open_package, path, trust, cache_dir=cache_dir))
         manifest = opened.manifest
         files = launch.boot_files(manifest, opened.directory)
         offer = launch.Offer(_vm_id_for(manifest.name), manifest, (),
@@ -142,12 +146,15 @@ def check_directory(directory: Path) -> None:
 
 
 async def serve_registry(directory: Path, host: str, port: int, *, trust: TrustStore,
-                         access: Access,
+                         cache_dir: Path, access: Access,
                          on_listening: Callable[[tuple[str, int]], None] = lambda a: None,
                          max_unauthenticated: int = auth.MAX_UNAUTHENTICATED,
                          handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
                          ) -> None:
     """Serve the packages in ``directory`` on ``host:port`` until cancelled.
+
+    Packages are verified against ``trust`` and extracted into ``cache_dir``
+    (the host's ``HostConfig.package_cache``) once.
 
     Every connection authenticates first (``access``: mutual TLS, the
     registry's token, or nobody with ``insecure``) within
@@ -170,7 +177,7 @@ async def serve_registry(directory: Path, host: str, port: int, *, trust: TrustS
             return
         finally:
             vetting.release()
-        await serve_package(stream, directory, trust)
+        await serve_package(stream, directory, trust, cache_dir=cache_dir)
 
     async with await access.listen(host, port) as listener, \
             asyncio.TaskGroup() as tg:

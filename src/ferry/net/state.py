@@ -21,12 +21,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ferry.hostconfig import DEFAULT_RUN_ROOT
 from ferry.net import links, netns, nft
 from ferry.net.errors import NetError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RUN_DIR = Path("/run/ferry/net")
+DEFAULT_RUN_DIR = DEFAULT_RUN_ROOT / "net"
+"""The default host's records. A host with another run root (``$FERRY_RUN_DIR``) passes
+its ``HostConfig.net_run_dir``: every ferry caller does; the default is for tests and
+library users on a default host."""
 
 
 def process_start_time(pid: int) -> int | None:

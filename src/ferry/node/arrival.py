@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ferry.errors import ConfigError, FerryError, MigrationError
+from ferry.hostconfig import HostConfig
 from ferry.live import launch, receive
 from ferry.live.access import Access
 from ferry.live.bootcache import BootCache
@@ -46,7 +47,7 @@ AGENT_WAIT_S = 60.0
 class ArrivalRequest:
     """Where the VM comes from and how it is set up here."""
 
-    paths: VMPaths
+    host: HostConfig
     access: Access
     """How the peer authenticates (TLS, a token, or insecure); see :mod:`ferry.live.access`."""
     listen: tuple[str, int] | None = None
@@ -69,6 +70,10 @@ class ArrivalRequest:
         if self.report_until not in ("listening", "ready"):
             raise ConfigError(f"report_until must be listening or ready, not "
                               f"{self.report_until!r}")
+
+    @property
+    def paths(self) -> VMPaths:
+        return VMPaths.of(self.host)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +134,7 @@ async def arrive(request: ArrivalRequest, *,
                 incoming = await stack.enter_async_context(receive.incoming_vm(
                     offer.manifest, boot_dir, vm_id=vm_id, work_dir=holder.run_dir,
                     tap=net.tap_name, wrap_argv=net.wrap_argv,
-                    precopy_only=request.precopy_only))
+                    precopy_only=request.precopy_only, sandbox=request.host.qemu_sandbox))
             except FerryError as exc:
                 await receive.refuse(stream, exc)
                 raise

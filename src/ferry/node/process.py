@@ -5,13 +5,15 @@
 child's stdin and reads JSON event lines from its stdout until the event it
 waits for (then the child closes stdout and goes on holding the VM)::
 
-    → {"kind": "run", "vm_id": ..., "package_dir": ..., "run_root": ..., ...}
+    → {"kind": "run", "vm_id": ..., "package_dir": ..., "host": {...}, ...}
     → {"kind": "receive", "listen": [ADDR, PORT], "access": {...}, ...}
     ← {"event": "listening", "address": [ADDR, PORT]}        (receive --listen)
     ← {"event": "ready", "vm_id": ..., "pid": ..., ...}       (the VM runs)
     ← {"ok": false, "error": "...", "kind": "...", "handed_off": false}
 
-The child logs to ``<run root>/vms/.holder-<pid>.log`` (removed when it
+``host`` is the caller's :class:`~ferry.hostconfig.HostConfig`: the holder
+uses the directories and QEMU choices the CLI read from its environment, and
+reads no environment itself. The child logs to ``<run root>/vms/.holder-<pid>.log`` (removed when it
 exits cleanly) and runs in its own session, so the caller's Ctrl-C does not
 reach it.
 """
@@ -30,13 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from ferry.errors import ConfigError, FerryError
+from ferry.hostconfig import HostConfig
 from ferry.live.access import Access
 from ferry.live.errors import LiveMigrationError
 from ferry.net import PortForward, Proto
 from ferry.node.arrival import ArrivalRequest, arrive
 from ferry.node.supervisor import LaunchRequest, supervise
 from ferry.vm.errors import VMLifecycleError
-from ferry.vm.registry import VMPaths, private_dir
+from ferry.vm.registry import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +59,6 @@ def _address(value: Any) -> tuple[str, int] | None:
 
 
 def encode_request(request: HolderRequest) -> bytes:
-    paths = {"run_root": str(request.paths.run_root),
-             "state_root": str(request.paths.state_root)}
     data: dict[str, Any]
     if isinstance(request, LaunchRequest):
         data = {"kind": "run", "vm_id": request.vm_id, "forwards": _forwards(request.forwards),
@@ -68,24 +69,24 @@ def encode_request(request: HolderRequest) -> bytes:
                 "precopy_only": request.precopy_only, "access": request.access.to_json(),
                 "report_until": request.report_until,
                 "forwards": None if request.forwards is None else _forwards(request.forwards)}
-    return json.dumps(paths | data).encode() + b"\n"
+    return json.dumps({"host": request.host.to_json()} | data).encode() + b"\n"
 
 
 def decode_request(line: bytes) -> HolderRequest:
     """The request in ``line``; :class:`ConfigError` if it is not one."""
     try:
         d = json.loads(line)
-        paths = VMPaths(Path(d["run_root"]), Path(d["state_root"]))
+        host = HostConfig.from_json(d["host"])
         fwd = d["forwards"]
         forwards = None if fwd is None else tuple(
             PortForward(h, hp, gp, Proto(p), allow_wildcard=w) for h, hp, gp, p, w in fwd)
         if d["kind"] == "run":
-            return LaunchRequest(vm_id=d["vm_id"], paths=paths, forwards=forwards or (),
+            return LaunchRequest(vm_id=d["vm_id"], host=host, forwards=forwards or (),
                                  package_dir=Path(d["package_dir"]) if d["package_dir"]
                                  else None)
         if d["kind"] == "receive":
             return ArrivalRequest(
-                paths=paths, access=Access.from_json(d["access"]),
+                host=host, access=Access.from_json(d["access"]),
                 listen=_address(d["listen"]), registry=_address(d["registry"]),
                 package=d["package"], name=d["name"], forwards=forwards,
                 precopy_only=bool(d["precopy_only"]), report_until=str(d["report_until"]))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.aio import cancel_and_wait
+from ferry.hostconfig import HostConfig
 from ferry.live.outgoing import Movable
 from ferry.net import PortForward
 from ferry.node.holder import Ending, HeldVM, Holder, holding, stop_report
@@ -43,11 +44,15 @@ class LaunchRequest:
 
     vm_id: str
     package_dir: Path | None
-    paths: VMPaths
+    host: HostConfig
     forwards: tuple[PortForward, ...] = ()
 
     def __post_init__(self) -> None:
         check_vm_id(self.vm_id)
+
+    @property
+    def paths(self) -> VMPaths:
+        return VMPaths.of(self.host)
 
 
 async def supervise(
@@ -100,7 +105,8 @@ async def _run(holder: Holder, request: LaunchRequest, *,
                on_console: Callable[[bytes], None] | None, launched: float) -> Ending:
     package = open_extracted(request.package_dir) if request.package_dir else None
     async with run_vm(request.vm_id, request.paths, package=package,
-                      forwards=request.forwards, launched=launched) as vm:
+                      forwards=request.forwards, sandbox=request.host.qemu_sandbox,
+                      launched=launched) as vm:
         pid = vm.qemu.pid
         holder.record.set_qemu(pid)
         holder.update(state=HolderState.RUNNING, package_dir=str(vm.package.directory),

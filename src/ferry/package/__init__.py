@@ -40,7 +40,7 @@ from ferry.package.keys import (
 )
 from ferry.package.progress import Phase, Progress, ProgressCallback
 from ferry.package.reader import extract_package, verify_package
-from ferry.package.trust import TrustStore, default_trust_path
+from ferry.package.trust import TrustStore
 from ferry.package.writer import write_package
 
 __all__ = [
@@ -65,7 +65,6 @@ __all__ = [
     "SigningKey",
     "TrustStore",
     "UntrustedKeyError",
-    "default_trust_path",
     "extract_package",
     "generate_key",
     "key_id_of",

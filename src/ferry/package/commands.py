@@ -8,9 +8,10 @@
 ``ferry package extract``   :func:`package_extract`
 ==========================  =====================================================
 
-Defaults: the signing key lives at ``$FERRY_SIGNING_KEY`` or
-``~/.config/ferry/keys/signing.key``; the trust list at
-:func:`~ferry.package.trust.default_trust_path`; the VM manifest is the
+Defaults come from the caller's :class:`~ferry.hostconfig.HostConfig`: the
+signing key at ``host.signing_key`` (``$FERRY_SIGNING_KEY`` or
+``~/.config/ferry/keys/signing.key``), the trust list at ``host.trust_dir``
+(``$FERRY_TRUST_DIR`` or ``~/.config/ferry/trusted-keys``); the VM manifest is the
 package directory's ``manifest.json`` (written by the VM layer), which is
 also shipped as an ordinary content file.
 """
@@ -21,6 +22,7 @@ import json
 import os
 from pathlib import Path
 
+from ferry.hostconfig import HostConfig
 from ferry.package.errors import PackageSourceError
 from ferry.package.format import PackageInfo
 from ferry.package.keys import (
@@ -32,49 +34,41 @@ from ferry.package.keys import (
 )
 from ferry.package.progress import ProgressCallback
 from ferry.package.reader import extract_package, verify_package
-from ferry.package.trust import TrustStore, default_trust_path
+from ferry.package.trust import TrustStore
 from ferry.package.writer import write_package
 
-SIGNING_KEY_ENV = "FERRY_SIGNING_KEY"
 MANIFEST_NAME = "manifest.json"
 
 PathArg = str | os.PathLike[str]
 
 
-def default_key_path() -> Path:
-    """``$FERRY_SIGNING_KEY``, else ``$XDG_CONFIG_HOME/ferry/keys/signing.key``."""
-    explicit = os.environ.get(SIGNING_KEY_ENV)
-    if explicit:
-        return Path(explicit)
-    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(config) / "ferry" / "keys" / "signing.key"
-
-
-def _trust(trust_path: PathArg | None) -> TrustStore:
+def _trust(trust_path: PathArg | None, host: HostConfig) -> TrustStore:
     if trust_path is None:
-        return TrustStore.default()
+        return TrustStore.for_host(host)
     return TrustStore.from_path(trust_path)
 
 
 def key_create(
     path: PathArg | None = None,
     *,
+    host: HostConfig,
     comment: str | None = None,
     overwrite: bool = False,
     trust: bool = False,
     trust_path: PathArg | None = None,
 ) -> KeyInfo:
     """Create a signing key; with ``trust`` also add it to this host's trust list."""
-    info = generate_key(path or default_key_path(), comment=comment, overwrite=overwrite)
+    info = generate_key(path or host.signing_key, comment=comment, overwrite=overwrite)
     if trust:
-        key_trust(info.public_key_path, trust_path=trust_path)
+        key_trust(info.public_key_path, host=host, trust_path=trust_path)
     return info
 
 
-def key_trust(pubkey_file: PathArg, *, trust_path: PathArg | None = None) -> PublicKey:
+def key_trust(pubkey_file: PathArg, *, host: HostConfig,
+              trust_path: PathArg | None = None) -> PublicKey:
     """Add a ``.pub`` file to the trust list (default: this host's trust directory)."""
     key = load_public_key(pubkey_file)
-    target = Path(trust_path) if trust_path is not None else default_trust_path()
+    target = Path(trust_path) if trust_path is not None else host.trust_dir
     TrustStore.from_path(target, missing_ok=True).add(key)
     return key
 
@@ -83,13 +77,14 @@ def package_create(
     src_dir: PathArg,
     out_file: PathArg,
     *,
-    key_path: PathArg | None = None,
+    key_path: PathArg,
     manifest_path: PathArg | None = None,
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
 ) -> PackageInfo:
-    """Sign and pack a package directory; the manifest defaults to its ``manifest.json``."""
-    key = load_private_key(key_path or default_key_path())
+    """Sign and pack a package directory with the key at ``key_path`` (the CLI's default:
+    ``HostConfig.signing_key``); the manifest defaults to its ``manifest.json``."""
+    key = load_private_key(key_path)
     mpath = Path(manifest_path) if manifest_path is not None else Path(src_dir) / MANIFEST_NAME
     try:
         manifest = json.loads(mpath.read_text("utf-8"))
@@ -109,22 +104,24 @@ def package_create(
 def package_verify(
     file: PathArg,
     *,
+    host: HostConfig,
     trust_path: PathArg | None = None,
     progress: ProgressCallback | None = None,
 ) -> PackageInfo:
-    """Verify a package against a trust list (default: this host's)."""
-    return verify_package(file, _trust(trust_path), progress=progress)
+    """Verify a package against a trust list (default: ``host``'s)."""
+    return verify_package(file, _trust(trust_path, host), progress=progress)
 
 
 def package_extract(
     file: PathArg,
     dest_dir: PathArg,
     *,
+    host: HostConfig,
     trust_path: PathArg | None = None,
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
 ) -> PackageInfo:
-    """Verify and extract a package into ``dest_dir`` (default trust list: this host's)."""
+    """Verify and extract a package into ``dest_dir`` (default trust list: ``host``'s)."""
     return extract_package(
-        file, dest_dir, _trust(trust_path), overwrite=overwrite, progress=progress
+        file, dest_dir, _trust(trust_path, host), overwrite=overwrite, progress=progress
     )

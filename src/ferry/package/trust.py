@@ -2,8 +2,8 @@
 
 A trust list is either
 
-* a directory (the default, ``$FERRY_TRUST_DIR`` or
-  ``$XDG_CONFIG_HOME/ferry/trusted-keys/``, i.e. ``~/.config/ferry/trusted-keys/``):
+* a directory (the default: the host's ``HostConfig.trust_dir``, ``$FERRY_TRUST_DIR``
+  or ``$XDG_CONFIG_HOME/ferry/trusted-keys/``, i.e. ``~/.config/ferry/trusted-keys/``):
   every ``*.pub`` file in it holds one trusted key; :meth:`TrustStore.add`
   writes ``<key id>.pub`` there, so trusting and revoking are a file copy
   and a file removal; or
@@ -22,23 +22,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ferry.hostconfig import HostConfig
 from ferry.package._atomic import io_error, write_file_atomic
 from ferry.package.errors import KeyFileError
 from ferry.package.keys import PUBLIC_KEY_SUFFIX, PublicKey, load_public_key, parse_public_key
 
 log = logging.getLogger(__name__)
-
-TRUST_DIR_ENV = "FERRY_TRUST_DIR"
-
-
-def default_trust_path() -> Path:
-    """``$FERRY_TRUST_DIR``, else ``$XDG_CONFIG_HOME/ferry/trusted-keys`` (``~/.config``)."""
-    explicit = os.environ.get(TRUST_DIR_ENV)
-    if explicit:
-        return Path(explicit)
-    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(config) / "ferry" / "trusted-keys"
-
 
 @dataclass(frozen=True, slots=True)
 class TrustStore:
@@ -53,9 +42,9 @@ class TrustStore:
         return cls({k.key_id: k for k in keys}, None)
 
     @classmethod
-    def default(cls) -> TrustStore:
-        """The host's trust list at :func:`default_trust_path`; empty if it does not exist."""
-        return cls.from_path(default_trust_path(), missing_ok=True)
+    def for_host(cls, host: HostConfig) -> TrustStore:
+        """``host``'s trust list (``host.trust_dir``); empty if it does not exist."""
+        return cls.from_path(host.trust_dir, missing_ok=True)
 
     @classmethod
     def from_path(cls, path: str | os.PathLike[str], *, missing_ok: bool = False) -> TrustStore:

@@ -14,8 +14,8 @@ the reason logged once.
 The choice is cached in ``/run/ferry/accel.json`` (``/run/ferry`` is a tmpfs,
 so the cache lives as long as the host boot), keyed by the boot id, the host
 kernel, the QEMU binary and the CPU model: one probe per boot, not per
-command. ``FERRY_ACCEL=auto|kvm|tcg`` (which the CLI's ``--accel`` sets)
-overrides it.
+command. The host's ``HostConfig.accel`` (``FERRY_ACCEL=auto|kvm|tcg``, or the
+CLI's ``--accel``), passed as ``override``, skips the probe.
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ferry.errors import ConfigError
 from ferry.guest.image.tree import Tree, write_newc
-from ferry.qemu.argv import DEFAULT_CPU_MODEL, QEMU_BINARY, Accel, host_tsc_khz
+from ferry.hostconfig import DEFAULT_RUN_ROOT, Accel, HostConfig
+from ferry.qemu.argv import DEFAULT_CPU_MODEL, QEMU_BINARY, host_tsc_khz
 
 log = logging.getLogger(__name__)
 
-ACCEL_ENV = "FERRY_ACCEL"
-DEFAULT_RUN_DIR = Path("/run/ferry")
+DEFAULT_RUN_DIR = DEFAULT_RUN_ROOT
+"""Where the choice is cached: the machine's run root, whatever root a ferry host uses."""
 CACHE_FILE = "accel.json"
 
 PROBE_MARKER = b"FERRY-ACCEL-PROBE-OK"
@@ -59,7 +59,7 @@ reboot -f
 class Source(enum.Enum):
     """Where a choice came from."""
 
-    OVERRIDE = "override"  # FERRY_ACCEL or --accel
+    OVERRIDE = "override"  # HostConfig.accel: FERRY_ACCEL or --accel
     PROBE = "probe"  # a guest was booted just now
     CACHE = "cache"  # a guest was booted earlier in this host boot
 
@@ -89,17 +89,6 @@ class ProbeResult:
     reason: str
     elapsed_s: float
     console: str = ""  # the last lines printed (QEMU's errors, the guest's console)
-
-
-def requested_accel(value: str | None = None) -> Accel | None:
-    """The override in ``value`` (else ``$FERRY_ACCEL``): an accelerator, or None for auto."""
-    text = (value if value is not None else os.environ.get(ACCEL_ENV, "")).strip().lower()
-    if text in ("", "auto"):
-        return None
-    try:
-        return Accel(text)
-    except ValueError:
-        raise ConfigError(f"{ACCEL_ENV}={text!r} is not one of auto, kvm, tcg") from None
 
 
 def probe_argv(qemu: str, kernel: Path, initramfs: Path, *, tsc_khz: int,
@@ -236,14 +225,15 @@ class _Probe:
     key: dict[str, str]
 
 
-def _prepare(qemu: str, cache: Path | None, cpu_model: str) -> AccelChoice | _Probe:
+def _prepare(qemu: str, cache: Path | None, cpu_model: str,
+             kernel_cache_dir: Path) -> AccelChoice | _Probe:
     """A cached choice, or the probe to run (fetches the guest kernel the first time)."""
     from ferry.guest.image.kernel import fetch_kernel
 
     key = cache_key(qemu, cpu_model)
     if cache is not None and (hit := _read_cache(cache, key)) is not None:
         return hit
-    kernel = fetch_kernel()
+    kernel = fetch_kernel(kernel_cache_dir)
     busybox = shutil.which("busybox") or "/bin/busybox"
     initrd = probe_initramfs(Path(busybox), kernel.vmlinuz.parent / "accel-probe.cpio")
     return _Probe(probe_argv(qemu, kernel.vmlinuz, initrd, tsc_khz=host_tsc_khz(),
@@ -251,15 +241,21 @@ def _prepare(qemu: str, cache: Path | None, cpu_model: str) -> AccelChoice | _Pr
 
 
 async def choose_accel(
-    override: str | None = None, *, kvm_device: str = "/dev/kvm", qemu: str = QEMU_BINARY,
-    deadline_s: float = PROBE_DEADLINE_S, run_dir: Path | None = None, use_cache: bool = True,
-    cpu_model: str = DEFAULT_CPU_MODEL,
+    override: Accel | None = None, *, kernel_cache_dir: Path | None = None,
+    kvm_device: str = "/dev/kvm", qemu: str = QEMU_BINARY, deadline_s: float = PROBE_DEADLINE_S,
+    run_dir: Path | None = None, use_cache: bool = True, cpu_model: str = DEFAULT_CPU_MODEL,
 ) -> AccelChoice:
-    """The accelerator to use here, and why (see the module docstring)."""
-    forced = requested_accel(override)
-    if forced is not None:
-        return AccelChoice(forced, f"{ACCEL_ENV}={forced.value} (set by the user)",
-                           Source.OVERRIDE)
+    """The accelerator to use here, and why (see the module docstring).
+
+    ``override`` (the host's ``HostConfig.accel``) is used without a probe; the
+    probe fetches its guest kernel into ``kernel_cache_dir`` (None: the default
+    image cache, ``~/.cache/ferry``). :func:`host_accel` passes both from a host.
+    """
+    if override is not None:
+        return AccelChoice(override, f"accel={override.value} (set by the user: "
+                           "FERRY_ACCEL or --accel)", Source.OVERRIDE)
+    if kernel_cache_dir is None:
+        kernel_cache_dir = HostConfig.from_environ({}).cache_root
     if (problem := _device_problem(kvm_device)) is not None:
         return AccelChoice(Accel.TCG, problem, Source.PROBE)
     # The accelerator is the machine's, not one ferry instance's: one cache per host
@@ -267,7 +263,7 @@ async def choose_accel(
     cache = (run_dir or DEFAULT_RUN_DIR) / CACHE_FILE
     try:
         prepared = await asyncio.to_thread(_prepare, qemu, cache if use_cache else None,
-                                           cpu_model)
+                                           cpu_model, kernel_cache_dir)
     except Exception as exc:  # any failure to get a kernel means "cannot probe"
         return AccelChoice(Accel.TCG, f"no guest kernel to probe KVM with ({exc})",
                            Source.PROBE)
@@ -284,9 +280,17 @@ async def choose_accel(
     return choice
 
 
-def best_accel() -> Accel:
-    """:func:`choose_accel` for synchronous callers outside an event loop."""
-    return asyncio.run(choose_accel()).accel
+async def host_accel(host: HostConfig) -> AccelChoice:
+    """:func:`choose_accel` with ``host``'s override and image cache."""
+    return await choose_accel(host.accel, kernel_cache_dir=host.cache_root)
+
+
+def best_accel(host: HostConfig | None = None) -> Accel:
+    """:func:`choose_accel` (for ``host`` if given) for synchronous callers outside an
+    event loop."""
+    if host is None:
+        return asyncio.run(choose_accel()).accel
+    return asyncio.run(host_accel(host)).accel
 
 
 def probe_kvm() -> bool:

@@ -10,12 +10,12 @@ backed by a file or an NBD export on a UNIX socket.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ferry.errors import ConfigError
+from ferry.hostconfig import Accel
 
 QEMU_BINARY = "qemu-system-x86_64"
 
@@ -26,11 +26,6 @@ XSAVE layout) must be acceptable to the QEMU that restores it, on any host.
 of it without warnings in QEMU 7.2 (plain ``Nehalem`` asks for spec-ctrl,
 which TCG lacks), and every x86 CPU KVM hosts have had since ~2011 has it.
 ``qemu64`` is even safer but lacks SSE4.x. See docs/runtime.md."""
-
-
-class Accel(enum.Enum):
-    TCG = "tcg"
-    KVM = "kvm"
 
 
 @dataclass(frozen=True, slots=True)

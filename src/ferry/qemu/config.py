@@ -8,14 +8,17 @@ from typing import Any
 
 from ferry.errors import ConfigError
 from ferry.guest.image import BuiltImage
-from ferry.qemu.argv import DEFAULT_CPU_MODEL, Accel, NetSpec
+from ferry.hostconfig import Accel
+from ferry.qemu.argv import DEFAULT_CPU_MODEL, NetSpec
 
 
 @dataclass(frozen=True, slots=True)
 class VMConfig:
     """Kernel, initramfs and machine shape of one VM.
 
-    ``accel`` None means :func:`~ferry.guest.image.choose_accel` at spawn time.
+    ``accel`` None means :func:`~ferry.qemu.accel.choose_accel` (the probe, with no
+    override) at spawn time; a caller with a host configuration passes its choice
+    (:func:`~ferry.qemu.accel.host_accel`), as the snapshot does.
     ``kernel_args`` are appended to ferry's standard command line.
     """
 

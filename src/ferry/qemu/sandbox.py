@@ -9,7 +9,8 @@ and a second QEMU loads it with ``-incoming defer``, all under this filter.
 
 QEMU built without seccomp refuses the option; the probe (QEMU with ``-M none``
 told to quit over QMP at once, ~0.1 s) notices that and ferry runs QEMU
-without a sandbox, with a warning. ``FERRY_QEMU_SANDBOX=off`` turns it off.
+without a sandbox, with a warning. ``VMConfig.sandbox`` (from the host's
+``HostConfig.qemu_sandbox``: ``FERRY_QEMU_SANDBOX=off``) turns it off.
 
 ``-runas`` is not used: see docs/security.md ("QEMU's privileges").
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import subprocess
 
 from ferry.qemu.argv import QEMU_BINARY
@@ -26,7 +26,6 @@ from ferry.qemu.argv import QEMU_BINARY
 log = logging.getLogger(__name__)
 
 SANDBOX_OPTION = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-SANDBOX_ENV = "FERRY_QEMU_SANDBOX"
 PROBE_TIMEOUT_S = 10.0
 _QUIT = b'{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n'
 
@@ -50,8 +49,7 @@ def probe_sandbox(option: str = SANDBOX_OPTION, qemu: str = QEMU_BINARY) -> bool
 
 @functools.lru_cache(maxsize=4)
 def sandbox_option(qemu: str = QEMU_BINARY) -> str | None:
-    """The ``-sandbox`` value to use, or None (turned off, or unsupported by ``qemu``)."""
-    if os.environ.get(SANDBOX_ENV, "on").lower() in ("off", "0", "no"):
-        log.warning("QEMU runs without a seccomp sandbox (%s=off)", SANDBOX_ENV)
-        return None
+    """The ``-sandbox`` value to use, or None (unsupported by ``qemu``).
+
+    Whether to sandbox at all is the caller's (``VMConfig.sandbox``)."""
     return SANDBOX_OPTION if probe_sandbox(SANDBOX_OPTION, qemu) else None

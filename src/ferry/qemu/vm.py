@@ -42,10 +42,10 @@ from ferry.aio import cancel_and_wait, wait_briefly
 from ferry.errors import ConfigError
 from ferry.expose.fuse import FlushStats, FuseMount
 from ferry.expose.nbd.server import Export, NBDServer
+from ferry.hostconfig import Accel
 from ferry.qemu import devstate
 from ferry.qemu.accel import choose_accel
 from ferry.qemu.argv import (
-    Accel,
     AgentChannel,
     NbdDisk,
     SerialToFile,
@@ -180,6 +180,9 @@ class QemuVM:
         # Probe the sandbox (once per process) while the mount and NBD come up.
         probe = asyncio.create_task(asyncio.to_thread(sandbox_option)) \
             if self.config.sandbox else None
+        if not self.config.sandbox:
+            self.log.warning("QEMU runs without a seccomp sandbox (turned off: "
+                             "VMConfig.sandbox, from FERRY_QEMU_SANDBOX=off)")
         try:
             await asyncio.to_thread(self.work_dir.mkdir, parents=True, exist_ok=True)
             await asyncio.to_thread((self.work_dir / "mnt").mkdir, exist_ok=True)

@@ -1,14 +1,14 @@
 """Verified packages, extracted once into a cache keyed by their signed header's hash.
 
-``open_package(file, trust)`` verifies and extracts a package the first time
-and returns the extracted directory; later calls for the same file (same
-device, inode, size and mtime) return it without reading the package again.
-Entries live in ``<cache>/packages/<header sha256[:32]>/`` (or
-``$FERRY_PACKAGE_CACHE_DIR``) and are never
-modified: every VM runs on copy-on-write overlays over them
-(:mod:`ferry.vm.runner`). The signed header lists every file's SHA-256, so
-its hash names the content: two files with the same header hold the same
-verified bytes.
+``open_package(file, trust, cache_dir=...)`` verifies and extracts a package
+the first time and returns the extracted directory; later calls for the same
+file (same device, inode, size and mtime) return it without reading the
+package again. Entries live in ``<cache_dir>/<header sha256[:32]>/`` (the
+host's ``HostConfig.package_cache``: ``$FERRY_PACKAGE_CACHE_DIR``, else
+``packages/`` in the image cache) and are never modified: every VM runs on
+copy-on-write overlays over them (:mod:`ferry.vm.runner`). The signed header
+lists every file's SHA-256, so its hash names the content: two files with the
+same header hold the same verified bytes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ferry.guest.image.cache import cache_root
 from ferry.package import ProgressCallback, TrustStore, extract_package
 from ferry.storage.device import Geometry
 from ferry.storage.hashing import BLOCK_HASH_BYTES, block_hash
@@ -31,7 +30,6 @@ from ferry.vm.manifest import DeviceEntry, VMManifest
 log = logging.getLogger(__name__)
 
 _ID_FILE = ".ferry-package-id"
-PACKAGE_CACHE_ENV = "FERRY_PACKAGE_CACHE_DIR"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,14 +71,6 @@ def nonzero_blocks(package: OpenedPackage, entry: DeviceEntry) -> list[int] | No
     return found
 
 
-def packages_root(cache_dir: Path | None = None) -> Path:
-    """``cache_dir``, ``$FERRY_PACKAGE_CACHE_DIR``, or ``packages/`` in ferry's cache."""
-    if cache_dir is not None:
-        return cache_dir
-    env = os.environ.get(PACKAGE_CACHE_ENV)
-    return Path(env) if env else cache_root() / "packages"
-
-
 def _stat_key(file: Path) -> str:
     st = file.stat()
     raw = f"{file.resolve()}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}"
@@ -93,14 +83,14 @@ def open_extracted(directory: Path) -> OpenedPackage:
     return OpenedPackage(directory, package_id, VMManifest.load(directory), cache_hit=True)
 
 
-def open_package(file: Path, trust: TrustStore, *, cache_dir: Path | None = None,
+def open_package(file: Path, trust: TrustStore, *, cache_dir: Path,
                  progress: ProgressCallback | None = None) -> OpenedPackage:
     """Verify and extract ``file`` into the package cache (once); see the module docstring.
 
     Raises the package layer's errors (tampered, truncated, untrusted ...)
     and :class:`~ferry.vm.errors.ManifestError` for a package that is not a VM.
     """
-    root = packages_root(cache_dir)
+    root = cache_dir
     index = root / "index"
     index.mkdir(parents=True, exist_ok=True)
     memo = index / _stat_key(Path(file))

@@ -2,13 +2,13 @@
 
 ::
 
-    <run root>/vms/<id>/          (default /run/ferry; $FERRY_RUN_DIR) gone at reboot
+    <run root>/vms/<id>/          (HostConfig.run_root: /run/ferry) gone at reboot
         supervisor.json           pid + start time of the supervisor and of QEMU, status,
                                   forwards, resume timings
         control.sock              the supervisor's control socket (ferry.node.control)
         qmp.sock nbd.sock agent.sock mnt/ console.N.log qemu.N.log   (QemuVM's work dir)
     <run root>/net/               ferry.net's records (namespaces, links, nft tables)
-    <state root>/vms/<id>/        (default /var/lib/ferry; $FERRY_STATE_DIR) survives reboots
+    <state root>/vms/<id>/        (HostConfig.state_root: /var/lib/ferry) survives
         vm.json                   package, status "running" or "suspended"
         memory.ovl(.map) root.ovl(.map)   copy-on-write overlays over the package's files
         state.bin                 device state saved by a suspend
@@ -36,14 +36,13 @@ from typing import Any
 
 from ferry.expose.fuse.errors import MountError
 from ferry.expose.fuse.mount import clean_stale_mount
+from ferry.hostconfig import HostConfig
 from ferry.net import cleanup_leftovers as cleanup_net_leftovers
 from ferry.net.state import process_start_time
 from ferry.vm.errors import VMSpecError
 
 log = logging.getLogger(__name__)
 
-RUN_ENV = "FERRY_RUN_DIR"
-STATE_ENV = "FERRY_STATE_DIR"
 SUPERVISOR_RECORD = "supervisor.json"
 VM_RECORD = "vm.json"
 CONTROL_SOCKET = "control.sock"
@@ -66,12 +65,13 @@ class VMPaths:
     state_root: Path
 
     @classmethod
-    def default(cls) -> VMPaths:
-        return cls(Path(os.environ.get(RUN_ENV) or "/run/ferry"),
-                   Path(os.environ.get(STATE_ENV) or "/var/lib/ferry"))
+    def of(cls, host: HostConfig) -> VMPaths:
+        """``host``'s run and state roots (``$FERRY_RUN_DIR``, ``$FERRY_STATE_DIR``)."""
+        return cls(host.run_root, host.state_root)
 
     @property
     def net_run_dir(self) -> Path:
+        """The same directory as ``HostConfig.net_run_dir``."""
         return self.run_root / "net"
 
     def run_dir(self, vm_id: str) -> Path:

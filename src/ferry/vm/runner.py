@@ -2,7 +2,7 @@
 
 ::
 
-    async with run_vm("web1", paths, package=opened, forwards=[fwd]) as vm:
+    async with run_vm("web1", paths, package=opened, forwards=[fwd], sandbox=True) as vm:
         vm.timings                      # where the resume time went
         await vm.exec("redis-cli dbsize")
         await vm.suspend()              # optional: keep it for the next run of "web1"
@@ -68,9 +68,10 @@ from typing import Any, Generic, TypeVar
 from ferry.buffers import Buffer
 from ferry.expose.fuse import PRELOAD_CHUNK_BYTES, IoCounters, PreloadStats
 from ferry.guest.agent import AgentClient, AgentError, ExecResult, connect_agent
+from ferry.hostconfig import Accel
 from ferry.net import GUEST_IP, GUEST_MAC, PortForward, VMNetwork
 from ferry.qemu import DeviceStateStats, QemuVM, VMConfig
-from ferry.qemu.argv import Accel, TapNet
+from ferry.qemu.argv import TapNet
 from ferry.qemu.vm import MEMORY_FILE
 from ferry.storage import FileDevice, OverlayDevice
 from ferry.vm.devices import VMDevices, local_devices
@@ -279,10 +280,13 @@ async def run_vm(
     *,
     package: OpenedPackage | None = None,
     forwards: Sequence[PortForward] = (),
+    sandbox: bool,
     agent_timeout_s: float = AGENT_TIMEOUT_S,
     launched: float | None = None,
 ) -> AsyncIterator[RunningVM]:
     """Resume ``package`` (or the suspended VM ``vm_id``) as VM ``vm_id``; see the module doc.
+
+    ``sandbox``: QEMU under its seccomp sandbox (the host's ``HostConfig.qemu_sandbox``).
 
     ``launched`` is the ``time.monotonic()`` the launch began (the supervisor's
     start); the timings count from it. Default: now.
@@ -316,7 +320,7 @@ async def run_vm(
                 # Dirty-tracked stacks over the overlays, so the VM can be live-migrated
                 # out (ferry.live.outgoing); the overlays stay what the callbacks close.
                 live = local_devices(memory, disks)
-                qemu = QemuVM(_qemu_config(package), work_dir=paths.run_dir(vm_id),
+                qemu = QemuVM(_qemu_config(package, sandbox), work_dir=paths.run_dir(vm_id),
                               memory=live.memory.vm_handle, disks=live.vm_disks(), name=vm_id,
                               wrap_argv=net.wrap_argv)
                 await stack.enter_async_context(qemu)
@@ -435,7 +439,7 @@ def _mapped(path: Path, size_bytes: int) -> Iterator[mmap.mmap]:
         yield mapped
 
 
-def _qemu_config(package: OpenedPackage) -> VMConfig:
+def _qemu_config(package: OpenedPackage, sandbox: bool) -> VMConfig:
     """The snapshot's machine exactly (same devices, CPU model, accelerator: no KVM probe)."""
     manifest = package.manifest
     net = manifest.network
@@ -444,7 +448,7 @@ def _qemu_config(package: OpenedPackage) -> VMConfig:
         initramfs=package.directory / manifest.initramfs,
         memory_mib=manifest.machine.memory_mib, cpu_model=manifest.machine.cpu_model,
         vcpus=manifest.machine.vcpus, accel=Accel(manifest.machine.accel),
-        agent=manifest.agent.enabled, net=TapNet("ferry-tap0", mac=GUEST_MAC),
+        agent=manifest.agent.enabled, net=TapNet("ferry-tap0", mac=GUEST_MAC), sandbox=sandbox,
         kernel_args=(f"ferry.ip={net.ip}/{net.prefix_len}", f"ferry.gw={net.gateway}"))
 
 

@@ -2,7 +2,8 @@
 
 ::
 
-    report = await snapshot("redis", Path("redis-pkg"), prepare=["redis-cli set k v"])
+    report = await snapshot("redis", Path("redis-pkg"), prepare=["redis-cli set k v"],
+                            host=HostConfig.from_environ(os.environ))
     # redis-pkg/ now holds memory, state.bin, disks/root.img, boot/*, hashes/*, manifest.json
 
 Steps: build the image (cached), create a VM network (namespace + tap, so the
@@ -34,9 +35,11 @@ from pathlib import Path
 
 from ferry.guest.agent import AgentClient, AgentError, connect_agent
 from ferry.guest.image import Blueprint, BuiltImage, build_blueprint, load_blueprint
-from ferry.net import DEFAULT_RUN_DIR, PortForward, VMNetwork
+from ferry.hostconfig import Accel, HostConfig
+from ferry.net import PortForward, VMNetwork
 from ferry.qemu import DEFAULT_CPU_MODEL, DeviceStateStats, QemuVM, VMConfig
-from ferry.qemu.argv import Accel, TapNet, host_tsc_khz, kernel_cmdline
+from ferry.qemu.accel import host_accel
+from ferry.qemu.argv import TapNet, host_tsc_khz, kernel_cmdline
 from ferry.storage import FileDevice
 from ferry.storage.hashing import block_hash
 from ferry.vm.errors import SnapshotError
@@ -106,8 +109,8 @@ async def booted(
     *,
     work_dir: Path,
     forwards: Sequence[PortForward] = (),
+    host: HostConfig,
     cpu_model: str = DEFAULT_CPU_MODEL,
-    net_run_dir: Path = DEFAULT_RUN_DIR,
     image: BuiltImage | None = None,
     boot_timeout_s: float = 180.0,
     ready_timeout_s: float = 180.0,
@@ -115,20 +118,24 @@ async def booted(
 ) -> AsyncIterator[Booted]:
     """Cold-boot a blueprint on ``memory``/``disk`` in its own network namespace.
 
+    ``host`` gives the image cache, the network records' directory, the
+    accelerator override and the sandbox switch.
+
     Yields once the agent said HELLO and the blueprint's readiness command
     succeeded through it. Leaving stops QEMU and removes the network.
     """
     bp = blueprint if isinstance(blueprint, Blueprint) else load_blueprint(blueprint)
     if image is None:
-        image = await asyncio.to_thread(build_blueprint, bp)
+        image = await asyncio.to_thread(build_blueprint, bp, cache_dir=host.cache_root)
     if not bp.agent.enabled:
         raise SnapshotError("the blueprint has no guest agent ([agent] enabled = false)",
                             vm=bp.name)
     async with contextlib.AsyncExitStack() as stack:
-        net = VMNetwork(f"{bp.name[:24]}-{short_id()}", forwards, run_dir=net_run_dir)
+        net = VMNetwork(f"{bp.name[:24]}-{short_id()}", forwards, run_dir=host.net_run_dir)
         await stack.enter_async_context(net)
+        accel = (await host_accel(host)).accel
         config = VMConfig.from_image(
-            image, cpu_model=cpu_model, agent=True,
+            image, cpu_model=cpu_model, agent=True, accel=accel, sandbox=host.qemu_sandbox,
             net=TapNet(net.tap_name, mac=net.guest_mac),
             kernel_args=tuple(net.guest_kernel_args().split()))
         vm = QemuVM(config, work_dir=work_dir, memory=memory, disks={ROOT_DISK: disk},
@@ -177,8 +184,8 @@ async def snapshot(
     *,
     prepare: Sequence[str] = (),
     on_ready: OnReady | None = None,
+    host: HostConfig,
     cpu_model: str = DEFAULT_CPU_MODEL,
-    net_run_dir: Path = DEFAULT_RUN_DIR,
     boot_timeout_s: float = 180.0,
     progress: Progress = _quiet,
 ) -> SnapshotReport:
@@ -191,12 +198,13 @@ async def snapshot(
     if out_dir.exists():
         raise SnapshotError(f"{out_dir} already exists", vm=bp.name)
     progress(f"building blueprint {bp.name}")
-    image = await asyncio.to_thread(build_blueprint, bp, out_dir / "disks")
+    image = await asyncio.to_thread(build_blueprint, bp, out_dir / "disks",
+                                    cache_dir=host.cache_root)
     build_s = time.monotonic() - started
     try:
         report = await _snapshot_into(bp, image, out_dir, prepare=prepare, on_ready=on_ready,
-                                      cpu_model=cpu_model,
-                                      net_run_dir=net_run_dir, boot_timeout_s=boot_timeout_s,
+                                      cpu_model=cpu_model, host=host,
+                                      boot_timeout_s=boot_timeout_s,
                                       progress=progress)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -208,7 +216,7 @@ async def snapshot(
 
 async def _snapshot_into(
     bp: Blueprint, image: BuiltImage, out_dir: Path, *, prepare: Sequence[str],
-    on_ready: OnReady | None, cpu_model: str, net_run_dir: Path, boot_timeout_s: float,
+    on_ready: OnReady | None, cpu_model: str, host: HostConfig, boot_timeout_s: float,
     progress: Progress,
 ) -> tuple[VMManifest, float, float, DeviceStateStats]:
     disk_path = out_dir / "disks" / "root.img"
@@ -221,7 +229,7 @@ async def _snapshot_into(
                        name="memory") as memory,
             FileDevice(disk_path, name=ROOT_DISK) as disk,
             booted(bp, memory, disk, work_dir=work_dir, cpu_model=cpu_model,
-                   net_run_dir=net_run_dir, image=image, boot_timeout_s=boot_timeout_s,
+                   host=host, image=image, boot_timeout_s=boot_timeout_s,
                    progress=progress) as b,
         ):
             for command in prepare:

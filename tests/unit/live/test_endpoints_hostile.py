@@ -75,7 +75,8 @@ async def registry(tmp_path: Path) -> AsyncIterator[tuple[str, int, str]]:
     task = asyncio.create_task(serve_registry(
         tmp_path / "pkgs", "127.0.0.1", 0, trust=TrustStore.from_path(tmp_path / "t",
                                                                     missing_ok=True),
-        access=Access(token=token), on_listening=bound.set_result, max_unauthenticated=2,
+        cache_dir=tmp_path / "pkgcache", access=Access(token=token),
+        on_listening=bound.set_result, max_unauthenticated=2,
         handshake_timeout_s=0.2))
     host, port = await bound
     try:

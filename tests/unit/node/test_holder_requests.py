@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from ferry.errors import ConfigError
+from ferry.hostconfig import Accel, HostConfig
 from ferry.live.access import Access, TLSFiles
 from ferry.net import PortForward, Proto
 from ferry.node.arrival import ArrivalRequest, rehome
@@ -14,20 +16,23 @@ from ferry.node.process import decode_request, encode_request
 from ferry.node.supervisor import LaunchRequest
 from ferry.vm.registry import VMPaths
 
-PATHS = VMPaths(Path("/run/x"), Path("/var/lib/x"))
+HOST = HostConfig.from_environ({"HOME": "/home/u", "FERRY_RUN_DIR": "/run/x",
+                                "FERRY_STATE_DIR": "/var/lib/x", "FERRY_ACCEL": "tcg",
+                                "FERRY_QEMU_SANDBOX": "off"})
+HOST_JSON = json.dumps(HOST.to_json()).encode()
 FORWARDS = (PortForward("127.0.0.1", 16379, 6379),
             PortForward("0.0.0.0", 5353, 53, Proto.UDP, allow_wildcard=True))
 
 
 @pytest.mark.parametrize("request_", [
-    LaunchRequest("r1", Path("/cache/pkg"), PATHS, FORWARDS),
-    LaunchRequest("r1", None, PATHS),
-    ArrivalRequest(PATHS, Access(token="0f" * 32), listen=("10.0.0.2", 7400),
+    LaunchRequest("r1", Path("/cache/pkg"), HOST, FORWARDS),
+    LaunchRequest("r1", None, HOST),
+    ArrivalRequest(HOST, Access(token="0f" * 32), listen=("10.0.0.2", 7400),
                    report_until="listening"),
-    ArrivalRequest(PATHS, Access(tls=TLSFiles(Path("c"), Path("k"), Path("ca"))),
+    ArrivalRequest(HOST, Access(tls=TLSFiles(Path("c"), Path("k"), Path("ca"))),
                    registry=("10.0.0.3", 7500), package="redis.ferry", name="g1",
                    forwards=FORWARDS, precopy_only=True),
-    ArrivalRequest(PATHS, Access(insecure=True), listen=("::1", 1), forwards=()),
+    ArrivalRequest(HOST, Access(insecure=True), listen=("::1", 1), forwards=()),
 ], ids=["run", "continue", "receive", "registry", "no-forwards"])
 def test_round_trip(request_: LaunchRequest | ArrivalRequest) -> None:
     line = encode_request(request_)
@@ -35,13 +40,24 @@ def test_round_trip(request_: LaunchRequest | ArrivalRequest) -> None:
     assert decode_request(line) == request_
 
 
+def test_the_holder_gets_the_whole_host_config() -> None:
+    request = decode_request(encode_request(LaunchRequest("r1", None, HOST)))
+    assert request.host == HOST
+    assert (request.host.accel, request.host.qemu_sandbox) == (Accel.TCG, False)
+    assert request.paths == VMPaths(Path("/run/x"), Path("/var/lib/x"))
+
+
 @pytest.mark.parametrize("line", [
     b"",
     b"{}\n",
-    b'{"kind": "fly", "run_root": "/r", "state_root": "/s", "forwards": null}\n',
+    b'{"kind": "fly", "host": ' + HOST_JSON + b', "forwards": null}\n',
     b'{"kind": "run", "run_root": "/r", "state_root": "/s", "forwards": [],'
+    b' "vm_id": "r1", "package_dir": null}\n',
+    b'{"kind": "run", "host": ' + HOST_JSON + b', "forwards": [],'
     b' "vm_id": "BAD ID", "package_dir": null}\n',
-    b'{"kind": "run", "run_root": "/r", "state_root": "/s", "forwards": [[1]],'
+    b'{"kind": "run", "host": ' + HOST_JSON + b', "forwards": [[1]],'
+    b' "vm_id": "r1", "package_dir": null}\n',
+    b'{"kind": "run", "host": {"run_root": "/r"}, "forwards": [],'
     b' "vm_id": "r1", "package_dir": null}\n',
 ])
 def test_bad_requests_are_config_errors(line: bytes) -> None:

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from ferry.hostconfig import HostConfig
 from ferry.package import (
     KeyFileError,
     PackageExistsError,
     PublicKey,
     TrustStore,
-    default_trust_path,
     generate_key,
     key_id_of,
     load_private_key,
@@ -144,31 +144,25 @@ def test_missing_trust_path(tmp_path: Path) -> None:
     assert len(TrustStore.from_path(tmp_path / "nope", missing_ok=True)) == 0
 
 
-def test_default_trust_path_honours_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("FERRY_TRUST_DIR", str(tmp_path / "explicit"))
-    assert default_trust_path() == tmp_path / "explicit"
-    monkeypatch.delenv("FERRY_TRUST_DIR")
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
-    assert default_trust_path() == tmp_path / "cfg" / "ferry" / "trusted-keys"
-    monkeypatch.delenv("XDG_CONFIG_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert default_trust_path() == tmp_path / "home" / ".config" / "ferry" / "trusted-keys"
+def test_host_trust_store_is_empty_until_the_directory_exists(tmp_path: Path) -> None:
+    host = HostConfig.from_environ({"HOME": str(tmp_path), "FERRY_TRUST_DIR":
+                                    str(tmp_path / "explicit")})
+    store = TrustStore.for_host(host)
+    assert len(store) == 0
+    assert store.path == tmp_path / "explicit"
 
 
-def test_cli_key_create_with_trust_uses_defaults(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
-    monkeypatch.delenv("FERRY_TRUST_DIR", raising=False)
-    monkeypatch.delenv("FERRY_SIGNING_KEY", raising=False)
-    info = key_create(trust=True, comment="me")
-    assert info.private_key_path == tmp_path / "cfg" / "ferry" / "keys" / "signing.key"
-    assert TrustStore.default().is_trusted(info.key_id)
+def test_cli_key_create_with_trust_uses_the_host_config(tmp_path: Path) -> None:
+    host = HostConfig.from_environ({"HOME": str(tmp_path / "home"),
+                                    "XDG_CONFIG_HOME": str(tmp_path / "cfg"),
+                                    "FERRY_SIGNING_KEY": str(tmp_path / "k" / "me.key")})
+    info = key_create(host=host, trust=True, comment="me")
+    assert info.private_key_path == tmp_path / "k" / "me.key"
+    assert TrustStore.for_host(host).is_trusted(info.key_id)
+    assert host.trust_dir == tmp_path / "cfg" / "ferry" / "trusted-keys"
     other = generate_key(tmp_path / "other.key")
-    assert key_trust(other.public_key_path).key_id == other.key_id
-    assert TrustStore.default().is_trusted(other.key_id)
+    assert key_trust(other.public_key_path, host=host).key_id == other.key_id
+    assert TrustStore.for_host(host).is_trusted(other.key_id)
 
 
 def test_public_key_line_round_trip() -> None:

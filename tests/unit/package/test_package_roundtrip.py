@@ -191,9 +191,10 @@ def test_extract_on_a_full_disk_leaves_nothing(
     assert list(tiny_fs.iterdir()) == []
 
 
-def test_cli_functions_use_the_default_key_trust_and_manifest(
-    tmp_path: Path, vm_dir: Path, monkeypatch: pytest.MonkeyPatch
+def test_cli_functions_use_the_host_key_trust_and_default_manifest(
+    tmp_path: Path, vm_dir: Path
 ) -> None:
+    from ferry.hostconfig import HostConfig
     from ferry.package import UntrustedKeyError
     from ferry.package.commands import (
         key_create,
@@ -203,16 +204,18 @@ def test_cli_functions_use_the_default_key_trust_and_manifest(
         package_verify,
     )
 
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
-    monkeypatch.delenv("FERRY_TRUST_DIR", raising=False)
-    monkeypatch.delenv("FERRY_SIGNING_KEY", raising=False)
-    key = key_create()
-    info = package_create(vm_dir, tmp_path / "vm.ferry")
+    # The library reads no environment: the host configuration is passed in.
+    host = HostConfig.from_environ({"HOME": str(tmp_path / "home"),
+                                    "XDG_CONFIG_HOME": str(tmp_path / "cfg")})
+    key = key_create(host=host)
+    assert key.private_key_path == tmp_path / "cfg" / "ferry" / "keys" / "signing.key"
+    info = package_create(vm_dir, tmp_path / "vm.ferry", key_path=host.signing_key)
     assert info.manifest == MANIFEST  # read from vm_dir/manifest.json
     with pytest.raises(UntrustedKeyError):  # created, but not yet trusted by this host
-        package_verify(info.path)
-    key_create(tmp_path / "unused.key")  # another key does not help
-    key_trust(key.public_key_path)
-    assert package_verify(info.path).key_id == key.key_id
-    package_extract(info.path, tmp_path / "out")
+        package_verify(info.path, host=host)
+    key_create(tmp_path / "unused.key", host=host)  # another key does not help
+    key_trust(key.public_key_path, host=host)
+    assert (host.trust_dir / f"{key.key_id}.pub").is_file()
+    assert package_verify(info.path, host=host).key_id == key.key_id
+    package_extract(info.path, tmp_path / "out", host=host)
     assert tree(tmp_path / "out") == tree(vm_dir)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ferry.errors import ConfigError
 from ferry.guest.image.kernel import Kernel
+from ferry.hostconfig import Accel, HostConfig
 from ferry.qemu import accel
 from ferry.qemu.accel import (
     PROBE_MARKER,
@@ -25,9 +25,7 @@ from ferry.qemu.accel import (
     choose_accel,
     probe_boot,
     probe_initramfs,
-    requested_accel,
 )
-from ferry.qemu.argv import Accel
 
 MARKER = PROBE_MARKER.decode()
 
@@ -109,26 +107,21 @@ async def test_missing_binary_is_not_kvm(tmp_path: Path) -> None:
     assert "nope" in result.console
 
 
-@pytest.mark.parametrize(("text", "want"), [("", None), ("auto", None), ("KVM", Accel.KVM),
-                                            (" tcg ", Accel.TCG)])
-def test_requested_accel(text: str, want: Accel | None) -> None:
-    assert requested_accel(text) is want
-
-
-def test_requested_accel_refuses_nonsense(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FERRY_ACCEL", "hvf")
-    with pytest.raises(ConfigError, match="FERRY_ACCEL='hvf'"):
-        requested_accel()
-
-
-async def test_override_skips_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FERRY_ACCEL", "kvm")
-    choice = await choose_accel(kvm_device="/nonexistent")
+async def test_override_skips_the_probe() -> None:
+    choice = await choose_accel(Accel.KVM, kvm_device="/nonexistent")
     assert (choice.accel, choice.source) == (Accel.KVM, Source.OVERRIDE)
 
 
+async def test_the_host_override_skips_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The environment is not read: only the HostConfig passed in counts.
+    monkeypatch.setenv("FERRY_ACCEL", "kvm")
+    host = HostConfig.from_environ({"HOME": "/h", "FERRY_ACCEL": "tcg"})
+    choice = await accel.host_accel(host)
+    assert (choice.accel, choice.source) == (Accel.TCG, Source.OVERRIDE)
+
+
 async def test_no_device_means_tcg(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("FERRY_ACCEL", raising=False)
+    monkeypatch.setenv("FERRY_ACCEL", "kvm")  # ignored: the library reads no environment
     choice = await choose_accel(kvm_device="/nonexistent/kvm")
     assert choice.accel is Accel.TCG
     assert "does not exist" in choice.reason
@@ -137,13 +130,12 @@ async def test_no_device_means_tcg(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def fake_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A usable-looking /dev/kvm (a plain file) and a fake guest kernel."""
-    monkeypatch.delenv("FERRY_ACCEL", raising=False)
     (tmp_path / "kvm").write_bytes(b"")
     boot = tmp_path / "kernel"
     boot.mkdir()
     (boot / "vmlinuz").write_bytes(b"not a kernel")
     kernel = Kernel("linux-image-x", "1", "1", boot / "vmlinuz", boot, cache_hit=True)
-    monkeypatch.setattr("ferry.guest.image.kernel.fetch_kernel", lambda: kernel)
+    monkeypatch.setattr("ferry.guest.image.kernel.fetch_kernel", lambda cache_dir: kernel)
     return tmp_path
 
 

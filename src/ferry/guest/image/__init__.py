@@ -2,7 +2,7 @@
 
 Public API::
 
-    build_blueprint(blueprint, out_dir=None, *, cache_dir=None) -> BuiltImage
+    build_blueprint(blueprint, out_dir=None, *, cache_dir) -> BuiltImage
     load_blueprint(path_or_name) -> Blueprint
 
 How to boot an image is the QEMU driver's business: see :mod:`ferry.qemu`.

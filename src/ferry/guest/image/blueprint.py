@@ -44,7 +44,7 @@ from ferry.guest import files as guest
 from ferry.guest.agent.hooks import AGENT_PATH, HOOKS_PATH, AgentSpec
 from ferry.guest.image import agent as agent_build
 from ferry.guest.image import debian
-from ferry.guest.image.cache import building, cache_root
+from ferry.guest.image.cache import building
 from ferry.guest.image.errors import BlueprintError, ImageError
 from ferry.guest.image.initramfs import (
     DEFAULT_MODULES,
@@ -265,27 +265,28 @@ def build_blueprint(
     blueprint: Blueprint | str | Path,
     out_dir: Path | None = None,
     *,
-    cache_dir: Path | None = None,
+    cache_dir: Path,
 ) -> BuiltImage:
-    """Build (or find in the cache) the kernel, initramfs and root disk of a blueprint.
+    """Build (or find in ``cache_dir``) the kernel, initramfs and root disk of a blueprint.
+
+    ``cache_dir`` is the host's image cache (``HostConfig.cache_root``).
 
     With ``out_dir``, the root disk is copied there (sparse) so a guest can
     write to it without touching the cached image; kernel and initramfs stay
     in the cache. ``BuiltImage.cache_hit`` says whether anything was built.
     """
     bp = blueprint if isinstance(blueprint, Blueprint) else load_blueprint(blueprint)
-    root = cache_root(cache_dir)
-    kernel = fetch_kernel(root)
+    kernel = fetch_kernel(cache_dir)
     versions = debian.candidate_versions([BUSYBOX_PACKAGE, *bp.packages])
     key = _input_key(bp, f"{kernel.package}={kernel.version}", versions)
-    entry = root / "images" / f"{bp.name}-{key[:16]}"
+    entry = cache_dir / "images" / f"{bp.name}-{key[:16]}"
     cache_hit = (entry / "manifest.json").is_file()
     if cache_hit:
         log.info("blueprint %s: cache hit %s", bp.name, entry)
     else:
         started = time.monotonic()
         with building(entry) as scratch:
-            _build_into(scratch, bp, root, kernel=kernel, key=key, versions=versions)
+            _build_into(scratch, bp, cache_dir, kernel=kernel, key=key, versions=versions)
         log.info("blueprint %s: built %s in %.1f s", bp.name, entry, time.monotonic() - started)
     rootfs = entry / "rootfs.ext4"
     if out_dir is not None:

@@ -1,6 +1,7 @@
 """Where built artefacts live between runs.
 
-The cache directory is ``$FERRY_CACHE_DIR`` if set, else ``~/.cache/ferry``.
+The cache directory is the host's ``HostConfig.cache_root`` (``$FERRY_CACHE_DIR``,
+else ``~/.cache/ferry``; see :mod:`ferry.hostconfig`), passed in by the caller.
 Entries are directories completed atomically: they are built under a
 temporary name and renamed into place, so a crashed build never leaves a
 half-written entry that a later run would mistake for a hit.
@@ -9,23 +10,10 @@ half-written entry that a later run would mistake for a hit.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-
-CACHE_ENV = "FERRY_CACHE_DIR"
-
-
-def cache_root(override: Path | None = None) -> Path:
-    """The cache root: ``override``, ``$FERRY_CACHE_DIR`` or ``~/.cache/ferry``."""
-    if override is not None:
-        return override
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env)
-    return Path.home() / ".cache" / "ferry"
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ferry.guest.image import debian
-from ferry.guest.image.cache import cache_root
 from ferry.guest.image.errors import PackageError
 
 log = logging.getLogger(__name__)
@@ -42,17 +41,15 @@ def resolve_kernel_package(metapackage: str = KERNEL_METAPACKAGE) -> str:
     raise PackageError("depends on no linux-image-* package", package=metapackage)
 
 
-def fetch_kernel(
-    cache_dir: Path | None = None, *, package: str | None = None
-) -> Kernel:
-    """Download (first time) and unpack the guest kernel; later calls are cache hits.
+def fetch_kernel(cache_dir: Path, *, package: str | None = None) -> Kernel:
+    """Download (first time) into ``cache_dir`` and unpack the guest kernel; later calls
+    are cache hits.
 
     ``package`` selects a versioned kernel package directly; by default the
     current target of :data:`KERNEL_METAPACKAGE` is used.
     """
-    root = cache_root(cache_dir)
     name = package or resolve_kernel_package()
-    unpacked = debian.fetch(name, root)
+    unpacked = debian.fetch(name, cache_dir)
     vmlinuz = sorted((unpacked.root / "boot").glob("vmlinuz-*"))
     modules = sorted((unpacked.root / "lib" / "modules").glob("*"))
     if len(vmlinuz) != 1 or len(modules) != 1:
