@@ -12,6 +12,8 @@ Runs, in one invocation and on the same machine state:
    destination and completion handshake;
 3. ``dirty``: the same over TCP while a writer changes the source with random
    4 KiB writes at ``--write-rate-mib-s`` (default 50), default dirty policy.
+   Reports ``amplification`` (every byte sent, all phases, / the device's
+   size: 1.0 is a single copy) and ``stop_reason``, why the dirty cycles ended.
 
 Each transfer runs ``--repeat`` times; the median is reported. Usage:
 
@@ -40,7 +42,7 @@ import xxhash
 
 from ferry.migration.channel import StreamChannel
 from ferry.migration.destination import DestinationDevice, Receiver
-from ferry.migration.policy import DirtyPolicy
+from ferry.migration.policy import DirtyPolicy, StopReason
 from ferry.migration.source import MigrationHooks, Migrator
 from ferry.migration.stacks import DestinationStack, SourceStack, destination_stack, source_stack
 from ferry.protocol.messages import DeviceInfo
@@ -212,12 +214,6 @@ async def make_source(size: int) -> SourceStack:
     return stack
 
 
-def _converged(per_cycle: list[int], policy: DirtyPolicy) -> bool:
-    tail = per_cycle[-policy.min_cycles_below :] if policy.min_cycles_below else []
-    small = bool(tail) and all(n <= policy.max_dirty_blocks for n in tail)
-    return small or (bool(per_cycle) and per_cycle[-1] == 0)
-
-
 async def run(size_mib: int, repeat: int, write_rate: float) -> dict[str, Any]:
     size = size_mib * MIB
     stack = await make_source(size)
@@ -239,7 +235,6 @@ async def run(size_mib: int, repeat: int, write_rate: float) -> dict[str, Any]:
     del data
     dirty = await ferry_migrate(stack, "tcp", write_rate_mib_s=write_rate)
     rep = dirty["report"]
-    policy = DirtyPolicy()
     per_cycle = rep.devices[0].dirty_blocks_by_cycle
     raw_m = statistics.median(raw)
     tcp_m = statistics.median(tcp)
@@ -257,11 +252,14 @@ async def run(size_mib: int, repeat: int, write_rate: float) -> dict[str, Any]:
         "write_rate_mib_s": write_rate,
         "written_mib": round(dirty["written_mib"], 1),
         "dirty_cycles": rep.cycles,
+        # Blocks found by each scan, then the final dirty list's.
         "dirty_blocks_per_cycle": per_cycle,
+        "stop_reason": rep.stop_reason,
+        "amplification": round(rep.devices[0].bytes_total / size, 3),
         # Converged: the policy's own criterion (a run of small dirty sets) ended
-        # the cycles, rather than max_cycles or the no-progress rule.
-        "converged": _converged(per_cycle[:-1], policy),
-        "forced_by_max_cycles": rep.cycles >= policy.max_cycles,
+        # the cycles, rather than the cycle limit or another stop rule.
+        "converged": rep.stop_reason == StopReason.SMALL_DIRTY_SET.value,
+        "forced_by_max_cycles": rep.stop_reason == StopReason.CYCLE_LIMIT.value,
         "dirty_total_s": round(dirty["elapsed_s"], 3),
         "dirty_downtime_ms": round((rep.suspend_to_handoff_ack_s or 0) * 1e3, 2),
         "dirty_postcopy_s": round(rep.postcopy_s, 3),

@@ -101,7 +101,8 @@ def _show_report(console: Console, report: MigrationReport) -> None:
     suspend = report.suspend_to_handoff_ack_s
     downtime = f"{suspend * 1e3:.1f} ms" if suspend is not None else "n/a"
     console.print(
-        f"{report.outcome}: {report.total_s:.2f} s total, {report.cycles} dirty cycles, "
+        f"{report.outcome}: {report.total_s:.2f} s total, {report.cycles} dirty cycles "
+        f"(stopped: {report.stop_reason or 'none'}), "
         f"hand-off after {downtime} of suspension"
     )
 

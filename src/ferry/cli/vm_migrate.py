@@ -163,7 +163,8 @@ def print_summary(console: Console, s: Mapping[str, Any], to: str) -> None:
     if steps:
         console.print(f"  downtime steps (ms): {steps}")
     console.print(f"  total {s['total_s']:.2f} s (pre-copy {s['precopy_s']:.2f} s, post-copy "
-                  f"{s['postcopy_s']:.2f} s), {s['cycles']} dirty cycles, "
+                  f"{s['postcopy_s']:.2f} s), {s['cycles']} dirty cycles "
+                  f"(stopped: {s.get('stop_reason') or 'none'}), "
                   f"{s['postcopy_fetches']} post-copy fetches, mode {s['mode']}, "
                   f"verified {s['verified']}")
     for name, d in s["devices"].items():

@@ -40,6 +40,8 @@ class MigrationSummary:
     precopy_s: float | None = None
     postcopy_s: float | None = None
     cycles: int | None = None
+    stop_reason: str | None = None
+    """Why the dirty cycles ended (:class:`~ferry.migration.policy.StopReason` value)."""
     postcopy_fetches: int | None = None
     bytes_total: int | None = None
     wire_bytes: int | None = None
@@ -60,7 +62,8 @@ class MigrationSummary:
             return summary
         return dataclasses.replace(
             summary, mode=mig.mode, total_s=mig.total_s, precopy_s=mig.precopy_s,
-            postcopy_s=mig.postcopy_s, cycles=mig.cycles, postcopy_fetches=mig.postcopy_fetches,
+            postcopy_s=mig.postcopy_s, cycles=mig.cycles, stop_reason=mig.stop_reason,
+            postcopy_fetches=mig.postcopy_fetches,
             bytes_total=sum(d.bytes_total for d in mig.devices),
             wire_bytes=sum(d.wire_bytes for d in mig.devices),
             devices={d.name: DeviceSummary(d.size_bytes, dict(d.bytes_by_phase), d.zero_blocks,
@@ -68,12 +71,13 @@ class MigrationSummary:
 
     def to_json(self) -> dict[str, Any]:
         """Keys: vm, outcome, handed_off, mode, the ``downtime_*`` figures and ``clock``
-        (:meth:`Downtime.to_json`), total_s, precopy_s, postcopy_s, cycles,
+        (:meth:`Downtime.to_json`), total_s, precopy_s, postcopy_s, cycles, stop_reason,
         postcopy_fetches, bytes_total, wire_bytes, devices, verified."""
         return {"vm": self.vm, "outcome": self.outcome, "handed_off": self.handed_off,
                 "mode": self.mode, **self.downtime.to_json(), "total_s": self.total_s,
                 "precopy_s": self.precopy_s, "postcopy_s": self.postcopy_s,
-                "cycles": self.cycles, "postcopy_fetches": self.postcopy_fetches,
+                "cycles": self.cycles, "stop_reason": self.stop_reason,
+                "postcopy_fetches": self.postcopy_fetches,
                 "bytes_total": self.bytes_total, "wire_bytes": self.wire_bytes,
                 "devices": {name: dataclasses.asdict(d) for name, d in self.devices.items()},
                 "verified": self.verified}

@@ -15,6 +15,9 @@ Every key is optional; the defaults are the library's. See docs/cli.md::
     min_cycles_below = 5
     max_cycles = 20
     cycle_throttle_s = 0.5
+    max_cycles_without_progress = 5
+    max_resend_ratio = 1.0        # dirty cycles re-send at most 1x the devices' size (0: no cap)
+    stop_on_dirty_rate = true     # stop once the next cycle is predicted not to shrink
 
     [limits]                      # what a receiver accepts from a source (docs/security.md)
     max_devices = 256
@@ -168,6 +171,12 @@ def parse_config(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         ),
         cycle_throttle_s=_take(
             pol, "cycle_throttle_s", float, d.cycle_throttle_s, "migration.policy"
+        ),
+        max_resend_ratio=_take(
+            pol, "max_resend_ratio", float, d.max_resend_ratio, "migration.policy"
+        ),
+        stop_on_dirty_rate=_take(
+            pol, "stop_on_dirty_rate", bool, d.stop_on_dirty_rate, "migration.policy"
         ),
     )
     _no_extra(pol, "migration.policy")

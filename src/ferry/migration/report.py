@@ -17,6 +17,8 @@ class DeviceReport:
     zero_blocks: int = 0
     base_blocks: int = 0
     dirty_blocks_by_cycle: list[int] = field(default_factory=list)
+    """Blocks found by each dirty scan, then the final dirty list's (which also holds
+    a stopping scan's blocks when they were not re-sent: see ``stop_reason``)."""
     postcopy_fetches: int = 0
 
     def add(self, phase: str, blocks: int, nbytes: int) -> None:
@@ -33,6 +35,9 @@ class MigrationReport:
     devices: list[DeviceReport]
     mode: str = "hybrid"
     cycles: int = 0
+    stop_reason: str | None = None
+    """Why the dirty cycles ended (a :class:`~ferry.migration.policy.StopReason` value);
+    None in post-copy mode (no cycles) or when the migration failed before."""
     total_s: float = 0.0
     precopy_s: float = 0.0
     suspend_to_handoff_ack_s: float | None = None

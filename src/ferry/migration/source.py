@@ -12,8 +12,11 @@ Drafter:
    one block. Dirty tracking of a block starts when it is first read.
 3. **Dirty cycles.** Repeatedly (``DirtyPolicy``): run the before-scan hook
    (the VM layer flushes guest memory there), take the dirty blocks, send
-   them as a DirtyList, wait for its DirtyAck, then re-send them. Stop when
-   the policy says the dirty set has converged.
+   them as a DirtyList, wait for its DirtyAck, then re-send them. After every
+   scan :class:`~ferry.migration.policy.Convergence` decides whether another
+   cycle can pay off (the set is small, or the writer outpaces the link, or a
+   budget or limit is reached); the reason goes into the report. A stopping
+   scan's blocks are re-sent as a last cycle or join the final dirty list.
 4. **Suspend and hand-off.** Run the suspend hook (pause the VM, final
    flush), send the final DirtyList and wait for its ack, then send the
    HANDOFF custom event and start streaming the final dirty blocks behind it
@@ -49,7 +52,7 @@ from ferry.errors import (
 )
 from ferry.migration.blocks import Compression, encode_run
 from ferry.migration.channel import Channel
-from ferry.migration.policy import DirtyPolicy, Mode
+from ferry.migration.policy import Convergence, DirtyPolicy, Mode, Scan
 from ferry.migration.report import DeviceReport, MigrationReport
 from ferry.migration.schedule import Run, WorkQueue
 from ferry.migration.state import Phase
@@ -189,7 +192,9 @@ class Migrator:
         self._acks: dict[tuple[str, int, int], asyncio.Future[None]] = {}
         self._custom_seq = 0
         self._final_dirty: list[list[int]] = [[] for _ in devices]
-        self._last_counts: list[int] = [0 for _ in devices]
+        self._carried: list[list[int]] | None = None
+        self._precopy_read_s = 0.0  # sum of read time x bytes, for the mean read time
+        self._precopy_read_bytes = 0
         self._failed_phase = Phase.IDLE
         self._acked_complete = 0
         self._dirty_seq = 0
@@ -272,28 +277,7 @@ class Migrator:
                 self._work.push(index, blocks)
             await self._work.wait_drained()
             self._set_phase(Phase.DIRTY_CYCLES)
-        below = stalled = 0
-        best: int | None = None
-        while not postcopy and not self._policy.converged(
-            cycles=self.report.cycles, cycles_below=below, cycles_stalled=stalled
-        ):
-            # Pre-copy itself took a while, so the first scan runs at once; later
-            # scans wait for the throttle so each sees a meaningful amount of change.
-            if self.report.cycles:
-                await asyncio.sleep(self._policy.cycle_throttle_s)
-            if self._hooks.before_dirty_scan is not None:
-                await self._hooks.before_dirty_scan()
-            dirty = await self._send_dirty_lists()
-            self.report.cycles += 1
-            self.progress.cycle = self.report.cycles
-            below = below + 1 if self._all_small(self._last_counts) else 0
-            if best is None or dirty < best * 0.9:
-                best, stalled = dirty, 0
-            else:
-                stalled += 1
-            await self._work.wait_drained()
-            if dirty == 0:
-                break  # nothing changed since the last scan: waiting longer gains nothing
+            await self._dirty_cycles(send_s=time.monotonic() - t0)
         self.report.precopy_s = time.monotonic() - t0
 
         self._set_phase(Phase.STOP_AND_COPY)
@@ -301,7 +285,7 @@ class Migrator:
         self._suspended = True
         if self._hooks.suspend is not None:
             await self._hooks.suspend()
-        await self._send_dirty_lists(push=self._mode is Mode.PRECOPY_ONLY, final=True)
+        await self._send_final_dirty_lists(push=self._mode is Mode.PRECOPY_ONLY)
         if self._mode is Mode.PRECOPY_ONLY:
             await self._work.wait_drained()
         payload = b""
@@ -335,20 +319,84 @@ class Migrator:
             await self._complete(index)
         self.report.postcopy_s = time.monotonic() - t_post
 
-    async def _send_dirty_lists(self, *, push: bool = True, final: bool = False) -> int:
-        """Scan every device, announce its dirty blocks and (if ``push``) queue them.
+    async def _dirty_cycles(self, *, send_s: float) -> None:
+        """Scan, announce and re-send dirty blocks until :class:`Convergence` says stop.
 
-        Returns the number of dirty blocks found. With ``final`` the lists are
-        kept for post-copy instead of being queued (unless ``push``).
+        ``send_s``: how long pre-copy took. Sets the report's ``stop_reason``;
+        blocks of a stopping scan that are not re-sent join the final dirty list.
         """
-        total = 0
-        waits: list[asyncio.Future[None]] = []
-        found: list[list[int]] = []
-        for index, dev in enumerate(self._devices):
-            blocks = dev.device.take_dirty()
-            found.append(blocks)
+        convergence = Convergence(
+            self._policy, mode=self._mode, group_bytes=sum(g.size_bytes for g in self._geoms)
+        )
+        decision = convergence.start()
+        sent_bytes = self.progress.bytes_sent
+        # Tracking starts when pre-copy reads a block: the first scan's blocks were
+        # watched, on average, since the mean time pre-copy read a byte.
+        watched_since = (
+            self._precopy_read_s / self._precopy_read_bytes if self._precopy_read_bytes else None
+        )
+        while decision.stop is None:
+            # Pre-copy itself took a while, so the first scan runs at once; later
+            # scans wait for the throttle so each sees a meaningful amount of change.
+            if self.report.cycles:
+                await asyncio.sleep(self._policy.cycle_throttle_s)
+            if self._hooks.before_dirty_scan is not None:
+                await self._hooks.before_dirty_scan()
+            found = self._scan()
+            scanned = time.monotonic()
+            self.report.cycles += 1
+            self.progress.cycle = self.report.cycles
+            decision = convergence.after_scan(
+                Scan(
+                    dirty_blocks=sum(len(b) for b in found),
+                    dirty_bytes=sum(
+                        len(b) * g.block_size_bytes for b, g in zip(found, self._geoms, strict=True)
+                    ),
+                    small=self._all_small([len(b) for b in found]),
+                    watched_s=0.0 if watched_since is None else scanned - watched_since,
+                    sent_bytes=sent_bytes,
+                    send_s=send_s,
+                )
+            )
+            watched_since = scanned
+            if decision.stop is not None and not decision.resend:
+                self._carried = found  # sent with the final dirty list instead
+                break
+            before = self.progress.bytes_sent
+            await self._announce(found)
+            await self._work.wait_drained()
+            sent_bytes = self.progress.bytes_sent - before
+            send_s = time.monotonic() - scanned
+        assert decision.stop is not None
+        self.report.stop_reason = decision.stop.value
+        self._log.info(
+            "dirty cycles stopped after %d scans: %s (%s; re-sent %.1f MiB; predicted next"
+            " scan %s)",
+            self.report.cycles,
+            decision.stop.value,
+            "last scan re-sent" if decision.resend else "last scan joins the final list",
+            convergence.resent_bytes / 2**20,
+            "n/a" if decision.predicted_next_bytes is None
+            else f"{decision.predicted_next_bytes / 2**20:.1f} MiB",
+        )
+
+    def _scan(self) -> list[list[int]]:
+        """Take every device's dirty blocks (recorded in the report)."""
+        found = [dev.device.take_dirty() for dev in self._devices]
+        for index, blocks in enumerate(found):
             self.report.devices[index].dirty_blocks_by_cycle.append(len(blocks))
-            total += len(blocks)
+        return found
+
+    async def _announce(
+        self, found: list[list[int]], *, push: bool = True, final: bool = False
+    ) -> None:
+        """Announce each device's dirty blocks, wait for the acks and (if ``push``) queue them.
+
+        With ``final`` the lists are kept for post-copy instead of being queued
+        (unless ``push``).
+        """
+        waits: list[asyncio.Future[None]] = []
+        for index, blocks in enumerate(found):
             for start in range(0, max(len(blocks), 1), DIRTY_BLOCKS_PER_FRAME):
                 chunk = blocks[start : start + DIRTY_BLOCKS_PER_FRAME]
                 if not chunk and start:
@@ -358,13 +406,24 @@ class Migrator:
                 waits.append(fut)
                 await self._channel.send(DirtyList(index, self._dirty_seq, tuple(chunk)))
         await asyncio.gather(*waits)
-        self._last_counts = [len(blocks) for blocks in found]
         if final:
             self._final_dirty = found
         if push:
             for index, blocks in enumerate(found):
                 self._work.push(index, blocks)
-        return total
+
+    async def _send_final_dirty_lists(self, *, push: bool) -> None:
+        """The last scan, with the source suspended, plus blocks a stopping scan carried."""
+        found = [dev.device.take_dirty() for dev in self._devices]
+        if self._carried is not None:
+            found = [
+                sorted(set(carried).union(blocks))
+                for carried, blocks in zip(self._carried, found, strict=True)
+            ]
+            self._carried = None
+        for index, blocks in enumerate(found):
+            self.report.devices[index].dirty_blocks_by_cycle.append(len(blocks))
+        await self._announce(found, push=push, final=True)
 
     def _all_small(self, counts: list[int]) -> bool:
         limit = self._policy.max_dirty_blocks
@@ -425,6 +484,9 @@ class Migrator:
         last = run.first_block + run.count - 1
         length = geometry.block_offset(last) + geometry.block_length(last) - offset
         data = await dev.device.read_at(offset, length)
+        if self._phase is Phase.PRECOPY:
+            self._precopy_read_s += time.monotonic() * length
+            self._precopy_read_bytes += length
         report = self.report.devices[run.device]
         hashes = self._sent_hashes[run.device]
         for event in encode_run(run.device, run.first_block, geometry, data, dev.compression):

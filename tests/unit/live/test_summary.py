@@ -15,7 +15,7 @@ from ferry.migration.report import DeviceReport, MigrationReport
 
 KEYS = ["vm", "outcome", "handed_off", "mode", "downtime_source_view_ms",
         "downtime_corrected_ms", "downtime_corrected_uncertainty_ms", "downtime_steps_ms",
-        "clock", "total_s", "precopy_s", "postcopy_s", "cycles", "postcopy_fetches",
+        "clock", "total_s", "precopy_s", "postcopy_s", "cycles", "stop_reason", "postcopy_fetches",
         "bytes_total", "wire_bytes", "devices", "verified"]
 
 
@@ -34,7 +34,8 @@ def reports() -> tuple[SourceReport, DestinationReport]:
     source = SourceReport("r1", outcome="completed", handed_off=True,
                           timeline=timeline(Side.SOURCE, {Mark.PAUSE: 10.0,
                                                           Mark.HANDOFF_ACKED: 10.050}),
-                          migration=MigrationReport([memory], cycles=3, total_s=1.5))
+                          migration=MigrationReport([memory], cycles=3, total_s=1.5,
+                                                    stop_reason="no-progress"))
     destination = DestinationReport(
         "r1", timeline=timeline(Side.DESTINATION, {Mark.RUNNING: 5000.040}),
         receive=ReceiveReport(verified=True))
@@ -56,6 +57,7 @@ def test_keys_and_figures() -> None:
                                           "bytes_by_phase": {"precopy": 1 << 20},
                                           "zero_blocks": 15, "postcopy_fetches": 0}}
     assert (data["bytes_total"], data["wire_bytes"], data["cycles"]) == (1 << 20, 4096, 3)
+    assert data["stop_reason"] == "no-progress"
     assert data["verified"] is True
     text = downtime_text(data)
     assert "offset-corrected" in text

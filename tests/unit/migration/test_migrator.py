@@ -297,6 +297,8 @@ async def test_cycles_stop_when_the_dirty_set_stops_shrinking() -> None:
         max_cycles=50,
         cycle_throttle_s=0.01,
         max_cycles_without_progress=3,
+        max_resend_ratio=0,  # the rule under test alone: no budget, no rate prediction
+        stop_on_dirty_rate=False,
     )
     migrator = Migrator(
         [src.source_device()], a, policy=policy, hooks=MigrationHooks(suspend=suspend)
@@ -307,6 +309,7 @@ async def test_cycles_stop_when_the_dirty_set_stops_shrinking() -> None:
         tg.create_task(receiver.run())
         report = await migrator.run()
     assert 4 <= report.cycles < 50
+    assert report.stop_reason == "no-progress"
     assert await snapshot(dests[0]) == await snapshot(src)
 
 
@@ -410,8 +413,10 @@ async def test_postcopy_mode_hands_over_first_and_fetches_on_demand() -> None:
     assert await snapshot(dests[0]) == await snapshot(src)
 
 
-@pytest.mark.parametrize(("hot_limit", "cycles"), [(None, 2), (0, 6)])
-async def test_per_device_dirty_threshold(hot_limit: int | None, cycles: int) -> None:
+@pytest.mark.parametrize(
+    ("hot_limit", "cycles", "reason"), [(None, 2, "small-dirty-set"), (0, 6, "cycle-limit")]
+)
+async def test_per_device_dirty_threshold(hot_limit: int | None, cycles: int, reason: str) -> None:
     """A device's own max_dirty_blocks overrides the policy's for that device."""
     import dataclasses
 
@@ -436,6 +441,8 @@ async def test_per_device_dirty_threshold(hot_limit: int | None, cycles: int) ->
         max_cycles=6,
         cycle_throttle_s=0.01,
         max_cycles_without_progress=0,
+        max_resend_ratio=0,  # the thresholds alone decide
+        stop_on_dirty_rate=False,
     )
     devices = [
         dataclasses.replace(hot.source_device(), max_dirty_blocks=hot_limit),
@@ -447,4 +454,4 @@ async def test_per_device_dirty_threshold(hot_limit: int | None, cycles: int) ->
         tg.create_task(writer())
         tg.create_task(receiver.run())
         report = await migrator.run()
-    assert report.cycles == cycles
+    assert (report.cycles, report.stop_reason) == (cycles, reason)
