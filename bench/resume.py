@@ -8,11 +8,42 @@ Then, ``--reps`` times each, alternating:
   as a node daemon would be) boots the blueprint with RAM on FUSE, root
   disk on NBD, its own network namespace and the port forward;
 * **resume**: the same kind of child resumes the package
-  (:func:`ferry.node.supervisor.supervise`, what ``ferry vm run`` runs).
+  (:func:`ferry.node.supervisor.supervise`, what ``ferry vm run`` runs);
+* **qemu-shm** (baseline, plain QEMU): a warm child (the QMP client imported)
+  spawns ``qemu-system-x86_64`` with the package's kernel, initramfs and
+  machine (manifest: machine, CPU model, vCPUs, memory, accelerator, kernel
+  command line, the same device set, built by :mod:`ferry.qemu.argv`), guest
+  RAM = a copy of the package's memory image in a file on tmpfs
+  (``/dev/shm``, ``memory-backend-file,share=on``), the root disk a raw copy
+  on tmpfs, ``-incoming defer -S``; then what ferry's resume does to QEMU:
+  ``x-ignore-shared``, ``migrate-incoming`` on a UNIX socket, the package's
+  72 KB device state fed into it, ``cont``. No FUSE, NBD or supervisor.
+  Copying the RAM and disk files to tmpfs is setup, not timed: a user
+  restoring with plain QEMU would have them ready;
+* **qemu-statefile** (baseline, plain QEMU): once during setup, the
+  package's guest is restored as for qemu-shm (paused, never run) and
+  migrated with its RAM (``x-ignore-shared`` off) to ``exec:cat > FILE`` on
+  tmpfs: one full QEMU state file (~96 MB) of the same guest moment as the
+  package. Each rep restores it with anonymous RAM
+  (``memory-backend-ram``, same RAM block name) via ``-incoming
+  exec:cat FILE -S``, waits for the load and sends ``cont``.
 
-The clock starts when the parent tells the warm child "go" and stops at the
-first ``+PONG`` read from the forwarded port on 127.0.0.1. The client probes
-like a user retrying (``--probe serial``, default): one connection at a
+Both baselines need the guest's network exactly as it was saved: the
+virtio-net state of a guest saved on a tap with ``vnet_hdr`` does not load
+on QEMU user-net (``virtio-net: saved image requires vnet_hdr=on``), so they
+get what ferry's resume gets: a :class:`ferry.net.VMNetwork` namespace with
+the tap, the fixed guest address/gateway and a port forward on 127.0.0.1,
+held until the child reports the guest running (as ferry's runner opens its
+forwards after ``cont``). Unlike ferry's resume, where building that network
+overlaps the QEMU start inside the timed span, the baselines build it
+before "go" (untimed). QEMU is started through ``setpriv --pdeathsig KILL``
+like ferry's; every QEMU, namespace and tmpfs file is removed after each
+rep, also on failure. ``--no-baselines`` skips them.
+
+Each rep runs all of them in this order, so drift on the shared machine hits
+every kind alike. The clock starts when the parent tells the warm child "go"
+and stops at the first ``+PONG`` read from the forwarded port on 127.0.0.1.
+The client probes like a user retrying (``--probe serial``, default): one connection at a
 time, a refused one retried 5 ms after the previous attempt began, an
 accepted one waited for (ferry holds it until the guest runs), with another
 attempt joining every 50 ms while none is answered (a SYN sent to a guest
@@ -27,6 +58,14 @@ the first PONG the parent asks the supervisor's control socket how much
 guest RAM went through FUSE and how much CPU QEMU used, to tell where the
 time between "running" and the PONG went. ``--cli-reps`` adds the time of
 the whole ``ferry vm run --detach`` command, Python start included.
+
+``--json`` reports medians (p50) over the reps: ``resume_ms`` (ferry),
+``qemu_shm_resume_ms``, ``qemu_statefile_resume_ms``, ``resume_ratio``
+(``resume_ms / qemu_shm_resume_ms``: how much slower ferry's resume is than
+plain QEMU with its RAM already in a shared tmpfs file), ``statefile_ratio``
+(``resume_ms / qemu_statefile_resume_ms``), and each baseline's breakdown
+(spawn until QMP answers, load, cont, running, running until the PONG).
+Measured here (TCG, 2 cores shared with other work): see docs/vm.md.
 
     .venv/bin/python bench/resume.py --reps 5 --json
 """
