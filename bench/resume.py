@@ -25,8 +25,9 @@ Then, ``--reps`` times each, alternating:
   migrated with its RAM (``x-ignore-shared`` off) to ``exec:cat > FILE`` on
   tmpfs: one full QEMU state file (~96 MB) of the same guest moment as the
   package. Each rep restores it with anonymous RAM
-  (``memory-backend-ram``, same RAM block name) via ``-incoming
-  exec:cat FILE -S``, waits for the load and sends ``cont``.
+  (``memory-backend-ram``, same RAM block name) via ``-incoming fd:N -S``
+  (QEMU inherits the file open: no ``cat`` process and pipe as with
+  ``exec:cat FILE``), waits for the load and sends ``cont``.
 
 Both baselines need the guest's network exactly as it was saved: the
 virtio-net state of a guest saved on a tap with ``vnet_hdr`` does not load
@@ -282,6 +283,8 @@ async def one_run(mode: str, root: Path, vm_id: str, package_dir: Path | None,
 BASELINE_MODES = ("qemu-shm", "qemu-statefile")
 SHM_ROOT = Path("/dev/shm")
 QMP_TIMEOUT_S = 30.0
+STATE_FD_ARG = "fd:STATEFILE"
+"""qemu-statefile's ``-incoming`` in a spec's argv: replaced by ``fd:N`` at spawn."""
 _SETPRIV = shutil.which("setpriv")
 
 
@@ -291,13 +294,22 @@ def _qemu_launch_argv(argv: list[str]) -> list[str]:
     return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv] if _SETPRIV else argv
 
 
-async def _spawn_qemu(argv: list[str], log: Path) -> asyncio.subprocess.Process:
+async def _spawn_qemu(argv: list[str], log: Path,
+                      incoming_file: Path | None = None) -> asyncio.subprocess.Process:
+    """Spawn QEMU; with ``incoming_file``, QEMU inherits it open and
+    :data:`STATE_FD_ARG` in ``argv`` becomes ``fd:N``."""
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    state_fd = os.open(incoming_file, os.O_RDONLY) if incoming_file is not None else None
     try:
+        if state_fd is not None:
+            argv = [f"fd:{state_fd}" if a == STATE_FD_ARG else a for a in argv]
         return await asyncio.create_subprocess_exec(
-            *_qemu_launch_argv(argv), stdin=subprocess.DEVNULL, stdout=fd, stderr=fd)
+            *_qemu_launch_argv(argv), stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+            pass_fds=() if state_fd is None else (state_fd,))
     finally:
         os.close(fd)
+        if state_fd is not None:
+            os.close(state_fd)
 
 
 async def _end_qemu(proc: asyncio.subprocess.Process, qmp: Any | None) -> None:
@@ -351,7 +363,8 @@ async def _restore(spec: dict[str, Any]) -> tuple[asyncio.subprocess.Process, An
     from ferry.qemu.qmp import QMPClient
 
     launched = time.monotonic()
-    proc = await _spawn_qemu(spec["argv"], Path(spec["log"]))
+    statefile = Path(spec["statefile"]) if spec["mode"] == "qemu-statefile" else None
+    proc = await _spawn_qemu(spec["argv"], Path(spec["log"]), statefile)
     qmp = None
     try:
         qmp = await QMPClient.connect_unix(spec["qmp"], name=spec["mode"],
@@ -458,7 +471,9 @@ class Baselines:
                 await asyncio.to_thread(_copy_sparse,
                                         self.opened.directory / self.manifest.memory.path,
                                         memory_path)
-            incoming = "defer" if mode == "qemu-shm" else f"exec:cat {self.statefile}"
+            # qemu-statefile: the child opens the file and QEMU inherits the descriptor
+            # (``fd:``); no cat process and pipe in between as with ``exec:cat FILE``.
+            incoming = "defer" if mode == "qemu-shm" else STATE_FD_ARG
             async with contextlib.AsyncExitStack() as stack:
 
                 async def spec_for(port: int) -> tuple[dict[str, Any], Callable[[], None]]:
@@ -470,7 +485,8 @@ class Baselines:
                     spec = {"mode": mode, "argv": net.wrap_argv(argv),
                             "log": str(rep_dir / "qemu.log"), "qmp": str(rep_dir / "qmp.sock"),
                             "migrate_sock": str(rep_dir / "migrate-in.sock"),
-                            "state": str(self.opened.directory / self.manifest.state)}
+                            "state": str(self.opened.directory / self.manifest.state),
+                            "statefile": str(self.statefile)}
                     return spec, net.open_forwards
 
                 yield spec_for
