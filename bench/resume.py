@@ -431,30 +431,6 @@ class Baselines:
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def argv(self, rep_dir: Path, *, memory_path: Path | None, incoming: str,
-             tap: Any) -> list[str]:
-        """The package's machine exactly as ferry's runner starts it (same device set,
-        CPU model, accelerator, kernel command line), with plain files instead of
-        FUSE/NBD, and ``-S`` so the restore ends paused until ``cont``."""
-        from ferry.qemu.argv import AgentChannel, FileDisk, SerialToFile, qemu_argv
-
-        m = self.manifest
-        extra = ["-S"]
-        if memory_path is None:
-            # Anonymous RAM under the same RAM block name ("mem") as the shared file the
-            # state was saved from: the stream names its RAM blocks.
-            extra += ["-object", f"memory-backend-ram,id=mem,size={m.machine.memory_mib}M",
-                      "-M", "memory-backend=mem"]
-        return qemu_argv(
-            self.opened.directory / m.kernel, self.opened.directory / m.initramfs,
-            memory_mib=m.machine.memory_mib, cmdline=m.kernel_cmdline,
-            memory_path=memory_path, disks=[FileDisk(rep_dir / "root.img")],
-            serial=SerialToFile(rep_dir / "console.log"), qmp_socket=rep_dir / "qmp.sock",
-            accel=m.machine.accel, cpu_model=m.machine.cpu_model, vcpus=m.machine.vcpus,
-            incoming=incoming, net=tap,
-            agent=AgentChannel(rep_dir / "agent.sock") if m.agent.enabled else None,
-            extra_args=extra)
-
     @contextlib.asynccontextmanager
     async def rep(self, mode: str, name: str) -> AsyncIterator[SpecFor]:
         """Untimed setup of one rep; yields ``spec_for(port)``, which makes the network
@@ -462,17 +438,18 @@ class Baselines:
         guest runs (open the held forward, as ferry's runner does after ``cont``)."""
         from ferry.net import PortForward, VMNetwork
         from ferry.qemu.argv import TapNet
+        from ferry.testing.qemu_native import package_argv, sparse_copy
 
         rep_dir = self.dir / name
         rep_dir.mkdir()
         try:
             disk = self.manifest.disks[0]
-            await asyncio.to_thread(_copy_sparse, self.opened.directory / disk.path,
+            await asyncio.to_thread(sparse_copy, self.opened.directory / disk.path,
                                     rep_dir / "root.img")
             memory_path = None
             if mode == "qemu-shm":
                 memory_path = rep_dir / "memory"
-                await asyncio.to_thread(_copy_sparse,
+                await asyncio.to_thread(sparse_copy,
                                         self.opened.directory / self.manifest.memory.path,
                                         memory_path)
             # qemu-statefile: the child opens the file and QEMU inherits the descriptor
@@ -484,8 +461,10 @@ class Baselines:
                     net = VMNetwork(f"b-{name}", [PortForward("127.0.0.1", port, 6379)],
                                     run_dir=self.dir / "net", hold_forwards=True)
                     await stack.enter_async_context(net)
-                    argv = self.argv(rep_dir, memory_path=memory_path, incoming=incoming,
-                                     tap=TapNet(net.tap_name, mac=net.guest_mac))
+                    argv = package_argv(self.opened, disk=rep_dir / "root.img",
+                                        memory_path=memory_path, run_dir=rep_dir,
+                                        net=TapNet(net.tap_name, mac=net.guest_mac),
+                                        incoming=incoming, paused=True)
                     spec = {"mode": mode, "argv": net.wrap_argv(argv),
                             "log": str(rep_dir / "qemu.log"), "qmp": str(rep_dir / "qmp.sock"),
                             "migrate_sock": str(rep_dir / "migrate-in.sock"),
@@ -523,10 +502,6 @@ class Baselines:
             finally:
                 await _end_qemu(proc, qmp)
         self.statefile_bytes = self.statefile.stat().st_size
-
-
-def _copy_sparse(src: Path, dst: Path) -> None:
-    subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
 
 
 def _tail(path: Path, n: int = 2000) -> str:
