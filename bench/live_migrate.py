@@ -12,6 +12,18 @@ A -> B, B -> A, ... for ``--runs`` hops. A client on host ``lbc`` writes
 ``SET`` continuously to the VM's published port, following it from host to
 host (:mod:`ferry.testing.redis_hops`).
 
+In the same run, on the same hosts, the same guest is then moved along the
+same route with QEMU's own migration (:mod:`ferry.testing.qemu_native`):
+the package's RAM and device state restored into a plain QEMU, root disk as
+shared storage, precopy with ``downtime-limit`` 20 ms and no bandwidth cap,
+then post-copy from the start, each with its own Redis writer. Their
+downtime has the same definition (source paused -> destination running,
+here from QEMU's STOP and RESUME event timestamps on the one machine).
+``downtime_ratio`` is ferry's p50 over the best QEMU p50, ``bytes_ratio``
+ferry's bytes over that mode's (ferry's figure includes the root disk, which
+the QEMU runs share; ``bytes_ratio_memory`` counts ferry's guest RAM only).
+``--no-qemu`` skips the baseline.
+
 Per hop: downtime (source paused -> destination running, as ``ferry vm
 migrate`` reports it: ``downtime_ms`` is the offset-corrected figure with its
 ``downtime_uncertainty_ms``, ``downtime_source_view_ms`` the source's own view
@@ -25,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import shutil
 import statistics
@@ -34,10 +47,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ferry.package import TrustStore
 from ferry.testing.hosts import host_namespaces
 from ferry.testing.packages import Signer
-from ferry.testing.redis_hops import Hop, run_redis_hops
+from ferry.testing.qemu_native import MODES, NativeGuest, NativeHops, run_native_hops
+from ferry.testing.redis_hops import GUEST_REDIS_PORT, REDIS_PORT, Hop, run_redis_hops
 from ferry.testing.site import Site, downtime
+from ferry.vm.pkgcache import open_package
 
 HOSTS = ("lba", "lbb", "lbc")
 MIGRATE_PORT = 7511
@@ -61,6 +77,7 @@ def _hop(h: Hop) -> dict[str, Any]:
         "cycles": s["cycles"], "postcopy_fetches": s["postcopy_fetches"],
         "bytes_total": s["bytes_total"], "wire_bytes": s["wire_bytes"],
         "bytes_by_device": {n: d["bytes_by_phase"] for n, d in s["devices"].items()},
+        "memory_bytes": sum(s["devices"].get("memory", {}).get("bytes_by_phase", {}).values()),
         "verified": s["verified"],
         "writes_during": h.writes_during,
         # Inside the destination's state_load step: warming the ring windows (absent
@@ -71,6 +88,25 @@ def _hop(h: Hop) -> dict[str, Any]:
         "destination_load_ram_reads": dst.get("state_load_ram_reads"),
         "destination_cont_ram_reads": dst.get("cont_ram_reads"),
     }
+
+
+def _native(r: NativeHops) -> dict[str, Any]:
+    hops = [dataclasses.asdict(h) for h in r.hops]
+    downtimes = [h["downtime_ms"] for h in hops]
+    return {
+        "mode": r.mode.name, "downtime_limit_ms": r.mode.downtime_limit_ms,
+        "downtime_ms_p50": _p50(downtimes), "downtime_ms_max": max(downtimes, default=None),
+        "qemu_reported_downtime_ms_p50": _p50([h["qemu_downtime_ms"] for h in hops
+                                               if h["qemu_downtime_ms"] is not None]),
+        "total_s_p50": _p50([h["total_s"] for h in hops]),
+        "bytes_p50": _p50([h["bytes_sent"] for h in hops]),
+        "acknowledged_writes": r.acknowledged, "lost_writes": len(r.lost),
+        "client_max_stall_ms": r.client_max_stall_ms, "per_hop": hops,
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -93,10 +129,33 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 await site.ferry(route[-1], "vm", "stop", "redis")
             finally:
                 await site.stop_all()
+            native: list[NativeHops] = []
+            if args.qemu:
+                # The signed package, verified and extracted as a user's host would.
+                opened = await asyncio.to_thread(
+                    open_package, package, TrustStore.from_path(signer.trust_dir),
+                    cache_dir=work / "native-packages")
+                guest = await asyncio.to_thread(
+                    NativeGuest.prepare, opened, work / "native", redis_port=REDIS_PORT,
+                    guest_port=GUEST_REDIS_PORT)
+                try:
+                    for mode in MODES:
+                        native.append(await run_native_hops(
+                            hosts, guest, route, mode, port=MIGRATE_PORT,
+                            client_host="lbc"))
+                finally:
+                    guest.cleanup()
     finally:
         await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
     hops = [_hop(h) for h in result.hops]
     downtimes = [h["downtime_ms"] for h in hops]
+    qemu = [_native(r) for r in native]
+    best = min(qemu, key=lambda q: q["downtime_ms_p50"], default=None)
+    ferry_p50 = _p50(downtimes)
+    ferry_bytes = _p50([h["bytes_total"] for h in hops])
+    ferry_memory = _p50([h["memory_bytes"] for h in hops])
+    best_downtime = best["downtime_ms_p50"] if best else None
+    best_bytes = best["bytes_p50"] if best else None
     return {
         "hops": len(hops), "mode": args.mode, "package_s": round(package_s, 1),
         "downtime_ms_p50": _p50(downtimes),
@@ -112,7 +171,16 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "lost_writes": len(result.lost),
         "client_max_stall_ms": result.client_max_stall_ms,
         "client_reconnects": result.client_reconnects,
-        "ok": not result.lost and all(h["verified"] for h in hops),
+        "ok": not result.lost and all(h["verified"] for h in hops)
+              and all(q["lost_writes"] == 0 for q in qemu),
+        "memory_bytes_p50": ferry_memory,
+        "qemu_best_mode": best["mode"] if best else None,
+        "qemu_downtime_ms_p50": best_downtime,
+        "qemu_bytes": best_bytes,
+        "downtime_ratio": _ratio(ferry_p50, best_downtime),
+        "bytes_ratio": _ratio(ferry_bytes, best_bytes),
+        "bytes_ratio_memory": _ratio(ferry_memory, best_bytes),
+        "qemu": {q["mode"]: q for q in qemu},
         "per_hop": hops,
     }
 
@@ -121,6 +189,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--runs", type=int, default=6, help="hops, alternating A -> B, B -> A")
     p.add_argument("--mode", default="hybrid", choices=["hybrid", "precopy-only"])
+    p.add_argument("--no-qemu", dest="qemu", action="store_false",
+                   help="skip the same-run baseline of QEMU's own migration")
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     args = p.parse_args()
     if args.runs < 1:
@@ -141,6 +211,14 @@ def main() -> None:
           f"{h['postcopy_fetches']} fetches  {h['writes_during']} writes\n")
     w(f"writes acknowledged {r['acknowledged_writes']}, lost {r['lost_writes']}; longest "
       f"client stall {r['client_max_stall_ms']} ms\n")
+    for q in r["qemu"].values():
+        w(f"QEMU {q['mode']}: downtime p50 {q['downtime_ms_p50']} ms, max "
+          f"{q['downtime_ms_max']} ms; total p50 {q['total_s_p50']} s; "
+          f"{(q['bytes_p50'] or 0) / 2**20:.1f} MiB; lost {q['lost_writes']} of "
+          f"{q['acknowledged_writes']} writes\n")
+    if r["qemu"]:
+        w(f"ferry / best QEMU ({r['qemu_best_mode']}): downtime ratio {r['downtime_ratio']}, "
+          f"bytes ratio {r['bytes_ratio']} (guest RAM only: {r['bytes_ratio_memory']})\n")
 
 
 if __name__ == "__main__":
