@@ -18,18 +18,14 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from ferry.errors import FerryError
-from ferry.hostconfig import Accel
 from ferry.live import launch, report_exchange
 from ferry.live.access import Access
 from ferry.live.destination import IncomingVM, WrapArgv
 from ferry.live.outgoing import options_for
 from ferry.live.report import DestinationReport
 from ferry.migration.channel import StreamChannel
-from ferry.net import GUEST_IP, GUEST_MAC
-from ferry.qemu import VMConfig
-from ferry.qemu.argv import TapNet
 from ferry.transport.base import Stream
-from ferry.vm.errors import ManifestError
+from ferry.vm.machine import machine_config
 from ferry.vm.manifest import VMManifest
 
 
@@ -49,20 +45,6 @@ async def open_link(access: Access, *, listen: tuple[str, int] | None = None,
         return await access.accept(lst)
 
 
-def qemu_config(manifest: VMManifest, kernel: Path, initramfs: Path, tap: str, *,
-                sandbox: bool) -> VMConfig:
-    """The manifest's machine exactly (the same config :mod:`ferry.vm.runner` resumes with)."""
-    g = manifest.network
-    if (g.ip, g.mac) != (GUEST_IP, GUEST_MAC):
-        raise ManifestError(f"the guest was snapshotted with {g.ip}/{g.mac}, this host gives "
-                            f"guests {GUEST_IP}/{GUEST_MAC}")
-    m = manifest.machine
-    return VMConfig(kernel=kernel, initramfs=initramfs, memory_mib=m.memory_mib,
-                    cpu_model=m.cpu_model, vcpus=m.vcpus, accel=Accel(m.accel),
-                    agent=manifest.agent.enabled, net=TapNet(tap, mac=GUEST_MAC), sandbox=sandbox,
-                    kernel_args=(f"ferry.ip={g.ip}/{g.prefix_len}", f"ferry.gw={g.gateway}"))
-
-
 @contextlib.asynccontextmanager
 async def incoming_vm(manifest: VMManifest, boot_dir: Path, *, vm_id: str, work_dir: Path,
                       tap: str, wrap_argv: WrapArgv | None,
@@ -70,7 +52,8 @@ async def incoming_vm(manifest: VMManifest, boot_dir: Path, *, vm_id: str, work_
     """An :class:`IncomingVM` for ``manifest`` (boot files in ``boot_dir``) on ``tap``;
     ``sandbox`` is the host's ``HostConfig.qemu_sandbox``."""
     boot = launch.boot_files(manifest, boot_dir)
-    config = qemu_config(manifest, boot["kernel"], boot["initramfs"], tap, sandbox=sandbox)
+    config = machine_config(manifest, boot["kernel"], boot["initramfs"], tap=tap,
+                            sandbox=sandbox, vm=vm_id)
     async with IncomingVM(config, work_dir=work_dir, name=vm_id,
                           options=options_for(precopy_only), wrap_argv=wrap_argv) as incoming:
         yield incoming

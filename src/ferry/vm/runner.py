@@ -68,14 +68,13 @@ from typing import Any, Generic, TypeVar
 from ferry.buffers import Buffer
 from ferry.expose.fuse import PRELOAD_CHUNK_BYTES, IoCounters, PreloadStats
 from ferry.guest.agent import AgentClient, AgentError, ExecResult, connect_agent
-from ferry.hostconfig import Accel
-from ferry.net import GUEST_IP, GUEST_MAC, PortForward, VMNetwork
-from ferry.qemu import DeviceStateStats, QemuVM, VMConfig
-from ferry.qemu.argv import TapNet
+from ferry.net import PortForward, VMNetwork
+from ferry.qemu import DeviceStateStats, QemuVM
 from ferry.qemu.vm import MEMORY_FILE
 from ferry.storage import FileDevice, OverlayDevice
 from ferry.vm.devices import VMDevices, local_devices
 from ferry.vm.errors import ManifestError, VMExistsError, VMLifecycleError, VMNotFoundError
+from ferry.vm.machine import check_guest_network, machine_config
 from ferry.vm.manifest import DeviceEntry, VMManifest
 from ferry.vm.pkgcache import OpenedPackage, nonzero_blocks, open_extracted
 from ferry.vm.registry import VM_RECORD, VMPaths, private_dir, read_json, write_json
@@ -296,10 +295,7 @@ async def run_vm(
     package, state_dir, state_file = _prepare_state_dir(vm_id, paths, package)
     record = read_json(state_dir / VM_RECORD) or {}
     manifest = package.manifest
-    guest_net = manifest.network
-    if (guest_net.ip, guest_net.mac) != (GUEST_IP, GUEST_MAC):
-        raise ManifestError(f"the guest was snapshotted with {guest_net.ip}/{guest_net.mac}, "
-                            f"this host gives guests {GUEST_IP}/{GUEST_MAC}", vm=vm_id)
+    check_guest_network(manifest, vm=vm_id)
     running: RunningVM | None = None
     clean_exit = False
     try:
@@ -320,7 +316,10 @@ async def run_vm(
                 # Dirty-tracked stacks over the overlays, so the VM can be live-migrated
                 # out (ferry.live.outgoing); the overlays stay what the callbacks close.
                 live = local_devices(memory, disks)
-                qemu = QemuVM(_qemu_config(package, sandbox), work_dir=paths.run_dir(vm_id),
+                config = machine_config(manifest, package.directory / manifest.kernel,
+                                        package.directory / manifest.initramfs,
+                                        tap=net.tap_name, sandbox=sandbox, vm=vm_id)
+                qemu = QemuVM(config, work_dir=paths.run_dir(vm_id),
                               memory=live.memory.vm_handle, disks=live.vm_disks(), name=vm_id,
                               wrap_argv=net.wrap_argv)
                 await stack.enter_async_context(qemu)
@@ -437,19 +436,6 @@ def _mapped(path: Path, size_bytes: int) -> Iterator[mmap.mmap]:
             raise ManifestError(f"{path} has {len(mapped)} bytes, the manifest says "
                                 f"{size_bytes}")
         yield mapped
-
-
-def _qemu_config(package: OpenedPackage, sandbox: bool) -> VMConfig:
-    """The snapshot's machine exactly (same devices, CPU model, accelerator: no KVM probe)."""
-    manifest = package.manifest
-    net = manifest.network
-    return VMConfig(
-        kernel=package.directory / manifest.kernel,
-        initramfs=package.directory / manifest.initramfs,
-        memory_mib=manifest.machine.memory_mib, cpu_model=manifest.machine.cpu_model,
-        vcpus=manifest.machine.vcpus, accel=Accel(manifest.machine.accel),
-        agent=manifest.agent.enabled, net=TapNet("ferry-tap0", mac=GUEST_MAC), sandbox=sandbox,
-        kernel_args=(f"ferry.ip={net.ip}/{net.prefix_len}", f"ferry.gw={net.gateway}"))
 
 
 class _Step(Generic[T]):

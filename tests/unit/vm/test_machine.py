@@ -1,0 +1,36 @@
+"""The one manifest -> QEMU config conversion that `vm run` and `vm receive` share."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from ferry.hostconfig import Accel
+from ferry.net import GUEST_MAC
+from ferry.qemu.argv import TapNet
+from ferry.testing.live import sample_manifest
+from ferry.vm.errors import ManifestError
+from ferry.vm.machine import machine_config
+from ferry.vm.manifest import GuestNetwork, MachineSpec
+
+
+def test_the_snapshot_machine_exactly() -> None:
+    m = dataclasses.replace(sample_manifest(),
+                            machine=MachineSpec("microvm", "Nehalem-v1", 2, 256, "tcg"))
+    config = machine_config(m, Path("/k"), Path("/i"), tap="tap9", sandbox=False)
+    assert (config.memory_mib, config.vcpus, config.cpu_model, config.accel) == (
+        256, 2, "Nehalem-v1", Accel.TCG)
+    assert config.net == TapNet("tap9", mac=GUEST_MAC)
+    assert (config.kernel, config.initramfs, config.sandbox) == (Path("/k"), Path("/i"), False)
+    g = m.network
+    assert config.kernel_args == (f"ferry.ip={g.ip}/{g.prefix_len}", f"ferry.gw={g.gateway}")
+
+
+def test_a_guest_snapshotted_with_another_address_is_refused() -> None:
+    m = sample_manifest()
+    other = dataclasses.replace(m, network=GuestNetwork("10.9.9.9", 24, m.network.gateway,
+                                                        m.network.mac))
+    with pytest.raises(ManifestError, match=r"vm v1: the guest was snapshotted with 10\.9\.9\.9"):
+        machine_config(other, Path("/k"), Path("/i"), tap="t", sandbox=True, vm="v1")
