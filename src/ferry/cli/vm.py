@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from rich.table import Table
 
 from ferry.cli.args import add_accel, positive_float
 from ferry.cli.exitcodes import ExitCode
+from ferry.cli.output import emit_json
 from ferry.errors import ConfigError
 from ferry.guest.image import build_blueprint
 from ferry.node import supervisor
@@ -119,111 +120,161 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
     add_common(c)
 
 
-async def run(args: argparse.Namespace, console: Console) -> int:
-    from ferry.cli.output import emit_json
+class _Out:
+    """What every handler prints with: JSON (``--json``) or the human line, and progress."""
 
-    def out(data: Any, human: Callable[[], None]) -> None:
-        if args.json:
+    def __init__(self, args: argparse.Namespace, console: Console) -> None:
+        self.args = args
+        self.console = console
+
+    def __call__(self, data: Any, human: Callable[[], None]) -> None:
+        if self.args.json:
             emit_json(data)
         else:
             human()
 
-    def progress(line: str) -> None:
-        if not args.no_progress:
-            console.print(f"[dim]…[/dim] {escape(line)}")
+    def progress(self, line: str) -> None:
+        if not self.args.no_progress:
+            self.console.print(f"[dim]…[/dim] {escape(line)}")
 
-    match args.command, getattr(args, f"{args.command}_command"):
-        case "vm", "build":
-            img = build_blueprint(args.blueprint, cache_dir=args.host.cache_root)
-            data = {"blueprint": img.blueprint.name, "kernel": img.kernel,
-                    "initramfs": img.initramfs, "rootfs": img.rootfs, "key": img.key,
-                    "cache_hit": img.cache_hit}
-            out(data, lambda: console.print(
-                f"built {img.blueprint.name}{' (cached)' if img.cache_hit else ''}: "
-                f"{img.kernel}, {img.initramfs}, {img.rootfs}"))
-        case "vm", "snapshot":
-            report = await snapshot.snapshot(
-                args.blueprint, args.out, prepare=args.prepare, cpu_model=args.cpu_model,
-                host=args.host, progress=progress)
-            data = {"package_dir": report.package_dir, "build_s": report.build_s,
-                    "boot_to_agent_s": report.boot_to_agent_s, "ready_s": report.ready_s,
-                    "state_bytes": report.device_state.state_bytes, "total_s": report.total_s}
-            if args.package:
-                info = pkg.package_create(args.out, args.package,
-                                          key_path=args.key or args.host.signing_key,
-                                          progress=_package_progress(progress))
-                data["package"] = _package_json(info)
-            out(data, lambda: console.print(
-                f"snapshot of {report.manifest.name} in {report.package_dir} (ready after "
-                f"{report.ready_s:.1f} s, device state {report.device_state.state_bytes} B)"
-                + (f", signed into {args.package}" if args.package else "")))
-        case "vm", "run":
-            return await _vm_run(args, console, progress, out)
-        case "vm", "migrate" | "receive" | "registry":
-            from ferry.cli import vm_migrate
 
-            return await vm_migrate.run(args, console, out)
-        case "vm", "list":
-            vms = registry.list_vms(registry.VMPaths.of(args.host))
-            out([{"vm_id": v.vm_id, "status": v.status, "pid": v.pid, "package": v.package,
-                  "forwards": list(v.forwards), "resume_ms": v.resume_ms} for v in vms],
-                lambda: _print_vms(console, vms))
-        case "vm", "exec":
-            argv = [*args.argv, *args.rest]
-            if not argv:
-                raise ConfigError("no command given: ferry vm exec ID -- CMD...")
-            reply = await _client(args).exec(
-                argv, stdin=sys.stdin.buffer.read() if args.stdin else b"",
-                timeout_s=args.timeout)
-            code, stdout, stderr = reply.exit_code, reply.stdout, reply.stderr
-            if args.json:
-                emit_json({"exit_code": code, "stdout": stdout.decode(errors="replace"),
-                           "stderr": stderr.decode(errors="replace")})
-            else:
-                sys.stdout.buffer.write(stdout)
-                sys.stdout.flush()
-                sys.stderr.buffer.write(stderr)
-                sys.stderr.flush()
-            return code
-        case "vm", "stop":
-            stopped = await _client(args).stop(
-                StopMode.SUSPEND if args.suspend else StopMode.DISCARD)
-            data = {"mode": stopped.mode.value, "state_bytes": stopped.state_bytes,
-                    "flush_bytes": stopped.flush_bytes}
-            out(data, lambda: console.print(f"{args.vm_id}: stopped ({stopped.mode.value})"))
-        case "key", "create":
-            key_info = pkg.key_create(args.path, host=args.host, comment=args.comment,
-                                      overwrite=args.overwrite, trust=args.trust,
-                                      trust_path=args.trust_path)
-            out({"key_id": key_info.key_id, "private_key": key_info.private_key_path,
-                 "public_key": key_info.public_key_path},
-                lambda: console.print(f"key {key_info.key_id}: {key_info.private_key_path} "
-                                      f"(+ .pub){', trusted' if args.trust else ''}"))
-        case "key", "trust":
-            pub = pkg.key_trust(args.pubkey, host=args.host, trust_path=args.trust_path)
-            out({"key_id": pub.key_id}, lambda: console.print(f"trusted key {pub.key_id}"))
-        case "package", "create":
-            info = pkg.package_create(args.dir, args.file,
-                                      key_path=args.key or args.host.signing_key,
-                                      overwrite=args.overwrite,
-                                      progress=_package_progress(progress))
-            out(_package_json(info), lambda: console.print(
-                f"{args.file}: {len(info.files)} files, signed by {info.key_id}"))
-        case "package", "verify":
-            info = pkg.package_verify(args.file, host=args.host, trust_path=args.trust,
-                                      progress=_package_progress(progress))
-            out(_package_json(info), lambda: console.print(
-                f"{args.file}: OK, {len(info.files)} files, signed by {info.key_id}"))
-        case "package", "extract":
-            info = pkg.package_extract(args.file, args.dir, host=args.host,
-                                       trust_path=args.trust,
-                                       overwrite=args.overwrite,
-                                       progress=_package_progress(progress))
-            out(_package_json(info), lambda: console.print(
-                f"{args.file}: verified, extracted into {args.dir}"))
-        case _:
-            raise ConfigError(f"unknown command {args.command}")
-    return ExitCode.OK
+Handler = Callable[[argparse.Namespace, _Out], Awaitable[int | None]]
+
+
+async def run(args: argparse.Namespace, console: Console) -> int:
+    """Run the ``vm``/``key``/``package`` command ``args`` names (see :data:`_HANDLERS`)."""
+    handler = _HANDLERS.get((args.command, getattr(args, f"{args.command}_command")))
+    if handler is None:
+        raise ConfigError(f"unknown command {args.command}")
+    code = await handler(args, _Out(args, console))
+    return ExitCode.OK if code is None else code
+
+
+async def _vm_build(args: argparse.Namespace, out: _Out) -> None:
+    img = build_blueprint(args.blueprint, cache_dir=args.host.cache_root)
+    data = {"blueprint": img.blueprint.name, "kernel": img.kernel,
+            "initramfs": img.initramfs, "rootfs": img.rootfs, "key": img.key,
+            "cache_hit": img.cache_hit}
+    out(data, lambda: out.console.print(
+        f"built {img.blueprint.name}{' (cached)' if img.cache_hit else ''}: "
+        f"{img.kernel}, {img.initramfs}, {img.rootfs}"))
+
+
+async def _vm_snapshot(args: argparse.Namespace, out: _Out) -> None:
+    report = await snapshot.snapshot(
+        args.blueprint, args.out, prepare=args.prepare, cpu_model=args.cpu_model,
+        host=args.host, progress=out.progress)
+    data = {"package_dir": report.package_dir, "build_s": report.build_s,
+            "boot_to_agent_s": report.boot_to_agent_s, "ready_s": report.ready_s,
+            "state_bytes": report.device_state.state_bytes, "total_s": report.total_s}
+    if args.package:
+        info = pkg.package_create(args.out, args.package,
+                                  key_path=args.key or args.host.signing_key,
+                                  progress=_package_progress(out.progress))
+        data["package"] = _package_json(info)
+    out(data, lambda: out.console.print(
+        f"snapshot of {report.manifest.name} in {report.package_dir} (ready after "
+        f"{report.ready_s:.1f} s, device state {report.device_state.state_bytes} B)"
+        + (f", signed into {args.package}" if args.package else "")))
+
+
+async def _vm_run_command(args: argparse.Namespace, out: _Out) -> int:
+    return await _vm_run(args, out.console, out.progress, out)
+
+
+async def _vm_migration(args: argparse.Namespace, out: _Out) -> int:
+    from ferry.cli import vm_migrate
+
+    return await vm_migrate.run(args, out.console, out)
+
+
+async def _vm_list(args: argparse.Namespace, out: _Out) -> None:
+    vms = registry.list_vms(registry.VMPaths.of(args.host))
+    out([{"vm_id": v.vm_id, "status": v.status, "pid": v.pid, "package": v.package,
+          "forwards": list(v.forwards), "resume_ms": v.resume_ms} for v in vms],
+        lambda: _print_vms(out.console, vms))
+
+
+async def _vm_exec(args: argparse.Namespace, out: _Out) -> int:
+    argv = [*args.argv, *args.rest]
+    if not argv:
+        raise ConfigError("no command given: ferry vm exec ID -- CMD...")
+    reply = await _client(args).exec(
+        argv, stdin=sys.stdin.buffer.read() if args.stdin else b"", timeout_s=args.timeout)
+    if args.json:
+        emit_json({"exit_code": reply.exit_code,
+                   "stdout": reply.stdout.decode(errors="replace"),
+                   "stderr": reply.stderr.decode(errors="replace")})
+    else:
+        sys.stdout.buffer.write(reply.stdout)
+        sys.stdout.flush()
+        sys.stderr.buffer.write(reply.stderr)
+        sys.stderr.flush()
+    return reply.exit_code
+
+
+async def _vm_stop(args: argparse.Namespace, out: _Out) -> None:
+    stopped = await _client(args).stop(StopMode.SUSPEND if args.suspend else StopMode.DISCARD)
+    data = {"mode": stopped.mode.value, "state_bytes": stopped.state_bytes,
+            "flush_bytes": stopped.flush_bytes}
+    out(data, lambda: out.console.print(f"{args.vm_id}: stopped ({stopped.mode.value})"))
+
+
+async def _key_create(args: argparse.Namespace, out: _Out) -> None:
+    info = pkg.key_create(args.path, host=args.host, comment=args.comment,
+                          overwrite=args.overwrite, trust=args.trust,
+                          trust_path=args.trust_path)
+    out({"key_id": info.key_id, "private_key": info.private_key_path,
+         "public_key": info.public_key_path},
+        lambda: out.console.print(f"key {info.key_id}: {info.private_key_path} "
+                                  f"(+ .pub){', trusted' if args.trust else ''}"))
+
+
+async def _key_trust(args: argparse.Namespace, out: _Out) -> None:
+    pub = pkg.key_trust(args.pubkey, host=args.host, trust_path=args.trust_path)
+    out({"key_id": pub.key_id}, lambda: out.console.print(f"trusted key {pub.key_id}"))
+
+
+async def _package_create(args: argparse.Namespace, out: _Out) -> None:
+    info = pkg.package_create(args.dir, args.file, key_path=args.key or args.host.signing_key,
+                              overwrite=args.overwrite,
+                              progress=_package_progress(out.progress))
+    out(_package_json(info), lambda: out.console.print(
+        f"{args.file}: {len(info.files)} files, signed by {info.key_id}"))
+
+
+async def _package_verify(args: argparse.Namespace, out: _Out) -> None:
+    info = pkg.package_verify(args.file, host=args.host, trust_path=args.trust,
+                              progress=_package_progress(out.progress))
+    out(_package_json(info), lambda: out.console.print(
+        f"{args.file}: OK, {len(info.files)} files, signed by {info.key_id}"))
+
+
+async def _package_extract(args: argparse.Namespace, out: _Out) -> None:
+    info = pkg.package_extract(args.file, args.dir, host=args.host, trust_path=args.trust,
+                               overwrite=args.overwrite,
+                               progress=_package_progress(out.progress))
+    out(_package_json(info), lambda: out.console.print(
+        f"{args.file}: verified, extracted into {args.dir}"))
+
+
+_HANDLERS: dict[tuple[str, str], Handler] = {
+    ("vm", "build"): _vm_build,
+    ("vm", "snapshot"): _vm_snapshot,
+    ("vm", "run"): _vm_run_command,
+    ("vm", "migrate"): _vm_migration,
+    ("vm", "receive"): _vm_migration,
+    ("vm", "registry"): _vm_migration,
+    ("vm", "list"): _vm_list,
+    ("vm", "exec"): _vm_exec,
+    ("vm", "stop"): _vm_stop,
+    ("key", "create"): _key_create,
+    ("key", "trust"): _key_trust,
+    ("package", "create"): _package_create,
+    ("package", "verify"): _package_verify,
+    ("package", "extract"): _package_extract,
+}
+"""Every ``vm``/``key``/``package`` subcommand and the function that runs it."""
 
 
 async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable[[str], None],
