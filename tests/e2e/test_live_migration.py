@@ -257,20 +257,36 @@ async def first_pong_s(site: Site, host: str, started: float) -> float:
         await asyncio.sleep(0.005)
 
 
-async def test_registry_start_is_post_copy(site: Site, redis_package: Path) -> None:
+async def wait_listening(proc: asyncio.subprocess.Process, stderr: Path) -> None:
+    """Read ``proc``'s JSON events until ``listening``; fail at once if it exits first."""
+    assert proc.stdout is not None
+    while True:
+        line = await proc.stdout.readline()
+        if not line:  # EOF: it exited (readline would return b"" forever, never yielding)
+            code = await proc.wait()
+            tail = (await asyncio.to_thread(stderr.read_text))[-2000:]
+            pytest.fail(f"exited with {code} before listening: {tail}")
+        if b'"listening"' in line:
+            return
+
+
+async def test_registry_start_is_post_copy(site: Site, redis_package: Path,
+                                           tmp_path: Path) -> None:
     paths = site.paths("upc")
     env = {**os.environ, **site.env, "FERRY_RUN_DIR": str(paths.run_root),
            "FERRY_STATE_DIR": str(paths.state_root)}
-    registry = await asyncio.create_subprocess_exec(
-        *site.hosts["upc"].exec_argv([*FERRY, "vm", "registry", str(redis_package.parent),
-                                      "--listen", f"{site.address('upc')}:{REGISTRY_PORT}",
-                                      "--json", "--token-file", str(site.token_file("upc"))]),
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    stderr = tmp_path / "registry.stderr"
+    with stderr.open("wb") as err:
+        # The token file's directory (<root>/hosts) need not exist: the registry makes it.
+        registry = await asyncio.create_subprocess_exec(
+            *site.hosts["upc"].exec_argv([*FERRY, "vm", "registry", str(redis_package.parent),
+                                          "--listen", f"{site.address('upc')}:{REGISTRY_PORT}",
+                                          "--json", "--token-file",
+                                          str(site.token_file("upc"))]),
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=err)
     try:
-        assert registry.stdout is not None
         async with asyncio.timeout(60):
-            while b"listening" not in await registry.stdout.readline():
-                pass
+            await wait_listening(registry, stderr)
         namespaces_before = set(netns.list_namespaces())
         started = time.monotonic()
         pong = asyncio.create_task(first_pong_s(site, "upb", started))
