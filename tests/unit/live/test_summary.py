@@ -5,12 +5,14 @@ malformed one (it crosses the control socket) is refused with MalformedSummaryEr
 from __future__ import annotations
 
 import copy
+import io
 import json
 from typing import Any
 
 import pytest
+from rich.console import Console
 
-from ferry.cli.vm_migrate import downtime_text
+from ferry.cli.vm_migrate import downtime_text, print_summary
 from ferry.errors import RemoteProtocolError
 from ferry.live.clock import ClockFigures, ClockSample, estimate
 from ferry.live.errors import MalformedSummaryError
@@ -161,3 +163,15 @@ def test_a_summary_is_an_object(data: object) -> None:
 def test_a_malformed_summary_is_a_remote_protocol_error() -> None:
     """Whoever sent it is at fault, not the reader (the control codec translates it)."""
     assert issubclass(MalformedSummaryError, RemoteProtocolError)
+
+
+@pytest.mark.parametrize("summary", [full(), MigrationSummary.of(SourceReport("r1"), None, None)],
+                         ids=["full", "no-migrator-report"])
+def test_the_cli_prints_a_summary(summary: MigrationSummary) -> None:
+    console = Console(file=io.StringIO(), width=200)
+    print_summary(console, summary, "10.0.0.2:7521")
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "r1 migrated to 10.0.0.2:7521" in text
+    if summary.stop_reason is not None:
+        assert "stopped: no-progress" in text
+        assert "memory" in text
