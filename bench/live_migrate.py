@@ -72,13 +72,15 @@ def _hop(h: Hop) -> dict[str, Any]:
         "downtime_ms": d.ms, "downtime_uncertainty_ms": d.uncertainty_ms,
         "downtime_source_view_ms": d.source_view_ms,
         "downtime_steps_ms": d.steps_ms,
-        "total_s": s["total_s"], "precopy_s": s["precopy_s"], "postcopy_s": s["postcopy_s"],
+        "total_s": s.total_s, "precopy_s": s.precopy_s, "postcopy_s": s.postcopy_s,
         "command_s": h.command_s,
-        "cycles": s["cycles"], "postcopy_fetches": s["postcopy_fetches"],
-        "bytes_total": s["bytes_total"], "wire_bytes": s["wire_bytes"],
-        "bytes_by_device": {n: d["bytes_by_phase"] for n, d in s["devices"].items()},
-        "memory_bytes": sum(s["devices"].get("memory", {}).get("bytes_by_phase", {}).values()),
-        "verified": s["verified"],
+        "cycles": s.cycles, "stop_reason": None if s.stop_reason is None
+        else s.stop_reason.value, "postcopy_fetches": s.postcopy_fetches,
+        "bytes_total": s.bytes_total, "wire_bytes": s.wire_bytes,
+        "bytes_by_device": {n: dev.bytes_by_phase for n, dev in s.devices.items()},
+        "memory_bytes": sum(s.devices["memory"].bytes_by_phase.values())
+        if "memory" in s.devices else 0,
+        "verified": s.verified,
         "writes_during": h.writes_during,
         # Inside the destination's state_load step: warming the ring windows (absent
         # blocks are fetched on demand) before QEMU loads the state; and the guest RAM

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from ferry.live.downtime import OVERLAPPED, STEPS
+from ferry.live.summary import MigrationSummary
 from ferry.net import cleanup_leftovers, netns
 from ferry.net.netns import socket_in_netns
 from ferry.testing.hosts import host_namespaces
@@ -92,16 +93,18 @@ async def boot_id(site: Site, host: str, vm: str) -> str:
 
 def assert_hop(reply: dict[str, Any], command_s: float) -> None:
     """What one ``ferry vm migrate --json`` reply must show for a completed hop."""
-    s = reply["summary"]
-    assert (s["outcome"], s["handed_off"], s["verified"]) == ("completed", True, True)
-    assert set(s["devices"]) == {"memory", "disk/root"}
+    s = MigrationSummary.from_json(reply["summary"])  # every documented key, well-typed
+    assert (s.outcome, s.handed_off, s.verified) == ("completed", True, True)
+    assert set(s.devices) == {"memory", "disk/root"}
+    assert s.stop_reason is not None  # hybrid mode: the dirty cycles ended for a reason
     # The downtime is a part of the migration; the clock exchange ran, so there is an
     # offset-corrected figure, and the source's own view (which ends with B's "running"
     # acknowledgement) is never shorter than it, within its uncertainty.
     d = downtime(s)
     assert d.corrected_ms is not None
     assert d.uncertainty_ms is not None
-    assert 0 < d.corrected_ms < min(s["total_s"], command_s) * 1e3
+    assert s.total_s is not None
+    assert 0 < d.corrected_ms < min(s.total_s, command_s) * 1e3
     assert d.source_view_ms >= d.corrected_ms - d.uncertainty_ms
     assert sorted(d.steps_ms) == sorted([*STEPS, *OVERLAPPED])  # the documented steps
     # Every step is on one host's clock except the hand-off, which crosses hosts and is
@@ -129,7 +132,7 @@ async def test_redis_moves_under_writes_and_back_losing_nothing(
         d = downtime(hop.summary)
         print(f"{hop.src}->{hop.dst}: downtime {d.corrected_ms} ms +-{d.uncertainty_ms} "
               f"(offset-corrected), {d.source_view_ms} ms (source's view), "
-              f"total {hop.summary['total_s']} s")
+              f"total {hop.summary.total_s} s")
     # Back on A it is a normal supervised VM, gone from B, holding what it held before.
     assert await listed(site, "upa") == [("up-r1", "running")]
     assert await listed(site, "upb") == []
@@ -254,20 +257,36 @@ async def first_pong_s(site: Site, host: str, started: float) -> float:
         await asyncio.sleep(0.005)
 
 
-async def test_registry_start_is_post_copy(site: Site, redis_package: Path) -> None:
+async def wait_listening(proc: asyncio.subprocess.Process, stderr: Path) -> None:
+    """Read ``proc``'s JSON events until ``listening``; fail at once if it exits first."""
+    assert proc.stdout is not None
+    while True:
+        line = await proc.stdout.readline()
+        if not line:  # EOF: it exited (readline would return b"" forever, never yielding)
+            code = await proc.wait()
+            tail = (await asyncio.to_thread(stderr.read_text))[-2000:]
+            pytest.fail(f"exited with {code} before listening: {tail}")
+        if b'"listening"' in line:
+            return
+
+
+async def test_registry_start_is_post_copy(site: Site, redis_package: Path,
+                                           tmp_path: Path) -> None:
     paths = site.paths("upc")
     env = {**os.environ, **site.env, "FERRY_RUN_DIR": str(paths.run_root),
            "FERRY_STATE_DIR": str(paths.state_root)}
-    registry = await asyncio.create_subprocess_exec(
-        *site.hosts["upc"].exec_argv([*FERRY, "vm", "registry", str(redis_package.parent),
-                                      "--listen", f"{site.address('upc')}:{REGISTRY_PORT}",
-                                      "--json", "--token-file", str(site.token_file("upc"))]),
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    stderr = tmp_path / "registry.stderr"
+    with stderr.open("wb") as err:
+        # The token file's directory (<root>/hosts) need not exist: the registry makes it.
+        registry = await asyncio.create_subprocess_exec(
+            *site.hosts["upc"].exec_argv([*FERRY, "vm", "registry", str(redis_package.parent),
+                                          "--listen", f"{site.address('upc')}:{REGISTRY_PORT}",
+                                          "--json", "--token-file",
+                                          str(site.token_file("upc"))]),
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=err)
     try:
-        assert registry.stdout is not None
         async with asyncio.timeout(60):
-            while b"listening" not in await registry.stdout.readline():
-                pass
+            await wait_listening(registry, stderr)
         namespaces_before = set(netns.list_namespaces())
         started = time.monotonic()
         pong = asyncio.create_task(first_pong_s(site, "upb", started))

@@ -60,25 +60,28 @@ async def migrate_demo(args: argparse.Namespace, console: Console) -> ExitCode:
             console.print(f"  [dim]…[/dim] {escape(line)}")
 
     result = await run_migrate_demo(progress, args.host)
-    s = result.summary
+    hops = (("A -> B (first hop: B's page cache and QEMU are cold)", result.summary),
+            ("B -> A (back to a host that ran this guest)", result.return_summary))
     if args.json:
-        emit_json({"migrate": {"summary": s, "return_summary": result.return_summary,
+        emit_json({"migrate": {"summary": None if result.summary is None
+                               else result.summary.to_json(),
+                               "return_summary": None if result.return_summary is None
+                               else result.return_summary.to_json(),
                                "acknowledged_writes": result.acknowledged,
                                "lost_writes": len(result.lost),
                                "client_max_stall_ms": result.client_max_stall_ms,
                                "ok": result.ok}})
     else:
-        for label, hop in (("A -> B (first hop: B's page cache and QEMU are cold)", s),
-                           ("B -> A (back to a host that ran this guest)",
-                            result.return_summary)):
-            steps = ", ".join(f"{k} {v:.1f}"
-                              for k, v in hop.get("downtime_steps_ms", {}).items())
+        for label, hop in hops:
+            if hop is None:
+                continue
+            steps = ", ".join(f"{k} {v:.1f}" for k, v in hop.downtime.steps_ms.items())
             console.print(f"  migrated {label}: downtime {downtime_text(hop)}")
             console.print(f"    downtime steps (ms): {steps}")
             console.print(
-                f"    total {hop.get('total_s', 0):.2f} s, {hop.get('cycles')} dirty cycles, "
-                f"{hop.get('postcopy_fetches')} post-copy fetches, every block verified: "
-                f"{hop.get('verified')}")
+                f"    total {hop.total_s or 0:.2f} s, {hop.cycles} dirty cycles, "
+                f"{hop.postcopy_fetches} post-copy fetches, every block verified: "
+                f"{hop.verified}")
         verdict = "[green]all readable[/green]" if result.ok else "[red]LOST WRITES[/red]"
         console.print(
             f"  client: {result.acknowledged} acknowledged writes, {len(result.lost)} lost "

@@ -365,7 +365,8 @@ def _add_migration_parsers(vm: Any, add_common: AddCommon) -> None:
         c.add_argument("--tls-key", type=Path, help="this host's private key (PEM)")
         c.add_argument("--tls-ca", type=Path, help="CA that signed the peer's certificate")
         c.add_argument("--token-file", type=Path, metavar="PATH",
-                       help="the one-time token: written here (mode 0600) by a listening side, "
+                       help="the one-time token: written here (mode 0600, its directory made if "
+                            "missing) by a listening side, "
                             "read from here by a connecting one (else $FERRY_TOKEN)")
         c.add_argument("--insecure", action="store_true",
                        help="plain TCP without authentication (prints a warning)")

@@ -8,7 +8,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -17,6 +17,7 @@ from ferry.cli.exitcodes import ExitCode
 from ferry.errors import ConfigError, FerryError
 from ferry.live.access import Access, TLSFiles
 from ferry.live.pkgserve import check_directory, serve_registry
+from ferry.live.summary import MigrationSummary
 from ferry.node.arrival import ArrivalRequest, arrive
 from ferry.node.control import ControlClient, ExportReply, MigrateRequest
 from ferry.node.process import launch_detached
@@ -136,40 +137,43 @@ async def _migrate(args: argparse.Namespace, console: Console, out: Out) -> int:
             f"paused {reply.paused_s * 1e3:.0f} ms); resume with 'ferry vm run "
             f"{reply.package}'"))
     else:
-        out({"summary": dict(reply.summary), "source": dict(reply.source),
+        out({"summary": reply.summary.to_json(), "source": dict(reply.source),
              "destination": None if reply.destination is None else dict(reply.destination)},
             lambda: print_summary(console, reply.summary, args.to))
     return ExitCode.OK
 
 
-def downtime_text(s: Mapping[str, Any]) -> str:
+def downtime_text(s: MigrationSummary) -> str:
     """The downtime figures of a summary, each named for what it measures."""
-    view = s.get("downtime_source_view_ms")
-    corrected = s.get("downtime_corrected_ms")
+    d = s.downtime
     parts = []
-    if corrected is not None:
-        parts.append(f"[bold]{corrected:.1f} ms[/bold] \u00b1 "
-                     f"{s['downtime_corrected_uncertainty_ms']:.1f} (source paused -> "
+    if d.corrected_ms is not None:
+        parts.append(f"[bold]{d.corrected_ms:.1f} ms[/bold] \u00b1 "
+                     f"{d.corrected_uncertainty_ms or 0.0:.1f} (source paused -> "
                      f"destination running, clocks offset-corrected)")
-    if view is not None:
-        parts.append(f"{view:.1f} ms as the source saw it (paused -> "
+    if d.source_view_ms is not None:
+        parts.append(f"{d.source_view_ms:.1f} ms as the source saw it (paused -> "
                      f"\"running\" acknowledged)")
     return "; ".join(parts) or "not measured"
 
 
-def print_summary(console: Console, s: Mapping[str, Any], to: str) -> None:
-    steps = ", ".join(f"{k} {v:.1f}" for k, v in s.get("downtime_steps_ms", {}).items())
-    console.print(f"[green]{s['vm']}[/green] migrated to {to}: downtime {downtime_text(s)}")
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def print_summary(console: Console, s: MigrationSummary, to: str) -> None:
+    steps = ", ".join(f"{k} {v:.1f}" for k, v in s.downtime.steps_ms.items())
+    console.print(f"[green]{s.vm}[/green] migrated to {to}: downtime {downtime_text(s)}")
     if steps:
         console.print(f"  downtime steps (ms): {steps}")
-    console.print(f"  total {s['total_s']:.2f} s (pre-copy {s['precopy_s']:.2f} s, post-copy "
-                  f"{s['postcopy_s']:.2f} s), {s['cycles']} dirty cycles "
-                  f"(stopped: {s.get('stop_reason') or 'none'}), "
-                  f"{s['postcopy_fetches']} post-copy fetches, mode {s['mode']}, "
-                  f"verified {s['verified']}")
-    for name, d in s["devices"].items():
-        phases = ", ".join(f"{p} {b / 2**20:.1f} MiB" for p, b in d["bytes_by_phase"].items())
-        console.print(f"  {name:<10} {d['size_bytes'] / 2**20:7.1f} MiB: {phases}")
+    console.print(f"  total {_seconds(s.total_s)} s (pre-copy {_seconds(s.precopy_s)} s, "
+                  f"post-copy {_seconds(s.postcopy_s)} s), {s.cycles} dirty cycles "
+                  f"(stopped: {'none' if s.stop_reason is None else s.stop_reason.value}), "
+                  f"{s.postcopy_fetches} post-copy fetches, "
+                  f"mode {None if s.mode is None else s.mode.value}, verified {s.verified}")
+    for name, d in s.devices.items():
+        phases = ", ".join(f"{p} {b / 2**20:.1f} MiB" for p, b in d.bytes_by_phase.items())
+        console.print(f"  {name:<10} {d.size_bytes / 2**20:7.1f} MiB: {phases}")
 
 
 async def _receive(args: argparse.Namespace, console: Console, out: Out) -> int:

@@ -20,10 +20,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from ferry.errors import FerryError
 from ferry.hostconfig import HostConfig
+from ferry.live.summary import MigrationSummary
 from ferry.package.trust import TrustStore
 from ferry.testing.hosts import host_namespaces
 from ferry.testing.redis_hops import run_redis_hops
@@ -37,16 +37,17 @@ Progress = Callable[[str], None]
 
 @dataclass(slots=True)
 class MigrateDemoResult:
-    summary: dict[str, Any] = field(default_factory=dict)  # A -> B, the first hop
-    return_summary: dict[str, Any] = field(default_factory=dict)  # B -> A
+    summary: MigrationSummary | None = None  # A -> B, the first hop
+    return_summary: MigrationSummary | None = None  # B -> A
     acknowledged: int = 0
     lost: list[int] = field(default_factory=list)
     client_max_stall_ms: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return (self.acknowledged > 0 and not self.lost and bool(self.summary.get("verified"))
-                and bool(self.return_summary.get("verified")))
+        return (self.acknowledged > 0 and not self.lost
+                and all(s is not None and s.verified for s in (self.summary,
+                                                               self.return_summary)))
 
 
 async def run_migrate_demo(progress: Progress, host: HostConfig) -> MigrateDemoResult:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ferry.aio import cancel_and_wait
 from ferry.migration.channel import StreamChannel
 from ferry.migration.destination import DestinationDevice, Receiver, ReceiveReport
 from ferry.migration.policy import DirtyPolicy
@@ -113,10 +114,16 @@ async def run_storage_demo(
     host, port = listener.address
     token = new_token()  # as `ferry serve` does: the first local connection is not trusted
     async with listener:
+        # Not a TaskGroup: it would wrap a failed connect in an ExceptionGroup. The accept
+        # is awaited on every path (cancelled if the client side failed).
         accepting = asyncio.create_task(accept_authenticated(listener, token_authenticator(token)))
-        client = await connect_tcp(host, port)
-        await present_token(client, token, timeout_s=HANDSHAKE_TIMEOUT_S)
-        server = await accepting
+        try:
+            client = await connect_tcp(host, port)
+            await present_token(client, token, timeout_s=HANDSHAKE_TIMEOUT_S)
+            server = await accepting
+        except BaseException:
+            await cancel_and_wait(accepting, swallow_errors=True)
+            raise
         migrator = Migrator(
             [s.source_device() for s in sources],
             StreamChannel(client),

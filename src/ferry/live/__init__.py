@@ -2,14 +2,14 @@
 
 Public API::
 
-    local_devices(memory, disks, *, with_state=False) -> VMDevices     chainable stacks
+    local_devices(memory, disks) -> VMDevices                         chainable stacks
     migrate_out(vm, devices, channel, *, agent=None, options=LiveOptions(),
                 on_handed_off=None) -> SourceReport                   source side
     report_exchange.fetch_report / serve_report       after it: clocks, the destination's
                                                       report; MigrationSummary.of(...) sums up
     IncomingVM(config, *, work_dir, name, options, backing, wrap_argv)  destination side:
         async with ...: report = await incoming.receive(channel); incoming.vm / .devices
-    LiveOptions(mode, policy, state_transfer, agent_hooks, ...)
+    LiveOptions(mode, policy, agent_hooks, ...)
     Access(tls, token, insecure).connect(host, port) / .listen(host, port) / .accept(l)
                                         the link: ferry.transport TCP/TLS tuned to notice
                                         a dead peer (ferry.transport.tuning)
@@ -19,7 +19,7 @@ from ferry.live.destination import IncomingVM
 from ferry.live.downtime import STEPS, Downtime
 from ferry.live.errors import HandoffPayloadError, LiveMigrationError
 from ferry.live.report import DestinationReport, SourceReport
-from ferry.live.source import FAST_POLICY, LiveOptions, StateTransfer, migrate_out
+from ferry.live.source import FAST_POLICY, LiveOptions, migrate_out
 from ferry.live.summary import MigrationSummary
 from ferry.vm.devices import LiveDevice, VMDevices, local_devices
 
@@ -35,7 +35,6 @@ __all__ = [
     "LiveOptions",
     "MigrationSummary",
     "SourceReport",
-    "StateTransfer",
     "VMDevices",
     "local_devices",
     "migrate_out",

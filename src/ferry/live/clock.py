@@ -102,9 +102,29 @@ class ClockOffset:
         drift_window_s = abs(self.measured_at_s - at_source_s) + self.held_s + self.rtt_s
         return self.rtt_s / 2 + drift_window_s * MAX_DRIFT_PPM * 1e-6 + ROUNDING_S
 
+    def figures(self) -> ClockFigures:
+        """What a summary shows of this offset."""
+        return ClockFigures(offset_ms=round(self.offset_s * 1e3, 3),
+                            rtt_ms=round(self.rtt_s * 1e3, 3), samples=self.samples)
+
     def to_json(self) -> dict[str, float | int]:
-        return {"offset_ms": round(self.offset_s * 1e3, 3), "rtt_ms": round(self.rtt_s * 1e3, 3),
-                "samples": self.samples}
+        return self.figures().to_json()
+
+
+@dataclass(frozen=True, slots=True)
+class ClockFigures:
+    """A :class:`ClockOffset` as a migration summary shows it, rounded to the microsecond.
+
+    Only what a reader of the summary needs; the drift bound's inputs
+    (``held_s``, ``measured_at_s``) stay with the offset.
+    """
+
+    offset_ms: float
+    rtt_ms: float
+    samples: int
+
+    def to_json(self) -> dict[str, float | int]:
+        return {"offset_ms": self.offset_ms, "rtt_ms": self.rtt_ms, "samples": self.samples}
 
 
 def estimate(samples: Sequence[ClockSample]) -> ClockOffset:

@@ -48,15 +48,13 @@ from ferry.live.source import (
     DEFAULT_OPTIONS,
     RING_WINDOW_BYTES,
     LiveOptions,
-    StateTransfer,
-    device_digest,
 )
 from ferry.live.timeline import Mark
 from ferry.migration.channel import Channel
 from ferry.migration.destination import DestinationDevice, Receiver
 from ferry.migration.policy import Mode
 from ferry.protocol.messages import DeviceInfo
-from ferry.qemu import MEMORY_FILE, QemuVM, VMConfig, devstate
+from ferry.qemu import MEMORY_FILE, QemuVM, VMConfig
 from ferry.vm.devices import Backing, VMDevices, incoming_devices, memory_backing
 from ferry.vm.errors import DeviceSetError
 
@@ -123,9 +121,7 @@ class IncomingVM:
         the hand-off on. Raises :class:`LiveMigrationError` (``handed_off``
         says whether the VM had started here).
         """
-        deferred = (self.options.mode is Mode.HYBRID
-                    or self.options.state_transfer is StateTransfer.DEVICE
-                    or self.options.record_digests)
+        deferred = self.options.mode is Mode.HYBRID
         receiver = Receiver(channel, self._open_devices, mode=self.options.mode,
                             on_handoff=self._on_handoff_deferred if deferred
                             else self._on_handoff)
@@ -182,18 +178,11 @@ class IncomingVM:
 
     async def _start_deferred_steps(self, p: wire.HandoffPayload) -> None:
         await self._wait_spawned()
-        if self.options.record_digests:
-            for dev in self.devices.all():
-                self.report.digests[dev.name] = await device_digest(dev.vm_handle)
-            self.report.timeline.mark(Mark.HANDOFF_RECEIVED)  # digests are test overhead
-        state = p.state
-        if not state:
-            if self.devices.state is None:
-                raise LiveMigrationError("the source sent no device state", vm=self.name,
-                                         handed_off=True)
-            state = await devstate.load(self.devices.state.vm_handle, vm=self.name)
+        if not p.state:
+            raise LiveMigrationError("the source sent no device state", vm=self.name,
+                                     handed_off=True)
         await self._warm(p.prefetch)
-        await self._load_state(state)
+        await self._load_state(p.state)
         await self._continue()
 
     async def _warm(self, offsets: Sequence[int]) -> None:
@@ -254,7 +243,6 @@ class IncomingVM:
 
     def _take_payload(self, data: bytes) -> wire.HandoffPayload:
         p = wire.decode(data)
-        self.report.source_digests = p.digests
         self.report.state_bytes = len(p.state)
         self.report.handed_off = True
         return p

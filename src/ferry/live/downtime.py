@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ferry.live.clock import ClockOffset
+from ferry.live.clock import ClockFigures, ClockOffset
 from ferry.live.timeline import Mark, Timeline
 
 SOURCE_STEPS = (("pause", Mark.PAUSE, Mark.PAUSED),
@@ -64,7 +64,8 @@ class Downtime:
     corrected_ms: float | None
     corrected_uncertainty_ms: float | None
     steps_ms: dict[str, float]
-    clock: ClockOffset | None
+    clock: ClockFigures | None
+    """The offset the corrected figures used (None: no clock exchange took place)."""
 
     @classmethod
     def measure(cls, source: Timeline, destination: Timeline | None,
@@ -91,7 +92,7 @@ class Downtime:
         return cls(source_view_ms=_ms(source.span_s(Mark.PAUSE, Mark.HANDOFF_ACKED)),
                    corrected_ms=corrected, corrected_uncertainty_ms=uncertainty,
                    steps_ms={n: steps[n] for n in (*STEPS, *OVERLAPPED) if n in steps},
-                   clock=clock)
+                   clock=None if clock is None else clock.figures())
 
     def to_json(self) -> dict[str, Any]:
         """Keys prefixed ``downtime_`` (they sit beside other figures in a summary)."""

@@ -1,16 +1,19 @@
 """Errors of live VM migration::
 
     FerryError
-    └── MigrationError
-        └── LiveMigrationError      the VM could not be moved (.vm, .handed_off)
-            └── HandoffPayloadError the HANDOFF payload is malformed
-        └── PeerError
-            └── RefusedError        the peer (a registry) refused the request
+    ├── MigrationError
+    │   ├── LiveMigrationError        the VM could not be moved (.vm, .handed_off)
+    │   │   └── HandoffPayloadError   the HANDOFF payload is malformed
+    │   └── PeerError
+    │       └── RefusedError          the peer (a registry) refused the request
+    └── ProtocolError
+        └── RemoteProtocolError
+            └── MalformedSummaryError a migration summary that does not decode
 """
 
 from __future__ import annotations
 
-from ferry.errors import MigrationError, PeerError
+from ferry.errors import MigrationError, PeerError, RemoteProtocolError
 
 
 class LiveMigrationError(MigrationError):
@@ -43,3 +46,9 @@ class RefusedError(PeerError):
         MigrationError.__init__(self, f"the peer refused: {reason}")
         self.reason = reason
         self.code = 0
+
+
+class MalformedSummaryError(RemoteProtocolError):
+    """A migration summary (:meth:`ferry.live.summary.MigrationSummary.from_json`) with a
+    missing or wrongly typed field, a value out of bounds, or too many entries: the
+    fault of whoever sent it (a VM's holder, over its control socket)."""

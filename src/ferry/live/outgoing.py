@@ -77,6 +77,17 @@ class Movable:
     forwards: tuple[PortForward, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """A finished live migration: the summary a user reads and both sides' reports."""
+
+    summary: MigrationSummary
+    source: dict[str, Any]
+    """The source's report (:meth:`SourceReport.to_json`)."""
+    destination: dict[str, Any] | None
+    """The destination's report (None: it did not come back)."""
+
+
 def options_for(precopy_only: bool) -> LiveOptions:
     return LiveOptions(mode=Mode.PRECOPY_ONLY if precopy_only else Mode.HYBRID)
 
@@ -91,11 +102,11 @@ async def migrate_to_host(
     m: Movable, host: str, port: int, *, access: Access,
     options: LiveOptions = DEFAULT_OPTIONS,
     on_handed_off: Callable[[], Awaitable[None]] | None = None,
-) -> dict[str, Any]:
+) -> Moved:
     """Live-migrate ``m`` to the ``ferry vm receive`` listening on ``host:port``.
 
     ``access`` says how to authenticate to it (TLS, its token, or ``insecure``).
-    Returns ``{"summary", "source", "destination"}`` once post-copy completed.
+    Returns the summary and both reports once post-copy completed.
     Raises :class:`LiveMigrationError` (``handed_off`` says where the VM runs).
     """
     try:
@@ -128,9 +139,8 @@ async def migrate_to_host(
             destination, clock = await report_exchange.fetch_report(stream)
         except FerryError as exc:
             log.info("vm %s: no report from the destination (%s)", m.vm_id, exc)
-        return {"summary": summarize(report, destination, clock).to_json(),
-                "source": report.to_json(),
-                "destination": None if destination is None else destination.to_json()}
+        return Moved(summarize(report, destination, clock), report.to_json(),
+                     None if destination is None else destination.to_json())
     finally:
         await channel.aclose()
 

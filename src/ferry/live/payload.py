@@ -1,13 +1,16 @@
-"""The HANDOFF payload: QEMU's device state (unless it travels in a device) and what the
-destination does with it.
+"""The HANDOFF payload: QEMU's device state and what the destination does with it.
 
 Wire format (sans-IO, all integers big-endian)::
 
     magic  b"FLV2"        4 bytes
     hlen   u32            length of the JSON header
-    header JSON (UTF-8)   {"vm": str, "digests": {...},
+    header JSON (UTF-8)   {"vm": str, "digests": {},
                            "prefetch": [RAM offsets to warm before the state load]}
-    state  bytes          QEMU's device-state stream (empty if it travels in a device)
+    state  bytes          QEMU's device-state stream
+
+``digests`` is always empty: it carried per-device hashes for tests (the
+removed ``LiveOptions.record_digests``) and stays in the header so a peer of
+the release before still decodes it; it is read and ignored.
 
 The source's timestamps stay on the source (version 1 carried them, and the
 destination subtracted its own clock from them: meaningless between hosts).
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ferry.live.errors import HandoffPayloadError
@@ -35,13 +38,12 @@ _HEAD = struct.Struct(">4sI")
 @dataclass(frozen=True, slots=True)
 class HandoffPayload:
     vm: str
-    digests: dict[str, str] = field(default_factory=dict)
     state: bytes = b""
     prefetch: tuple[int, ...] = ()
 
 
 def encode(p: HandoffPayload) -> bytes:
-    header = json.dumps({"vm": p.vm, "digests": p.digests,
+    header = json.dumps({"vm": p.vm, "digests": {},
                          "prefetch": list(p.prefetch)},
                         separators=(",", ":")).encode()
     if len(header) > MAX_HEADER_BYTES:
@@ -67,11 +69,10 @@ def decode(data: bytes) -> HandoffPayload:
         vm, digests = obj["vm"], obj["digests"]
         if not isinstance(vm, str) or not isinstance(digests, dict):
             raise TypeError("wrong field types")
-        dg = {str(k): str(v) for k, v in digests.items()}
         prefetch = obj.get("prefetch", [])
         if not isinstance(prefetch, list) or len(prefetch) > MAX_PREFETCH or not all(
                 isinstance(o, int) and o >= 0 for o in prefetch):
             raise TypeError("prefetch must be a short list of offsets")
     except (ValueError, KeyError, TypeError) as exc:
         raise HandoffPayloadError(f"malformed header: {exc}") from exc
-    return HandoffPayload(vm, dg, bytes(state), tuple(prefetch))
+    return HandoffPayload(vm, bytes(state), tuple(prefetch))

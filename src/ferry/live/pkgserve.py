@@ -117,7 +117,7 @@ async def _serve_package(stream: Stream, directory: Path, trust: TrustStore,
     channel = StreamChannel(stream)
 
     async def payload() -> bytes:
-        return wire.encode(wire.HandoffPayload(offer.vm_id, {}, state))
+        return wire.encode(wire.HandoffPayload(offer.vm_id, state))
 
     migrator = Migrator([d.source_device() for d in wire_order(devices)], channel,
                         policy=POSTCOPY_POLICY, mode=Mode.POSTCOPY, concurrency=4,

@@ -24,7 +24,7 @@ from ferry.migration.destination import ReceiveReport
 from ferry.migration.report import MigrationReport
 
 MAX_ITEMS = 64
-"""Devices, digests: a VM has a memory device, a state device and at most 16 disks."""
+"""Devices: a VM has a memory device and at most 16 disks."""
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -43,8 +43,6 @@ class SourceReport:
     before_suspend_ms: float | None = None
     state_bytes: int = 0
     flush_bytes: int = 0
-    state_in_payload: bool = True
-    digests: dict[str, str] = field(default_factory=dict)
     migration: MigrationReport | None = None
 
     @property
@@ -57,9 +55,8 @@ class SourceReport:
         return {"vm": self.vm, "outcome": self.outcome, "error": self.error,
                 "handed_off": self.handed_off, "timeline": self.timeline.to_json(),
                 "before_suspend_ms": self.before_suspend_ms, "state_bytes": self.state_bytes,
-                "flush_bytes": self.flush_bytes, "state_in_payload": self.state_in_payload,
+                "flush_bytes": self.flush_bytes,
                 "downtime_source_view_ms": self.downtime_source_view_ms,
-                "digests": dict(self.digests),
                 "migration": None if self.migration is None else self.migration.to_json()}
 
 
@@ -85,8 +82,6 @@ class DestinationReport:
     state_load_ram_read_bytes: int = 0
     cont_ram_reads: int = 0               # FUSE reads of guest RAM between cont and RESUME
     cont_ram_read_bytes: int = 0
-    digests: dict[str, str] = field(default_factory=dict)
-    source_digests: dict[str, str] = field(default_factory=dict)
     receive: ReceiveReport | None = None
 
     @property
@@ -101,8 +96,6 @@ class DestinationReport:
     def to_json(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["timeline"] = self.timeline.to_json()
-        data["digests"] = dict(self.digests)
-        data["source_digests"] = dict(self.source_digests)
         data["receive"] = None if self.receive is None else dataclasses.asdict(self.receive)
         data["handoff_to_running_ms"] = self.handoff_to_running_ms
         return data
@@ -129,15 +122,9 @@ def _texts(value: object, what: str) -> list[str]:
     return [checks.text(v, what) for v in value]
 
 
-def _text_map(value: object, what: str) -> dict[str, str]:
-    if not isinstance(value, dict) or len(value) > MAX_ITEMS:
-        raise ValueError(f"{what} must be an object of at most {MAX_ITEMS} items")
-    return {checks.text(k, what): checks.text(v, what) for k, v in value.items()}
-
-
 _CHECKS: dict[str, Callable[[object, str], object]] = {
     "str": checks.text, "int": checks.integer, "float": checks.finite, "bool": checks.boolean,
-    "list[str]": _texts, "dict[str, str]": _text_map}
+    "list[str]": _texts}
 """A checker per annotation (the modules use ``from __future__ import annotations``,
 so annotations are strings); ``X | None`` also takes null."""
 

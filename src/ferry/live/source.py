@@ -8,9 +8,8 @@ guest keeps running, with the VM plugged into the migrator's hooks:
   the guest's latest writes until then);
 * ``suspend``: the agent's before-suspend hooks (guest still running), then
   the downtime: QMP ``stop``, final flush, device state saved (into the
-  HANDOFF payload, or into the ``state`` device whose blocks then go in the
-  final dirty list);
-* ``handoff_payload``: device state (and digests, ring windows to warm);
+  HANDOFF payload);
+* ``handoff_payload``: device state and the ring windows to warm;
 * ``resume``: if anything fails before the hand-off is acknowledged, QMP
   ``cont``: the VM carries on here and nothing is lost (the migrator only
   ever reads the devices).
@@ -29,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -47,8 +45,6 @@ from ferry.migration.policy import DirtyPolicy, Mode
 from ferry.migration.source import MigrationHooks, Migrator
 from ferry.qemu import DeviceStateStats, QemuVM, VMError, devstate
 from ferry.qemu.qmp import QMPError
-from ferry.storage.device import Device
-from ferry.storage.hashing import block_hash
 from ferry.storage.providers.memory import MemoryDevice
 from ferry.vm.devices import VMDevices, wire_order
 
@@ -56,19 +52,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SCRATCH_STATE_BYTES = 8 * 1024 * 1024
-DIGEST_CHUNK_BYTES = 4 * 1024 * 1024
-
-
-class StateTransfer(enum.Enum):
-    """How QEMU's device state reaches the destination.
-
-    PAYLOAD: inside the HANDOFF event (no extra round trip; the default).
-    DEVICE: written into the ``state`` device, whose blocks are then dirty and
-    listed in the final DirtyList; the destination fetches them on demand.
-    """
-
-    PAYLOAD = "payload"
-    DEVICE = "device"
 
 
 FAST_POLICY = DirtyPolicy(max_dirty_blocks=64, min_cycles_below=2, max_cycles=10,
@@ -86,27 +69,15 @@ class LiveOptions:
 
     mode: Mode = Mode.HYBRID
     policy: DirtyPolicy = field(default_factory=lambda: FAST_POLICY)
-    state_transfer: StateTransfer = StateTransfer.PAYLOAD
     agent_hooks: bool = True
     agent_timeout_s: float = 10.0
     concurrency: int = 4
     max_run_blocks: int = 16
     """Runs in flight x blocks per run: a block fetched on demand after the hand-off
     waits behind what is already in flight. 2 x 8 measured no better than 4 x 16 here."""
-    record_digests: bool = False
-    """Hash every device at the hand-off point on both sides (tests; adds downtime)."""
 
 
 DEFAULT_OPTIONS = LiveOptions()
-
-
-async def device_digest(device: Device) -> str:
-    """XXH3-128 over the per-4-MiB-chunk hashes of a device's whole content."""
-    hashes = bytearray()
-    for offset in range(0, device.size_bytes, DIGEST_CHUNK_BYTES):
-        length = min(DIGEST_CHUNK_BYTES, device.size_bytes - offset)
-        hashes += block_hash(await device.read_at(offset, length))
-    return block_hash(bytes(hashes)).hex()
 
 
 RING_WINDOW_BYTES = 256 * 1024
@@ -166,12 +137,8 @@ async def migrate_out(
     block. Raises :class:`LiveMigrationError`: with ``handed_off`` False the VM
     still runs here; with True it runs on the destination.
     """
-    report = SourceReport(vm=vm.name,
-                          state_in_payload=options.state_transfer is StateTransfer.PAYLOAD)
+    report = SourceReport(vm=vm.name)
     t = report.timeline
-    if options.state_transfer is StateTransfer.DEVICE and devices.state is None:
-        raise LiveMigrationError("state_transfer DEVICE needs a state device", vm=vm.name,
-                                 handed_off=False)
     state_bytes = b""
     vlog = log.getChild(vm.name)
 
@@ -180,9 +147,6 @@ async def migrate_out(
 
     async def save_state() -> DeviceStateStats:
         nonlocal state_bytes
-        if options.state_transfer is StateTransfer.DEVICE:
-            assert devices.state is not None
-            return await vm.save_device_state(devices.state.stack.local, flush=False)
         scratch = MemoryDevice(SCRATCH_STATE_BYTES, name="state-scratch")
         stats = await vm.save_device_state(scratch, flush=False)
         state_bytes = await devstate.load(scratch, vm=vm.name)
@@ -208,16 +172,10 @@ async def migrate_out(
         report.flush_bytes = flush.result().bytes_written
         stats = save.result()
         report.state_bytes = stats.state_bytes
-        if options.record_digests:
-            for dev in devices.all():
-                report.digests[dev.name] = await device_digest(dev.stack.local)
-            # Digest time is test-only overhead: keep it out of the step breakdown.
-            t.mark(Mark.SUSPENDED)
 
     async def handoff_payload() -> bytes:
         t.mark(Mark.DIRTY_ACKED)
-        return wire.encode(wire.HandoffPayload(vm.name, dict(report.digests), state_bytes,
-                                               prefetch))
+        return wire.encode(wire.HandoffPayload(vm.name, state_bytes, prefetch))
 
     async def resume() -> None:
         vlog.warning("migration failed before the hand-off: resuming the VM here")

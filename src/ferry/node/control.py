@@ -46,7 +46,8 @@ from typing import Any, TypeVar
 from ferry.errors import ConfigError
 from ferry.guest.agent import ExecResult
 from ferry.live.access import Access
-from ferry.live.errors import LiveMigrationError
+from ferry.live.errors import LiveMigrationError, MalformedSummaryError
+from ferry.live.summary import MigrationSummary
 from ferry.node.record import HolderState
 from ferry.vm.errors import ControlError, VMNotFoundError
 from ferry.vm.runner import StopMode
@@ -189,10 +190,10 @@ class ExecReply:
 
 @dataclass(frozen=True, slots=True)
 class MigrateReply:
-    """A finished live migration; ``summary`` is ``live.outgoing.summarize``'s mapping."""
+    """A finished live migration: its summary, and both sides' reports as they came."""
 
     op = ControlOp.MIGRATE
-    summary: Mapping[str, Any]
+    summary: MigrationSummary
     source: Mapping[str, Any]
     destination: Mapping[str, Any] | None
 
@@ -376,7 +377,7 @@ def encode_reply(reply: Reply) -> bytes:
                           "stdout": base64.b64encode(reply.stdout).decode(),
                           "stderr": base64.b64encode(reply.stderr).decode()})
         case MigrateReply():
-            return _dump({"ok": True, "op": reply.op.value, "summary": dict(reply.summary),
+            return _dump({"ok": True, "op": reply.op.value, "summary": reply.summary.to_json(),
                           "source": dict(reply.source),
                           "destination": None if reply.destination is None
                           else dict(reply.destination)})
@@ -423,9 +424,11 @@ def decode_reply(line: bytes) -> Reply:
                                _get(d, "state_bytes", int), float(_get(d, "paused_s", num)),
                                float(_get(d, "total_s", num)), _get(d, "name", str))
         case ControlOp.MIGRATE:
-            summary = _mapping(d, "summary")
+            try:
+                summary = MigrationSummary.from_json(_mapping(d, "summary"))
+            except MalformedSummaryError as exc:
+                raise ControlProtocolError(str(exc)) from exc
             source = _mapping(d, "source")
-            assert summary is not None
             assert source is not None
             return MigrateReply(summary, source, _mapping(d, "destination", optional=True))
         case ControlOp.MIGRATE_CANCEL:

@@ -11,13 +11,13 @@ The moving itself is :func:`ferry.live.outgoing.migrate_to_host` and
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from ferry.live.access import Access
 from ferry.live.errors import LiveMigrationError
-from ferry.live.outgoing import Movable, export_to_package, migrate_to_host, options_for
+from ferry.live.outgoing import Movable, Moved, export_to_package, migrate_to_host, options_for
 from ferry.live.source import LiveOptions
 from ferry.node.control import (
     ExportReply,
@@ -31,7 +31,7 @@ from ferry.node.control import (
 class MigrateFn(Protocol):
     def __call__(self, m: Movable, host: str, port: int, *, access: Access,
                  options: LiveOptions,
-                 on_handed_off: Callable[[], Awaitable[None]] | None) -> Awaitable[dict[str, Any]]:
+                 on_handed_off: Callable[[], Awaitable[None]] | None) -> Awaitable[Moved]:
         ...
 
 
@@ -121,5 +121,4 @@ class Outgoing:
         moved = await self._migrate(m, host, port, access=req.access,
                                     options=options_for(req.precopy_only),
                                     on_handed_off=handed_off)
-        destination: Mapping[str, Any] | None = moved["destination"]
-        return MigrateReply(moved["summary"], moved["source"], destination)
+        return MigrateReply(moved.summary, moved.source, moved.destination)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.errors import ConfigError
+from ferry.live.summary import MigrationSummary
 from ferry.testing.site import Site
 from ferry.testing.workload import RedisWriter
 
@@ -42,9 +43,9 @@ class Hop:
     writes_during: int
 
     @property
-    def summary(self) -> dict[str, Any]:
-        summary: dict[str, Any] = self.reply["summary"]
-        return summary
+    def summary(self) -> MigrationSummary:
+        """The printed summary, checked (MalformedSummaryError if a key is off)."""
+        return MigrationSummary.from_json(self.reply["summary"])
 
 
 @dataclass(slots=True)

@@ -8,8 +8,9 @@ between them (:meth:`Site.hop`). The demo, the live-migration benchmark and
 the e2e tests all move VMs through it, so they measure and test the commands
 users type and nothing else.
 
-:func:`downtime` is the one place that reads the downtime (its figure, its
-steps, who measured it) out of the summary ``ferry vm migrate --json`` prints.
+:func:`downtime` is the one place that picks the downtime (its figure, its
+steps, who measured it) out of the summary ``ferry vm migrate --json`` prints
+(read with :meth:`~ferry.live.summary.MigrationSummary.from_json`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.errors import FerryError
+from ferry.live.summary import MigrationSummary
 from ferry.net import cleanup_leftovers as cleanup_networks
 from ferry.testing.hosts import HostSet
 from ferry.vm.registry import (
@@ -64,22 +66,14 @@ class Downtime:
         return self.source_view_ms if self.corrected_ms is None else self.corrected_ms
 
 
-def _number(summary: Mapping[str, Any], key: str, *, optional: bool = False) -> float | None:
-    value = summary.get(key)
-    if value is None and optional:
-        return None
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise TypeError(f"no {key} in the summary: {value!r}")
-    return float(value)
-
-
-def downtime(summary: Mapping[str, Any]) -> Downtime:
-    """The downtime figures in the ``summary`` of ``ferry vm migrate --json``."""
-    view = _number(summary, "downtime_source_view_ms")
-    assert view is not None
-    return Downtime(_number(summary, "downtime_corrected_ms", optional=True),
-                    _number(summary, "downtime_corrected_uncertainty_ms", optional=True),
-                    view, dict(summary.get("downtime_steps_ms") or {}))
+def downtime(summary: MigrationSummary) -> Downtime:
+    """The downtime figures of a hop's summary (the source's view is always there once
+    a migration completed; FerryError if it is not)."""
+    d = summary.downtime
+    if d.source_view_ms is None:
+        raise FerryError(f"vm {summary.vm}: the summary has no downtime_source_view_ms")
+    return Downtime(d.corrected_ms, d.corrected_uncertainty_ms, d.source_view_ms,
+                    dict(d.steps_ms))
 
 
 class CliError(FerryError):

@@ -318,11 +318,18 @@ async def accept_authenticated(
 def write_token_file(path: Path, token: str) -> None:
     """Write ``token`` to ``path`` with mode 0600.
 
-    An existing file there is replaced only if it looks like an earlier token
-    file of ours (a small regular file of mode 0600 we own), so a mistyped
-    path cannot clobber anything else.
+    A missing directory is created (mode 0700 for the last level): a listening
+    side is often the first thing to run on a host, before anything else made
+    its state directory. An existing file there is replaced only if it looks
+    like an earlier token file of ours (a small regular file of mode 0600 we
+    own), so a mistyped path cannot clobber anything else.
     """
     validate_token(token)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the directory of token file {path}: "
+                          f"{exc.strerror}") from exc
     try:
         st = os.lstat(path)
     except FileNotFoundError:

@@ -11,8 +11,8 @@ receiver fills a waiting cache on top of the tracker's local handle, so reads
 of blocks that have not arrived wait; once the migration in has completed the
 very same stack can be migrated out again (A -> B -> C -> A).
 
-Device names on the wire: ``memory``, ``disk/<name>`` and, when the device
-state travels as a device, ``state``.
+Device names on the wire: ``memory`` and ``disk/<name>`` (QEMU's device
+state travels in the HANDOFF payload, :mod:`ferry.live.payload`).
 """
 
 from __future__ import annotations
@@ -30,10 +30,7 @@ from ferry.storage.providers.memory import MemoryDevice
 from ferry.vm.errors import DeviceSetError
 
 MEMORY = "memory"
-STATE = "state"
 DISK_PREFIX = "disk/"
-STATE_DEVICE_BYTES = 1024 * 1024
-"""Room for QEMU's device state (~60 KB for a microvm guest) when it travels as a device."""
 
 Backing = Callable[[str, int], Device]
 """Makes the provider of a device from its wire name and size (default: MemoryDevice)."""
@@ -68,17 +65,13 @@ class LiveDevice:
 
 @dataclass(slots=True)
 class VMDevices:
-    """Guest RAM, the disks (first one is the root disk) and an optional state device."""
+    """Guest RAM and the disks (first one is the root disk)."""
 
     memory: LiveDevice
     disks: dict[str, LiveDevice] = field(default_factory=dict)
-    state: LiveDevice | None = None
 
     def all(self) -> list[LiveDevice]:
-        out = [self.memory, *self.disks.values()]
-        if self.state is not None:
-            out.append(self.state)
-        return out
+        return [self.memory, *self.disks.values()]
 
     def vm_disks(self) -> dict[str, Device]:
         """What :class:`~ferry.qemu.QemuVM` takes as ``disks``."""
@@ -90,18 +83,12 @@ class VMDevices:
 
 
 def local_devices(memory: Device, disks: Mapping[str, Device] | None = None, *,
-                  with_state: bool = False,
                   block_size_bytes: int = DEFAULT_BLOCK_SIZE_BYTES) -> VMDevices:
     """Stacks for a VM booted on this host, over the given providers."""
-    state = None
-    if with_state:
-        state = LiveDevice(STATE, source_stack(STATE, MemoryDevice(STATE_DEVICE_BYTES, name=STATE),
-                                               block_size_bytes))
     return VMDevices(
         memory=LiveDevice(MEMORY, source_stack(MEMORY, memory, block_size_bytes)),
         disks={n: LiveDevice(DISK_PREFIX + n, source_stack(DISK_PREFIX + n, d, block_size_bytes))
                for n, d in (disks or {}).items()},
-        state=state,
     )
 
 
@@ -117,11 +104,10 @@ def incoming_devices(infos: Sequence[DeviceInfo], backing: Backing,
     """The destination's stacks for the source's Hello, in the Hello's order."""
     made = [incoming_device(i, backing) for i in infos]
     memory = [d for d in made if d.name == MEMORY]
-    state = [d for d in made if d.name == STATE]
     disks = {d.name[len(DISK_PREFIX):]: d for d in made if d.name.startswith(DISK_PREFIX)}
-    if len(memory) != 1 or len(state) > 1 or len(memory) + len(state) + len(disks) != len(made):
+    if len(memory) != 1 or len(memory) + len(disks) != len(made):
         raise DeviceSetError(f"unexpected device set {[i.name for i in infos]}", vm=vm)
-    devices = VMDevices(memory[0], disks, state[0] if state else None)
+    devices = VMDevices(memory[0], disks)
     dest: list[DestinationDevice] = []
     for d in made:
         assert d.waiting_remote is not None
@@ -130,5 +116,5 @@ def incoming_devices(infos: Sequence[DeviceInfo], backing: Backing,
 
 
 def wire_order(devices: VMDevices) -> list[LiveDevice]:
-    """Memory first (it is what the guest touches first after resume), then disks, state."""
+    """Memory first (it is what the guest touches first after resume), then the disks."""
     return devices.all()

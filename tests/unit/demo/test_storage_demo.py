@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
+from ferry.demo import storage
 from ferry.demo.storage import run_storage_demo
+from ferry.errors import ConfigError
 from ferry.migration.policy import DirtyPolicy
+from ferry.transport.base import Stream
 
 
 async def test_storage_demo_migrates_under_writes_and_verifies() -> None:
@@ -18,3 +25,14 @@ async def test_storage_demo_migrates_under_writes_and_verifies() -> None:
     assert result.writes > 0
     assert result.report.cycles >= 1
     assert [d.name for d in result.report.devices] == ["memory", "disk"]
+
+
+async def test_a_failed_handshake_leaves_no_accept_task_behind(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    async def refuse(stream: Stream, token: str, *, timeout_s: float) -> None:
+        raise ConfigError("no token for you")
+
+    monkeypatch.setattr(storage, "present_token", refuse)
+    with pytest.raises(ConfigError, match="no token"):
+        await run_storage_demo(size_mib=(1, 1), write_rate_mib_s=1.0)
+    assert asyncio.all_tasks() == {asyncio.current_task()}

@@ -9,8 +9,7 @@ import pytest
 from ferry.live import payload as wire
 from ferry.live.errors import HandoffPayloadError
 
-SAMPLE = wire.HandoffPayload("vm1", {"memory": "ab" * 16},
-                             b"QEVM" + bytes(range(256)) * 10, (0x2d00000, 0x2e00000))
+SAMPLE = wire.HandoffPayload("vm1", b"QEVM" + bytes(range(256)) * 10, (0x2d00000, 0x2e00000))
 
 
 def test_round_trip() -> None:
@@ -23,7 +22,7 @@ def test_empty_state_round_trip() -> None:
 
 
 def test_every_truncation_of_the_header_is_refused() -> None:
-    data = wire.encode(wire.HandoffPayload("vm", {"memory": "cd" * 16}))
+    data = wire.encode(wire.HandoffPayload("vm", prefetch=(4096,)))
     for cut in range(len(data)):
         with pytest.raises(HandoffPayloadError):
             wire.decode(data[:cut])
@@ -47,6 +46,13 @@ def test_malformed_payloads_are_refused(data: bytes) -> None:
 
 
 def test_oversized_header_is_refused_on_encode() -> None:
-    big = wire.HandoffPayload("vm", {f"k{i}": "ab" * 16 for i in range(10_000)})
+    big = wire.HandoffPayload("v" * (wire.MAX_HEADER_BYTES + 1))
     with pytest.raises(HandoffPayloadError):
         wire.encode(big)
+
+
+def test_digests_of_the_release_before_are_read_and_ignored() -> None:
+    header = b'{"vm":"v","digests":{"memory":"ab"},"prefetch":[4096]}'
+    data = wire.MAGIC + struct.pack(">I", len(header)) + header + b"state"
+    assert wire.decode(data) == wire.HandoffPayload("v", b"state", (4096,))
+    assert b'"digests":{}' in wire.encode(wire.HandoffPayload("v"))  # still in the header

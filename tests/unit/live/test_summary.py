@@ -1,16 +1,26 @@
 """The summary ``ferry vm migrate`` prints and returns: typed, its keys the documented ones,
-its downtime figures named for what they measure."""
+its downtime figures named for what they measure; it round-trips through JSON and a
+malformed one (it crosses the control socket) is refused with MalformedSummaryError."""
 
 from __future__ import annotations
 
-import pytest
+import copy
+import io
+import json
+from typing import Any
 
-from ferry.cli.vm_migrate import downtime_text
-from ferry.live.clock import ClockSample, estimate
+import pytest
+from rich.console import Console
+
+from ferry.cli.vm_migrate import downtime_text, print_summary
+from ferry.errors import RemoteProtocolError
+from ferry.live.clock import ClockFigures, ClockSample, estimate
+from ferry.live.errors import MalformedSummaryError
 from ferry.live.report import DestinationReport, SourceReport
-from ferry.live.summary import MigrationSummary
+from ferry.live.summary import MAX_DEVICES, MAX_PHASES, MAX_STEPS, MigrationSummary
 from ferry.live.timeline import Mark, Side, Timeline
 from ferry.migration.destination import ReceiveReport
+from ferry.migration.policy import Mode, StopReason
 from ferry.migration.report import DeviceReport, MigrationReport
 
 KEYS = ["vm", "outcome", "handed_off", "mode", "downtime_source_view_ms",
@@ -45,7 +55,8 @@ def reports() -> tuple[SourceReport, DestinationReport]:
 def test_keys_and_figures() -> None:
     source, destination = reports()
     clock = estimate([ClockSample(20.0, 5010.0005, 5010.0005, 20.001)])  # offset 4990 s
-    data = MigrationSummary.of(source, destination, clock).to_json()
+    summary = MigrationSummary.of(source, destination, clock)
+    data = summary.to_json()
     assert list(data) == KEYS
     assert data["downtime_source_view_ms"] == pytest.approx(50.0)
     assert data["downtime_corrected_ms"] == pytest.approx(40.0, abs=0.5)
@@ -59,14 +70,108 @@ def test_keys_and_figures() -> None:
     assert (data["bytes_total"], data["wire_bytes"], data["cycles"]) == (1 << 20, 4096, 3)
     assert data["stop_reason"] == "no-progress"
     assert data["verified"] is True
-    text = downtime_text(data)
+    text = downtime_text(summary)
     assert "offset-corrected" in text
     assert "as the source saw it" in text
 
 
 def test_without_the_destination_s_report_only_the_source_s_view_is_given() -> None:
     source, _ = reports()
-    data = MigrationSummary.of(source, None, None).to_json()
+    summary = MigrationSummary.of(source, None, None)
+    data = summary.to_json()
     assert data["downtime_corrected_ms"] is None
+    assert data["clock"] is None
     assert data["verified"] is None
-    assert downtime_text(data).startswith("50.0 ms as the source saw it")
+    assert downtime_text(summary).startswith("50.0 ms as the source saw it")
+
+
+def full() -> MigrationSummary:
+    source, destination = reports()
+    clock = estimate([ClockSample(20.0, 5010.0005, 5010.0005, 20.001)])
+    return MigrationSummary.of(source, destination, clock)
+
+
+@pytest.mark.parametrize("summary", [
+    full(),
+    MigrationSummary.of(reports()[0], None, None),
+    MigrationSummary.of(SourceReport("r1", outcome="failed"), None, None),  # no migrator report
+], ids=["full", "no-destination-report", "failed-early"])
+def test_round_trip_through_json(summary: MigrationSummary) -> None:
+    data = json.loads(json.dumps(summary.to_json()))  # as it crosses the control socket
+    back = MigrationSummary.from_json(data)
+    assert back == summary
+    assert back.to_json() == summary.to_json()
+
+
+def test_typed_fields() -> None:
+    summary = MigrationSummary.from_json(full().to_json())
+    assert summary.mode is Mode.HYBRID
+    assert summary.stop_reason is StopReason.NO_PROGRESS
+    assert summary.downtime.clock == ClockFigures(offset_ms=4990_000.0, rtt_ms=1.0, samples=1)
+    assert summary.devices["memory"].bytes_by_phase == {"precopy": 1 << 20}
+
+
+def test_unknown_keys_are_ignored() -> None:
+    data = {**full().to_json(), "from_a_newer_ferry": [1, 2]}
+    assert MigrationSummary.from_json(data) == full()
+
+
+def _with(path: str, value: object) -> dict[str, Any]:
+    """The full summary's JSON with the field at ``path`` (dotted) set to ``value``
+    (``...``: removed)."""
+    data = copy.deepcopy(full().to_json())
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        node = node[key]
+    if value is ...:
+        del node[last]
+    else:
+        node[last] = value
+    return data
+
+
+MALFORMED: list[tuple[str, object]] = [
+    ("vm", ...), ("vm", 7), ("vm", "x" * 5000), ("outcome", None), ("handed_off", "yes"),
+    ("handed_off", 1), ("mode", "sideways"), ("mode", 3), ("stop_reason", "bored"),
+    ("total_s", "1.5"), ("total_s", float("nan")), ("total_s", True), ("cycles", -1),
+    ("cycles", 2.5), ("bytes_total", 1 << 64), ("verified", "true"),
+    ("downtime_source_view_ms", float("inf")), ("downtime_steps_ms", [1]),
+    ("downtime_steps_ms", {f"s{i}": 1.0 for i in range(MAX_STEPS + 1)}),
+    ("downtime_steps_ms", {"pause": "1"}), ("clock", 5), ("clock.samples", -1),
+    ("clock.offset_ms", ...), ("devices", []),
+    ("devices", {f"d{i}": {} for i in range(MAX_DEVICES + 1)}),
+    ("devices.memory", None), ("devices.memory.size_bytes", ...),
+    ("devices.memory.zero_blocks", -3), ("devices.memory.bytes_by_phase", {"precopy": -1}),
+    ("devices.memory.bytes_by_phase", {f"p{i}": 1 for i in range(MAX_PHASES + 1)}),
+]
+
+
+@pytest.mark.parametrize(("path", "value"), MALFORMED,
+                         ids=[f"{p}={v!r:.20}" for p, v in MALFORMED])
+def test_malformed_summaries_are_refused(path: str, value: object) -> None:
+    with pytest.raises(MalformedSummaryError, match=path.split(".")[0]):
+        MigrationSummary.from_json(_with(path, value))
+
+
+@pytest.mark.parametrize("data", [None, [], "summary", 3])
+def test_a_summary_is_an_object(data: object) -> None:
+    with pytest.raises(MalformedSummaryError, match="JSON object"):
+        MigrationSummary.from_json(data)
+
+
+def test_a_malformed_summary_is_a_remote_protocol_error() -> None:
+    """Whoever sent it is at fault, not the reader (the control codec translates it)."""
+    assert issubclass(MalformedSummaryError, RemoteProtocolError)
+
+
+@pytest.mark.parametrize("summary", [full(), MigrationSummary.of(SourceReport("r1"), None, None)],
+                         ids=["full", "no-migrator-report"])
+def test_the_cli_prints_a_summary(summary: MigrationSummary) -> None:
+    console = Console(file=io.StringIO(), width=200)
+    print_summary(console, summary, "10.0.0.2:7521")
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "r1 migrated to 10.0.0.2:7521" in text
+    if summary.stop_reason is not None:
+        assert "stopped: no-progress" in text
+        assert "memory" in text

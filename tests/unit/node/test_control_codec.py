@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 
 from ferry.live.access import Access
+from ferry.live.clock import ClockFigures
+from ferry.live.downtime import Downtime
+from ferry.live.summary import DeviceSummary, MigrationSummary
+from ferry.migration.policy import Mode, StopReason
 from ferry.node import control
 from ferry.node.control import ControlOp, ControlProtocolError
 from ferry.node.record import HolderState
@@ -34,9 +38,17 @@ REPLIES: list[control.Reply] = [
     control.StopReply(StopMode.SUSPEND, state_bytes=72226, flush_bytes=4096),
     control.StopReply(StopMode.DISCARD),
     control.ExecReply(3, "EXITED", b"out\x00", b"err\xff"),
-    control.MigrateReply({"vm": "r1", "downtime_ms": 12.5, "devices": {"memory": {}}},
-                         {"outcome": "completed"}, None),
-    control.MigrateReply({"vm": "r1"}, {"outcome": "completed"}, {"downtime_ms": 3.0}),
+    control.MigrateReply(
+        MigrationSummary("r1", "completed", True,
+                         Downtime(12.5, 10.25, 1.5, {"pause": 0.5}, ClockFigures(3.0, 0.2, 5)),
+                         mode=Mode.HYBRID, total_s=1.5, cycles=2,
+                         stop_reason=StopReason.SMALL_DIRTY_SET,
+                         devices={"memory": DeviceSummary(4096, {"precopy": 4096}, 1, 0)},
+                         verified=True),
+        {"outcome": "completed"}, None),
+    control.MigrateReply(MigrationSummary("r1", "completed", True,
+                                          Downtime(3.0, None, None, {}, None)),
+                         {"outcome": "completed"}, {"downtime_ms": 3.0}),
     control.ExportReply("/tmp/x.ferry", "k1", 100, 0.25, 1.5, "redis"),
     control.MigrateCancelReply(True),
     control.MigrateCancelReply(False, "already handed off: post-copy must finish"),
@@ -108,6 +120,10 @@ BAD_REPLIES = [
     b'{"ok": true, "op": "status", "vm_id": "r1", "state": "dancing", "pid": 1}\n',
     b'{"ok": true, "op": "exec", "exit_code": 0, "outcome": "E", "stdout": "!", "stderr": ""}\n',
     b'{"ok": true, "op": "migrate", "summary": [], "source": {}}\n',
+    b'{"ok": true, "op": "migrate", "source": {}}\n',   # no summary
+    b'{"ok": true, "op": "migrate", "summary": {"vm": 1}, "source": {}}\n',
+    b'{"ok": true, "op": "migrate", "summary": {"vm": "r1", "outcome": "completed", '
+    b'"handed_off": true, "mode": "sideways"}, "source": {}}\n',
     b'{"ok": true, "op": "migrate-cancel", "cancelled": 1}\n',
     b'{"ok": false}\n',
 ]

@@ -7,14 +7,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 import pytest
 
 from ferry.live.access import Access
+from ferry.live.downtime import Downtime
 from ferry.live.errors import LiveMigrationError
-from ferry.live.outgoing import Movable
+from ferry.live.outgoing import Movable, Moved
 from ferry.live.source import LiveOptions
+from ferry.live.summary import MigrationSummary
 from ferry.node.control import MigrateCancelReply, MigrateReply, MigrateRequest
 from ferry.node.outgoing import Outgoing
 
@@ -44,7 +46,7 @@ class FakeMigration:
 
     async def __call__(self, m: Movable, host: str, port: int, *, access: Access,
                        options: LiveOptions,
-                       on_handed_off: Callable[[], Awaitable[None]] | None) -> dict[str, Any]:
+                       on_handed_off: Callable[[], Awaitable[None]] | None) -> Moved:
         vm = cast(FakeVM, m)
         self.calls += 1
         vm.paused = True
@@ -61,8 +63,9 @@ class FakeMigration:
         await self.finish.wait()
         if self.fail_after_hand_off:
             raise LiveMigrationError("post-copy link lost", vm=vm.vm_id, handed_off=True)
-        return {"summary": {"vm": vm.vm_id, "outcome": "completed"},
-                "source": {"outcome": "completed"}, "destination": None}
+        summary = MigrationSummary(vm.vm_id, "completed", True,
+                                   Downtime(None, None, None, {}, None))
+        return Moved(summary, {"outcome": "completed"}, None)
 
 
 def make(vm: FakeVM | None) -> tuple[Outgoing, FakeMigration, list[bool]]:
@@ -82,7 +85,7 @@ async def test_success_sets_gone_and_reports() -> None:
     fake.finish.set()
     reply = await task
     assert isinstance(reply, MigrateReply)
-    assert reply.summary["outcome"] == "completed"
+    assert reply.summary.outcome == "completed"
     assert out.gone
     assert not out.active
     assert out.idle.is_set()

@@ -152,6 +152,19 @@ def test_token_file_round_trip_and_mode(tmp_path: Path) -> None:
     assert token_from(path, {}) == token
 
 
+def test_a_token_file_s_missing_directory_is_made_owner_only(tmp_path: Path) -> None:
+    """``ferry vm registry --token-file DIR/x.token`` on a host where DIR does not exist
+    yet (the e2e registry test run alone): the directory is made, private."""
+    token = new_token()
+    path = tmp_path / "hosts" / "upc" / "registry.token"
+    write_token_file(path, token)
+    assert read_token_file(path) == token
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match="cannot create the directory"):
+        write_token_file(tmp_path / "a-file" / "token", token)
+
+
 def test_writing_a_token_file_never_clobbers_another_file(tmp_path: Path) -> None:
     path = tmp_path / "token"
     write_token_file(path, new_token())

@@ -23,7 +23,6 @@ from ferry.protocol.messages import DeviceInfo
 from ferry.storage.providers.memory import MemoryDevice
 from ferry.vm.devices import (
     MEMORY,
-    STATE,
     VMDevices,
     incoming_devices,
     local_devices,
@@ -90,8 +89,8 @@ async def test_a_vm_keeps_moving_and_nothing_is_lost() -> None:
     await memory.write_at(0, rnd.randbytes(MEM))
     disk = MemoryDevice(DISK)
     await disk.write_at(0, rnd.randbytes(DISK))
-    devices = local_devices(memory, {"root": disk}, with_state=True, block_size_bytes=BS)
-    assert [d.name for d in wire_order(devices)] == [MEMORY, "disk/root", STATE]
+    devices = local_devices(memory, {"root": disk}, block_size_bytes=BS)
+    assert [d.name for d in wire_order(devices)] == [MEMORY, "disk/root"]
     for seed in range(3):  # A -> B -> C -> D
         devices, expected = await hop(devices, seed=seed)
         assert await contents(devices) == expected
@@ -106,4 +105,7 @@ async def test_unexpected_device_sets_are_refused() -> None:
         incoming_devices(infos, memory_backing, "vm")
     with pytest.raises(DeviceSetError):
         incoming_devices([DeviceInfo(MEMORY, BS, BS), DeviceInfo(MEMORY, BS, BS)],
+                         memory_backing, "vm")
+    with pytest.raises(DeviceSetError):  # the state travels in the HANDOFF payload only
+        incoming_devices([DeviceInfo(MEMORY, BS, BS), DeviceInfo("state", BS, BS)],
                          memory_backing, "vm")
