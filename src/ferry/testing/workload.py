@@ -167,14 +167,9 @@ class RedisWriter:
         return missing
 
 
-class HopLoad(Protocol):
-    """A load that runs beside a route's :class:`RedisWriter` while the VM hops.
-
-    The hop driver starts :meth:`run` once the VM runs, waits for
-    :meth:`wait_acknowledged` before the first hop, calls :meth:`hop_started` right
-    before each hop and :meth:`hop_done` right after it (what it returns goes into
-    that hop's record), and sets :attr:`preferred` to the new host's index in the
-    targets once the VM is there."""
+class Load(Protocol):
+    """A client load that follows the VM: :meth:`run` until ``stop``, trying the target
+    :attr:`preferred` first when it reconnects."""
 
     preferred: int
 
@@ -184,6 +179,16 @@ class HopLoad(Protocol):
     async def run(self, stop: asyncio.Event) -> None: ...
 
     async def wait_acknowledged(self, count: int) -> None: ...
+
+
+class HopLoad(Load, Protocol):
+    """A load that runs beside a route's :class:`RedisWriter` while the VM hops.
+
+    The hop driver starts :meth:`run` once the VM runs, waits for
+    :meth:`wait_acknowledged` before the first hop, calls :meth:`hop_started` right
+    before each hop and :meth:`hop_done` right after it (what it returns goes into
+    that hop's record), and sets :attr:`preferred` to the new host's index in the
+    targets once the VM is there."""
 
     def hop_started(self) -> None: ...
 
@@ -391,6 +396,7 @@ class PageWriter:
                 await asyncio.sleep(TICK_S)
         finally:
             self._stopped = time.monotonic()
+            self._acked.set()  # waiters learn that no more writes come
             writer.close()
 
     async def _send(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -404,8 +410,12 @@ class PageWriter:
                 self._acked.set()
 
     async def wait_acknowledged(self, count: int) -> None:
-        """Wait until at least ``count`` writes were acknowledged."""
+        """Wait until at least ``count`` writes were acknowledged (:class:`FerryError`
+        if the writer stops first)."""
         while self.ledger.acknowledged < count:
+            if self._stopped is not None:
+                raise FerryError(f"the page writer stopped after {self.ledger.acknowledged} "
+                                 f"writes, short of {count}")
             self._acked.clear()
             await self._acked.wait()
 
