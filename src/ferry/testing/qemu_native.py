@@ -402,11 +402,14 @@ async def run_native_hops(hosts: HostSet, guest: NativeGuest, route: Sequence[st
                               for h in dict.fromkeys(route)],
                              namespace=hosts[client_host].namespace, prefix=f"q{mode.name}")
         stop = asyncio.Event()
-        everyone: list[Load] = [writer, *loads]
-        tasks = [asyncio.create_task(w.run(stop)) for w in everyone]
+        everyone: list[Load] = [*loads, writer]
+        tasks: list[asyncio.Task[None]] = []
         try:
-            async with asyncio.timeout(WRITES_TIMEOUT_S):
-                for w in everyone:
+            # The loads first: one that sets up (a page writer zeroing its string blocks
+            # Redis for seconds) does so before the writer's stall clock starts.
+            for w in everyone:
+                tasks.append(asyncio.create_task(w.run(stop)))
+                async with asyncio.timeout(WRITES_TIMEOUT_S):
                     await w.wait_acknowledged(writes_between)
             for _src, dst in itertools.pairwise(route):
                 before = len(writer.acknowledged)

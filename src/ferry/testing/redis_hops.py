@@ -88,12 +88,15 @@ async def run_redis_hops(site: Site, package: Path, route: Sequence[str], *, vm:
                          namespace=site.hosts[client_host or first].namespace)
     result = RedisHops()
     stop = asyncio.Event()
-    everyone: list[Load] = [writer, *loads]
-    tasks = [asyncio.create_task(w.run(stop)) for w in everyone]
+    everyone: list[Load] = [*loads, writer]
+    tasks: list[asyncio.Task[None]] = []
     hosts = list(dict.fromkeys(route))
     try:
-        async with asyncio.timeout(WRITES_TIMEOUT_S):
-            for w in everyone:
+        # The loads first: one that sets up (a page writer zeroing its string blocks
+        # Redis for seconds) does so before the writer's stall clock starts.
+        for w in everyone:
+            tasks.append(asyncio.create_task(w.run(stop)))
+            async with asyncio.timeout(WRITES_TIMEOUT_S):
                 await w.wait_acknowledged(writes_between)
         for src, dst in itertools.pairwise(route):
             progress(f"a client writes continuously; migrating the VM {src} -> {dst}")

@@ -68,6 +68,7 @@ async def connect(targets: Sequence[tuple[str, int]], *, preferred: int = 0,
     while True:
         for host, port in order:
             sock = await socket_in_netns(namespace)
+            writer: asyncio.StreamWriter | None = None
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT_S):
                     await asyncio.get_running_loop().sock_connect(sock, (host, port))
@@ -78,7 +79,12 @@ async def connect(targets: Sequence[tuple[str, int]], *, preferred: int = 0,
                         raise ConnectionError("no PONG")
                 return reader, writer
             except (OSError, TimeoutError, ConnectionError):
-                sock.close()
+                # Once a transport owns the socket only it may close it: closing the
+                # bare fd lets the next socket reuse the number under the transport.
+                if writer is not None:
+                    writer.close()
+                else:
+                    sock.close()
         await asyncio.sleep(0.01)
 
 
@@ -96,6 +102,7 @@ class RedisWriter:
         self.reconnects = 0
         self._last_ack: float | None = None
         self._acked = asyncio.Event()
+        self._ended = False
 
     @property
     def acknowledged_count(self) -> int:
@@ -133,12 +140,18 @@ class RedisWriter:
                 self._acked.set()
                 n += 1
         finally:
+            self._ended = True
+            self._acked.set()  # waiters learn that no more writes come
             if writer is not None:
                 writer.close()
 
     async def wait_acknowledged(self, count: int) -> None:
-        """Wait until at least ``count`` writes were acknowledged."""
+        """Wait until at least ``count`` writes were acknowledged (:class:`FerryError`
+        if the writer stops first)."""
         while len(self.acknowledged) < count:
+            if self._ended:
+                raise FerryError(f"the writer stopped after {len(self.acknowledged)} "
+                                 f"writes, short of {count}")
             self._acked.clear()
             await self._acked.wait()
 
