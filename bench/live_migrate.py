@@ -24,6 +24,32 @@ ferry's bytes over that mode's (ferry's figure includes the root disk, which
 the QEMU runs share; ``bytes_ratio_memory`` counts ferry's guest RAM only).
 ``--no-qemu`` skips the baseline.
 
+Convergence under a page writer (issue 11)::
+
+    sudo .venv/bin/python bench/live_migrate.py --runs 2 --guest-mib 512 \
+        --page-writes-per-s 2000 --json
+
+``--guest-mib N`` makes the package with ``ferry vm snapshot --memory-mib N``.
+``--page-writes-per-s R`` runs a :class:`~ferry.testing.workload.PageWriter`
+from ``lbc`` beside the SET writer, in ferry's run and in each QEMU mode's:
+Redis holds one string of ``--page-string-mib`` (default: the guest's memory
+less 128 MiB, 384 MiB of a 512 MiB guest: what Redis can hold beside the
+kernel and itself) and R random 4 KiB pages of it are rewritten a second
+(2000: 8 MiB/s of dirtied pages). The SET writer stays: it is what proves no
+acknowledged write is lost and measures the client's stall, and at one SET
+at a time it dirties a few pages, not a rate. After every hop the page writer
+pauses and reads every page of the string back on the new host. Each hop
+then also has ``converged`` (ferry: the dirty cycles stopped because the
+dirty set was small, ``stop_reason`` ``small-dirty-set``; any other reason
+means the migrator stopped cycling because more would not converge, or hit
+its cycle limit, and handed off with a large set; QEMU precopy: true, it
+only completes once the rest fits its downtime limit; QEMU post-copy: null,
+it does not try), ``stop_reason`` (ferry's; null for QEMU), ``bytes_sent``
+(ferry: ``wire_bytes``, RAM and root disk; QEMU: ``ram.transferred``),
+``page_writes_per_s_achieved`` (acknowledged page writes over the hop's
+command), ``pages_checked`` and ``pages_mismatched``. Without the two flags
+the run is the one above.
+
 Per hop: downtime (source paused -> destination running, as ``ferry vm
 migrate`` reports it: ``downtime_ms`` is the offset-corrected figure with its
 ``downtime_uncertainty_ms``, ``downtime_source_view_ms`` the source's own view
@@ -53,10 +79,18 @@ from ferry.testing.packages import Signer
 from ferry.testing.qemu_native import MODES, NativeGuest, NativeHops, run_native_hops
 from ferry.testing.redis_hops import GUEST_REDIS_PORT, REDIS_PORT, Hop, run_redis_hops
 from ferry.testing.site import Site, downtime
+from ferry.testing.workload import MAX_STRING_BYTES, PageWriter
 from ferry.vm.pkgcache import open_package
 
 HOSTS = ("lba", "lbb", "lbc")
 MIGRATE_PORT = 7511
+GUEST_RESERVE_MIB = 128
+"""What a page string leaves of the guest's RAM by default: a 512 MiB guest shows 470
+MiB to Redis's kernel, 411 MiB free; a 384 MiB string (448 MiB to Redis's allocator,
+395 MiB resident) leaves about 38 MiB available."""
+CONVERGED = "small-dirty-set"
+"""The one :class:`~ferry.migration.policy.StopReason` that means the dirty set shrank
+until it was small; every other one hands off with the set still large."""
 
 
 def _p50(xs: list[float]) -> float | None:
@@ -81,7 +115,10 @@ def _hop(h: Hop) -> dict[str, Any]:
         "memory_bytes": sum(s.devices["memory"].bytes_by_phase.values())
         if "memory" in s.devices else 0,
         "verified": s.verified,
+        "converged": None if s.stop_reason is None else s.stop_reason.value == CONVERGED,
+        "bytes_sent": s.wire_bytes,
         "writes_during": h.writes_during,
+        **h.loads,
         # Inside the destination's state_load step: warming the ring windows (absent
         # blocks are fetched on demand) before QEMU loads the state; and the guest RAM
         # the load and the cont still read cold through FUSE.
@@ -92,8 +129,15 @@ def _hop(h: Hop) -> dict[str, Any]:
     }
 
 
+def _native_hop(r: NativeHops, h: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(h)
+    loads = d.pop("loads")
+    return {**d, "stop_reason": None, "converged": None if r.mode.postcopy else True,
+            **loads}
+
+
 def _native(r: NativeHops) -> dict[str, Any]:
-    hops = [dataclasses.asdict(h) for h in r.hops]
+    hops = [_native_hop(r, h) for h in r.hops]
     downtimes = [h["downtime_ms"] for h in hops]
     return {
         "mode": r.mode.name, "downtime_limit_ms": r.mode.downtime_limit_ms,
@@ -107,6 +151,26 @@ def _native(r: NativeHops) -> dict[str, Any]:
     }
 
 
+def _pages(w: PageWriter | None) -> dict[str, Any] | None:
+    """The page writer over a whole route."""
+    if w is None:
+        return None
+    return {"page_writes_per_s_achieved": round(w.achieved_per_s, 1),
+            "page_writes": w.acknowledged_count, "page_writes_skipped": w.skipped,
+            "page_writer_max_stall_ms": round(w.max_stall_s * 1e3, 1),
+            "page_writer_reconnects": w.reconnects,
+            "pages_checked": sum(c.pages_checked for c in w.checks),
+            "pages_mismatched": sum(len(c.mismatched) for c in w.checks)}
+
+
+def _page_writer(args: argparse.Namespace, targets: list[tuple[str, int]],
+                 namespace: str) -> PageWriter | None:
+    if args.page_writes_per_s is None:
+        return None
+    return PageWriter(targets, size_bytes=args.page_string_mib * 2**20,
+                      rate_per_s=args.page_writes_per_s, namespace=namespace)
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
@@ -116,22 +180,28 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     try:
         signer = Signer(work / "signer")
         t0 = time.monotonic()
-        package = await asyncio.to_thread(signer.package, "redis")
+        package = await asyncio.to_thread(signer.package, "redis",
+                                          memory_mib=args.guest_mib)
         package_s = time.monotonic() - t0
         route = [HOSTS[i % 2] for i in range(args.runs + 1)]
         extra = ["--precopy-only"] if args.mode == "precopy-only" else []
         async with host_namespaces(list(HOSTS), switch_tag="lb") as hosts:
             site = Site(hosts, work / "hosts", signer.env)
+            on_route = list(dict.fromkeys(route))
+            pages = _page_writer(args, [(site.address(h), REDIS_PORT) for h in on_route],
+                                 hosts["lbc"].namespace)
             try:
                 t0 = time.monotonic()
                 result = await run_redis_hops(site, package, route, vm="redis",
                                               migrate_port=MIGRATE_PORT, migrate_extra=extra,
-                                              client_host="lbc", writes_between=100)
+                                              client_host="lbc", writes_between=100,
+                                              loads=[pages] if pages else [])
                 wall_s = time.monotonic() - t0
                 await site.ferry(route[-1], "vm", "stop", "redis")
             finally:
                 await site.stop_all()
             native: list[NativeHops] = []
+            native_pages: dict[str, PageWriter | None] = {}
             if args.qemu:
                 # The signed package, verified and extracted as a user's host would.
                 opened = await asyncio.to_thread(
@@ -142,16 +212,21 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     guest_port=GUEST_REDIS_PORT)
                 try:
                     for mode in MODES:
+                        mode_pages = _page_writer(
+                            args, [(hosts[h].address, REDIS_PORT) for h in on_route],
+                            hosts["lbc"].namespace)
+                        native_pages[mode.name] = mode_pages
                         native.append(await run_native_hops(
                             hosts, guest, route, mode, port=MIGRATE_PORT,
-                            client_host="lbc"))
+                            client_host="lbc", loads=[mode_pages] if mode_pages else []))
                 finally:
                     guest.cleanup()
     finally:
         await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
     hops = [_hop(h) for h in result.hops]
     downtimes = [h["downtime_ms"] for h in hops]
-    qemu = [_native(r) for r in native]
+    qemu = [{**_native(r), "page_writer": _pages(native_pages.get(r.mode.name))}
+            for r in native]
     best = min(qemu, key=lambda q: q["downtime_ms_p50"], default=None)
     ferry_p50 = _p50(downtimes)
     ferry_bytes = _p50([h["bytes_total"] for h in hops])
@@ -174,7 +249,15 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "client_max_stall_ms": result.client_max_stall_ms,
         "client_reconnects": result.client_reconnects,
         "ok": not result.lost and all(h["verified"] for h in hops)
-              and all(q["lost_writes"] == 0 for q in qemu),
+              and all(q["lost_writes"] == 0 for q in qemu)
+              and all(h.get("pages_mismatched", 0) == 0
+                      for h in [*hops, *(x for q in qemu for x in q["per_hop"])]),
+        "guest_mib": args.guest_mib,
+        "page_writes_per_s": args.page_writes_per_s,
+        "page_string_mib": args.page_string_mib if pages else None,
+        "converged": [h["converged"] for h in hops],
+        "stop_reasons": [h["stop_reason"] for h in hops],
+        "page_writer": _pages(pages),
         "memory_bytes_p50": ferry_memory,
         "qemu_best_mode": best["mode"] if best else None,
         "qemu_downtime_ms_p50": best_downtime,
@@ -193,10 +276,26 @@ def main() -> None:
     p.add_argument("--mode", default="hybrid", choices=["hybrid", "precopy-only"])
     p.add_argument("--no-qemu", dest="qemu", action="store_false",
                    help="skip the same-run baseline of QEMU's own migration")
+    p.add_argument("--guest-mib", type=int, metavar="MIB",
+                   help="guest RAM (ferry vm snapshot --memory-mib; default: the "
+                        "blueprint's 256)")
+    p.add_argument("--page-writes-per-s", type=float, metavar="R",
+                   help="also rewrite R random 4 KiB pages of a big Redis string a second "
+                        "(2000: the issue's 8 MiB/s), and check every page after each hop")
+    p.add_argument("--page-string-mib", type=int, metavar="MIB",
+                   help=f"the page writer's string (default: guest RAM less "
+                        f"{GUEST_RESERVE_MIB} MiB)")
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     args = p.parse_args()
     if args.runs < 1:
         p.error("--runs must be at least 1")
+    if args.page_writes_per_s is not None and not args.page_writes_per_s > 0:
+        p.error("--page-writes-per-s must be > 0")
+    if args.page_string_mib is None:
+        args.page_string_mib = (args.guest_mib or 256) - GUEST_RESERVE_MIB
+    if not 1 <= args.page_string_mib <= MAX_STRING_BYTES // 2**20:
+        p.error(f"--page-string-mib must be 1..{MAX_STRING_BYTES // 2**20} (Redis's largest "
+                f"string), got {args.page_string_mib}")
     r = asyncio.run(bench(args))
     if args.json:
         sys.stdout.write(json.dumps(r, indent=2) + "\n")
@@ -213,6 +312,15 @@ def main() -> None:
           f"{h['postcopy_fetches']} fetches  {h['writes_during']} writes\n")
     w(f"writes acknowledged {r['acknowledged_writes']}, lost {r['lost_writes']}; longest "
       f"client stall {r['client_max_stall_ms']} ms\n")
+    if r["page_writer"]:
+        for h in r["per_hop"]:
+            w(f"  {h['from']} -> {h['to']}: stop_reason {h['stop_reason']} (converged "
+              f"{h['converged']}), {h['page_writes_per_s_achieved']} page writes/s, "
+              f"{h['pages_mismatched']} of {h['pages_checked']} pages mismatched\n")
+        pw = r["page_writer"]
+        w(f"page writer: {pw['page_writes_per_s_achieved']} writes/s achieved of "
+          f"{r['page_writes_per_s']}, {pw['pages_mismatched']} of {pw['pages_checked']} "
+          f"page reads mismatched\n")
     for q in r["qemu"].values():
         w(f"QEMU {q['mode']}: downtime p50 {q['downtime_ms_p50']} ms, max "
           f"{q['downtime_ms_max']} ms; total p50 {q['total_s_p50']} s; "

@@ -47,6 +47,8 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
     c.add_argument("--prepare", action="append", default=[], metavar="CMD",
                    help="shell command to run in the guest before the snapshot (repeatable)")
     c.add_argument("--cpu-model", default=DEFAULT_CPU_MODEL)
+    c.add_argument("--memory-mib", type=int, metavar="MIB",
+                   help="guest RAM, overriding the blueprint's memory_mib (32..65536)")
     c.add_argument("--package", type=Path, metavar="FILE", help="also sign it into FILE")
     c.add_argument("--key", type=Path, help="signing key (default: ferry's default key)")
     add_accel(c)
@@ -163,7 +165,7 @@ async def _vm_build(args: argparse.Namespace, out: _Out) -> None:
 async def _vm_snapshot(args: argparse.Namespace, out: _Out) -> None:
     report = await snapshot.snapshot(
         args.blueprint, args.out, prepare=args.prepare, cpu_model=args.cpu_model,
-        host=args.host, progress=out.progress)
+        memory_mib=args.memory_mib, host=args.host, progress=out.progress)
     data = {"package_dir": report.package_dir, "build_s": report.build_s,
             "boot_to_agent_s": report.boot_to_agent_s, "ready_s": report.ready_s,
             "state_bytes": report.device_state.state_bytes, "total_s": report.total_s}

@@ -39,9 +39,10 @@ class Signer:
         """Where :meth:`package` puts package files (and nothing else)."""
         return self.root / "packages"
 
-    def snapshot_dir(self, blueprint: str) -> Path:
-        """The package directory :meth:`package` snapshotted ``blueprint`` into."""
-        return self.root / "snapshots" / blueprint
+    def snapshot_dir(self, name: str) -> Path:
+        """The package directory :meth:`package` snapshotted package ``name`` into (the
+        blueprint's name unless the memory was overridden)."""
+        return self.root / "snapshots" / name
 
     @property
     def env(self) -> dict[str, str]:
@@ -56,15 +57,20 @@ class Signer:
             raise FerryError(f"ferry {' '.join(args)} exited {proc.returncode}: "
                              f"{proc.stderr[-2000:]}")
 
-    def package(self, blueprint: str, *, prepare: Sequence[str] = ()) -> Path:
+    def package(self, blueprint: str, *, prepare: Sequence[str] = (),
+                memory_mib: int | None = None) -> Path:
         """Snapshot ``blueprint`` (after the ``prepare`` commands ran in the guest) and
-        sign it into ``packages_dir/<blueprint>.ferry``; the package directory stays in
-        :meth:`snapshot_dir`."""
+        sign it into ``packages_dir/<name>.ferry``; the package directory stays in
+        :meth:`snapshot_dir` ``(name)``. ``memory_mib`` overrides the blueprint's guest
+        RAM (``--memory-mib``); the name is then ``<blueprint>-<memory_mib>m``."""
         if not self.key.exists():
             self._ferry("key", "create", "--trust", timeout_s=60)
-        file = self.packages_dir / f"{blueprint}.ferry"
+        name = blueprint if memory_mib is None else f"{blueprint}-{memory_mib}m"
+        file = self.packages_dir / f"{name}.ferry"
         file.parent.mkdir(parents=True, exist_ok=True)
-        self._ferry("vm", "snapshot", blueprint, "-o", str(self.snapshot_dir(blueprint)),
-                    "--package", str(file), *(a for cmd in prepare for a in ("--prepare", cmd)),
+        memory = () if memory_mib is None else ("--memory-mib", str(memory_mib))
+        self._ferry("vm", "snapshot", blueprint, "-o", str(self.snapshot_dir(name)),
+                    "--package", str(file), *memory,
+                    *(a for cmd in prepare for a in ("--prepare", cmd)),
                     timeout_s=SNAPSHOT_TIMEOUT_S)
         return file

@@ -31,7 +31,11 @@ from QEMU's own events: the source's ``STOP`` and the destination's
 namespace hosts share a machine), so their difference needs no offset
 correction. QEMU's own ``downtime`` (the source's view) is kept beside it.
 Bytes are the source's ``ram.transferred`` (the RAM stream, page headers
-included; the device state adds about 70 KB).
+included; the device state adds about 70 KB), ``dirty_syncs`` its
+``ram.dirty-sync-count`` (the dirty-bitmap passes precopy made).
+
+Other loads (:class:`~ferry.testing.workload.HopLoad`, a page writer) can run
+beside the Redis writer, as in :func:`ferry.testing.redis_hops.run_redis_hops`.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from ferry.net import GATEWAY_MAC, links, nft
 from ferry.qemu.argv import AgentChannel, FileDisk, SerialToFile, TapNet, qemu_argv
 from ferry.qemu.qmp import QMPClient
 from ferry.testing.hosts import HostNamespace, HostSet
-from ferry.testing.workload import RedisWriter
+from ferry.testing.workload import HopLoad, Load, RedisWriter
 from ferry.vm.pkgcache import OpenedPackage
 
 TAP = "fq-tap0"
@@ -98,7 +102,11 @@ class NativeHop:
     total_s: float
     """``migrate`` -> the source's ``completed`` (wall time, as measured here)."""
     bytes_sent: int
+    dirty_syncs: int | None = None
+    """QEMU's ``ram.dirty-sync-count``: dirty-bitmap passes (1: no re-send at all)."""
     writes_during: int = 0
+    loads: dict[str, Any] = field(default_factory=dict)
+    """What the loads beside the writer said about this hop."""
 
 
 @dataclass(slots=True)
@@ -355,11 +363,13 @@ async def hop(guest: NativeGuest, src: PlainQemu, dst_host: HostNamespace, name:
     await guest.route_redis(src.host, here=False)
     ram = info.get("ram") or {}
     downtime = info.get("downtime")
+    syncs = ram.get("dirty-sync-count")
     return dst, NativeHop(
         src=src.host.name, dst=dst_host.name,
         downtime_ms=round((resumed.event.timestamp_s - stopped.event.timestamp_s) * 1e3, 3),
         qemu_downtime_ms=float(downtime) if downtime is not None else None,
-        total_s=round(total_s, 3), bytes_sent=int(ram.get("transferred", 0)))
+        total_s=round(total_s, 3), bytes_sent=int(ram.get("transferred", 0)),
+        dirty_syncs=int(syncs) if syncs is not None else None)
 
 
 @contextlib.asynccontextmanager
@@ -374,10 +384,11 @@ async def _running(vm: list[PlainQemu]) -> AsyncIterator[None]:
 
 async def run_native_hops(hosts: HostSet, guest: NativeGuest, route: Sequence[str],
                           mode: NativeMode, *, port: int, client_host: str,
-                          writes_between: int = 100) -> NativeHops:
+                          writes_between: int = 100,
+                          loads: Sequence[HopLoad] = ()) -> NativeHops:
     """Restore the guest on ``route[0]`` and migrate it along ``route`` with QEMU's own
-    migration while a :class:`RedisWriter` on ``client_host`` writes; every
-    acknowledged write is read back at the end."""
+    migration while a :class:`RedisWriter` on ``client_host`` writes (and ``loads``
+    run beside it); every acknowledged write is read back at the end."""
     if len(route) < 2:
         raise NativeMigrationError("a route needs at least two hosts")
     names = (f"{mode.name}{i}" for i in itertools.count())
@@ -391,25 +402,45 @@ async def run_native_hops(hosts: HostSet, guest: NativeGuest, route: Sequence[st
                               for h in dict.fromkeys(route)],
                              namespace=hosts[client_host].namespace, prefix=f"q{mode.name}")
         stop = asyncio.Event()
-        load = asyncio.create_task(writer.run(stop))
+        everyone: list[Load] = [*loads, writer]
+        tasks: list[asyncio.Task[None]] = []
         try:
-            async with asyncio.timeout(WRITES_TIMEOUT_S):
-                await writer.wait_acknowledged(writes_between)
+            # The loads first: one that sets up (a page writer zeroing its string blocks
+            # Redis for seconds) does so before the writer's stall clock starts.
+            for w in everyone:
+                tasks.append(asyncio.create_task(w.run(stop)))
+                async with asyncio.timeout(WRITES_TIMEOUT_S):
+                    await w.wait_acknowledged(writes_between)
             for _src, dst in itertools.pairwise(route):
                 before = len(writer.acknowledged)
+                for extra in loads:
+                    extra.hop_started()
                 vm, record = await hop(guest, current[0], hosts[dst], next(names), mode, port)
                 current[0] = vm
-                writer.preferred = list(dict.fromkeys(route)).index(dst)
+                said: dict[str, Any] = {}
+                for w in everyone:
+                    w.preferred = list(dict.fromkeys(route)).index(dst)
+                for extra in loads:
+                    async with asyncio.timeout(WRITES_TIMEOUT_S):
+                        said.update(await extra.hop_done())
                 async with asyncio.timeout(WRITES_TIMEOUT_S):
                     await writer.wait_acknowledged(len(writer.acknowledged) + writes_between)
                 result.hops.append(dataclasses.replace(
-                    record, writes_during=len(writer.acknowledged) - before))
+                    record, writes_during=len(writer.acknowledged) - before, loads=said))
         finally:
             stop.set()
-            await load
+            await _gather(tasks)
         result.lost = await writer.lost()
     result.acknowledged = len(writer.acknowledged)
     result.client_max_stall_ms = round(writer.max_stall_s * 1e3, 1)
     result.client_reconnects = writer.reconnects
     return result
 
+
+
+async def _gather(tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Wait for every load to end; the first one's failure, if any, is raised."""
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r

@@ -8,6 +8,11 @@ one :meth:`~ferry.testing.site.Site.hop` per leg of the route, each waiting
 for writes to continue on the new host before the next. At the end every
 write the client saw acknowledged is read back (lost writes) and the longest
 stall the client saw is reported.
+
+Other loads (:class:`~ferry.testing.workload.HopLoad`, e.g. a
+:class:`~ferry.testing.workload.PageWriter`) can run beside the writer: each
+is running before the first hop, is told when a hop starts and ends, and
+what it says about a hop goes into that hop's :attr:`Hop.loads`.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 from ferry.errors import ConfigError
 from ferry.live.summary import MigrationSummary
 from ferry.testing.site import Site
-from ferry.testing.workload import RedisWriter
+from ferry.testing.workload import HopLoad, Load, RedisWriter
 
 REDIS_PORT = 16379
 GUEST_REDIS_PORT = 6379
@@ -41,6 +46,8 @@ class Hop:
     command_s: float
     """Wall time of the ``ferry vm migrate`` command (process start to exit)."""
     writes_during: int
+    loads: dict[str, Any] = field(default_factory=dict)
+    """What the loads beside the writer said about this hop (:meth:`HopLoad.hop_done`)."""
 
     @property
     def summary(self) -> MigrationSummary:
@@ -60,11 +67,13 @@ class RedisHops:
 async def run_redis_hops(site: Site, package: Path, route: Sequence[str], *, vm: str,
                          migrate_port: int, writes_between: int = 50,
                          run_extra: Sequence[str] = (), migrate_extra: Sequence[str] = (),
-                         client_host: str | None = None,
+                         client_host: str | None = None, loads: Sequence[HopLoad] = (),
                          progress: Progress = lambda _: None) -> RedisHops:
     """Start ``package`` on ``route[0]``, migrate it along ``route`` under writes.
 
-    The client writes from ``client_host`` (default: ``route[0]``).
+    The client writes from ``client_host`` (default: ``route[0]``). ``loads`` run
+    beside it (their targets are the caller's to set); stopping them is done here,
+    reading their results the caller's.
 
     The VM is left running on ``route[-1]``; stopping it is the caller's
     (:meth:`Site.stop_all`).
@@ -80,26 +89,47 @@ async def run_redis_hops(site: Site, package: Path, route: Sequence[str], *, vm:
                          namespace=site.hosts[client_host or first].namespace)
     result = RedisHops()
     stop = asyncio.Event()
-    load = asyncio.create_task(writer.run(stop))
+    everyone: list[Load] = [*loads, writer]
+    tasks: list[asyncio.Task[None]] = []
+    hosts = list(dict.fromkeys(route))
     try:
-        async with asyncio.timeout(WRITES_TIMEOUT_S):
-            await writer.wait_acknowledged(writes_between)
+        # The loads first: one that sets up (a page writer zeroing its string blocks
+        # Redis for seconds) does so before the writer's stall clock starts.
+        for w in everyone:
+            tasks.append(asyncio.create_task(w.run(stop)))
+            async with asyncio.timeout(WRITES_TIMEOUT_S):
+                await w.wait_acknowledged(writes_between)
         for src, dst in itertools.pairwise(route):
             progress(f"a client writes continuously; migrating the VM {src} -> {dst}")
             before = len(writer.acknowledged)
+            for extra in loads:
+                extra.hop_started()
             started = time.monotonic()
             reply = await site.hop(vm, src, dst, migrate_port, *migrate_extra)
             took = time.monotonic() - started
+            said: dict[str, Any] = {}
+            for extra in loads:
+                extra.preferred = hosts.index(dst)
+                async with asyncio.timeout(WRITES_TIMEOUT_S):
+                    said.update(await extra.hop_done())
             async with asyncio.timeout(WRITES_TIMEOUT_S):
                 await writer.wait_acknowledged(len(writer.acknowledged) + writes_between)
             result.hops.append(Hop(src, dst, reply, round(took, 3),
-                                   len(writer.acknowledged) - before))
+                                   len(writer.acknowledged) - before, said))
     finally:
         stop.set()
-        await load
+        await _gather(tasks)
     progress(f"reading back every acknowledged write on {route[-1]}")
     result.lost = await writer.lost()
     result.acknowledged = len(writer.acknowledged)
     result.client_max_stall_ms = round(writer.max_stall_s * 1e3, 1)
     result.client_reconnects = writer.reconnects
     return result
+
+
+async def _gather(tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Wait for every load to end; the first one's failure, if any, is raised."""
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r

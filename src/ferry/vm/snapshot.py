@@ -186,14 +186,21 @@ async def snapshot(
     on_ready: OnReady | None = None,
     host: HostConfig,
     cpu_model: str = DEFAULT_CPU_MODEL,
+    memory_mib: int | None = None,
     boot_timeout_s: float = 180.0,
     progress: Progress = _quiet,
 ) -> SnapshotReport:
     """Boot ``blueprint`` until ready, run ``prepare`` (shell commands, via the agent,
     each must exit 0) and then ``on_ready(agent)``, and write a package directory to
-    ``out_dir`` (which must not exist)."""
+    ``out_dir`` (which must not exist).
+
+    ``memory_mib`` overrides the blueprint's guest RAM (as ``docker run -m`` does an
+    image's), validated as the blueprint's own value; the image is the same (its cache
+    entry is shared), the package's machine and memory image have the new size."""
     started = time.monotonic()
     bp = blueprint if isinstance(blueprint, Blueprint) else load_blueprint(blueprint)
+    if memory_mib is not None:
+        bp = bp.with_memory(memory_mib)
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise SnapshotError(f"{out_dir} already exists", vm=bp.name)

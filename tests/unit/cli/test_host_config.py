@@ -35,3 +35,16 @@ def test_a_bad_environment_value_is_a_config_error_exit(
     assert main(["vm", "list"]) == ExitCode.USAGE
     monkeypatch.setenv("FERRY_ACCEL", "tcg")
     assert main(["vm", "list"]) == ExitCode.OK
+
+
+def test_snapshot_memory_out_of_range_is_a_usage_exit_before_any_work(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FERRY_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("FERRY_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("FERRY_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "pkg"
+    assert main(["vm", "snapshot", "redis", "-o", str(out), "--memory-mib", "16"]) == (
+        ExitCode.USAGE)
+    assert not out.exists()
+    assert not (tmp_path / "cache").exists()  # nothing was built

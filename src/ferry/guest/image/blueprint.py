@@ -19,7 +19,9 @@ A blueprint is a small TOML file (format in docs/blueprints.md)::
 root disk. The result is stored in the cache under a SHA-256 of everything
 that goes in (blueprint, file contents, package and kernel versions, ferry's
 guest scripts, :data:`IMAGE_FORMAT`), so an unchanged blueprint is rebuilt
-never, and a changed input always is.
+never, and a changed input always is. The guest's memory size is not an
+input: it is the machine's, not the image's (nothing built depends on it), so
+one image serves every ``memory_mib`` (:meth:`Blueprint.with_memory`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import subprocess
 import time
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +113,12 @@ class Blueprint:
                 raise BlueprintError(f"file dest {f.dest!r} must be absolute, without '..'")
             if f.mode is not None and not 0 <= f.mode <= 0o7777:
                 raise BlueprintError(f"file mode {f.mode:o} out of range")
+
+    def with_memory(self, memory_mib: int) -> Blueprint:
+        """This blueprint with ``memory_mib`` of guest RAM instead (validated as the
+        file's value is: :class:`BlueprintError` outside 32..65536). Its image is the
+        same: memory is not an image input."""
+        return replace(self, memory_mib=memory_mib)
 
     def env_file(self) -> bytes:
         """``/ferry/blueprint.env``: shell assignments the guest scripts source."""
@@ -346,6 +354,5 @@ def _build_into(scratch: Path, bp: Blueprint, cache: Path, *, kernel: Kernel, ke
         "modules": list(modules),
         "initramfs_bytes": (scratch / "initramfs.cpio").stat().st_size,
         "rootfs_bytes": bp.disk_size_mib * 1024 * 1024,
-        "memory_mib": bp.memory_mib,
     }
     (scratch / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from ferry.errors import ConfigError
-from ferry.guest.image.blueprint import load_blueprint, parse_blueprint
+from ferry.guest.image.blueprint import _input_key, load_blueprint, parse_blueprint
 from ferry.guest.image.elf import read_elf
 from ferry.guest.image.errors import BlueprintError
 
@@ -87,6 +88,22 @@ def test_shipped_blueprints_load() -> None:
     assert "--protected-mode no" in redis.workload
     with pytest.raises(BlueprintError, match="shipped"):
         load_blueprint("no-such-blueprint")
+
+
+def test_with_memory_overrides_memory_only_and_keeps_the_image() -> None:
+    redis = load_blueprint("redis")
+    big = redis.with_memory(512)
+    assert big.memory_mib == 512
+    assert big.with_memory(redis.memory_mib) == redis  # nothing else changed
+    # Memory is the machine's, not the image's: both share one cache entry.
+    assert _input_key(big, "k", {}) == _input_key(redis, "k", {})
+    assert _input_key(replace(redis, disk_size_mib=65), "k", {}) != _input_key(redis, "k", {})
+
+
+@pytest.mark.parametrize("mib", [0, 31, 65537, -1])
+def test_with_memory_is_validated_as_the_file_value(mib: int) -> None:
+    with pytest.raises(BlueprintError, match=r"memory_mib must be 32\.\.65536"):
+        load_blueprint("redis").with_memory(mib)
 
 
 def test_load_from_path(tmp_path: Path) -> None:
