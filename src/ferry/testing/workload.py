@@ -54,6 +54,7 @@ class RedisWriter:
         while True:
             for host, port in order:
                 sock = await socket_in_netns(self.namespace)
+                writer: asyncio.StreamWriter | None = None
                 try:
                     async with asyncio.timeout(CONNECT_TIMEOUT_S):
                         await asyncio.get_running_loop().sock_connect(sock, (host, port))
@@ -64,7 +65,14 @@ class RedisWriter:
                             raise ConnectionError("no PONG")
                     return reader, writer
                 except (OSError, TimeoutError, ConnectionError):
-                    sock.close()
+                    # Once a transport owns the socket, close it through the transport:
+                    # closing the socket under it leaves the transport registered on
+                    # the fd number, and the next socket that gets that number fails
+                    # in sock_connect ("File descriptor N is used by transport").
+                    if writer is not None:
+                        writer.close()
+                    else:
+                        sock.close()
             await asyncio.sleep(0.01)
 
     async def run(self, stop: asyncio.Event) -> None:
