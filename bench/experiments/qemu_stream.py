@@ -84,10 +84,12 @@ from ferry.vm.pkgcache import OpenedPackage, open_extracted
 
 HOSTS = ("qsa", "qsb", "qsc")
 PORT = 7521
+SCRIPT = os.path.abspath(__file__)
 VARIANTS = ("tcp", "tls", "tls-tmpfs", "tls-fuse")
 RELAY_CHUNK_BYTES = 256 * 1024
 RELAY_READY_TIMEOUT_S = 30.0
 RELAY_EXIT_TIMEOUT_S = 15.0
+FUSE_EXIT_TIMEOUT_S = 60.0
 DRAIN_S = 10.0
 """After one direction of a relay ended, how long the other may still run."""
 
@@ -169,7 +171,7 @@ class TlsRelayChannel:
 
     def _argv(self, host: HostNamespace, unix: Path, flag: str, where: str) -> list[str]:
         t = self.tls[host.name]
-        return host.exec_argv([sys.executable, os.path.abspath(__file__), "relay",
+        return host.exec_argv([sys.executable, SCRIPT, "relay",
                                "--unix", str(unix), flag, where, "--cert", str(t.cert),
                                "--key", str(t.key), "--ca", str(t.ca)])
 
@@ -236,21 +238,55 @@ def tmpfs_ram(guest: NativeGuest) -> DestinationRam:
 
 
 def fuse_ram(guest: NativeGuest, directory: Path) -> DestinationRam:
+    """RAM on a ferry FUSE mount, served by a process of its own per QEMU (as a host's
+    engine would; pyfuse3 serves one mount per process)."""
     size = guest.package.manifest.machine.memory_mib * 2**20
 
     @contextlib.asynccontextmanager
     async def place(host: HostNamespace, name: str) -> AsyncIterator[Path | None]:
         mnt = directory / f"{name}.mnt"
         await asyncio.to_thread(mnt.mkdir, parents=True, exist_ok=True)
-        devices = local_devices(MemoryDevice(size, name=MEMORY))
+        log = os.open(directory / f"{name}.fuse.log", os.O_WRONLY | os.O_CREAT, 0o644)
         try:
-            async with FuseMount(mnt, {MEMORY: devices.memory.vm_handle}) as mount:
-                yield mount.path(MEMORY)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, SCRIPT, "fuse", "--mount", str(mnt),
+                "--size", str(size), stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=log)
         finally:
-            await devices.close()
+            os.close(log)
+        try:
+            assert proc.stdout is not None
+            async with asyncio.timeout(RELAY_READY_TIMEOUT_S):
+                line = await proc.stdout.readline()
+            if line.strip() != b"ready":
+                raise FerryError(f"FUSE memory mount for {name} did not start (see its log)")
+            yield mnt / MEMORY
+        finally:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FUSE_EXIT_TIMEOUT_S):
+                    await proc.wait()
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
             with contextlib.suppress(OSError):
-                mnt.rmdir()
+                await asyncio.to_thread(mnt.rmdir)
     return place
+
+
+async def serve_fuse(args: argparse.Namespace) -> None:
+    """Serve a memory device (ferry's local stack over a MemoryDevice) as ``MOUNT/memory``
+    until stdin closes."""
+    devices = local_devices(MemoryDevice(args.size, name=MEMORY))
+    loop = asyncio.get_running_loop()
+    try:
+        async with FuseMount(args.mount, {MEMORY: devices.memory.vm_handle}):
+            print("ready", flush=True)
+            await loop.run_in_executor(None, sys.stdin.buffer.read)
+    finally:
+        await devices.close()
 
 
 # -- the measurement ----------------------------------------------------------------
@@ -337,12 +373,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                             r = await one_run(hosts, guest, variant, mode, route,
                                               work / "l" / f"{variant}-{mode.name}-{rnd}", tls)
                             runs.setdefault((variant, mode.name), []).append(r)
-                            if not args.json:
-                                print(f"round {rnd} {mode.name:8} {variant:9} "
-                                      f"{time.monotonic() - t0:5.1f} s "
-                                      + (r[2] or " ".join(
-                                          f"{h.downtime_ms:.1f}" for h in r[0].hops)
-                                         if r[0] else r[2]), flush=True)
+                            hops = " ".join(f"{h.downtime_ms:.1f}" for h in r[0].hops) \
+                                if r[0] else ""
+                            print(f"round {rnd} {mode.name:8} {variant:9} "
+                                  f"{time.monotonic() - t0:5.1f} s {hops} {r[2]}",
+                                  file=sys.stderr, flush=True)
         finally:
             guest.cleanup()
     finally:
@@ -409,6 +444,9 @@ def main() -> None:
     side.add_argument("--listen", metavar="HOST:PORT")
     for f in ("--cert", "--key", "--ca"):
         r.add_argument(f, required=True)
+    fz = sub.add_parser("fuse", help="(internal) serve a FUSE memory mount until stdin closes")
+    fz.add_argument("--mount", required=True)
+    fz.add_argument("--size", type=int, required=True)
     p.add_argument("--package", help="an extracted Redis package (default: build one)")
     p.add_argument("--hops", type=int, default=4, help="hops per run, A -> B, B -> A ...")
     p.add_argument("--rounds", type=int, default=1)
@@ -419,6 +457,9 @@ def main() -> None:
     args = p.parse_args()
     if args.command == "relay":
         asyncio.run(relay(args))
+        return
+    if args.command == "fuse":
+        asyncio.run(serve_fuse(args))
         return
     result = asyncio.run(_main(args))
     if args.json:

@@ -307,7 +307,9 @@ class PlainQemu:
                 status = info.get("status")
                 if status == "completed":
                     return info
-                if status in ("failed", "cancelled"):
+                # postcopy-paused: the destination failed after the switch-over (it
+                # could be recovered, but not by this baseline).
+                if status in ("failed", "cancelled", "postcopy-paused"):
                     raise NativeMigrationError(
                         f"QEMU {self.name}: migration {status}: "
                         f"{info.get('error-desc', 'no reason given')}")
@@ -317,9 +319,15 @@ class PlainQemu:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(5):
                 await self.execute("quit")
-        with contextlib.suppress(Exception):
-            await self.qmp.close()
+        # A QEMU that does not exit on ``quit`` (a source stuck in postcopy-paused) is
+        # killed before the QMP connection is closed: closing waits for QEMU's side.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await self.proc.wait()
         await _kill(self.proc)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                await self.qmp.close()
         if self.resources is not None:
             await self.resources.aclose()
         elif self.ram is not None:
