@@ -24,6 +24,9 @@ one run:
   ``downtime-limit`` and no bandwidth cap; post-copy sets ``postcopy-ram`` on
   both sides and calls ``migrate-start-postcopy`` right after ``migrate``.
   Once the source reports ``completed`` it is quit, as a user would.
+  A hop's link (:class:`Channel`, default :data:`TCP`) and the destination's RAM
+  (``dst_ram``, default anonymous) can be swapped for design experiments
+  (``bench/experiments/qemu_stream.py``: the stream through a relay).
 
 Downtime has ferry's definition, source paused -> destination running, read
 from QEMU's own events: the source's ``STOP`` and the destination's
@@ -49,10 +52,11 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ferry.errors import FerryError
 from ferry.net import GATEWAY_MAC, links, nft
@@ -89,6 +93,38 @@ class NativeMode:
 PRECOPY = NativeMode("precopy", downtime_limit_ms=20)
 POSTCOPY = NativeMode("postcopy", postcopy=True)
 MODES = (PRECOPY, POSTCOPY)
+
+
+class Channel(Protocol):
+    """How one hop's two QEMUs meet: the destination's ``migrate-incoming`` URI, and
+    (around the migration) what the source's ``migrate`` uses."""
+
+    def incoming_uri(self, dst: HostNamespace, name: str, port: int) -> str: ...
+
+    def outgoing(self, src: HostNamespace, dst: HostNamespace, name: str,
+                 port: int) -> AbstractAsyncContextManager[str]:
+        """Entered once the destination listens; yields the source's ``migrate`` URI and
+        is left after the source reported ``completed`` (or on failure)."""
+        ...
+
+
+class TcpChannel:
+    """QEMU to QEMU over TCP between the hosts' addresses (the baseline)."""
+
+    def incoming_uri(self, dst: HostNamespace, name: str, port: int) -> str:
+        return f"tcp:{dst.address}:{port}"
+
+    @contextlib.asynccontextmanager
+    async def outgoing(self, src: HostNamespace, dst: HostNamespace, name: str,
+                       port: int) -> AsyncIterator[str]:
+        yield self.incoming_uri(dst, name, port)
+
+
+TCP = TcpChannel()
+
+DestinationRam = Callable[[HostNamespace, str], AbstractAsyncContextManager[Path | None]]
+"""A destination QEMU's RAM: entered before it is spawned with that file (None:
+anonymous), left once that QEMU has been stopped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,17 +267,21 @@ class PlainQemu:
     """One plain QEMU process on a namespace host, driven over QMP."""
 
     def __init__(self, name: str, host: HostNamespace, proc: asyncio.subprocess.Process,
-                 qmp: QMPClient, ram: Path | None, log: Path) -> None:
+                 qmp: QMPClient, ram: Path | None, log: Path,
+                 resources: contextlib.AsyncExitStack | None = None) -> None:
         self.name = name
         self.host = host
         self.proc = proc
         self.qmp = qmp
         self.ram = ram
         self.log = log
+        self.resources = resources
+        """Closed after QEMU has gone (then ``ram`` is theirs to remove, not ours)."""
 
     @classmethod
     async def spawn(cls, guest: NativeGuest, host: HostNamespace, name: str, *,
-                    ram: Path | None = None) -> PlainQemu:
+                    ram: Path | None = None,
+                    resources: contextlib.AsyncExitStack | None = None) -> PlainQemu:
         """Start QEMU on ``host`` waiting for an incoming migration (``-incoming defer``),
         its RAM anonymous or the file ``ram``."""
         log = guest.work / f"{name}.qemu.log"
@@ -258,7 +298,7 @@ class PlainQemu:
         except BaseException:
             await _kill(proc)
             raise NativeMigrationError(f"QEMU {name} did not start: {_tail(log)}") from None
-        return cls(name, host, proc, qmp, ram, log)
+        return cls(name, host, proc, qmp, ram, log, resources)
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         return await self.qmp.execute(command, arguments, timeout_s=QMP_TIMEOUT_S)
@@ -275,7 +315,9 @@ class PlainQemu:
                 status = info.get("status")
                 if status == "completed":
                     return info
-                if status in ("failed", "cancelled"):
+                # postcopy-paused: the destination failed after the switch-over (it
+                # could be recovered, but not by this baseline).
+                if status in ("failed", "cancelled", "postcopy-paused"):
                     raise NativeMigrationError(
                         f"QEMU {self.name}: migration {status}: "
                         f"{info.get('error-desc', 'no reason given')}")
@@ -285,10 +327,18 @@ class PlainQemu:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(5):
                 await self.execute("quit")
-        with contextlib.suppress(Exception):
-            await self.qmp.close()
+        # A QEMU that does not exit on ``quit`` (a source stuck in postcopy-paused) is
+        # killed before the QMP connection is closed: closing waits for QEMU's side.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await self.proc.wait()
         await _kill(self.proc)
-        if self.ram is not None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                await self.qmp.close()
+        if self.resources is not None:
+            await self.resources.aclose()
+        elif self.ram is not None:
             self.ram.unlink(missing_ok=True)
 
 
@@ -331,28 +381,39 @@ async def restore(guest: NativeGuest, host: HostNamespace, name: str) -> PlainQe
 
 
 async def hop(guest: NativeGuest, src: PlainQemu, dst_host: HostNamespace, name: str,
-              mode: NativeMode, port: int) -> tuple[PlainQemu, NativeHop]:
-    """Migrate ``src`` to a new QEMU on ``dst_host`` with QEMU's own migration; the
-    source is quit once it reports ``completed``."""
+              mode: NativeMode, port: int, *, channel: Channel = TCP,
+              dst_ram: DestinationRam | None = None) -> tuple[PlainQemu, NativeHop]:
+    """Migrate ``src`` to a new QEMU on ``dst_host`` with QEMU's own migration over
+    ``channel``, the new QEMU's RAM from ``dst_ram`` (default anonymous); the source is
+    quit once it reports ``completed``."""
     await guest.route_redis(dst_host, here=True)
-    dst = await PlainQemu.spawn(guest, dst_host, name)
+    resources = contextlib.AsyncExitStack()
+    try:
+        ram_file = (await resources.enter_async_context(dst_ram(dst_host, name))
+                    if dst_ram is not None else None)
+        dst = await PlainQemu.spawn(guest, dst_host, name, ram=ram_file, resources=resources)
+    except BaseException:
+        await resources.aclose()
+        raise
     try:
         caps: dict[str, bool] = {"postcopy_ram": mode.postcopy}
         await dst.capabilities(**caps)
-        await dst.execute("migrate-incoming", {"uri": f"tcp:{dst_host.address}:{port}"})
+        await dst.execute("migrate-incoming",
+                          {"uri": channel.incoming_uri(dst_host, name, port)})
         await src.capabilities(**caps)
         params: dict[str, Any] = {"max-bandwidth": MAX_BANDWIDTH_BYTES_S}
         if mode.downtime_limit_ms is not None:
             params["downtime-limit"] = mode.downtime_limit_ms
         await src.execute("migrate-set-parameters", params)
-        src_mark = src.qmp.event_mark()
-        dst_mark = dst.qmp.event_mark()
-        started = time.monotonic()
-        await src.execute("migrate", {"uri": f"tcp:{dst_host.address}:{port}"})
-        if mode.postcopy:
-            await src.execute("migrate-start-postcopy")
-        info = await src.wait_migration()
-        total_s = time.monotonic() - started
+        async with channel.outgoing(src.host, dst_host, name, port) as uri:
+            src_mark = src.qmp.event_mark()
+            dst_mark = dst.qmp.event_mark()
+            started = time.monotonic()
+            await src.execute("migrate", {"uri": uri})
+            if mode.postcopy:
+                await src.execute("migrate-start-postcopy")
+            info = await src.wait_migration()
+            total_s = time.monotonic() - started
         stopped = await src.qmp.wait_event("STOP", since=src_mark, timeout_s=QMP_TIMEOUT_S)
         resumed = await dst.qmp.wait_event("RESUME", since=dst_mark,
                                            timeout_s=QMP_TIMEOUT_S)
@@ -384,10 +445,12 @@ async def _running(vm: list[PlainQemu]) -> AsyncIterator[None]:
 
 async def run_native_hops(hosts: HostSet, guest: NativeGuest, route: Sequence[str],
                           mode: NativeMode, *, port: int, client_host: str,
-                          writes_between: int = 100,
-                          loads: Sequence[HopLoad] = ()) -> NativeHops:
+                          writes_between: int = 100, loads: Sequence[HopLoad] = (),
+                          channel: Channel = TCP,
+                          dst_ram: DestinationRam | None = None) -> NativeHops:
     """Restore the guest on ``route[0]`` and migrate it along ``route`` with QEMU's own
-    migration while a :class:`RedisWriter` on ``client_host`` writes (and ``loads``
+    migration (over ``channel``, each destination's RAM from ``dst_ram``: see
+    :func:`hop`) while a :class:`RedisWriter` on ``client_host`` writes (and ``loads``
     run beside it); every acknowledged write is read back at the end."""
     if len(route) < 2:
         raise NativeMigrationError("a route needs at least two hosts")
@@ -415,7 +478,8 @@ async def run_native_hops(hosts: HostSet, guest: NativeGuest, route: Sequence[st
                 before = len(writer.acknowledged)
                 for extra in loads:
                     extra.hop_started()
-                vm, record = await hop(guest, current[0], hosts[dst], next(names), mode, port)
+                vm, record = await hop(guest, current[0], hosts[dst], next(names), mode, port,
+                                       channel=channel, dst_ram=dst_ram)
                 current[0] = vm
                 said: dict[str, Any] = {}
                 for w in everyone:
