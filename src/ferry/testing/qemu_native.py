@@ -63,7 +63,7 @@ from ferry.net import GATEWAY_MAC, links, nft
 from ferry.qemu.argv import AgentChannel, FileDisk, SerialToFile, TapNet, qemu_argv
 from ferry.qemu.qmp import QMPClient
 from ferry.testing.hosts import HostNamespace, HostSet
-from ferry.testing.workload import HopLoad, Load, RedisWriter
+from ferry.testing.workload import HopLoad, Load, RedisWriter, end_loads
 from ferry.vm.pkgcache import OpenedPackage
 
 TAP = "fq-tap0"
@@ -493,18 +493,9 @@ async def run_native_hops(hosts: HostSet, guest: NativeGuest, route: Sequence[st
                     record, writes_during=len(writer.acknowledged) - before, loads=said))
         finally:
             stop.set()
-            await _gather(tasks)
+            await end_loads(tasks)
         result.lost = await writer.lost()
     result.acknowledged = len(writer.acknowledged)
     result.client_max_stall_ms = round(writer.max_stall_s * 1e3, 1)
     result.client_reconnects = writer.reconnects
     return result
-
-
-
-async def _gather(tasks: Sequence[asyncio.Task[None]]) -> None:
-    """Wait for every load to end; the first one's failure, if any, is raised."""
-    results = await asyncio.gather(*tasks, return_exceptions=True)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r

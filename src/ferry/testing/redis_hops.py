@@ -28,7 +28,7 @@ from typing import Any
 from ferry.errors import ConfigError
 from ferry.live.summary import MigrationSummary
 from ferry.testing.site import Site
-from ferry.testing.workload import HopLoad, Load, RedisWriter
+from ferry.testing.workload import HopLoad, Load, RedisWriter, end_loads
 
 REDIS_PORT = 16379
 GUEST_REDIS_PORT = 6379
@@ -118,18 +118,10 @@ async def run_redis_hops(site: Site, package: Path, route: Sequence[str], *, vm:
                                    len(writer.acknowledged) - before, said))
     finally:
         stop.set()
-        await _gather(tasks)
+        await end_loads(tasks)
     progress(f"reading back every acknowledged write on {route[-1]}")
     result.lost = await writer.lost()
     result.acknowledged = len(writer.acknowledged)
     result.client_max_stall_ms = round(writer.max_stall_s * 1e3, 1)
     result.client_reconnects = writer.reconnects
     return result
-
-
-async def _gather(tasks: Sequence[asyncio.Task[None]]) -> None:
-    """Wait for every load to end; the first one's failure, if any, is raised."""
-    results = await asyncio.gather(*tasks, return_exceptions=True)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r

@@ -495,3 +495,11 @@ async def _bulk(reader: asyncio.StreamReader) -> bytes:
     if line.startswith(b"-"):
         raise RedisReplyError(f"Redis: {line[1:].strip().decode(errors='replace')}")
     raise ConnectionError(f"unexpected reply {line[:80]!r}")
+
+
+async def end_loads(tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Wait for every load's task to end; the first one's failure, if any, is raised."""
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
