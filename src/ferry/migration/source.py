@@ -380,9 +380,12 @@ class Migrator:
             else f"{decision.predicted_next_bytes / 2**20:.1f} MiB",
         )
 
-    def _scan(self) -> list[list[int]]:
-        """Take every device's dirty blocks (recorded in the report)."""
+    def _scan(self, carried: list[list[int]] | None = None) -> list[list[int]]:
+        """Take every device's dirty blocks, with ``carried`` ones merged in (recorded in
+        the report)."""
         found = [dev.device.take_dirty() for dev in self._devices]
+        if carried is not None:
+            found = [sorted(set(c).union(b)) for c, b in zip(carried, found, strict=True)]
         for index, blocks in enumerate(found):
             self.report.devices[index].dirty_blocks_by_cycle.append(len(blocks))
         return found
@@ -414,15 +417,8 @@ class Migrator:
 
     async def _send_final_dirty_lists(self, *, push: bool) -> None:
         """The last scan, with the source suspended, plus blocks a stopping scan carried."""
-        found = [dev.device.take_dirty() for dev in self._devices]
-        if self._carried is not None:
-            found = [
-                sorted(set(carried).union(blocks))
-                for carried, blocks in zip(self._carried, found, strict=True)
-            ]
-            self._carried = None
-        for index, blocks in enumerate(found):
-            self.report.devices[index].dirty_blocks_by_cycle.append(len(blocks))
+        found = self._scan(self._carried)
+        self._carried = None
         await self._announce(found, push=push, final=True)
 
     def _all_small(self, counts: list[int]) -> bool:
