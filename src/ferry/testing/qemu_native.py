@@ -63,7 +63,7 @@ from ferry.net import GATEWAY_MAC, links, nft
 from ferry.qemu.argv import AgentChannel, FileDisk, SerialToFile, TapNet, qemu_argv
 from ferry.qemu.qmp import QMPClient
 from ferry.testing.hosts import HostNamespace, HostSet
-from ferry.testing.workload import HopLoad, Load, RedisWriter, end_loads
+from ferry.testing.workload import HopLoad, Load, RedisWriter, end_loads, start_loads
 from ferry.vm.pkgcache import OpenedPackage
 
 TAP = "fq-tap0"
@@ -468,12 +468,8 @@ async def run_native_hops(hosts: HostSet, guest: NativeGuest, route: Sequence[st
         everyone: list[Load] = [*loads, writer]
         tasks: list[asyncio.Task[None]] = []
         try:
-            # The loads first: one that sets up (a page writer zeroing its string blocks
-            # Redis for seconds) does so before the writer's stall clock starts.
-            for w in everyone:
-                tasks.append(asyncio.create_task(w.run(stop)))
-                async with asyncio.timeout(WRITES_TIMEOUT_S):
-                    await w.wait_acknowledged(writes_between)
+            await start_loads(everyone, stop, tasks, writes_between=writes_between,
+                              timeout_s=WRITES_TIMEOUT_S)
             for _src, dst in itertools.pairwise(route):
                 before = len(writer.acknowledged)
                 for extra in loads:

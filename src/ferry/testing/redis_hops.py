@@ -28,7 +28,7 @@ from typing import Any
 from ferry.errors import ConfigError
 from ferry.live.summary import MigrationSummary
 from ferry.testing.site import Site
-from ferry.testing.workload import HopLoad, Load, RedisWriter, end_loads
+from ferry.testing.workload import HopLoad, Load, RedisWriter, end_loads, start_loads
 
 REDIS_PORT = 16379
 GUEST_REDIS_PORT = 6379
@@ -93,12 +93,8 @@ async def run_redis_hops(site: Site, package: Path, route: Sequence[str], *, vm:
     tasks: list[asyncio.Task[None]] = []
     hosts = list(dict.fromkeys(route))
     try:
-        # The loads first: one that sets up (a page writer zeroing its string blocks
-        # Redis for seconds) does so before the writer's stall clock starts.
-        for w in everyone:
-            tasks.append(asyncio.create_task(w.run(stop)))
-            async with asyncio.timeout(WRITES_TIMEOUT_S):
-                await w.wait_acknowledged(writes_between)
+        await start_loads(everyone, stop, tasks, writes_between=writes_between,
+                          timeout_s=WRITES_TIMEOUT_S)
         for src, dst in itertools.pairwise(route):
             progress(f"a client writes continuously; migrating the VM {src} -> {dst}")
             before = len(writer.acknowledged)

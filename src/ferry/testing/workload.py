@@ -497,6 +497,19 @@ async def _bulk(reader: asyncio.StreamReader) -> bytes:
     raise ConnectionError(f"unexpected reply {line[:80]!r}")
 
 
+async def start_loads(loads: Sequence[Load], stop: asyncio.Event,
+                      tasks: list[asyncio.Task[None]], *, writes_between: int,
+                      timeout_s: float) -> None:
+    """Start each load's task (appended to ``tasks``, for :func:`end_loads`) and wait for
+    its first ``writes_between`` writes before the next: one that sets up (a page writer
+    zeroing its string blocks Redis for seconds) does so before a later one's stall clock
+    starts, so the plain writer goes last."""
+    for load in loads:
+        tasks.append(asyncio.create_task(load.run(stop)))
+        async with asyncio.timeout(timeout_s):
+            await load.wait_acknowledged(writes_between)
+
+
 async def end_loads(tasks: Sequence[asyncio.Task[None]]) -> None:
     """Wait for every load's task to end; the first one's failure, if any, is raised."""
     results = await asyncio.gather(*tasks, return_exceptions=True)
