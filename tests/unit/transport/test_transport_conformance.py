@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sys
@@ -14,6 +15,7 @@ import pytest
 from ferry.transport.base import Stream
 from ferry.transport.certs import create_ca, create_host_cert
 from ferry.transport.memory import memory_stream_pair
+from ferry.transport.mux import Mux
 from ferry.transport.pipe import fd_stream, subprocess_stream
 from ferry.transport.tcp import connect_tcp, listen_tcp
 from ferry.transport.tls import client_context_for, server_context_for
@@ -118,7 +120,31 @@ def subprocess_pair(tmp_path: Path) -> Callable[[], AbstractAsyncContextManager[
     return make
 
 
-TRANSPORTS = ["memory", "tcp", "unix", "tls", "os_pipe", "subprocess"]
+@contextlib.asynccontextmanager
+async def mux_pair() -> AsyncIterator[Pair]:
+    """Substream 1 of two Muxes over a TLS-less TCP link, while substream 0 carries a
+    steady stream of its own both ways (what the migration channel does beside QEMU's
+    RAM stream)."""
+    async with await listen_tcp() as listener:
+        raw_a = await connect_tcp(*listener.address)
+        raw_b = await listener.accept()
+        async with Mux(raw_a, 2) as mux_a, Mux(raw_b, 2) as mux_b:
+            async def chatter(s: Stream, r: Stream) -> None:
+                for i in range(200):
+                    await s.send_all(b"x" * (i % 50 + 1))
+                    await asyncio.sleep(0.001)
+                await s.send_eof()
+                while await r.receive_some():
+                    pass
+
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(chatter(mux_a.sub(0), mux_a.sub(0)))
+                tg.create_task(chatter(mux_b.sub(0), mux_b.sub(0)))
+                async with closing(mux_a.sub(1), mux_b.sub(1)) as pair:
+                    yield pair
+
+
+TRANSPORTS = ["memory", "tcp", "unix", "tls", "os_pipe", "subprocess", "mux"]
 
 
 @pytest.fixture(params=TRANSPORTS)
@@ -134,6 +160,8 @@ def make_pair(request: pytest.FixtureRequest, tmp_path: Path) -> PairFactory:
         return tls_pair(tmp_path)
     if name == "os_pipe":
         return os_pipe_pair
+    if name == "mux":
+        return mux_pair
     return subprocess_pair(tmp_path)
 
 
