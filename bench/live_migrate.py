@@ -185,6 +185,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         package_s = time.monotonic() - t0
         route = [HOSTS[i % 2] for i in range(args.runs + 1)]
         extra = ["--precopy-only"] if args.mode == "precopy-only" else []
+        extra += ["--ram", args.ram]
         async with host_namespaces(list(HOSTS), switch_tag="lb") as hosts:
             site = Site(hosts, work / "hosts", signer.env)
             on_route = list(dict.fromkeys(route))
@@ -234,7 +235,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     best_downtime = best["downtime_ms_p50"] if best else None
     best_bytes = best["bytes_p50"] if best else None
     return {
-        "hops": len(hops), "mode": args.mode, "package_s": round(package_s, 1),
+        "hops": len(hops), "mode": args.mode, "ram": args.ram, "package_s": round(package_s, 1),
         "downtime_ms_p50": _p50(downtimes),
         "downtime_ms_max": max(downtimes, default=None),
         "downtime_source_view_ms_p50": _p50([h["downtime_source_view_ms"] for h in hops]),
@@ -274,6 +275,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--runs", type=int, default=6, help="hops, alternating A -> B, B -> A")
     p.add_argument("--mode", default="hybrid", choices=["hybrid", "precopy-only"])
+    p.add_argument("--ram", default="qemu", choices=["qemu", "engine"],
+                   help="how ferry moves guest RAM (ferry vm migrate --ram)")
     p.add_argument("--no-qemu", dest="qemu", action="store_false",
                    help="skip the same-run baseline of QEMU's own migration")
     p.add_argument("--guest-mib", type=int, metavar="MIB",

@@ -381,6 +381,9 @@ def _add_migration_parsers(vm: Any, add_common: AddCommon) -> None:
                     help="stop the VM into a signed package ('ferry vm run FILE' resumes it)")
     c.add_argument("--precopy-only", action="store_true",
                    help="copy everything before the hand-off (no post-copy risk, more downtime)")
+    c.add_argument("--ram", choices=("qemu", "engine"), default="qemu",
+                   help="how guest RAM moves: in QEMU's own migration stream over ferry's "
+                        "link (default), or as a ferry device with post-copy (engine)")
     c.add_argument("--key", type=Path, help="signing key for --to-package")
     tls(c)
     add_common(c)

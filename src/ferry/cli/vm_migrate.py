@@ -17,6 +17,7 @@ from ferry.cli.exitcodes import ExitCode
 from ferry.errors import ConfigError, FerryError
 from ferry.live.access import Access, TLSFiles
 from ferry.live.pkgserve import check_directory, serve_registry
+from ferry.live.rampath import RamPath
 from ferry.live.summary import MigrationSummary
 from ferry.node.arrival import ArrivalRequest, arrive
 from ferry.node.control import ControlClient, ExportReply, MigrateRequest
@@ -112,6 +113,7 @@ async def _migrate(args: argparse.Namespace, console: Console, out: Out) -> int:
                              precopy_only=args.precopy_only)
     else:
         req = MigrateRequest(to=_address(args.to), precopy_only=args.precopy_only,
+                             ram=RamPath(args.ram),
                              access=_connecting_access(args, console, "the destination"))
     task = asyncio.create_task(client.migrate(req, timeout_s=MIGRATE_TIMEOUT_S))
     try:

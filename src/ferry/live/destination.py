@@ -38,11 +38,12 @@ from types import TracebackType
 from typing import Self
 
 from ferry.aio import StackSafe
-from ferry.errors import FerryError, MigrationError
+from ferry.errors import ConfigError, FerryError, MigrationError
 from ferry.expose.fuse import FuseError
 from ferry.guest.agent import AgentClient, AgentError, connect_agent
 from ferry.live import payload as wire
 from ferry.live.errors import LiveMigrationError
+from ferry.live.rampath import RamPath
 from ferry.live.report import DestinationReport
 from ferry.live.source import (
     DEFAULT_OPTIONS,
@@ -55,6 +56,9 @@ from ferry.migration.destination import DestinationDevice, Receiver
 from ferry.migration.policy import Mode
 from ferry.protocol.messages import DeviceInfo
 from ferry.qemu import MEMORY_FILE, QemuVM, VMConfig
+from ferry.qemu.argv import PrivateRam
+from ferry.qemu.ramstream import RAM_READY, RamIn
+from ferry.transport.base import Stream
 from ferry.vm.devices import Backing, VMDevices, incoming_devices, memory_backing
 from ferry.vm.errors import DeviceSetError
 
@@ -75,6 +79,8 @@ class IncomingVM:
         self.options = options
         self._backing = backing
         self._wrap_argv = wrap_argv
+        self._ram_link: Stream | None = None
+        self._ram_in: RamIn | None = None
         self._stack = contextlib.AsyncExitStack()
         self._tg: asyncio.TaskGroup | None = None
         self._vm: QemuVM | None = None
@@ -114,13 +120,20 @@ class IncomingVM:
 
     # -- the migration ---------------------------------------------------------------
 
-    async def receive(self, channel: Channel) -> DestinationReport:
+    async def receive(self, channel: Channel, *,
+                      ram_link: Stream | None = None) -> DestinationReport:
         """Receive the VM from the migrator at the other end of ``channel``.
+
+        With ``options.ram`` QEMU, guest RAM arrives in QEMU's own stream on
+        ``ram_link`` into the QEMU's private RAM (:mod:`ferry.qemu.ramstream`).
 
         Returns once every block arrived and was verified; the VM runs from
         the hand-off on. Raises :class:`LiveMigrationError` (``handed_off``
         says whether the VM had started here).
         """
+        if self.options.ram is RamPath.QEMU and ram_link is None:
+            raise ConfigError("RAM in QEMU's stream needs a link for it")
+        self._ram_link = ram_link
         deferred = self.options.mode is Mode.HYBRID
         receiver = Receiver(channel, self._open_devices, mode=self.options.mode,
                             on_handoff=self._on_handoff_deferred if deferred
@@ -141,19 +154,32 @@ class IncomingVM:
         return self.report
 
     async def _open_devices(self, infos: Sequence[DeviceInfo]) -> Sequence[DestinationDevice]:
+        qemu_ram = self.options.ram is RamPath.QEMU
         try:
-            devices, dest = incoming_devices(infos, self._backing, self.name)
+            devices, dest = incoming_devices(infos, self._backing, self.name,
+                                             with_memory=not qemu_ram)
         except DeviceSetError as exc:
             raise LiveMigrationError(str(exc), vm=None, handed_off=False, phase="precopy") from exc
         self._devices = devices
         self._stack.push_async_callback(devices.close)
-        vm = QemuVM(self.config, work_dir=self.work_dir, memory=devices.memory.vm_handle,
+        memory = PrivateRam.ANONYMOUS if devices.memory is None else devices.memory.vm_handle
+        vm = QemuVM(self.config, work_dir=self.work_dir, memory=memory,
                     disks=devices.vm_disks(), name=self.name, wrap_argv=self._wrap_argv)
         await self._stack.enter_async_context(vm)
         self._vm = vm
         assert self._tg is not None
-        self._spawn = self._tg.create_task(vm.start_incoming(), name=f"spawn {self.name}")
+        self._spawn = self._tg.create_task(self._start_qemu(vm), name=f"spawn {self.name}")
         return dest
+
+    async def _start_qemu(self, vm: QemuVM) -> float:
+        """Spawn the incoming QEMU; with RAM in QEMU's stream also start loading it and
+        tell the source (one byte back on the RAM link) that the stream may flow."""
+        spawn_s = await vm.start_incoming()
+        if self._ram_link is not None and self.options.ram is RamPath.QEMU:
+            self._ram_in = await RamIn.start(vm, self._ram_link)
+            self._stack.push_async_callback(self._ram_in.aclose)
+            await self._ram_link.send_all(RAM_READY)
+        return spawn_s
 
     async def _wait_spawned(self) -> None:
         assert self._spawn is not None
@@ -164,6 +190,10 @@ class IncomingVM:
         self.report.timeline.mark(Mark.HANDOFF_RECEIVED)
         p = self._take_payload(data)
         await self._wait_spawned()
+        if self._ram_in is not None:
+            await self._load_ram_stream()
+            await self._continue()
+            return
         await self._warm(p.prefetch)
         await self._load_state(p.state)
         await self._continue()
@@ -178,6 +208,10 @@ class IncomingVM:
 
     async def _start_deferred_steps(self, p: wire.HandoffPayload) -> None:
         await self._wait_spawned()
+        if self._ram_in is not None:
+            await self._load_ram_stream()
+            await self._continue()
+            return
         if not p.state:
             raise LiveMigrationError("the source sent no device state", vm=self.name,
                                      handed_off=True)
@@ -207,6 +241,7 @@ class IncomingVM:
         started = time.monotonic()
         counters = self.vm.mount.counters("memory")
         reads_before = counters.reads
+        assert self.devices.memory is not None
         memory = self.devices.memory.vm_handle
         windows = [(off, min(RING_WINDOW_BYTES, memory.size_bytes - off))
                    for off in offsets if off < memory.size_bytes]
@@ -241,6 +276,13 @@ class IncomingVM:
         self.report.state_load_ram_reads = counters.reads - before_reads
         self.report.state_load_ram_read_bytes = counters.bytes_read - before_bytes
 
+    async def _load_ram_stream(self) -> None:
+        """Wait until QEMU loaded the rest of its stream (last pages, device state)."""
+        assert self._ram_in is not None
+        await self._ram_in.wait_completed()
+        self.report.timeline.mark(Mark.STATE_LOADED)
+        self.report.ram_stream_bytes = self._ram_in.bytes_received
+
     def _take_payload(self, data: bytes) -> wire.HandoffPayload:
         p = wire.decode(data)
         self.report.state_bytes = len(p.state)
@@ -248,12 +290,16 @@ class IncomingVM:
         return p
 
     async def _continue(self) -> None:
-        counters = self.vm.mount.counters("memory")
-        before_bytes, before_reads = counters.bytes_read, counters.reads
-        await self.vm.resume()
-        self.report.timeline.mark(Mark.RUNNING)
-        self.report.cont_ram_reads = counters.reads - before_reads
-        self.report.cont_ram_read_bytes = counters.bytes_read - before_bytes
+        if self.vm.private_ram is not None:
+            await self.vm.resume()
+            self.report.timeline.mark(Mark.RUNNING)
+        else:
+            counters = self.vm.mount.counters("memory")
+            before_bytes, before_reads = counters.bytes_read, counters.reads
+            await self.vm.resume()
+            self.report.timeline.mark(Mark.RUNNING)
+            self.report.cont_ram_reads = counters.reads - before_reads
+            self.report.cont_ram_read_bytes = counters.bytes_read - before_bytes
         self.running.set()
         self._log.info("running here %s ms after the hand-off arrived",
                        self.report.handoff_to_running_ms)

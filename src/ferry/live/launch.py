@@ -44,6 +44,7 @@ from ferry.errors import (
 from ferry.live import checks
 from ferry.live.bootcache import BootCache, BootCacheFullError, check_sha256
 from ferry.live.errors import RefusedError
+from ferry.live.rampath import RamPath
 from ferry.net import PortForward, Proto
 from ferry.transport.base import Stream
 from ferry.vm.manifest import VMManifest
@@ -90,10 +91,13 @@ class Offer:
     boot: tuple[BootFile, ...]
     origin: str = "migration"
     """``migration`` (a running VM) or ``registry`` (a package, pure post-copy)."""
+    ram: RamPath = RamPath.ENGINE
+    """How guest RAM travels: in QEMU's stream (the link is then a
+    :class:`~ferry.transport.mux.Mux` of the channel and that stream) or as a device."""
 
     def to_json(self) -> dict[str, Any]:
         return {"vm_id": self.vm_id, "manifest": self.manifest.to_json(),
-                "origin": self.origin,
+                "origin": self.origin, "ram": self.ram.value,
                 "forwards": [[f.host, f.host_port, f.guest_port, f.proto.value]
                              for f in self.forwards],
                 "boot": [[b.name, b.sha256, b.size_bytes] for b in self.boot]}
@@ -116,11 +120,18 @@ class Offer:
             origin = checks.text(data.get("origin", "migration"), "origin")
             if origin not in ORIGINS:
                 raise ValueError(f"origin {origin!r}")
+            ram_text = checks.text(data.get("ram", RamPath.ENGINE.value), "ram")
+            try:
+                ram = RamPath(ram_text)
+            except ValueError:
+                raise ValueError(f"ram {ram_text!r:.40}") from None
+            if ram is RamPath.QEMU and origin != "migration":
+                raise ValueError("RAM in QEMU's stream needs a running VM at the source")
             manifest = VMManifest.from_json(data.get("manifest"))
             _check_bounds(manifest)
             vm_id = check_vm_id(checks.text(data.get("vm_id"), "vm_id"))
             return cls(vm_id=vm_id, manifest=manifest, origin=origin, forwards=forwards,
-                       boot=boot)
+                       boot=boot, ram=ram)
         except RemoteProtocolError:
             raise
         except (KeyError, TypeError, ValueError, FerryError) as exc:

@@ -44,6 +44,7 @@ from ferry.live import launch, report_exchange
 from ferry.live.access import Access
 from ferry.live.clock import ClockOffset
 from ferry.live.errors import LiveMigrationError
+from ferry.live.rampath import RamPath
 from ferry.live.report import DestinationReport, SourceReport
 from ferry.live.source import DEFAULT_OPTIONS, LiveOptions, migrate_out
 from ferry.live.summary import MigrationSummary
@@ -53,8 +54,10 @@ from ferry.net import PortForward, VMNetwork
 from ferry.package import commands as pkg
 from ferry.qemu import QemuVM
 from ferry.storage.device import Device
+from ferry.transport.base import Stream
+from ferry.transport.mux import Mux
 from ferry.vm.devices import VMDevices
-from ferry.vm.manifest import STATE_PATH, VMManifest
+from ferry.vm.manifest import STATE_PATH, DeviceEntry, VMManifest
 from ferry.vm.snapshot import write_block_hashes
 
 log = logging.getLogger(__name__)
@@ -88,8 +91,8 @@ class Moved:
     """The destination's report (None: it did not come back)."""
 
 
-def options_for(precopy_only: bool) -> LiveOptions:
-    return LiveOptions(mode=Mode.PRECOPY_ONLY if precopy_only else Mode.HYBRID)
+def options_for(precopy_only: bool, ram: RamPath = RamPath.QEMU) -> LiveOptions:
+    return LiveOptions(mode=Mode.PRECOPY_ONLY if precopy_only else Mode.HYBRID, ram=ram)
 
 
 def summarize(source: SourceReport, destination: DestinationReport | None,
@@ -114,16 +117,29 @@ async def migrate_to_host(
     except FerryError as exc:
         raise LiveMigrationError(f"cannot reach the destination {host}:{port}: {exc}",
                                  vm=m.vm_id, handed_off=False) from exc
-    channel = StreamChannel(stream)
+    ram = options.ram
+    if m.devices.memory is None and ram is not RamPath.QEMU:
+        log.info("vm %s: its RAM is private to QEMU: it moves in QEMU's stream", m.vm_id)
+        ram = RamPath.QEMU
+        options = dataclasses.replace(options, ram=ram)
+    mux: Mux | None = None
     try:
         files = launch.boot_files(m.manifest, m.boot_dir)
         offer = launch.Offer(m.vm_id, m.manifest, m.forwards,
-                             await asyncio.to_thread(launch.describe_boot, files))
+                             await asyncio.to_thread(launch.describe_boot, files), ram=ram)
         try:
             await launch.send_offer(stream, offer, files)
         except FerryError as exc:
             raise LiveMigrationError(f"the destination did not take the VM: {exc}",
                                      vm=m.vm_id, handed_off=False) from exc
+        link: Stream = stream
+        ram_link: Stream | None = None
+        if ram is RamPath.QEMU:
+            # One authenticated link, two substreams: the channel, and QEMU's RAM stream.
+            mux = Mux(stream, 2)
+            mux.start()
+            link, ram_link = mux.sub(0), mux.sub(1)
+        channel = StreamChannel(link)
 
         async def handed_off() -> None:
             if m.network is not None:
@@ -132,17 +148,19 @@ async def migrate_to_host(
                 await on_handed_off()
 
         report = await migrate_out(m.qemu, m.devices, channel, agent=m.agent, options=options,
-                                   on_handed_off=handed_off)
+                                   on_handed_off=handed_off, ram_link=ram_link)
         destination: DestinationReport | None = None
         clock: ClockOffset | None = None
         try:
-            destination, clock = await report_exchange.fetch_report(stream)
+            destination, clock = await report_exchange.fetch_report(link)
         except FerryError as exc:
             log.info("vm %s: no report from the destination (%s)", m.vm_id, exc)
         return Moved(summarize(report, destination, clock), report.to_json(),
                      None if destination is None else destination.to_json())
     finally:
-        await channel.aclose()
+        if mux is not None:
+            await mux.aclose()
+        await stream.aclose()
 
 
 async def export_to_package(m: Movable, file: Path, *, key: Path | None = None,
@@ -190,11 +208,18 @@ async def _write_package_dir(m: Movable, out: Path, state_bytes: int) -> VMManif
         rel = manifest.kernel if name == "kernel" else manifest.initramfs
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(shutil.copyfile, src, out / rel)
-    entries = [(manifest.memory, m.devices.memory.stack.remote)]
+    entries: list[tuple[DeviceEntry, Device | Path]] = []
+    if m.devices.memory is not None:
+        entries.append((manifest.memory, m.devices.memory.stack.remote))
+    else:  # RAM arrived in QEMU's stream: read it where QEMU keeps it (the guest is paused)
+        entries.append((manifest.memory, m.qemu.private_ram_file()))
     for entry in manifest.disks:
         entries.append((entry, m.devices.disks[entry.name].stack.remote))
-    for entry, device in entries:
-        await _dump(device, out / entry.path)
+    for entry, source in entries:
+        if isinstance(source, Path):
+            await asyncio.to_thread(_dump_file, source, out / entry.path, entry.size_bytes)
+        else:
+            await _dump(source, out / entry.path)
         (out / entry.hashes_path).parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(write_block_hashes, out / entry.path, out / entry.hashes_path,
                                 entry.block_size_bytes)
@@ -211,6 +236,19 @@ async def _dump(device: Device, path: Path) -> None:
             data = bytes(await device.read_at(offset, min(EXPORT_CHUNK_BYTES, size - offset)))
             if data.count(0) != len(data):
                 await asyncio.to_thread(os.pwrite, f, data, offset)
+    finally:
+        os.close(f)
+
+
+def _dump_file(src: Path, path: Path, size_bytes: int) -> None:
+    """:func:`_dump` from a file (guest RAM held by QEMU)."""
+    f = _create_sparse(path, size_bytes)
+    try:
+        with open(src, "rb", buffering=0) as r:
+            for offset in range(0, size_bytes, EXPORT_CHUNK_BYTES):
+                data = os.pread(r.fileno(), min(EXPORT_CHUNK_BYTES, size_bytes - offset), offset)
+                if data.count(0) != len(data):
+                    os.pwrite(f, data, offset)
     finally:
         os.close(f)
 

@@ -22,9 +22,11 @@ from ferry.live import launch, report_exchange
 from ferry.live.access import Access
 from ferry.live.destination import IncomingVM, WrapArgv
 from ferry.live.outgoing import options_for
+from ferry.live.rampath import RamPath
 from ferry.live.report import DestinationReport
 from ferry.migration.channel import StreamChannel
 from ferry.transport.base import Stream
+from ferry.transport.mux import Mux
 from ferry.vm.machine import machine_config
 from ferry.vm.manifest import VMManifest
 
@@ -48,14 +50,16 @@ async def open_link(access: Access, *, listen: tuple[str, int] | None = None,
 @contextlib.asynccontextmanager
 async def incoming_vm(manifest: VMManifest, boot_dir: Path, *, vm_id: str, work_dir: Path,
                       tap: str, wrap_argv: WrapArgv | None,
-                      precopy_only: bool, sandbox: bool) -> AsyncIterator[IncomingVM]:
+                      precopy_only: bool, sandbox: bool,
+                      ram: RamPath = RamPath.ENGINE) -> AsyncIterator[IncomingVM]:
     """An :class:`IncomingVM` for ``manifest`` (boot files in ``boot_dir``) on ``tap``;
-    ``sandbox`` is the host's ``HostConfig.qemu_sandbox``."""
+    ``sandbox`` is the host's ``HostConfig.qemu_sandbox``; ``ram`` the offer's."""
     boot = launch.boot_files(manifest, boot_dir)
     config = machine_config(manifest, boot["kernel"], boot["initramfs"], tap=tap,
                             sandbox=sandbox, vm=vm_id)
     async with IncomingVM(config, work_dir=work_dir, name=vm_id,
-                          options=options_for(precopy_only), wrap_argv=wrap_argv) as incoming:
+                          options=options_for(precopy_only, ram),
+                          wrap_argv=wrap_argv) as incoming:
         yield incoming
 
 
@@ -70,11 +74,17 @@ async def receive_vm(stream: Stream, incoming: IncomingVM, *,
     """Say ready, receive the VM, send the source this side's report; then wait up to
     ``agent_wait_s`` for the guest agent. Raises :class:`LiveMigrationError`."""
     await launch.send_ready(stream)
-    channel = StreamChannel(stream)
-    report = await incoming.receive(channel)
-    with contextlib.suppress(FerryError):
-        await report_exchange.serve_report(stream, report)
-    await channel.aclose()
+    if incoming.options.ram is not RamPath.QEMU:
+        report = await incoming.receive(StreamChannel(stream))
+        with contextlib.suppress(FerryError):
+            await report_exchange.serve_report(stream, report)
+        await stream.aclose()
+    else:
+        # The link is two substreams: the channel, and QEMU's RAM stream.
+        async with Mux(stream, 2) as mux:
+            report = await incoming.receive(StreamChannel(mux.sub(0)), ram_link=mux.sub(1))
+            with contextlib.suppress(FerryError):
+                await report_exchange.serve_report(mux.sub(0), report)
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(agent_wait_s):
             await incoming.agent_ready.wait()

@@ -44,6 +44,15 @@ class SourceReport:
     state_bytes: int = 0
     flush_bytes: int = 0
     migration: MigrationReport | None = None
+    ram_path: str = "engine"
+    ram_stream_bytes: int = 0
+    """Bytes of QEMU's migration stream (guest RAM and device state) on the link."""
+    memory_bytes: int = 0
+    """The guest's RAM size (what the stream moved)."""
+    qemu_downtime_ms: float | None = None
+    """QEMU's own downtime figure for its stream (source's view)."""
+    downtime_limit_raised_to_ms: int | None = None
+    """Set when QEMU's precopy did not converge in time and its limit was raised."""
 
     @property
     def downtime_source_view_ms(self) -> float | None:
@@ -55,7 +64,10 @@ class SourceReport:
         return {"vm": self.vm, "outcome": self.outcome, "error": self.error,
                 "handed_off": self.handed_off, "timeline": self.timeline.to_json(),
                 "before_suspend_ms": self.before_suspend_ms, "state_bytes": self.state_bytes,
-                "flush_bytes": self.flush_bytes,
+                "flush_bytes": self.flush_bytes, "ram_path": self.ram_path,
+                "ram_stream_bytes": self.ram_stream_bytes,
+                "qemu_downtime_ms": self.qemu_downtime_ms,
+                "downtime_limit_raised_to_ms": self.downtime_limit_raised_to_ms,
                 "downtime_source_view_ms": self.downtime_source_view_ms,
                 "migration": None if self.migration is None else self.migration.to_json()}
 
@@ -82,6 +94,7 @@ class DestinationReport:
     state_load_ram_read_bytes: int = 0
     cont_ram_reads: int = 0               # FUSE reads of guest RAM between cont and RESUME
     cont_ram_read_bytes: int = 0
+    ram_stream_bytes: int = 0             # QEMU's stream (RAM, device state) received
     receive: ReceiveReport | None = None
 
     @property

@@ -34,10 +34,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from ferry.aio import cancel_and_wait
 from ferry.errors import MigrationError
 from ferry.guest.agent import AgentClient, AgentError
 from ferry.live import payload as wire
 from ferry.live.errors import LiveMigrationError
+from ferry.live.rampath import RamPath
 from ferry.live.report import SourceReport
 from ferry.live.timeline import Mark, Timeline
 from ferry.migration.channel import Channel
@@ -45,7 +47,9 @@ from ferry.migration.policy import DirtyPolicy, Mode
 from ferry.migration.source import MigrationHooks, Migrator
 from ferry.qemu import DeviceStateStats, QemuVM, VMError, devstate
 from ferry.qemu.qmp import QMPError
+from ferry.qemu.ramstream import RamOut
 from ferry.storage.providers.memory import MemoryDevice
+from ferry.transport.base import Stream
 from ferry.vm.devices import VMDevices, wire_order
 
 log = logging.getLogger(__name__)
@@ -65,9 +69,13 @@ block at the suspend point costs post-copy fetches, not downtime."""
 
 @dataclass(frozen=True, slots=True)
 class LiveOptions:
-    """Settings of one live migration (both sides must agree on ``mode``)."""
+    """Settings of one live migration (both sides must agree on ``mode`` and ``ram``)."""
 
     mode: Mode = Mode.HYBRID
+    ram: RamPath = RamPath.QEMU
+    """How guest RAM moves (:class:`RamPath`); ``mode`` then applies to the disks."""
+    downtime_limit_ms: int = 20
+    """QEMU's ``downtime-limit`` when RAM goes in its stream."""
     policy: DirtyPolicy = field(default_factory=lambda: FAST_POLICY)
     agent_hooks: bool = True
     agent_timeout_s: float = 10.0
@@ -130,20 +138,34 @@ async def migrate_out(
     agent: AgentClient | None = None,
     options: LiveOptions = DEFAULT_OPTIONS,
     on_handed_off: Callable[[], Awaitable[None]] | None = None,
+    ram_link: Stream | None = None,
 ) -> SourceReport:
     """Move the running ``vm`` to the receiver at the other end of ``channel``.
+
+    With ``options.ram`` QEMU, guest RAM goes in QEMU's own stream over
+    ``ram_link`` (the link's second substream) and the migrator moves the disks.
 
     Returns when post-copy has completed and the destination verified every
     block. Raises :class:`LiveMigrationError`: with ``handed_off`` False the VM
     still runs here; with True it runs on the destination.
     """
-    report = SourceReport(vm=vm.name)
+    report = SourceReport(vm=vm.name, ram_path=options.ram.value,
+                          memory_bytes=vm.config.memory_bytes)
     t = report.timeline
     state_bytes = b""
     vlog = log.getChild(vm.name)
+    qemu_ram = options.ram is RamPath.QEMU
+    if qemu_ram and ram_link is None:
+        raise LiveMigrationError("RAM in QEMU's stream needs a link for it", vm=vm.name,
+                                 handed_off=False)
+    if not qemu_ram and devices.memory is None:
+        raise LiveMigrationError("guest RAM is private to QEMU here: it can only move in "
+                                 "QEMU's stream (--ram qemu)", vm=vm.name, handed_off=False)
+    ram_out: asyncio.Task[RamOut] | None = None
 
     async def before_scan() -> None:
-        await vm.flush_memory()
+        if not qemu_ram:
+            await vm.flush_memory()
 
     async def save_state() -> DeviceStateStats:
         nonlocal state_bytes
@@ -157,6 +179,9 @@ async def migrate_out(
         if agent is not None and options.agent_hooks:
             await agent.before_suspend(options.agent_timeout_s)
             report.before_suspend_ms = (time.monotonic() - suspend_at) * 1e3
+        if qemu_ram:
+            await switch_over()
+            return
         # Flush while the guest still runs, so the flush inside the downtime only
         # carries what the guest dirtied in the last few milliseconds.
         await vm.flush_memory()
@@ -173,18 +198,61 @@ async def migrate_out(
         stats = save.result()
         report.state_bytes = stats.state_bytes
 
+    async def switch_over() -> None:
+        # QEMU pauses the guest itself once its precopy converged (its block layer is
+        # drained then); the disks' final dirty blocks go out after this hook, while
+        # QEMU sends its last pages and the device state.
+        assert ram_out is not None
+        out = await ram_out
+        paused_at = await out.wait_switchover()
+        t.mark_at(Mark.PAUSE, paused_at)
+        t.mark_at(Mark.PAUSED, paused_at)
+        report.downtime_limit_raised_to_ms = out.downtime_limit_raised_to_ms
+        await out.switch_over()
+        t.mark(Mark.SUSPENDED)
+
+    async def start_ram() -> RamOut:
+        assert ram_link is not None
+        return await RamOut.start(vm, ram_link, downtime_limit_ms=options.downtime_limit_ms)
+
     async def handoff_payload() -> bytes:
         t.mark(Mark.DIRTY_ACKED)
         return wire.encode(wire.HandoffPayload(vm.name, state_bytes, prefetch))
 
+    ram_stopped = False
+
+    async def stop_ram() -> None:
+        """Before the hand-off: end QEMU's migration, so the guest runs on here."""
+        nonlocal ram_stopped
+        if ram_out is None or ram_stopped:
+            return
+        ram_stopped = True
+        if ram_out.done() and not ram_out.cancelled() and ram_out.exception() is None:
+            await ram_out.result().cancel()
+        else:
+            await cancel_and_wait(ram_out, swallow_errors=True)
+        await vm.refresh_state()
+
     async def resume() -> None:
         vlog.warning("migration failed before the hand-off: resuming the VM here")
+        await stop_ram()
         await vm.resume()
         if agent is not None and options.agent_hooks:
             with contextlib.suppress(AgentError, TimeoutError):
                 await agent.after_resume(options.agent_timeout_s, check=False)
 
     async def leave() -> None:
+        if ram_out is not None:
+            # The destination runs, so QEMU's stream is complete here: take its figures
+            # before QEMU quits.
+            out = ram_out.result()
+            try:
+                info = await out.wait_completed()
+                downtime = info.get("downtime")
+                report.qemu_downtime_ms = float(downtime) if downtime is not None else None
+            except (VMError, QMPError) as exc:
+                vlog.warning("no figures from QEMU's finished migration: %s", exc)
+            report.ram_stream_bytes = out.bytes_sent
         vlog.info("hand-off acknowledged; stopping the source QEMU")
         await vm.stop()
         if on_handed_off is not None:
@@ -202,22 +270,38 @@ async def migrate_out(
         report.handed_off = True
         leaving.create_task(leave(), name=f"leave {vm.name}")
 
-    prefetch = await ring_windows(vm)
+    prefetch = () if qemu_ram else await ring_windows(vm)
+    moved = [d for d in wire_order(devices) if not (qemu_ram and d is devices.memory)]
     migrator = Migrator(
-        [d.source_device() for d in wire_order(devices)], channel, policy=options.policy,
+        [d.source_device() for d in moved], channel, policy=options.policy,
         mode=options.mode, concurrency=options.concurrency,
         max_run_blocks=options.max_run_blocks,
         hooks=MigrationHooks(before_dirty_scan=before_scan, suspend=suspend, resume=resume,
                              handoff_payload=handoff_payload, after_handoff=after_handoff))
     failure: BaseException | None = None
+    if qemu_ram:
+        ram_out = asyncio.create_task(start_ram(), name=f"ram-start {vm.name}")
+    succeeded = False
     try:
         async with leaving:
             try:
                 await migrator.run()
-            except (MigrationError, VMError, AgentError) as exc:
+                succeeded = True
+            except (MigrationError, VMError, AgentError, QMPError) as exc:
                 failure = exc  # but let a source QEMU that is being stopped finish stopping
-    except* (MigrationError, VMError, AgentError) as group:
+    except* (MigrationError, VMError, AgentError, QMPError) as group:
         failure = failure or group.exceptions[0]
+    finally:
+        if ram_out is not None:
+            if not succeeded and not migrator.handed_off:
+                # Failed or cancelled before the hand-off (perhaps before the suspend
+                # point, with QEMU's precopy still running): the guest stays here.
+                with contextlib.suppress(VMError, QMPError):
+                    await stop_ram()
+            if ram_out.done() and not ram_out.cancelled() and ram_out.exception() is None:
+                await ram_out.result().aclose()
+            else:
+                await cancel_and_wait(ram_out, swallow_errors=True)
     report.migration = migrator.report
     if failure is not None:
         report.outcome = "failed"

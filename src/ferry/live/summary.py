@@ -41,6 +41,9 @@ MAX_DEVICES = MAX_ITEMS
 """A VM has a memory device, a state device and at most 16 disks (as in its reports)."""
 MAX_PHASES = 16
 """Entries of a device's ``bytes_by_phase``: one per migration phase (there are 7)."""
+MEMORY_DEVICE = "memory"
+QEMU_STREAM_PHASE = "qemu_stream"
+"""The ``bytes_by_phase`` entry of guest RAM that went in QEMU's own stream."""
 MAX_STEPS = 16
 """Entries of ``downtime_steps_ms``: the downtime's steps and overlapped parts (8 today)."""
 
@@ -108,15 +111,20 @@ class MigrationSummary:
         mig = source.migration
         if mig is None:
             return summary
+        devices = {d.name: DeviceSummary(d.size_bytes, dict(d.bytes_by_phase), d.zero_blocks,
+                                         d.postcopy_fetches) for d in mig.devices}
+        if source.ram_stream_bytes:
+            # Guest RAM went in QEMU's stream, not through the migrator.
+            devices[MEMORY_DEVICE] = DeviceSummary(
+                source.memory_bytes, {QEMU_STREAM_PHASE: source.ram_stream_bytes}, 0, 0)
         return dataclasses.replace(
             summary, mode=Mode(mig.mode), total_s=mig.total_s, precopy_s=mig.precopy_s,
             postcopy_s=mig.postcopy_s, cycles=mig.cycles,
             stop_reason=None if mig.stop_reason is None else StopReason(mig.stop_reason),
             postcopy_fetches=mig.postcopy_fetches,
-            bytes_total=sum(d.bytes_total for d in mig.devices),
-            wire_bytes=sum(d.wire_bytes for d in mig.devices),
-            devices={d.name: DeviceSummary(d.size_bytes, dict(d.bytes_by_phase), d.zero_blocks,
-                                           d.postcopy_fetches) for d in mig.devices})
+            bytes_total=sum(d.bytes_total for d in mig.devices) + source.ram_stream_bytes,
+            wire_bytes=sum(d.wire_bytes for d in mig.devices) + source.ram_stream_bytes,
+            devices=devices)
 
     def to_json(self) -> dict[str, Any]:
         """Keys: vm, outcome, handed_off, mode, the ``downtime_*`` figures and ``clock``

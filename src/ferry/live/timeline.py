@@ -10,7 +10,8 @@ measured (:mod:`ferry.live.clock`, :mod:`ferry.live.downtime`).
 Source marks, in order::
 
     SUSPEND           suspend hook entered (the agent's before-suspend hooks run, guest runs)
-    PAUSE             QMP stop sent: the downtime starts
+    PAUSE             QMP stop sent: the downtime starts (RAM in QEMU's stream: QEMU's
+                      STOP event at its switch-over, the guest paused by QEMU itself)
     PAUSED            QMP stop answered
     FLUSHED           final flush of guest RAM done      } overlapped
     STATE_SAVED       device state saved (QMP migrate)   }
@@ -83,6 +84,11 @@ class Timeline:
         now = self.clock()
         self._marks[mark] = now
         return now
+
+    def mark_at(self, mark: Mark, when: float) -> None:
+        """Record ``mark`` at ``when`` (on this side's clock), seen after the fact."""
+        self._check(mark)
+        self._marks[mark] = when
 
     def at(self, mark: Mark) -> float | None:
         """When ``mark`` was recorded, on this side's clock (None if it was not)."""

@@ -134,7 +134,8 @@ async def arrive(request: ArrivalRequest, *,
                 incoming = await stack.enter_async_context(receive.incoming_vm(
                     offer.manifest, boot_dir, vm_id=vm_id, work_dir=holder.run_dir,
                     tap=net.tap_name, wrap_argv=net.wrap_argv,
-                    precopy_only=request.precopy_only, sandbox=request.host.qemu_sandbox))
+                    precopy_only=request.precopy_only, sandbox=request.host.qemu_sandbox,
+                    ram=offer.ram))
             except FerryError as exc:
                 await receive.refuse(stream, exc)
                 raise

@@ -14,7 +14,8 @@ reads one reply line (UTF-8 JSON, ``\\n``-terminated, at most
     → {"op": "stop", "mode": "discard" | "suspend"}
     ← {"ok": true, "op": "stop", "mode": "suspend", "state_bytes": 72226, ...}
                                          (after the VM, its run dir and network are gone)
-    → {"op": "migrate", "to": [HOST, PORT], "access": {...}, "precopy_only": false}
+    → {"op": "migrate", "to": [HOST, PORT], "access": {...}, "precopy_only": false,
+       "ram": "qemu" | "engine"}
     → {"op": "migrate", "package": FILE, "key": KEYFILE | null, "overwrite": false}
     ← {"ok": true, "op": "migrate", "summary": {...}, "source": {...}, "destination": {...}}
     ← {"ok": true, "op": "export", "package": FILE, "key_id": ..., "state_bytes": ...}
@@ -47,6 +48,7 @@ from ferry.errors import ConfigError
 from ferry.guest.agent import ExecResult
 from ferry.live.access import Access
 from ferry.live.errors import LiveMigrationError, MalformedSummaryError
+from ferry.live.rampath import RamPath
 from ferry.live.summary import MigrationSummary
 from ferry.node.record import HolderState
 from ferry.vm.errors import ControlError, VMNotFoundError
@@ -135,6 +137,8 @@ class MigrateRequest:
     package: Path | None = None
     key: Path | None = None
     overwrite: bool = False
+    ram: RamPath = RamPath.QEMU
+    """How guest RAM moves (a live migration only)."""
 
     def __post_init__(self) -> None:
         if (self.to is None) == (self.package is None):
@@ -313,7 +317,7 @@ def encode_request(req: Request) -> bytes:
         case MigrateRequest():
             return _dump({"op": req.op.value, "to": None if req.to is None else list(req.to),
                           "access": None if req.access is None else req.access.to_json(),
-                          "precopy_only": req.precopy_only,
+                          "precopy_only": req.precopy_only, "ram": req.ram.value,
                           "package": None if req.package is None else str(req.package),
                           "key": None if req.key is None else str(req.key),
                           "overwrite": req.overwrite})
@@ -349,8 +353,14 @@ def decode_request(line: bytes) -> Request:
                 parsed_access = None if access is None else Access.from_json(access)
             except (ConfigError, KeyError, TypeError) as exc:
                 raise ControlProtocolError(f"bad access: {exc}") from exc
+            ram = _get(d, "ram", str, RamPath.QEMU.value)
+            try:
+                ram_path = RamPath(ram)
+            except ValueError as exc:
+                raise ControlProtocolError(f"bad ram path {ram!r:.40}") from exc
             return MigrateRequest(to=None if to is None else _address(to), access=parsed_access,
                                   precopy_only=_get(d, "precopy_only", bool, False),
+                                  ram=ram_path,
                                   package=None if package is None else Path(package),
                                   key=None if key is None else Path(key),
                                   overwrite=_get(d, "overwrite", bool, False))

@@ -119,6 +119,6 @@ class Outgoing:
 
         host, port = req.to
         moved = await self._migrate(m, host, port, access=req.access,
-                                    options=options_for(req.precopy_only),
+                                    options=options_for(req.precopy_only, req.ram),
                                     on_handed_off=handed_off)
         return MigrateReply(moved.summary, moved.source, moved.destination)

@@ -10,6 +10,7 @@ backed by a file or an NBD export on a UNIX socket.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,16 @@ class TapNet:
 
 NetSpec = UserNet | TapNet
 
+
+class PrivateRam(enum.Enum):
+    """Guest RAM that only QEMU holds (it arrives in QEMU's own migration stream)."""
+
+    ANONYMOUS = "memory-backend-ram"
+    """Process-private memory: the fastest to load a migration stream into."""
+    MEMFD = "memory-backend-memfd"
+    """A shared memfd (``share=on``): ``x-ignore-shared`` leaves it out of a device-state
+    save, and the host can read it through ``/proc/PID/fd``."""
+
 USER_NET_GUEST_IP = "10.0.2.15/24"
 USER_NET_GATEWAY = "10.0.2.2"
 
@@ -108,6 +119,9 @@ class QemuConfig:
     memory_mib: int
     cmdline: str
     memory_path: Path | None = None
+    private_ram: PrivateRam | None = None
+    """Without ``memory_path``: guest RAM in a named QEMU backend (id ``mem``, the name a
+    migration stream from a ``memory_path`` VM carries), or None for plain ``-m``."""
     disks: Sequence[DiskSpec] = ()
     serial: SerialSpec | None = None
     qmp_socket: Path | None = None
@@ -145,6 +159,7 @@ def qemu_argv(
     memory_mib: int,
     cmdline: str,
     memory_path: Path | None = None,
+    private_ram: PrivateRam | None = None,
     disks: Sequence[DiskSpec] = (),
     serial: SerialSpec | None = None,
     qmp_socket: Path | None = None,
@@ -163,7 +178,8 @@ def qemu_argv(
     except ValueError as exc:
         raise ConfigError(f"unknown accelerator {accel!r}") from exc
     config = QemuConfig(
-        memory_mib=memory_mib, cmdline=cmdline, memory_path=memory_path, disks=tuple(disks),
+        memory_mib=memory_mib, cmdline=cmdline, memory_path=memory_path,
+        private_ram=private_ram, disks=tuple(disks),
         serial=serial, qmp_socket=qmp_socket, accel=accel, cpu_model=cpu_model, vcpus=vcpus,
         incoming=incoming, agent=agent, net=net, sandbox=sandbox, extra_args=tuple(extra_args),
     )
@@ -180,6 +196,11 @@ def argv_for(kernel: Path, initramfs: Path, config: QemuConfig) -> list[str]:
     if config.memory_path is not None:
         argv += ["-object", f"memory-backend-file,id=mem,size={config.memory_mib}M,"
                             f"mem-path={_opt(config.memory_path)},share=on"]
+        machine += ",memory-backend=mem"
+    elif config.private_ram is not None:
+        shared = ",share=on" if config.private_ram is PrivateRam.MEMFD else ""
+        argv += ["-object", f"{config.private_ram.value},id=mem,size={config.memory_mib}M"
+                            f"{shared}"]
         machine += ",memory-backend=mem"
     argv += ["-M", machine, "-kernel", str(kernel), "-initrd", str(initramfs),
              "-append", config.cmdline]

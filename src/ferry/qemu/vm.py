@@ -48,6 +48,7 @@ from ferry.qemu.accel import choose_accel
 from ferry.qemu.argv import (
     AgentChannel,
     NbdDisk,
+    PrivateRam,
     SerialToFile,
     host_tsc_khz,
     kernel_cmdline,
@@ -90,10 +91,15 @@ class _Generation:
 class QemuVM:
     """A QEMU process (or a sequence of them) on ferry-served RAM and disks."""
 
-    def __init__(self, config: VMConfig, *, work_dir: Path, memory: Device,
+    def __init__(self, config: VMConfig, *, work_dir: Path, memory: Device | PrivateRam,
                  disks: Mapping[str, Device] | None = None, name: str = "vm",
                  wrap_argv: Callable[[Sequence[str]], list[str]] | None = None) -> None:
-        if memory.size_bytes != config.memory_bytes:
+        """``memory``: the device guest RAM is served from (a FUSE file QEMU maps), or a
+        :class:`PrivateRam` kind: RAM only QEMU holds, which arrives in QEMU's own
+        migration stream (:mod:`ferry.qemu.ramstream`)."""
+        if isinstance(memory, PrivateRam):
+            pass
+        elif memory.size_bytes != config.memory_bytes:
             raise ConfigError(f"memory device has {memory.size_bytes} bytes, the VM "
                               f"needs {config.memory_bytes} ({config.memory_mib} MiB)")
         self.config = config
@@ -165,8 +171,14 @@ class QemuVM:
     @property
     def mount(self) -> FuseMount:
         if self._mount is None:
-            raise VMStateError("the VM context is not entered", vm=self.name)
+            raise VMStateError("the VM context is not entered, or its RAM is not a "
+                               "ferry memory file", vm=self.name)
         return self._mount
+
+    @property
+    def private_ram(self) -> PrivateRam | None:
+        """The kind of RAM only QEMU holds; None when RAM is a ferry memory file."""
+        return self._memory if isinstance(self._memory, PrivateRam) else None
 
     async def wait_crashed(self) -> VMExitedError:
         """Wait until QEMU exits by itself (not through :meth:`stop` or a hand-off);
@@ -185,9 +197,10 @@ class QemuVM:
                              "VMConfig.sandbox, from FERRY_QEMU_SANDBOX=off)")
         try:
             await asyncio.to_thread(self.work_dir.mkdir, parents=True, exist_ok=True)
-            await asyncio.to_thread((self.work_dir / "mnt").mkdir, exist_ok=True)
-            self._mount = await self._stack.enter_async_context(
-                FuseMount(self.work_dir / "mnt", {MEMORY_FILE: self._memory}))
+            if not isinstance(self._memory, PrivateRam):
+                await asyncio.to_thread((self.work_dir / "mnt").mkdir, exist_ok=True)
+                self._mount = await self._stack.enter_async_context(
+                    FuseMount(self.work_dir / "mnt", {MEMORY_FILE: self._memory}))
             if self._disks:
                 server = NBDServer({n: Export(d) for n, d in self._disks.items()})
                 await self._stack.enter_async_context(server.serve_unix(self.nbd_socket))
@@ -228,13 +241,15 @@ class QemuVM:
     async def start_incoming(self) -> float:
         """Spawn QEMU with ``-incoming defer -S`` on the same memory and disks.
 
+        With a ferry memory file RAM is already there (``x-ignore-shared``: the
+        stream carries device state only); with private RAM the stream carries RAM too.
         Returns seconds from spawn until QMP was ready for ``migrate-incoming``.
         """
         self._require(CAN_SPAWN, "start an incoming QEMU")
         await self._spawn(incoming=True)
         self._state = VMState.INCOMING
         await self._call("migrate-set-capabilities", {"capabilities": [
-            {"capability": "x-ignore-shared", "state": True}]})
+            {"capability": "x-ignore-shared", "state": self.private_ram is None}]})
         assert self._gen is not None
         return time.monotonic() - self._gen.spawned_at
 
@@ -254,6 +269,36 @@ class QemuVM:
             await self._guard(self.qmp.wait_event("RESUME", since=mark,
                                                   timeout_s=self.config.qmp_timeout_s))
             self._state = VMState.RUNNING
+
+    def note_paused(self) -> None:
+        """QEMU paused the guest itself (a migration reached its switch-over)."""
+        if self._state is VMState.RUNNING:
+            self._state = VMState.PAUSED
+
+    def private_ram_file(self) -> Path:
+        """Where the host can read guest RAM held in a shared memfd (``/proc/PID/fd/N``).
+
+        Raises VMStateError for anonymous RAM (only QEMU's own migration can read it)."""
+        if self.private_ram is not PrivateRam.MEMFD or self.pid is None:
+            raise VMStateError("guest RAM is private to QEMU and cannot be read from here "
+                               "(only a memfd-backed RAM can)", vm=self.name)
+        fds = Path(f"/proc/{self.pid}/fd")
+        for fd in fds.iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd).startswith("/memfd:mem "):
+                    return fd
+        raise VMStateError(f"no guest-RAM memfd among QEMU's descriptors ({fds})", vm=self.name)
+
+    async def refresh_state(self) -> None:
+        """Take the run state from QEMU (after QEMU paused or resumed the guest itself)."""
+        self._require({VMState.RUNNING, VMState.PAUSED}, "query its state")
+        self._state = VMState.RUNNING if await self.query_status() == "running" \
+            else VMState.PAUSED
+
+    def note_loaded(self) -> None:
+        """An incoming migration completed: the guest is loaded and paused (``-S``)."""
+        self._require({VMState.INCOMING}, "finish an incoming migration")
+        self._state = VMState.PAUSED
 
     async def query_status(self) -> str:
         """QEMU's run state (``running``, ``paused``, ``postmigrate``, ``inmigrate`` ...)."""
@@ -275,9 +320,12 @@ class QemuVM:
         ``postmigrate``): :meth:`resume` continues it here, :meth:`stop` ends it.
         """
         self._require({VMState.RUNNING, VMState.PAUSED}, "save device state")
+        if self.private_ram is PrivateRam.ANONYMOUS:
+            raise DeviceStateError("guest RAM is private to QEMU: a device-state save "
+                                   "would carry all of it", vm=self.name)
         started = time.monotonic()
         await self.pause()
-        flushed = await self.flush_memory() if flush else None
+        flushed = await self.flush_memory() if flush and self._mount is not None else None
         await self._call("migrate-set-capabilities", {"capabilities": [
             {"capability": "x-ignore-shared", "state": True}]})
         sock = self.work_dir / "migrate-out.sock"
@@ -376,7 +424,8 @@ class QemuVM:
             extra.append("-S")
         return qemu_argv(
             cfg.kernel, cfg.initramfs, memory_mib=cfg.memory_mib, cmdline=cmdline,
-            memory_path=self.memory_path, disks=disks,
+            memory_path=None if self.private_ram else self.memory_path,
+            private_ram=self.private_ram, disks=disks,
             serial=SerialToFile(self.work_dir / f"console.{generation}.log"),
             qmp_socket=self.qmp_socket, accel=self.accel, cpu_model=cfg.cpu_model,
             vcpus=cfg.vcpus, incoming="defer" if incoming else None, net=cfg.net,

@@ -65,13 +65,16 @@ class LiveDevice:
 
 @dataclass(slots=True)
 class VMDevices:
-    """Guest RAM and the disks (first one is the root disk)."""
+    """Guest RAM and the disks (first one is the root disk).
 
-    memory: LiveDevice
+    ``memory`` is None where guest RAM is private to QEMU (it arrived in
+    QEMU's own migration stream, :mod:`ferry.qemu.ramstream`)."""
+
+    memory: LiveDevice | None
     disks: dict[str, LiveDevice] = field(default_factory=dict)
 
     def all(self) -> list[LiveDevice]:
-        return [self.memory, *self.disks.values()]
+        return [*([self.memory] if self.memory is not None else []), *self.disks.values()]
 
     def vm_disks(self) -> dict[str, Device]:
         """What :class:`~ferry.qemu.QemuVM` takes as ``disks``."""
@@ -99,15 +102,16 @@ def incoming_device(info: DeviceInfo, backing: Backing) -> LiveDevice:
     return LiveDevice(info.name, stack, local, remote)
 
 
-def incoming_devices(infos: Sequence[DeviceInfo], backing: Backing,
-                     vm: str) -> tuple[VMDevices, list[DestinationDevice]]:
-    """The destination's stacks for the source's Hello, in the Hello's order."""
+def incoming_devices(infos: Sequence[DeviceInfo], backing: Backing, vm: str, *,
+                     with_memory: bool = True) -> tuple[VMDevices, list[DestinationDevice]]:
+    """The destination's stacks for the source's Hello, in the Hello's order (the memory
+    device only ``with_memory``: else RAM comes in QEMU's stream)."""
     made = [incoming_device(i, backing) for i in infos]
     memory = [d for d in made if d.name == MEMORY]
     disks = {d.name[len(DISK_PREFIX):]: d for d in made if d.name.startswith(DISK_PREFIX)}
-    if len(memory) != 1 or len(memory) + len(disks) != len(made):
+    if len(memory) != int(with_memory) or len(memory) + len(disks) != len(made):
         raise DeviceSetError(f"unexpected device set {[i.name for i in infos]}", vm=vm)
-    devices = VMDevices(memory[0], disks)
+    devices = VMDevices(memory[0] if memory else None, disks)
     dest: list[DestinationDevice] = []
     for d in made:
         assert d.waiting_remote is not None

@@ -316,6 +316,7 @@ async def run_vm(
                 # Dirty-tracked stacks over the overlays, so the VM can be live-migrated
                 # out (ferry.live.outgoing); the overlays stay what the callbacks close.
                 live = local_devices(memory, disks)
+                assert live.memory is not None
                 config = machine_config(manifest, package.directory / manifest.kernel,
                                         package.directory / manifest.initramfs,
                                         tap=net.tap_name, sandbox=sandbox, vm=vm_id)

@@ -15,6 +15,7 @@ from ferry.errors import DeadlineError, RemoteProtocolError
 from ferry.live import launch
 from ferry.live.bootcache import BootCache, BootCacheFullError
 from ferry.live.errors import RefusedError
+from ferry.live.rampath import RamPath
 from ferry.testing.live import HOSTILE_OFFERS, INITRAMFS, KERNEL, frame, sample_offer
 from ferry.transport.base import Stream
 from ferry.transport.memory import memory_stream_pair
@@ -171,4 +172,15 @@ def test_deeply_nested_json_is_a_protocol_error() -> None:
 def test_offer_round_trip() -> None:
     offer = launch.Offer.from_json(sample_offer())
     assert launch.Offer.from_json(offer.to_json()) == offer
+    assert offer.ram is RamPath.ENGINE  # an offer without "ram" (an older source)
+    qemu = launch.Offer.from_json({**sample_offer(), "ram": "qemu"})
+    assert qemu.ram is RamPath.QEMU
+    assert launch.Offer.from_json(qemu.to_json()) == qemu
     assert os.sep not in offer.boot_file("kernel").sha256
+
+
+@pytest.mark.parametrize("changes", [{"ram": "ramdisk"}, {"ram": 3},
+                                     {"ram": "qemu", "origin": "registry"}])
+def test_an_offer_s_ram_path_is_checked(changes: dict[str, object]) -> None:
+    with pytest.raises(RemoteProtocolError):
+        launch.Offer.from_json({**sample_offer(), **changes})

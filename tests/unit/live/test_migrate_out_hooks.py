@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import pytest
 from ferry.errors import FerryError
 from ferry.live import payload as wire
 from ferry.live.errors import LiveMigrationError
+from ferry.live.rampath import RamPath
 from ferry.live.source import LiveOptions, migrate_out
 from ferry.live.timeline import Mark
 from ferry.migration.channel import memory_channel_pair
@@ -32,7 +34,8 @@ from ferry.vm.devices import local_devices
 BS = 4096
 STATE = b"QEVM" + bytes(range(200))
 OPTIONS = LiveOptions(policy=DirtyPolicy(max_dirty_blocks=4, min_cycles_below=1, max_cycles=3,
-                                         cycle_throttle_s=0.0), agent_hooks=False)
+                                         cycle_throttle_s=0.0), agent_hooks=False,
+                      ram=RamPath.ENGINE)
 
 
 @dataclass
@@ -165,3 +168,18 @@ async def test_stopping_qemu_does_not_hold_back_post_copy() -> None:
     assert vm.stopped_at is not None
     assert dest.completed_at < vm.stopped_at  # every device verified while QEMU still stopped
     assert calls[-1] == "on_handed_off"  # ... and migrate_out waited for the stop to finish
+
+
+async def test_ram_paths_are_refused_where_they_cannot_work() -> None:
+    """RAM in QEMU's stream needs a link for it; RAM private to QEMU cannot go as a device."""
+    a, _ = memory_channel_pair()
+    vm = FakeVM([])
+    devices = local_devices(MemoryDevice(256 * 1024, name="memory"), block_size_bytes=BS)
+    qemu_ram = dataclasses.replace(OPTIONS, ram=RamPath.QEMU)
+    with pytest.raises(LiveMigrationError, match="needs a link") as info:
+        await migrate_out(vm, devices, a, options=qemu_ram)  # type: ignore[arg-type]
+    assert not info.value.handed_off
+    devices.memory = None
+    with pytest.raises(LiveMigrationError, match="private to QEMU"):
+        await migrate_out(vm, devices, a, options=OPTIONS)  # type: ignore[arg-type]
+    assert vm.calls == []  # nothing touched the VM

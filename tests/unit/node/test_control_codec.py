@@ -12,6 +12,7 @@ import pytest
 from ferry.live.access import Access
 from ferry.live.clock import ClockFigures
 from ferry.live.downtime import Downtime
+from ferry.live.rampath import RamPath
 from ferry.live.summary import DeviceSummary, MigrationSummary
 from ferry.migration.policy import Mode, StopReason
 from ferry.node import control
@@ -28,6 +29,7 @@ REQUESTS: list[control.Request] = [
     control.MigrateRequest(to=("10.0.0.2", 7521), access=Access(token="ab" * 32),
                            precopy_only=True),
     control.MigrateRequest(to=("::1", 7521), access=Access(insecure=True)),
+    control.MigrateRequest(to=("::1", 7521), access=Access(insecure=True), ram=RamPath.ENGINE),
     control.MigrateRequest(package=Path("/tmp/x.ferry"), key=Path("/k"), overwrite=True),
     control.MigrateCancelRequest(),
 ]

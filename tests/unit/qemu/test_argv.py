@@ -9,6 +9,7 @@ from ferry.qemu.argv import (
     AgentChannel,
     FileDisk,
     NbdDisk,
+    PrivateRam,
     SerialToFile,
     SerialToSocket,
     TapNet,
@@ -38,6 +39,17 @@ def test_plain_ram_tcg_defaults() -> None:
     assert "-incoming" not in argv
     assert "-qmp" not in argv
     assert not any("memory-backend-file" in a for a in argv)
+
+
+@pytest.mark.parametrize(("ram", "obj"), [
+    (PrivateRam.ANONYMOUS, "memory-backend-ram,id=mem,size=256M"),
+    (PrivateRam.MEMFD, "memory-backend-memfd,id=mem,size=256M,share=on"),
+])
+def test_private_ram_keeps_the_backend_name_a_migration_stream_carries(
+        ram: PrivateRam, obj: str) -> None:
+    argv = qemu_argv(K, INITRD, memory_mib=256, cmdline="", private_ram=ram)
+    assert _pairs(argv, "-M") == ["microvm,memory-backend=mem"]
+    assert _pairs(argv, "-object")[0] == obj
 
 
 def test_memory_file_is_shared_backend() -> None:
