@@ -127,15 +127,18 @@ def assert_hop(reply: dict[str, Any], command_s: float) -> None:
     assert dst["state_load_ram_reads"] == 0
 
 
+@pytest.mark.parametrize("ram", ["qemu", "engine"])
 async def test_redis_moves_under_writes_and_back_losing_nothing(
-        site: Site, redis_package: Path) -> None:
+        site: Site, redis_package: Path, ram: str) -> None:
+    """Both ways RAM can move: QEMU's stream (the default) and ferry's device engine."""
     hops = await run_redis_hops(site, redis_package, ["upa", "upb", "upa"], vm="up-r1",
                                 migrate_port=MIGRATE_PORT, writes_between=30,
-                                client_host="upc")
+                                client_host="upc", migrate_extra=("--ram", ram))
     assert hops.lost == []
     assert hops.acknowledged >= 90
     for hop in hops.hops:
         assert_hop(hop.reply, hop.command_s)
+        assert hop.reply["source"]["ram_path"] == ram
         assert hop.writes_during >= 30  # writes continued on the new host
         d = downtime(hop.summary)
         print(f"{hop.src}->{hop.dst}: downtime {d.corrected_ms} ms +-{d.uncertainty_ms} "

@@ -56,7 +56,6 @@ from ferry.migration.destination import DestinationDevice, Receiver
 from ferry.migration.policy import Mode
 from ferry.protocol.messages import DeviceInfo
 from ferry.qemu import MEMORY_FILE, QemuVM, VMConfig
-from ferry.qemu.argv import PrivateRam
 from ferry.qemu.ramstream import RAM_READY, RamIn
 from ferry.transport.base import Stream
 from ferry.vm.devices import Backing, VMDevices, incoming_devices, memory_backing
@@ -162,7 +161,8 @@ class IncomingVM:
             raise LiveMigrationError(str(exc), vm=None, handed_off=False, phase="precopy") from exc
         self._devices = devices
         self._stack.push_async_callback(devices.close)
-        memory = PrivateRam.ANONYMOUS if devices.memory is None else devices.memory.vm_handle
+        memory = self.options.private_ram if devices.memory is None \
+            else devices.memory.vm_handle
         vm = QemuVM(self.config, work_dir=self.work_dir, memory=memory,
                     disks=devices.vm_disks(), name=self.name, wrap_argv=self._wrap_argv)
         await self._stack.enter_async_context(vm)

@@ -45,6 +45,7 @@ from ferry.live.access import Access
 from ferry.live.clock import ClockOffset
 from ferry.live.errors import LiveMigrationError
 from ferry.live.rampath import RamPath
+from ferry.live.ramsink import ram_in_sink
 from ferry.live.report import DestinationReport, SourceReport
 from ferry.live.source import DEFAULT_OPTIONS, LiveOptions, migrate_out
 from ferry.live.summary import MigrationSummary
@@ -57,7 +58,7 @@ from ferry.storage.device import Device
 from ferry.transport.base import Stream
 from ferry.transport.mux import Mux
 from ferry.vm.devices import VMDevices
-from ferry.vm.manifest import STATE_PATH, DeviceEntry, VMManifest
+from ferry.vm.manifest import STATE_PATH, VMManifest
 from ferry.vm.snapshot import write_block_hashes
 
 log = logging.getLogger(__name__)
@@ -185,9 +186,20 @@ async def export_to_package(m: Movable, file: Path, *, key: Path | None = None,
             with contextlib.suppress(FerryError, TimeoutError):
                 await m.agent.before_suspend(30.0)
         paused = time.monotonic()
-        stats = await m.qemu.save_device_state(out / STATE_PATH)  # pauses and flushes
         try:
-            manifest = await _write_package_dir(m, out, stats.state_bytes)
+            if m.devices.memory is not None:
+                stats = await m.qemu.save_device_state(out / STATE_PATH)  # pauses, flushes
+                manifest = await _write_package_dir(m, out, stats.state_bytes,
+                                                    m.devices.memory.stack.remote)
+            else:
+                # RAM private to QEMU (it arrived in QEMU's stream): through a sink QEMU.
+                async with ram_in_sink(
+                        m.qemu, disks=m.devices.vm_disks(), work_dir=m.qemu.work_dir / "sink",
+                        namespace=None if m.network is None else m.network.namespace,
+                        wrap_argv=None if m.network is None else m.network.wrap_argv
+                ) as (sink, memory):
+                    stats = await sink.save_device_state(out / STATE_PATH)
+                    manifest = await _write_package_dir(m, out, stats.state_bytes, memory)
             info = await asyncio.to_thread(pkg.package_create, out, file, key_path=key,
                                            overwrite=overwrite)
         except BaseException:
@@ -202,24 +214,18 @@ async def export_to_package(m: Movable, file: Path, *, key: Path | None = None,
         await asyncio.to_thread(shutil.rmtree, work, True)
 
 
-async def _write_package_dir(m: Movable, out: Path, state_bytes: int) -> VMManifest:
+async def _write_package_dir(m: Movable, out: Path, state_bytes: int,
+                             memory: Device) -> VMManifest:
     manifest = dataclasses.replace(m.manifest, state_bytes=state_bytes)
     for name, src in launch.boot_files(m.manifest, m.boot_dir).items():
         rel = manifest.kernel if name == "kernel" else manifest.initramfs
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(shutil.copyfile, src, out / rel)
-    entries: list[tuple[DeviceEntry, Device | Path]] = []
-    if m.devices.memory is not None:
-        entries.append((manifest.memory, m.devices.memory.stack.remote))
-    else:  # RAM arrived in QEMU's stream: read it where QEMU keeps it (the guest is paused)
-        entries.append((manifest.memory, m.qemu.private_ram_file()))
+    entries = [(manifest.memory, memory)]
     for entry in manifest.disks:
         entries.append((entry, m.devices.disks[entry.name].stack.remote))
-    for entry, source in entries:
-        if isinstance(source, Path):
-            await asyncio.to_thread(_dump_file, source, out / entry.path, entry.size_bytes)
-        else:
-            await _dump(source, out / entry.path)
+    for entry, device in entries:
+        await _dump(device, out / entry.path)
         (out / entry.hashes_path).parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(write_block_hashes, out / entry.path, out / entry.hashes_path,
                                 entry.block_size_bytes)
@@ -236,19 +242,6 @@ async def _dump(device: Device, path: Path) -> None:
             data = bytes(await device.read_at(offset, min(EXPORT_CHUNK_BYTES, size - offset)))
             if data.count(0) != len(data):
                 await asyncio.to_thread(os.pwrite, f, data, offset)
-    finally:
-        os.close(f)
-
-
-def _dump_file(src: Path, path: Path, size_bytes: int) -> None:
-    """:func:`_dump` from a file (guest RAM held by QEMU)."""
-    f = _create_sparse(path, size_bytes)
-    try:
-        with open(src, "rb", buffering=0) as r:
-            for offset in range(0, size_bytes, EXPORT_CHUNK_BYTES):
-                data = os.pread(r.fileno(), min(EXPORT_CHUNK_BYTES, size_bytes - offset), offset)
-                if data.count(0) != len(data):
-                    os.pwrite(f, data, offset)
     finally:
         os.close(f)
 

@@ -46,6 +46,7 @@ from ferry.migration.channel import Channel
 from ferry.migration.policy import DirtyPolicy, Mode
 from ferry.migration.source import MigrationHooks, Migrator
 from ferry.qemu import DeviceStateStats, QemuVM, VMError, devstate
+from ferry.qemu.argv import PrivateRam
 from ferry.qemu.qmp import QMPError
 from ferry.qemu.ramstream import RamOut
 from ferry.storage.providers.memory import MemoryDevice
@@ -76,6 +77,10 @@ class LiveOptions:
     """How guest RAM moves (:class:`RamPath`); ``mode`` then applies to the disks."""
     downtime_limit_ms: int = 20
     """QEMU's ``downtime-limit`` when RAM goes in its stream."""
+    private_ram: PrivateRam = PrivateRam.ANONYMOUS
+    """Where the destination's QEMU keeps RAM that arrived in its stream. Anonymous
+    memory measured fastest; a shared memfd put 200-440 ms on some hops whose source
+    held one (docs/live-migration.md)."""
     policy: DirtyPolicy = field(default_factory=lambda: FAST_POLICY)
     agent_hooks: bool = True
     agent_timeout_s: float = 10.0

@@ -275,20 +275,6 @@ class QemuVM:
         if self._state is VMState.RUNNING:
             self._state = VMState.PAUSED
 
-    def private_ram_file(self) -> Path:
-        """Where the host can read guest RAM held in a shared memfd (``/proc/PID/fd/N``).
-
-        Raises VMStateError for anonymous RAM (only QEMU's own migration can read it)."""
-        if self.private_ram is not PrivateRam.MEMFD or self.pid is None:
-            raise VMStateError("guest RAM is private to QEMU and cannot be read from here "
-                               "(only a memfd-backed RAM can)", vm=self.name)
-        fds = Path(f"/proc/{self.pid}/fd")
-        for fd in fds.iterdir():
-            with contextlib.suppress(OSError):
-                if os.readlink(fd).startswith("/memfd:mem "):
-                    return fd
-        raise VMStateError(f"no guest-RAM memfd among QEMU's descriptors ({fds})", vm=self.name)
-
     async def refresh_state(self) -> None:
         """Take the run state from QEMU (after QEMU paused or resumed the guest itself)."""
         self._require({VMState.RUNNING, VMState.PAUSED}, "query its state")
@@ -363,6 +349,19 @@ class QemuVM:
         self.log.info("device state loaded: %d bytes in %.1f ms", len(data),
                       stats.migrate_s * 1e3)
         return stats
+
+    async def migrate_to(self, uri: str, *, what: str) -> None:
+        """Migrate the paused guest to ``uri`` (another QEMU on this host) and wait until
+        QEMU completed; the VM stays PAUSED (``postmigrate``): :meth:`resume` continues it."""
+        self._require({VMState.PAUSED}, what)
+        await self._call("migrate", {"uri": uri})
+        await self._wait_migration(what)
+
+    async def wait_incoming(self, what: str) -> None:
+        """Wait until an incoming migration (``migrate-incoming`` sent) completed."""
+        self._require({VMState.INCOMING}, what)
+        await self._wait_migration(what)
+        self._state = VMState.PAUSED
 
     async def stop(self) -> None:
         """End QEMU: QMP ``quit``, SIGKILL after ``stop_timeout_s``; always reaped.
