@@ -68,6 +68,7 @@ async def hop(src: VMDevices, *, seed: int) -> tuple[VMDevices, dict[str, bytes]
     async def on_handoff(payload: bytes) -> None:
         # The guest runs at the destination from here: write a whole block, which
         # must win over anything the source still sends for it.
+        assert made[0].memory is not None
         dev = made[0].memory.vm_handle
         await dev.write_at(0, b"\xee" * BS)
         at_handoff[MEMORY] = b"\xee" * BS + at_handoff[MEMORY][BS:]
@@ -94,6 +95,7 @@ async def test_a_vm_keeps_moving_and_nothing_is_lost() -> None:
     for seed in range(3):  # A -> B -> C -> D
         devices, expected = await hop(devices, seed=seed)
         assert await contents(devices) == expected
+        assert devices.memory is not None
         remote = devices.memory.waiting_remote
         assert remote is not None
         assert remote.missing() == []
