@@ -280,6 +280,7 @@ async def serve_fuse(args: argparse.Namespace) -> None:
     """Serve a memory device (ferry's local stack over a MemoryDevice) as ``MOUNT/memory``
     until stdin closes."""
     devices = local_devices(MemoryDevice(args.size, name=MEMORY))
+    assert devices.memory is not None
     loop = asyncio.get_running_loop()
     try:
         async with FuseMount(args.mount, {MEMORY: devices.memory.vm_handle}):
