@@ -275,7 +275,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--runs", type=int, default=6, help="hops, alternating A -> B, B -> A")
     p.add_argument("--mode", default="hybrid", choices=["hybrid", "precopy-only"])
-    p.add_argument("--ram", default="qemu", choices=["qemu", "engine"],
+    p.add_argument("--ram", default="auto", choices=["auto", "qemu", "engine"],
                    help="how ferry moves guest RAM (ferry vm migrate --ram)")
     p.add_argument("--no-qemu", dest="qemu", action="store_false",
                    help="skip the same-run baseline of QEMU's own migration")

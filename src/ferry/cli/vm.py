@@ -381,9 +381,11 @@ def _add_migration_parsers(vm: Any, add_common: AddCommon) -> None:
                     help="stop the VM into a signed package ('ferry vm run FILE' resumes it)")
     c.add_argument("--precopy-only", action="store_true",
                    help="copy everything before the hand-off (no post-copy risk, more downtime)")
-    c.add_argument("--ram", choices=("qemu", "engine"), default="qemu",
+    c.add_argument("--ram", choices=("auto", "qemu", "engine"), default="auto",
                    help="how guest RAM moves: in QEMU's own migration stream over ferry's "
-                        "link (default), or as a ferry device with post-copy (engine)")
+                        "link (qemu), or as a ferry device with post-copy (engine); auto "
+                        "(default): qemu where QEMU's dirty tracking is safe (KVM, or "
+                        "QEMU >= 9.0), else engine")
     c.add_argument("--key", type=Path, help="signing key for --to-package")
     tls(c)
     add_common(c)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import shutil
 import socket
@@ -33,6 +34,8 @@ from ferry.node.process import launch_detached
 from ferry.package.commands import package_create
 from ferry.package.keys import generate_key
 from ferry.package.trust import TrustStore
+from ferry.qemu.accel import cache_key
+from ferry.qemu.argv import QEMU_BINARY
 from ferry.testing.workload import command
 from ferry.vm import pkgcache, registry, snapshot
 
@@ -105,7 +108,11 @@ async def _ensure_package(root: Path, progress: Progress,
         generate_key(key, comment="ferry demo")
     trust = TrustStore.of().add(key.with_name(key.name + ".pub"))
     package = root / "redis.ferry"
-    if package.exists():
+    # A package's device state only loads into the QEMU that saved it (QEMU 7.2's state
+    # does not load into QEMU 10: "Size mismatch: pc.bios"): rebuild when QEMU changed.
+    made_by = root / "redis.ferry.qemu"
+    qemu = json.dumps(cache_key(QEMU_BINARY, "")["qemu"])
+    if package.exists() and made_by.exists() and made_by.read_text() == qemu:
         return package, trust, True
     work = root / "redis-snapshot"
     await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
@@ -122,6 +129,7 @@ async def _ensure_package(root: Path, progress: Progress,
     await asyncio.to_thread(functools.partial(package_create, work, tmp, key_path=key,
                                               overwrite=True))
     os.replace(tmp, package)
+    made_by.write_text(qemu)
     await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
     return package, trust, False
 

@@ -125,6 +125,8 @@ class Offer:
                 ram = RamPath(ram_text)
             except ValueError:
                 raise ValueError(f"ram {ram_text!r:.40}") from None
+            if ram is RamPath.AUTO:
+                raise ValueError("ram 'auto' (the source chooses before it offers)")
             if ram is RamPath.QEMU and origin != "migration":
                 raise ValueError("RAM in QEMU's stream needs a running VM at the source")
             manifest = VMManifest.from_json(data.get("manifest"))

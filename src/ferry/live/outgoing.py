@@ -47,7 +47,7 @@ from ferry.live.errors import LiveMigrationError
 from ferry.live.rampath import RamPath
 from ferry.live.ramsink import ram_in_sink
 from ferry.live.report import DestinationReport, SourceReport
-from ferry.live.source import DEFAULT_OPTIONS, LiveOptions, migrate_out
+from ferry.live.source import DEFAULT_OPTIONS, LiveOptions, choose_ram, migrate_out
 from ferry.live.summary import MigrationSummary
 from ferry.migration.channel import StreamChannel
 from ferry.migration.policy import Mode
@@ -92,7 +92,7 @@ class Moved:
     """The destination's report (None: it did not come back)."""
 
 
-def options_for(precopy_only: bool, ram: RamPath = RamPath.QEMU) -> LiveOptions:
+def options_for(precopy_only: bool, ram: RamPath = RamPath.AUTO) -> LiveOptions:
     return LiveOptions(mode=Mode.PRECOPY_ONLY if precopy_only else Mode.HYBRID, ram=ram)
 
 
@@ -118,13 +118,14 @@ async def migrate_to_host(
     except FerryError as exc:
         raise LiveMigrationError(f"cannot reach the destination {host}:{port}: {exc}",
                                  vm=m.vm_id, handed_off=False) from exc
-    ram = options.ram
-    if m.devices.memory is None and ram is not RamPath.QEMU:
-        log.info("vm %s: its RAM is private to QEMU: it moves in QEMU's stream", m.vm_id)
-        ram = RamPath.QEMU
-        options = dataclasses.replace(options, ram=ram)
     mux: Mux | None = None
     try:
+        choice = await choose_ram(m.qemu, m.devices, options.ram)
+        ram = choice.path
+        log.info("vm %s: guest RAM moves %s: %s", m.vm_id,
+                 "in QEMU's stream" if ram is RamPath.QEMU else "as a ferry device",
+                 choice.reason)
+        options = dataclasses.replace(options, ram=ram)
         files = launch.boot_files(m.manifest, m.boot_dir)
         offer = launch.Offer(m.vm_id, m.manifest, m.forwards,
                              await asyncio.to_thread(launch.describe_boot, files), ram=ram)
@@ -150,6 +151,7 @@ async def migrate_to_host(
 
         report = await migrate_out(m.qemu, m.devices, channel, agent=m.agent, options=options,
                                    on_handed_off=handed_off, ram_link=ram_link)
+        report.ram_path_reason = choice.reason
         destination: DestinationReport | None = None
         clock: ClockOffset | None = None
         try:

@@ -3,13 +3,65 @@
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
+
+from ferry.hostconfig import Accel
+
+FIXED_TCG_DIRTY_TRACKING = (9, 0)
+"""QEMU before 9.0 under TCG loses guest writes from its precopy dirty tracking: the
+bitmap sync cleared the migration bits without resetting TCG's writable TLB entries
+(fixed upstream by 03bfc2188f, "physmem: Fix migration dirty bitmap coherency with TCG
+memory access"). Measured on QEMU 7.2 here: guest RAM arrived different from the paused
+source in 4-47% of hops, guest kernels crashed (docs/live-migration.md)."""
 
 
 class RamPath(enum.Enum):
+    AUTO = "auto"
+    """QEMU's stream where it is safe (:func:`choose`), else the engine."""
     QEMU = "qemu"
     """QEMU's own precopy stream (per-page dirty tracking, zero pages as headers), carried
     by the migration's link (:mod:`ferry.qemu.ramstream`) into the destination QEMU's
-    private RAM; the storage engine moves the disks. The default."""
+    private RAM; the storage engine moves the disks."""
     ENGINE = "engine"
     """Guest RAM as a ferry device (the FUSE memory file): block pre-copy, dirty cycles,
     post-copy on demand. Needed where RAM must be a device on arrival."""
+
+
+class UnsafeRamPathError(ValueError):
+    """QEMU's stream was asked for where QEMU's dirty tracking loses writes."""
+
+
+@dataclass(frozen=True, slots=True)
+class RamChoice:
+    path: RamPath
+    reason: str
+
+
+def choose(requested: RamPath, *, accel: Accel, qemu_version: tuple[int, int],
+           ram_is_device: bool) -> RamChoice:
+    """The path for a VM whose source QEMU is ``qemu_version`` under ``accel``.
+
+    RAM private to QEMU (``ram_is_device`` False) can only go in QEMU's stream. Raises
+    :class:`UnsafeRamPathError` when QEMU's stream is asked for where it loses writes.
+    """
+    version = ".".join(map(str, qemu_version))
+    safe = accel is Accel.KVM or qemu_version >= FIXED_TCG_DIRTY_TRACKING
+    if not ram_is_device:
+        if not safe:
+            raise UnsafeRamPathError(
+                f"guest RAM is private to QEMU {version}, whose TCG dirty tracking loses "
+                "writes in precopy; it cannot move safely (QEMU >= 9.0 or KVM needed)")
+        return RamChoice(RamPath.QEMU, "guest RAM is private to QEMU: only its stream "
+                                       "can carry it")
+    if requested is RamPath.ENGINE:
+        return RamChoice(RamPath.ENGINE, "asked for")
+    if safe:
+        why = "KVM" if accel is Accel.KVM else f"QEMU {version} under TCG"
+        return RamChoice(RamPath.QEMU, f"asked for ({why})" if requested is RamPath.QEMU
+                         else f"QEMU's stream is safe here ({why})")
+    if requested is RamPath.QEMU:
+        raise UnsafeRamPathError(
+            f"QEMU {version} under TCG loses guest writes from its precopy dirty tracking "
+            "(fixed in QEMU 9.0): refusing --ram qemu; use --ram engine or QEMU >= 9.0")
+    return RamChoice(RamPath.ENGINE, f"QEMU {version} under TCG loses writes from its "
+                                     "precopy dirty tracking (fixed in 9.0)")

@@ -45,6 +45,7 @@ class SourceReport:
     flush_bytes: int = 0
     migration: MigrationReport | None = None
     ram_path: str = "engine"
+    ram_path_reason: str | None = None
     ram_stream_bytes: int = 0
     """Bytes of QEMU's migration stream (guest RAM and device state) on the link."""
     memory_bytes: int = 0
@@ -65,6 +66,7 @@ class SourceReport:
                 "handed_off": self.handed_off, "timeline": self.timeline.to_json(),
                 "before_suspend_ms": self.before_suspend_ms, "state_bytes": self.state_bytes,
                 "flush_bytes": self.flush_bytes, "ram_path": self.ram_path,
+                "ram_path_reason": self.ram_path_reason,
                 "ram_stream_bytes": self.ram_stream_bytes,
                 "qemu_downtime_ms": self.qemu_downtime_ms,
                 "downtime_limit_raised_to_ms": self.downtime_limit_raised_to_ms,

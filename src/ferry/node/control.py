@@ -15,7 +15,7 @@ reads one reply line (UTF-8 JSON, ``\\n``-terminated, at most
     ← {"ok": true, "op": "stop", "mode": "suspend", "state_bytes": 72226, ...}
                                          (after the VM, its run dir and network are gone)
     → {"op": "migrate", "to": [HOST, PORT], "access": {...}, "precopy_only": false,
-       "ram": "qemu" | "engine"}
+       "ram": "auto" | "qemu" | "engine"}
     → {"op": "migrate", "package": FILE, "key": KEYFILE | null, "overwrite": false}
     ← {"ok": true, "op": "migrate", "summary": {...}, "source": {...}, "destination": {...}}
     ← {"ok": true, "op": "export", "package": FILE, "key_id": ..., "state_bytes": ...}
@@ -137,7 +137,7 @@ class MigrateRequest:
     package: Path | None = None
     key: Path | None = None
     overwrite: bool = False
-    ram: RamPath = RamPath.QEMU
+    ram: RamPath = RamPath.AUTO
     """How guest RAM moves (a live migration only)."""
 
     def __post_init__(self) -> None:
@@ -353,7 +353,7 @@ def decode_request(line: bytes) -> Request:
                 parsed_access = None if access is None else Access.from_json(access)
             except (ConfigError, KeyError, TypeError) as exc:
                 raise ControlProtocolError(f"bad access: {exc}") from exc
-            ram = _get(d, "ram", str, RamPath.QEMU.value)
+            ram = _get(d, "ram", str, RamPath.AUTO.value)
             try:
                 ram_path = RamPath(ram)
             except ValueError as exc:

@@ -162,8 +162,10 @@ def create_host_cert(
         .not_valid_after(now + datetime.timedelta(days=HOST_VALIDITY_DAYS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
+            # key_encipherment too: QEMU's TLS (NBD, migration) refuses a critical key
+            # usage without it (QEMU >= 9); TLS 1.3 with EC keys does not use it.
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
+                digital_signature=True, content_commitment=False, key_encipherment=True,
                 data_encipherment=False, key_agreement=True, key_cert_sign=False,
                 crl_sign=False, encipher_only=False, decipher_only=False,
             ),
