@@ -126,6 +126,7 @@ def _hop(h: Hop) -> dict[str, Any]:
         "destination_prefetch_windows": dst.get("prefetch_windows"),
         "destination_load_ram_reads": dst.get("state_load_ram_reads"),
         "destination_cont_ram_reads": dst.get("cont_ram_reads"),
+        "destination_cont_reply_ms": dst.get("cont_reply_ms"),
     }
 
 

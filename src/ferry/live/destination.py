@@ -291,8 +291,9 @@ class IncomingVM:
 
     async def _continue(self) -> None:
         if self.vm.private_ram is not None:
-            await self.vm.resume()
+            replied_s = await self.vm.resume()
             self.report.timeline.mark(Mark.RUNNING)
+            self.report.cont_reply_ms = round(replied_s * 1e3, 3)
         else:
             counters = self.vm.mount.counters("memory")
             before_bytes, before_reads = counters.bytes_read, counters.reads

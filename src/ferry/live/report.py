@@ -97,6 +97,7 @@ class DestinationReport:
     cont_ram_reads: int = 0               # FUSE reads of guest RAM between cont and RESUME
     cont_ram_read_bytes: int = 0
     ram_stream_bytes: int = 0             # QEMU's stream (RAM, device state) received
+    cont_reply_ms: float | None = None    # QMP cont until its reply (disks re-activated)
     receive: ReceiveReport | None = None
 
     @property

@@ -260,15 +260,22 @@ class QemuVM:
             await self._call("stop")
             self._state = VMState.PAUSED
 
-    async def resume(self) -> None:
-        """Run the vCPUs again (QMP ``cont``) and wait for QEMU's RESUME event."""
+    async def resume(self) -> float:
+        """Run the vCPUs again (QMP ``cont``) and wait for QEMU's RESUME event.
+
+        Returns the seconds until QEMU answered ``cont`` (0 if the VM was running): on a
+        destination that is where QEMU re-activates the disks; the rest is the event."""
         self._require({VMState.RUNNING, VMState.PAUSED}, "resume")
-        if self._state is VMState.PAUSED:
-            mark = self.qmp.event_mark()
-            await self._call("cont")
-            await self._guard(self.qmp.wait_event("RESUME", since=mark,
-                                                  timeout_s=self.config.qmp_timeout_s))
-            self._state = VMState.RUNNING
+        if self._state is not VMState.PAUSED:
+            return 0.0
+        mark = self.qmp.event_mark()
+        started = time.monotonic()
+        await self._call("cont")
+        replied = time.monotonic() - started
+        await self._guard(self.qmp.wait_event("RESUME", since=mark,
+                                              timeout_s=self.config.qmp_timeout_s))
+        self._state = VMState.RUNNING
+        return replied
 
     def note_paused(self) -> None:
         """QEMU paused the guest itself (a migration reached its switch-over)."""
