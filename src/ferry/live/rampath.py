@@ -15,6 +15,13 @@ memory access"). Measured on QEMU 7.2 here: guest RAM arrived different from the
 source in 4-47% of hops, guest kernels crashed (docs/live-migration.md)."""
 
 
+LINK_WINDOWS = (16, 2)
+"""Mux frames (256 KiB) buffered per substream of a link carrying QEMU's stream: the
+channel 16; the RAM stream only 2, so little RAM is in flight past QEMU's view (its
+downtime estimate counts what it wrote) and the disks' final dirty list, at the
+switch-over, queues behind as little of it as possible."""
+
+
 class RamPath(enum.Enum):
     AUTO = "auto"
     """QEMU's stream where it is safe (:func:`choose`), else the engine."""

@@ -35,6 +35,7 @@ import collections
 import contextlib
 import enum
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -212,13 +213,17 @@ class Mux:
     """
 
     def __init__(self, stream: Stream, count: int = 2, *,
-                 window_frames: int = DEFAULT_WINDOW_FRAMES) -> None:
+                 window_frames: int | Sequence[int] = DEFAULT_WINDOW_FRAMES) -> None:
+        """``window_frames``: frames each substream buffers (one number for all, or one
+        per substream)."""
         if not 1 <= count <= MAX_SUBSTREAMS:
             raise ValueError(f"count must be 1..{MAX_SUBSTREAMS}, not {count}")
-        if window_frames < 1:
-            raise ValueError(f"window_frames must be >= 1, not {window_frames}")
+        windows = [window_frames] * count if isinstance(window_frames, int) \
+            else list(window_frames)
+        if len(windows) != count or min(windows) < 1:
+            raise ValueError(f"window_frames must be {count} numbers >= 1, not {window_frames}")
         self._stream = stream
-        self._subs = [Substream(self, i, window_frames) for i in range(count)]
+        self._subs = [Substream(self, i, w) for i, w in enumerate(windows)]
         self._send_lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
         self._error: FerryError | None = None
