@@ -290,17 +290,18 @@ class IncomingVM:
         return p
 
     async def _continue(self) -> None:
+        # The guest runs from QEMU's RESUME event's own time (as the source's pause is
+        # QEMU's STOP with RAM in its stream, and as the QEMU baseline measures both).
         if self.vm.private_ram is not None:
-            replied_s = await self.vm.resume()
-            self.report.timeline.mark(Mark.RUNNING)
-            self.report.cont_reply_ms = round(replied_s * 1e3, 3)
+            resumed = await self.vm.resume()
         else:
             counters = self.vm.mount.counters("memory")
             before_bytes, before_reads = counters.bytes_read, counters.reads
-            await self.vm.resume()
-            self.report.timeline.mark(Mark.RUNNING)
+            resumed = await self.vm.resume()
             self.report.cont_ram_reads = counters.reads - before_reads
             self.report.cont_ram_read_bytes = counters.bytes_read - before_bytes
+        self.report.timeline.mark_at(Mark.RUNNING, resumed.at)
+        self.report.cont_reply_ms = round(resumed.reply_s * 1e3, 3)
         self.running.set()
         self._log.info("running here %s ms after the hand-off arrived",
                        self.report.handoff_to_running_ms)

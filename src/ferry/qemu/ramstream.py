@@ -41,7 +41,6 @@ import contextlib
 import logging
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,7 @@ from ferry.aio import cancel_and_wait
 from ferry.errors import BrokenResourceError, ClosedResourceError, FerryError
 from ferry.qemu import devstate
 from ferry.qemu.errors import DeviceStateError
-from ferry.qemu.vm import QemuVM
+from ferry.qemu.vm import QemuVM, event_monotonic
 from ferry.transport.base import Stream
 from ferry.transport.streams import ConnectTimeoutError
 from ferry.transport.unix import socket_when_listening
@@ -165,8 +164,7 @@ class RamOut:
             await cancel_and_wait(self._converge)
         stop = await self.vm.qmp.wait_event("STOP", since=self._mark, timeout_s=5.0)
         self.vm.note_paused()
-        # QEMU's event time is CLOCK_REALTIME; bring it onto this process's monotonic clock.
-        return stop.event.timestamp_s - time.time() + time.monotonic()
+        return event_monotonic(stop.event.timestamp_s)
 
     async def switch_over(self) -> None:
         """Let QEMU send the last pages and the device state."""
