@@ -44,7 +44,7 @@ class RamChoice:
     reason: str
 
 
-def choose(requested: RamPath, *, accel: Accel, qemu_version: tuple[int, int],
+def choose(requested: RamPath, *, accel: Accel, qemu_version: tuple[int, ...],
            ram_is_device: bool) -> RamChoice:
     """The path for a VM whose source QEMU is ``qemu_version`` under ``accel``.
 

@@ -300,10 +300,10 @@ class QemuVM:
         if self._state is VMState.RUNNING:
             self._state = VMState.PAUSED
 
-    async def qemu_version(self) -> tuple[int, int]:
-        """QEMU's (major, minor) version, from QMP ``query-version``."""
+    async def qemu_version(self) -> tuple[int, int, int]:
+        """QEMU's (major, minor, micro) version, from QMP ``query-version``."""
         q = (await self._call("query-version"))["qemu"]
-        return int(q["major"]), int(q["minor"])
+        return int(q["major"]), int(q["minor"]), int(q["micro"])
 
     async def refresh_state(self) -> None:
         """Take the run state from QEMU (after QEMU paused or resumed the guest itself)."""

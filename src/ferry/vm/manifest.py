@@ -60,6 +60,8 @@ class MachineSpec:
     vcpus: int
     memory_mib: int
     accel: str
+    qemu: str = ""
+    """The QEMU version that saved the device state ("": not recorded, older packages)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -256,6 +256,7 @@ async def _snapshot_into(
             cmdline = kernel_cmdline(tsc_khz=host_tsc_khz(), quiet=b.config.quiet_kernel,
                                      root="/dev/vda", extra=b.config.kernel_args)
             guest = b.net.guest
+            qemu_version = ".".join(map(str, await b.vm.qemu_version()))
             await b.vm.stop()
             boot_s, ready_s = b.boot_to_agent_s, b.ready_s
     finally:
@@ -276,7 +277,8 @@ async def _snapshot_into(
         name=bp.name, blueprint=bp.name, image_key=image.key,
         created=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         machine=MachineSpec(machine="microvm", cpu_model=cpu_model, vcpus=1,
-                            memory_mib=bp.memory_mib, accel=accel.value if accel else "tcg"),
+                            memory_mib=bp.memory_mib, accel=accel.value if accel else "tcg",
+                            qemu=qemu_version),
         kernel_cmdline=cmdline, kernel=KERNEL_PATH, initramfs=INITRAMFS_PATH,
         state=STATE_PATH, state_bytes=stats.state_bytes, memory=memory_entry,
         disks=(disk_entry,),
