@@ -11,6 +11,7 @@ A package directory written by :func:`ferry.vm.snapshot.snapshot` looks like::
 
 The manifest (``format`` = ``ferry-vm``, ``version`` = 1) records the machine
 QEMU must recreate exactly (machine type, CPU model, vCPUs, memory size,
+the QEMU version that saved the state,
 accelerator, the device set implied by ``agent`` and ``network``), every
 device's size and block size, the agent settings and the guest network
 settings baked in at boot. Block hashes are XXH3-128 (``ferry.storage.hashing``)
