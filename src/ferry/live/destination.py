@@ -135,8 +135,7 @@ class IncomingVM:
         self._ram_link = ram_link
         deferred = self.options.mode is Mode.HYBRID
         receiver = Receiver(channel, self._open_devices, mode=self.options.mode,
-                            on_handoff=self._on_handoff_deferred if deferred
-                            else self._on_handoff)
+                            on_handoff=self._on_handoff)
         try:
             rreport = await receiver.run()
             if self._spawn is not None and deferred:
@@ -187,36 +186,21 @@ class IncomingVM:
         self.report.qemu_spawn_ms = round(await self._spawn * 1e3, 3)
 
     async def _on_handoff(self, data: bytes) -> None:
+        # In HYBRID mode the Receiver keeps processing events while this hook runs and
+        # acknowledges the hand-off only when it returns, so loading state from blocks
+        # that arrive after the HANDOFF works here, and a failure leaves the VM running
+        # on A. In PRECOPY_ONLY mode every block is here before it runs.
         self.report.timeline.mark(Mark.HANDOFF_RECEIVED)
         p = self._take_payload(data)
         await self._wait_spawned()
         if self._ram_in is not None:
             await self._load_ram_stream()
-            await self._continue()
-            return
-        await self._warm(p.prefetch)
-        await self._load_state(p.state)
-        await self._continue()
-
-    async def _on_handoff_deferred(self, data: bytes) -> None:
-        # The Receiver keeps processing events while this hook runs and acknowledges
-        # the hand-off only when it returns, so loading state from blocks that arrive
-        # after the HANDOFF works here, and a failure leaves the VM running on A.
-        self.report.timeline.mark(Mark.HANDOFF_RECEIVED)
-        p = self._take_payload(data)
-        await self._start_deferred_steps(p)
-
-    async def _start_deferred_steps(self, p: wire.HandoffPayload) -> None:
-        await self._wait_spawned()
-        if self._ram_in is not None:
-            await self._load_ram_stream()
-            await self._continue()
-            return
-        if not p.state:
-            raise LiveMigrationError("the source sent no device state", vm=self.name,
-                                     handed_off=True)
-        await self._warm(p.prefetch)
-        await self._load_state(p.state)
+        else:
+            if not p.state:
+                raise LiveMigrationError("the source sent no device state", vm=self.name,
+                                         handed_off=True)
+            await self._warm(p.prefetch)
+            await self._load_state(p.state)
         await self._continue()
 
     async def _warm(self, offsets: Sequence[int]) -> None:

@@ -246,14 +246,21 @@ async def migrate_out(
 
     ram_stopped = False
 
+    def started_ram() -> RamOut | None:
+        """QEMU's migration, once it started (None: not yet, or its start failed)."""
+        if ram_out is None or not ram_out.done() or ram_out.cancelled() \
+                or ram_out.exception() is not None:
+            return None
+        return ram_out.result()
+
     async def stop_ram() -> None:
         """Before the hand-off: end QEMU's migration, so the guest runs on here."""
         nonlocal ram_stopped
         if ram_out is None or ram_stopped:
             return
         ram_stopped = True
-        if ram_out.done() and not ram_out.cancelled() and ram_out.exception() is None:
-            await ram_out.result().cancel()
+        if (out := started_ram()) is not None:
+            await out.cancel()
         else:
             await cancel_and_wait(ram_out, swallow_errors=True)
         await vm.refresh_state()
@@ -323,8 +330,8 @@ async def migrate_out(
                 # point, with QEMU's precopy still running): the guest stays here.
                 with contextlib.suppress(VMError, QMPError):
                     await stop_ram()
-            if ram_out.done() and not ram_out.cancelled() and ram_out.exception() is None:
-                await ram_out.result().aclose()
+            if (out := started_ram()) is not None:
+                await out.aclose()
             else:
                 await cancel_and_wait(ram_out, swallow_errors=True)
     report.migration = migrator.report

@@ -114,6 +114,7 @@ class RamOut:
         path = vm.work_dir / "ram-out.sock"
         devstate.unlink_quietly(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        out = cls(vm, link, sock, downtime_limit_ms)
         try:
             sock.bind(os.fspath(path))
             sock.listen(1)
@@ -122,12 +123,11 @@ class RamOut:
                                      "events": True, "auto-converge": True})
             await vm.qmp.execute("migrate-set-parameters", {
                 "downtime-limit": downtime_limit_ms, "max-bandwidth": MAX_BANDWIDTH_BYTES_S})
-            out = cls(vm, link, sock, downtime_limit_ms)
             out._pump = asyncio.create_task(out._forward(path), name=f"ram-out {vm.name}")
             await vm.qmp.execute("migrate", {"uri": f"unix:{path}"})
             out._converge = asyncio.create_task(out._raise_limit(), name=f"converge {vm.name}")
         except BaseException:
-            sock.close()
+            await out.aclose()  # the pump, if it started, and the socket
             devstate.unlink_quietly(path)
             raise
         return out
