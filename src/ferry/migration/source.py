@@ -39,7 +39,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -101,6 +101,8 @@ class TrackedDevice(Protocol):
     async def read_at(self, offset: int, length: int) -> bytes: ...
 
     def take_dirty(self) -> list[int]: ...
+
+    def track(self, blocks: Iterable[int]) -> None: ...
 
 
 class VolatilitySource(Protocol):
@@ -265,7 +267,13 @@ class Migrator:
         for index, (dev, have) in enumerate(zip(self._devices, ack.have_base, strict=True)):
             blocks = list(range(self._geoms[index].block_count))
             if have and dev.base_blocks is not None:
-                shared = dev.base_blocks()
+                # Track the base's blocks first, then ask again which are still the
+                # base's, as a read tracks before it reads (ferry.storage.modules.dirty):
+                # a write that lands in between is either seen by the second question
+                # (the block is sent) or finds the block tracked (it is sent again).
+                maybe = dev.base_blocks()
+                dev.device.track(maybe)
+                shared = maybe & dev.base_blocks()
                 await self._send_you_have(index, sorted(shared))
                 blocks = [b for b in blocks if b not in shared]
             if dev.volatility is not None:

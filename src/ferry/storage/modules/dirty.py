@@ -101,6 +101,13 @@ class DirtyRemote(_DirtyHandle):
         """How many blocks are dirty now."""
         return len(self._state.dirty)
 
+    def track(self, blocks: Iterable[int]) -> None:
+        """Track ``blocks`` without reading them (blocks the destination gets another way,
+        e.g. from a shared base): later writes to them make them dirty."""
+        tracked = self._state.tracked
+        for block in blocks:
+            tracked[block] = 1
+
     def track_all(self) -> None:
         """Track every block, so every later write makes its blocks dirty."""
         tracked = self._state.tracked
