@@ -7,7 +7,7 @@ Public API::
                 on_handed_off=None) -> SourceReport                   source side
     report_exchange.fetch_report / serve_report       after it: clocks, the destination's
                                                       report; MigrationSummary.of(...) sums up
-    IncomingVM(config, *, work_dir, name, options, backing, wrap_argv)  destination side:
+    IncomingVM(config, *, work_dir, name, options, backing, bases, wrap_argv)  destination side:
         async with ...: report = await incoming.receive(channel); incoming.vm / .devices
     LiveOptions(mode, policy, agent_hooks, ...)
     Access(tls, token, insecure).connect(host, port) / .listen(host, port) / .accept(l)

@@ -45,10 +45,10 @@ class BootCacheFullError(FerryError):
     """The boot cache cannot take a file without evicting files that VMs still use."""
 
 
-def check_sha256(text: object) -> str:
+def check_sha256(text: object, what: str = "boot file hash") -> str:
     """``text`` if it is 64 lowercase hex digits (a SHA-256); else RemoteProtocolError."""
     if not isinstance(text, str) or not SHA256_RE.match(text):
-        raise RemoteProtocolError(f"boot file hash {text!r:.80} is not 64 lowercase hex digits")
+        raise RemoteProtocolError(f"{what} {text!r:.80} is not 64 lowercase hex digits")
     return text
 
 

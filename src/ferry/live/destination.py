@@ -58,7 +58,7 @@ from ferry.protocol.messages import DeviceInfo
 from ferry.qemu import MEMORY_FILE, QemuVM, VMConfig
 from ferry.qemu.ramstream import RAM_READY, RamIn
 from ferry.transport.base import Stream
-from ferry.vm.devices import Backing, VMDevices, incoming_devices, memory_backing
+from ferry.vm.devices import Backing, Bases, VMDevices, incoming_devices, memory_backing
 from ferry.vm.errors import DeviceSetError
 
 log = logging.getLogger(__name__)
@@ -71,12 +71,13 @@ class IncomingVM:
 
     def __init__(self, config: VMConfig, *, work_dir: Path, name: str = "vm",
                  options: LiveOptions = DEFAULT_OPTIONS, backing: Backing = memory_backing,
-                 wrap_argv: WrapArgv | None = None) -> None:
+                 bases: Bases | None = None, wrap_argv: WrapArgv | None = None) -> None:
         self.config = config
         self.work_dir = work_dir
         self.name = name
         self.options = options
         self._backing = backing
+        self._bases = bases
         self._wrap_argv = wrap_argv
         self._ram_link: Stream | None = None
         self._ram_in: RamIn | None = None
@@ -154,8 +155,8 @@ class IncomingVM:
     async def _open_devices(self, infos: Sequence[DeviceInfo]) -> Sequence[DestinationDevice]:
         qemu_ram = self.options.ram is RamPath.QEMU
         try:
-            devices, dest = incoming_devices(infos, self._backing, self.name,
-                                             with_memory=not qemu_ram)
+            devices, dest = await incoming_devices(infos, self._backing, self.name,
+                                                   with_memory=not qemu_ram, bases=self._bases)
         except DeviceSetError as exc:
             raise LiveMigrationError(str(exc), vm=None, handed_off=False, phase="precopy") from exc
         self._devices = devices

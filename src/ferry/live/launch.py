@@ -94,10 +94,14 @@ class Offer:
     ram: RamPath = RamPath.ENGINE
     """How guest RAM travels: in QEMU's stream (the link is then a
     :class:`~ferry.transport.mux.Mux` of the channel and that stream) or as a device."""
+    package: str | None = None
+    """The id of the package the VM's devices overlay (the SHA-256 of its signed header).
+    A destination whose package cache holds it builds the devices over its own copy
+    and receives only the blocks the VM changed (:mod:`ferry.vm.overlays`)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"vm_id": self.vm_id, "manifest": self.manifest.to_json(),
-                "origin": self.origin, "ram": self.ram.value,
+                "origin": self.origin, "ram": self.ram.value, "package": self.package,
                 "forwards": [[f.host, f.host_port, f.guest_port, f.proto.value]
                              for f in self.forwards],
                 "boot": [[b.name, b.sha256, b.size_bytes] for b in self.boot]}
@@ -129,11 +133,14 @@ class Offer:
                 raise ValueError("ram 'auto' (the source chooses before it offers)")
             if ram is RamPath.QEMU and origin != "migration":
                 raise ValueError("RAM in QEMU's stream needs a running VM at the source")
+            package = data.get("package")
+            if package is not None:
+                package = check_sha256(package, "package id")
             manifest = VMManifest.from_json(data.get("manifest"))
             _check_bounds(manifest)
             vm_id = check_vm_id(checks.text(data.get("vm_id"), "vm_id"))
             return cls(vm_id=vm_id, manifest=manifest, origin=origin, forwards=forwards,
-                       boot=boot, ram=ram)
+                       boot=boot, ram=ram, package=package)
         except RemoteProtocolError:
             raise
         except (KeyError, TypeError, ValueError, FerryError) as exc:

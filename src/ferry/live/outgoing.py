@@ -79,6 +79,8 @@ class Movable:
     boot_dir: Path
     """The directory ``manifest.kernel`` / ``manifest.initramfs`` are relative to."""
     forwards: tuple[PortForward, ...]
+    package_id: str | None = None
+    """The package the VM's devices overlay (:attr:`launch.Offer.package`), if known."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +130,8 @@ async def migrate_to_host(
         options = dataclasses.replace(options, ram=ram)
         files = launch.boot_files(m.manifest, m.boot_dir)
         offer = launch.Offer(m.vm_id, m.manifest, m.forwards,
-                             await asyncio.to_thread(launch.describe_boot, files), ram=ram)
+                             await asyncio.to_thread(launch.describe_boot, files), ram=ram,
+                             package=m.package_id)
         try:
             await launch.send_offer(stream, offer, files)
         except FerryError as exc:

@@ -27,6 +27,7 @@ from ferry.live.report import DestinationReport
 from ferry.migration.channel import StreamChannel
 from ferry.transport.base import Stream
 from ferry.transport.mux import Mux
+from ferry.vm.devices import Bases
 from ferry.vm.machine import machine_config
 from ferry.vm.manifest import VMManifest
 
@@ -51,14 +52,16 @@ async def open_link(access: Access, *, listen: tuple[str, int] | None = None,
 async def incoming_vm(manifest: VMManifest, boot_dir: Path, *, vm_id: str, work_dir: Path,
                       tap: str, wrap_argv: WrapArgv | None,
                       precopy_only: bool, sandbox: bool,
-                      ram: RamPath = RamPath.ENGINE) -> AsyncIterator[IncomingVM]:
+                      ram: RamPath = RamPath.ENGINE,
+                      bases: Bases | None = None) -> AsyncIterator[IncomingVM]:
     """An :class:`IncomingVM` for ``manifest`` (boot files in ``boot_dir``) on ``tap``;
-    ``sandbox`` is the host's ``HostConfig.qemu_sandbox``; ``ram`` the offer's."""
+    ``sandbox`` is the host's ``HostConfig.qemu_sandbox``; ``ram`` the offer's; ``bases``
+    the device bases this host has (:class:`~ferry.vm.overlays.PackageBases`)."""
     boot = launch.boot_files(manifest, boot_dir)
     config = machine_config(manifest, boot["kernel"], boot["initramfs"], tap=tap,
                             sandbox=sandbox, vm=vm_id)
     async with IncomingVM(config, work_dir=work_dir, name=vm_id,
-                          options=options_for(precopy_only, ram),
+                          options=options_for(precopy_only, ram), bases=bases,
                           wrap_argv=wrap_argv) as incoming:
         yield incoming
 

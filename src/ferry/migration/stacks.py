@@ -9,6 +9,7 @@ split into ``local`` (what the VM uses: reads of absent blocks wait) and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ferry.migration.blocks import Compression
@@ -26,15 +27,23 @@ class SourceStack:
     local: DirtyLocal
     remote: DirtyRemote
     volatility: VolatilityMonitor
+    provider: Device
+    """The device under the stack (what the monitor wraps)."""
 
     def source_device(
         self,
         *,
         compression: Compression = Compression.NONE,
         base_hash: bytes | None = None,
+        base_blocks: Callable[[], frozenset[int]] | None = None,
     ) -> SourceDevice:
         return SourceDevice(
-            self.name, self.remote, self.volatility, base_hash=base_hash, compression=compression
+            self.name,
+            self.remote,
+            self.volatility,
+            base_hash=base_hash,
+            base_blocks=base_blocks,
+            compression=compression,
         )
 
     async def close(self) -> None:
@@ -46,7 +55,7 @@ def source_stack(
 ) -> SourceStack:
     volatility = VolatilityMonitor(device, block_size_bytes)
     local, remote = dirty_tracker(volatility, block_size_bytes)
-    return SourceStack(name, local, remote, volatility)
+    return SourceStack(name, local, remote, volatility, device)
 
 
 @dataclass(frozen=True, slots=True)

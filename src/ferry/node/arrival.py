@@ -35,11 +35,15 @@ from ferry.live.outgoing import Movable
 from ferry.net import PortForward, VMNetwork
 from ferry.node.holder import Ending, HeldVM, holding
 from ferry.node.record import HolderRecord, HolderState
-from ferry.vm.registry import VMPaths, check_vm_id, cleanup_leftovers
+from ferry.vm import pkgcache
+from ferry.vm.overlays import PackageBases
+from ferry.vm.registry import VMPaths, check_vm_id, cleanup_leftovers, private_dir
 
 log = logging.getLogger(__name__)
 
 BOOT_CACHE = "boot-cache"
+OVERLAYS = "overlays"
+"""In the VM's run dir: its devices' overlays over a package's files, when this host has it."""
 AGENT_WAIT_S = 60.0
 
 
@@ -131,11 +135,18 @@ async def arrive(request: ArrivalRequest, *,
                 net = VMNetwork(f"{vm_id[:33]}-{secrets.token_hex(3)}", forwards,
                                 run_dir=paths.net_run_dir)
                 await stack.enter_async_context(net)
+                # The devices' bases, if this host has the VM's package: then only
+                # what the VM changed travels (ferry.vm.overlays).
+                cached = (pkgcache.find_cached(request.host.package_cache, offer.package)
+                          if offer.package is not None else None)
+                bases = None
+                if cached is not None:
+                    bases = PackageBases(cached, private_dir(holder.run_dir / OVERLAYS))
                 incoming = await stack.enter_async_context(receive.incoming_vm(
                     offer.manifest, boot_dir, vm_id=vm_id, work_dir=holder.run_dir,
                     tap=net.tap_name, wrap_argv=net.wrap_argv,
                     precopy_only=request.precopy_only, sandbox=request.host.qemu_sandbox,
-                    ram=offer.ram))
+                    ram=offer.ram, bases=bases))
             except FerryError as exc:
                 await receive.refuse(stream, exc)
                 raise
@@ -143,7 +154,7 @@ async def arrive(request: ArrivalRequest, *,
             running_s = round(time.monotonic() - started, 3)
             held = holder.vm = HeldVM(incoming.vm, incoming.agent, Movable(
                 vm_id, incoming.vm, incoming.devices, incoming.agent, net, offer.manifest,
-                boot_dir, forwards))
+                boot_dir, forwards, cached.package_id if cached is not None else None))
             pid = incoming.vm.pid
             fwd_text = [f"{h}:{p}->{f.forward.guest_port}/{f.forward.proto.value}"
                         for f in net.forwarders for h, p in [f.local_address[:2]]]

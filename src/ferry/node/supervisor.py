@@ -96,7 +96,7 @@ def _held(vm: RunningVM, forwards: tuple[PortForward, ...]) -> HeldVM:
 
     return HeldVM(vm.qemu, vm.agent,
                   Movable(vm.vm_id, vm.qemu, vm.live, vm.agent, vm.net, vm.manifest,
-                          vm.package.directory, forwards),
+                          vm.package.directory, forwards, vm.package.package_id),
                   can_suspend=True, counters=counters)
 
 

@@ -96,6 +96,8 @@ HOSTILE_OFFERS: dict[str, Callable[[], dict[str, Any]]] = {
     "vm_id with a slash": _changed(_set("vm_id", "../x")),
     "a 100 kB kernel command line": _changed(_set("manifest", "kernel_cmdline", "x" * 100_000)),
     "unknown origin": _changed(_set("origin", "elsewhere")),
+    "package id is a path into the cache": _changed(_set("package", "../" * 21 + "x")),
+    "package id is a number": _changed(_set("package", 7)),
     "manifest is a list": _changed(_set("manifest", [])),
 }
 

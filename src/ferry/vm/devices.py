@@ -13,6 +13,11 @@ very same stack can be migrated out again (A -> B -> C -> A).
 
 Device names on the wire: ``memory`` and ``disk/<name>`` (QEMU's device
 state travels in the HANDOFF payload, :mod:`ferry.live.payload`).
+
+A device whose provider is an overlay over a package's file offers that
+file as its base (:mod:`ferry.vm.overlays`); a destination that has the
+same base (``Bases``) builds the device as an overlay over its own copy and
+receives only the blocks the VM changed.
 """
 
 from __future__ import annotations
@@ -27,13 +32,19 @@ from ferry.protocol.messages import DeviceInfo
 from ferry.storage.device import DEFAULT_BLOCK_SIZE_BYTES, Device
 from ferry.storage.modules.waiting import WaitingLocal, WaitingRemote, waiting_cache
 from ferry.storage.providers.memory import MemoryDevice
+from ferry.storage.providers.overlay import OverlayDevice
 from ferry.vm.errors import DeviceSetError
+from ferry.vm.overlays import base_hash
 
 MEMORY = "memory"
 DISK_PREFIX = "disk/"
 
 Backing = Callable[[str, int], Device]
 """Makes the provider of a device from its wire name and size (default: MemoryDevice)."""
+
+Bases = Callable[[DeviceInfo], Device | None]
+"""A provider over this host's copy of the base a source's device names, or None
+(:class:`ferry.vm.overlays.PackageBases`)."""
 
 
 def memory_backing(name: str, size_bytes: int) -> Device:
@@ -54,6 +65,11 @@ class LiveDevice:
         return self.waiting_local if self.waiting_local is not None else self.stack.local
 
     def source_device(self) -> SourceDevice:
+        """What the migrator reads; an overlay's device names its base."""
+        provider = self.stack.provider
+        if isinstance(provider, OverlayDevice):
+            return self.stack.source_device(base_hash=base_hash(provider.base_id),
+                                            base_blocks=provider.base_blocks)
         return self.stack.source_device()
 
     async def close(self) -> None:
@@ -95,28 +111,45 @@ def local_devices(memory: Device, disks: Mapping[str, Device] | None = None, *,
     )
 
 
-def incoming_device(info: DeviceInfo, backing: Backing) -> LiveDevice:
-    """A chainable stack with a waiting cache on top, for a device described by the source."""
-    stack = source_stack(info.name, backing(info.name, info.size_bytes), info.block_size_bytes)
+def incoming_device(info: DeviceInfo, backing: Backing,
+                    bases: Bases | None = None) -> tuple[LiveDevice, bool]:
+    """A chainable stack with a waiting cache on top, for a device described by the source,
+    and whether it stands on a base found here (``bases``)."""
+    provider = bases(info) if bases is not None and info.base_hash is not None else None
+    has_base = provider is not None
+    if provider is None:
+        provider = backing(info.name, info.size_bytes)
+    stack = source_stack(info.name, provider, info.block_size_bytes)
     local, remote = waiting_cache(stack.local, info.block_size_bytes)
-    return LiveDevice(info.name, stack, local, remote)
+    return LiveDevice(info.name, stack, local, remote), has_base
 
 
-def incoming_devices(infos: Sequence[DeviceInfo], backing: Backing, vm: str, *,
-                     with_memory: bool = True) -> tuple[VMDevices, list[DestinationDevice]]:
+async def incoming_devices(infos: Sequence[DeviceInfo], backing: Backing, vm: str, *,
+                           with_memory: bool = True, bases: Bases | None = None,
+                           ) -> tuple[VMDevices, list[DestinationDevice]]:
     """The destination's stacks for the source's Hello, in the Hello's order (the memory
-    device only ``with_memory``: else RAM comes in QEMU's stream)."""
-    made = [incoming_device(i, backing) for i in infos]
+    device only ``with_memory``: else RAM comes in QEMU's stream), each over a base of
+    ``bases`` where one matches. The caller closes the result (:meth:`VMDevices.close`)."""
+    names = [i.name for i in infos]
+    n_memory = names.count(MEMORY)
+    n_disks = len({n for n in names if n.startswith(DISK_PREFIX)})
+    if n_memory != int(with_memory) or n_memory + n_disks != len(names):
+        raise DeviceSetError(f"unexpected device set {names}", vm=vm)
+    made: list[LiveDevice] = []
+    dest: list[DestinationDevice] = []
+    try:
+        for info in infos:
+            device, has_base = incoming_device(info, backing, bases)
+            made.append(device)
+            assert device.waiting_remote is not None
+            dest.append(DestinationDevice(device.waiting_remote, has_base=has_base))
+    except BaseException:
+        for device in made:
+            await device.close()
+        raise
     memory = [d for d in made if d.name == MEMORY]
     disks = {d.name[len(DISK_PREFIX):]: d for d in made if d.name.startswith(DISK_PREFIX)}
-    if len(memory) != int(with_memory) or len(memory) + len(disks) != len(made):
-        raise DeviceSetError(f"unexpected device set {[i.name for i in infos]}", vm=vm)
-    devices = VMDevices(memory[0] if memory else None, disks)
-    dest: list[DestinationDevice] = []
-    for d in made:
-        assert d.waiting_remote is not None
-        dest.append(DestinationDevice(d.waiting_remote))
-    return devices, dest
+    return VMDevices(memory[0] if memory else None, disks), dest
 
 
 def wire_order(devices: VMDevices) -> list[LiveDevice]:

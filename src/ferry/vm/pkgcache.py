@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ferry.errors import FerryError
 from ferry.package import ProgressCallback, TrustStore, extract_package
 from ferry.storage.device import Geometry
 from ferry.storage.hashing import BLOCK_HASH_BYTES, block_hash
@@ -81,6 +82,19 @@ def open_extracted(directory: Path) -> OpenedPackage:
     """An entry of the cache (or any directory :func:`open_package` returned)."""
     package_id = (directory / _ID_FILE).read_text().strip()
     return OpenedPackage(directory, package_id, VMManifest.load(directory), cache_hit=True)
+
+
+def find_cached(cache_dir: Path, package_id: str) -> OpenedPackage | None:
+    """The cache's entry for the package with this id, if this host extracted it before."""
+    entry = cache_dir / package_id[:32]
+    try:
+        if (entry / _ID_FILE).read_text().strip() != package_id:
+            return None
+        return open_extracted(entry)
+    except (OSError, FerryError) as exc:
+        if not isinstance(exc, FileNotFoundError):
+            log.warning("package cache entry %s is unusable: %s", entry, exc)
+        return None
 
 
 def open_package(file: Path, trust: TrustStore, *, cache_dir: Path,

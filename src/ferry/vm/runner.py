@@ -74,11 +74,12 @@ from ferry.net import PortForward, VMNetwork
 from ferry.qemu import DeviceStateStats, QemuVM, VMError
 from ferry.qemu.argv import QEMU_BINARY
 from ferry.qemu.vm import MEMORY_FILE
-from ferry.storage import FileDevice, OverlayDevice
+from ferry.storage import OverlayDevice
 from ferry.vm.devices import VMDevices, local_devices
 from ferry.vm.errors import ManifestError, VMExistsError, VMLifecycleError, VMNotFoundError
 from ferry.vm.machine import check_guest_network, machine_config
-from ferry.vm.manifest import DeviceEntry, VMManifest
+from ferry.vm.manifest import VMManifest
+from ferry.vm.overlays import package_overlay
 from ferry.vm.pkgcache import OpenedPackage, nonzero_blocks, open_extracted
 from ferry.vm.registry import VM_RECORD, VMPaths, private_dir, read_json, write_json
 
@@ -220,23 +221,6 @@ def process_usage(pid: int) -> dict[str, float]:
             "majflt": majflt}
 
 
-def _overlay(package: OpenedPackage, entry: DeviceEntry, state_dir: Path) -> OverlayDevice:
-    base = FileDevice(package.directory / entry.path, read_only=True,
-                      name=f"{entry.name}-base")
-    if base.size_bytes != entry.size_bytes:
-        base.close_sync()
-        raise ManifestError(f"{entry.path} has {base.size_bytes} bytes, the manifest says "
-                            f"{entry.size_bytes}")
-    try:
-        return OverlayDevice(base, state_dir / f"{entry.name}.ovl",
-                             block_size_bytes=entry.block_size_bytes,
-                             base_id=f"{package.package_id[:64]}:{entry.name}".encode(),
-                             name=entry.name)
-    except BaseException:
-        base.close_sync()
-        raise
-
-
 def _prepare_state_dir(vm_id: str, paths: VMPaths,
                        package: OpenedPackage | None) -> tuple[OpenedPackage, Path, Path]:
     """Decide what to resume: a suspended VM of this id, or the package. Returns
@@ -310,11 +294,11 @@ async def run_vm(
             # concurrently with QEMU's start and the state load.
             async with _alongside(net.create_namespace(), f"netns {vm_id}") as tap_step:
                 t0 = time.monotonic()
-                memory = _overlay(package, manifest.memory, state_dir)
+                memory = package_overlay(package, manifest.memory, state_dir)
                 stack.push_async_callback(memory.close)
                 disks = {}
                 for entry in manifest.disks:
-                    disks[entry.name] = dev = _overlay(package, entry, state_dir)
+                    disks[entry.name] = dev = package_overlay(package, entry, state_dir)
                     stack.push_async_callback(dev.close)
                 # Dirty-tracked stacks over the overlays, so the VM can be live-migrated
                 # out (ferry.live.outgoing); the overlays stay what the callbacks close.

@@ -61,7 +61,7 @@ async def hop(src: VMDevices, *, seed: int) -> tuple[VMDevices, dict[str, bytes]
         at_handoff.update(await contents(src))
 
     async def open_devices(infos: Sequence[DeviceInfo]) -> Sequence[DestinationDevice]:
-        devices, dest = incoming_devices(infos, memory_backing, "vm")
+        devices, dest = await incoming_devices(infos, memory_backing, "vm")
         made.append(devices)
         return dest
 
@@ -104,10 +104,10 @@ async def test_a_vm_keeps_moving_and_nothing_is_lost() -> None:
 async def test_unexpected_device_sets_are_refused() -> None:
     infos = [DeviceInfo("disk/root", BS, BS), DeviceInfo("swap", BS, BS)]
     with pytest.raises(DeviceSetError):
-        incoming_devices(infos, memory_backing, "vm")
+        await incoming_devices(infos, memory_backing, "vm")
     with pytest.raises(DeviceSetError):
-        incoming_devices([DeviceInfo(MEMORY, BS, BS), DeviceInfo(MEMORY, BS, BS)],
+        await incoming_devices([DeviceInfo(MEMORY, BS, BS), DeviceInfo(MEMORY, BS, BS)],
                          memory_backing, "vm")
     with pytest.raises(DeviceSetError):  # the state travels in the HANDOFF payload only
-        incoming_devices([DeviceInfo(MEMORY, BS, BS), DeviceInfo("state", BS, BS)],
+        await incoming_devices([DeviceInfo(MEMORY, BS, BS), DeviceInfo("state", BS, BS)],
                          memory_backing, "vm")

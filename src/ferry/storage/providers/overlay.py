@@ -252,6 +252,11 @@ class OverlayDevice:
     def base(self) -> Device:
         return self._base
 
+    @property
+    def base_id(self) -> bytes:
+        """Who the base is (as given at creation and recorded in the map)."""
+        return self._base_id
+
     def _check_open(self) -> None:
         if self._closed:
             raise DeviceClosedError("device is closed", device=self.name)
