@@ -11,18 +11,29 @@ transport conformance suite runs over them).
 Wire format, every frame::
 
     offset 0  1 byte   substream id (< count; both ends agree on count)
-    offset 1  1 byte   kind: 0 DATA, 1 EOF (sender half-closed), 2 CLOSE (sender closed)
-    offset 2  4 bytes  payload length, big-endian; 0 unless DATA, at most MAX_FRAME_BYTES
-    offset 6  payload
+    offset 1  1 byte   kind: 0 DATA, 1 EOF (sender half-closed), 2 CLOSE (sender closed),
+                       3 CREDIT (the receiver read that many more bytes)
+    offset 2  4 bytes  payload length, big-endian: 1..MAX_FRAME_BYTES for DATA, 4 for
+                       CREDIT, 0 otherwise
+    offset 6  payload  (CREDIT: a u32 big-endian byte count, at least 1)
+
+Flow control is per substream and credit-based, as in HTTP/2: a sender may
+have at most the substream's *window* (``window_frames`` frames of
+:data:`MAX_FRAME_BYTES`; both ends pass the same windows) sent and not yet
+read by the consumer at the other end, and the receiver grants credit back
+as its consumer reads. So what a peer can make this side buffer is bounded
+by the windows, the reader never stops reading the link for a slow
+consumer (a stalled substream holds back only its own sender), and a bulk
+substream never has more than its window queued in the kernel's socket
+buffers ahead of another substream's next message: with QEMU's RAM stream
+in one substream, the migration channel's hand-off messages wait behind at
+most the RAM window, not behind megabytes of TCP buffers.
 
 :class:`FrameDecoder` is the sans-IO parser; :class:`Mux` drives it. Peer
 input is validated before use (unknown id or kind, oversized or empty DATA
-frames, data after EOF: :class:`~ferry.errors.RemoteProtocolError`, which
-breaks every substream), and what a peer can make this side buffer is
-bounded: each substream queues at most ``window_frames`` frames; beyond that
-the reader stops reading the link (TCP backpressure), so a substream whose
-consumer stops reading holds back the others. Each consumer must keep
-reading, or close its substream (frames for a closed substream are dropped).
+frames, data after EOF, data beyond the window, credit beyond it:
+:class:`~ferry.errors.RemoteProtocolError`, which breaks every substream).
+Frames for a substream closed here are dropped.
 
 Senders interleave frame by frame (one lock around the link), so a small
 control message waits behind at most one frame of a bulk stream.
@@ -56,6 +67,7 @@ DEFAULT_WINDOW_FRAMES = 16
 """Frames one substream buffers (4 MiB at most) before the reader waits for its consumer."""
 
 _HEADER = struct.Struct(">BBI")
+_CREDIT = struct.Struct(">I")
 HEADER_BYTES = _HEADER.size
 MAX_SUBSTREAMS = 8
 
@@ -64,6 +76,7 @@ class Kind(enum.IntEnum):
     DATA = 0
     EOF = 1
     CLOSE = 2
+    CREDIT = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,13 +92,24 @@ def encode_header(sub: int, kind: Kind, length: int = 0) -> bytes:
     return _HEADER.pack(sub, kind, length)
 
 
+def encode_credit(sub: int, nbytes: int) -> bytes:
+    """A whole CREDIT frame granting ``nbytes`` more on substream ``sub``."""
+    return encode_header(sub, Kind.CREDIT, _CREDIT.size) + _CREDIT.pack(nbytes)
+
+
+def credit_of(frame: Frame) -> int:
+    """The byte count a (decoded, hence checked) CREDIT frame grants."""
+    return int(_CREDIT.unpack(frame.payload)[0])
+
+
 class FrameDecoder:
     """Bytes in, validated frames out; no I/O."""
 
     def __init__(self, count: int) -> None:
         self._count = count
         self._buffer = bytearray()
-        self._ended = [False] * count
+        self._ended = [False] * count  # the peer's direction ended (EOF or CLOSE)
+        self._closed = [False] * count  # the peer closed the substream (CLOSE)
 
     def feed(self, data: bytes) -> list[Frame]:
         """The complete frames ``data`` finishes; raises RemoteProtocolError on bad input."""
@@ -104,17 +128,24 @@ class FrameDecoder:
                                           f"(at most {MAX_FRAME_BYTES})")
             if k is Kind.DATA and length == 0:
                 raise RemoteProtocolError("empty mux DATA frame")
-            if k is not Kind.DATA and length:
+            if k is Kind.CREDIT and length != _CREDIT.size:
+                raise RemoteProtocolError(f"mux CREDIT frame of {length} bytes")
+            if k in (Kind.EOF, Kind.CLOSE) and length:
                 raise RemoteProtocolError(f"mux {k.name} frame with a payload")
             if len(self._buffer) < HEADER_BYTES + length:
                 break
-            if self._ended[sub]:
+            # Credit is for this side's direction, which the peer's EOF does not end.
+            if self._closed[sub] if k is Kind.CREDIT else self._ended[sub]:
                 raise RemoteProtocolError(f"mux frame on substream {sub} after its end")
             payload = bytes(self._buffer[HEADER_BYTES:HEADER_BYTES + length])
             del self._buffer[:HEADER_BYTES + length]
-            if k is not Kind.DATA:
+            frame = Frame(sub, k, payload)
+            if k is Kind.CREDIT and credit_of(frame) == 0:
+                raise RemoteProtocolError("mux CREDIT frame of 0 bytes")
+            if k in (Kind.EOF, Kind.CLOSE):
                 self._ended[sub] = True
-            frames.append(Frame(sub, k, payload))
+                self._closed[sub] = k is Kind.CLOSE
+            frames.append(frame)
         return frames
 
 
@@ -124,9 +155,12 @@ class Substream:
     def __init__(self, mux: Mux, sub: int, window_frames: int) -> None:
         self._mux = mux
         self._sub = sub
-        self._window = window_frames
+        self._window = window_frames * MAX_FRAME_BYTES
         self._frames: collections.deque[bytes] = collections.deque()
         self._pending = b""
+        self._room = self._window  # bytes the peer may still send before our next credit
+        self._read = 0  # bytes the consumer took since the last credit
+        self._credit = self._window  # bytes this side may still send
         self._ended = False  # the peer sent EOF or CLOSE (or the link ended cleanly)
         self._eof_sent = False
         self._closed = False
@@ -150,10 +184,19 @@ class Substream:
         if self._eof_sent:
             raise ClosedResourceError("send_all after send_eof", peer=self.peer)
         view = memoryview(data).cast("B")
-        for offset in range(0, len(view), MAX_FRAME_BYTES):
+        offset = 0
+        while offset < len(view):
             if self._peer_closed:
                 raise BrokenResourceError("peer closed the substream", peer=self.peer)
-            await self._mux._send(self, self._sub, Kind.DATA, view[offset:offset + MAX_FRAME_BYTES])
+            if self._credit == 0:  # the peer's consumer has a window's worth unread
+                self._mux._raise_if_broken(self)
+                await self._wake.wait()
+                self._check_open()
+                continue
+            n = min(MAX_FRAME_BYTES, self._credit, len(view) - offset)
+            self._credit -= n
+            await self._mux._send(self, self._sub, Kind.DATA, view[offset:offset + n])
+            offset += n
             self._check_open()
 
     async def receive_some(self, max_bytes: int = DEFAULT_RECEIVE_BYTES) -> bytes:
@@ -163,7 +206,9 @@ class Substream:
             self._check_open()
             if not self._pending and self._frames:
                 self._pending = self._frames.popleft()
-                self._notify()  # room for the reader
+                self._read += len(self._pending)
+                if self._read >= self._window // 2:
+                    self._mux._credit_due.set()
             if self._pending:
                 out, self._pending = self._pending[:max_bytes], self._pending[max_bytes:]
                 return out
@@ -171,6 +216,14 @@ class Substream:
                 return b""
             self._mux._raise_if_broken(self)
             await self._wake.wait()
+
+    def _take_grant(self) -> int:
+        """Bytes to credit the peer now (what the consumer took), or 0 if not due yet."""
+        if self._read < self._window // 2:
+            return 0
+        granted, self._read = self._read, 0
+        self._room += granted
+        return granted
 
     async def send_eof(self) -> None:
         self._check_open()
@@ -193,12 +246,20 @@ class Substream:
 
     # -- called by the Mux's reader ----------------------------------------------------
 
-    async def _deliver(self, frame: Frame) -> None:
+    def _deliver(self, frame: Frame) -> None:
         if frame.kind is Kind.DATA:
-            while len(self._frames) >= self._window and not self._closed:
-                await self._wake.wait()
-            if not self._closed:
+            if not self._closed:  # frames for a substream closed here are dropped
+                if len(frame.payload) > self._room:
+                    raise RemoteProtocolError(
+                        f"mux substream {self._sub}: the peer sent beyond its window "
+                        f"({len(frame.payload)} bytes, {self._room} allowed)")
+                self._room -= len(frame.payload)
                 self._frames.append(frame.payload)
+        elif frame.kind is Kind.CREDIT:
+            self._credit += credit_of(frame)
+            if self._credit > self._window:
+                raise RemoteProtocolError(f"mux substream {self._sub}: the peer granted "
+                                          f"more credit than the window")
         else:
             self._ended = True
             self._peer_closed = self._peer_closed or frame.kind is Kind.CLOSE
@@ -214,8 +275,8 @@ class Mux:
 
     def __init__(self, stream: Stream, count: int = 2, *,
                  window_frames: int | Sequence[int] = DEFAULT_WINDOW_FRAMES) -> None:
-        """``window_frames``: frames each substream buffers (one number for all, or one
-        per substream)."""
+        """``window_frames``: each substream's window in frames of :data:`MAX_FRAME_BYTES`
+        (one number for all, or one per substream); both ends must pass the same."""
         if not 1 <= count <= MAX_SUBSTREAMS:
             raise ValueError(f"count must be 1..{MAX_SUBSTREAMS}, not {count}")
         windows = [window_frames] * count if isinstance(window_frames, int) \
@@ -225,7 +286,9 @@ class Mux:
         self._stream = stream
         self._subs = [Substream(self, i, w) for i, w in enumerate(windows)]
         self._send_lock = asyncio.Lock()
+        self._credit_due = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
+        self._granter: asyncio.Task[None] | None = None
         self._error: FerryError | None = None
         self._closed = False
 
@@ -239,6 +302,7 @@ class Mux:
     def start(self) -> None:
         if self._reader is None:
             self._reader = asyncio.create_task(self._read(), name=f"mux {self.peer}")
+            self._granter = asyncio.create_task(self._grant(), name=f"mux credit {self.peer}")
 
     async def __aenter__(self) -> Self:
         self.start()
@@ -253,8 +317,9 @@ class Mux:
         if self._closed:
             return
         self._closed = True
-        if self._reader is not None:
-            await cancel_and_wait(self._reader, swallow_errors=True)
+        for task in (self._reader, self._granter):
+            if task is not None:
+                await cancel_and_wait(task, swallow_errors=True)
         if self._error is None:
             self._error = BrokenResourceError("the link was closed", peer=self.peer)
         self._notify()
@@ -279,6 +344,17 @@ class Mux:
                 raise BrokenResourceError(f"link failed: {exc}",
                                           peer=owner.peer if owner else self.peer) from exc
 
+    async def _send_raw(self, frame: bytes) -> None:
+        """A whole small frame (a credit), under the same lock."""
+        if self._error is not None:
+            raise BrokenResourceError(f"link failed: {self._error}", peer=self.peer)
+        async with self._send_lock:
+            try:
+                await self._stream.send_all(frame)
+            except (BrokenResourceError, ClosedResourceError) as exc:
+                self._fail(BrokenResourceError(str(exc), peer=self.peer))
+                raise BrokenResourceError(f"link failed: {exc}", peer=self.peer) from exc
+
     async def _read(self) -> None:
         decoder = FrameDecoder(len(self._subs))
         try:
@@ -287,12 +363,25 @@ class Mux:
                 if not data:  # the link ended cleanly: every substream ends
                     for sub in self._subs:
                         if not sub._ended:
-                            await sub._deliver(Frame(sub._sub, Kind.EOF))
+                            sub._deliver(Frame(sub._sub, Kind.EOF))
                     return
                 for frame in decoder.feed(data):
-                    await self._subs[frame.sub]._deliver(frame)
+                    self._subs[frame.sub]._deliver(frame)
         except (BrokenResourceError, ClosedResourceError, RemoteProtocolError) as exc:
             self._fail(exc)
+
+    async def _grant(self) -> None:
+        """Send the credit the consumers earned (one task, so a consumer never waits to
+        send, and a credit is never half-given when a consumer is cancelled)."""
+        while True:
+            await self._credit_due.wait()
+            self._credit_due.clear()
+            for sub in self._subs:
+                if granted := sub._take_grant():
+                    try:
+                        await self._send_raw(encode_credit(sub._sub, granted))
+                    except BrokenResourceError:
+                        return  # every substream learns of it from _error
 
     def _fail(self, exc: FerryError) -> None:
         if self._error is None:
@@ -308,4 +397,5 @@ class Mux:
             raise BrokenResourceError(f"link failed: {self._error}", peer=sub.peer)
 
 
-__all__ = ["MAX_FRAME_BYTES", "Frame", "FrameDecoder", "Kind", "Mux", "Substream"]
+__all__ = ["MAX_FRAME_BYTES", "Frame", "FrameDecoder", "Kind", "Mux", "Substream", "credit_of",
+           "encode_credit"]
