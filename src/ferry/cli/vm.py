@@ -24,7 +24,7 @@ from ferry.node.control import ControlClient
 from ferry.node.process import launch_detached
 from ferry.package import PackageInfo, Progress, TrustStore
 from ferry.package import commands as pkg
-from ferry.qemu import DEFAULT_CPU_MODEL
+from ferry.shape import DEFAULT_CPU_MODEL
 from ferry.vm import pkgcache, registry, snapshot
 from ferry.vm.publish import parse_publish
 from ferry.vm.runner import StopMode

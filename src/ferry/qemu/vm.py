@@ -50,10 +50,11 @@ from ferry.qemu.argv import (
     AgentChannel,
     NbdDisk,
     PrivateRam,
+    QemuConfig,
     SerialToFile,
+    argv_for,
     host_tsc_khz,
     kernel_cmdline,
-    qemu_argv,
 )
 from ferry.qemu.config import VMConfig
 from ferry.qemu.devstate import DeviceStateStats
@@ -119,7 +120,7 @@ class QemuVM:
             pass
         elif memory.size_bytes != config.memory_bytes:
             raise ConfigError(f"memory device has {memory.size_bytes} bytes, the VM "
-                              f"needs {config.memory_bytes} ({config.memory_mib} MiB)")
+                              f"needs {config.memory_bytes} ({config.machine.memory_mib} MiB)")
         self.config = config
         self.name = name
         self.work_dir = Path(work_dir).absolute()
@@ -451,15 +452,15 @@ class QemuVM:
         extra = list(cfg.extra_qemu_args)
         if incoming:
             extra.append("-S")
-        return qemu_argv(
-            cfg.kernel, cfg.initramfs, memory_mib=cfg.memory_mib, cmdline=cmdline,
+        return argv_for(cfg.kernel, cfg.initramfs, QemuConfig(
+            machine=cfg.machine, cmdline=cmdline,
             memory_path=None if self.private_ram else self.memory_path,
-            private_ram=self.private_ram, disks=disks,
+            private_ram=self.private_ram, disks=tuple(disks),
             serial=SerialToFile(self.work_dir / f"console.{generation}.log"),
-            qmp_socket=self.qmp_socket, accel=self.accel, cpu_model=cfg.cpu_model,
-            vcpus=cfg.vcpus, incoming="defer" if incoming else None, net=cfg.net,
+            qmp_socket=self.qmp_socket, accel=self.accel,
+            incoming="defer" if incoming else None, net=cfg.net,
             agent=AgentChannel(self.agent_socket) if cfg.agent else None,
-            sandbox=sandbox_option() if cfg.sandbox else None, extra_args=extra)
+            sandbox=sandbox_option() if cfg.sandbox else None, extra_args=tuple(extra)))
 
     async def _spawn(self, *, incoming: bool) -> None:
         number = self._generations + 1

@@ -15,6 +15,7 @@ from ferry.hostconfig import Accel
 from ferry.net import GUEST_IP, GUEST_MAC
 from ferry.qemu import VMConfig
 from ferry.qemu.argv import TapNet
+from ferry.shape import MachineShape
 from ferry.vm.errors import ManifestError
 from ferry.vm.manifest import VMManifest
 
@@ -33,8 +34,8 @@ def machine_config(manifest: VMManifest, kernel: Path, initramfs: Path, *, tap: 
     check_guest_network(manifest, vm=vm)
     m = manifest.machine
     g = manifest.network
-    return VMConfig(kernel=kernel, initramfs=initramfs, memory_mib=m.memory_mib,
-                    cpu_model=m.cpu_model, vcpus=m.vcpus, accel=Accel(m.accel),
+    return VMConfig(kernel=kernel, initramfs=initramfs,
+                    machine=MachineShape(m.memory_mib, m.vcpus, m.cpu_model), accel=Accel(m.accel),
                     agent=manifest.agent.enabled, net=TapNet(tap, mac=GUEST_MAC),
                     sandbox=sandbox,
                     kernel_args=(f"ferry.ip={g.ip}/{g.prefix_len}", f"ferry.gw={g.gateway}"))

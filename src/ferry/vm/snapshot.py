@@ -37,9 +37,10 @@ from ferry.guest.agent import AgentClient, AgentError, connect_agent
 from ferry.guest.image import Blueprint, BuiltImage, build_blueprint, load_blueprint
 from ferry.hostconfig import Accel, HostConfig
 from ferry.net import PortForward, VMNetwork
-from ferry.qemu import DEFAULT_CPU_MODEL, DeviceStateStats, QemuVM, VMConfig
+from ferry.qemu import DeviceStateStats, QemuVM, VMConfig
 from ferry.qemu.accel import host_accel
 from ferry.qemu.argv import TapNet, host_tsc_khz, kernel_cmdline
+from ferry.shape import DEFAULT_CPU_MODEL
 from ferry.storage import FileDevice
 from ferry.storage.hashing import block_hash
 from ferry.vm.errors import SnapshotError
@@ -141,7 +142,7 @@ async def booted(
         vm = QemuVM(config, work_dir=work_dir, memory=memory, disks={ROOT_DISK: disk},
                     name=net.vm_id, wrap_argv=net.wrap_argv)
         await stack.enter_async_context(vm)
-        progress(f"booting {bp.name} ({config.memory_mib} MiB)")
+        progress(f"booting {bp.name} ({config.machine.memory_mib} MiB)")
         t0 = time.monotonic()
         await vm.start()
         agent = await stack.enter_async_context(

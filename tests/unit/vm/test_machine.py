@@ -10,6 +10,7 @@ import pytest
 from ferry.hostconfig import Accel
 from ferry.net import GUEST_MAC
 from ferry.qemu.argv import TapNet
+from ferry.shape import MachineShape
 from ferry.testing.live import sample_manifest
 from ferry.vm.errors import ManifestError
 from ferry.vm.machine import machine_config
@@ -20,8 +21,8 @@ def test_the_snapshot_machine_exactly() -> None:
     m = dataclasses.replace(sample_manifest(),
                             machine=MachineSpec("microvm", "Nehalem-v1", 2, 256, "tcg"))
     config = machine_config(m, Path("/k"), Path("/i"), tap="tap9", sandbox=False)
-    assert (config.memory_mib, config.vcpus, config.cpu_model, config.accel) == (
-        256, 2, "Nehalem-v1", Accel.TCG)
+    assert config.machine == MachineShape(256, vcpus=2, cpu_model="Nehalem-v1")
+    assert config.accel is Accel.TCG
     assert config.net == TapNet("tap9", mac=GUEST_MAC)
     assert (config.kernel, config.initramfs, config.sandbox) == (Path("/k"), Path("/i"), False)
     g = m.network
