@@ -63,7 +63,6 @@ from ferry.hostconfig import Accel
 from ferry.net import GATEWAY_MAC, links, nft
 from ferry.qemu.argv import AgentChannel, FileDisk, QemuConfig, SerialToFile, TapNet, argv_for
 from ferry.qemu.qmp import QMPClient
-from ferry.shape import MachineShape
 from ferry.testing.hosts import HostNamespace, HostSet
 from ferry.testing.workload import HopLoad, Load, RedisWriter, end_loads, start_loads
 from ferry.vm.pkgcache import OpenedPackage
@@ -247,7 +246,7 @@ def package_argv(package: OpenedPackage, *, disk: Path, memory_path: Path | None
         extra += ["-object", f"memory-backend-ram,id=mem,size={m.machine.memory_mib}M",
                   "-M", "memory-backend=mem"]
     return argv_for(package.directory / m.kernel, package.directory / m.initramfs, QemuConfig(
-        machine=MachineShape(m.machine.memory_mib, m.machine.vcpus, m.machine.cpu_model),
+        machine=m.machine.shape,
         cmdline=m.kernel_cmdline, memory_path=memory_path,
         disks=(FileDisk(disk),), serial=SerialToFile(run_dir / "console.log"),
         qmp_socket=run_dir / "qmp.sock", accel=Accel(m.machine.accel), incoming=incoming,

@@ -15,7 +15,6 @@ from ferry.hostconfig import Accel
 from ferry.net import GUEST_IP, GUEST_MAC
 from ferry.qemu import VMConfig
 from ferry.qemu.argv import TapNet
-from ferry.shape import MachineShape
 from ferry.vm.errors import ManifestError
 from ferry.vm.manifest import VMManifest
 
@@ -34,8 +33,7 @@ def machine_config(manifest: VMManifest, kernel: Path, initramfs: Path, *, tap: 
     check_guest_network(manifest, vm=vm)
     m = manifest.machine
     g = manifest.network
-    return VMConfig(kernel=kernel, initramfs=initramfs,
-                    machine=MachineShape(m.memory_mib, m.vcpus, m.cpu_model), accel=Accel(m.accel),
+    return VMConfig(kernel=kernel, initramfs=initramfs, machine=m.shape, accel=Accel(m.accel),
                     agent=manifest.agent.enabled, net=TapNet(tap, mac=GUEST_MAC),
                     sandbox=sandbox,
                     kernel_args=(f"ferry.ip={g.ip}/{g.prefix_len}", f"ferry.gw={g.gateway}"))

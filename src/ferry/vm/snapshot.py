@@ -254,6 +254,7 @@ async def _snapshot_into(
             progress("saving device state")
             stats = await b.vm.save_device_state(out_dir / STATE_PATH)
             accel = b.vm.accel
+            shape = b.config.machine
             cmdline = kernel_cmdline(tsc_khz=host_tsc_khz(), quiet=b.config.quiet_kernel,
                                      root="/dev/vda", extra=b.config.kernel_args)
             guest = b.net.guest
@@ -277,9 +278,8 @@ async def _snapshot_into(
     manifest = VMManifest(
         name=bp.name, blueprint=bp.name, image_key=image.key,
         created=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        machine=MachineSpec(machine="microvm", cpu_model=cpu_model, vcpus=1,
-                            memory_mib=bp.memory_mib, accel=accel.value if accel else "tcg",
-                            qemu=qemu_version),
+        machine=MachineSpec.recording(shape, accel=accel.value if accel else "tcg",
+                                      qemu=qemu_version),
         kernel_cmdline=cmdline, kernel=KERNEL_PATH, initramfs=INITRAMFS_PATH,
         state=STATE_PATH, state_bytes=stats.state_bytes, memory=memory_entry,
         disks=(disk_entry,),
