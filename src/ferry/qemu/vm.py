@@ -142,6 +142,9 @@ class QemuVM:
         self._exit_error: VMExitedError | None = None
         self._crashed = asyncio.Event()
         self.accel: Accel | None = config.accel
+        self.kernel_cmdline: str | None = None
+        """The guest kernel command line the last QEMU spawned was given (None before the
+        first): the one place it is assembled, and what a package records."""
 
     # -- properties ----------------------------------------------------------------
 
@@ -442,12 +445,15 @@ class QemuVM:
 
     # -- internals -----------------------------------------------------------------
 
-    def _argv(self, generation: int, *, incoming: bool) -> list[str]:
+    def _kernel_cmdline(self) -> str:
+        cfg = self.config
+        return kernel_cmdline(tsc_khz=host_tsc_khz(), quiet=cfg.quiet_kernel,
+                              root="/dev/vda" if self._disks else None, net=cfg.net,
+                              extra=cfg.kernel_args)
+
+    def _argv(self, generation: int, *, cmdline: str, incoming: bool) -> list[str]:
         cfg = self.config
         assert self.accel is not None, "resolved in _spawn"
-        cmdline = kernel_cmdline(tsc_khz=host_tsc_khz(), quiet=cfg.quiet_kernel,
-                                 root="/dev/vda" if self._disks else None, net=cfg.net,
-                                 extra=cfg.kernel_args)
         disks = [NbdDisk(self.nbd_socket, export=name) for name in self._disks]
         extra = list(cfg.extra_qemu_args)
         if incoming:
@@ -466,7 +472,9 @@ class QemuVM:
         number = self._generations + 1
         if self.accel is None:
             self.accel = (await choose_accel()).accel
-        argv = self._argv(number, incoming=incoming)
+        cmdline = self._kernel_cmdline()
+        argv = self._argv(number, cmdline=cmdline, incoming=incoming)
+        self.kernel_cmdline = cmdline
         if self._wrap_argv is not None:
             argv = self._wrap_argv(argv)
         self._generations = number

@@ -39,7 +39,7 @@ from ferry.hostconfig import Accel, HostConfig
 from ferry.net import PortForward, VMNetwork
 from ferry.qemu import DeviceStateStats, QemuVM, VMConfig
 from ferry.qemu.accel import host_accel
-from ferry.qemu.argv import TapNet, host_tsc_khz, kernel_cmdline
+from ferry.qemu.argv import TapNet
 from ferry.shape import DEFAULT_CPU_MODEL
 from ferry.storage import FileDevice
 from ferry.storage.hashing import block_hash
@@ -255,8 +255,8 @@ async def _snapshot_into(
             stats = await b.vm.save_device_state(out_dir / STATE_PATH)
             accel = b.vm.accel
             shape = b.config.machine
-            cmdline = kernel_cmdline(tsc_khz=host_tsc_khz(), quiet=b.config.quiet_kernel,
-                                     root="/dev/vda", extra=b.config.kernel_args)
+            cmdline = b.vm.kernel_cmdline  # the line the guest booted with
+            assert cmdline is not None, "set when QEMU was spawned"
             guest = b.net.guest
             qemu_version = ".".join(map(str, await b.vm.qemu_version()))
             await b.vm.stop()
