@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 # Bottom first. A room is a top-level package or module of ferry.
 FLOORS: list[set[str]] = [
     {"errors", "aio", "buffers", "__init__"},
-    {"hostconfig"},  # the host's directories and QEMU choices, read from the environment once
+    {"hostconfig", "shape"},  # the host's directories and QEMU choices; a VM's machine shape
     {"storage"},
     {"protocol"},
     {"transport", "net", "package"},

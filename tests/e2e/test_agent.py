@@ -30,11 +30,13 @@ from ferry.qemu.accel import best_accel
 from ferry.qemu.argv import (
     AgentChannel,
     FileDisk,
+    QemuConfig,
     SerialToFile,
+    argv_for,
     host_tsc_khz,
     kernel_cmdline,
-    qemu_argv,
 )
+from ferry.shape import MachineShape
 
 pytestmark = pytest.mark.e2e
 
@@ -88,12 +90,12 @@ def _boot(blueprint: str, out: Path) -> Iterator[Guest]:
     img = build_blueprint(parse_blueprint(blueprint, base_dir=out), out,
                           cache_dir=HOST.cache_root)
     agent_socket, qmp_socket, console = out / "agent.sock", out / "qmp.sock", out / "console.log"
-    argv = qemu_argv(
-        img.kernel, img.initramfs, memory_mib=img.blueprint.memory_mib,
-        cmdline=kernel_cmdline(tsc_khz=host_tsc_khz()), disks=[FileDisk(img.rootfs)],
+    argv = argv_for(img.kernel, img.initramfs, QemuConfig(
+        machine=MachineShape(img.blueprint.memory_mib),
+        cmdline=kernel_cmdline(tsc_khz=host_tsc_khz()), disks=(FileDisk(img.rootfs),),
         serial=SerialToFile(console), qmp_socket=qmp_socket,
         agent=AgentChannel(agent_socket), accel=best_accel(HOST),
-    )
+    ))
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:

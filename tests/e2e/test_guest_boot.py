@@ -24,12 +24,14 @@ from ferry.hostconfig import HostConfig
 from ferry.qemu.accel import best_accel
 from ferry.qemu.argv import (
     FileDisk,
+    QemuConfig,
     SerialToFile,
     UserNet,
+    argv_for,
     host_tsc_khz,
     kernel_cmdline,
-    qemu_argv,
 )
+from ferry.shape import MachineShape
 
 pytestmark = pytest.mark.e2e
 
@@ -41,11 +43,11 @@ BOOT_DEADLINE_S = 120.0  # generous: TCG on a shared 2-core machine
 
 
 def _argv(img: BuiltImage, log: Path, net: UserNet | None = None) -> list[str]:
-    return qemu_argv(
-        img.kernel, img.initramfs, memory_mib=img.blueprint.memory_mib,
+    return argv_for(img.kernel, img.initramfs, QemuConfig(
+        machine=MachineShape(img.blueprint.memory_mib),
         cmdline=kernel_cmdline(tsc_khz=host_tsc_khz(), net=net),
-        disks=[FileDisk(img.rootfs)], serial=SerialToFile(log), net=net, accel=best_accel(HOST),
-    )
+        disks=(FileDisk(img.rootfs),), serial=SerialToFile(log), net=net, accel=best_accel(HOST),
+    ))
 
 
 @contextmanager

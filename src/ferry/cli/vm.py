@@ -24,7 +24,7 @@ from ferry.node.control import ControlClient
 from ferry.node.process import launch_detached
 from ferry.package import PackageInfo, Progress, TrustStore
 from ferry.package import commands as pkg
-from ferry.qemu import DEFAULT_CPU_MODEL
+from ferry.shape import DEFAULT_CPU_MODEL, MAX_MEMORY_MIB, MIN_MEMORY_MIB
 from ferry.vm import pkgcache, registry, snapshot
 from ferry.vm.publish import parse_publish
 from ferry.vm.runner import StopMode
@@ -48,7 +48,8 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
                    help="shell command to run in the guest before the snapshot (repeatable)")
     c.add_argument("--cpu-model", default=DEFAULT_CPU_MODEL)
     c.add_argument("--memory-mib", type=int, metavar="MIB",
-                   help="guest RAM, overriding the blueprint's memory_mib (32..65536)")
+                   help="guest RAM, overriding the blueprint's memory_mib "
+                        f"({MIN_MEMORY_MIB}..{MAX_MEMORY_MIB})")
     c.add_argument("--package", type=Path, metavar="FILE", help="also sign it into FILE")
     c.add_argument("--key", type=Path, help="signing key (default: ferry's default key)")
     add_accel(c)

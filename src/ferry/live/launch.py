@@ -71,9 +71,6 @@ class BootFile:
 
 
 MAX_FORWARDS = 64
-MAX_GUEST_MEMORY_MIB = 64 * 1024
-"""More than this machine class has; an offer above it is refused before anything is made."""
-MAX_VCPUS = 64
 MAX_DISKS = 16
 MAX_DEVICE_BYTES = 16 * 1024**4
 MAX_TEXT_BYTES = checks.MAX_TEXT_BYTES
@@ -179,8 +176,7 @@ def _forward(item: object) -> PortForward:
 
 def _check_bounds(m: VMManifest) -> None:
     """Limits a peer's manifest must respect before this host makes anything from it."""
-    checks.integer(m.machine.memory_mib, "memory_mib", 16, MAX_GUEST_MEMORY_MIB)
-    checks.integer(m.machine.vcpus, "vcpus", 1, MAX_VCPUS)
+    _ = m.machine.shape  # validates memory, vCPUs, CPU model (ferry.shape; ConfigError)
     if len(m.disks) > MAX_DISKS:
         raise ValueError(f"{len(m.disks)} disks (at most {MAX_DISKS})")
     if len({d.name for d in m.disks}) != len(m.disks):

@@ -10,7 +10,6 @@ Public API (see docs/runtime.md)::
         await vm.stop(); await vm.start_incoming(); await vm.load_device_state(src)
 """
 
-from ferry.qemu.argv import DEFAULT_CPU_MODEL
 from ferry.qemu.config import VMConfig
 from ferry.qemu.devstate import MAX_STATE_BYTES, DeviceStateStats
 from ferry.qemu.errors import DeviceStateError, VMError, VMExitedError, VMStateError
@@ -18,7 +17,6 @@ from ferry.qemu.state import VMState
 from ferry.qemu.vm import MEMORY_FILE, QemuVM
 
 __all__ = [
-    "DEFAULT_CPU_MODEL",
     "MAX_STATE_BYTES",
     "MEMORY_FILE",
     "DeviceStateError",

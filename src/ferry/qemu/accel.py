@@ -34,7 +34,8 @@ from pathlib import Path
 
 from ferry.guest.image.tree import Tree, write_newc
 from ferry.hostconfig import DEFAULT_RUN_ROOT, Accel, HostConfig
-from ferry.qemu.argv import DEFAULT_CPU_MODEL, QEMU_BINARY, host_tsc_khz
+from ferry.qemu.argv import QEMU_BINARY, host_tsc_khz
+from ferry.shape import DEFAULT_CPU_MODEL
 
 log = logging.getLogger(__name__)
 

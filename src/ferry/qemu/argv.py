@@ -1,7 +1,7 @@
 """QEMU command lines for microvm guests, as a pure function.
 
-:func:`qemu_argv` only builds a list of strings; it starts nothing, so the
-runtime, tests and the CLI's ``--dry-run`` can all inspect the exact command.
+:func:`argv_for` only builds a list of strings from a :class:`QemuConfig`; it starts
+nothing, so the runtime and tests can inspect the exact command.
 Every device is explicit (``-nodefaults``): virtio-mmio devices on
 ``-M microvm`` (its ACPI tables tell the guest where they are), guest RAM in
 a shared file when migration needs to see it, disks as ``-blockdev`` nodes
@@ -17,17 +17,9 @@ from pathlib import Path
 
 from ferry.errors import ConfigError
 from ferry.hostconfig import Accel
+from ferry.shape import MachineShape
 
 QEMU_BINARY = "qemu-system-x86_64"
-
-DEFAULT_CPU_MODEL = "Nehalem-v1"
-"""A named model, not ``host``/``max``: a snapshot's CPU state (CPUID, MSRs,
-XSAVE layout) must be acceptable to the QEMU that restores it, on any host.
-``Nehalem-v1`` is the x86-64-v2 baseline (SSE4.2, POPCNT): TCG emulates all
-of it without warnings in QEMU 7.2 (plain ``Nehalem`` asks for spec-ctrl,
-which TCG lacks), and every x86 CPU KVM hosts have had since ~2011 has it.
-``qemu64`` is even safer but lacks SSE4.x. See docs/runtime.md."""
-
 
 @dataclass(frozen=True, slots=True)
 class FileDisk:
@@ -114,9 +106,9 @@ USER_NET_GATEWAY = "10.0.2.2"
 
 @dataclass(frozen=True, slots=True)
 class QemuConfig:
-    """Everything :func:`qemu_argv` needs besides kernel and initramfs."""
+    """Everything :func:`argv_for` needs besides kernel and initramfs."""
 
-    memory_mib: int
+    machine: MachineShape
     cmdline: str
     memory_path: Path | None = None
     private_ram: PrivateRam | None = None
@@ -126,8 +118,6 @@ class QemuConfig:
     serial: SerialSpec | None = None
     qmp_socket: Path | None = None
     accel: Accel = Accel.TCG
-    cpu_model: str | None = None
-    vcpus: int = 1
     incoming: str | None = None
     agent: AgentChannel | None = None
     net: NetSpec | None = None
@@ -135,71 +125,26 @@ class QemuConfig:
     """``-sandbox`` value (QEMU's seccomp filter), e.g. ``on,spawn=deny``; None: none."""
     extra_args: Sequence[str] = field(default_factory=tuple)
 
-    def __post_init__(self) -> None:
-        if self.memory_mib < 16:
-            raise ConfigError(f"memory_mib must be >= 16, got {self.memory_mib}")
-        if self.vcpus < 1:
-            raise ConfigError(f"vcpus must be >= 1, got {self.vcpus}")
-
 
 def _opt(value: str | Path) -> str:
     """Escape a value for QEMU's option syntax, where ',' is written ',,'."""
     return str(value).replace(",", ",,")
 
 
-def default_cpu_model(accel: Accel) -> str:
-    """``host`` under KVM; under TCG ``max`` (every feature TCG emulates)."""
-    return "host" if accel is Accel.KVM else "max"
-
-
-def qemu_argv(
-    kernel: Path,
-    initramfs: Path,
-    *,
-    memory_mib: int,
-    cmdline: str,
-    memory_path: Path | None = None,
-    private_ram: PrivateRam | None = None,
-    disks: Sequence[DiskSpec] = (),
-    serial: SerialSpec | None = None,
-    qmp_socket: Path | None = None,
-    accel: Accel | str = Accel.TCG,
-    cpu_model: str | None = None,
-    vcpus: int = 1,
-    incoming: str | None = None,
-    agent: AgentChannel | None = None,
-    net: NetSpec | None = None,
-    sandbox: str | None = None,
-    extra_args: Sequence[str] = (),
-) -> list[str]:
-    """The full argv (``argv[0]`` included) for a microvm guest; see :class:`QemuConfig`."""
-    try:
-        accel = Accel(accel)
-    except ValueError as exc:
-        raise ConfigError(f"unknown accelerator {accel!r}") from exc
-    config = QemuConfig(
-        memory_mib=memory_mib, cmdline=cmdline, memory_path=memory_path,
-        private_ram=private_ram, disks=tuple(disks),
-        serial=serial, qmp_socket=qmp_socket, accel=accel, cpu_model=cpu_model, vcpus=vcpus,
-        incoming=incoming, agent=agent, net=net, sandbox=sandbox, extra_args=tuple(extra_args),
-    )
-    return argv_for(kernel, initramfs, config)
-
-
 def argv_for(kernel: Path, initramfs: Path, config: QemuConfig) -> list[str]:
     """The full argv (``argv[0]`` included) for a microvm guest described by ``config``."""
+    shape = config.machine
     machine = "microvm"
     argv = [QEMU_BINARY, "-nodefaults", "-no-user-config", "-display", "none",
-            "-no-reboot", "-accel", config.accel.value,
-            "-cpu", config.cpu_model or default_cpu_model(config.accel),
-            "-smp", str(config.vcpus), "-m", f"{config.memory_mib}M"]
+            "-no-reboot", "-accel", config.accel.value, "-cpu", shape.cpu_model,
+            "-smp", str(shape.vcpus), "-m", f"{shape.memory_mib}M"]
     if config.memory_path is not None:
-        argv += ["-object", f"memory-backend-file,id=mem,size={config.memory_mib}M,"
+        argv += ["-object", f"memory-backend-file,id=mem,size={shape.memory_mib}M,"
                             f"mem-path={_opt(config.memory_path)},share=on"]
         machine += ",memory-backend=mem"
     elif config.private_ram is not None:
         shared = ",share=on" if config.private_ram is PrivateRam.MEMFD else ""
-        argv += ["-object", f"{config.private_ram.value},id=mem,size={config.memory_mib}M"
+        argv += ["-object", f"{config.private_ram.value},id=mem,size={shape.memory_mib}M"
                             f"{shared}"]
         machine += ",memory-backend=mem"
     argv += ["-M", machine, "-kernel", str(kernel), "-initrd", str(initramfs),

@@ -9,12 +9,15 @@ from typing import Any
 from ferry.errors import ConfigError
 from ferry.guest.image import BuiltImage
 from ferry.hostconfig import Accel
-from ferry.qemu.argv import DEFAULT_CPU_MODEL, NetSpec
+from ferry.qemu.argv import NetSpec
+from ferry.shape import MachineShape
 
 
 @dataclass(frozen=True, slots=True)
 class VMConfig:
     """Kernel, initramfs and machine shape of one VM.
+
+    ``machine`` (memory, vCPUs, CPU model) is validated by :class:`MachineShape`.
 
     ``accel`` None means :func:`~ferry.qemu.accel.choose_accel` (the probe, with no
     override) at spawn time; a caller with a host configuration passes its choice
@@ -24,9 +27,7 @@ class VMConfig:
 
     kernel: Path
     initramfs: Path
-    memory_mib: int
-    cpu_model: str = DEFAULT_CPU_MODEL
-    vcpus: int = 1
+    machine: MachineShape
     accel: Accel | None = None
     kernel_args: tuple[str, ...] = ()
     quiet_kernel: bool = True
@@ -40,22 +41,20 @@ class VMConfig:
     stop_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.memory_mib < 16:
-            raise ConfigError(f"memory_mib must be >= 16, got {self.memory_mib}")
-        if self.vcpus < 1:
-            raise ConfigError(f"vcpus must be >= 1, got {self.vcpus}")
-        if not self.cpu_model or self.cpu_model.startswith(",") or " " in self.cpu_model:
-            raise ConfigError("cpu_model must be a QEMU CPU model name")
         if self.qmp_timeout_s <= 0 or self.stop_timeout_s <= 0:
             raise ConfigError("timeouts must be positive")
 
     @property
     def memory_bytes(self) -> int:
-        return self.memory_mib * 1024 * 1024
+        return self.machine.memory_bytes
 
     @classmethod
-    def from_image(cls, image: BuiltImage, **overrides: Any) -> VMConfig:
-        """The config for a built blueprint (its kernel, initramfs and memory size)."""
-        base = cls(kernel=image.kernel, initramfs=image.initramfs,
-                   memory_mib=image.blueprint.memory_mib)
+    def from_image(cls, image: BuiltImage, *, cpu_model: str | None = None,
+                   **overrides: Any) -> VMConfig:
+        """The config for a built blueprint (its kernel, initramfs and memory size; one
+        vCPU; ``cpu_model`` or the default one)."""
+        memory_mib = image.blueprint.memory_mib
+        shape = (MachineShape(memory_mib) if cpu_model is None
+                 else MachineShape(memory_mib, cpu_model=cpu_model))
+        base = cls(kernel=image.kernel, initramfs=image.initramfs, machine=shape)
         return replace(base, **overrides) if overrides else base

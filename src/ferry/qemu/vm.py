@@ -50,10 +50,11 @@ from ferry.qemu.argv import (
     AgentChannel,
     NbdDisk,
     PrivateRam,
+    QemuConfig,
     SerialToFile,
+    argv_for,
     host_tsc_khz,
     kernel_cmdline,
-    qemu_argv,
 )
 from ferry.qemu.config import VMConfig
 from ferry.qemu.devstate import DeviceStateStats
@@ -119,7 +120,7 @@ class QemuVM:
             pass
         elif memory.size_bytes != config.memory_bytes:
             raise ConfigError(f"memory device has {memory.size_bytes} bytes, the VM "
-                              f"needs {config.memory_bytes} ({config.memory_mib} MiB)")
+                              f"needs {config.memory_bytes} ({config.machine.memory_mib} MiB)")
         self.config = config
         self.name = name
         self.work_dir = Path(work_dir).absolute()
@@ -141,6 +142,9 @@ class QemuVM:
         self._exit_error: VMExitedError | None = None
         self._crashed = asyncio.Event()
         self.accel: Accel | None = config.accel
+        self.kernel_cmdline: str | None = None
+        """The guest kernel command line the last QEMU spawned was given (None before the
+        first): the one place it is assembled, and what a package records."""
 
     # -- properties ----------------------------------------------------------------
 
@@ -441,31 +445,36 @@ class QemuVM:
 
     # -- internals -----------------------------------------------------------------
 
-    def _argv(self, generation: int, *, incoming: bool) -> list[str]:
+    def _kernel_cmdline(self) -> str:
+        cfg = self.config
+        return kernel_cmdline(tsc_khz=host_tsc_khz(), quiet=cfg.quiet_kernel,
+                              root="/dev/vda" if self._disks else None, net=cfg.net,
+                              extra=cfg.kernel_args)
+
+    def _argv(self, generation: int, *, cmdline: str, incoming: bool) -> list[str]:
         cfg = self.config
         assert self.accel is not None, "resolved in _spawn"
-        cmdline = kernel_cmdline(tsc_khz=host_tsc_khz(), quiet=cfg.quiet_kernel,
-                                 root="/dev/vda" if self._disks else None, net=cfg.net,
-                                 extra=cfg.kernel_args)
         disks = [NbdDisk(self.nbd_socket, export=name) for name in self._disks]
         extra = list(cfg.extra_qemu_args)
         if incoming:
             extra.append("-S")
-        return qemu_argv(
-            cfg.kernel, cfg.initramfs, memory_mib=cfg.memory_mib, cmdline=cmdline,
+        return argv_for(cfg.kernel, cfg.initramfs, QemuConfig(
+            machine=cfg.machine, cmdline=cmdline,
             memory_path=None if self.private_ram else self.memory_path,
-            private_ram=self.private_ram, disks=disks,
+            private_ram=self.private_ram, disks=tuple(disks),
             serial=SerialToFile(self.work_dir / f"console.{generation}.log"),
-            qmp_socket=self.qmp_socket, accel=self.accel, cpu_model=cfg.cpu_model,
-            vcpus=cfg.vcpus, incoming="defer" if incoming else None, net=cfg.net,
+            qmp_socket=self.qmp_socket, accel=self.accel,
+            incoming="defer" if incoming else None, net=cfg.net,
             agent=AgentChannel(self.agent_socket) if cfg.agent else None,
-            sandbox=sandbox_option() if cfg.sandbox else None, extra_args=extra)
+            sandbox=sandbox_option() if cfg.sandbox else None, extra_args=tuple(extra)))
 
     async def _spawn(self, *, incoming: bool) -> None:
         number = self._generations + 1
         if self.accel is None:
             self.accel = (await choose_accel()).accel
-        argv = self._argv(number, incoming=incoming)
+        cmdline = self._kernel_cmdline()
+        argv = self._argv(number, cmdline=cmdline, incoming=incoming)
+        self.kernel_cmdline = cmdline
         if self._wrap_argv is not None:
             argv = self._wrap_argv(argv)
         self._generations = number

@@ -59,8 +59,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ferry.errors import FerryError
+from ferry.hostconfig import Accel
 from ferry.net import GATEWAY_MAC, links, nft
-from ferry.qemu.argv import AgentChannel, FileDisk, SerialToFile, TapNet, qemu_argv
+from ferry.qemu.argv import AgentChannel, FileDisk, QemuConfig, SerialToFile, TapNet, argv_for
 from ferry.qemu.qmp import QMPClient
 from ferry.testing.hosts import HostNamespace, HostSet
 from ferry.testing.workload import HopLoad, Load, RedisWriter, end_loads, start_loads
@@ -244,14 +245,13 @@ def package_argv(package: OpenedPackage, *, disk: Path, memory_path: Path | None
     if memory_path is None:
         extra += ["-object", f"memory-backend-ram,id=mem,size={m.machine.memory_mib}M",
                   "-M", "memory-backend=mem"]
-    return qemu_argv(
-        package.directory / m.kernel, package.directory / m.initramfs,
-        memory_mib=m.machine.memory_mib, cmdline=m.kernel_cmdline, memory_path=memory_path,
-        disks=[FileDisk(disk)], serial=SerialToFile(run_dir / "console.log"),
-        qmp_socket=run_dir / "qmp.sock", accel=m.machine.accel,
-        cpu_model=m.machine.cpu_model, vcpus=m.machine.vcpus, incoming=incoming, net=net,
-        agent=AgentChannel(run_dir / "agent.sock") if m.agent.enabled else None,
-        extra_args=extra)
+    return argv_for(package.directory / m.kernel, package.directory / m.initramfs, QemuConfig(
+        machine=m.machine.shape,
+        cmdline=m.kernel_cmdline, memory_path=memory_path,
+        disks=(FileDisk(disk),), serial=SerialToFile(run_dir / "console.log"),
+        qmp_socket=run_dir / "qmp.sock", accel=Accel(m.machine.accel), incoming=incoming,
+        net=net, agent=AgentChannel(run_dir / "agent.sock") if m.agent.enabled else None,
+        extra_args=tuple(extra)))
 
 
 def _mkdtemp_shm() -> str:

@@ -33,8 +33,7 @@ def machine_config(manifest: VMManifest, kernel: Path, initramfs: Path, *, tap: 
     check_guest_network(manifest, vm=vm)
     m = manifest.machine
     g = manifest.network
-    return VMConfig(kernel=kernel, initramfs=initramfs, memory_mib=m.memory_mib,
-                    cpu_model=m.cpu_model, vcpus=m.vcpus, accel=Accel(m.accel),
+    return VMConfig(kernel=kernel, initramfs=initramfs, machine=m.shape, accel=Accel(m.accel),
                     agent=manifest.agent.enabled, net=TapNet(tap, mac=GUEST_MAC),
                     sandbox=sandbox,
                     kernel_args=(f"ferry.ip={g.ip}/{g.prefix_len}", f"ferry.gw={g.gateway}"))

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from ferry.shape import MachineShape
 from ferry.vm.errors import ManifestError
 
 FORMAT = "ferry-vm"
@@ -54,7 +55,11 @@ class DeviceEntry:
 
 @dataclass(frozen=True, slots=True)
 class MachineSpec:
-    """The QEMU machine a resume must recreate exactly."""
+    """The QEMU machine a resume must recreate exactly, as the manifest's JSON records it.
+
+    The fields are the on-disk format (their names are the JSON keys); :attr:`shape`
+    is the validated :class:`~ferry.shape.MachineShape` every user of the record takes.
+    """
 
     machine: str
     cpu_model: str
@@ -63,6 +68,17 @@ class MachineSpec:
     accel: str
     qemu: str = ""
     """The QEMU version that saved the device state ("": not recorded, older packages)."""
+
+    @classmethod
+    def recording(cls, shape: MachineShape, *, accel: str, qemu: str) -> MachineSpec:
+        """The record of a microvm of ``shape`` saved under ``accel`` by QEMU ``qemu``."""
+        return cls(machine="microvm", cpu_model=shape.cpu_model, vcpus=shape.vcpus,
+                   memory_mib=shape.memory_mib, accel=accel, qemu=qemu)
+
+    @property
+    def shape(self) -> MachineShape:
+        """Memory, vCPUs and CPU model; ConfigError if they are out of the shape's bounds."""
+        return MachineShape(self.memory_mib, self.vcpus, self.cpu_model)
 
 
 @dataclass(frozen=True, slots=True)

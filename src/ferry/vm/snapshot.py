@@ -37,9 +37,10 @@ from ferry.guest.agent import AgentClient, AgentError, connect_agent
 from ferry.guest.image import Blueprint, BuiltImage, build_blueprint, load_blueprint
 from ferry.hostconfig import Accel, HostConfig
 from ferry.net import PortForward, VMNetwork
-from ferry.qemu import DEFAULT_CPU_MODEL, DeviceStateStats, QemuVM, VMConfig
+from ferry.qemu import DeviceStateStats, QemuVM, VMConfig
 from ferry.qemu.accel import host_accel
-from ferry.qemu.argv import TapNet, host_tsc_khz, kernel_cmdline
+from ferry.qemu.argv import TapNet
+from ferry.shape import DEFAULT_CPU_MODEL
 from ferry.storage import FileDevice
 from ferry.storage.hashing import block_hash
 from ferry.vm.errors import SnapshotError
@@ -141,7 +142,7 @@ async def booted(
         vm = QemuVM(config, work_dir=work_dir, memory=memory, disks={ROOT_DISK: disk},
                     name=net.vm_id, wrap_argv=net.wrap_argv)
         await stack.enter_async_context(vm)
-        progress(f"booting {bp.name} ({config.memory_mib} MiB)")
+        progress(f"booting {bp.name} ({config.machine.memory_mib} MiB)")
         t0 = time.monotonic()
         await vm.start()
         agent = await stack.enter_async_context(
@@ -253,8 +254,9 @@ async def _snapshot_into(
             progress("saving device state")
             stats = await b.vm.save_device_state(out_dir / STATE_PATH)
             accel = b.vm.accel
-            cmdline = kernel_cmdline(tsc_khz=host_tsc_khz(), quiet=b.config.quiet_kernel,
-                                     root="/dev/vda", extra=b.config.kernel_args)
+            shape = b.config.machine
+            cmdline = b.vm.kernel_cmdline  # the line the guest booted with
+            assert cmdline is not None, "set when QEMU was spawned"
             guest = b.net.guest
             qemu_version = ".".join(map(str, await b.vm.qemu_version()))
             await b.vm.stop()
@@ -276,9 +278,8 @@ async def _snapshot_into(
     manifest = VMManifest(
         name=bp.name, blueprint=bp.name, image_key=image.key,
         created=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        machine=MachineSpec(machine="microvm", cpu_model=cpu_model, vcpus=1,
-                            memory_mib=bp.memory_mib, accel=accel.value if accel else "tcg",
-                            qemu=qemu_version),
+        machine=MachineSpec.recording(shape, accel=accel.value if accel else "tcg",
+                                      qemu=qemu_version),
         kernel_cmdline=cmdline, kernel=KERNEL_PATH, initramfs=INITRAMFS_PATH,
         state=STATE_PATH, state_bytes=stats.state_bytes, memory=memory_entry,
         disks=(disk_entry,),

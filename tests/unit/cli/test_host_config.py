@@ -44,7 +44,7 @@ def test_snapshot_memory_out_of_range_is_a_usage_exit_before_any_work(
     monkeypatch.setenv("FERRY_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("FERRY_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "pkg"
-    assert main(["vm", "snapshot", "redis", "-o", str(out), "--memory-mib", "16"]) == (
+    assert main(["vm", "snapshot", "redis", "-o", str(out), "--memory-mib", "15"]) == (
         ExitCode.USAGE)
     assert not out.exists()
     assert not (tmp_path / "cache").exists()  # nothing was built

@@ -9,6 +9,7 @@ import pytest
 
 from ferry.errors import ConfigError
 from ferry.qemu import DeviceStateError, QemuVM, VMConfig, VMState, VMStateError, devstate
+from ferry.shape import MachineShape
 from ferry.storage import MemoryDevice
 
 MIB = 1024 * 1024
@@ -62,17 +63,16 @@ async def test_receive_times_out_without_a_sender(tmp_path: Path) -> None:
 
 
 def _config(tmp_path: Path, **kw: object) -> VMConfig:
-    return VMConfig(kernel=tmp_path / "k", initramfs=tmp_path / "i", memory_mib=64, **kw)  # type: ignore[arg-type]
+    return VMConfig(kernel=tmp_path / "k", initramfs=tmp_path / "i", machine=MachineShape(64),
+                    **kw)  # type: ignore[arg-type]
 
 
 def test_config_validation(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError):
-        _config(tmp_path, vcpus=0)
-    with pytest.raises(ConfigError):
-        _config(tmp_path, cpu_model="")
-    with pytest.raises(ConfigError):
-        VMConfig(kernel=tmp_path, initramfs=tmp_path, memory_mib=8)
-    assert _config(tmp_path).memory_bytes == 64 * MIB
+    with pytest.raises(ConfigError, match="timeouts"):
+        _config(tmp_path, qmp_timeout_s=0)
+    with pytest.raises(ConfigError, match="timeouts"):
+        _config(tmp_path, stop_timeout_s=-1)
+    assert _config(tmp_path).memory_bytes == 64 * MIB  # the shape's own bounds: test_shape.py
 
 
 def test_memory_device_must_match_the_config(tmp_path: Path) -> None:

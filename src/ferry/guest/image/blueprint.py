@@ -57,6 +57,7 @@ from ferry.guest.image.initramfs import (
 )
 from ferry.guest.image.kernel import Kernel, fetch_kernel
 from ferry.guest.image.rootfs import add_packages, write_ext4
+from ferry.shape import check_memory_mib
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,10 @@ class Blueprint:
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
             raise BlueprintError(f"name {self.name!r} must match {_NAME_RE.pattern}")
-        if not 32 <= self.memory_mib <= 65536:
-            raise BlueprintError(f"memory_mib must be 32..65536, got {self.memory_mib}")
+        try:
+            check_memory_mib(self.memory_mib)  # the machine shape's bounds (ferry.shape)
+        except ConfigError as exc:
+            raise BlueprintError(str(exc)) from None
         if not 8 <= self.disk_size_mib <= 1 << 20:
             raise BlueprintError(f"disk_size_mib must be 8..1048576, got {self.disk_size_mib}")
         for p in self.packages:
@@ -116,8 +119,8 @@ class Blueprint:
 
     def with_memory(self, memory_mib: int) -> Blueprint:
         """This blueprint with ``memory_mib`` of guest RAM instead (validated as the
-        file's value is: :class:`BlueprintError` outside 32..65536). Its image is the
-        same: memory is not an image input."""
+        file's value is: :class:`BlueprintError` outside the machine shape's bounds,
+        :mod:`ferry.shape`). Its image is the same: memory is not an image input."""
         return replace(self, memory_mib=memory_mib)
 
     def env_file(self) -> bytes:

@@ -100,10 +100,15 @@ def test_with_memory_overrides_memory_only_and_keeps_the_image() -> None:
     assert _input_key(replace(redis, disk_size_mib=65), "k", {}) != _input_key(redis, "k", {})
 
 
-@pytest.mark.parametrize("mib", [0, 31, 65537, -1])
+@pytest.mark.parametrize("mib", [0, 15, 65537, -1])
 def test_with_memory_is_validated_as_the_file_value(mib: int) -> None:
-    with pytest.raises(BlueprintError, match=r"memory_mib must be 32\.\.65536"):
+    with pytest.raises(BlueprintError, match=r"memory_mib must be 16\.\.65536"):
         load_blueprint("redis").with_memory(mib)
+
+
+@pytest.mark.parametrize("mib", [16, 65536])
+def test_memory_takes_the_machine_shapes_bounds(mib: int) -> None:
+    assert load_blueprint("redis").with_memory(mib).memory_mib == mib
 
 
 def test_load_from_path(tmp_path: Path) -> None:
