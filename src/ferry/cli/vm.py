@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -120,6 +121,11 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
     c.add_argument("dir", type=Path)
     c.add_argument("--trust", type=Path)
     c.add_argument("--overwrite", action="store_true")
+    add_common(c)
+    c = pk.add_parser("add", help="verify a package into this host's package cache: VMs of "
+                                  "it then arrive here with only the blocks they changed")
+    c.add_argument("file", type=Path)
+    c.add_argument("--trust", type=Path)
     add_common(c)
 
 
@@ -261,6 +267,21 @@ async def _package_extract(args: argparse.Namespace, out: _Out) -> None:
         f"{args.file}: verified, extracted into {args.dir}"))
 
 
+async def _package_add(args: argparse.Namespace, out: _Out) -> None:
+    if not args.file.is_file():
+        raise ConfigError(f"no package file {args.file}")
+    host = args.host
+    trust = TrustStore.from_path(args.trust) if args.trust else TrustStore.for_host(host)
+    opened = await asyncio.to_thread(pkgcache.open_package, args.file, trust,
+                                     cache_dir=host.package_cache,
+                                     progress=_package_progress(out.progress))
+    data = {"file": str(args.file), "package_id": opened.package_id,
+            "directory": str(opened.directory), "already_cached": opened.cache_hit}
+    out(data, lambda: out.console.print(
+        f"{args.file}: verified, in this host's package cache as {opened.package_id[:12]}"
+        + (" (already there)" if opened.cache_hit else "")))
+
+
 _HANDLERS: dict[tuple[str, str], Handler] = {
     ("vm", "build"): _vm_build,
     ("vm", "snapshot"): _vm_snapshot,
@@ -276,6 +297,7 @@ _HANDLERS: dict[tuple[str, str], Handler] = {
     ("package", "create"): _package_create,
     ("package", "verify"): _package_verify,
     ("package", "extract"): _package_extract,
+    ("package", "add"): _package_add,
 }
 """Every ``vm``/``key``/``package`` subcommand and the function that runs it."""
 
