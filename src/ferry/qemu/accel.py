@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import json
 import logging
 import os
 import shutil
@@ -34,6 +33,7 @@ from pathlib import Path
 
 from ferry.guest.image.tree import Tree, write_newc
 from ferry.hostconfig import DEFAULT_RUN_ROOT, Accel, HostConfig
+from ferry.qemu import probecache
 from ferry.qemu.argv import QEMU_BINARY, host_tsc_khz
 from ferry.shape import DEFAULT_CPU_MODEL
 
@@ -175,41 +175,22 @@ def probe_initramfs(busybox: Path, out: Path) -> Path:
 
 def cache_key(qemu: str, cpu_model: str) -> dict[str, str]:
     """What a cached choice depends on: this boot, the host kernel, QEMU, the CPU model."""
-    def ident(path: str | Path) -> str:
-        try:
-            st = Path(path).stat()
-        except OSError:
-            return f"{path}:missing"
-        return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
-
-    try:
-        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        boot_id = "unknown"
-    uname = os.uname()
-    return {"boot_id": boot_id, "host_kernel": f"{uname.release} {uname.version}",
-            "qemu": ident(shutil.which(qemu) or qemu), "cpu_model": cpu_model}
+    return probecache.host_key(qemu, cpu_model=cpu_model)
 
 
 def _read_cache(path: Path, key: dict[str, str]) -> AccelChoice | None:
+    data = probecache.read(path, key)
+    if data is None:
+        return None
     try:
-        data = json.loads(path.read_text())
-        if data.get("key") != key:
-            return None
         return AccelChoice(Accel(data["accel"]), str(data["reason"]), Source.CACHE,
                            data.get("probe_s"), str(data.get("console", "")))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return None
 
 
 def _write_cache(path: Path, key: dict[str, str], choice: AccelChoice) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, **choice.to_json()}) + "\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        log.debug("cannot cache the accelerator choice in %s: %s", path, exc)
+    probecache.write(path, key, choice.to_json())
 
 
 def _device_problem(kvm_device: str) -> str | None:

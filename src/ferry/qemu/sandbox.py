@@ -8,9 +8,15 @@ QEMU 7.2 under TCG: a microvm boots, saves its device state to a UNIX socket,
 and a second QEMU loads it with ``-incoming defer``, all under this filter.
 
 QEMU built without seccomp refuses the option; the probe (QEMU with ``-M none``
-told to quit over QMP at once, ~0.1 s) notices that and ferry runs QEMU
+told to quit over QMP at once, 40-110 ms here) notices that and ferry runs QEMU
 without a sandbox, with a warning. ``VMConfig.sandbox`` (from the host's
 ``HostConfig.qemu_sandbox``: ``FERRY_QEMU_SANDBOX=off``) turns it off.
+
+A supported sandbox is remembered for the host's boot
+(:mod:`ferry.qemu.probecache`, ``/run/ferry/sandbox.json``), so a ``ferry vm run``
+does not start a probe QEMU before its own: that probe was most of the
+resume's device set-up time. Only "supported" is remembered: a cache entry can
+never turn the sandbox off (an unsupported result is probed again each time).
 
 ``-runas`` is not used: see docs/security.md ("QEMU's privileges").
 """
@@ -20,13 +26,17 @@ from __future__ import annotations
 import functools
 import logging
 import subprocess
+from pathlib import Path
 
+from ferry.hostconfig import DEFAULT_RUN_ROOT
+from ferry.qemu import probecache
 from ferry.qemu.argv import QEMU_BINARY
 
 log = logging.getLogger(__name__)
 
 SANDBOX_OPTION = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 PROBE_TIMEOUT_S = 10.0
+CACHE_FILE = "sandbox.json"
 _QUIT = b'{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n'
 
 
@@ -48,8 +58,16 @@ def probe_sandbox(option: str = SANDBOX_OPTION, qemu: str = QEMU_BINARY) -> bool
 
 
 @functools.lru_cache(maxsize=4)
-def sandbox_option(qemu: str = QEMU_BINARY) -> str | None:
+def sandbox_option(qemu: str = QEMU_BINARY, run_dir: Path = DEFAULT_RUN_ROOT) -> str | None:
     """The ``-sandbox`` value to use, or None (unsupported by ``qemu``).
 
     Whether to sandbox at all is the caller's (``VMConfig.sandbox``)."""
-    return SANDBOX_OPTION if probe_sandbox(SANDBOX_OPTION, qemu) else None
+    cache = run_dir / CACHE_FILE
+    key = probecache.host_key(qemu, option=SANDBOX_OPTION)
+    hit = probecache.read(cache, key)
+    if hit is not None and hit.get("supported") is True:
+        return SANDBOX_OPTION
+    if not probe_sandbox(SANDBOX_OPTION, qemu):
+        return None
+    probecache.write(cache, key, {"supported": True})
+    return SANDBOX_OPTION
