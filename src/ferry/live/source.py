@@ -78,8 +78,9 @@ class LiveOptions:
     ram: RamPath = RamPath.AUTO
     """How guest RAM moves (:class:`RamPath`, resolved by :func:`choose_ram` before
     :func:`migrate_out`); with QEMU's stream ``mode`` applies to the disks."""
-    downtime_limit_ms: int = 20
-    """QEMU's ``downtime-limit`` when RAM goes in its stream."""
+    downtime_limit_ms: int = 8
+    """QEMU's ``downtime-limit`` when RAM goes in its stream: the RAM tail QEMU leaves for
+    the pause (raised if precopy does not converge, see :mod:`ferry.qemu.ramstream`)."""
     private_ram: PrivateRam = PrivateRam.ANONYMOUS
     """Where the destination's QEMU keeps RAM that arrived in its stream. Anonymous
     memory measured fastest; a shared memfd put 200-440 ms on some hops whose source

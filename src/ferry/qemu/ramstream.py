@@ -12,7 +12,7 @@ QEMU listens on. No second listener, no second credential.
 
 Source, around a running VM (RAM in a ferry memory file or private)::
 
-    out = await RamOut.start(vm, link, downtime_limit_ms=20)   # precopy starts
+    out = await RamOut.start(vm, link, downtime_limit_ms=8)   # precopy starts
     paused_at = await out.wait_switchover()   # QEMU converged and paused the guest
     ...                                        # (disks' last blocks move here)
     await out.switch_over()                    # the last pages and the device state
