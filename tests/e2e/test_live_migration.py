@@ -116,6 +116,11 @@ def assert_hop(reply: dict[str, Any], command_s: float) -> None:
     assert d.steps_ms["handoff"] >= -d.uncertainty_ms
     dst = reply["destination"]
     assert dst["qemu_ready_before_handoff"]  # QEMU spawn was off the downtime path
+    # Every host here has the package in its cache: the root disk stood on it, and only
+    # what the guest wrote travelled (ferry.vm.overlays).
+    root = s.devices["disk/root"]
+    assert root.base_blocks > 0
+    assert sum(root.bytes_by_phase.values()) < root.size_bytes // 2
     if qemu_ram:
         # RAM and device state came in QEMU's stream, every byte of it through the link
         memory = s.devices["memory"]

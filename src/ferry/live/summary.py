@@ -49,16 +49,19 @@ MAX_STEPS = 16
 
 @dataclass(frozen=True, slots=True)
 class DeviceSummary:
-    """One device's share: bytes sent per migration phase, zero blocks, post-copy fetches."""
+    """One device's share: bytes sent per migration phase, zero blocks, post-copy fetches,
+    and blocks the destination had from its copy of the device's base (not sent)."""
 
     size_bytes: int
     bytes_by_phase: dict[str, int]
     zero_blocks: int
     postcopy_fetches: int
+    base_blocks: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"size_bytes": self.size_bytes, "bytes_by_phase": dict(self.bytes_by_phase),
-                "zero_blocks": self.zero_blocks, "postcopy_fetches": self.postcopy_fetches}
+                "zero_blocks": self.zero_blocks, "postcopy_fetches": self.postcopy_fetches,
+                "base_blocks": self.base_blocks}
 
     @classmethod
     def from_json(cls, data: object, what: str) -> DeviceSummary:
@@ -71,7 +74,8 @@ class DeviceSummary:
                                    for k, v in phases.items()},
                    zero_blocks=_count(d.get("zero_blocks"), f"{what}.zero_blocks"),
                    postcopy_fetches=_count(d.get("postcopy_fetches"),
-                                           f"{what}.postcopy_fetches"))
+                                           f"{what}.postcopy_fetches"),
+                   base_blocks=_count(d.get("base_blocks", 0), f"{what}.base_blocks"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +116,8 @@ class MigrationSummary:
         if mig is None:
             return summary
         devices = {d.name: DeviceSummary(d.size_bytes, dict(d.bytes_by_phase), d.zero_blocks,
-                                         d.postcopy_fetches) for d in mig.devices}
+                                         d.postcopy_fetches, d.base_blocks)
+                   for d in mig.devices}
         if source.ram_stream_bytes:
             # Guest RAM went in QEMU's stream, not through the migrator.
             devices[MEMORY_DEVICE] = DeviceSummary(
