@@ -19,7 +19,8 @@ The JSON is flat (the downtime's keys sit beside the others)::
      "stop_reason": "small-dirty-set", "postcopy_fetches": 2,
      "bytes_total": 1048576, "wire_bytes": 4096,
      "devices": {"memory": {"size_bytes": 1048576, "bytes_by_phase": {"precopy": 1048576},
-                            "zero_blocks": 15, "postcopy_fetches": 0}},
+                            "zero_blocks": 15, "postcopy_fetches": 0,
+                            "base_blocks": 0}},
      "verified": true}
 """
 

@@ -66,7 +66,8 @@ def test_keys_and_figures() -> None:
                              "samples": 1}
     assert data["devices"] == {"memory": {"size_bytes": 1 << 20,
                                           "bytes_by_phase": {"precopy": 1 << 20},
-                                          "zero_blocks": 15, "postcopy_fetches": 0}}
+                                          "zero_blocks": 15, "postcopy_fetches": 0,
+                                          "base_blocks": 0}}
     assert (data["bytes_total"], data["wire_bytes"], data["cycles"]) == (1 << 20, 4096, 3)
     assert data["stop_reason"] == "no-progress"
     assert data["verified"] is True
