@@ -132,7 +132,10 @@ class Offer:
                 raise ValueError("RAM in QEMU's stream needs a running VM at the source")
             package = data.get("package")
             if package is not None:
-                package = check_sha256(package, "package id")
+                try:
+                    package = check_sha256(package, "package id")
+                except RemoteProtocolError as exc:
+                    raise ValueError(str(exc)) from None
             manifest = VMManifest.from_json(data.get("manifest"))
             _check_bounds(manifest)
             vm_id = check_vm_id(checks.text(data.get("vm_id"), "vm_id"))
