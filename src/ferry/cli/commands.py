@@ -51,6 +51,10 @@ async def run(args: argparse.Namespace, console: Console) -> ExitCode | int:
             from ferry.cli.doctor import doctor
 
             return await doctor(args, console)
+        case "daemon":
+            from ferry.cli.daemon import daemon
+
+            return await daemon(args, console)
     raise ConfigError(f"unknown command {args.command}")
 
 

@@ -4,6 +4,7 @@ Subcommands (see docs/cli.md):
 
     ferry demo                      the main end-to-end demo
     ferry doctor [--clean]          can this host run ferry's VMs, and what to fix
+    ferry daemon [--listen-tcp A:P --token-file F]     this node's daemon (HTTP API)
     ferry serve  [-c CONFIG] --listen EP NAME=PATH...   migrate device files to a receiver
     ferry receive [-c CONFIG] --from EP --into DIR      receive a device group into files
     ferry inspect FILE                                  size, blocks, hashes of a device file
@@ -111,10 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dns", action="append", default=[], help="extra DNS SAN (repeatable)")
     _add_common(c)
 
+    from ferry.cli import daemon as daemon_cli
     from ferry.cli import doctor as doctor_cli
     from ferry.cli import vm as vm_cli
 
     p = doctor_cli.add_parser(sub)
+    _add_common(p)
+    p = daemon_cli.add_parser(sub)
     _add_common(p)
 
     vm_cli.add_parsers(sub, _add_common)

@@ -97,6 +97,19 @@ def find_cached(cache_dir: Path, package_id: str) -> OpenedPackage | None:
         return None
 
 
+def cached_packages(cache_dir: Path) -> list[OpenedPackage]:
+    """Every complete entry of the cache, by package id."""
+    found = []
+    for entry in sorted(cache_dir.glob("*")) if cache_dir.is_dir() else []:
+        if entry.name == "index" or entry.name.startswith("."):
+            continue
+        try:
+            found.append(open_extracted(entry))
+        except (OSError, FerryError) as exc:
+            log.warning("package cache entry %s is unusable: %s", entry, exc)
+    return found
+
+
 def open_package(file: Path, trust: TrustStore, *, cache_dir: Path,
                  progress: ProgressCallback | None = None) -> OpenedPackage:
     """Verify and extract ``file`` into the package cache (once); see the module docstring.

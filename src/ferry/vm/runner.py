@@ -57,7 +57,6 @@ import enum
 import logging
 import mmap
 import os
-import re
 import shutil
 import threading
 import time
@@ -72,7 +71,7 @@ from ferry.expose.fuse import PRELOAD_CHUNK_BYTES, IoCounters, PreloadStats
 from ferry.guest.agent import AgentClient, AgentError, ExecResult, connect_agent
 from ferry.net import PortForward, VMNetwork
 from ferry.qemu import DeviceStateStats, QemuVM, VMError
-from ferry.qemu.argv import QEMU_BINARY
+from ferry.qemu.version import host_qemu_version
 from ferry.qemu.vm import MEMORY_FILE
 from ferry.storage import OverlayDevice
 from ferry.vm.devices import VMDevices, local_devices
@@ -471,23 +470,10 @@ async def _explain_load_failure(exc: VMError, manifest: VMManifest,
     """A failed state load, with the likely reason when the package was saved by another
     QEMU version (7.2's state does not load into 10: "Size mismatch: pc.bios")."""
     saved = manifest.machine.qemu
-    here = await _host_qemu_version()
+    here = await host_qemu_version()
     if saved and here and saved != here:
         return VMLifecycleError(
             f"{exc}; this package was saved by QEMU {saved} and this host runs QEMU {here}: "
             "a device state does not always load into another QEMU version, rebuild the "
             "package on this host (ferry vm snapshot)", vm=vm_id)
     return exc
-
-
-async def _host_qemu_version() -> str | None:
-    """This host's QEMU version (``qemu-system-x86_64 --version``), None if unknown."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            QEMU_BINARY, "--version", stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL)
-        out, _ = await asyncio.wait_for(proc.communicate(), 10)
-    except (OSError, TimeoutError):
-        return None
-    match = re.search(rb"version (\d+\.\d+\.\d+)", out)
-    return match.group(1).decode() if match else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from ferry.qemu import DeviceStateError
+from ferry.qemu.version import host_qemu_version
 from ferry.testing.live import sample_manifest
 from ferry.vm import runner
 from ferry.vm.errors import VMLifecycleError
@@ -18,7 +19,7 @@ def _saved_by(version: str) -> VMManifest:
 
 
 async def test_another_qemu_version_is_named() -> None:
-    here = await runner._host_qemu_version()
+    here = await host_qemu_version()
     assert here is not None
     assert here.count(".") == 2
     failed = DeviceStateError("load of migration failed", vm="r1")

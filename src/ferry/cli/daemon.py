@@ -1,0 +1,55 @@
+"""``ferry daemon``: this node's daemon in the foreground (docs/daemon.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from ferry.cli.exitcodes import ExitCode
+from ferry.errors import ConfigError
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    p = sub.add_parser("daemon", help="run this node's daemon (HTTP API) in the foreground")
+    p.add_argument("--socket", type=Path,
+                   help="its UNIX socket (default: <run root>/ferryd.sock, mode 0600)")
+    p.add_argument("--listen-tcp", metavar="ADDR:PORT",
+                   help="also serve TCP, every request needing the bearer token")
+    p.add_argument("--token-file", type=Path,
+                   help="the TCP bearer token (created with a fresh token if missing)")
+    return p
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--listen-tcp wants ADDR:PORT, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
+async def daemon(args: argparse.Namespace, console: Console) -> ExitCode:
+    from ferry.daemon.api import create_app
+    from ferry.daemon.serve import SOCKET_NAME, serve
+
+    tcp = _address(args.listen_tcp) if args.listen_tcp else None
+    if tcp is not None and args.token_file is None:
+        raise ConfigError("--listen-tcp needs --token-file (TCP requests carry its token)")
+    path = args.socket or args.host.run_root / SOCKET_NAME
+
+    def listening(info: dict[str, Any]) -> None:
+        if args.json:
+            print(json.dumps({"event": "listening", **info}), flush=True)
+        else:
+            where = info["socket"] + (f" and tcp {info['tcp'][0]}:{info['tcp'][1]}"
+                                      if "tcp" in info else "")
+            console.print(f"ferry daemon: listening on {where}")
+        sys.stdout.flush()
+
+    await serve(create_app(args.host), unix_path=path, tcp=tcp, token_file=args.token_file,
+                on_listening=listening)
+    return ExitCode.OK

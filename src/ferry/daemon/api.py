@@ -1,0 +1,336 @@
+"""The node daemon's HTTP API (FastAPI): every route calls what the CLI calls.
+
+A VM is held by its own process (:mod:`ferry.node.process`, as ``ferry vm run
+--detach`` starts it) and controlled over its control socket
+(:mod:`ferry.node.control`), so the VMs outlive the daemon: a restarted daemon
+lists them from the host's run directory. Mutating requests on one VM are
+serialized per VM. See ``docs/daemon.md`` for the routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+import ferry
+from ferry.daemon import models as m
+from ferry.daemon import problems
+from ferry.daemon.metrics import Metrics
+from ferry.daemon.operations import Events, Operations
+from ferry.daemon.problems import Problem
+from ferry.hostconfig import HostConfig
+from ferry.live.access import Access, TLSFiles
+from ferry.live.rampath import RamPath
+from ferry.live.summary import MigrationSummary
+from ferry.node import supervisor
+from ferry.node.control import ControlClient, ExportReply, MigrateRequest
+from ferry.node.process import launch_detached
+from ferry.package import TrustStore
+from ferry.qemu.accel import host_accel
+from ferry.qemu.version import host_qemu_version
+from ferry.vm import pkgcache, registry
+from ferry.vm.publish import parse_publish
+from ferry.vm.runner import StopMode
+
+API_VERSION = "v1"
+MAX_BODY_BYTES = 2 * 1024 * 1024
+VM_WATCH_S = 0.5
+"""How often the daemon looks for VMs that came or went (for ``vm`` events)."""
+
+
+class Daemon:
+    """What the routes share: the host, the operations, the events, the metrics."""
+
+    def __init__(self, host: HostConfig) -> None:
+        self.host = host
+        self.paths = registry.VMPaths.of(host)
+        self.events = Events()
+        self.metrics = Metrics(self.vms, self.committed_bytes)
+        self.locks: dict[str, asyncio.Lock] = {}
+        self._ops: Operations | None = None
+
+    @property
+    def ops(self) -> Operations:
+        assert self._ops is not None, "the daemon's lifespan has not started"
+        return self._ops
+
+    def lock(self, vm_id: str) -> asyncio.Lock:
+        return self.locks.setdefault(vm_id, asyncio.Lock())
+
+    def vms(self) -> list[registry.VMInfo]:
+        return registry.list_vms(self.paths)
+
+    def committed_bytes(self) -> int:
+        total = 0
+        for v in self.vms():
+            rec = registry.live_supervisor(self.paths, v.vm_id)
+            if rec is not None and isinstance(rec.get("qemu_pid"), int):
+                total += _qemu_memory_bytes(rec["qemu_pid"])
+        return total
+
+    def client(self, vm_id: str) -> ControlClient:
+        registry.check_vm_id(vm_id)
+        return ControlClient(self.paths.control_socket(vm_id), vm_id)
+
+    async def watch_vms(self) -> None:
+        """Announce VMs that appear, change state or go (polling the run directory)."""
+        seen: dict[str, str] = {}
+        while True:
+            now = {v.vm_id: v.status for v in await asyncio.to_thread(self.vms)}
+            for vm_id, status in now.items():
+                if seen.get(vm_id) != status:
+                    self.events.publish("vm", vm_id=vm_id, status=status)
+            for vm_id in seen.keys() - now.keys():
+                self.events.publish("vm", vm_id=vm_id, status="gone")
+            seen = now
+            await asyncio.sleep(VM_WATCH_S)
+
+
+def _qemu_memory_bytes(pid: int) -> int:
+    """Guest RAM of a QEMU from its ``-m`` argument (0 if unreadable)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return 0
+    for flag, value in itertools.pairwise(argv):
+        if flag == b"-m" and value.upper().endswith(b"M") and value[:-1].isdigit():
+            return int(value[:-1]) * 1024 * 1024
+    return 0
+
+
+def _vm_view(v: registry.VMInfo) -> m.VM:
+    return m.VM(vm_id=v.vm_id, status=v.status, pid=v.pid, package=v.package,
+                forwards=list(v.forwards), resume_ms=v.resume_ms)
+
+
+def _memory() -> tuple[int, int]:
+    total = avail = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key == "MemTotal":
+                total = int(rest.split()[0]) * 1024
+            elif key == "MemAvailable":
+                avail = int(rest.split()[0]) * 1024
+    return total, avail
+
+
+def create_app(host: HostConfig) -> FastAPI:
+    """The daemon's application for ``host`` (its directories and QEMU choices)."""
+    d = Daemon(host)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with asyncio.TaskGroup() as tg:
+            d._ops = Operations(tg, d.events, on_finish=lambda op: d.metrics.operations.labels(
+                op.kind, op.state.value).inc())
+            watcher = tg.create_task(d.watch_vms(), name="watch vms")
+            try:
+                yield
+            finally:
+                watcher.cancel()
+                d.events.close()
+                for op in d.ops.all():
+                    if op.state is m.OpState.RUNNING:
+                        await d.ops.cancel(op.id)
+
+    app = FastAPI(title="ferry node daemon", version=ferry.__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.daemon = d
+    problems.install(app)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return problems.problem_response(413, "too-large", "Request too large",
+                                             f"bodies are at most {MAX_BODY_BYTES} bytes")
+        response: Response = await call_next(request)
+        return response
+
+    # -- the node ---------------------------------------------------------------------
+
+    @app.get("/v1/node", response_model=m.Node, tags=["node"])
+    async def node() -> m.Node:
+        choice = await host_accel(host)
+        total, avail = _memory()
+        vms = await asyncio.to_thread(d.vms)
+        return m.Node(name=socket.gethostname(), version=ferry.__version__,
+                      qemu=await host_qemu_version() or "unknown",
+                      accelerator=m.Accelerator(accel=choice.accel.value, reason=choice.reason),
+                      capacity=m.Capacity(cpus=os.cpu_count() or 1, memory_bytes=total,
+                                          memory_available_bytes=avail),
+                      vms=len(vms),
+                      memory_committed_bytes=await asyncio.to_thread(d.committed_bytes))
+
+    # -- VMs --------------------------------------------------------------------------
+
+    @app.get("/v1/vms", response_model=list[m.VM], tags=["vms"])
+    async def list_vms() -> list[m.VM]:
+        return [_vm_view(v) for v in await asyncio.to_thread(d.vms)]
+
+    @app.get("/v1/vms/{vm_id}", response_model=m.VMDetail, tags=["vms"])
+    async def inspect_vm(vm_id: str) -> m.VMDetail:
+        found = {v.vm_id: v for v in await asyncio.to_thread(d.vms)}.get(vm_id)
+        if found is None:
+            raise Problem(404, "vm-not-found", "VM not found", f"no VM {vm_id!r} on this node")
+        view = _vm_view(found)
+        if found.status == "suspended":
+            return m.VMDetail(**view.model_dump())
+        status = await d.client(vm_id).status()
+        return m.VMDetail(**{**view.model_dump(), "status": status.state.value},
+                          qemu_pid=status.qemu_pid, memory_io=dict(status.memory_io),
+                          qemu_usage=dict(status.qemu_usage))
+
+    @app.post("/v1/vms", status_code=202, response_model=m.Operation, tags=["vms"])
+    async def run_vm(body: m.RunVM) -> m.Operation:
+        forwards = tuple(parse_publish(s) for s in body.publish)
+        file = Path(body.package)
+        if not await asyncio.to_thread(file.is_file):
+            raise Problem(400, "bad-request", "Bad request", f"no package file {file}")
+        vm_id = registry.check_vm_id(body.name or f"vm-{os.urandom(4).hex()}")
+
+        async def work() -> dict[str, Any]:
+            async with d.lock(vm_id):
+                trust = TrustStore.for_host(host)
+                opened = await asyncio.to_thread(pkgcache.open_package, file, trust,
+                                                 cache_dir=host.package_cache)
+                request = supervisor.LaunchRequest(vm_id, opened.directory, host, forwards)
+                return await launch_detached(request)
+
+        return d.ops.start("run", vm_id, work)
+
+    @app.post("/v1/vms/{vm_id}/stop", response_model=m.Stopped, tags=["vms"])
+    async def stop_vm(vm_id: str, body: m.StopVM | None = None) -> m.Stopped:
+        mode = StopMode((body or m.StopVM()).mode.value)
+        async with d.lock(vm_id):
+            reply = await d.client(vm_id).stop(mode)
+        return m.Stopped(vm_id=vm_id, mode=reply.mode.value, state_bytes=reply.state_bytes)
+
+    @app.post("/v1/vms/{vm_id}/exec", response_model=m.Executed, tags=["vms"])
+    async def exec_vm(vm_id: str, body: m.ExecVM) -> m.Executed:
+        reply = await d.client(vm_id).exec(body.argv, stdin=body.stdin.encode(),
+                                           timeout_s=body.timeout_s)
+        return m.Executed(exit_code=reply.exit_code, outcome=reply.outcome,
+                          stdout=reply.stdout.decode(errors="replace"),
+                          stderr=reply.stderr.decode(errors="replace"))
+
+    @app.post("/v1/vms/{vm_id}/migrate", status_code=202, response_model=m.Operation,
+              tags=["vms"])
+    async def migrate_vm(vm_id: str, body: m.MigrateVM) -> m.Operation:
+        client = d.client(vm_id)
+        addr, _, port = body.to.rpartition(":")
+        tls = None
+        if body.tls_cert or body.tls_key or body.tls_ca:
+            if not (body.tls_cert and body.tls_key and body.tls_ca):
+                raise Problem(400, "bad-request", "Bad request",
+                              "TLS needs tls_cert, tls_key and tls_ca")
+            tls = TLSFiles(Path(body.tls_cert), Path(body.tls_key), Path(body.tls_ca))
+        access = Access(tls=tls, token=body.token)
+        req = MigrateRequest(to=(addr, int(port)), access=access,
+                             precopy_only=body.precopy_only, ram=RamPath(body.ram))
+
+        async def work() -> dict[str, Any]:
+            async with d.lock(vm_id):
+                reply = await client.migrate(req)
+            assert not isinstance(reply, ExportReply)
+            _observe(d.metrics, reply.summary)
+            return {"summary": reply.summary.to_json()}
+
+        async def cancel() -> None:
+            await client.migrate_cancel()
+
+        return d.ops.start("migrate", vm_id, work, cancel=cancel)
+
+    # -- operations -------------------------------------------------------------------
+
+    @app.get("/v1/operations", response_model=list[m.Operation], tags=["operations"])
+    async def list_operations() -> list[m.Operation]:
+        return d.ops.all()
+
+    @app.get("/v1/operations/{op_id}", response_model=m.Operation, tags=["operations"])
+    async def get_operation(op_id: str, wait_s: float = 0.0) -> m.Operation:
+        """``?wait_s=N`` (at most 60) answers as soon as the operation finished."""
+        op = await d.ops.wait(op_id, min(max(wait_s, 0.0), 60.0))
+        if op is None:
+            raise Problem(404, "operation-not-found", "Operation not found",
+                          f"no operation {op_id!r}")
+        return op
+
+    @app.delete("/v1/operations/{op_id}", response_model=m.Operation, tags=["operations"])
+    async def cancel_operation(op_id: str) -> m.Operation:
+        op = await d.ops.cancel(op_id)
+        if op is None:
+            raise Problem(404, "operation-not-found", "Operation not found",
+                          f"no operation {op_id!r}")
+        return op
+
+    # -- packages ---------------------------------------------------------------------
+
+    @app.get("/v1/packages", response_model=list[m.Package], tags=["packages"])
+    async def list_packages() -> list[m.Package]:
+        return [_package_view(p) for p in await asyncio.to_thread(
+            pkgcache.cached_packages, host.package_cache)]
+
+    @app.post("/v1/packages", response_model=m.Package, tags=["packages"])
+    async def add_package(body: m.AddPackage) -> m.Package:
+        file = Path(body.file)
+        if not await asyncio.to_thread(file.is_file):
+            raise Problem(400, "bad-request", "Bad request", f"no package file {file}")
+        opened = await asyncio.to_thread(pkgcache.open_package, file,
+                                         TrustStore.for_host(host),
+                                         cache_dir=host.package_cache)
+        return _package_view(opened)
+
+    # -- events and metrics -----------------------------------------------------------
+
+    @app.get("/v1/events", tags=["events"], response_class=StreamingResponse)
+    async def events() -> StreamingResponse:
+        """Server-sent events: ``vm`` (a VM appeared, changed state or went) and
+        ``operation`` (an operation started or finished), one JSON object each."""
+        async def stream() -> AsyncIterator[bytes]:
+            async with d.events.subscribe() as queue:
+                yield b": ferry events\n\n"
+                while True:
+                    event = await queue.get()
+                    if event is None:
+                        return
+                    yield f"data: {json.dumps(event)}\n\n".encode()
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store"})
+
+    @app.get("/metrics", tags=["metrics"], response_class=Response)
+    async def metrics() -> Response:
+        data = await asyncio.to_thread(generate_latest, d.metrics.registry)
+        return Response(data, media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _observe(metrics: Metrics, summary: MigrationSummary) -> None:
+    ms = summary.downtime.corrected_ms if summary.downtime.corrected_ms is not None \
+        else summary.downtime.source_view_ms
+    if ms is not None:
+        metrics.migration_downtime.observe(ms / 1e3)
+    if summary.bytes_total is not None:
+        metrics.migration_bytes.inc(summary.bytes_total)
+    if summary.postcopy_fetches is not None:
+        metrics.postcopy_fetches.inc(summary.postcopy_fetches)
+
+
+def _package_view(p: pkgcache.OpenedPackage) -> m.Package:
+    return m.Package(package_id=p.package_id, name=p.manifest.name, directory=str(p.directory),
+                     memory_mib=p.manifest.machine.memory_mib,
+                     disks=[e.name for e in p.manifest.disks])

@@ -1,0 +1,155 @@
+"""The API's request and reply bodies: pydantic models, validated before any work.
+
+Requests forbid unknown fields and bound every size a client can choose;
+replies are what ``/openapi.json`` documents.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_TEXT = 4096
+MAX_PATH = 4096
+MAX_ARGV = 256
+MAX_PUBLISH = 64
+VM_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,39}$"
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Reply(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+# -- the node ---------------------------------------------------------------------------
+
+class Accelerator(Reply):
+    accel: str
+    reason: str
+
+
+class Capacity(Reply):
+    cpus: int
+    memory_bytes: int
+    memory_available_bytes: int
+
+
+class Node(Reply):
+    name: str
+    version: str
+    qemu: str
+    accelerator: Accelerator
+    capacity: Capacity
+    vms: int
+    memory_committed_bytes: int
+    """Guest RAM of the running VMs (their packages' machine sizes)."""
+
+
+# -- VMs --------------------------------------------------------------------------------
+
+class VM(Reply):
+    vm_id: str
+    status: str
+    """``running``, ``receiving``, ``migrating``, ``stopping`` or ``suspended``."""
+    pid: int | None = None
+    package: str | None = None
+    forwards: list[str] = []
+    resume_ms: float | None = None
+
+
+class VMDetail(VM):
+    qemu_pid: int | None = None
+    memory_io: dict[str, int] = {}
+    qemu_usage: dict[str, float] = {}
+
+
+class RunVM(Request):
+    """Run a signed package here (``ferry vm run FILE``)."""
+
+    package: str = Field(min_length=1, max_length=MAX_PATH,
+                         description="path of the package file on this host")
+    name: str | None = Field(default=None, pattern=VM_ID_PATTERN)
+    publish: list[str] = Field(default=[], max_length=MAX_PUBLISH,
+                               description="forwards, as ferry vm run -p: [ADDR:]HOST:GUEST[/udp]")
+
+
+class StopMode(enum.Enum):
+    DISCARD = "discard"
+    SUSPEND = "suspend"
+
+
+class StopVM(Request):
+    mode: StopMode = StopMode.DISCARD
+
+
+class Stopped(Reply):
+    vm_id: str
+    mode: str
+    state_bytes: int | None = None
+
+
+class ExecVM(Request):
+    argv: list[str] = Field(min_length=1, max_length=MAX_ARGV)
+    timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    stdin: str = Field(default="", max_length=1024 * 1024)
+
+
+class Executed(Reply):
+    exit_code: int
+    outcome: str
+    stdout: str
+    stderr: str
+
+
+class MigrateVM(Request):
+    """Live-migrate to a ``ferry vm receive`` on another host."""
+
+    to: str = Field(pattern=r"^[^\s:]{1,255}:[0-9]{1,5}$", description="HOST:PORT")
+    token: str | None = Field(default=None, max_length=MAX_TEXT,
+                              description="the receiver's one-time token")
+    tls_cert: str | None = Field(default=None, max_length=MAX_PATH)
+    tls_key: str | None = Field(default=None, max_length=MAX_PATH)
+    tls_ca: str | None = Field(default=None, max_length=MAX_PATH)
+    ram: Literal["auto", "qemu", "engine"] = "auto"
+    precopy_only: bool = False
+
+
+# -- operations -------------------------------------------------------------------------
+
+class OpState(enum.Enum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Operation(Reply):
+    id: str
+    kind: str
+    vm_id: str | None
+    state: OpState
+    created: float
+    """Unix time."""
+    finished: float | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    """A problem body (see :mod:`ferry.daemon.problems`) when ``state`` is ``failed``."""
+
+
+# -- packages ---------------------------------------------------------------------------
+
+class AddPackage(Request):
+    file: str = Field(min_length=1, max_length=MAX_PATH)
+
+
+class Package(Reply):
+    package_id: str
+    name: str
+    directory: str
+    memory_mib: int
+    disks: list[str]

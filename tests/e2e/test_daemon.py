@@ -1,0 +1,248 @@
+"""The node daemon end to end: a real ``ferry daemon`` process, real VMs, real sockets.
+
+The daemon listens on its 0600 UNIX socket and on TCP (bearer token); the Redis
+package of the session runs through the API, is exec'd into, scraped in
+``/metrics``, announced on ``/v1/events``, outlives a SIGKILLed daemon, is
+found by the restarted one and stopped through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openapi_spec_validator import validate
+from prometheus_client.parser import text_string_to_metric_families
+
+from ferry.daemon.client import DaemonClient, DaemonError
+from ferry.testing.packages import Signer
+from ferry.vm.registry import VMPaths, read_json
+
+pytestmark = pytest.mark.e2e
+
+FERRY = [sys.executable, "-m", "ferry.cli.main"]
+START_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Daemon:
+    root: Path
+    paths: VMPaths
+    env: dict[str, str]
+    proc: subprocess.Popen[str] | None = None
+    tcp: tuple[str, int] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.paths.run_root / "ferryd.sock"
+
+    @property
+    def token(self) -> str:
+        return (self.root / "token").read_text().strip()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [*FERRY, "daemon", "--json", "--listen-tcp", "127.0.0.1:0",
+             "--token-file", str(self.root / "token")],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            pytest.fail(f"the daemon did not start: {err}")
+        info = json.loads(line)
+        assert info["event"] == "listening"
+        self.tcp = (info["tcp"][0], int(info["tcp"][1]))
+
+    def stop(self, sig: int = signal.SIGTERM) -> str:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        _, err = self.proc.communicate(timeout=30)
+        self.proc = None
+        return err
+
+    def unix(self) -> DaemonClient:
+        return DaemonClient.unix(self.socket)
+
+
+def _holder_pids(paths: VMPaths) -> list[int]:
+    pids = []
+    for rec in (paths.run_root / "vms").glob("*/supervisor.json"):
+        data = read_json(rec) or {}
+        if isinstance(data.get("pid"), int):
+            pids.append(data["pid"])
+    return pids
+
+
+@pytest.fixture(scope="module")
+def daemon(signer: Signer) -> Iterator[Daemon]:
+    root = Path(tempfile.mkdtemp(prefix="fd-"))  # short: UNIX socket paths
+    paths = VMPaths(root / "run", root / "state")
+    env = {**os.environ, **signer.env, "FERRY_RUN_DIR": str(paths.run_root),
+           "FERRY_STATE_DIR": str(paths.state_root),
+           "FERRY_PACKAGE_CACHE_DIR": str(root / "pkgcache")}
+    d = Daemon(root, paths, env)
+    d.start()
+    try:
+        yield d
+    finally:
+        if d.proc is not None:
+            with contextlib.suppress(Exception):
+                d.stop()
+        for pid in _holder_pids(paths):  # VMs a failed test left: their holders clean up
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while _alive(_holder_pids(paths)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _alive(pids: list[int]) -> bool:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 0)
+            return True
+    return False
+
+
+def test_the_socket_is_owner_only_and_tcp_needs_the_token(daemon: Daemon) -> None:
+    mode = daemon.socket.stat().st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) == 0o600
+    assert daemon.unix().call("GET", "/v1/vms") == []
+    assert daemon.tcp is not None
+    host, port = daemon.tcp
+    for token in (None, "ferry-not-the-token-0000000000000000000000"):
+        status, body = DaemonClient.tcp(host, port, token).raw("GET", "/v1/vms")
+        assert status == 401
+        assert json.loads(body)["title"] == "Unauthorized"
+    assert DaemonClient.tcp(host, port, daemon.token).call("GET", "/v1/vms") == []
+
+
+def test_the_openapi_document_validates_and_names_the_routes(daemon: Daemon) -> None:
+    doc = daemon.unix().call("GET", "/openapi.json")
+    validate(doc)
+    for path in ("/v1/node", "/v1/vms", "/v1/vms/{vm_id}", "/v1/vms/{vm_id}/stop",
+                 "/v1/vms/{vm_id}/exec", "/v1/vms/{vm_id}/migrate", "/v1/operations/{op_id}",
+                 "/v1/packages", "/v1/events", "/metrics"):
+        assert path in doc["paths"], path
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status"), [
+    ("POST", "/v1/vms", b"{not json", 400),
+    ("POST", "/v1/vms", b'{"package": "/x", "surprise": 1}', 422),
+    ("POST", "/v1/vms", b'{"package": 7}', 422),
+    ("POST", "/v1/vms", b'{"package": "/x", "name": "../../etc"}', 422),
+    ("POST", "/v1/vms", b'{"package": "/nonexistent.ferry"}', 400),
+    ("POST", "/v1/vms/nope/exec", b'{"argv": []}', 422),
+    ("POST", "/v1/vms/nope/exec", b'{"argv": ["true"]}', 404),
+    ("GET", "/v1/vms/nope", None, 404),
+    ("GET", "/v1/operations/op-999", None, 404),
+    ("POST", "/v1/packages", b'{"file": "' + b"x" * 5000 + b'"}', 422),
+    ("POST", "/v1/vms", b"[" * 3 * 1024 * 1024, 413),
+])
+def test_bad_requests_get_problem_bodies(daemon: Daemon, method: str, path: str,
+                                         body: bytes | None, status: int) -> None:
+    got, raw = daemon.unix().raw(method, path, body)
+    assert got == status, raw[:300]
+    problem = json.loads(raw)
+    assert problem["status"] == status
+    assert problem["title"]
+    assert "detail" in problem
+    assert b"Traceback" not in raw
+
+
+def _events(daemon: Daemon, into: list[dict[str, Any]], stop: threading.Event) -> None:
+    with contextlib.suppress(Exception):
+        for event in daemon.unix().events(timeout_s=120):
+            into.append(event)
+            if stop.is_set():
+                return
+
+
+def test_a_vm_through_the_api_outlives_the_daemon(daemon: Daemon, redis_package: Path) -> None:
+    events: list[dict[str, Any]] = []
+    stop_events = threading.Event()
+    follower = threading.Thread(target=_events, args=(daemon, events, stop_events),
+                                daemon=True)
+    follower.start()
+    api = daemon.unix()
+    op = api.call("POST", "/v1/vms", {"package": str(redis_package), "name": "d-r1",
+                                      "publish": ["127.0.0.1:0:6379"]})
+    assert (op["kind"], op["state"], op["vm_id"]) == ("run", "running", "d-r1")
+    op = api.wait(op)
+    assert op["state"] == "succeeded", op
+    assert op["result"]["vm_id"] == "d-r1"
+    [vm] = api.call("GET", "/v1/vms")
+    assert (vm["vm_id"], vm["status"]) == ("d-r1", "running")
+    detail = api.call("GET", "/v1/vms/d-r1")
+    assert detail["qemu_pid"] == op["result"]["qemu_pid"]
+    got = api.call("POST", "/v1/vms/d-r1/exec", {"argv": ["redis-cli", "get", "greeting"]})
+    assert (got["exit_code"], got["stdout"].strip()) == (0, "hello")
+    node = api.call("GET", "/v1/node")
+    assert node["vms"] == 1
+    assert node["memory_committed_bytes"] == 256 * 1024 * 1024
+
+    status, raw = api.raw("GET", "/metrics")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(raw.decode())}
+    up = {s.labels["vm"]: s.value for s in families["ferry_vm_up"].samples}
+    assert up == {"d-r1": 1.0}
+    committed = families["ferry_node_memory_committed_bytes"].samples[0].value
+    assert committed == 256 * 1024 * 1024
+    ops = {(s.labels["kind"], s.labels["state"]): s.value
+           for s in families["ferry_operations"].samples if s.name == "ferry_operations_total"}
+    assert ops[("run", "succeeded")] == 1.0
+
+    # The event stream told of the operation and of the VM.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(
+            e["kind"] == "vm" and e["vm_id"] == "d-r1" for e in events):
+        time.sleep(0.1)
+    stop_events.set()
+    kinds = [(e["kind"], e.get("operation", {}).get("state") or e.get("status"))
+             for e in events]
+    assert ("operation", "running") in kinds, kinds
+    assert ("operation", "succeeded") in kinds, kinds
+    assert ("vm", "running") in kinds, kinds
+
+    # SIGKILL the daemon: the VM is held by its own process and keeps serving.
+    daemon.stop(signal.SIGKILL)
+    holder = vm["pid"]
+    os.kill(holder, 0)
+    daemon.start()  # a stale socket file is replaced
+    api = daemon.unix()
+    [vm] = api.call("GET", "/v1/vms")
+    assert (vm["vm_id"], vm["pid"]) == ("d-r1", holder)
+    got = api.call("POST", "/v1/vms/d-r1/exec", {"argv": ["redis-cli", "ping"]})
+    assert got["stdout"].strip() == "PONG"
+
+    stopped = api.call("POST", "/v1/vms/d-r1/stop", {"mode": "discard"})
+    assert stopped["mode"] == "discard"
+    assert api.call("GET", "/v1/vms") == []
+    with pytest.raises(DaemonError) as missing:
+        api.call("GET", "/v1/vms/d-r1")
+    assert missing.value.status == 404
+
+
+def test_sigterm_stops_the_daemon_cleanly(daemon: Daemon) -> None:
+    err = daemon.stop(signal.SIGTERM)
+    assert "Traceback" not in err
+    assert not daemon.socket.exists()
+    daemon.start()
+    assert daemon.unix().call("GET", "/v1/vms") == []
