@@ -194,6 +194,16 @@ def test_a_vm_through_the_api_outlives_the_daemon(daemon: Daemon, redis_package:
     assert detail["qemu_pid"] == op["result"]["qemu_pid"]
     got = api.call("POST", "/v1/vms/d-r1/exec", {"argv": ["redis-cli", "get", "greeting"]})
     assert (got["exit_code"], got["stdout"].strip()) == (0, "hello")
+    # `ferry vm ls` asks the daemon (without importing the CLI) and says what the full
+    # CLI, reading the run directory itself, says.
+    fast = subprocess.run([sys.executable, "-X", "importtime", "-m", "ferry.cli.entry", "vm",
+                           "ls", "--json"], env=daemon.env, capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert "ferry.cli.main" not in fast.stderr
+    assert "ferry.daemon.client" in fast.stderr
+    full = subprocess.run([*FERRY, "vm", "list", "--json"], env=daemon.env,
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(fast.stdout) == json.loads(full.stdout) == [vm]
     node = api.call("GET", "/v1/node")
     assert node["vms"] == 1
     assert node["memory_committed_bytes"] == 256 * 1024 * 1024

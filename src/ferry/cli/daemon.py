@@ -22,6 +22,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
                    help="also serve TCP, every request needing the bearer token")
     p.add_argument("--token-file", type=Path,
                    help="the TCP bearer token (created with a fresh token if missing)")
+    p.add_argument("--warm-holders", type=int, default=1, metavar="N",
+                   help="holder processes kept started ahead of need (0: none; default 1)")
     return p
 
 
@@ -50,6 +52,9 @@ async def daemon(args: argparse.Namespace, console: Console) -> ExitCode:
             console.print(f"ferry daemon: listening on {where}")
         sys.stdout.flush()
 
-    await serve(create_app(args.host), unix_path=path, tcp=tcp, token_file=args.token_file,
+    if args.warm_holders < 0:
+        raise ConfigError("--warm-holders must be >= 0")
+    app = create_app(args.host, warm_holders=args.warm_holders)
+    await serve(app, unix_path=path, tcp=tcp, token_file=args.token_file,
                 on_listening=listening)
     return ExitCode.OK

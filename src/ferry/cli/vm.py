@@ -69,7 +69,7 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
     add_accel(c)
     add_common(c)
 
-    c = vm.add_parser("list", help="running and suspended VMs")
+    c = vm.add_parser("list", aliases=["ls"], help="running and suspended VMs")
     add_common(c)
 
     c = vm.add_parser("exec", help="run a command in a VM: ferry vm exec [OPTIONS] ID -- CMD...")
@@ -290,6 +290,7 @@ _HANDLERS: dict[tuple[str, str], Handler] = {
     ("vm", "receive"): _vm_migration,
     ("vm", "registry"): _vm_migration,
     ("vm", "list"): _vm_list,
+    ("vm", "ls"): _vm_list,
     ("vm", "exec"): _vm_exec,
     ("vm", "stop"): _vm_stop,
     ("key", "create"): _key_create,

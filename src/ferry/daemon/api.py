@@ -29,6 +29,7 @@ from ferry.daemon import problems
 from ferry.daemon.metrics import Metrics
 from ferry.daemon.operations import Events, Operations
 from ferry.daemon.problems import Problem
+from ferry.daemon.warm import HolderPool
 from ferry.hostconfig import HostConfig
 from ferry.live.access import Access, TLSFiles
 from ferry.live.rampath import RamPath
@@ -52,8 +53,9 @@ VM_WATCH_S = 0.5
 class Daemon:
     """What the routes share: the host, the operations, the events, the metrics."""
 
-    def __init__(self, host: HostConfig) -> None:
+    def __init__(self, host: HostConfig, *, warm_holders: int = 1) -> None:
         self.host = host
+        self.holders = HolderPool(warm_holders)
         self.paths = registry.VMPaths.of(host)
         self.events = Events()
         self.metrics = Metrics(self.vms, self.committed_bytes)
@@ -126,9 +128,10 @@ def _memory() -> tuple[int, int]:
     return total, avail
 
 
-def create_app(host: HostConfig) -> FastAPI:
-    """The daemon's application for ``host`` (its directories and QEMU choices)."""
-    d = Daemon(host)
+def create_app(host: HostConfig, *, warm_holders: int = 1) -> FastAPI:
+    """The daemon's application for ``host`` (its directories and QEMU choices), keeping
+    ``warm_holders`` holder processes started ahead of need (:mod:`ferry.daemon.warm`)."""
+    d = Daemon(host, warm_holders=warm_holders)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -136,10 +139,13 @@ def create_app(host: HostConfig) -> FastAPI:
             d._ops = Operations(tg, d.events, on_finish=lambda op: d.metrics.operations.labels(
                 op.kind, op.state.value).inc())
             watcher = tg.create_task(d.watch_vms(), name="watch vms")
+            filler = tg.create_task(d.holders.keep_filled(), name="spare holders")
             try:
                 yield
             finally:
                 watcher.cancel()
+                filler.cancel()
+                await d.holders.close()
                 d.events.close()
                 for op in d.ops.all():
                     if op.state is m.OpState.RUNNING:
@@ -207,7 +213,10 @@ def create_app(host: HostConfig) -> FastAPI:
                 opened = await asyncio.to_thread(pkgcache.open_package, file, trust,
                                                  cache_dir=host.package_cache)
                 request = supervisor.LaunchRequest(vm_id, opened.directory, host, forwards)
-                return await launch_detached(request)
+                try:
+                    return await launch_detached(request, holder=d.holders.take())
+                finally:
+                    d.holders.refill()
 
         return d.ops.start("run", vm_id, work)
 

@@ -103,18 +103,27 @@ def _failed(request: HolderRequest, text: str, handed_off: bool = False) -> Ferr
     return VMLifecycleError(f"the supervisor failed to start the VM: {text}", vm=request.vm_id)
 
 
+async def spawn_holder() -> asyncio.subprocess.Process:
+    """A holder process, its imports done, waiting for its request on stdin (a daemon
+    keeps one ready so a run skips Python's start-up, :mod:`ferry.daemon.warm`)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ferry.node.process", stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
 async def launch_detached(request: HolderRequest, *,
-                          timeout_s: float = LAUNCH_TIMEOUT_S) -> dict[str, Any]:
+                          timeout_s: float = LAUNCH_TIMEOUT_S,
+                          holder: asyncio.subprocess.Process | None = None) -> dict[str, Any]:
     """Start a holder process for ``request``; return the event it was started for
     (``ready`` for a run; ``request.report_until`` for a receive), with the child's ``pid``.
 
+    ``holder``: a process from :func:`spawn_holder` to use instead of starting one.
     Raises :class:`VMLifecycleError` (a run) or :class:`LiveMigrationError` (a receive)
     with the child's error if it failed first.
     """
     until = request.report_until if isinstance(request, ArrivalRequest) else "ready"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "ferry.node.process", stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = holder if holder is not None and holder.returncode is None \
+        else await spawn_holder()
     assert proc.stdin is not None
     assert proc.stdout is not None
     proc.stdin.write(encode_request(request))
