@@ -8,6 +8,7 @@ found by the restarted one and stopped through it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -29,7 +30,10 @@ from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 
 from ferry.daemon.client import DaemonClient, DaemonError
+from ferry.net import cleanup_leftovers
+from ferry.testing.hosts import host_namespaces
 from ferry.testing.packages import Signer
+from ferry.testing.site import Site
 from ferry.vm.registry import VMPaths, read_json
 
 pytestmark = pytest.mark.e2e
@@ -256,3 +260,66 @@ def test_sigterm_stops_the_daemon_cleanly(daemon: Daemon) -> None:
     assert not daemon.socket.exists()
     daemon.start()
     assert daemon.unix().call("GET", "/v1/vms") == []
+
+
+async def test_a_vm_migrates_between_two_daemons(signer: Signer, redis_package: Path) -> None:
+    """Two namespace hosts, a daemon on each: run on A, a receiver on B, migrate A -> B,
+    all through the API; the VM serves on B and A's metrics saw the downtime."""
+    root = Path(tempfile.mkdtemp(prefix="fdm-"))
+    env = {**signer.env, "FERRY_PACKAGE_CACHE_DIR": str(root / "pkgcache")}
+    procs: list[asyncio.subprocess.Process] = []
+    async with host_namespaces(["dma", "dmb"], switch_tag="dm") as hs:
+        site = Site(hs, root / "hosts", env)
+        try:
+            api = {}
+            for h in ("dma", "dmb"):
+                proc = await site.start(h, "daemon", "--json")
+                procs.append(proc)
+                assert proc.stdout is not None
+                line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT_S)
+                assert json.loads(line)["event"] == "listening"
+                api[h] = DaemonClient.unix(site.paths(h).run_root / "ferryd.sock")
+            a, b = api["dma"], api["dmb"]
+            addr_a, addr_b = site.address("dma"), site.address("dmb")
+
+            async def call(c: DaemonClient, method: str, path: str, body: Any = None) -> Any:
+                return await asyncio.to_thread(c.call, method, path, body)
+
+            op = await call(a, "POST", "/v1/vms", {"package": str(redis_package),
+                                                   "name": "dm-r1",
+                                                   "publish": [f"{addr_a}:6379:6379"]})
+            op = await asyncio.to_thread(a.wait, op)
+            assert op["state"] == "succeeded", op
+            recv = await call(b, "POST", "/v1/receivers", {"listen": f"{addr_b}:7531"})
+            assert recv["token"]
+            assert recv["address"] == [addr_b, 7531]
+            mig = await call(a, "POST", "/v1/vms/dm-r1/migrate",
+                             {"to": f"{addr_b}:7531", "token": recv["token"]})
+            assert (mig["kind"], mig["state"]) == ("migrate", "running")
+            mig = await asyncio.to_thread(a.wait, mig)
+            assert mig["state"] == "succeeded", mig
+            summary = mig["result"]["summary"]
+            assert (summary["outcome"], summary["handed_off"], summary["verified"]) == (
+                "completed", True, True)
+            assert await call(a, "GET", "/v1/vms") == []
+            [vm] = await call(b, "GET", "/v1/vms")
+            assert (vm["vm_id"], vm["status"]) == ("dm-r1", "running")
+            got = await call(b, "POST", "/v1/vms/dm-r1/exec",
+                             {"argv": ["redis-cli", "get", "greeting"]})
+            assert got["stdout"].strip() == "hello"
+            _, raw = await asyncio.to_thread(a.raw, "GET", "/metrics")
+            families = {f.name: f for f in text_string_to_metric_families(raw.decode())}
+            count = next(s.value for s in families["ferry_migration_downtime_seconds"].samples
+                         if s.name.endswith("_count"))
+            assert count == 1.0
+            stopped = await call(b, "POST", "/v1/vms/dm-r1/stop", {})
+            assert stopped["mode"] == "discard"
+        finally:
+            for proc in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.communicate(), 30)
+            await site.stop_all()
+            await cleanup_leftovers()
+            shutil.rmtree(root, ignore_errors=True)

@@ -35,6 +35,7 @@ from ferry.live.access import Access, TLSFiles
 from ferry.live.rampath import RamPath
 from ferry.live.summary import MigrationSummary
 from ferry.node import supervisor
+from ferry.node.arrival import ArrivalRequest
 from ferry.node.control import ControlClient, ExportReply, MigrateRequest
 from ferry.node.process import launch_detached
 from ferry.package import TrustStore
@@ -85,6 +86,14 @@ class Daemon:
         registry.check_vm_id(vm_id)
         return ControlClient(self.paths.control_socket(vm_id), vm_id)
 
+    async def wait_gone(self, vm_id: str, timeout_s: float = 60.0) -> None:
+        """Until the holder of ``vm_id`` has exited (at most ``timeout_s``)."""
+        rec = await asyncio.to_thread(registry.live_supervisor, self.paths, vm_id)
+        if rec is not None and isinstance(rec.get("pid"), int):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await _process_exit(rec["pid"])
+
     async def watch_vms(self) -> None:
         """Announce VMs that appear, change state or go (polling the run directory)."""
         seen: dict[str, str] = {}
@@ -97,6 +106,27 @@ class Daemon:
                 self.events.publish("vm", vm_id=vm_id, status="gone")
             seen = now
             await asyncio.sleep(VM_WATCH_S)
+
+
+async def _process_exit(pid: int) -> None:
+    """Until process ``pid`` (not our child) exits: its pidfd becomes readable."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await exited
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 def _qemu_memory_bytes(pid: int) -> int:
@@ -235,26 +265,41 @@ def create_app(host: HostConfig, *, warm_holders: int = 1) -> FastAPI:
                           stdout=reply.stdout.decode(errors="replace"),
                           stderr=reply.stderr.decode(errors="replace"))
 
+    @app.post("/v1/receivers", response_model=m.Receiving, tags=["vms"])
+    async def receive_vm(body: m.ReceiveVM) -> m.Receiving:
+        """Start a receiver for one incoming VM; answers once it listens. The token it
+        returns is what ``POST /v1/vms/{id}/migrate`` on the source presents."""
+        addr, _, port = body.listen.rpartition(":")
+        forwards = None if body.publish is None else tuple(parse_publish(p)
+                                                           for p in body.publish)
+        access = Access.listening(_tls(body.tls_cert, body.tls_key, body.tls_ca))
+        request = ArrivalRequest(host=host, access=access, listen=(addr, int(port)),
+                                 name=body.name, forwards=forwards,
+                                 precopy_only=body.precopy_only, report_until="listening")
+        try:
+            event = await launch_detached(request, holder=d.holders.take())
+        finally:
+            d.holders.refill()
+        return m.Receiving(address=list(event["address"]), pid=int(event["pid"]),
+                           token=access.token)
+
     @app.post("/v1/vms/{vm_id}/migrate", status_code=202, response_model=m.Operation,
               tags=["vms"])
     async def migrate_vm(vm_id: str, body: m.MigrateVM) -> m.Operation:
         client = d.client(vm_id)
         addr, _, port = body.to.rpartition(":")
-        tls = None
-        if body.tls_cert or body.tls_key or body.tls_ca:
-            if not (body.tls_cert and body.tls_key and body.tls_ca):
-                raise Problem(400, "bad-request", "Bad request",
-                              "TLS needs tls_cert, tls_key and tls_ca")
-            tls = TLSFiles(Path(body.tls_cert), Path(body.tls_key), Path(body.tls_ca))
-        access = Access(tls=tls, token=body.token)
+        access = Access(tls=_tls(body.tls_cert, body.tls_key, body.tls_ca), token=body.token)
         req = MigrateRequest(to=(addr, int(port)), access=access,
                              precopy_only=body.precopy_only, ram=RamPath(body.ram))
 
         async def work() -> dict[str, Any]:
             async with d.lock(vm_id):
                 reply = await client.migrate(req)
-            assert not isinstance(reply, ExportReply)
-            _observe(d.metrics, reply.summary)
+                assert not isinstance(reply, ExportReply)
+                _observe(d.metrics, reply.summary)
+                # The operation ends once the VM has left this node (its holder answers
+                # before its own cleanup is done).
+                await d.wait_gone(vm_id)
             return {"summary": reply.summary.to_json()}
 
         async def cancel() -> None:
@@ -326,6 +371,14 @@ def create_app(host: HostConfig, *, warm_holders: int = 1) -> FastAPI:
         return Response(data, media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _tls(cert: str | None, key: str | None, ca: str | None) -> TLSFiles | None:
+    if not (cert or key or ca):
+        return None
+    if not (cert and key and ca):
+        raise Problem(400, "bad-request", "Bad request", "TLS needs tls_cert, tls_key and tls_ca")
+    return TLSFiles(Path(cert), Path(key), Path(ca))
 
 
 def _observe(metrics: Metrics, summary: MigrationSummary) -> None:

@@ -119,6 +119,27 @@ class MigrateVM(Request):
     precopy_only: bool = False
 
 
+class ReceiveVM(Request):
+    """Wait for one VM migrating here (``ferry vm receive --listen ... --detach``)."""
+
+    listen: str = Field(pattern=r"^[^\s:]{1,255}:[0-9]{1,5}$", description="ADDR:PORT")
+    name: str | None = Field(default=None, pattern=VM_ID_PATTERN)
+    publish: list[str] | None = Field(default=None, max_length=MAX_PUBLISH,
+                                      description="forwards here (default: the source's)")
+    precopy_only: bool = False
+    tls_cert: str | None = Field(default=None, max_length=MAX_PATH)
+    tls_key: str | None = Field(default=None, max_length=MAX_PATH)
+    tls_ca: str | None = Field(default=None, max_length=MAX_PATH)
+
+
+class Receiving(Reply):
+    address: list[str | int]
+    """[ADDR, PORT] the receiver listens on."""
+    pid: int
+    token: str | None
+    """The one-time token the source must present (None with mutual TLS)."""
+
+
 # -- operations -------------------------------------------------------------------------
 
 class OpState(enum.Enum):
