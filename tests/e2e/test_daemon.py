@@ -186,6 +186,11 @@ def test_a_vm_through_the_api_outlives_the_daemon(daemon: Daemon, redis_package:
                                 daemon=True)
     follower.start()
     api = daemon.unix()
+    follow = subprocess.Popen([*FERRY, "events", "--json"], env=daemon.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert follow.stdout is not None
+    first = json.loads(follow.stdout.readline())  # subscribed before the run starts
+    assert (first["kind"], first["vms"]) == ("subscribed", [])
     op = api.call("POST", "/v1/vms", {"package": str(redis_package), "name": "d-r1",
                                       "publish": ["127.0.0.1:0:6379"]})
     assert (op["kind"], op["state"], op["vm_id"]) == ("run", "running", "d-r1")
@@ -234,6 +239,13 @@ def test_a_vm_through_the_api_outlives_the_daemon(daemon: Daemon, redis_package:
     assert ("operation", "running") in kinds, kinds
     assert ("operation", "succeeded") in kinds, kinds
     assert ("vm", "running") in kinds, kinds
+    # `ferry events --json` printed the same stream, and Ctrl-C ends it at once.
+    follow.send_signal(signal.SIGINT)
+    out, _ = follow.communicate(timeout=15)
+    assert follow.returncode == 130
+    printed = [json.loads(line) for line in out.splitlines()]
+    assert any(e["kind"] == "operation" and e["operation"]["id"] == op["id"]
+               and e["operation"]["state"] == "succeeded" for e in printed), printed
 
     # SIGKILL the daemon: the VM is held by its own process and keeps serving.
     daemon.stop(signal.SIGKILL)

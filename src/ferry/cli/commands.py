@@ -55,6 +55,10 @@ async def run(args: argparse.Namespace, console: Console) -> ExitCode | int:
             from ferry.cli.daemon import daemon
 
             return await daemon(args, console)
+        case "events":
+            from ferry.cli.daemon import events
+
+            return await events(args, console)
     raise ConfigError(f"unknown command {args.command}")
 
 

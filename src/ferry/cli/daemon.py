@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,64 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     p.add_argument("--warm-holders", type=int, default=1, metavar="N",
                    help="holder processes kept started ahead of need (0: none; default 1)")
     return p
+
+
+def add_events_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                      ) -> argparse.ArgumentParser:
+    p = sub.add_parser("events", help="follow this node's daemon's events (VMs, operations)")
+    p.add_argument("--socket", type=Path,
+                   help="the daemon's UNIX socket (default: <run root>/ferryd.sock)")
+    return p
+
+
+def _event_text(e: dict[str, Any]) -> str:
+    if e["kind"] == "operation":
+        op = e["operation"]
+        error = op.get("error") or {}
+        return (f"operation {op['id']} {op['kind']} {op.get('vm_id') or ''} {op['state']}"
+                + (f": {error.get('detail')}" if error else ""))
+    if e["kind"] == "vm":
+        return f"vm {e['vm_id']} {e['status']}"
+    if e["kind"] == "subscribed":
+        return "following the daemon's events; here now: " + (
+            ", ".join(f"{v['vm_id']} ({v['status']})" for v in e["vms"]) or "no VMs")
+    return json.dumps(e)
+
+
+async def events(args: argparse.Namespace, console: Console) -> ExitCode:
+    """Print the daemon's events as they come (one JSON object per line with --json)."""
+    import asyncio
+
+    from ferry.daemon.client import DaemonClient
+    from ferry.daemon.serve import SOCKET_NAME
+
+    path = args.socket or args.host.run_root / SOCKET_NAME
+    if not path.exists():
+        raise ConfigError(f"no daemon socket at {path} (is 'ferry daemon' running?)")
+    client = DaemonClient.unix(path)
+
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[BaseException | None] = loop.create_future()
+
+    def follow() -> None:
+        error: BaseException | None = None
+        try:
+            for event in client.events(timeout_s=None):
+                print(json.dumps(event) if args.json else _event_text(event), flush=True)
+        except BaseException as exc:  # handed to the loop below
+            error = exc
+        def settle() -> None:
+            if not ended.done():
+                ended.set_result(error)
+        loop.call_soon_threadsafe(settle)
+
+    # A daemon thread, not the executor: Ctrl-C ends the command without waiting for the
+    # blocked read (the executor would be joined at exit).
+    threading.Thread(target=follow, name="events", daemon=True).start()
+    error = await ended
+    if error is not None:
+        raise error
+    return ExitCode.OK
 
 
 def _address(text: str) -> tuple[str, int]:

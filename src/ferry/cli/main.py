@@ -5,6 +5,7 @@ Subcommands (see docs/cli.md):
     ferry demo                      the main end-to-end demo
     ferry doctor [--clean]          can this host run ferry's VMs, and what to fix
     ferry daemon [--listen-tcp A:P --token-file F]     this node's daemon (HTTP API)
+    ferry events                                       follow the daemon's events
     ferry serve  [-c CONFIG] --listen EP NAME=PATH...   migrate device files to a receiver
     ferry receive [-c CONFIG] --from EP --into DIR      receive a device group into files
     ferry inspect FILE                                  size, blocks, hashes of a device file
@@ -119,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = doctor_cli.add_parser(sub)
     _add_common(p)
     p = daemon_cli.add_parser(sub)
+    _add_common(p)
+    p = daemon_cli.add_events_parser(sub)
     _add_common(p)
 
     vm_cli.add_parsers(sub, _add_common)

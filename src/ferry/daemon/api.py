@@ -351,11 +351,16 @@ def create_app(host: HostConfig, *, warm_holders: int = 1) -> FastAPI:
 
     @app.get("/v1/events", tags=["events"], response_class=StreamingResponse)
     async def events() -> StreamingResponse:
-        """Server-sent events: ``vm`` (a VM appeared, changed state or went) and
-        ``operation`` (an operation started or finished), one JSON object each."""
+        """Server-sent events, one JSON object each: first ``subscribed`` (the VMs here
+        now), then ``vm`` (a VM appeared, changed state or went) and ``operation`` (an
+        operation started or finished)."""
         async def stream() -> AsyncIterator[bytes]:
             async with d.events.subscribe() as queue:
-                yield b": ferry events\n\n"
+                # First what is here now, so a subscriber starts from a known state.
+                vms = [_vm_view(v).model_dump(mode="json")
+                       for v in await asyncio.to_thread(d.vms)]
+                hello = {"seq": 0, "kind": "subscribed", "vms": vms}
+                yield f"data: {json.dumps(hello)}\n\n".encode()
                 while True:
                     event = await queue.get()
                     if event is None:

@@ -31,7 +31,7 @@ class DaemonError(FerryError):
 
 
 class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
+    def __init__(self, path: Path, timeout: float | None) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
 
@@ -91,8 +91,10 @@ class DaemonClient:
             raise DaemonError(status, value if isinstance(value, dict) else {})
         return value
 
-    def events(self, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[dict[str, Any]]:
-        """Follow ``/v1/events`` (server-sent events) until the daemon ends the stream."""
+    def events(self, *, timeout_s: float | None = DEFAULT_TIMEOUT_S,
+               ) -> Iterator[dict[str, Any]]:
+        """Follow ``/v1/events`` (server-sent events) until the daemon ends the stream
+        (``timeout_s`` None: however long it is quiet)."""
         conn = self._connect(timeout_s)
         try:
             conn.request("GET", "/v1/events", headers=self._headers(None))
