@@ -13,6 +13,7 @@ APT_PACKAGES=(
     iproute2 nftables                 # network namespaces for hosts, NAT, port forwarding
     redis-tools                       # redis-cli for talking to guest Redis
     gcc libc6-dev                     # the static in-guest agent is compiled at image build
+    chromium chromium-driver          # the daemon dashboard's browser test (Selenium)
 )
 
 # QEMU >= 9: 7.2 (Debian 12's own) under TCG loses guest writes from its precopy dirty

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from openapi_spec_validator import validate
@@ -280,6 +280,7 @@ async def test_a_vm_migrates_between_two_daemons(signer: Signer, redis_package: 
     root = Path(tempfile.mkdtemp(prefix="fdm-"))
     env = {**signer.env, "FERRY_PACKAGE_CACHE_DIR": str(root / "pkgcache")}
     procs: list[asyncio.subprocess.Process] = []
+    receiver: int | None = None
     async with host_namespaces(["dma", "dmb"], switch_tag="dm") as hs:
         site = Site(hs, root / "hosts", env)
         try:
@@ -303,6 +304,7 @@ async def test_a_vm_migrates_between_two_daemons(signer: Signer, redis_package: 
             op = await asyncio.to_thread(a.wait, op)
             assert op["state"] == "succeeded", op
             recv = await call(b, "POST", "/v1/receivers", {"listen": f"{addr_b}:7531"})
+            receiver = recv["pid"]
             assert recv["token"]
             assert recv["address"] == [addr_b, 7531]
             mig = await call(a, "POST", "/v1/vms/dm-r1/migrate",
@@ -327,6 +329,9 @@ async def test_a_vm_migrates_between_two_daemons(signer: Signer, redis_package: 
             stopped = await call(b, "POST", "/v1/vms/dm-r1/stop", {})
             assert stopped["mode"] == "discard"
         finally:
+            if receiver is not None:  # still waiting if the migration never came: no record
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(receiver, signal.SIGTERM)
             for proc in procs:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
@@ -335,3 +340,89 @@ async def test_a_vm_migrates_between_two_daemons(signer: Signer, redis_package: 
             await site.stop_all()
             await cleanup_leftovers()
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _browser() -> Any:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    opts = Options()
+    opts.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1100,900"):
+        opts.add_argument(arg)
+    service = Service(shutil.which("chromedriver") or "/usr/bin/chromedriver")
+    return webdriver.Chrome(service=service, options=opts)
+
+
+def test_the_dashboard_shows_a_vm_and_migrates_it(daemon: Daemon, redis_package: Path,
+                                                   tmp_path: Path) -> None:
+    """A real Chromium opens the dashboard over TCP, sees the VM, starts its migration
+    (to a receiver on this node) and watches it finish; a screenshot is kept."""
+    api = daemon.unix()
+    op = api.wait(api.call("POST", "/v1/vms", {"package": str(redis_package),
+                                               "name": "ui-r1",
+                                               "publish": ["127.0.0.1:0:6379"]}))
+    assert op["state"] == "succeeded", op
+    recv = api.call("POST", "/v1/receivers", {"listen": "127.0.0.1:7542", "name": "ui-r2",
+                                              "publish": ["127.0.0.1:0:6379"]})
+    try:
+        _migrate_in_the_browser(daemon, recv["token"], tmp_path)
+    except BaseException:
+        # A receiver still waiting for its VM has no record yet: end it by its pid.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(recv["pid"], signal.SIGTERM)
+        raise
+    assert [v["vm_id"] for v in api.call("GET", "/v1/vms")] == ["ui-r2"]
+    api.call("POST", "/v1/vms/ui-r2/stop", {})
+
+
+def _migrate_in_the_browser(daemon: Daemon, token: str, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    assert daemon.tcp is not None
+    host, port = daemon.tcp
+    # Without the token the page loads (it holds no data) but the API refuses its calls.
+    anonymous = DaemonClient.tcp(host, port, None)
+    assert anonymous.raw("GET", "/ui")[0] == 200
+    assert anonymous.raw("GET", "/v1/vms")[0] == 401
+    driver = _browser()
+
+    def query(script: str) -> Any:
+        # Read the page in one script: it redraws its tables on every event, so an
+        # element found in one call may be gone (stale) by the next.
+        return driver.execute_script(script)
+
+    def rows(table: str) -> list[list[str]]:
+        return list(query(f"return [...document.querySelectorAll('#{table} tbody tr')]"
+                          ".map(r => [r.id, r.dataset.state || r.dataset.status || '', "
+                          "r.innerText])"))
+
+    try:
+        driver.get(f"http://{host}:{port}/ui#token={daemon.token}")
+        wait = WebDriverWait(driver, 60, poll_frequency=0.2)
+        wait.until(lambda d: ["vm-ui-r1", "running"] in [r[:2] for r in rows("vms")])
+        # The VM picker keeps its choice across redraws; the inputs are never redrawn.
+        query("document.getElementById('migrate-vm').value = 'ui-r1'")
+        driver.find_element(By.ID, "migrate-to").send_keys("127.0.0.1:7542")
+        driver.find_element(By.ID, "migrate-token").send_keys(token)
+        driver.find_element(By.ID, "migrate-go").click()
+        wait = WebDriverWait(driver, 180, poll_frequency=0.2)
+
+        def migration() -> list[str] | Literal[False]:
+            found = [r for r in rows("ops") if "migrate" in r[2]]
+            return found[0] if found and found[0][1] in ("succeeded", "failed") else False
+
+        row: list[str] = wait.until(lambda d: migration())
+        assert row[1] == "succeeded", row
+        assert "downtime" in row[2]
+        wait.until(lambda d: [r[0] for r in rows("vms")] == ["vm-ui-r2"])
+        assert query("return document.querySelectorAll('#downtimes .downtime-bar').length") == 1
+        assert query("return document.getElementById('error').textContent") == ""
+        shot = Path(os.environ.get("FERRY_DASHBOARD_SCREENSHOT", tmp_path / "dashboard.png"))
+        assert driver.save_screenshot(str(shot))
+        print(f"dashboard screenshot: {shot}")
+    finally:
+        driver.quit()

@@ -20,7 +20,7 @@ from ferry.cli.exitcodes import ExitCode
 from ferry.cli.output import emit_json
 from ferry.errors import ConfigError
 from ferry.guest.image import build_blueprint
-from ferry.node import supervisor
+from ferry.node import listing, supervisor
 from ferry.node.control import ControlClient
 from ferry.node.process import launch_detached
 from ferry.package import PackageInfo, Progress, TrustStore
@@ -198,10 +198,8 @@ async def _vm_migration(args: argparse.Namespace, out: _Out) -> int:
 
 
 async def _vm_list(args: argparse.Namespace, out: _Out) -> None:
-    vms = registry.list_vms(registry.VMPaths.of(args.host))
-    out([{"vm_id": v.vm_id, "status": v.status, "pid": v.pid, "package": v.package,
-          "forwards": list(v.forwards), "resume_ms": v.resume_ms} for v in vms],
-        lambda: _print_vms(out.console, vms))
+    views = listing.vm_views(registry.VMPaths.of(args.host))
+    out(views, lambda: _print_vms(out.console, views))
 
 
 async def _vm_exec(args: argparse.Namespace, out: _Out) -> int:
@@ -358,13 +356,13 @@ def _print_ready(console: Console, report: dict[str, Any]) -> None:
         console.print(f"  forward {fwd}")
 
 
-def _print_vms(console: Console, vms: list[registry.VMInfo]) -> None:
+def _print_vms(console: Console, vms: list[dict[str, Any]]) -> None:
     table = Table()
     for col in ("id", "status", "pid", "forwards", "resume"):
         table.add_column(col)
     for v in vms:
-        table.add_row(v.vm_id, v.status, str(v.pid or ""), ", ".join(v.forwards),
-                      f"{v.resume_ms} ms" if v.resume_ms is not None else "")
+        table.add_row(v["vm_id"], v["status"], str(v["pid"] or ""), ", ".join(v["forwards"]),
+                      f"{v['resume_ms']} ms" if v["resume_ms"] is not None else "")
     console.print(table)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import importlib.resources
 import json
 import os
 import socket
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import ferry
@@ -34,7 +34,7 @@ from ferry.hostconfig import HostConfig
 from ferry.live.access import Access, TLSFiles
 from ferry.live.rampath import RamPath
 from ferry.live.summary import MigrationSummary
-from ferry.node import supervisor
+from ferry.node import listing, supervisor
 from ferry.node.arrival import ArrivalRequest
 from ferry.node.control import ControlClient, ExportReply, MigrateRequest
 from ferry.node.process import launch_detached
@@ -46,6 +46,7 @@ from ferry.vm.publish import parse_publish
 from ferry.vm.runner import StopMode
 
 API_VERSION = "v1"
+DASHBOARD = (importlib.resources.files("ferry.daemon") / "dashboard.html").read_text()
 MAX_BODY_BYTES = 2 * 1024 * 1024
 VM_WATCH_S = 0.5
 """How often the daemon looks for VMs that came or went (for ``vm`` events)."""
@@ -74,12 +75,15 @@ class Daemon:
     def vms(self) -> list[registry.VMInfo]:
         return registry.list_vms(self.paths)
 
+    def views(self) -> list[m.VM]:
+        return [m.VM(**view) for view in listing.vm_views(self.paths)]
+
     def committed_bytes(self) -> int:
         total = 0
         for v in self.vms():
             rec = registry.live_supervisor(self.paths, v.vm_id)
             if rec is not None and isinstance(rec.get("qemu_pid"), int):
-                total += _qemu_memory_bytes(rec["qemu_pid"])
+                total += listing.qemu_memory_bytes(rec["qemu_pid"])
         return total
 
     def client(self, vm_id: str) -> ControlClient:
@@ -129,21 +133,8 @@ async def _process_exit(pid: int) -> None:
         os.close(fd)
 
 
-def _qemu_memory_bytes(pid: int) -> int:
-    """Guest RAM of a QEMU from its ``-m`` argument (0 if unreadable)."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return 0
-    for flag, value in itertools.pairwise(argv):
-        if flag == b"-m" and value.upper().endswith(b"M") and value[:-1].isdigit():
-            return int(value[:-1]) * 1024 * 1024
-    return 0
-
-
-def _vm_view(v: registry.VMInfo) -> m.VM:
-    return m.VM(vm_id=v.vm_id, status=v.status, pid=v.pid, package=v.package,
-                forwards=list(v.forwards), resume_ms=v.resume_ms)
+def _vm_view(v: registry.VMInfo, rec: dict[str, Any] | None = None) -> m.VM:
+    return m.VM(**listing.vm_view(v, rec))
 
 
 def _memory() -> tuple[int, int]:
@@ -214,14 +205,15 @@ def create_app(host: HostConfig, *, warm_holders: int = 1) -> FastAPI:
 
     @app.get("/v1/vms", response_model=list[m.VM], tags=["vms"])
     async def list_vms() -> list[m.VM]:
-        return [_vm_view(v) for v in await asyncio.to_thread(d.vms)]
+        return await asyncio.to_thread(d.views)
 
     @app.get("/v1/vms/{vm_id}", response_model=m.VMDetail, tags=["vms"])
     async def inspect_vm(vm_id: str) -> m.VMDetail:
         found = {v.vm_id: v for v in await asyncio.to_thread(d.vms)}.get(vm_id)
         if found is None:
             raise Problem(404, "vm-not-found", "VM not found", f"no VM {vm_id!r} on this node")
-        view = _vm_view(found)
+        view = _vm_view(found, await asyncio.to_thread(registry.live_supervisor, d.paths,
+                                                       vm_id))
         if found.status == "suspended":
             return m.VMDetail(**view.model_dump())
         status = await d.client(vm_id).status()
@@ -307,6 +299,29 @@ def create_app(host: HostConfig, *, warm_holders: int = 1) -> FastAPI:
 
         return d.ops.start("migrate", vm_id, work, cancel=cancel)
 
+    @app.post("/v1/vms/{vm_id}/snapshot", status_code=202, response_model=m.Operation,
+              tags=["vms"])
+    async def snapshot_vm(vm_id: str, body: m.SnapshotVM) -> m.Operation:
+        """Stop the VM into a signed package (the host's signing key); ``ferry vm run
+        FILE`` or ``POST /v1/vms`` resumes it."""
+        client = d.client(vm_id)
+        file = Path(body.file)
+        if not file.is_absolute() or not host.signing_key.is_absolute():
+            raise Problem(400, "bad-request", "Bad request",
+                          "the package file (and the host's signing key) must be absolute "
+                          "paths")
+        req = MigrateRequest(package=file, key=host.signing_key, overwrite=body.overwrite)
+
+        async def work() -> dict[str, Any]:
+            async with d.lock(vm_id):
+                reply = await client.migrate(req)
+                await d.wait_gone(vm_id)
+            assert isinstance(reply, ExportReply)
+            return {"package": reply.package, "key_id": reply.key_id,
+                    "state_bytes": reply.state_bytes, "paused_s": reply.paused_s}
+
+        return d.ops.start("snapshot", vm_id, work)
+
     # -- operations -------------------------------------------------------------------
 
     @app.get("/v1/operations", response_model=list[m.Operation], tags=["operations"])
@@ -357,8 +372,7 @@ def create_app(host: HostConfig, *, warm_holders: int = 1) -> FastAPI:
         async def stream() -> AsyncIterator[bytes]:
             async with d.events.subscribe() as queue:
                 # First what is here now, so a subscriber starts from a known state.
-                vms = [_vm_view(v).model_dump(mode="json")
-                       for v in await asyncio.to_thread(d.vms)]
+                vms = [v.model_dump(mode="json") for v in await asyncio.to_thread(d.views)]
                 hello = {"seq": 0, "kind": "subscribed", "vms": vms}
                 yield f"data: {json.dumps(hello)}\n\n".encode()
                 while True:
@@ -369,6 +383,12 @@ def create_app(host: HostConfig, *, warm_holders: int = 1) -> FastAPI:
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})
+
+    @app.get("/ui", tags=["dashboard"], response_class=HTMLResponse)
+    async def dashboard() -> HTMLResponse:
+        """The dashboard: one static page, no data in it; its script reads everything
+        through the API with the token from the URL's fragment (``/ui#token=...``)."""
+        return HTMLResponse(DASHBOARD)
 
     @app.get("/metrics", tags=["metrics"], response_class=Response)
     async def metrics() -> Response:

@@ -60,6 +60,10 @@ class VM(Reply):
     package: str | None = None
     forwards: list[str] = []
     resume_ms: float | None = None
+    memory_bytes: int | None = None
+    """Guest RAM (QEMU's ``-m``); None for a suspended VM."""
+    started_at: float | None = None
+    """Unix time its holder started (None: suspended)."""
 
 
 class VMDetail(VM):
@@ -76,6 +80,13 @@ class RunVM(Request):
     name: str | None = Field(default=None, pattern=VM_ID_PATTERN)
     publish: list[str] = Field(default=[], max_length=MAX_PUBLISH,
                                description="forwards, as ferry vm run -p: [ADDR:]HOST:GUEST[/udp]")
+
+
+class SnapshotVM(Request):
+    """Stop the VM into a signed package (``ferry vm migrate ID --to-package FILE``)."""
+
+    file: str = Field(min_length=1, max_length=MAX_PATH)
+    overwrite: bool = False
 
 
 class StopMode(enum.Enum):

@@ -8,8 +8,10 @@
   every request must carry ``Authorization: Bearer <token>``: the token is read
   from ``--token-file`` (created, mode 0600, with a fresh token if missing).
   A request without it, or with another, is refused with 401 before any route
-  runs (:class:`BearerAuth`). Which socket a request came in on is taken from
-  the listening socket's address (ASGI ``server``), never from the peer.
+  runs (:class:`BearerAuth`); the one exception is ``GET /ui``, the dashboard's
+  static page, which holds no data (its script sends the token with every call).
+  Which socket a request came in on is taken from the listening socket's address
+  (ASGI ``server``), never from the peer.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from ferry.transport import auth
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "ferryd.sock"
+PUBLIC_PAGE = "/ui"
+"""The one route TCP serves without the token: the dashboard's static page."""
 
 
 class BearerAuth:
@@ -46,7 +50,7 @@ class BearerAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket") and tuple(scope.get("server") or ()) \
-                != self._unix and not self._authorized(scope):
+                != self._unix and not self._public(scope) and not self._authorized(scope):
             body = json.dumps({"type": "https://ferry.dev/problems/unauthorized",
                                "title": "Unauthorized", "status": 401,
                                "detail": "this endpoint needs 'Authorization: Bearer <token>'"
@@ -58,6 +62,12 @@ class BearerAuth:
             await send({"type": "http.response.body", "body": body})
             return
         await self.app(scope, receive, send)
+
+    @staticmethod
+    def _public(scope: Scope) -> bool:
+        """The dashboard's page itself: static, no data (its requests carry the token)."""
+        return scope["type"] == "http" and scope.get("method") == "GET" \
+            and scope.get("path") == PUBLIC_PAGE
 
     def _authorized(self, scope: Scope) -> bool:
         if self._expected is None:

@@ -1,0 +1,45 @@
+"""The VMs of this host as ``ferry vm list`` and the daemon's ``GET /v1/vms`` show them.
+
+One function, so the CLI (reading the run directory itself) and the daemon (which
+the ``ferry vm ls`` fast path asks) print the same thing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+from ferry.vm import registry
+
+
+def qemu_memory_bytes(pid: int) -> int:
+    """Guest RAM of a QEMU from its ``-m`` argument (0 if unreadable)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return 0
+    for flag, value in itertools.pairwise(argv):
+        if flag == b"-m" and value.upper().endswith(b"M") and value[:-1].isdigit():
+            return int(value[:-1]) * 1024 * 1024
+    return 0
+
+
+def vm_view(v: registry.VMInfo, rec: dict[str, Any] | None) -> dict[str, Any]:
+    """One VM; ``rec`` is its holder's record (memory, start time) if it runs."""
+    memory = started = None
+    if rec is not None:
+        if isinstance(rec.get("qemu_pid"), int):
+            memory = qemu_memory_bytes(rec["qemu_pid"]) or None
+        if isinstance(rec.get("started_at"), int | float):
+            started = float(rec["started_at"])
+    return {"vm_id": v.vm_id, "status": v.status, "pid": v.pid, "package": v.package,
+            "forwards": list(v.forwards), "resume_ms": v.resume_ms, "memory_bytes": memory,
+            "started_at": started}
+
+
+def vm_views(paths: registry.VMPaths) -> list[dict[str, Any]]:
+    """Every VM here (running, receiving, migrating, suspended), sorted by id."""
+    return [vm_view(v, registry.live_supervisor(paths, v.vm_id)
+                    if v.status != "suspended" else None)
+            for v in registry.list_vms(paths)]
