@@ -33,8 +33,8 @@ from ferry.daemon.client import DaemonClient, DaemonError
 from ferry.net import cleanup_leftovers
 from ferry.testing.hosts import host_namespaces
 from ferry.testing.packages import Signer
-from ferry.testing.site import Site
-from ferry.vm.registry import VMPaths, read_json
+from ferry.testing.site import Site, holder_pids
+from ferry.vm.registry import VMPaths
 
 pytestmark = pytest.mark.e2e
 
@@ -83,15 +83,6 @@ class Daemon:
         return DaemonClient.unix(self.socket)
 
 
-def _holder_pids(paths: VMPaths) -> list[int]:
-    pids = []
-    for rec in (paths.run_root / "vms").glob("*/supervisor.json"):
-        data = read_json(rec) or {}
-        if isinstance(data.get("pid"), int):
-            pids.append(data["pid"])
-    return pids
-
-
 @pytest.fixture(scope="module")
 def daemon(signer: Signer) -> Iterator[Daemon]:
     root = Path(tempfile.mkdtemp(prefix="fd-"))  # short: UNIX socket paths
@@ -107,11 +98,11 @@ def daemon(signer: Signer) -> Iterator[Daemon]:
         if d.proc is not None:
             with contextlib.suppress(Exception):
                 d.stop()
-        for pid in _holder_pids(paths):  # VMs a failed test left: their holders clean up
+        for pid in holder_pids(paths):  # VMs a failed test left: their holders clean up
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 30
-        while _alive(_holder_pids(paths)) and time.monotonic() < deadline:
+        while _alive(holder_pids(paths)) and time.monotonic() < deadline:
             time.sleep(0.2)
         shutil.rmtree(root, ignore_errors=True)
 

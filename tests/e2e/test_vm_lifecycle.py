@@ -25,8 +25,9 @@ import pytest
 
 from ferry.net import netns
 from ferry.testing.packages import Signer
+from ferry.testing.site import holder_pids
 from ferry.vm.manifest import VMManifest
-from ferry.vm.registry import VMPaths, read_json
+from ferry.vm.registry import VMPaths
 
 from .conftest import MINIMAL_MARK
 
@@ -54,15 +55,6 @@ class Env:
         return json.loads(self.ferry(*args, "--json").stdout)
 
 
-def _supervisor_pids(paths: VMPaths) -> list[int]:
-    pids = []
-    for rec in (paths.run_root / "vms").glob("*/supervisor.json"):
-        data = read_json(rec) or {}
-        if isinstance(data.get("pid"), int):
-            pids.append(data["pid"])
-    return pids
-
-
 @pytest.fixture(scope="module")
 def env(signer: Signer) -> Iterator[Env]:
     # Short paths: UNIX socket names are limited to 107 bytes.
@@ -75,7 +67,7 @@ def env(signer: Signer) -> Iterator[Env]:
     try:
         yield e
     finally:
-        for pid in _supervisor_pids(paths):
+        for pid in holder_pids(paths):
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:

@@ -197,15 +197,20 @@ class Site:
 
     async def stop_host(self, host: str) -> None:
         paths = self.paths(host)
-        pids = [p for rec in (paths.run_root / "vms").glob(f"*/{SUPERVISOR_RECORD}")
-                if isinstance(p := (read_json(rec) or {}).get("pid"), int)]
-        pids += self._receivers.pop(host, [])
+        pids = holder_pids(paths) + self._receivers.pop(host, [])
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         await asyncio.gather(*(_wait_gone(pid) for pid in pids))
         await cleanup_leftovers(paths)
         await cleanup_networks(run_dir=paths.net_run_dir)
+
+
+def holder_pids(paths: VMPaths) -> list[int]:
+    """The pids of the VM holders ``paths`` has records of (a receiver still waiting for
+    its VM has none yet)."""
+    return [p for rec in (paths.run_root / "vms").glob(f"*/{SUPERVISOR_RECORD}")
+            if isinstance(p := (read_json(rec) or {}).get("pid"), int)]
 
 
 async def _wait_gone(pid: int) -> None:
