@@ -162,9 +162,9 @@ def test_bad_requests_get_problem_bodies(daemon: Daemon, method: str, path: str,
     assert b"Traceback" not in raw
 
 
-def _events(daemon: Daemon, into: list[dict[str, Any]], stop: threading.Event) -> None:
+def _events(client: DaemonClient, into: list[dict[str, Any]], stop: threading.Event) -> None:
     with contextlib.suppress(Exception):
-        for event in daemon.unix().events(timeout_s=120):
+        for event in client.events(timeout_s=120):
             into.append(event)
             if stop.is_set():
                 return
@@ -173,7 +173,7 @@ def _events(daemon: Daemon, into: list[dict[str, Any]], stop: threading.Event) -
 def test_a_vm_through_the_api_outlives_the_daemon(daemon: Daemon, redis_package: Path) -> None:
     events: list[dict[str, Any]] = []
     stop_events = threading.Event()
-    follower = threading.Thread(target=_events, args=(daemon, events, stop_events),
+    follower = threading.Thread(target=_events, args=(daemon.unix(), events, stop_events),
                                 daemon=True)
     follower.start()
     api = daemon.unix()
@@ -298,11 +298,23 @@ async def test_a_vm_migrates_between_two_daemons(signer: Signer, redis_package: 
             receiver = recv["pid"]
             assert recv["token"]
             assert recv["address"] == [addr_b, 7531]
+            seen: list[dict[str, Any]] = []
+            stop_following = threading.Event()
+            threading.Thread(target=_events, args=(a, seen, stop_following),
+                             daemon=True).start()
             mig = await call(a, "POST", "/v1/vms/dm-r1/migrate",
                              {"to": f"{addr_b}:7531", "token": recv["token"]})
             assert (mig["kind"], mig["state"]) == ("migrate", "running")
             mig = await asyncio.to_thread(a.wait, mig)
             assert mig["state"] == "succeeded", mig
+            stop_following.set()
+            # While it ran, the operation reported the holder's progress.
+            progress = [e["operation"]["progress"] for e in seen
+                        if e["kind"] == "operation" and e["operation"]["id"] == mig["id"]
+                        and e["operation"]["state"] == "running"
+                        and e["operation"]["progress"] is not None]
+            assert progress, seen
+            assert max(p["bytes_sent"] for p in progress) > 0
             summary = mig["result"]["summary"]
             assert (summary["outcome"], summary["handed_off"], summary["verified"]) == (
                 "completed", True, True)

@@ -24,12 +24,14 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import ferry
+from ferry.aio import cancel_and_wait
 from ferry.daemon import models as m
 from ferry.daemon import problems
 from ferry.daemon.metrics import Metrics
 from ferry.daemon.operations import Events, Operations
 from ferry.daemon.problems import Problem
 from ferry.daemon.warm import HolderPool
+from ferry.errors import FerryError
 from ferry.hostconfig import HostConfig
 from ferry.live.access import Access, TLSFiles
 from ferry.live.rampath import RamPath
@@ -229,7 +231,7 @@ def create_app(host: HostConfig, *, warm_holders: int = 1) -> FastAPI:
             raise Problem(400, "bad-request", "Bad request", f"no package file {file}")
         vm_id = registry.check_vm_id(body.name or f"vm-{os.urandom(4).hex()}")
 
-        async def work() -> dict[str, Any]:
+        async def work(op_id: str) -> dict[str, Any]:
             async with d.lock(vm_id):
                 trust = TrustStore.for_host(host)
                 opened = await asyncio.to_thread(pkgcache.open_package, file, trust,
@@ -284,9 +286,14 @@ def create_app(host: HostConfig, *, warm_holders: int = 1) -> FastAPI:
         req = MigrateRequest(to=(addr, int(port)), access=access,
                              precopy_only=body.precopy_only, ram=RamPath(body.ram))
 
-        async def work() -> dict[str, Any]:
+        async def work(op_id: str) -> dict[str, Any]:
             async with d.lock(vm_id):
-                reply = await client.migrate(req)
+                # Owned here and always awaited: cancelled once the migration ended.
+                watch = asyncio.create_task(_watch_progress(client, d.ops, op_id))
+                try:
+                    reply = await client.migrate(req)
+                finally:
+                    await cancel_and_wait(watch, swallow_errors=True)
                 assert not isinstance(reply, ExportReply)
                 _observe(d.metrics, reply.summary)
                 # The operation ends once the VM has left this node (its holder answers
@@ -312,7 +319,7 @@ def create_app(host: HostConfig, *, warm_holders: int = 1) -> FastAPI:
                           "paths")
         req = MigrateRequest(package=file, key=host.signing_key, overwrite=body.overwrite)
 
-        async def work() -> dict[str, Any]:
+        async def work(op_id: str) -> dict[str, Any]:
             async with d.lock(vm_id):
                 reply = await client.migrate(req)
                 await d.wait_gone(vm_id)
@@ -396,6 +403,19 @@ def create_app(host: HostConfig, *, warm_holders: int = 1) -> FastAPI:
         return Response(data, media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+PROGRESS_EVERY_S = 0.25
+
+
+async def _watch_progress(client: ControlClient, ops: Operations, op_id: str) -> None:
+    """Report the holder's migration progress on the operation until cancelled."""
+    while True:
+        await asyncio.sleep(PROGRESS_EVERY_S)
+        with contextlib.suppress(FerryError):
+            status = await client.status()
+            if status.migration is not None:
+                ops.report(op_id, dict(status.migration))
 
 
 def _tls(cert: str | None, key: str | None, ca: str | None) -> TLSFiles | None:

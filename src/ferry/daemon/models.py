@@ -168,6 +168,8 @@ class Operation(Reply):
     created: float
     """Unix time."""
     finished: float | None = None
+    progress: dict[str, Any] | None = None
+    """While a migration runs: ``phase``, ``bytes_sent``, ``cycles``, ``elapsed_s``."""
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     """A problem body (see :mod:`ferry.daemon.problems`) when ``state`` is ``failed``."""

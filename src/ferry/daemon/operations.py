@@ -30,7 +30,8 @@ KEEP_FINISHED = 256
 SUBSCRIBER_QUEUE = 256
 """Events one slow subscriber may lag behind before it is dropped (it reconnects)."""
 
-Work = Callable[[], Awaitable[dict[str, Any]]]
+Work = Callable[[str], Awaitable[dict[str, Any]]]
+"""The operation's work, given its id (to :meth:`Operations.report` progress)."""
 Cancel = Callable[[], Awaitable[None]]
 
 
@@ -76,6 +77,7 @@ class _Op:
     created: float
     state: OpState = OpState.RUNNING
     finished: float | None = None
+    progress: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     task: asyncio.Task[None] | None = None
@@ -84,8 +86,8 @@ class _Op:
 
     def view(self) -> Operation:
         return Operation(id=self.id, kind=self.kind, vm_id=self.vm_id, state=self.state,
-                         created=self.created, finished=self.finished, result=self.result,
-                         error=self.error)
+                         created=self.created, finished=self.finished, progress=self.progress,
+                         result=self.result, error=self.error)
 
 
 class Operations:
@@ -110,7 +112,7 @@ class Operations:
 
     async def _run(self, op: _Op, work: Work) -> None:
         try:
-            op.result = await work()
+            op.result = await work(op.id)
             op.state = OpState.SUCCEEDED
         except asyncio.CancelledError:
             op.state = OpState.CANCELLED
@@ -134,6 +136,13 @@ class Operations:
 
     def _announce(self, op: _Op) -> None:
         self._events.publish("operation", operation=op.view().model_dump(mode="json"))
+
+    def report(self, op_id: str, progress: dict[str, Any]) -> None:
+        """A running operation's progress changed: keep it and announce it."""
+        op = self._ops.get(op_id)
+        if op is not None and op.state is OpState.RUNNING and progress != op.progress:
+            op.progress = progress
+            self._announce(op)
 
     def get(self, op_id: str) -> Operation | None:
         op = self._ops.get(op_id)

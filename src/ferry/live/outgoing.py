@@ -44,6 +44,7 @@ from ferry.live import launch, report_exchange
 from ferry.live.access import Access
 from ferry.live.clock import ClockOffset
 from ferry.live.errors import LiveMigrationError
+from ferry.live.progress import MigrationProgress
 from ferry.live.rampath import LINK_WINDOWS, RamPath
 from ferry.live.ramsink import ram_in_sink
 from ferry.live.report import DestinationReport, SourceReport
@@ -108,6 +109,7 @@ async def migrate_to_host(
     m: Movable, host: str, port: int, *, access: Access,
     options: LiveOptions = DEFAULT_OPTIONS,
     on_handed_off: Callable[[], Awaitable[None]] | None = None,
+    progress: MigrationProgress | None = None,
 ) -> Moved:
     """Live-migrate ``m`` to the ``ferry vm receive`` listening on ``host:port``.
 
@@ -153,7 +155,8 @@ async def migrate_to_host(
                 await on_handed_off()
 
         report = await migrate_out(m.qemu, m.devices, channel, agent=m.agent, options=options,
-                                   on_handed_off=handed_off, ram_link=ram_link)
+                                   on_handed_off=handed_off, ram_link=ram_link,
+                                   progress=progress)
         report.ram_path_reason = choice.reason
         destination: DestinationReport | None = None
         clock: ClockOffset | None = None

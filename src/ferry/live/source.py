@@ -41,6 +41,7 @@ from ferry.hostconfig import Accel
 from ferry.live import payload as wire
 from ferry.live import rampath
 from ferry.live.errors import LiveMigrationError
+from ferry.live.progress import MigrationProgress
 from ferry.live.rampath import RamChoice, RamPath
 from ferry.live.report import SourceReport
 from ferry.live.timeline import Mark, Timeline
@@ -159,11 +160,13 @@ async def migrate_out(
     options: LiveOptions = DEFAULT_OPTIONS,
     on_handed_off: Callable[[], Awaitable[None]] | None = None,
     ram_link: Stream | None = None,
+    progress: MigrationProgress | None = None,
 ) -> SourceReport:
     """Move the running ``vm`` to the receiver at the other end of ``channel``.
 
     With ``options.ram`` QEMU, guest RAM goes in QEMU's own stream over
     ``ram_link`` (the link's second substream) and the migrator moves the disks.
+    ``progress``, if given, can be read while it runs.
 
     Returns when post-copy has completed and the destination verified every
     block. Raises :class:`LiveMigrationError`: with ``handed_off`` False the VM
@@ -312,6 +315,9 @@ async def migrate_out(
         hooks=MigrationHooks(before_dirty_scan=before_scan, suspend=suspend, resume=resume,
                              handoff_payload=handoff_payload, after_handoff=after_handoff))
     failure: BaseException | None = None
+    if progress is not None:
+        progress.attach(migrator.progress,
+                        lambda: out.bytes_sent if (out := started_ram()) is not None else 0)
     if qemu_ram:
         ram_out = asyncio.create_task(start_ram(), name=f"ram-start {vm.name}")
     succeeded = False

@@ -169,6 +169,8 @@ class StatusReply:
     """Guest RAM read through FUSE (``IoCounters`` as a mapping); empty when not running."""
     qemu_usage: Mapping[str, float] = field(default_factory=dict)
     """QEMU's CPU use so far; empty when not running."""
+    migration: Mapping[str, Any] | None = None
+    """A running live migration's progress (:mod:`ferry.live.progress`), else None."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +267,21 @@ def _b64(text: str, key: str) -> bytes:
 
 def _mapping(d: Mapping[str, Any], key: str, *, optional: bool = False) -> dict[str, Any] | None:
     return _get(d, key, dict, None if optional else ...)
+
+
+PROGRESS_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "phase": str, "bytes_sent": int, "cycles": int, "elapsed_s": (int, float)}
+
+
+def _progress(value: Any) -> dict[str, Any] | None:
+    """A status's ``migration``: None, or exactly :data:`PROGRESS_FIELDS`."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != set(PROGRESS_FIELDS):
+        raise ControlProtocolError(f"bad migration progress {value!r:.200}")
+    for key, kind in PROGRESS_FIELDS.items():
+        _get(value, key, kind)
+    return dict(value)
 
 
 def _address(value: Any) -> tuple[str, int]:
@@ -377,7 +394,9 @@ def encode_reply(reply: Reply) -> bytes:
             return _dump({"ok": True, "op": reply.op.value, "vm_id": reply.vm_id,
                           "state": reply.state.value, "pid": reply.pid, "qemu_pid": reply.qemu_pid,
                           "forwards": list(reply.forwards), "memory_io": dict(reply.memory_io),
-                          "qemu_usage": dict(reply.qemu_usage)})
+                          "qemu_usage": dict(reply.qemu_usage),
+                          "migration": None if reply.migration is None
+                          else dict(reply.migration)})
         case StopReply():
             return _dump({"ok": True, "op": reply.op.value, "mode": reply.mode.value,
                           "state_bytes": reply.state_bytes, "flush_bytes": reply.flush_bytes})
@@ -417,7 +436,8 @@ def decode_reply(line: bytes) -> Reply:
             return StatusReply(_get(d, "vm_id", str), state, _get(d, "pid", int),
                                _get(d, "qemu_pid", int, None),
                                _str_tuple(d.get("forwards", []), "forwards"),
-                               _mapping(d, "memory_io") or {}, _mapping(d, "qemu_usage") or {})
+                               _mapping(d, "memory_io") or {}, _mapping(d, "qemu_usage") or {},
+                               _progress(d.get("migration")))
         case ControlOp.STOP:
             try:
                 mode = StopMode(_get(d, "mode", str))

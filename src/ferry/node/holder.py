@@ -194,7 +194,7 @@ class Holder:
         if self.vm is not None and self.vm.counters is not None:
             memory_io, qemu_usage = self.vm.counters()
         return StatusReply(r.vm_id, r.state, r.pid, r.qemu_pid, r.forwards, memory_io,
-                           qemu_usage)
+                           qemu_usage, self.outgoing.progress())
 
     async def watch(self, vm: HeldVM) -> Ending:
         """Hold ``vm`` until a stop request, its leaving, or QEMU's own exit."""

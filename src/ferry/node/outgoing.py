@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from ferry.live.access import Access
 from ferry.live.errors import LiveMigrationError
 from ferry.live.outgoing import Movable, Moved, export_to_package, migrate_to_host, options_for
+from ferry.live.progress import MigrationProgress
 from ferry.live.source import LiveOptions
 from ferry.node.control import (
     ExportReply,
@@ -31,7 +32,8 @@ from ferry.node.control import (
 class MigrateFn(Protocol):
     def __call__(self, m: Movable, host: str, port: int, *, access: Access,
                  options: LiveOptions,
-                 on_handed_off: Callable[[], Awaitable[None]] | None) -> Awaitable[Moved]:
+                 on_handed_off: Callable[[], Awaitable[None]] | None,
+                 progress: MigrationProgress | None) -> Awaitable[Moved]:
         ...
 
 
@@ -58,11 +60,18 @@ class Outgoing:
         self.idle.set()
         self.gone = False
         """The VM left this process (migrated or exported): stop holding it."""
+        self._progress: MigrationProgress | None = None
 
     @property
     def active(self) -> bool:
         """A migration is running (the VM's QEMU may stop without that being a crash)."""
         return self._task is not None and not self._task.done()
+
+    def progress(self) -> dict[str, Any] | None:
+        """How far the running live migration is (None: none runs, or an export)."""
+        if not self.active or self._progress is None:
+            return None
+        return self._progress.snapshot()
 
     def cancel(self, _: MigrateCancelRequest | None = None) -> MigrateCancelReply:
         if not self.active:
@@ -106,6 +115,7 @@ class Outgoing:
         self._on_active(False)
 
     async def _run(self, m: Movable, req: MigrateRequest) -> MigrateReply | ExportReply:
+        self._progress = None
         if req.package is not None:
             done = await self._export(m, req.package, key=req.key, overwrite=req.overwrite)
             return ExportReply(str(done["package"]), str(done["key_id"]),
@@ -118,7 +128,8 @@ class Outgoing:
             self._handed_off = True
 
         host, port = req.to
+        self._progress = MigrationProgress()
         moved = await self._migrate(m, host, port, access=req.access,
                                     options=options_for(req.precopy_only, req.ram),
-                                    on_handed_off=handed_off)
+                                    on_handed_off=handed_off, progress=self._progress)
         return MigrateReply(moved.summary, moved.source, moved.destination)

@@ -37,6 +37,9 @@ REQUESTS: list[control.Request] = [
 REPLIES: list[control.Reply] = [
     control.StatusReply("r1", HolderState.MIGRATING, 4711, 4712, ("127.0.0.1:1->2/tcp",),
                         {"reads": 3}, {"cpu_s": 0.5}),
+    control.StatusReply("r1", HolderState.MIGRATING, 4711, 4712, (), {}, {},
+                        {"phase": "precopy", "bytes_sent": 4096, "cycles": 0,
+                         "elapsed_s": 0.25}),
     control.StopReply(StopMode.SUSPEND, state_bytes=72226, flush_bytes=4096),
     control.StopReply(StopMode.DISCARD),
     control.ExecReply(3, "EXITED", b"out\x00", b"err\xff"),
@@ -120,6 +123,10 @@ BAD_REPLIES = [
     b'{"ok": true, "op": "status", "vm_id": "r1"}\n',     # missing fields
     b'{"ok": true, "op": "status", "vm_id": "r1", "state": "running", "pid": "1"}\n',
     b'{"ok": true, "op": "status", "vm_id": "r1", "state": "dancing", "pid": 1}\n',
+    b'{"ok": true, "op": "status", "vm_id": "r1", "state": "running", "pid": 1, '
+    b'"migration": {"phase": "precopy"}}\n',                 # progress fields missing
+    b'{"ok": true, "op": "status", "vm_id": "r1", "state": "running", "pid": 1, '
+    b'"migration": {"phase": 1, "bytes_sent": 0, "cycles": 0, "elapsed_s": 0}}\n',
     b'{"ok": true, "op": "exec", "exit_code": 0, "outcome": "E", "stdout": "!", "stderr": ""}\n',
     b'{"ok": true, "op": "migrate", "summary": [], "source": {}}\n',
     b'{"ok": true, "op": "migrate", "source": {}}\n',   # no summary

@@ -15,8 +15,11 @@ from ferry.live.access import Access
 from ferry.live.downtime import Downtime
 from ferry.live.errors import LiveMigrationError
 from ferry.live.outgoing import Movable, Moved
+from ferry.live.progress import MigrationProgress
 from ferry.live.source import LiveOptions
 from ferry.live.summary import MigrationSummary
+from ferry.migration.source import Progress
+from ferry.migration.state import Phase
 from ferry.node.control import MigrateCancelReply, MigrateReply, MigrateRequest
 from ferry.node.outgoing import Outgoing
 
@@ -37,6 +40,8 @@ class FakeMigration:
     """A migrate function that pauses the VM, waits to be told to hand off and to finish;
     cancelled before the hand-off it resumes the VM (as migrate_to_host does)."""
 
+    disks: Progress = field(default_factory=Progress)
+    ram_bytes: int = 0
     started: asyncio.Event = field(default_factory=asyncio.Event)
     hand_off: asyncio.Event = field(default_factory=asyncio.Event)
     handed_off: asyncio.Event = field(default_factory=asyncio.Event)
@@ -46,8 +51,11 @@ class FakeMigration:
 
     async def __call__(self, m: Movable, host: str, port: int, *, access: Access,
                        options: LiveOptions,
-                       on_handed_off: Callable[[], Awaitable[None]] | None) -> Moved:
+                       on_handed_off: Callable[[], Awaitable[None]] | None,
+                       progress: MigrationProgress | None) -> Moved:
         vm = cast(FakeVM, m)
+        if progress is not None:  # as migrate_out does: the migrator's own progress
+            progress.attach(self.disks, lambda: self.ram_bytes)
         self.calls += 1
         vm.paused = True
         self.started.set()
@@ -77,10 +85,16 @@ def make(vm: FakeVM | None) -> tuple[Outgoing, FakeMigration, list[bool]]:
 
 async def test_success_sets_gone_and_reports() -> None:
     out, fake, changes = make(FakeVM())
+    assert out.progress() is None
     task = asyncio.create_task(out.migrate(REQUEST))
     await fake.started.wait()
     assert out.active
     assert not out.idle.is_set()
+    fake.disks.phase, fake.disks.bytes_sent, fake.disks.cycle = Phase.DIRTY_CYCLES, 1000, 2
+    fake.ram_bytes = 5000
+    seen = out.progress()
+    assert seen is not None
+    assert (seen["phase"], seen["bytes_sent"], seen["cycles"]) == ("dirty-cycles", 6000, 2)
     fake.hand_off.set()
     fake.finish.set()
     reply = await task
@@ -88,6 +102,7 @@ async def test_success_sets_gone_and_reports() -> None:
     assert reply.summary.outcome == "completed"
     assert out.gone
     assert not out.active
+    assert out.progress() is None
     assert out.idle.is_set()
     assert changes == [True, False]
     with pytest.raises(LiveMigrationError, match="already running or done"):
