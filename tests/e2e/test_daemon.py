@@ -215,6 +215,25 @@ def test_a_vm_through_the_api_outlives_the_daemon(daemon: Daemon, redis_package:
     assert up == {"d-r1": 1.0}
     committed = families["ferry_node_memory_committed_bytes"].samples[0].value
     assert committed == 256 * 1024 * 1024
+
+    def per_vm(name: str) -> dict[str, float]:
+        return {s.labels["vm"]: s.value for s in families[name].samples
+                if not s.name.endswith("_created")}
+
+    assert per_vm("ferry_vm_memory_bytes") == {"d-r1": 256 * 1024 * 1024}
+    assert 0 < per_vm("ferry_vm_uptime_seconds")["d-r1"] < 600
+    assert per_vm("ferry_vm_qemu_cpu_seconds")["d-r1"] > 0  # it resumed and ran Redis
+    # The guest's RAM came through FUSE (the resume's preload at least): the daemon asked
+    # the VM's holder within the last half second.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        _, raw = api.raw("GET", "/metrics")
+        families = {f.name: f for f in text_string_to_metric_families(raw.decode())}
+        if per_vm("ferry_vm_fuse_read_bytes").get("d-r1"):
+            break
+        time.sleep(0.2)
+    assert per_vm("ferry_vm_fuse_read_bytes")["d-r1"] > 0
+    assert per_vm("ferry_vm_fuse_reads")["d-r1"] > 0
     ops = {(s.labels["kind"], s.labels["state"]): s.value
            for s in families["ferry_operations"].samples if s.name == "ferry_operations_total"}
     assert ops[("run", "succeeded")] == 1.0

@@ -45,7 +45,7 @@ from ferry.qemu.accel import host_accel
 from ferry.qemu.version import host_qemu_version
 from ferry.vm import pkgcache, registry
 from ferry.vm.publish import parse_publish
-from ferry.vm.runner import StopMode
+from ferry.vm.runner import StopMode, process_usage
 
 API_VERSION = "v1"
 DASHBOARD = (importlib.resources.files("ferry.daemon") / "dashboard.html").read_text()
@@ -62,7 +62,9 @@ class Daemon:
         self.holders = HolderPool(warm_holders)
         self.paths = registry.VMPaths.of(host)
         self.events = Events()
-        self.metrics = Metrics(self.vms, self.committed_bytes)
+        self.metrics = Metrics(self.samples, self.committed_bytes)
+        self.memory_io: dict[str, dict[str, int]] = {}
+        """Each running VM's guest-RAM FUSE counters from its holder's last status."""
         self.locks: dict[str, asyncio.Lock] = {}
         self._ops: Operations | None = None
 
@@ -79,6 +81,17 @@ class Daemon:
 
     def views(self) -> list[m.VM]:
         return [m.VM(**view) for view in listing.vm_views(self.paths)]
+
+    def samples(self) -> list[dict[str, Any]]:
+        """The VMs for the metrics (:data:`ferry.daemon.metrics.VMSample`)."""
+        out = []
+        for view in listing.vm_views(self.paths):
+            rec = registry.live_supervisor(self.paths, view["vm_id"]) \
+                if view["status"] != "suspended" else None
+            qemu_pid = (rec or {}).get("qemu_pid")
+            out.append({**view, "memory_io": self.memory_io.get(view["vm_id"], {}),
+                        "qemu": process_usage(qemu_pid) if isinstance(qemu_pid, int) else {}})
+        return out
 
     def committed_bytes(self) -> int:
         total = 0
@@ -111,7 +124,19 @@ class Daemon:
             for vm_id in seen.keys() - now.keys():
                 self.events.publish("vm", vm_id=vm_id, status="gone")
             seen = now
+            await self._poll_counters([v for v, s in now.items() if s == "running"])
             await asyncio.sleep(VM_WATCH_S)
+
+    async def _poll_counters(self, running: list[str]) -> None:
+        async def one(vm_id: str) -> None:
+            with contextlib.suppress(FerryError, TimeoutError):
+                async with asyncio.timeout(VM_WATCH_S):
+                    status = await self.client(vm_id).status()
+                self.memory_io[vm_id] = dict(status.memory_io)
+
+        await asyncio.gather(*(one(v) for v in running))
+        for gone in self.memory_io.keys() - set(running):
+            del self.memory_io[gone]
 
 
 async def _process_exit(pid: int) -> None:
