@@ -194,6 +194,15 @@ def test_a_vm_through_the_api_outlives_the_daemon(daemon: Daemon, redis_package:
     assert detail["qemu_pid"] == op["result"]["qemu_pid"]
     got = api.call("POST", "/v1/vms/d-r1/exec", {"argv": ["redis-cli", "get", "greeting"]})
     assert (got["exit_code"], got["stdout"].strip()) == (0, "hello")
+    # The guest's console: what it writes there is in `logs`, through the API and the CLI.
+    api.call("POST", "/v1/vms/d-r1/exec",
+             {"argv": ["sh", "-c", "echo ferry-console-mark > /dev/console"]})
+    status, log = api.raw("GET", "/v1/vms/d-r1/logs")
+    assert status == 200
+    assert b"ferry-console-mark" in log
+    cli_log = subprocess.run([*FERRY, "vm", "logs", "d-r1"], env=daemon.env,
+                             capture_output=True, timeout=60, check=True).stdout
+    assert b"ferry-console-mark" in cli_log
     # `ferry vm ls` asks the daemon (without importing the CLI) and says what the full
     # CLI, reading the run directory itself, says.
     fast = subprocess.run([sys.executable, "-X", "importtime", "-m", "ferry.cli.entry", "vm",

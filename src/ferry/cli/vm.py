@@ -27,6 +27,7 @@ from ferry.package import PackageInfo, Progress, TrustStore
 from ferry.package import commands as pkg
 from ferry.shape import DEFAULT_CPU_MODEL, MAX_MEMORY_MIB, MIN_MEMORY_MIB
 from ferry.vm import pkgcache, registry, snapshot
+from ferry.vm.errors import VMNotFoundError
 from ferry.vm.publish import parse_publish
 from ferry.vm.runner import StopMode
 
@@ -70,6 +71,11 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
     add_common(c)
 
     c = vm.add_parser("list", aliases=["ls"], help="running and suspended VMs")
+    add_common(c)
+
+    c = vm.add_parser("logs", help="a VM's serial console (-f: follow it)")
+    c.add_argument("vm_id")
+    c.add_argument("-f", "--follow", action="store_true", help="keep printing what comes")
     add_common(c)
 
     c = vm.add_parser("exec", help="run a command in a VM: ferry vm exec [OPTIONS] ID -- CMD...")
@@ -148,6 +154,8 @@ class _Out:
 
 
 Handler = Callable[[argparse.Namespace, _Out], Awaitable[int | None]]
+LOG_FOLLOW_S = 0.2
+"""How often ``vm logs -f`` looks for more console output."""
 
 
 async def run(args: argparse.Namespace, console: Console) -> int:
@@ -200,6 +208,21 @@ async def _vm_migration(args: argparse.Namespace, out: _Out) -> int:
 async def _vm_list(args: argparse.Namespace, out: _Out) -> None:
     views = listing.vm_views(registry.VMPaths.of(args.host))
     out(views, lambda: _print_vms(out.console, views))
+
+
+async def _vm_logs(args: argparse.Namespace, out: _Out) -> None:
+    paths = registry.VMPaths.of(args.host)
+    log = listing.console_log(paths, registry.check_vm_id(args.vm_id))
+    if log is None:
+        raise VMNotFoundError("runs nowhere on this host (see 'ferry vm list')", vm=args.vm_id)
+    offset = 0
+    while True:
+        data, offset = await asyncio.to_thread(listing.read_log, log, offset=offset)
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        if not args.follow or registry.live_supervisor(paths, args.vm_id) is None:
+            return
+        await asyncio.sleep(LOG_FOLLOW_S)
 
 
 async def _vm_exec(args: argparse.Namespace, out: _Out) -> int:
@@ -289,6 +312,7 @@ _HANDLERS: dict[tuple[str, str], Handler] = {
     ("vm", "registry"): _vm_migration,
     ("vm", "list"): _vm_list,
     ("vm", "ls"): _vm_list,
+    ("vm", "logs"): _vm_logs,
     ("vm", "exec"): _vm_exec,
     ("vm", "stop"): _vm_stop,
     ("key", "create"): _key_create,

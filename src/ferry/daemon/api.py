@@ -269,6 +269,17 @@ def create_app(host: HostConfig, *, warm_holders: int = 1) -> FastAPI:
 
         return d.ops.start("run", vm_id, work)
 
+    @app.get("/v1/vms/{vm_id}/logs", tags=["vms"], response_class=Response)
+    async def vm_logs(vm_id: str, offset: int = 0) -> Response:
+        """The VM's serial console as text (at most its last MiB); ``X-Log-Offset`` is
+        where to ask from next (``?offset=``) to follow it."""
+        log = listing.console_log(d.paths, registry.check_vm_id(vm_id))
+        if log is None:
+            raise Problem(404, "vm-not-found", "VM not found", f"no VM {vm_id!r} runs here")
+        data, end = await asyncio.to_thread(listing.read_log, log, offset=max(offset, 0))
+        return Response(data, media_type="text/plain; charset=utf-8",
+                        headers={"X-Log-Offset": str(end)})
+
     @app.post("/v1/vms/{vm_id}/stop", response_model=m.Stopped, tags=["vms"])
     async def stop_vm(vm_id: str, body: m.StopVM | None = None) -> m.Stopped:
         mode = StopMode((body or m.StopVM()).mode.value)

@@ -43,3 +43,33 @@ def vm_views(paths: registry.VMPaths) -> list[dict[str, Any]]:
     return [vm_view(v, registry.live_supervisor(paths, v.vm_id)
                     if v.status != "suspended" else None)
             for v in registry.list_vms(paths)]
+
+
+def console_log(paths: registry.VMPaths, vm_id: str) -> Path | None:
+    """The serial console log of ``vm_id``'s current QEMU (``console.N.log`` in its run
+    dir, the highest generation N), or None if it runs nowhere here."""
+    logs = []
+    for path in paths.run_dir(vm_id).glob("console.*.log"):
+        generation = path.name.split(".")[1]
+        if generation.isdigit():
+            logs.append((int(generation), path))
+    return max(logs)[1] if logs else None
+
+
+MAX_LOG_BYTES = 1024 * 1024
+"""What ``logs`` returns at most: the end of the console."""
+
+
+def read_log(path: Path, *, offset: int = 0,
+             max_bytes: int = MAX_LOG_BYTES) -> tuple[bytes, int]:
+    """The console's bytes from ``offset`` (at most the last ``max_bytes``) and the offset
+    after them (to follow it: pass it back)."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            start = max(offset, size - max_bytes) if offset < size else size
+            f.seek(start)
+            data = f.read(size - start)
+    except FileNotFoundError:
+        return b"", offset
+    return data, start + len(data)
