@@ -277,8 +277,14 @@ def test_a_vm_through_the_api_outlives_the_daemon(daemon: Daemon, redis_package:
     got = api.call("POST", "/v1/vms/d-r1/exec", {"argv": ["redis-cli", "ping"]})
     assert got["stdout"].strip() == "PONG"
 
-    stopped = api.call("POST", "/v1/vms/d-r1/stop", {"mode": "discard"})
-    assert stopped["mode"] == "discard"
+    with pytest.raises(DaemonError) as running:
+        api.call("DELETE", "/v1/vms/d-r1")  # running: only with ?force=true
+    assert running.value.status == 409
+    stopped = api.call("POST", "/v1/vms/d-r1/stop", {"mode": "suspend"})
+    assert stopped["mode"] == "suspend"
+    assert [(v["vm_id"], v["status"]) for v in api.call("GET", "/v1/vms")] == [
+        ("d-r1", "suspended")]
+    assert api.call("DELETE", "/v1/vms/d-r1")["mode"] == "removed"
     assert api.call("GET", "/v1/vms") == []
     with pytest.raises(DaemonError) as missing:
         api.call("GET", "/v1/vms/d-r1")

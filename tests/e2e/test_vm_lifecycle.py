@@ -283,3 +283,33 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ")[-1][:1] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_rm_removes_a_suspended_vm_and_refuses_a_running_one(env: Env,
+                                                            redis_package: Path) -> None:
+    _run_detached(env, "--name", "rr", str(redis_package))
+    try:
+        refused = env.ferry("vm", "rm", "rr", check=False)
+        assert refused.returncode == 1
+        assert "is running" in refused.stderr
+        env.ferry("vm", "stop", "rr", "--suspend")
+        assert env.paths.state_dir("rr").exists()
+        assert env.ferry_json("vm", "rm", "rr") == {"vm_id": "rr", "removed": "removed"}
+        assert not env.paths.state_dir("rr").exists()
+        assert [v for v in _listed(env) if v["vm_id"] == "rr"] == []
+        missing = env.ferry("vm", "rm", "rr", check=False)
+        assert missing.returncode == 1
+        assert "no such VM" in missing.stderr
+        # -f stops a running one.
+        _run_detached(env, "--name", "rr", str(redis_package))
+        assert env.ferry_json("vm", "rm", "rr", "-f") == {"vm_id": "rr", "removed": "stopped"}
+        assert [v for v in _listed(env) if v["vm_id"] == "rr"] == []
+    finally:
+        env.ferry("vm", "stop", "rr", check=False)
+        env.ferry("vm", "rm", "rr", check=False)
+
+
+def _listed(env: Env) -> list[dict[str, object]]:
+    listed = env.ferry_json("vm", "list")
+    assert isinstance(listed, list)
+    return listed

@@ -27,7 +27,7 @@ from ferry.package import PackageInfo, Progress, TrustStore
 from ferry.package import commands as pkg
 from ferry.shape import DEFAULT_CPU_MODEL, MAX_MEMORY_MIB, MIN_MEMORY_MIB
 from ferry.vm import pkgcache, registry, snapshot
-from ferry.vm.errors import VMNotFoundError
+from ferry.vm.errors import VMExistsError, VMNotFoundError
 from ferry.vm.publish import parse_publish
 from ferry.vm.runner import StopMode
 
@@ -71,6 +71,11 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
     add_common(c)
 
     c = vm.add_parser("list", aliases=["ls"], help="running and suspended VMs")
+    add_common(c)
+
+    c = vm.add_parser("rm", help="remove a suspended VM (-f: also stop a running one)")
+    c.add_argument("vm_id")
+    c.add_argument("-f", "--force", action="store_true", help="stop it first if it runs")
     add_common(c)
 
     c = vm.add_parser("logs", help="a VM's serial console (-f: follow it)")
@@ -250,6 +255,23 @@ async def _vm_stop(args: argparse.Namespace, out: _Out) -> None:
     out(data, lambda: out.console.print(f"{args.vm_id}: stopped ({stopped.mode.value})"))
 
 
+async def _vm_rm(args: argparse.Namespace, out: _Out) -> None:
+    paths = registry.VMPaths.of(args.host)
+    vm_id = registry.check_vm_id(args.vm_id)
+    if registry.live_supervisor(paths, vm_id) is not None:
+        if not args.force:
+            raise VMExistsError("is running: stop it ('ferry vm stop') or use 'rm -f'",
+                                vm=vm_id)
+        await _client(args).stop(StopMode.DISCARD)
+        removed = "stopped"
+    elif registry.remove_suspended(paths, vm_id):
+        removed = "removed"
+    else:
+        raise VMNotFoundError("no such VM here (see 'ferry vm list')", vm=vm_id)
+    out({"vm_id": vm_id, "removed": removed},
+        lambda: out.console.print(f"{vm_id}: {removed}"))
+
+
 async def _key_create(args: argparse.Namespace, out: _Out) -> None:
     info = pkg.key_create(args.path, host=args.host, comment=args.comment,
                           overwrite=args.overwrite, trust=args.trust,
@@ -313,6 +335,7 @@ _HANDLERS: dict[tuple[str, str], Handler] = {
     ("vm", "list"): _vm_list,
     ("vm", "ls"): _vm_list,
     ("vm", "logs"): _vm_logs,
+    ("vm", "rm"): _vm_rm,
     ("vm", "exec"): _vm_exec,
     ("vm", "stop"): _vm_stop,
     ("key", "create"): _key_create,

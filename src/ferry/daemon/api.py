@@ -287,6 +287,22 @@ def create_app(host: HostConfig, *, warm_holders: int = 1) -> FastAPI:
             reply = await d.client(vm_id).stop(mode)
         return m.Stopped(vm_id=vm_id, mode=reply.mode.value, state_bytes=reply.state_bytes)
 
+    @app.delete("/v1/vms/{vm_id}", response_model=m.Stopped, tags=["vms"])
+    async def remove_vm(vm_id: str, force: bool = False) -> m.Stopped:
+        """Remove a suspended VM; a running one only with ``?force=true`` (it is stopped,
+        discarding its state), else 409."""
+        registry.check_vm_id(vm_id)
+        async with d.lock(vm_id):
+            if await asyncio.to_thread(registry.live_supervisor, d.paths, vm_id):
+                if not force:
+                    raise Problem(409, "vm-running", "VM is running",
+                                  f"{vm_id} runs: stop it, or remove it with ?force=true")
+                reply = await d.client(vm_id).stop(StopMode.DISCARD)
+                return m.Stopped(vm_id=vm_id, mode=reply.mode.value)
+            if not await asyncio.to_thread(registry.remove_suspended, d.paths, vm_id):
+                raise Problem(404, "vm-not-found", "VM not found", f"no VM {vm_id!r} here")
+        return m.Stopped(vm_id=vm_id, mode="removed")
+
     @app.post("/v1/vms/{vm_id}/exec", response_model=m.Executed, tags=["vms"])
     async def exec_vm(vm_id: str, body: m.ExecVM) -> m.Executed:
         reply = await d.client(vm_id).exec(body.argv, stdin=body.stdin.encode(),

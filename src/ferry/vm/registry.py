@@ -155,6 +155,17 @@ def list_vms(paths: VMPaths) -> list[VMInfo]:
     return [found[k] for k in sorted(found)]
 
 
+def remove_suspended(paths: VMPaths, vm_id: str) -> bool:
+    """Delete the suspended VM ``vm_id`` (its overlays and saved device state); False if
+    there is no suspended VM of that id (a running one is stopped, not removed)."""
+    state = paths.state_dir(vm_id)
+    rec = read_json(state / VM_RECORD)
+    if rec is None or rec.get("status") != "suspended" or live_supervisor(paths, vm_id):
+        return False
+    shutil.rmtree(state)
+    return True
+
+
 def live_supervisor(paths: VMPaths, vm_id: str) -> dict[str, Any] | None:
     """The record of ``vm_id``'s supervisor if it is alive."""
     rec = read_json(paths.run_dir(vm_id) / SUPERVISOR_RECORD)
