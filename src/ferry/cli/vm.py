@@ -266,6 +266,11 @@ async def _vm_rm(args: argparse.Namespace, out: _Out) -> None:
         removed = "stopped"
     elif registry.remove_suspended(paths, vm_id):
         removed = "removed"
+    elif any(w["vm_id"] == vm_id for w in listing.waiting_receivers(paths)):
+        if not args.force:
+            raise VMExistsError("is a receiver waiting for a VM: 'rm -f' ends it", vm=vm_id)
+        listing.cancel_receiver(paths, vm_id)
+        removed = "cancelled"
     else:
         raise VMNotFoundError("no such VM here (see 'ferry vm list')", vm=vm_id)
     out({"vm_id": vm_id, "removed": removed},

@@ -117,7 +117,8 @@ class Daemon:
         """Announce VMs that appear, change state or go (polling the run directory)."""
         seen: dict[str, str] = {}
         while True:
-            now = {v.vm_id: v.status for v in await asyncio.to_thread(self.vms)}
+            now = {v["vm_id"]: v["status"]
+                   for v in await asyncio.to_thread(listing.vm_views, self.paths)}
             for vm_id, status in now.items():
                 if seen.get(vm_id) != status:
                     self.events.publish("vm", vm_id=vm_id, status=status)
@@ -299,9 +300,13 @@ def create_app(host: HostConfig, *, warm_holders: int = 1) -> FastAPI:
                                   f"{vm_id} runs: stop it, or remove it with ?force=true")
                 reply = await d.client(vm_id).stop(StopMode.DISCARD)
                 return m.Stopped(vm_id=vm_id, mode=reply.mode.value)
-            if not await asyncio.to_thread(registry.remove_suspended, d.paths, vm_id):
-                raise Problem(404, "vm-not-found", "VM not found", f"no VM {vm_id!r} here")
-        return m.Stopped(vm_id=vm_id, mode="removed")
+            if await asyncio.to_thread(registry.remove_suspended, d.paths, vm_id):
+                return m.Stopped(vm_id=vm_id, mode="removed")
+            if force and await asyncio.to_thread(listing.cancel_receiver, d.paths, vm_id):
+                return m.Stopped(vm_id=vm_id, mode="cancelled")
+            raise Problem(404, "vm-not-found", "VM not found",
+                          f"no suspended VM {vm_id!r} here" + ("" if force else
+                          " (a waiting receiver is ended with ?force=true)"))
 
     @app.post("/v1/vms/{vm_id}/exec", response_model=m.Executed, tags=["vms"])
     async def exec_vm(vm_id: str, body: m.ExecVM) -> m.Executed:

@@ -33,6 +33,7 @@ from ferry.live.bootcache import BootCache
 from ferry.live.errors import LiveMigrationError
 from ferry.live.outgoing import Movable
 from ferry.net import PortForward, VMNetwork
+from ferry.node import listing
 from ferry.node.holder import Ending, HeldVM, holding
 from ferry.node.record import HolderRecord, HolderState
 from ferry.vm import pkgcache
@@ -112,9 +113,19 @@ async def arrive(request: ArrivalRequest, *,
     started = time.monotonic()
     paths = request.paths
     await cleanup_leftovers(paths)
-    stream = await receive.open_link(request.access, listen=request.listen,
-                                     registry=request.registry, package=request.package,
-                                     on_listening=on_listening)
+    waiting = listing.receiver_record(paths)
+
+    def listening(address: tuple[str, int]) -> None:
+        # Until a source connects, this receiver is a VM-to-be: `vm ls` shows it waiting.
+        listing.write_receiver(waiting, address, request.name)
+        on_listening(address)
+
+    try:
+        stream = await receive.open_link(request.access, listen=request.listen,
+                                         registry=request.registry, package=request.package,
+                                         on_listening=listening)
+    finally:
+        waiting.unlink(missing_ok=True)
     vm_id = request.name
     try:
         async with contextlib.AsyncExitStack() as stack:

@@ -1,12 +1,19 @@
 """The VMs of this host as ``ferry vm list`` and the daemon's ``GET /v1/vms`` show them.
 
 One function, so the CLI (reading the run directory itself) and the daemon (which
-the ``ferry vm ls`` fast path asks) print the same thing.
+the ``ferry vm ls`` fast path asks) print the same thing. A receiver still waiting
+for its VM (``ferry vm receive --listen``, before a source connected) has no VM
+record yet; it keeps ``<run root>/receivers/<pid>.json`` meanwhile and is listed
+with status ``waiting`` (id: its ``--name``, else ``receiver-<pid>``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +45,58 @@ def vm_view(v: registry.VMInfo, rec: dict[str, Any] | None) -> dict[str, Any]:
             "started_at": started}
 
 
+RECEIVERS = "receivers"
+WAITING = "waiting"
+
+
+def receiver_record(paths: registry.VMPaths) -> Path:
+    """Where this process, a receiver, says it is waiting."""
+    return paths.run_root / RECEIVERS / f"{registry.this_process()['pid']}.json"
+
+
+def write_receiver(path: Path, address: tuple[str, int], name: str | None) -> None:
+    registry.private_dir(path.parent)
+    registry.write_json(path, {**registry.this_process(), "listen": list(address),
+                               "name": name, "started_at": time.time()})
+
+
+def waiting_receivers(paths: registry.VMPaths) -> list[dict[str, Any]]:
+    """The receivers here still waiting for a source, as :func:`vm_view` entries."""
+    found = []
+    for path in sorted((paths.run_root / RECEIVERS).glob("*.json")):
+        rec = registry.read_json(path)
+        if rec is None or not registry.process_alive(rec.get("pid"), rec.get("pid_start")):
+            continue
+        listen = rec.get("listen") or ["?", 0]
+        name = rec.get("name")
+        found.append({"vm_id": name if isinstance(name, str) else f"receiver-{rec['pid']}",
+                      "status": WAITING, "pid": rec["pid"], "package": None,
+                      "forwards": [f"listening on {listen[0]}:{listen[1]}"],
+                      "resume_ms": None, "memory_bytes": None,
+                      "started_at": rec.get("started_at")})
+    return found
+
+
+def cancel_receiver(paths: registry.VMPaths, vm_id: str) -> bool:
+    """End the waiting receiver listed as ``vm_id`` (SIGTERM: it stops listening and
+    exits); False if none waits under that id."""
+    for w in waiting_receivers(paths):
+        if w["vm_id"] == vm_id:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w["pid"], signal.SIGTERM)
+            return True
+    return False
+
+
 def vm_views(paths: registry.VMPaths) -> list[dict[str, Any]]:
-    """Every VM here (running, receiving, migrating, suspended), sorted by id."""
-    return [vm_view(v, registry.live_supervisor(paths, v.vm_id)
-                    if v.status != "suspended" else None)
-            for v in registry.list_vms(paths)]
+    """Every VM here (running, receiving, migrating, suspended) and every receiver still
+    waiting for one, sorted by id."""
+    views = [vm_view(v, registry.live_supervisor(paths, v.vm_id)
+                     if v.status != "suspended" else None)
+             for v in registry.list_vms(paths)]
+    known = {v["vm_id"] for v in views}
+    views += [w for w in waiting_receivers(paths) if w["vm_id"] not in known]
+    return sorted(views, key=lambda v: str(v["vm_id"]))
 
 
 def console_log(paths: registry.VMPaths, vm_id: str) -> Path | None:
