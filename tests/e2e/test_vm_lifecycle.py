@@ -239,8 +239,10 @@ def test_stop_with_suspend_and_continue(env: Env, redis_package: Path) -> None:
         listed = env.ferry_json("vm", "list")
         assert isinstance(listed, list)
         assert [v["status"] for v in listed if v["vm_id"] == "rc"] == ["suspended"]
-        # No package this time: the VM continues from its own overlays and state.
-        _run_detached(env, "--name", "rc", "-p", f"127.0.0.1:{port}:6379")
+        # No package this time: the VM continues from its own overlays and state, and
+        # without -p it keeps the forwards it was suspended with.
+        continued = _run_detached(env, "--name", "rc")
+        assert continued["forwards"] == [f"127.0.0.1:{port}->6379/tcp"]
         assert _redis(port, "GET", "added-after-resume") == b"yes"
         assert _redis(port, "GET", "greeting") == b"hello"
     finally:

@@ -369,7 +369,9 @@ async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable
         package_dir = opened.directory
     elif args.name is None:
         raise ConfigError("give a package, or --name of a suspended VM")
-    request = supervisor.LaunchRequest(vm_id, package_dir, host, forwards)
+    # Continuing a suspended VM without -p: the forwards it had.
+    request = supervisor.LaunchRequest(vm_id, package_dir, host,
+                                       forwards if forwards or package_dir else None)
 
     def show_ready(report: dict[str, Any]) -> None:
         out(report, lambda: _print_ready(console, report))

@@ -61,7 +61,8 @@ def _address(value: Any) -> tuple[str, int] | None:
 def encode_request(request: HolderRequest) -> bytes:
     data: dict[str, Any]
     if isinstance(request, LaunchRequest):
-        data = {"kind": "run", "vm_id": request.vm_id, "forwards": _forwards(request.forwards),
+        data = {"kind": "run", "vm_id": request.vm_id,
+                "forwards": None if request.forwards is None else _forwards(request.forwards),
                 "package_dir": str(request.package_dir) if request.package_dir else None}
     else:
         data = {"kind": "receive", "listen": request.listen, "registry": request.registry,
@@ -81,7 +82,7 @@ def decode_request(line: bytes) -> HolderRequest:
         forwards = None if fwd is None else tuple(
             PortForward(h, hp, gp, Proto(p), allow_wildcard=w) for h, hp, gp, p, w in fwd)
         if d["kind"] == "run":
-            return LaunchRequest(vm_id=d["vm_id"], host=host, forwards=forwards or (),
+            return LaunchRequest(vm_id=d["vm_id"], host=host, forwards=forwards,
                                  package_dir=Path(d["package_dir"]) if d["package_dir"]
                                  else None)
         if d["kind"] == "receive":

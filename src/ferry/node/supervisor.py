@@ -33,19 +33,20 @@ from ferry.node.holder import Ending, HeldVM, Holder, holding, stop_report
 from ferry.node.record import HolderRecord, HolderState
 from ferry.vm.pkgcache import open_extracted
 from ferry.vm.registry import VMPaths, check_vm_id, cleanup_leftovers
-from ferry.vm.runner import RunningVM, StopMode, run_vm
+from ferry.vm.runner import RunningVM, StopMode, run_vm, saved_forwards
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class LaunchRequest:
-    """What to run: a VM id, an extracted package (None: continue the suspended VM), forwards."""
+    """What to run: a VM id, an extracted package (None: continue the suspended VM), forwards
+    (None: the ones the suspended VM had)."""
 
     vm_id: str
     package_dir: Path | None
     host: HostConfig
-    forwards: tuple[PortForward, ...] = ()
+    forwards: tuple[PortForward, ...] | None = ()
 
     def __post_init__(self) -> None:
         check_vm_id(self.vm_id)
@@ -73,15 +74,17 @@ async def supervise(
     launched = time.monotonic()
     paths, vm_id = request.paths, request.vm_id
     await cleanup_leftovers(paths)
+    forwards = request.forwards if request.forwards is not None \
+        else saved_forwards(paths, vm_id)
     record = HolderRecord.for_this_process(
         vm_id, HolderState.STARTING, package_dir=str(request.package_dir or ""),
-        forwards=tuple(str(f) for f in request.forwards))
+        forwards=tuple(str(f) for f in forwards))
     async with holding(paths, record) as holder:
         if log_file:
             _redirect_stderr(holder.run_dir / "supervisor.log")
         with holder.signals_stop():
-            ending = await _run(holder, request, on_ready=on_ready, on_console=on_console,
-                                launched=launched)
+            ending = await _run(holder, request, forwards, on_ready=on_ready,
+                                on_console=on_console, launched=launched)
     report = stop_report(ending, holder.outcome)
     if holder.signal is not None:
         report["signal"] = holder.signal
@@ -100,12 +103,12 @@ def _held(vm: RunningVM, forwards: tuple[PortForward, ...]) -> HeldVM:
                   can_suspend=True, counters=counters)
 
 
-async def _run(holder: Holder, request: LaunchRequest, *,
+async def _run(holder: Holder, request: LaunchRequest, forwards: tuple[PortForward, ...], *,
                on_ready: Callable[[dict[str, Any]], None] | None,
                on_console: Callable[[bytes], None] | None, launched: float) -> Ending:
     package = open_extracted(request.package_dir) if request.package_dir else None
     async with run_vm(request.vm_id, request.paths, package=package,
-                      forwards=request.forwards, sandbox=request.host.qemu_sandbox,
+                      forwards=forwards, sandbox=request.host.qemu_sandbox,
                       launched=launched) as vm:
         pid = vm.qemu.pid
         holder.record.set_qemu(pid)
@@ -115,7 +118,7 @@ async def _run(holder: Holder, request: LaunchRequest, *,
         ready = {"vm_id": request.vm_id, "pid": os.getpid(), "qemu_pid": pid,
                  "forwards": vm.forward_addresses(), "resume": vm.timings.to_json(),
                  "console": str(vm.qemu.console_path)}
-        holder.vm = held = _held(vm, request.forwards)
+        holder.vm = held = _held(vm, forwards)
         if on_ready is not None:
             on_ready(ready)
         async with _follow_console(vm, on_console):

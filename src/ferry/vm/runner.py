@@ -69,7 +69,7 @@ from ferry.buffers import Buffer
 from ferry.errors import FerryError
 from ferry.expose.fuse import PRELOAD_CHUNK_BYTES, IoCounters, PreloadStats
 from ferry.guest.agent import AgentClient, AgentError, ExecResult, connect_agent
-from ferry.net import PortForward, VMNetwork
+from ferry.net import PortForward, Proto, VMNetwork
 from ferry.qemu import DeviceStateStats, QemuVM, VMError
 from ferry.qemu.version import host_qemu_version
 from ferry.qemu.vm import MEMORY_FILE
@@ -220,8 +220,27 @@ def process_usage(pid: int) -> dict[str, float]:
             "majflt": majflt}
 
 
-def _prepare_state_dir(vm_id: str, paths: VMPaths,
-                       package: OpenedPackage | None) -> tuple[OpenedPackage, Path, Path]:
+def _forwards_json(forwards: Sequence[PortForward]) -> list[list[Any]]:
+    return [[f.host, f.host_port, f.guest_port, f.proto.value, f.allow_wildcard]
+            for f in forwards]
+
+
+def saved_forwards(paths: VMPaths, vm_id: str) -> tuple[PortForward, ...]:
+    """The forwards the suspended VM ``vm_id`` was running with (none if it is not
+    suspended, or was suspended by a ferry that did not record them)."""
+    record = read_json(paths.state_dir(vm_id) / VM_RECORD) or {}
+    if record.get("status") != "suspended":
+        return ()
+    try:
+        return tuple(PortForward(str(h), int(hp), int(gp), Proto(p), allow_wildcard=bool(w))
+                     for h, hp, gp, p, w in record.get("forwards") or ())
+    except (TypeError, ValueError) as exc:
+        log.warning("vm %s: unreadable forwards in its record (%s): none kept", vm_id, exc)
+        return ()
+
+
+def _prepare_state_dir(vm_id: str, paths: VMPaths, package: OpenedPackage | None,
+                       forwards: Sequence[PortForward]) -> tuple[OpenedPackage, Path, Path]:
     """Decide what to resume: a suspended VM of this id, or the package. Returns
     (package, state dir, device state file) and marks the VM as running."""
     state_dir = paths.state_dir(vm_id)
@@ -244,7 +263,8 @@ def _prepare_state_dir(vm_id: str, paths: VMPaths,
         state_file = package.directory / package.manifest.state
     write_json(state_dir / VM_RECORD, {"vm_id": vm_id, "status": "running",
                                       "package_dir": str(package.directory),
-                                      "package_id": package.package_id})
+                                      "package_id": package.package_id,
+                                      "forwards": _forwards_json(forwards)})
     return package, state_dir, state_file
 
 
@@ -278,7 +298,7 @@ async def run_vm(
     """
     entered = time.monotonic()
     launched = entered if launched is None else launched
-    package, state_dir, state_file = _prepare_state_dir(vm_id, paths, package)
+    package, state_dir, state_file = _prepare_state_dir(vm_id, paths, package, forwards)
     record = read_json(state_dir / VM_RECORD) or {}
     manifest = package.manifest
     check_guest_network(manifest, vm=vm_id)
