@@ -344,17 +344,6 @@ class Mux:
                 raise BrokenResourceError(f"link failed: {exc}",
                                           peer=owner.peer if owner else self.peer) from exc
 
-    async def _send_raw(self, frame: bytes) -> None:
-        """A whole small frame (a credit), under the same lock."""
-        if self._error is not None:
-            raise BrokenResourceError(f"link failed: {self._error}", peer=self.peer)
-        async with self._send_lock:
-            try:
-                await self._stream.send_all(frame)
-            except (BrokenResourceError, ClosedResourceError) as exc:
-                self._fail(BrokenResourceError(str(exc), peer=self.peer))
-                raise BrokenResourceError(f"link failed: {exc}", peer=self.peer) from exc
-
     async def _read(self) -> None:
         decoder = FrameDecoder(len(self._subs))
         try:
@@ -379,7 +368,8 @@ class Mux:
             for sub in self._subs:
                 if granted := sub._take_grant():
                     try:
-                        await self._send_raw(encode_credit(sub._sub, granted))
+                        await self._send(None, sub._sub, Kind.CREDIT,
+                                         _CREDIT.pack(granted))
                     except BrokenResourceError:
                         return  # every substream learns of it from _error
 
