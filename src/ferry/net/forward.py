@@ -28,7 +28,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from ferry.aio import cancel_and_wait
 from ferry.net.errors import ForwardError, NamespaceError, NetConfigError, WildcardAddressError
@@ -97,6 +97,19 @@ class PortForward:
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.host_port}->{self.guest_port}/{self.proto.value}"
+
+    def to_json(self) -> list[Any]:
+        """``[host, host_port, guest_port, proto, allow_wildcard]`` (records, pipes)."""
+        return [self.host, self.host_port, self.guest_port, self.proto.value,
+                self.allow_wildcard]
+
+    @classmethod
+    def from_json(cls, item: Any) -> PortForward:
+        """The forward :meth:`to_json` wrote; ValueError/TypeError or
+        :class:`NetConfigError` for anything else."""
+        host, host_port, guest_port, proto, allow_wildcard = item
+        return cls(str(host), int(host_port), int(guest_port), Proto(proto),
+                   allow_wildcard=allow_wildcard is True)
 
 
 class Forwarder(Protocol):

@@ -35,7 +35,7 @@ from ferry.errors import ConfigError, FerryError
 from ferry.hostconfig import HostConfig
 from ferry.live.access import Access
 from ferry.live.errors import LiveMigrationError
-from ferry.net import PortForward, Proto
+from ferry.net import PortForward
 from ferry.node.arrival import ArrivalRequest, arrive
 from ferry.node.supervisor import LaunchRequest, supervise
 from ferry.vm.errors import VMLifecycleError
@@ -51,7 +51,7 @@ HolderRequest = LaunchRequest | ArrivalRequest
 # -- the request on the pipe ----------------------------------------------------------------
 
 def _forwards(fwds: tuple[PortForward, ...]) -> list[list[Any]]:
-    return [[f.host, f.host_port, f.guest_port, f.proto.value, f.allow_wildcard] for f in fwds]
+    return [f.to_json() for f in fwds]
 
 
 def _address(value: Any) -> tuple[str, int] | None:
@@ -79,8 +79,7 @@ def decode_request(line: bytes) -> HolderRequest:
         d = json.loads(line)
         host = HostConfig.from_json(d["host"])
         fwd = d["forwards"]
-        forwards = None if fwd is None else tuple(
-            PortForward(h, hp, gp, Proto(p), allow_wildcard=w) for h, hp, gp, p, w in fwd)
+        forwards = None if fwd is None else tuple(PortForward.from_json(f) for f in fwd)
         if d["kind"] == "run":
             return LaunchRequest(vm_id=d["vm_id"], host=host, forwards=forwards,
                                  package_dir=Path(d["package_dir"]) if d["package_dir"]

@@ -69,7 +69,7 @@ from ferry.buffers import Buffer
 from ferry.errors import FerryError
 from ferry.expose.fuse import PRELOAD_CHUNK_BYTES, IoCounters, PreloadStats
 from ferry.guest.agent import AgentClient, AgentError, ExecResult, connect_agent
-from ferry.net import PortForward, Proto, VMNetwork
+from ferry.net import PortForward, VMNetwork
 from ferry.qemu import DeviceStateStats, QemuVM, VMError
 from ferry.qemu.version import host_qemu_version
 from ferry.qemu.vm import MEMORY_FILE
@@ -220,11 +220,6 @@ def process_usage(pid: int) -> dict[str, float]:
             "majflt": majflt}
 
 
-def _forwards_json(forwards: Sequence[PortForward]) -> list[list[Any]]:
-    return [[f.host, f.host_port, f.guest_port, f.proto.value, f.allow_wildcard]
-            for f in forwards]
-
-
 def saved_forwards(paths: VMPaths, vm_id: str) -> tuple[PortForward, ...]:
     """The forwards the suspended VM ``vm_id`` was running with (none if it is not
     suspended, or was suspended by a ferry that did not record them)."""
@@ -232,9 +227,8 @@ def saved_forwards(paths: VMPaths, vm_id: str) -> tuple[PortForward, ...]:
     if record.get("status") != "suspended":
         return ()
     try:
-        return tuple(PortForward(str(h), int(hp), int(gp), Proto(p), allow_wildcard=bool(w))
-                     for h, hp, gp, p, w in record.get("forwards") or ())
-    except (TypeError, ValueError) as exc:
+        return tuple(PortForward.from_json(f) for f in record.get("forwards") or ())
+    except (TypeError, ValueError, FerryError) as exc:
         log.warning("vm %s: unreadable forwards in its record (%s): none kept", vm_id, exc)
         return ()
 
@@ -264,7 +258,7 @@ def _prepare_state_dir(vm_id: str, paths: VMPaths, package: OpenedPackage | None
     write_json(state_dir / VM_RECORD, {"vm_id": vm_id, "status": "running",
                                       "package_dir": str(package.directory),
                                       "package_id": package.package_id,
-                                      "forwards": _forwards_json(forwards)})
+                                      "forwards": [f.to_json() for f in forwards]})
     return package, state_dir, state_file
 
 
