@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -160,6 +161,19 @@ def test_bad_requests_get_problem_bodies(daemon: Daemon, method: str, path: str,
     assert problem["title"]
     assert "detail" in problem
     assert b"Traceback" not in raw
+
+
+def test_a_chunked_body_is_refused_before_it_is_read(daemon: Daemon) -> None:
+    """A body without a length could not be bounded before reading it: 411."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(daemon.socket))
+        s.sendall(b"POST /v1/vms HTTP/1.1\r\nHost: ferry\r\n"
+                  b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"10\r\n" + b"[" * 16 + b"\r\n")
+        reply = s.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 411"), reply[:200]
+    assert b"length-required" in reply
 
 
 def _events(client: DaemonClient, into: list[dict[str, Any]], stop: threading.Event) -> None:

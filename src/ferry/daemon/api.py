@@ -94,12 +94,8 @@ class Daemon:
         return out
 
     def committed_bytes(self) -> int:
-        total = 0
-        for v in self.vms():
-            rec = registry.live_supervisor(self.paths, v.vm_id)
-            if rec is not None and isinstance(rec.get("qemu_pid"), int):
-                total += listing.qemu_memory_bytes(rec["qemu_pid"])
-        return total
+        """Guest RAM of the VMs whose QEMU runs here (the listing reads each QEMU's ``-m``)."""
+        return sum(v["memory_bytes"] or 0 for v in listing.vm_views(self.paths))
 
     def client(self, vm_id: str) -> ControlClient:
         registry.check_vm_id(vm_id)
@@ -207,7 +203,12 @@ def create_app(host: HostConfig, *, warm_holders: int = 1) -> FastAPI:
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Any) -> Response:
+        # Every body states its length, and it is bounded before a byte is read: a
+        # chunked body has no length to check (HTTP/1.1 servers may answer 411).
         length = request.headers.get("content-length")
+        if "transfer-encoding" in request.headers:
+            return problems.problem_response(411, "length-required", "Length required",
+                                             "send the body with a Content-Length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             return problems.problem_response(413, "too-large", "Request too large",
                                              f"bodies are at most {MAX_BODY_BYTES} bytes")
