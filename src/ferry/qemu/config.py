@@ -10,7 +10,7 @@ from ferry.errors import ConfigError
 from ferry.guest.image import BuiltImage
 from ferry.hostconfig import Accel
 from ferry.qemu.argv import NetSpec
-from ferry.shape import MachineShape
+from ferry.shape import DEFAULT_CPU_MODEL, MachineShape
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +53,7 @@ class VMConfig:
                    **overrides: Any) -> VMConfig:
         """The config for a built blueprint (its kernel, initramfs and memory size; one
         vCPU; ``cpu_model`` or the default one)."""
-        memory_mib = image.blueprint.memory_mib
-        shape = (MachineShape(memory_mib) if cpu_model is None
-                 else MachineShape(memory_mib, cpu_model=cpu_model))
+        shape = MachineShape(image.blueprint.memory_mib,
+                             cpu_model=cpu_model or DEFAULT_CPU_MODEL)
         base = cls(kernel=image.kernel, initramfs=image.initramfs, machine=shape)
         return replace(base, **overrides) if overrides else base
