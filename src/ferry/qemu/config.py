@@ -54,6 +54,6 @@ class VMConfig:
         """The config for a built blueprint (its kernel, initramfs and memory size; one
         vCPU; ``cpu_model`` or the default one)."""
         shape = MachineShape(image.blueprint.memory_mib,
-                             cpu_model=cpu_model or DEFAULT_CPU_MODEL)
+                             cpu_model=DEFAULT_CPU_MODEL if cpu_model is None else cpu_model)
         base = cls(kernel=image.kernel, initramfs=image.initramfs, machine=shape)
         return replace(base, **overrides) if overrides else base
