@@ -300,11 +300,99 @@ def test_a_vm_through_the_api_outlives_the_daemon(daemon: Daemon, redis_package:
     assert stopped["mode"] == "suspend"
     assert [(v["vm_id"], v["status"]) for v in api.call("GET", "/v1/vms")] == [
         ("d-r1", "suspended")]
+    _suspended_vm_keeps_its_package_and_continues(daemon, api)
     assert api.call("DELETE", "/v1/vms/d-r1")["mode"] == "removed"
     assert api.call("GET", "/v1/vms") == []
+    # Nothing uses the package now: pruning the cache removes it.
+    [package] = api.call("GET", "/v1/packages")
+    assert package["in_use"] is False
+    pruned = api.call("POST", "/v1/packages/prune")
+    assert pruned["package_ids"] == [package["package_id"]]
+    assert pruned["freed_bytes"] == package["size_bytes"] > 0
+    assert api.call("GET", "/v1/packages") == []
+    assert not Path(package["directory"]).exists()
     with pytest.raises(DaemonError) as missing:
         api.call("GET", "/v1/vms/d-r1")
     assert missing.value.status == 404
+
+
+def _suspended_vm_keeps_its_package_and_continues(daemon: Daemon, api: DaemonClient) -> None:
+    """A suspended VM's package cannot be removed or pruned; the VM continues through the
+    API with its state, and ``ferry vm inspect`` / ``stats`` describe it."""
+    [package] = api.call("GET", "/v1/packages")
+    assert package["in_use"] is True
+    assert package["size_bytes"] > 0
+    with pytest.raises(DaemonError) as used:
+        api.call("DELETE", f"/v1/packages/{package['package_id'][:12]}")
+    assert used.value.status == 409
+    assert api.call("POST", "/v1/packages/prune")["package_ids"] == []
+    removed = subprocess.run([*FERRY, "package", "rm", package["package_id"][:12]],
+                             env=daemon.env, capture_output=True, text=True, timeout=60)
+    assert removed.returncode != 0
+    assert "used by a VM" in removed.stderr
+    assert Path(package["directory"]).is_dir()
+
+    op = api.wait(api.call("POST", "/v1/vms/d-r1/continue"))
+    assert (op["kind"], op["state"]) == ("continue", "succeeded"), op
+    got = api.call("POST", "/v1/vms/d-r1/exec", {"argv": ["redis-cli", "get", "greeting"]})
+    assert got["stdout"].strip() == "hello"
+    inspected = json.loads(subprocess.run(
+        [*FERRY, "vm", "inspect", "d-r1"], env=daemon.env, capture_output=True, text=True,
+        timeout=60, check=True).stdout)
+    assert inspected == {**inspected, "vm_id": "d-r1", "status": "running",
+                         "memory_bytes": 256 * 1024 * 1024}
+    assert inspected["qemu_pid"] == op["result"]["qemu_pid"]
+    assert inspected["qemu_usage"]["cpu_s"] > 0
+    [row] = json.loads(subprocess.run(
+        [*FERRY, "vm", "stats", "d-r1", "--json"], env=daemon.env, capture_output=True,
+        text=True, timeout=60, check=True).stdout)
+    assert (row["vm_id"], row["memory_bytes"]) == ("d-r1", 256 * 1024 * 1024)
+    assert row["cpu_percent"] is not None and row["cpu_percent"] >= 0
+    assert api.call("POST", "/v1/vms/d-r1/stop", {"mode": "suspend"})["mode"] == "suspend"
+
+
+def test_tcp_with_mutual_tls_refuses_clients_without_a_certificate_of_its_ca(
+        signer: Signer, tmp_path: Path) -> None:
+    from ferry.transport.certs import create_ca, create_host_cert
+    from ferry.transport.tls import client_context
+
+    create_ca(tmp_path / "ca")
+    server = create_host_cert(tmp_path / "ca", tmp_path / "server", "localhost",
+                              ips=["127.0.0.1"])
+    client = create_host_cert(tmp_path / "ca", tmp_path / "client", "client")
+    create_ca(tmp_path / "other-ca")
+    stranger = create_host_cert(tmp_path / "other-ca", tmp_path / "stranger", "client")
+    root = Path(tempfile.mkdtemp(prefix="fdt-"))
+    env = {**os.environ, **signer.env, "FERRY_RUN_DIR": str(root / "run"),
+           "FERRY_STATE_DIR": str(root / "state")}
+    proc = subprocess.Popen(
+        [*FERRY, "daemon", "--json", "--warm-holders", "0", "--listen-tcp", "127.0.0.1:0",
+         "--tls-cert", str(server.cert_path), "--tls-key", str(server.key_path),
+         "--tls-ca", str(server.ca_path)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline() or "{}")
+        assert info.get("tcp_auth") == ["mtls"], info
+        host, port = info["tcp"][0], int(info["tcp"][1])
+        # No client certificate, or one of another CA: the handshake fails, no HTTP.
+        import ssl as ssl_module
+        anonymous = ssl_module.create_default_context(cafile=str(server.ca_path))
+        for context in (anonymous, client_context(stranger.cert_path, stranger.key_path,
+                                                  server.ca_path)):
+            with pytest.raises((ssl_module.SSLError, ConnectionError)):
+                DaemonClient.tcp(host, port, None, ssl_context=context).call(
+                    "GET", "/v1/vms", timeout_s=10)
+        ours = client_context(client.cert_path, client.key_path, client.ca_path)
+        assert DaemonClient.tcp("127.0.0.1", port, None, ssl_context=ours).call(
+            "GET", "/v1/vms", timeout_s=10) == []
+        # The UNIX socket speaks plain HTTP, as always.
+        assert DaemonClient.unix(root / "run" / "ferryd.sock").call("GET", "/v1/vms") == []
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        shutil.rmtree(root, ignore_errors=True)
+    assert "Traceback" not in err
 
 
 def test_a_waiting_receiver_is_listed_and_can_be_ended(daemon: Daemon) -> None:
@@ -405,6 +493,18 @@ async def test_a_vm_migrates_between_two_daemons(signer: Signer, redis_package: 
             assert count == 1.0
             stopped = await call(b, "POST", "/v1/vms/dm-r1/stop", {})
             assert stopped["mode"] == "discard"
+            # The migration is in A's history, and stays there across a daemon restart.
+            [record] = await call(a, "GET", "/v1/migrations")
+            assert record == {**record, "id": mig["result"]["migration"], "vm_id": "dm-r1",
+                              "to": f"{addr_b}:7531", "state": "succeeded",
+                              "operation": mig["id"], "summary": summary}
+            procs[0].send_signal(signal.SIGTERM)
+            await asyncio.wait_for(procs[0].communicate(), 30)
+            procs[0] = await site.start("dma", "daemon", "--json")
+            assert procs[0].stdout is not None
+            await asyncio.wait_for(procs[0].stdout.readline(), START_TIMEOUT_S)
+            assert await call(a, "GET", f"/v1/migrations/{record['id']}") == record
+            assert await call(a, "GET", "/v1/migrations?vm=other") == []
         finally:
             if receiver is not None:  # still waiting if the migration never came: no record
                 with contextlib.suppress(ProcessLookupError):

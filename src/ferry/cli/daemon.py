@@ -20,9 +20,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     p.add_argument("--socket", type=Path,
                    help="its UNIX socket (default: <run root>/ferryd.sock, mode 0600)")
     p.add_argument("--listen-tcp", metavar="ADDR:PORT",
-                   help="also serve TCP, every request needing the bearer token")
+                   help="also serve TCP: with mutual TLS (--tls-*), a bearer token "
+                        "(--token-file), or both")
     p.add_argument("--token-file", type=Path,
                    help="the TCP bearer token (created with a fresh token if missing)")
+    p.add_argument("--tls-cert", type=Path, help="TCP: this node's certificate (ferry certs)")
+    p.add_argument("--tls-key", type=Path, help="TCP: its private key")
+    p.add_argument("--tls-ca", type=Path,
+                   help="TCP: the CA every client's certificate must chain to")
     p.add_argument("--warm-holders", type=int, default=1, metavar="N",
                    help="holder processes kept started ahead of need (0: none; default 1)")
     return p
@@ -95,11 +100,19 @@ def _address(text: str) -> tuple[str, int]:
 
 async def daemon(args: argparse.Namespace, console: Console) -> ExitCode:
     from ferry.daemon.api import create_app
-    from ferry.daemon.serve import SOCKET_NAME, serve
+    from ferry.daemon.serve import SOCKET_NAME, TCPAccess, serve
 
     tcp = _address(args.listen_tcp) if args.listen_tcp else None
-    if tcp is not None and args.token_file is None:
-        raise ConfigError("--listen-tcp needs --token-file (TCP requests carry its token)")
+    tls_files = (args.tls_cert, args.tls_key, args.tls_ca)
+    if any(tls_files) and not all(tls_files):
+        raise ConfigError("mutual TLS needs --tls-cert, --tls-key and --tls-ca")
+    access = None
+    if tcp is not None:
+        if args.token_file is None and not all(tls_files):
+            raise ConfigError("--listen-tcp needs mutual TLS (--tls-cert, --tls-key, "
+                              "--tls-ca) or a bearer token (--token-file)")
+        access = TCPAccess(token_file=args.token_file,
+                           tls=tls_files if all(tls_files) else None)
     path = args.socket or args.host.run_root / SOCKET_NAME
 
     def listening(info: dict[str, Any]) -> None:
@@ -114,6 +127,5 @@ async def daemon(args: argparse.Namespace, console: Console) -> ExitCode:
     if args.warm_holders < 0:
         raise ConfigError("--warm-holders must be >= 0")
     app = create_app(args.host, warm_holders=args.warm_holders)
-    await serve(app, unix_path=path, tcp=tcp, token_file=args.token_file,
-                on_listening=listening)
+    await serve(app, unix_path=path, tcp=tcp, access=access, on_listening=listening)
     return ExitCode.OK

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,16 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
     c = vm.add_parser("list", aliases=["ls"], help="running and suspended VMs")
     add_common(c)
 
+    c = vm.add_parser("inspect", help="one VM in detail, as JSON")
+    c.add_argument("vm_id")
+    add_common(c)
+
+    c = vm.add_parser("stats", help="CPU, memory and guest-RAM I/O of running VMs")
+    c.add_argument("vm_ids", nargs="*", metavar="ID", help="these VMs (default: all running)")
+    c.add_argument("--no-stream", action="store_true",
+                   help="print once (default: every second until Ctrl-C; --json implies it)")
+    add_common(c)
+
     c = vm.add_parser("rm", help="remove a suspended VM (-f: also stop a running one)")
     c.add_argument("vm_id")
     c.add_argument("-f", "--force", action="store_true", help="stop it first if it runs")
@@ -117,6 +129,14 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
 
     p = sub.add_parser("package", help="sign, verify and extract VM packages")
     pk = p.add_subparsers(dest="package_command", required=True)
+    c = pk.add_parser("list", aliases=["ls"], help="this host's package cache")
+    add_common(c)
+    c = pk.add_parser("rm", help="remove a package from this host's cache (not while a VM "
+                                 "uses it)")
+    c.add_argument("package_id", help="its id, or the first 8+ hex digits of it")
+    add_common(c)
+    c = pk.add_parser("prune", help="remove every cached package no VM here uses")
+    add_common(c)
     c = pk.add_parser("create", help="sign a package directory into one file")
     c.add_argument("dir", type=Path)
     c.add_argument("file", type=Path)
@@ -213,6 +233,81 @@ async def _vm_migration(args: argparse.Namespace, out: _Out) -> int:
 async def _vm_list(args: argparse.Namespace, out: _Out) -> None:
     views = listing.vm_views(registry.VMPaths.of(args.host))
     out(views, lambda: _print_vms(out.console, views))
+
+
+async def _vm_inspect(args: argparse.Namespace, out: _Out) -> None:
+    detail = await listing.inspect(registry.VMPaths.of(args.host), args.vm_id)
+    if detail is None:
+        raise VMNotFoundError("no such VM here (see 'ferry vm list')", vm=args.vm_id)
+    emit_json(detail)
+
+
+STATS_EVERY_S = 1.0
+
+
+async def _vm_stats(args: argparse.Namespace, out: _Out) -> None:
+    paths = registry.VMPaths.of(args.host)
+    for vm_id in args.vm_ids:
+        registry.check_vm_id(vm_id)
+
+    async def sample() -> dict[str, dict[str, Any]]:
+        views = await asyncio.to_thread(listing.vm_views, paths)
+        wanted = [v["vm_id"] for v in views if v["status"] not in ("suspended", "waiting")
+                  and (not args.vm_ids or v["vm_id"] in args.vm_ids)]
+        missing = set(args.vm_ids) - set(wanted)
+        if missing:
+            raise VMNotFoundError("is not running here (see 'ferry vm list')",
+                                  vm=sorted(missing)[0])
+        found = await asyncio.gather(*(listing.inspect(paths, v) for v in wanted))
+        return {d["vm_id"]: {**d, "at": time.monotonic()} for d in found if d is not None}
+
+    before = await sample()
+    while True:
+        await asyncio.sleep(STATS_EVERY_S)
+        now = await sample()
+        rows = [vm_stats(now[v], before.get(v)) for v in now]
+        before = now
+        if args.json or args.no_stream:
+            out(rows, functools.partial(_print_stats, out.console, rows))
+            return
+        out.console.clear()
+        _print_stats(out.console, rows)
+
+
+def vm_stats(now: dict[str, Any], before: dict[str, Any] | None) -> dict[str, Any]:
+    """One VM's figures from two :func:`listing.inspect` samples: QEMU's CPU use in
+    percent of one core, guest RAM, guest-RAM reads through FUSE per second, uptime."""
+    cpu = rate = None
+    if before is not None and now["at"] > before["at"]:
+        dt = now["at"] - before["at"]
+        c0, c1 = before["qemu_usage"].get("cpu_s"), now["qemu_usage"].get("cpu_s")
+        if c0 is not None and c1 is not None:
+            cpu = round(100 * max(0.0, c1 - c0) / dt, 1)
+        b0, b1 = before["memory_io"].get("bytes_read"), now["memory_io"].get("bytes_read")
+        if b0 is not None and b1 is not None:
+            rate = round(max(0, b1 - b0) / dt)
+    started = now.get("started_at")
+    return {"vm_id": now["vm_id"], "status": now["status"], "cpu_percent": cpu,
+            "memory_bytes": now.get("memory_bytes"),
+            "ram_fuse_read_bytes_per_s": rate,
+            "uptime_s": round(time.time() - started, 1) if started else None,
+            "migration": now.get("migration")}
+
+
+def _print_stats(console: Console, rows: list[dict[str, Any]]) -> None:
+    table = Table()
+    for col in ("id", "status", "cpu %", "memory", "RAM via FUSE", "uptime", "migration"):
+        table.add_column(col)
+    for r in rows:
+        mig = r["migration"]
+        table.add_row(
+            r["vm_id"], r["status"], "" if r["cpu_percent"] is None else f"{r['cpu_percent']}",
+            "" if not r["memory_bytes"] else f"{r['memory_bytes'] >> 20} MiB",
+            "" if r["ram_fuse_read_bytes_per_s"] is None
+            else f"{r['ram_fuse_read_bytes_per_s'] / 1e6:.1f} MB/s",
+            "" if r["uptime_s"] is None else f"{r['uptime_s']:.0f} s",
+            "" if not mig else f"{mig.get('phase')} {mig.get('bytes_sent', 0) / 1e6:.1f} MB")
+    console.print(table)
 
 
 async def _vm_logs(args: argparse.Namespace, out: _Out) -> None:
@@ -330,6 +425,53 @@ async def _package_add(args: argparse.Namespace, out: _Out) -> None:
         + (" (already there)" if opened.cache_hit else "")))
 
 
+def _in_use(host: Any) -> set[Path]:
+    """Cache entries a VM of this host runs on or is suspended on."""
+    return {Path(v.package) for v in registry.list_vms(registry.VMPaths.of(host)) if v.package}
+
+
+async def _package_list(args: argparse.Namespace, out: _Out) -> None:
+    in_use = _in_use(args.host)
+    rows: list[dict[str, Any]] = [{"package_id": p.package_id, "name": p.manifest.name,
+             "directory": str(p.directory), "size_bytes": pkgcache.entry_bytes(p),
+             "in_use": p.directory in in_use}
+            for p in pkgcache.cached_packages(args.host.package_cache)]
+
+    def show() -> None:
+        table = Table()
+        for col in ("id", "name", "size", "in use"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["package_id"][:12], r["name"], f"{r['size_bytes'] >> 20} MiB",
+                          "yes" if r["in_use"] else "")
+        out.console.print(table)
+
+    out(rows, show)
+
+
+async def _package_rm(args: argparse.Namespace, out: _Out) -> None:
+    want = args.package_id.lower()
+    if not (8 <= len(want) <= 64) or any(c not in "0123456789abcdef" for c in want):
+        raise ConfigError("a package id is 8 to 64 hex digits (see 'ferry package ls')")
+    found = [p for p in pkgcache.cached_packages(args.host.package_cache)
+             if p.package_id.startswith(want)]
+    if len(found) != 1:
+        raise ConfigError(f"{len(found)} cached packages have an id starting {want}"
+                          " (see 'ferry package ls')")
+    size = pkgcache.entry_bytes(found[0])
+    pkgcache.remove_cached(args.host.package_cache, found[0], _in_use(args.host))
+    out({"package_ids": [found[0].package_id], "freed_bytes": size},
+        lambda: out.console.print(f"removed {found[0].package_id[:12]} "
+                                  f"({found[0].manifest.name}), {size >> 20} MiB freed"))
+
+
+async def _package_prune(args: argparse.Namespace, out: _Out) -> None:
+    removed = pkgcache.prune(args.host.package_cache, _in_use(args.host))
+    freed = sum(n for _, n in removed)
+    out({"package_ids": [p.package_id for p, _ in removed], "freed_bytes": freed},
+        lambda: out.console.print(f"removed {len(removed)} packages, {freed >> 20} MiB freed"))
+
+
 _HANDLERS: dict[tuple[str, str], Handler] = {
     ("vm", "build"): _vm_build,
     ("vm", "snapshot"): _vm_snapshot,
@@ -340,6 +482,8 @@ _HANDLERS: dict[tuple[str, str], Handler] = {
     ("vm", "list"): _vm_list,
     ("vm", "ls"): _vm_list,
     ("vm", "logs"): _vm_logs,
+    ("vm", "inspect"): _vm_inspect,
+    ("vm", "stats"): _vm_stats,
     ("vm", "rm"): _vm_rm,
     ("vm", "exec"): _vm_exec,
     ("vm", "stop"): _vm_stop,
@@ -349,6 +493,10 @@ _HANDLERS: dict[tuple[str, str], Handler] = {
     ("package", "verify"): _package_verify,
     ("package", "extract"): _package_extract,
     ("package", "add"): _package_add,
+    ("package", "list"): _package_list,
+    ("package", "ls"): _package_list,
+    ("package", "rm"): _package_rm,
+    ("package", "prune"): _package_prune,
 }
 """Every ``vm``/``key``/``package`` subcommand and the function that runs it."""
 

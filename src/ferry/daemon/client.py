@@ -1,7 +1,8 @@
 """A small client of the daemon's API: stdlib only, so a CLI using it imports fast.
 
 ``DaemonClient.unix(path)`` talks over the daemon's UNIX socket;
-``DaemonClient.tcp(host, port, token)`` over TCP with the bearer token. Replies
+``DaemonClient.tcp(host, port, token, ssl_context=...)`` over TCP with the bearer token
+and/or mutual TLS (a context from :func:`ferry.transport.tls.client_context`). Replies
 are decoded JSON; an error status raises :class:`DaemonError` carrying the
 problem body (:mod:`ferry.daemon.problems`).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,11 @@ class DaemonClient:
         return cls(lambda timeout: _UnixConnection(path, timeout))
 
     @classmethod
-    def tcp(cls, host: str, port: int, token: str | None) -> DaemonClient:
+    def tcp(cls, host: str, port: int, token: str | None, *,
+            ssl_context: ssl.SSLContext | None = None) -> DaemonClient:
+        if ssl_context is not None:
+            return cls(lambda timeout: http.client.HTTPSConnection(
+                host, port, timeout=timeout, context=ssl_context), token)
         return cls(lambda timeout: http.client.HTTPConnection(host, port, timeout=timeout),
                    token)
 

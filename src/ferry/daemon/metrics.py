@@ -2,7 +2,7 @@
 
 VM figures are read at scrape time from the host's run directory and ``/proc``
 (the VM holders are separate processes), guest RAM through FUSE from each
-holder's last status (the daemon asks every :data:`~ferry.daemon.api.VM_WATCH_S`);
+holder's last status (the daemon asks every :data:`~ferry.daemon.state.VM_WATCH_S`);
 migration figures are recorded by the daemon's own operations. Names follow
 Prometheus conventions (``ferry_`` prefix, base units, ``_total`` counters).
 """

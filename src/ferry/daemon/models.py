@@ -70,6 +70,8 @@ class VMDetail(VM):
     qemu_pid: int | None = None
     memory_io: dict[str, int] = {}
     qemu_usage: dict[str, float] = {}
+    migration: dict[str, Any] | None = None
+    """An outgoing migration's progress while one runs."""
 
 
 class RunVM(Request):
@@ -80,6 +82,13 @@ class RunVM(Request):
     name: str | None = Field(default=None, pattern=VM_ID_PATTERN)
     publish: list[str] = Field(default=[], max_length=MAX_PUBLISH,
                                description="forwards, as ferry vm run -p: [ADDR:]HOST:GUEST[/udp]")
+
+
+class ContinueVM(Request):
+    """Continue a suspended VM."""
+
+    publish: list[str] | None = Field(default=None, max_length=MAX_PUBLISH,
+                                      description="forwards (default: the ones it had)")
 
 
 class SnapshotVM(Request):
@@ -187,3 +196,41 @@ class Package(Reply):
     directory: str
     memory_mib: int
     disks: list[str]
+    size_bytes: int = 0
+    """Disk space the cache entry takes."""
+    in_use: bool | None = None
+    """A VM on this node runs on it, or is suspended on it (then it cannot be removed)."""
+
+
+class Verified(Reply):
+    file: str
+    name: str
+    key_id: str
+    """The signing key's id (it is on this host's trust list)."""
+    package_id: str
+
+
+class Removed(Reply):
+    package_ids: list[str]
+    freed_bytes: int
+
+
+# -- migrations -------------------------------------------------------------------------
+
+class Migration(Reply):
+    """One outgoing live migration this node's daemon started (``/v1/migrations``)."""
+
+    id: str
+    operation: str
+    """The operation that ran it (``/v1/operations/{id}`` while the daemon lives)."""
+    vm_id: str
+    to: str
+    state: OpState
+    started: float
+    """Unix time."""
+    finished: float | None = None
+    progress: dict[str, Any] | None = None
+    """While it runs: ``phase``, ``bytes_sent``, ``cycles``, ``elapsed_s``."""
+    summary: dict[str, Any] | None = None
+    """Once it succeeded: the migration summary (``ferry vm migrate --json``)."""
+    error: dict[str, Any] | None = None

@@ -31,6 +31,7 @@ from ferry.errors import (
 )
 from ferry.package.errors import PackageError
 from ferry.vm.errors import VMExistsError, VMNotFoundError
+from ferry.vm.pkgcache import PackageInUseError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ def for_error(exc: FerryError) -> Problem:
         return Problem(404, "vm-not-found", "VM not found", detail, kind=kind)
     if isinstance(exc, VMExistsError):
         return Problem(409, "vm-exists", "VM exists", detail, kind=kind)
+    if isinstance(exc, PackageInUseError):
+        return Problem(409, "package-in-use", "Package in use", detail, kind=kind)
     if isinstance(exc, PackageError):
         return Problem(422, "package-rejected", "Package rejected", detail, kind=kind)
     if isinstance(exc, ConfigError):

@@ -4,14 +4,21 @@
   (mode 0600, created under umask 077): whoever can open it controls this
   node's VMs, exactly like the per-VM control sockets. Requests on it need no
   credential.
-* **TCP** only when asked (``ferry daemon --listen-tcp ADDR:PORT``), and then
-  every request must carry ``Authorization: Bearer <token>``: the token is read
-  from ``--token-file`` (created, mode 0600, with a fresh token if missing).
-  A request without it, or with another, is refused with 401 before any route
-  runs (:class:`BearerAuth`); the one exception is ``GET /ui``, the dashboard's
-  static page, which holds no data (its script sends the token with every call).
-  Which socket a request came in on is taken from the listening socket's address
-  (ASGI ``server``), never from the peer.
+* **TCP** only when asked (``ferry daemon --listen-tcp ADDR:PORT``), and then with
+  one or both of:
+
+  - **mutual TLS** (``--tls-cert/--tls-key/--tls-ca``, ferry's certificates from
+    ``ferry certs``): TLS 1.3, and a client without a certificate signed by the CA
+    fails the handshake, before any HTTP;
+  - **a bearer token** (``--token-file``, created mode 0600 with a fresh token if
+    missing): every request must carry ``Authorization: Bearer <token>``, else 401
+    before any route runs (:class:`BearerAuth`); the one exception is ``GET /ui``,
+    the dashboard's static page, which holds no data (its script sends the token with
+    every call).
+
+  TCP is served by its own uvicorn server over the same application, so the UNIX
+  socket never speaks TLS and never asks for a token; the TCP server starts once the
+  application's lifespan has, and stops first.
 """
 
 from __future__ import annotations
@@ -23,15 +30,17 @@ import json
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ferry.errors import ConfigError
-from ferry.transport import auth
+from ferry.transport import auth, tls
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +50,15 @@ PUBLIC_PAGE = "/ui"
 
 
 class BearerAuth:
-    """ASGI middleware: requests not on the UNIX socket need the bearer token."""
+    """ASGI middleware: every request needs the bearer token (but ``GET /ui``)."""
 
-    def __init__(self, app: ASGIApp, *, unix_path: Path, token: str | None) -> None:
+    def __init__(self, app: ASGIApp, *, token: str) -> None:
         self.app = app
-        self._unix = (str(unix_path), None)
-        self._expected = None if token is None else f"Bearer {token}".encode()
+        self._expected = f"Bearer {token}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket") and tuple(scope.get("server") or ()) \
-                != self._unix and not self._public(scope) and not self._authorized(scope):
+        if scope["type"] in ("http", "websocket") and not self._public(scope) \
+                and not self._authorized(scope):
             body = json.dumps({"type": "https://ferry.dev/problems/unauthorized",
                                "title": "Unauthorized", "status": 401,
                                "detail": "this endpoint needs 'Authorization: Bearer <token>'"
@@ -70,8 +78,6 @@ class BearerAuth:
             and scope.get("path") == PUBLIC_PAGE
 
     def _authorized(self, scope: Scope) -> bool:
-        if self._expected is None:
-            return False
         for name, value in scope.get("headers", ()):
             if name == b"authorization":
                 return hmac.compare_digest(value, self._expected)
@@ -131,33 +137,77 @@ def load_token(path: Path) -> str:
     return auth.read_token_file(path)
 
 
+@dataclass(frozen=True, slots=True)
+class TCPAccess:
+    """How TCP clients authenticate: mutual TLS, a bearer token, or both."""
+
+    token_file: Path | None = None
+    tls: tuple[Path, Path, Path] | None = None
+    """Server certificate, its key, and the CA client certificates must chain to."""
+
+    def __post_init__(self) -> None:
+        if self.token_file is None and self.tls is None:
+            raise ConfigError("the daemon serves TCP only with mutual TLS (--tls-cert, "
+                              "--tls-key, --tls-ca) or a bearer token (--token-file)")
+
+
+def _config(app: ASGIApp, *, lifespan: Literal["on", "off"],
+            ssl_context: ssl.SSLContext | None = None) -> uvicorn.Config:
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan=lifespan,
+                            timeout_graceful_shutdown=10)
+    config.load()
+    config.ssl = ssl_context  # ferry's own context (TLS 1.3, client certificate required)
+    return config
+
+
 async def serve(app: ASGIApp, *, unix_path: Path, tcp: tuple[str, int] | None = None,
-                token_file: Path | None = None,
+                access: TCPAccess | None = None,
                 on_listening: Callable[[dict[str, Any]], None] = lambda info: None) -> None:
     """Serve ``app`` until cancelled (the CLI cancels on SIGINT/SIGTERM); then shut down
     gracefully: requests in flight finish, operations still running are cancelled."""
-    if tcp is not None and token_file is None:
-        raise ConfigError("the daemon serves TCP only with a bearer token (--token-file)")
-    token = load_token(token_file) if token_file is not None else None
+    if tcp is not None and access is None:
+        access = TCPAccess()  # raises: TCP needs mutual TLS or a token
+    tcp_app: ASGIApp = app
+    ssl_context = None
+    if tcp is not None and access is not None:
+        if access.token_file is not None:
+            tcp_app = BearerAuth(app, token=load_token(access.token_file))
+        if access.tls is not None:
+            ssl_context = tls.server_context(*access.tls)
     sockets = [unix_listener(unix_path)]
     try:
         info: dict[str, Any] = {"socket": str(unix_path)}
-        if tcp is not None:
-            sockets.append(tcp_listener(*tcp))
-            info["tcp"] = list(sockets[-1].getsockname()[:2])
-        config = uvicorn.Config(BearerAuth(app, unix_path=unix_path, token=token),
-                                log_level="warning", access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=10)
-        server = _Server(config)
-        on_listening(info)
-        task = asyncio.create_task(server.serve(sockets=sockets), name="uvicorn")
+        main = _Server(_config(app, lifespan="on"))
+        servers = [main]
+        main_task = asyncio.create_task(main.serve(sockets=sockets[:1]), name="uvicorn")
+        tasks = [main_task]
         try:
-            await asyncio.shield(task)
+            # The TCP server shares the application, not its lifespan: it starts once
+            # the lifespan (the daemon's task group) runs.
+            while not main.started:
+                if main_task.done():
+                    await main_task
+                    raise ConfigError("the daemon's server stopped while starting")
+                await asyncio.sleep(0.01)
+            if tcp is not None:
+                sockets.append(tcp_listener(*tcp))
+                info["tcp"] = list(sockets[-1].getsockname()[:2])
+                info["tcp_auth"] = [a for a, on in (("mtls", ssl_context is not None),
+                                                    ("token", tcp_app is not app)) if on]
+                servers.insert(0, _Server(_config(tcp_app, lifespan="off",
+                                                  ssl_context=ssl_context)))
+                tasks.insert(0, asyncio.create_task(servers[0].serve(sockets=sockets[1:]),
+                                                    name="uvicorn tcp"))
+            on_listening(info)
+            await asyncio.shield(asyncio.gather(*tasks))
         except asyncio.CancelledError:
-            # Stop accepting, let requests in flight finish, run the lifespan's shutdown
-            # (it cancels running operations: a migration is cancelled, not abandoned).
-            server.should_exit = True
-            await task
+            # Stop accepting (TCP first), let requests in flight finish, then run the
+            # lifespan's shutdown (it cancels running operations: a migration is
+            # cancelled, not abandoned).
+            for server, task in zip(servers, tasks, strict=True):
+                server.should_exit = True
+                with contextlib.suppress(Exception):
+                    await task
             raise
     finally:
         for s in sockets:

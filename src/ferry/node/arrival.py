@@ -171,6 +171,7 @@ async def arrive(request: ArrivalRequest, *,
                         for f in net.forwarders for h, p in [f.local_address[:2]]]
             holder.record.set_qemu(pid)
             holder.update(state=HolderState.RUNNING, forwards=tuple(fwd_text),
+                          package_dir=str(cached.directory) if cached is not None else None,
                           arrival={"handoff_to_running_ms": report.handoff_to_running_ms,
                                    "running_s": running_s})
             on_ready({"vm_id": vm_id, "pid": os.getpid(), "qemu_pid": pid,

@@ -9,6 +9,7 @@ with status ``waiting`` (id: its ``--name``, else ``receiver-<pid>``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ferry.node.control import ControlClient
 from ferry.vm import registry
 
 
@@ -127,3 +129,21 @@ def read_log(path: Path, *, offset: int = 0,
     except FileNotFoundError:
         return b"", offset
     return data, start + len(data)
+
+
+async def inspect(paths: registry.VMPaths, vm_id: str) -> dict[str, Any] | None:
+    """One VM in detail (``ferry vm inspect``, ``GET /v1/vms/{id}``): its :func:`vm_view`
+    and, if it runs, its holder's status (QEMU's pid and CPU use, guest RAM read through
+    FUSE, a running migration's progress). None if no VM of that id is here."""
+    registry.check_vm_id(vm_id)
+    found = {v["vm_id"]: v for v in await asyncio.to_thread(vm_views, paths)}.get(vm_id)
+    if found is None:
+        return None
+    detail: dict[str, Any] = {**found, "qemu_pid": None, "memory_io": {}, "qemu_usage": {},
+                              "migration": None}
+    if found["status"] in ("suspended", WAITING):
+        return detail
+    status = await ControlClient(paths.control_socket(vm_id), vm_id).status()
+    return {**detail, "status": status.state.value, "qemu_pid": status.qemu_pid,
+            "memory_io": dict(status.memory_io), "qemu_usage": dict(status.qemu_usage),
+            "migration": dict(status.migration) if status.migration else None}

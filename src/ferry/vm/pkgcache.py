@@ -13,12 +13,14 @@ same header hold the same verified bytes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,8 @@ from ferry.vm.manifest import DeviceEntry, VMManifest
 log = logging.getLogger(__name__)
 
 _ID_FILE = ".ferry-package-id"
+LEFTOVER_AGE_S = 3600.0
+"""A staging directory this old is a leftover of an interrupted extraction."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,3 +152,63 @@ def open_package(file: Path, trust: TrustStore, *, cache_dir: Path,
     log.info("package %s: %s %s", file, "already extracted at" if cache_hit else "extracted to",
              entry)
     return OpenedPackage(entry, package_id, manifest, cache_hit=cache_hit)
+
+
+class PackageInUseError(FerryError):
+    """A cached package that a VM of this host runs on (or was suspended on)."""
+
+
+def entry_bytes(package: OpenedPackage) -> int:
+    """Disk space the cache entry takes (allocated blocks: the files are sparse)."""
+    total = 0
+    for path in package.directory.rglob("*"):
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        if path.is_file():
+            total += st.st_blocks * 512
+    return total
+
+
+def remove_cached(cache_dir: Path, package: OpenedPackage, in_use: set[Path]) -> None:
+    """Remove one entry of the cache, unless a VM uses it (:class:`PackageInUseError`).
+
+    The entry is renamed out of the cache first (atomically, so a concurrent
+    :func:`find_cached` or :func:`open_package` sees it whole or not at all), then deleted;
+    the index's memos that named it go too.
+    """
+    directory = package.directory
+    if directory.resolve() in {p.resolve() for p in in_use}:
+        raise PackageInUseError(f"package {package.package_id[:12]} ({package.manifest.name}) "
+                                "is used by a VM on this host: stop or remove that VM first")
+    trash = Path(tempfile.mkdtemp(prefix=".remove-", dir=cache_dir))
+    os.rename(directory, trash / "pkg")
+    index = cache_dir / "index"
+    for memo in index.glob("*") if index.is_dir() else []:
+        try:
+            if memo.read_text().strip() == directory.name:
+                memo.unlink()
+        except OSError:
+            continue
+    shutil.rmtree(trash, ignore_errors=True)
+    log.info("package cache: removed %s (%s)", package.package_id[:12], package.manifest.name)
+
+
+def prune(cache_dir: Path, in_use: set[Path]) -> list[tuple[OpenedPackage, int]]:
+    """Remove every entry no VM of this host uses; returns them with the bytes each freed.
+    Leftovers of interrupted extractions (``.extract-*``, ``.remove-*``) older than
+    :data:`LEFTOVER_AGE_S` go too."""
+    removed = []
+    for package in cached_packages(cache_dir):
+        if package.directory.resolve() in {p.resolve() for p in in_use}:
+            continue
+        size = entry_bytes(package)
+        remove_cached(cache_dir, package, in_use)
+        removed.append((package, size))
+    stale = time.time() - LEFTOVER_AGE_S
+    for leftover in list(cache_dir.glob(".extract-*")) + list(cache_dir.glob(".remove-*")):
+        with contextlib.suppress(OSError):
+            if leftover.stat().st_mtime < stale:  # not an extraction still under way
+                shutil.rmtree(leftover, ignore_errors=True)
+    return removed

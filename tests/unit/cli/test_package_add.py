@@ -61,3 +61,40 @@ def test_find_cached_ignores_an_entry_of_another_id(host: Path) -> None:
     other = entry.name + "0" * 32  # same 32-digit prefix, another full id
     assert find_cached(host / "pkgcache", other) is None
     assert find_cached(host / "pkgcache", "f" * 64) is None
+
+
+def test_the_cache_is_listed_and_an_unused_package_removed(
+        host: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["package", "add", str(host / "vm.ferry"), "--json"]) == ExitCode.OK
+    added = json.loads(capsys.readouterr().out)
+    assert main(["package", "ls", "--json"]) == ExitCode.OK
+    [listed] = json.loads(capsys.readouterr().out)
+    assert listed["package_id"] == added["package_id"]
+    assert listed["in_use"] is False
+    assert listed["size_bytes"] >= 4096
+    assert main(["package", "rm", "nothex!!", "--json"]) == ExitCode.USAGE
+    assert main(["package", "rm", added["package_id"][:10], "--json"]) == ExitCode.OK
+    removed = json.loads(capsys.readouterr().out)
+    assert removed == {"package_ids": [added["package_id"]],
+                       "freed_bytes": listed["size_bytes"]}
+    assert find_cached(host / "pkgcache", added["package_id"]) is None
+    # The index no longer names the entry: adding the file again extracts it again.
+    assert main(["package", "add", str(host / "vm.ferry"), "--json"]) == ExitCode.OK
+    assert json.loads(capsys.readouterr().out)["already_cached"] is False
+
+
+def test_prune_keeps_what_a_vm_uses(host: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ferry.vm.pkgcache import PackageInUseError, cached_packages, prune, remove_cached
+
+    assert main(["package", "add", str(host / "vm.ferry"), "--json"]) == ExitCode.OK
+    [package] = cached_packages(host / "pkgcache")
+    with pytest.raises(PackageInUseError, match="used by a VM"):
+        remove_cached(host / "pkgcache", package, {package.directory})
+    assert prune(host / "pkgcache", {package.directory}) == []
+    assert package.directory.is_dir()
+    [(gone, size)] = prune(host / "pkgcache", set())
+    assert (gone.package_id, size > 0) == (package.package_id, True)
+    assert cached_packages(host / "pkgcache") == []
+    capsys.readouterr()
+    assert main(["package", "prune", "--json"]) == ExitCode.OK
+    assert json.loads(capsys.readouterr().out) == {"package_ids": [], "freed_bytes": 0}

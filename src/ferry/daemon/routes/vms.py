@@ -1,0 +1,268 @@
+"""``/v1/vms`` and ``/v1/receivers``: run, inspect, stop, continue, exec, logs, migrate,
+snapshot, remove; wait for a VM migrating here.
+
+Mutating requests on one VM are serialized by the VM's lock; long ones (run, continue,
+migrate, snapshot) are operations (:mod:`ferry.daemon.operations`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Response
+
+from ferry.aio import cancel_and_wait
+from ferry.daemon import models as m
+from ferry.daemon.metrics import Metrics
+from ferry.daemon.operations import Operations
+from ferry.daemon.problems import Problem, for_error
+from ferry.daemon.state import Daemon
+from ferry.errors import FerryError
+from ferry.live.access import Access, TLSFiles
+from ferry.live.rampath import RamPath
+from ferry.live.summary import MigrationSummary
+from ferry.node import listing, supervisor
+from ferry.node.arrival import ArrivalRequest
+from ferry.node.control import ControlClient, ExportReply, MigrateRequest
+from ferry.node.process import launch_detached
+from ferry.package import TrustStore
+from ferry.vm import pkgcache, registry
+from ferry.vm.publish import parse_publish
+from ferry.vm.runner import StopMode
+
+PROGRESS_EVERY_S = 0.25
+
+
+def routes(d: Daemon) -> APIRouter:
+    r = APIRouter(tags=["vms"])
+    host = d.host
+
+    @r.get("/v1/vms", response_model=list[m.VM])
+    async def list_vms() -> list[m.VM]:
+        return await asyncio.to_thread(d.views)
+
+    @r.get("/v1/vms/{vm_id}", response_model=m.VMDetail)
+    async def inspect_vm(vm_id: str) -> m.VMDetail:
+        """One VM: its listing, and while it runs its QEMU, CPU use, guest RAM read through
+        FUSE and a running migration's progress (as ``ferry vm inspect``)."""
+        detail = await listing.inspect(d.paths, vm_id)
+        if detail is None:
+            raise Problem(404, "vm-not-found", "VM not found", f"no VM {vm_id!r} on this node")
+        return m.VMDetail(**detail)
+
+    async def launch(op_id: str, request: supervisor.LaunchRequest) -> dict[str, Any]:
+        try:
+            return await launch_detached(request, holder=d.holders.take())
+        finally:
+            d.holders.refill()
+
+    @r.post("/v1/vms", status_code=202, response_model=m.Operation)
+    async def run_vm(body: m.RunVM) -> m.Operation:
+        """Resume a signed package (verified against this host's trust list) as a new VM."""
+        forwards = tuple(parse_publish(s) for s in body.publish)
+        file = Path(body.package)
+        if not await asyncio.to_thread(file.is_file):
+            raise Problem(400, "bad-request", "Bad request", f"no package file {file}")
+        vm_id = registry.check_vm_id(body.name or f"vm-{os.urandom(4).hex()}")
+
+        async def work(op_id: str) -> dict[str, Any]:
+            async with d.lock(vm_id):
+                async with d.cache_lock:
+                    opened = await asyncio.to_thread(
+                        pkgcache.open_package, file, TrustStore.for_host(host),
+                        cache_dir=host.package_cache)
+                    d.pinned[opened.directory] += 1  # until its holder names it
+                try:
+                    return await launch(op_id, supervisor.LaunchRequest(
+                        vm_id, opened.directory, host, forwards))
+                finally:
+                    d.pinned[opened.directory] -= 1
+
+        return d.ops.start("run", vm_id, work)
+
+    @r.post("/v1/vms/{vm_id}/continue", status_code=202, response_model=m.Operation)
+    async def continue_vm(vm_id: str, body: m.ContinueVM | None = None) -> m.Operation:
+        """Continue a suspended VM (``ferry vm run --name ID``), with the forwards it had
+        unless ``publish`` gives others."""
+        registry.check_vm_id(vm_id)
+        publish = (body or m.ContinueVM()).publish
+        forwards = None if publish is None else tuple(parse_publish(s) for s in publish)
+        if not any(v.vm_id == vm_id and v.status == "suspended"
+                   for v in await asyncio.to_thread(d.vms)):
+            raise Problem(404, "vm-not-found", "VM not found", f"no suspended VM {vm_id!r} here")
+
+        async def work(op_id: str) -> dict[str, Any]:
+            async with d.lock(vm_id):
+                return await launch(op_id, supervisor.LaunchRequest(vm_id, None, host,
+                                                                    forwards))
+
+        return d.ops.start("continue", vm_id, work)
+
+    @r.get("/v1/vms/{vm_id}/logs", response_class=Response)
+    async def vm_logs(vm_id: str, offset: int = 0) -> Response:
+        """The VM's serial console as text (at most its last MiB); ``X-Log-Offset`` is
+        where to ask from next (``?offset=``) to follow it."""
+        log = listing.console_log(d.paths, registry.check_vm_id(vm_id))
+        if log is None:
+            raise Problem(404, "vm-not-found", "VM not found", f"no VM {vm_id!r} runs here")
+        data, end = await asyncio.to_thread(listing.read_log, log, offset=max(offset, 0))
+        return Response(data, media_type="text/plain; charset=utf-8",
+                        headers={"X-Log-Offset": str(end)})
+
+    @r.post("/v1/vms/{vm_id}/stop", response_model=m.Stopped)
+    async def stop_vm(vm_id: str, body: m.StopVM | None = None) -> m.Stopped:
+        """Stop a VM: discard it, or suspend it (``POST /v1/vms/{id}/continue`` resumes
+        it); answers once the VM, its run dir and network are gone."""
+        mode = StopMode((body or m.StopVM()).mode.value)
+        async with d.lock(vm_id):
+            reply = await d.client(vm_id).stop(mode)
+        return m.Stopped(vm_id=vm_id, mode=reply.mode.value, state_bytes=reply.state_bytes)
+
+    @r.delete("/v1/vms/{vm_id}", response_model=m.Stopped)
+    async def remove_vm(vm_id: str, force: bool = False) -> m.Stopped:
+        """Remove a suspended VM; a running one only with ``?force=true`` (it is stopped,
+        discarding its state), else 409."""
+        registry.check_vm_id(vm_id)
+        async with d.lock(vm_id):
+            if await asyncio.to_thread(registry.live_supervisor, d.paths, vm_id):
+                if not force:
+                    raise Problem(409, "vm-running", "VM is running",
+                                  f"{vm_id} runs: stop it, or remove it with ?force=true")
+                reply = await d.client(vm_id).stop(StopMode.DISCARD)
+                return m.Stopped(vm_id=vm_id, mode=reply.mode.value)
+            if await asyncio.to_thread(registry.remove_suspended, d.paths, vm_id):
+                return m.Stopped(vm_id=vm_id, mode="removed")
+            if force and await asyncio.to_thread(listing.cancel_receiver, d.paths, vm_id):
+                return m.Stopped(vm_id=vm_id, mode="cancelled")
+            raise Problem(404, "vm-not-found", "VM not found",
+                          f"no suspended VM {vm_id!r} here" + ("" if force else
+                          " (a waiting receiver is ended with ?force=true)"))
+
+    @r.post("/v1/vms/{vm_id}/exec", response_model=m.Executed)
+    async def exec_vm(vm_id: str, body: m.ExecVM) -> m.Executed:
+        reply = await d.client(vm_id).exec(body.argv, stdin=body.stdin.encode(),
+                                           timeout_s=body.timeout_s)
+        return m.Executed(exit_code=reply.exit_code, outcome=reply.outcome,
+                          stdout=reply.stdout.decode(errors="replace"),
+                          stderr=reply.stderr.decode(errors="replace"))
+
+    @r.post("/v1/receivers", response_model=m.Receiving)
+    async def receive_vm(body: m.ReceiveVM) -> m.Receiving:
+        """Start a receiver for one incoming VM; answers once it listens. The token it
+        returns is what ``POST /v1/vms/{id}/migrate`` on the source presents."""
+        addr, _, port = body.listen.rpartition(":")
+        forwards = None if body.publish is None else tuple(parse_publish(p)
+                                                           for p in body.publish)
+        access = Access.listening(_tls(body.tls_cert, body.tls_key, body.tls_ca))
+        request = ArrivalRequest(host=host, access=access, listen=(addr, int(port)),
+                                 name=body.name, forwards=forwards,
+                                 precopy_only=body.precopy_only, report_until="listening")
+        try:
+            event = await launch_detached(request, holder=d.holders.take())
+        finally:
+            d.holders.refill()
+        return m.Receiving(address=list(event["address"]), pid=int(event["pid"]),
+                           token=access.token)
+
+    @r.post("/v1/vms/{vm_id}/migrate", status_code=202, response_model=m.Operation)
+    async def migrate_vm(vm_id: str, body: m.MigrateVM) -> m.Operation:
+        """Live-migrate to a receiver; the operation ends once the VM left this node. The
+        migration is also a record of ``/v1/migrations`` (kept across restarts)."""
+        client = d.client(vm_id)
+        addr, _, port = body.to.rpartition(":")
+        access = Access(tls=_tls(body.tls_cert, body.tls_key, body.tls_ca), token=body.token)
+        req = MigrateRequest(to=(addr, int(port)), access=access,
+                             precopy_only=body.precopy_only, ram=RamPath(body.ram))
+
+        async def work(op_id: str) -> dict[str, Any]:
+            mig = d.history.start(op_id, vm_id, body.to)
+            try:
+                async with d.lock(vm_id):
+                    # Owned here and always awaited: cancelled once the migration ended.
+                    watch = asyncio.create_task(_watch_progress(client, d, op_id, mig.id))
+                    try:
+                        reply = await client.migrate(req)
+                    finally:
+                        await cancel_and_wait(watch, swallow_errors=True)
+                    assert not isinstance(reply, ExportReply)
+                    _observe(d.metrics, reply.summary)
+                    # The operation ends once the VM has left this node (its holder
+                    # answers before its own cleanup is done).
+                    await d.wait_gone(vm_id)
+            except asyncio.CancelledError:
+                d.history.finish(mig.id, m.OpState.CANCELLED)
+                raise
+            except FerryError as exc:
+                p = for_error(exc)
+                d.history.finish(mig.id, m.OpState.FAILED, error={
+                    "type": p.slug, "title": p.title, "detail": p.detail, **p.extra})
+                raise
+            summary = reply.summary.to_json()
+            state = m.OpState.SUCCEEDED if reply.summary.handed_off else m.OpState.FAILED
+            d.history.finish(mig.id, state, summary=summary)
+            return {"summary": summary, "migration": mig.id}
+
+        async def cancel() -> None:
+            await client.migrate_cancel()
+
+        return d.ops.start("migrate", vm_id, work, cancel=cancel)
+
+    @r.post("/v1/vms/{vm_id}/snapshot", status_code=202, response_model=m.Operation)
+    async def snapshot_vm(vm_id: str, body: m.SnapshotVM) -> m.Operation:
+        """Stop the VM into a signed package (the host's signing key); ``ferry vm run
+        FILE`` or ``POST /v1/vms`` resumes it."""
+        client = d.client(vm_id)
+        file = Path(body.file)
+        if not file.is_absolute() or not host.signing_key.is_absolute():
+            raise Problem(400, "bad-request", "Bad request",
+                          "the package file (and the host's signing key) must be absolute "
+                          "paths")
+        req = MigrateRequest(package=file, key=host.signing_key, overwrite=body.overwrite)
+
+        async def work(op_id: str) -> dict[str, Any]:
+            async with d.lock(vm_id):
+                reply = await client.migrate(req)
+                await d.wait_gone(vm_id)
+            assert isinstance(reply, ExportReply)
+            return {"package": reply.package, "key_id": reply.key_id,
+                    "state_bytes": reply.state_bytes, "paused_s": reply.paused_s}
+
+        return d.ops.start("snapshot", vm_id, work)
+
+    return r
+
+
+async def _watch_progress(client: ControlClient, d: Daemon, op_id: str, mig_id: str) -> None:
+    """Report the holder's migration progress on the operation and the migration record
+    until cancelled."""
+    ops: Operations = d.ops
+    while True:
+        await asyncio.sleep(PROGRESS_EVERY_S)
+        with contextlib.suppress(FerryError):
+            status = await client.status()
+            if status.migration is not None:
+                ops.report(op_id, dict(status.migration))
+                d.history.progress(mig_id, dict(status.migration))
+
+
+def _tls(cert: str | None, key: str | None, ca: str | None) -> TLSFiles | None:
+    if not (cert or key or ca):
+        return None
+    if not (cert and key and ca):
+        raise Problem(400, "bad-request", "Bad request", "TLS needs tls_cert, tls_key and tls_ca")
+    return TLSFiles(Path(cert), Path(key), Path(ca))
+
+
+def _observe(metrics: Metrics, summary: MigrationSummary) -> None:
+    ms = summary.downtime.corrected_ms if summary.downtime.corrected_ms is not None \
+        else summary.downtime.source_view_ms
+    if ms is not None:
+        metrics.migration_downtime.observe(ms / 1e3)
+    if summary.bytes_total is not None:
+        metrics.migration_bytes.inc(summary.bytes_total)
+    if summary.postcopy_fetches is not None:
+        metrics.postcopy_fetches.inc(summary.postcopy_fetches)
