@@ -14,16 +14,24 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+
+from ferry.latency import BUCKETS_MS
 
 DOWNTIME_BUCKETS_S = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 VMSample = dict[str, Any]
 """One VM at scrape time: ``vm_id``, ``status``, ``memory_bytes``, ``started_at``,
-``qemu`` (QEMU's CPU use, :func:`ferry.vm.runner.process_usage`) and ``memory_io``
-(guest RAM through FUSE, from the holder's last status)."""
+``qemu`` (QEMU's CPU use, :func:`ferry.vm.runner.process_usage`), and from the holder's
+last status ``memory_io`` (guest RAM through FUSE), ``disk_io`` (NBD per disk) and
+``vitals`` (:mod:`ferry.node.vitals`)."""
 
 
 class _VMCollector(Collector):
@@ -55,6 +63,26 @@ class _VMCollector(Collector):
         fuse_bytes = CounterMetricFamily("ferry_vm_fuse_read_bytes",
                                          "Guest RAM bytes read through the FUSE daemon",
                                          labels=["vm"])
+        fuse_writes = CounterMetricFamily("ferry_vm_fuse_writes",
+                                          "Guest RAM writes (writeback) through the FUSE daemon",
+                                          labels=["vm"])
+        fuse_wbytes = CounterMetricFamily("ferry_vm_fuse_write_bytes",
+                                          "Guest RAM bytes written back through the FUSE daemon",
+                                          labels=["vm"])
+        nbd_ops = CounterMetricFamily("ferry_vm_nbd_requests",
+                                      "NBD requests QEMU sent for a disk, by kind",
+                                      labels=["vm", "disk", "op"])
+        nbd_bytes = CounterMetricFamily("ferry_vm_nbd_bytes",
+                                        "Bytes QEMU read from or wrote to a disk over NBD",
+                                        labels=["vm", "disk", "direction"])
+        agent_up = GaugeMetricFamily("ferry_vm_agent_up",
+                                     "1 while the guest agent answered a ping in the last 15 s",
+                                     labels=["vm"])
+        agent_rtt = GaugeMetricFamily("ferry_vm_agent_rtt_seconds",
+                                      "Round trip of the last agent ping", labels=["vm"])
+        dirty = GaugeMetricFamily("ferry_vm_memory_dirty_bytes_per_second",
+                                  "Guest RAM dirty rate (QEMU's page sampling, every 30 s)",
+                                  labels=["vm"])
         now = time.time()
         for v in vms:
             vm = v["vm_id"]
@@ -69,19 +97,70 @@ class _VMCollector(Collector):
             if "reads" in io:
                 fuse_reads.add_metric([vm], io["reads"])
                 fuse_bytes.add_metric([vm], io.get("bytes_read", 0))
-        yield from (up, memory, uptime, cpu, fuse_reads, fuse_bytes)
+                fuse_writes.add_metric([vm], io.get("writes", 0))
+                fuse_wbytes.add_metric([vm], io.get("bytes_written", 0))
+            for disk, c in sorted((v.get("disk_io") or {}).items()):
+                for op, key in (("read", "reads"), ("write", "writes"), ("flush", "flushes")):
+                    nbd_ops.add_metric([vm, disk, op], c.get(key, 0))
+                nbd_bytes.add_metric([vm, disk, "read"], c.get("read_bytes", 0))
+                nbd_bytes.add_metric([vm, disk, "write"], c.get("write_bytes", 0))
+            vitals = v.get("vitals") or {}
+            if "agent_up" in vitals:
+                agent_up.add_metric([vm], 1 if vitals["agent_up"] else 0)
+            if vitals.get("agent_rtt_ms") is not None:
+                agent_rtt.add_metric([vm], vitals["agent_rtt_ms"] / 1e3)
+            if vitals.get("dirty_rate_mib_s") is not None:
+                dirty.add_metric([vm], vitals["dirty_rate_mib_s"] * (1 << 20))
+        yield from (up, memory, uptime, cpu, fuse_reads, fuse_bytes, fuse_writes, fuse_wbytes,
+                    nbd_ops, nbd_bytes, agent_up, agent_rtt, dirty)
         yield GaugeMetricFamily("ferry_node_memory_committed_bytes",
                                 "Guest RAM of the VMs running on this node",
                                 value=self._committed())
+
+
+class _MigrationCollector(Collector):
+    """Running migrations' phases, and the post-copy fault latencies of past ones (their
+    summaries carry bucket counts, not samples: the histogram is built from those)."""
+
+    def __init__(self, running: Callable[[], Sequence[tuple[str, str]]]) -> None:
+        self._running = running
+        self.fault_buckets = [0] * (len(BUCKETS_MS) + 1)
+        self.fault_sum_s = 0.0
+
+    def observe_faults(self, buckets: Sequence[int], sum_s: float) -> None:
+        if len(buckets) == len(self.fault_buckets):
+            self.fault_buckets = [a + b for a, b in zip(self.fault_buckets, buckets,
+                                                        strict=True)]
+            self.fault_sum_s += sum_s
+
+    def collect(self) -> Iterator[Metric]:
+        phase = GaugeMetricFamily("ferry_migration_phase",
+                                  "1 for each outgoing migration running, by its phase",
+                                  labels=["vm", "phase"])
+        for vm, p in self._running():
+            phase.add_metric([vm, p], 1)
+        yield phase
+        cumulative, total = [], 0
+        for bound, count in zip([*(b / 1e3 for b in BUCKETS_MS), float("inf")],
+                                self.fault_buckets, strict=True):
+            total += count
+            cumulative.append((str(bound) if bound != float("inf") else "+Inf", total))
+        yield HistogramMetricFamily(
+            "ferry_migration_postcopy_fault_latency_seconds",
+            "How long the destination VM's reads waited for a block still in flight",
+            buckets=cumulative, sum_value=self.fault_sum_s)
 
 
 class Metrics:
     """One registry per daemon (no process-global state: tests run several)."""
 
     def __init__(self, vms: Callable[[], Sequence[VMSample]],
-                 committed: Callable[[], int]) -> None:
+                 committed: Callable[[], int],
+                 running_migrations: Callable[[], Sequence[tuple[str, str]]] = list) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_VMCollector(vms, committed))
+        self.migrations = _MigrationCollector(running_migrations)
+        self.registry.register(self.migrations)
         self.operations = Counter("ferry_operations", "Operations finished, by kind and state",
                                   ["kind", "state"], registry=self.registry)
         self.migration_downtime = Histogram(
@@ -94,3 +173,6 @@ class Metrics:
         self.postcopy_fetches = Counter("ferry_migration_postcopy_fetches",
                                         "Blocks fetched on demand after hand-offs",
                                         registry=self.registry)
+        self.phase_bytes = Counter("ferry_migration_phase_bytes",
+                                   "Bytes outgoing live migrations sent, by phase",
+                                   ["phase"], registry=self.registry)

@@ -36,12 +36,13 @@ class Daemon:
     def __init__(self, host: HostConfig, *, warm_holders: int = 1) -> None:
         self.host = host
         self.holders = HolderPool(warm_holders)
-        self.history = MigrationHistory(host.state_root / "migrations.jsonl")
         self.paths = registry.VMPaths.of(host)
         self.events = Events()
-        self.metrics = Metrics(self.samples, self.committed_bytes)
-        self.memory_io: dict[str, dict[str, int]] = {}
-        """Each running VM's guest-RAM FUSE counters from its holder's last status."""
+        self.history = MigrationHistory(host.state_root / "migrations.jsonl")
+        self.metrics = Metrics(self.samples, self.committed_bytes, self.running_migrations)
+        self.memory_io: dict[str, dict[str, Any]] = {}
+        """Each running VM's last status from its holder: ``memory_io`` (guest RAM through
+        FUSE), ``disk_io`` (NBD per disk), ``vitals`` (agent, dirty rate)."""
         self.locks: dict[str, asyncio.Lock] = {}
         self.cache_lock = asyncio.Lock()
         """Held while a package is opened for a run or removed from the cache."""
@@ -75,9 +76,15 @@ class Daemon:
             rec = registry.live_supervisor(self.paths, view["vm_id"]) \
                 if view["status"] != "suspended" else None
             qemu_pid = (rec or {}).get("qemu_pid")
-            out.append({**view, "memory_io": self.memory_io.get(view["vm_id"], {}),
+            polled = self.memory_io.get(view["vm_id"], {})
+            out.append({**view, **polled,
                         "qemu": process_usage(qemu_pid) if isinstance(qemu_pid, int) else {}})
         return out
+
+    def running_migrations(self) -> list[tuple[str, str]]:
+        """(VM, phase) of each outgoing migration running now."""
+        return [(g.vm_id, str((g.progress or {}).get("phase", "starting")))
+                for g in self.history.all() if g.state is m.OpState.RUNNING]
 
     def committed_bytes(self) -> int:
         """Guest RAM of the VMs whose QEMU runs here (the listing reads each QEMU's ``-m``)."""
@@ -115,7 +122,10 @@ class Daemon:
             with contextlib.suppress(FerryError, TimeoutError):
                 async with asyncio.timeout(VM_WATCH_S):
                     status = await self.client(vm_id).status()
-                self.memory_io[vm_id] = dict(status.memory_io)
+                self.memory_io[vm_id] = {
+                "memory_io": dict(status.memory_io),
+                "disk_io": {k: dict(v) for k, v in status.disk_io.items()},
+                "vitals": dict(status.vitals or {})}
 
         await asyncio.gather(*(one(v) for v in running))
         for gone in self.memory_io.keys() - set(running):

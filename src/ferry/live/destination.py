@@ -41,6 +41,7 @@ from ferry.aio import StackSafe
 from ferry.errors import ConfigError, FerryError, MigrationError
 from ferry.expose.fuse import FuseError
 from ferry.guest.agent import AgentClient, AgentError, connect_agent
+from ferry.latency import LatencyRecorder
 from ferry.live import payload as wire
 from ferry.live.errors import LiveMigrationError
 from ferry.live.rampath import RamPath
@@ -145,12 +146,25 @@ class IncomingVM:
             self.report.outcome = "failed"
             self.report.error = str(exc)
             self.report.receive = receiver.report
+            self._report_faults()
             raise LiveMigrationError(f"receiving failed: {exc}", vm=self.name,
                                      handed_off=receiver.handed_off,
                                      phase=receiver.phase.value) from exc
         self.report.outcome = "completed"
         self.report.receive = rreport
+        self._report_faults()
         return self.report
+
+    def _report_faults(self) -> None:
+        """The waits of the VM's reads for blocks still in flight, over every device."""
+        if self._devices is None:
+            return
+        stalls = LatencyRecorder()
+        for dev in self._devices.all():
+            if dev.waiting_local is not None:
+                stalls.merge(dev.waiting_local.stalls)
+        for key, value in stalls.figures().items():
+            setattr(self.report, key, value)
 
     async def _open_devices(self, infos: Sequence[DeviceInfo]) -> Sequence[DestinationDevice]:
         qemu_ram = self.options.ram is RamPath.QEMU

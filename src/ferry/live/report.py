@@ -98,6 +98,13 @@ class DestinationReport:
     cont_ram_read_bytes: int = 0
     ram_stream_bytes: int = 0             # QEMU's stream (RAM, device state) received
     cont_reply_ms: float | None = None    # QMP cont until its reply (disks re-activated)
+    faults: int = 0                       # reads (FUSE, NBD) that waited for a block in flight
+    fault_wait_ms_p50: float | None = None
+    fault_wait_ms_p90: float | None = None
+    fault_wait_ms_max: float | None = None
+    fault_wait_ms_sum: float = 0.0
+    fault_wait_buckets: list[int] = field(default_factory=list)
+    """Waits per bucket of :data:`ferry.latency.BUCKETS_MS` (and +Inf)."""
     receive: ReceiveReport | None = None
 
     @property
@@ -132,6 +139,12 @@ class DestinationReport:
 
 # -- checking a peer's report ----------------------------------------------------------
 
+def _counts(value: object, what: str) -> list[int]:
+    if not isinstance(value, list) or len(value) > MAX_ITEMS:
+        raise ValueError(f"{what} must be a list of at most {MAX_ITEMS} items")
+    return [checks.integer(v, what) for v in value]
+
+
 def _texts(value: object, what: str) -> list[str]:
     if not isinstance(value, list) or len(value) > MAX_ITEMS:
         raise ValueError(f"{what} must be a list of at most {MAX_ITEMS} items")
@@ -140,7 +153,7 @@ def _texts(value: object, what: str) -> list[str]:
 
 _CHECKS: dict[str, Callable[[object, str], object]] = {
     "str": checks.text, "int": checks.integer, "float": checks.finite, "bool": checks.boolean,
-    "list[str]": _texts}
+    "list[str]": _texts, "list[int]": _counts}
 """A checker per annotation (the modules use ``from __future__ import annotations``,
 so annotations are strings); ``X | None`` also takes null."""
 

@@ -45,6 +45,8 @@ MAX_PHASES = 16
 MEMORY_DEVICE = "memory"
 QEMU_STREAM_PHASE = "qemu_stream"
 """The ``bytes_by_phase`` entry of guest RAM that went in QEMU's own stream."""
+MAX_BUCKETS = 32
+"""Entries of ``fault_latency_buckets`` (:data:`ferry.latency.BUCKETS_MS` has 14, +Inf)."""
 MAX_STEPS = 16
 """Entries of ``downtime_steps_ms``: the downtime's steps and overlapped parts (8 today)."""
 
@@ -104,6 +106,14 @@ class MigrationSummary:
     devices: dict[str, DeviceSummary] = field(default_factory=dict)
     verified: bool | None = None
     """Every block checked by the destination (None: its report did not come back)."""
+    faults: int | None = None
+    """The destination VM's reads that waited for a block still in flight (post-copy)."""
+    fault_latency_ms_p50: float | None = None
+    fault_latency_ms_p90: float | None = None
+    fault_latency_ms_max: float | None = None
+    fault_latency_ms_sum: float | None = None
+    fault_latency_buckets: tuple[int, ...] = ()
+    """Waits per bucket of :data:`ferry.latency.BUCKETS_MS` (and +Inf)."""
 
     @classmethod
     def of(cls, source: SourceReport, destination: DestinationReport | None,
@@ -113,6 +123,14 @@ class MigrationSummary:
         verified = None if destination is None else destination.verified
         summary = cls(vm=source.vm, outcome=source.outcome, handed_off=source.handed_off,
                       downtime=downtime, verified=verified)
+        if destination is not None:
+            summary = dataclasses.replace(
+                summary, faults=destination.faults,
+                fault_latency_ms_p50=destination.fault_wait_ms_p50,
+                fault_latency_ms_p90=destination.fault_wait_ms_p90,
+                fault_latency_ms_max=destination.fault_wait_ms_max,
+                fault_latency_ms_sum=destination.fault_wait_ms_sum,
+                fault_latency_buckets=tuple(destination.fault_wait_buckets))
         mig = source.migration
         if mig is None:
             return summary
@@ -145,7 +163,12 @@ class MigrationSummary:
                 "postcopy_fetches": self.postcopy_fetches,
                 "bytes_total": self.bytes_total, "wire_bytes": self.wire_bytes,
                 "devices": {name: d.to_json() for name, d in self.devices.items()},
-                "verified": self.verified}
+                "verified": self.verified, "faults": self.faults,
+                "fault_latency_ms_p50": self.fault_latency_ms_p50,
+                "fault_latency_ms_p90": self.fault_latency_ms_p90,
+                "fault_latency_ms_max": self.fault_latency_ms_max,
+                "fault_latency_ms_sum": self.fault_latency_ms_sum,
+                "fault_latency_buckets": list(self.fault_latency_buckets)}
 
     @classmethod
     def from_json(cls, data: object) -> MigrationSummary:
@@ -178,7 +201,13 @@ class MigrationSummary:
             devices={checks.text(name, "device name"):
                      DeviceSummary.from_json(dev, f"devices[{name!r:.40}]")
                      for name, dev in devices.items()},
-            verified=_maybe(d, "verified", checks.boolean))
+            verified=_maybe(d, "verified", checks.boolean),
+            faults=_maybe(d, "faults", _count),
+            fault_latency_ms_p50=_maybe(d, "fault_latency_ms_p50", checks.finite),
+            fault_latency_ms_p90=_maybe(d, "fault_latency_ms_p90", checks.finite),
+            fault_latency_ms_max=_maybe(d, "fault_latency_ms_max", checks.finite),
+            fault_latency_ms_sum=_maybe(d, "fault_latency_ms_sum", checks.finite),
+            fault_latency_buckets=_buckets(d.get("fault_latency_buckets", [])))
 
 
 # -- checking a summary that crossed a socket ----------------------------------------------
@@ -197,6 +226,13 @@ def _object(value: object, what: str, max_items: int | None = None) -> dict[str,
 
 def _count(value: object, what: str) -> int:
     return checks.integer(value, what, low=0)
+
+
+def _buckets(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > MAX_BUCKETS:
+        raise ValueError(f"fault_latency_buckets must be a list of at most {MAX_BUCKETS} "
+                         "counts")
+    return tuple(_count(v, "fault_latency_buckets") for v in value)
 
 
 def _enum(kind: type[E], value: object, what: str) -> E:

@@ -171,6 +171,10 @@ class StatusReply:
     """QEMU's CPU use so far; empty when not running."""
     migration: Mapping[str, Any] | None = None
     """A running live migration's progress (:mod:`ferry.live.progress`), else None."""
+    disk_io: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    """Per disk: NBD reads, writes, their bytes, flushes (QEMU's requests so far)."""
+    vitals: Mapping[str, Any] | None = None
+    """The agent's liveness and guest RAM's dirty rate (:mod:`ferry.node.vitals`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +285,39 @@ def _progress(value: Any) -> dict[str, Any] | None:
         raise ControlProtocolError(f"bad migration progress {value!r:.200}")
     for key, kind in PROGRESS_FIELDS.items():
         _get(value, key, kind)
+    return dict(value)
+
+
+DISK_IO_FIELDS = ("reads", "read_bytes", "writes", "write_bytes", "flushes")
+MAX_DISKS = 16
+VITALS_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "agent_up": bool, "agent_last_ok_s": (int, float, type(None)),
+    "agent_rtt_ms": (int, float, type(None)), "agent_failures": int,
+    "dirty_rate_mib_s": (int, float, type(None)), "dirty_rate_age_s": (int, float, type(None))}
+
+
+def _disk_io(value: Any) -> dict[str, dict[str, int]]:
+    """A status's ``disk_io``: at most :data:`MAX_DISKS` disks of :data:`DISK_IO_FIELDS`."""
+    if not isinstance(value, dict) or len(value) > MAX_DISKS:
+        raise ControlProtocolError(f"bad disk_io {value!r:.200}")
+    out = {}
+    for name, counters in value.items():
+        if (not isinstance(name, str) or len(name) > 64 or not isinstance(counters, dict)
+                or set(counters) != set(DISK_IO_FIELDS)):
+            raise ControlProtocolError(f"bad disk_io entry {name!r:.40}")
+        out[name] = {k: _get(counters, k, int) for k in DISK_IO_FIELDS}
+    return out
+
+
+def _vitals(value: Any) -> dict[str, Any] | None:
+    """A status's ``vitals``: None, or exactly :data:`VITALS_FIELDS`."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != set(VITALS_FIELDS):
+        raise ControlProtocolError(f"bad vitals {value!r:.200}")
+    for key, kind in VITALS_FIELDS.items():
+        if not isinstance(value[key], kind) or (kind is int and isinstance(value[key], bool)):
+            raise ControlProtocolError(f"bad vitals.{key} {value[key]!r:.40}")
     return dict(value)
 
 
@@ -396,7 +433,9 @@ def encode_reply(reply: Reply) -> bytes:
                           "forwards": list(reply.forwards), "memory_io": dict(reply.memory_io),
                           "qemu_usage": dict(reply.qemu_usage),
                           "migration": None if reply.migration is None
-                          else dict(reply.migration)})
+                          else dict(reply.migration),
+                          "disk_io": {k: dict(v) for k, v in reply.disk_io.items()},
+                          "vitals": None if reply.vitals is None else dict(reply.vitals)})
         case StopReply():
             return _dump({"ok": True, "op": reply.op.value, "mode": reply.mode.value,
                           "state_bytes": reply.state_bytes, "flush_bytes": reply.flush_bytes})
@@ -437,7 +476,8 @@ def decode_reply(line: bytes) -> Reply:
                                _get(d, "qemu_pid", int, None),
                                _str_tuple(d.get("forwards", []), "forwards"),
                                _mapping(d, "memory_io") or {}, _mapping(d, "qemu_usage") or {},
-                               _progress(d.get("migration")))
+                               _progress(d.get("migration")), _disk_io(d.get("disk_io", {})),
+                               _vitals(d.get("vitals")))
         case ControlOp.STOP:
             try:
                 mode = StopMode(_get(d, "mode", str))

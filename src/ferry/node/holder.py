@@ -35,7 +35,7 @@ from typing import Any
 from ferry.aio import cancel_and_wait
 from ferry.guest.agent import AgentClient
 from ferry.live.outgoing import Movable
-from ferry.node import control
+from ferry.node import control, vitals
 from ferry.node.control import (
     ExecReply,
     ExecRequest,
@@ -105,6 +105,7 @@ class Holder:
         self._ended: asyncio.Future[StopReply] = loop.create_future()
         self.outgoing = Outgoing(lambda: self.vm.movable if self.vm is not None else None,
                                  on_active=self._migrating)
+        self.vitals = vitals.Vitals()
 
     @property
     def vm_id(self) -> str:
@@ -193,12 +194,24 @@ class Holder:
         qemu_usage: Mapping[str, float] = {}
         if self.vm is not None and self.vm.counters is not None:
             memory_io, qemu_usage = self.vm.counters()
+        disk_io = self.vm.qemu.disk_counters() if self.vm is not None else {}
         return StatusReply(r.vm_id, r.state, r.pid, r.qemu_pid, r.forwards, memory_io,
-                           qemu_usage, self.outgoing.progress())
+                           qemu_usage, self.outgoing.progress(), disk_io,
+                           self.vitals.to_json() if self.vm is not None else None)
 
     async def watch(self, vm: HeldVM) -> Ending:
-        """Hold ``vm`` until a stop request, its leaving, or QEMU's own exit."""
+        """Hold ``vm`` until a stop request, its leaving, or QEMU's own exit (meanwhile its
+        vitals are probed, :mod:`ferry.node.vitals`)."""
         self.vm = vm
+        probe = asyncio.create_task(vitals.watch(self.vitals, vm.qemu, vm.agent,
+                                                 busy=lambda: self.outgoing.active),
+                                    name=f"vitals {self.vm_id}")
+        try:
+            return await self._watch(vm)
+        finally:
+            await cancel_and_wait(probe, swallow_errors=True)
+
+    async def _watch(self, vm: HeldVM) -> Ending:
         while True:
             crashed = asyncio.ensure_future(vm.qemu.wait_crashed())
             waiting: set[asyncio.Future[Any]] = {self._stop, crashed}

@@ -58,7 +58,7 @@ from ferry.qemu.argv import (
 )
 from ferry.qemu.config import VMConfig
 from ferry.qemu.devstate import DeviceStateStats
-from ferry.qemu.errors import DeviceStateError, VMExitedError, VMStateError
+from ferry.qemu.errors import DeviceStateError, VMError, VMExitedError, VMStateError
 from ferry.qemu.qmp import QMPClient, QMPConnectionError
 from ferry.qemu.sandbox import sandbox_option
 from ferry.qemu.state import CAN_SPAWN, HAS_PROCESS, VMState
@@ -137,6 +137,7 @@ class QemuVM:
         self._state = VMState.CREATED
         self._stack = contextlib.AsyncExitStack()
         self._mount: FuseMount | None = None
+        self._nbd: NBDServer | None = None
         self._gen: _Generation | None = None
         self._generations = 0
         self._exit_error: VMExitedError | None = None
@@ -202,6 +203,10 @@ class QemuVM:
         """The kind of RAM only QEMU holds; None when RAM is a ferry memory file."""
         return self._memory if isinstance(self._memory, PrivateRam) else None
 
+    def disk_counters(self) -> dict[str, dict[str, int]]:
+        """Per disk: the NBD reads, writes (and bytes) and flushes QEMU sent so far."""
+        return self._nbd.counters() if self._nbd is not None else {}
+
     async def wait_crashed(self) -> VMExitedError:
         """Wait until QEMU exits by itself (not through :meth:`stop` or a hand-off);
         returns why. A later start clears it: it waits for that generation's exit."""
@@ -224,7 +229,7 @@ class QemuVM:
                 self._mount = await self._stack.enter_async_context(
                     FuseMount(self.work_dir / "mnt", {MEMORY_FILE: self._memory}))
             if self._disks:
-                server = NBDServer({n: Export(d) for n, d in self._disks.items()})
+                server = self._nbd = NBDServer({n: Export(d) for n, d in self._disks.items()})
                 await self._stack.enter_async_context(server.serve_unix(self.nbd_socket))
             if probe is not None:
                 await probe
@@ -319,6 +324,23 @@ class QemuVM:
         """An incoming migration completed: the guest is loaded and paused (``-S``)."""
         self._require({VMState.INCOMING}, "finish an incoming migration")
         self._state = VMState.PAUSED
+
+    async def measure_dirty_rate(self, *, calc_time_s: int = 1,
+                                 sample_pages: int = 512) -> float:
+        """Guest RAM's dirty rate in MiB/s, measured by QEMU over ``calc_time_s`` by hashing
+        ``sample_pages`` sampled pages per GiB twice (``calc-dirty-rate``, page-sampling:
+        works under TCG and KVM, and costs a few hashes). Raises :class:`VMError` (through
+        QMP) where QEMU refuses (another measurement running)."""
+        self._require({VMState.RUNNING}, "measure the dirty rate")
+        await self._call("calc-dirty-rate", {"calc-time": calc_time_s,
+                                             "sample-pages": sample_pages})
+        await asyncio.sleep(calc_time_s)
+        for _ in range(50):
+            got = await self._call("query-dirty-rate")
+            if got.get("status") == "measured":
+                return float(got.get("dirty-rate", 0)) * 1e6 / (1 << 20)  # QEMU gives MB/s
+            await asyncio.sleep(0.1)
+        raise VMError("QEMU's dirty-rate measurement did not finish", vm=self.name)
 
     async def query_status(self) -> str:
         """QEMU's run state (``running``, ``paused``, ``postmigrate``, ``inmigrate`` ...)."""

@@ -26,7 +26,9 @@ from ferry.migration.report import DeviceReport, MigrationReport
 KEYS = ["vm", "outcome", "handed_off", "mode", "downtime_source_view_ms",
         "downtime_corrected_ms", "downtime_corrected_uncertainty_ms", "downtime_steps_ms",
         "clock", "total_s", "precopy_s", "postcopy_s", "cycles", "stop_reason", "postcopy_fetches",
-        "bytes_total", "wire_bytes", "devices", "verified"]
+        "bytes_total", "wire_bytes", "devices", "verified", "faults", "fault_latency_ms_p50",
+        "fault_latency_ms_p90", "fault_latency_ms_max", "fault_latency_ms_sum",
+        "fault_latency_buckets"]
 
 
 def timeline(side: Side, marks: dict[Mark, float]) -> Timeline:
@@ -48,7 +50,9 @@ def reports() -> tuple[SourceReport, DestinationReport]:
                                                     stop_reason="no-progress"))
     destination = DestinationReport(
         "r1", timeline=timeline(Side.DESTINATION, {Mark.RUNNING: 5000.040}),
-        receive=ReceiveReport(verified=True))
+        receive=ReceiveReport(verified=True), faults=3, fault_wait_ms_p50=1.5,
+        fault_wait_ms_p90=4.0, fault_wait_ms_max=4.0, fault_wait_ms_sum=7.0,
+        fault_wait_buckets=[0, 0, 0, 2, 1])
     return source, destination
 
 
@@ -71,6 +75,9 @@ def test_keys_and_figures() -> None:
     assert (data["bytes_total"], data["wire_bytes"], data["cycles"]) == (1 << 20, 4096, 3)
     assert data["stop_reason"] == "no-progress"
     assert data["verified"] is True
+    assert (data["faults"], data["fault_latency_ms_p50"], data["fault_latency_ms_max"]) == (
+        3, 1.5, 4.0)
+    assert data["fault_latency_buckets"] == [0, 0, 0, 2, 1]
     text = downtime_text(summary)
     assert "offset-corrected" in text
     assert "as the source saw it" in text

@@ -40,6 +40,12 @@ REPLIES: list[control.Reply] = [
     control.StatusReply("r1", HolderState.MIGRATING, 4711, 4712, (), {}, {},
                         {"phase": "precopy", "bytes_sent": 4096, "cycles": 0,
                          "elapsed_s": 0.25}),
+    control.StatusReply("r1", HolderState.RUNNING, 4711, 4712, (), {}, {}, None,
+                        {"root": {"reads": 5, "read_bytes": 20480, "writes": 1,
+                                  "write_bytes": 4096, "flushes": 1}},
+                        {"agent_up": True, "agent_last_ok_s": 1.5, "agent_rtt_ms": 2.25,
+                         "agent_failures": 0, "dirty_rate_mib_s": None,
+                         "dirty_rate_age_s": None}),
     control.StopReply(StopMode.SUSPEND, state_bytes=72226, flush_bytes=4096),
     control.StopReply(StopMode.DISCARD),
     control.ExecReply(3, "EXITED", b"out\x00", b"err\xff"),
@@ -127,6 +133,15 @@ BAD_REPLIES = [
     b'"migration": {"phase": "precopy"}}\n',                 # progress fields missing
     b'{"ok": true, "op": "status", "vm_id": "r1", "state": "running", "pid": 1, '
     b'"migration": {"phase": 1, "bytes_sent": 0, "cycles": 0, "elapsed_s": 0}}\n',
+    b'{"ok": true, "op": "status", "vm_id": "r1", "state": "running", "pid": 1, '
+    b'"disk_io": {"root": {"reads": 1}}}\n',                 # counters missing
+    b'{"ok": true, "op": "status", "vm_id": "r1", "state": "running", "pid": 1, '
+    b'"disk_io": [1]}\n',
+    b'{"ok": true, "op": "status", "vm_id": "r1", "state": "running", "pid": 1, '
+    b'"vitals": {"agent_up": 1}}\n',
+    b'{"ok": true, "op": "status", "vm_id": "r1", "state": "running", "pid": 1, '
+    b'"vitals": {"agent_up": true, "agent_last_ok_s": null, "agent_rtt_ms": null, '
+    b'"agent_failures": true, "dirty_rate_mib_s": null, "dirty_rate_age_s": null}}\n',
     b'{"ok": true, "op": "exec", "exit_code": 0, "outcome": "E", "stdout": "!", "stderr": ""}\n',
     b'{"ok": true, "op": "migrate", "summary": [], "source": {}}\n',
     b'{"ok": true, "op": "migrate", "source": {}}\n',   # no summary

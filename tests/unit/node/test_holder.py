@@ -24,6 +24,10 @@ class FakeQemu:
     def __init__(self) -> None:
         self.crash = asyncio.Event()
 
+    def disk_counters(self) -> dict[str, dict[str, int]]:
+        return {"root": {"reads": 1, "read_bytes": 512, "writes": 0, "write_bytes": 0,
+                         "flushes": 0}}
+
     async def wait_crashed(self) -> VMExitedError:
         await self.crash.wait()
         return VMExitedError("QEMU exited unexpectedly", vm="h1", returncode=-9,

@@ -266,3 +266,9 @@ def _observe(metrics: Metrics, summary: MigrationSummary) -> None:
         metrics.migration_bytes.inc(summary.bytes_total)
     if summary.postcopy_fetches is not None:
         metrics.postcopy_fetches.inc(summary.postcopy_fetches)
+    for device in summary.devices.values():
+        for phase, n in device.bytes_by_phase.items():
+            metrics.phase_bytes.labels(phase).inc(n)
+    if summary.faults:
+        metrics.migrations.observe_faults(summary.fault_latency_buckets,
+                                          (summary.fault_latency_ms_sum or 0.0) / 1e3)

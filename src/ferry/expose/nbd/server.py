@@ -163,6 +163,20 @@ class _ExportState:
     writes_in_flight: set[asyncio.Future[None]] = field(default_factory=set)
     file_extent: FileExtent | None = None
     """The device's ``file_extent`` capability, if it has one (see filereads)."""
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("reads", "read_bytes", "writes", "write_bytes", "flushes"), 0))
+    """Requests received on every connection (:meth:`NBDServer.counters`)."""
+
+    def count(self, request: object) -> None:
+        c = self.counters
+        if type(request) is ReadRequest:
+            c["reads"] += 1
+            c["read_bytes"] += request.length
+        elif isinstance(request, WriteRequest | WriteZeroesRequest):
+            c["writes"] += 1
+            c["write_bytes"] += request.length
+        elif isinstance(request, FlushRequest):
+            c["flushes"] += 1
 
     def __post_init__(self) -> None:
         self.file_extent = file_extent_of(self.export.device)
@@ -298,6 +312,7 @@ class _Connection:
                 )
                 if self._trace:
                     self._log.debug("--> %s", _describe(event))
+                state.count(event)
                 if (
                     type(event) is ReadRequest
                     and event.length <= INLINE_READ_MAX_BYTES
@@ -546,6 +561,10 @@ class NBDServer:
 
     def export_state(self, name: str) -> _ExportState:
         return self._states[name]
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Per export: reads, writes (and their bytes) and flushes received so far."""
+        return {name: dict(state.counters) for name, state in self._states.items()}
 
     @contextlib.asynccontextmanager
     async def serve_unix(

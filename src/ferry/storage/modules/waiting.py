@@ -27,10 +27,12 @@ fails still counts as done (like a disk, the contents there are undefined).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable
 
 from ferry.buffers import Buffer
 from ferry.errors import DeviceClosedError, DeviceError, DeviceRangeError
+from ferry.latency import LatencyRecorder
 from ferry.storage.device import Device, Geometry, check_range
 from ferry.storage.modules._forward import ForwardingDevice, device_name
 
@@ -62,6 +64,8 @@ class _WaitingState:
         self.failure: BaseException | None = None
         self.closed = False
         self.write_lock = asyncio.Lock()
+        self.stalls = LatencyRecorder()
+        """How long local reads and partial writes waited for absent blocks."""
 
     # -- state changes ----------------------------------------------------
 
@@ -137,10 +141,15 @@ class _WaitingState:
         """Need every absent block of ``blocks``, then wait until all are present."""
         blocks = list(blocks)
         present = self.present
+        started: float | None = None
         while True:
             absent = [b for b in blocks if not present[b]]
             if not absent:
+                if started is not None:
+                    self.stalls.observe(time.perf_counter() - started)
                 return
+            if started is None:
+                started = time.perf_counter()
             self.check_usable()
             for block in absent:  # ask for all of them at once
                 self.need(block)
@@ -183,6 +192,11 @@ class _WaitingHandle(ForwardingDevice):
 
 class WaitingLocal(_WaitingHandle):
     """The destination VM's device: reads and partial writes wait for absent blocks."""
+
+    @property
+    def stalls(self) -> LatencyRecorder:
+        """The waits for absent blocks so far (post-copy "faults")."""
+        return self._state.stalls
 
     async def read_at(self, offset: int, length: int) -> bytes:
         self._check_open()
