@@ -227,6 +227,15 @@ async def test_chain_over_mutual_tls_in_one_boot_then_export(
     reply = await site.ferry_json("upa", "vm", "migrate", "up-t1", "--to-package", str(exported))
     assert reply["package"] == str(exported)
     assert await listed(site, "upa") == []
+    # Each host's history has the migrations that left it, whoever asked for them.
+    on_a = await site.ferry_json("upa", "vm", "migrations")
+    assert [(r["vm_id"], r["to"], r["state"]) for r in on_a] == [
+        ("up-t1", f"{site.address('upb')}:{MIGRATE_PORT}", "succeeded"),
+        ("up-t1", f"package:{exported}", "succeeded")]
+    assert on_a[0]["summary"]["handed_off"] is True
+    assert on_a[1]["summary"]["package"] == str(exported)
+    on_b = await site.ferry_json("upb", "vm", "migrations", "--vm", "up-t1")
+    assert [r["to"] for r in on_b] == [f"{site.address('upc')}:{MIGRATE_PORT}"]
     await site.vm_run("upa", "up-t2", exported, "-p", f"{site.address('upa')}:{REDIS_PORT}:6379")
     assert await redis_get(site, "upa", "greeting") == GREETING
 

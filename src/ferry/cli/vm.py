@@ -227,7 +227,7 @@ async def _vm_run_command(args: argparse.Namespace, out: _Out) -> int:
 async def _vm_migration(args: argparse.Namespace, out: _Out) -> int:
     from ferry.cli import vm_migrate
 
-    return await vm_migrate.run(args, out.console, out)
+    return await vm_migrate.run(args, out.console, out, out.progress)
 
 
 async def _vm_list(args: argparse.Namespace, out: _Out) -> None:
@@ -479,6 +479,7 @@ _HANDLERS: dict[tuple[str, str], Handler] = {
     ("vm", "migrate"): _vm_migration,
     ("vm", "receive"): _vm_migration,
     ("vm", "registry"): _vm_migration,
+    ("vm", "migrations"): _vm_migration,
     ("vm", "list"): _vm_list,
     ("vm", "ls"): _vm_list,
     ("vm", "logs"): _vm_logs,
@@ -612,6 +613,12 @@ def _add_migration_parsers(vm: Any, add_common: AddCommon) -> None:
                         "QEMU >= 9.0), else engine")
     c.add_argument("--key", type=Path, help="signing key for --to-package")
     tls(c)
+    add_common(c)
+
+    c = vm.add_parser("migrations", help="this host's past outgoing migrations")
+    c.add_argument("--vm", dest="vm_filter", metavar="ID", help="only this VM's")
+    c.add_argument("-n", "--last", type=int, default=20, metavar="N",
+                   help="the newest N (default: 20)")
     add_common(c)
 
     c = vm.add_parser("receive", help="receive a VM (from 'ferry vm migrate' or a registry)")

@@ -8,17 +8,21 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
+from ferry.aio import cancel_and_wait
 from ferry.cli.exitcodes import ExitCode
 from ferry.errors import ConfigError, FerryError
 from ferry.live.access import Access, TLSFiles
 from ferry.live.pkgserve import check_directory, serve_registry
 from ferry.live.rampath import RamPath
 from ferry.live.summary import MigrationSummary
+from ferry.node import history
 from ferry.node.arrival import ArrivalRequest, arrive
 from ferry.node.control import ControlClient, ExportReply, MigrateRequest
 from ferry.node.process import launch_detached
@@ -94,28 +98,60 @@ def _announce(out: Out, console: Console, event: dict[str, Any], text: str, acce
     out(event, lambda: console.print(text + note))
 
 
-async def run(args: argparse.Namespace, console: Console, out: Out) -> int:
+async def run(args: argparse.Namespace, console: Console, out: Out,
+              progress: Callable[[str], None] = lambda line: None) -> int:
     match args.vm_command:
         case "migrate":
-            return await _migrate(args, console, out)
+            return await _migrate(args, console, out, progress)
         case "receive":
             return await _receive(args, console, out)
+        case "migrations":
+            return _migrations(args, console, out)
         case _:
             return await _registry(args, console, out)
 
 
-async def _migrate(args: argparse.Namespace, console: Console, out: Out) -> int:
+PROGRESS_EVERY_S = 0.5
+
+
+async def _report_progress(client: ControlClient, progress: Callable[[str], None]) -> None:
+    """A line whenever the running migration's phase or dirty cycles change, and every
+    few seconds meanwhile (the holder's status, :mod:`ferry.live.progress`)."""
+    last: tuple[str, int] | None = None
+    last_at = 0.0
+    while True:
+        await asyncio.sleep(PROGRESS_EVERY_S)
+        with contextlib.suppress(FerryError):
+            p = (await client.status()).migration
+            if p is None:
+                continue
+            key = (str(p["phase"]), int(p["cycles"]))
+            now = time.monotonic()
+            if key != last or now - last_at >= 3.0:
+                last, last_at = key, now
+                progress(f"{p['phase']}: {p['bytes_sent'] / 1e6:.1f} MB sent, "
+                         f"{p['cycles']} dirty cycles, {p['elapsed_s']:.1f} s")
+
+
+async def _migrate(args: argparse.Namespace, console: Console, out: Out,
+                   progress: Callable[[str], None]) -> int:
     client = ControlClient(registry.VMPaths.of(args.host).control_socket(args.vm_id),
                            args.vm_id)
+    mig_id = history.new_id()
     if args.to_package is not None:
         req = MigrateRequest(package=args.to_package.absolute(),
                              key=(args.key or args.host.signing_key).absolute(),
-                             precopy_only=args.precopy_only)
+                             precopy_only=args.precopy_only, migration_id=mig_id)
+        progress(f"{args.vm_id}: pausing it, saving its device state and writing "
+                 f"{req.package} (the guest stays paused until it is written)")
     else:
         req = MigrateRequest(to=_address(args.to), precopy_only=args.precopy_only,
                              ram=RamPath(args.ram),
-                             access=_connecting_access(args, console, "the destination"))
+                             access=_connecting_access(args, console, "the destination"),
+                             migration_id=mig_id)
+        progress(f"{args.vm_id}: migrating to {args.to} (migration {mig_id})")
     task = asyncio.create_task(client.migrate(req, timeout_s=MIGRATE_TIMEOUT_S))
+    reporter = asyncio.create_task(_report_progress(client, progress))
     try:
         reply = await asyncio.shield(task)
     except asyncio.CancelledError:
@@ -130,6 +166,8 @@ async def _migrate(args: argparse.Namespace, console: Console, out: Out) -> int:
             error = task.exception()
             console.print(f"[red]interrupted:[/red] {error or 'completed'}")
         raise
+    finally:
+        await cancel_and_wait(reporter, swallow_errors=True)
     if isinstance(reply, ExportReply):
         data = {"package": reply.package, "key_id": reply.key_id,
                 "state_bytes": reply.state_bytes, "paused_s": reply.paused_s,
@@ -142,6 +180,30 @@ async def _migrate(args: argparse.Namespace, console: Console, out: Out) -> int:
         out({"summary": reply.summary.to_json(), "source": dict(reply.source),
              "destination": None if reply.destination is None else dict(reply.destination)},
             lambda: print_summary(console, reply.summary, args.to))
+    return ExitCode.OK
+
+
+def _migrations(args: argparse.Namespace, console: Console, out: Out) -> int:
+    if args.last < 1:
+        raise ConfigError("--last must be at least 1")
+    found = [r for r in history.MigrationHistory(args.host.state_root).records()
+             if args.vm_filter is None or r.vm_id == args.vm_filter][-args.last:]
+
+    def show() -> None:
+        table = Table()
+        for col in ("id", "vm", "to", "state", "started", "downtime", "bytes"):
+            table.add_column(col)
+        for r in found:
+            s = r.summary or {}
+            downtime = s.get("downtime_corrected_ms", s.get("downtime_source_view_ms"))
+            table.add_row(r.id, r.vm_id, r.to, r.state,
+                          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started)),
+                          "" if downtime is None else f"{downtime:.1f} ms",
+                          "" if s.get("bytes_total") is None
+                          else f"{s['bytes_total'] / 1e6:.1f} MB")
+        console.print(table)
+
+    out([r.to_json() for r in found], show)
     return ExitCode.OK
 
 

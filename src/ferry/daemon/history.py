@@ -1,107 +1,68 @@
-"""The migrations this node's daemon started: live while they run, kept after.
+"""The daemon's view of this host's migrations (``/v1/migrations``).
 
-Each outgoing migration (``POST /v1/vms/{id}/migrate``) is a record here from its
-start: its progress while it runs, then its outcome and summary (downtime, bytes per
-phase). Finished records are appended to one JSON-lines file under the host's state
-root (``<state root>/migrations.jsonl``), so the history, and the dashboard's chart of
-past downtimes, survive a daemon restart. The file is bounded: after
-:data:`KEEP_RECORDS` appends it is rewritten with the newest :data:`KEEP_RECORDS`
-records (to a temporary file, then renamed), so it never holds twice as many. A line
-that does not parse (a torn last write) is skipped with a warning.
+Finished migrations come from the host's history file, which the VM holders write
+whoever started the migration (:mod:`ferry.node.history`; ``ferry vm migrate`` too), so
+the history survives daemon restarts. Migrations this daemon is running are kept here,
+with their live progress, until the holder's record lands; for those it started, the
+record also names its operation (while the daemon remembers it).
 """
 
 from __future__ import annotations
 
 import collections
-import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from ferry.daemon.models import Migration, OpState
+from ferry.node.history import MigrationHistory, MigrationRecord, new_id
 
-log = logging.getLogger(__name__)
-
-KEEP_RECORDS = 500
-MAX_LINE_BYTES = 256 * 1024
-"""A record's summary is bounded (:mod:`ferry.live.summary`); longer lines are not ours."""
+KEEP_OPERATIONS = 500
 
 
-class MigrationHistory:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._records: collections.OrderedDict[str, Migration] = collections.OrderedDict()
-        self._appended = 0
-        for record in self._load():
-            self._records[record.id] = record
+class DaemonMigrations:
+    def __init__(self, state_root: Path) -> None:
+        self.history = MigrationHistory(state_root)
+        self._running: dict[str, Migration] = {}
+        self._operations: collections.OrderedDict[str, str] = collections.OrderedDict()
 
-    def _load(self) -> list[Migration]:
-        try:
-            with open(self.path, "rb") as f:
-                lines = f.readlines()
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            log.warning("cannot read the migration history %s: %s", self.path, exc)
-            return []
-        out = []
-        for n, line in enumerate(lines[-KEEP_RECORDS:], 1):
-            if len(line) > MAX_LINE_BYTES:
-                log.warning("%s: record %d is too long; skipped", self.path, n)
-                continue
-            try:
-                out.append(Migration.model_validate_json(line))
-            except ValueError:
-                log.warning("%s: record %d does not parse; skipped", self.path, n)
-        return out
-
-    def start(self, op_id: str, vm_id: str, to: str) -> Migration:
-        record = Migration(id=f"mig-{time.time_ns() // 1_000_000:x}-{os.urandom(2).hex()}",
-                           operation=op_id, vm_id=vm_id, to=to, state=OpState.RUNNING,
-                           started=time.time())
-        self._records[record.id] = record
-        return record
+    def start(self, op_id: str, vm_id: str, to: str) -> str:
+        """A migration the daemon is about to ask a holder for: its id (passed in the
+        request, so the holder's record has it)."""
+        mig_id = new_id()
+        self._running[mig_id] = Migration(id=mig_id, operation=op_id, vm_id=vm_id, to=to,
+                                          state=OpState.RUNNING, started=time.time())
+        self._operations[mig_id] = op_id
+        while len(self._operations) > KEEP_OPERATIONS:
+            self._operations.popitem(last=False)
+        return mig_id
 
     def progress(self, mig_id: str, progress: dict[str, Any]) -> None:
-        record = self._records.get(mig_id)
-        if record is not None and record.state is OpState.RUNNING:
-            self._records[mig_id] = record.model_copy(update={"progress": progress})
+        record = self._running.get(mig_id)
+        if record is not None:
+            self._running[mig_id] = record.model_copy(update={"progress": progress})
 
-    def finish(self, mig_id: str, state: OpState, *, summary: dict[str, Any] | None = None,
-               error: dict[str, Any] | None = None) -> None:
-        """Record the outcome and append it to the file (a failed write is logged: the
-        migration's own outcome does not depend on its history)."""
-        record = self._records.get(mig_id)
-        if record is None or record.state is not OpState.RUNNING:
-            return
-        record = record.model_copy(update={"state": state, "finished": time.time(),
-                                           "summary": summary, "error": error,
-                                           "progress": None})
-        self._records[mig_id] = record
-        while len(self._records) > KEEP_RECORDS:
-            self._records.popitem(last=False)
-        try:
-            self._append(record)
-        except OSError as exc:
-            log.warning("cannot write the migration history %s: %s", self.path, exc)
+    def finish(self, mig_id: str) -> None:
+        """The holder answered: its record is in the file now (or it could not write it)."""
+        self._running.pop(mig_id, None)
 
-    def _append(self, record: Migration) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(record.model_dump_json() + "\n")
-        self._appended += 1
-        if self._appended >= KEEP_RECORDS:  # bound the file: keep the newest records
-            finished = [r for r in self._records.values() if r.state is not OpState.RUNNING]
-            tmp = self.path.with_suffix(".tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(r.model_dump_json() + "\n" for r in finished[-KEEP_RECORDS:])
-            os.replace(tmp, self.path)
-            self._appended = 0
-
-    def get(self, mig_id: str) -> Migration | None:
-        return self._records.get(mig_id)
+    def running(self) -> list[Migration]:
+        return list(self._running.values())
 
     def all(self) -> list[Migration]:
-        """Oldest first."""
-        return list(self._records.values())
+        """Oldest first: the file's records, then the running ones. Blocking (reads the
+        file): call it in a thread."""
+        done = [self._view(r) for r in self.history.records()]
+        known = {r.id for r in done}
+        return done + [r for r in self._running.values() if r.id not in known]
+
+    def get(self, mig_id: str) -> Migration | None:
+        if mig_id in self._running:
+            return self._running[mig_id]
+        found = self.history.find(mig_id)
+        return None if found is None else self._view(found)
+
+    def _view(self, r: MigrationRecord) -> Migration:
+        return Migration(id=r.id, operation=self._operations.get(r.id), vm_id=r.vm_id,
+                         to=r.to, state=OpState(r.state), started=r.started,
+                         finished=r.finished, summary=r.summary, error=r.error)

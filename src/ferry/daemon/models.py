@@ -221,8 +221,8 @@ class Migration(Reply):
     """One outgoing live migration this node's daemon started (``/v1/migrations``)."""
 
     id: str
-    operation: str
-    """The operation that ran it (``/v1/operations/{id}`` while the daemon lives)."""
+    operation: str | None = None
+    """The daemon's operation that ran it, if this daemon started it and remembers it."""
     vm_id: str
     to: str
     state: OpState
@@ -232,5 +232,6 @@ class Migration(Reply):
     progress: dict[str, Any] | None = None
     """While it runs: ``phase``, ``bytes_sent``, ``cycles``, ``elapsed_s``."""
     summary: dict[str, Any] | None = None
-    """Once it succeeded: the migration summary (``ferry vm migrate --json``)."""
-    error: dict[str, Any] | None = None
+    """Once it ended: the migration summary (``ferry vm migrate --json``), or an export's
+    figures."""
+    error: str | None = None

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.daemon import models as m
-from ferry.daemon.history import MigrationHistory
+from ferry.daemon.history import DaemonMigrations
 from ferry.daemon.metrics import Metrics
 from ferry.daemon.operations import Events, Operations
 from ferry.daemon.warm import HolderPool
@@ -38,7 +38,7 @@ class Daemon:
         self.holders = HolderPool(warm_holders)
         self.paths = registry.VMPaths.of(host)
         self.events = Events()
-        self.history = MigrationHistory(host.state_root / "migrations.jsonl")
+        self.history = DaemonMigrations(host.state_root)
         self.metrics = Metrics(self.samples, self.committed_bytes, self.running_migrations)
         self.memory_io: dict[str, dict[str, Any]] = {}
         """Each running VM's last status from its holder: ``memory_io`` (guest RAM through
@@ -84,7 +84,7 @@ class Daemon:
     def running_migrations(self) -> list[tuple[str, str]]:
         """(VM, phase) of each outgoing migration running now."""
         return [(g.vm_id, str((g.progress or {}).get("phase", "starting")))
-                for g in self.history.all() if g.state is m.OpState.RUNNING]
+                for g in self.history.running()]
 
     def committed_bytes(self) -> int:
         """Guest RAM of the VMs whose QEMU runs here (the listing reads each QEMU's ``-m``)."""

@@ -50,6 +50,7 @@ from ferry.live.access import Access
 from ferry.live.errors import LiveMigrationError, MalformedSummaryError
 from ferry.live.rampath import RamPath
 from ferry.live.summary import MigrationSummary
+from ferry.node import history
 from ferry.node.record import HolderState
 from ferry.vm.errors import ControlError, VMNotFoundError
 from ferry.vm.runner import StopMode
@@ -139,8 +140,16 @@ class MigrateRequest:
     overwrite: bool = False
     ram: RamPath = RamPath.AUTO
     """How guest RAM moves (a live migration only)."""
+    migration_id: str | None = None
+    """The id the holder records the migration under (:mod:`ferry.node.history`); None:
+    it makes one."""
 
     def __post_init__(self) -> None:
+        if self.migration_id is not None:
+            try:
+                history.check_id(self.migration_id)
+            except ValueError as exc:
+                raise ControlProtocolError(str(exc)) from None
         if (self.to is None) == (self.package is None):
             raise ControlProtocolError("migrate needs exactly one of to or package")
         if self.to is not None and self.access is None:
@@ -374,7 +383,7 @@ def encode_request(req: Request) -> bytes:
                           "precopy_only": req.precopy_only, "ram": req.ram.value,
                           "package": None if req.package is None else str(req.package),
                           "key": None if req.key is None else str(req.key),
-                          "overwrite": req.overwrite})
+                          "overwrite": req.overwrite, "migration_id": req.migration_id})
         case _:
             return _dump({"op": req.op.value})
 
@@ -417,7 +426,8 @@ def decode_request(line: bytes) -> Request:
                                   ram=ram_path,
                                   package=None if package is None else Path(package),
                                   key=None if key is None else Path(key),
-                                  overwrite=_get(d, "overwrite", bool, False))
+                                  overwrite=_get(d, "overwrite", bool, False),
+                                  migration_id=_get(d, "migration_id", str, None))
         case None:
             raise ControlProtocolError("the request has no op")
 

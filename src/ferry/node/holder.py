@@ -48,6 +48,7 @@ from ferry.node.control import (
     StopReply,
     StopRequest,
 )
+from ferry.node.history import MigrationHistory
 from ferry.node.outgoing import Outgoing
 from ferry.node.record import HolderRecord, HolderState
 from ferry.qemu import QemuVM
@@ -104,7 +105,8 @@ class Holder:
         self._stop: asyncio.Future[Ending] = loop.create_future()
         self._ended: asyncio.Future[StopReply] = loop.create_future()
         self.outgoing = Outgoing(lambda: self.vm.movable if self.vm is not None else None,
-                                 on_active=self._migrating)
+                                 on_active=self._migrating,
+                                 history=MigrationHistory(paths.state_root))
         self.vitals = vitals.Vitals()
 
     @property

@@ -11,10 +11,12 @@ The moving itself is :func:`ferry.live.outgoing.migrate_to_host` and
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from ferry.errors import FerryError
 from ferry.live.access import Access
 from ferry.live.errors import LiveMigrationError
 from ferry.live.outgoing import Movable, Moved, export_to_package, migrate_to_host, options_for
@@ -27,6 +29,7 @@ from ferry.node.control import (
     MigrateReply,
     MigrateRequest,
 )
+from ferry.node.history import MigrationHistory, MigrationRecord, new_id
 
 
 class MigrateFn(Protocol):
@@ -48,8 +51,10 @@ class Outgoing:
 
     def __init__(self, get_movable: Callable[[], Movable | None], *,
                  migrate: MigrateFn = migrate_to_host, export: ExportFn = export_to_package,
-                 on_active: Callable[[bool], None] = lambda active: None) -> None:
+                 on_active: Callable[[bool], None] = lambda active: None,
+                 history: MigrationHistory | None = None) -> None:
         self._get = get_movable
+        self._history = history
         self._migrate = migrate
         self._export = export
         self._on_active = on_active
@@ -94,21 +99,42 @@ class Outgoing:
         self._handed_off = False
         self.idle.clear()
         self._on_active(True)
+        started = time.time()
         self._task = asyncio.create_task(self._run(m, req), name=f"migrate {m.vm_id}")
         self._task.add_done_callback(self._finished)
         try:
             result = await asyncio.shield(self._task)
         except asyncio.CancelledError:
             if self._task.cancelled():
+                self._record(m, req, started, "cancelled", error="cancelled before the hand-off")
                 raise LiveMigrationError("migration cancelled before the hand-off",
                                          vm=m.vm_id, handed_off=False) from None
             raise
-        except LiveMigrationError as exc:
-            if exc.handed_off:
+        except FerryError as exc:
+            self._record(m, req, started, "failed", error=str(exc))
+            if isinstance(exc, LiveMigrationError) and exc.handed_off:
                 self.gone = True
             raise
         self.gone = True
+        if isinstance(result, ExportReply):
+            self._record(m, req, started, "succeeded", summary={
+                "package": result.package, "key_id": result.key_id,
+                "state_bytes": result.state_bytes, "paused_s": result.paused_s,
+                "total_s": result.total_s})
+        else:
+            self._record(m, req, started,
+                         "succeeded" if result.summary.handed_off else "failed",
+                         summary=result.summary.to_json())
         return result
+
+    def _record(self, m: Movable, req: MigrateRequest, started: float, state: str, *,
+                summary: dict[str, Any] | None = None, error: str | None = None) -> None:
+        if self._history is None:
+            return
+        to = f"{req.to[0]}:{req.to[1]}" if req.to is not None else f"package:{req.package}"
+        self._history.append(MigrationRecord(
+            id=req.migration_id or new_id(), vm_id=m.vm_id, to=to, state=state,
+            started=started, finished=time.time(), summary=summary, error=error))
 
     def _finished(self, _: asyncio.Task[MigrateReply | ExportReply]) -> None:
         self.idle.set()

@@ -4,6 +4,8 @@ daemon restarts by :mod:`ferry.daemon.history`)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Query
 
 from ferry.daemon import models as m
@@ -40,12 +42,13 @@ def routes(d: Daemon) -> APIRouter:
                               limit: int = Query(default=100, ge=1, le=500)
                               ) -> list[m.Migration]:
         """Newest first; ``?vm=ID`` only that VM's."""
-        found = [g for g in reversed(d.history.all()) if vm is None or g.vm_id == vm]
+        found = [g for g in reversed(await asyncio.to_thread(d.history.all))
+                 if vm is None or g.vm_id == vm]
         return found[:limit]
 
     @r.get("/v1/migrations/{mig_id}", response_model=m.Migration, tags=["migrations"])
     async def get_migration(mig_id: str) -> m.Migration:
-        found = d.history.get(mig_id)
+        found = await asyncio.to_thread(d.history.get, mig_id)
         if found is None:
             raise Problem(404, "migration-not-found", "Migration not found",
                           f"no migration {mig_id!r}")

@@ -19,7 +19,7 @@ from ferry.aio import cancel_and_wait
 from ferry.daemon import models as m
 from ferry.daemon.metrics import Metrics
 from ferry.daemon.operations import Operations
-from ferry.daemon.problems import Problem, for_error
+from ferry.daemon.problems import Problem
 from ferry.daemon.state import Daemon
 from ferry.errors import FerryError
 from ferry.live.access import Access, TLSFiles
@@ -175,36 +175,28 @@ def routes(d: Daemon) -> APIRouter:
         client = d.client(vm_id)
         addr, _, port = body.to.rpartition(":")
         access = Access(tls=_tls(body.tls_cert, body.tls_key, body.tls_ca), token=body.token)
-        req = MigrateRequest(to=(addr, int(port)), access=access,
-                             precopy_only=body.precopy_only, ram=RamPath(body.ram))
 
         async def work(op_id: str) -> dict[str, Any]:
-            mig = d.history.start(op_id, vm_id, body.to)
+            mig_id = d.history.start(op_id, vm_id, body.to)
+            req = MigrateRequest(to=(addr, int(port)), access=access,
+                                 precopy_only=body.precopy_only, ram=RamPath(body.ram),
+                                 migration_id=mig_id)
             try:
                 async with d.lock(vm_id):
                     # Owned here and always awaited: cancelled once the migration ended.
-                    watch = asyncio.create_task(_watch_progress(client, d, op_id, mig.id))
+                    watch = asyncio.create_task(_watch_progress(client, d, op_id, mig_id))
                     try:
                         reply = await client.migrate(req)
                     finally:
                         await cancel_and_wait(watch, swallow_errors=True)
-                    assert not isinstance(reply, ExportReply)
-                    _observe(d.metrics, reply.summary)
-                    # The operation ends once the VM has left this node (its holder
-                    # answers before its own cleanup is done).
-                    await d.wait_gone(vm_id)
-            except asyncio.CancelledError:
-                d.history.finish(mig.id, m.OpState.CANCELLED)
-                raise
-            except FerryError as exc:
-                p = for_error(exc)
-                d.history.finish(mig.id, m.OpState.FAILED, error={
-                    "type": p.slug, "title": p.title, "detail": p.detail, **p.extra})
-                raise
-            summary = reply.summary.to_json()
-            state = m.OpState.SUCCEEDED if reply.summary.handed_off else m.OpState.FAILED
-            d.history.finish(mig.id, state, summary=summary)
-            return {"summary": summary, "migration": mig.id}
+            finally:
+                d.history.finish(mig_id)  # the holder recorded how it ended
+            assert not isinstance(reply, ExportReply)
+            _observe(d.metrics, reply.summary)
+            # The operation ends once the VM has left this node (its holder answers before
+            # its own cleanup is done).
+            await d.wait_gone(vm_id)
+            return {"summary": reply.summary.to_json(), "migration": mig_id}
 
         async def cancel() -> None:
             await client.migrate_cancel()
