@@ -6,21 +6,25 @@ Setup (not timed): a Redis package made as users make it (``ferry key create
 private directories, and one untimed run of the package through each path so
 the package cache is warm for both.
 
-Then ``--reps`` times each, alternating, with the same first-PONG probe as
-``bench/resume.py`` (:func:`ferry.testing.probe.first_pong`):
+Then ``--reps`` times each, with the same first-PONG probe as ``bench/resume.py``
+(:func:`ferry.testing.probe.first_pong`):
 
 * ``api``: ``POST /v1/vms`` on the daemon's UNIX socket (what a scheduler or
   dashboard does), clock from the request to the first ``+PONG`` on the forwarded
-  port; stopped with ``POST /v1/vms/{id}/stop``.
+  port; stopped with ``POST /v1/vms/{id}/stop``. Measured on a daemon with
+  ``--warm-vms N`` (default 1: each run claims a VM of the package resumed ahead of
+  need, and the next rep starts once the replacement is ready, as on a host that runs
+  one package again and again), and on one without (``api_resume_cold_ms``).
 * ``cli``: ``ferry vm run FILE --detach -p ...`` as a process (today's user path),
-  clock from the spawn to the first ``+PONG``; stopped with ``ferry vm stop``.
+  clock from the spawn to the first ``+PONG``; stopped with ``ferry vm stop``; alternating
+  with the cold API runs, on the daemon without warm VMs.
 
 ``cli_ls_ms``: wall time of ``ferry vm ls`` as a whole process while the daemon runs
 (the ``ferry`` script's entry, which asks the daemon), median of ``--reps``.
-``warm_pool``: whether the daemon kept pre-spawned QEMUs (not built yet: false);
-``warm_holders``: holder processes it keeps started (``--warm-holders``).
+``warm_pool``: whether ``api_resume_ms`` ran with warm VMs (``--warm-vms`` > 0);
+``warm_holders``: holder processes the daemon keeps started (``--warm-holders``).
 
-Usage: ``sudo .venv/bin/python bench/daemon.py [--reps 5] [--json]``.
+Usage: ``sudo .venv/bin/python bench/daemon.py [--reps 5] [--warm-vms 1] [--json]``.
 """
 
 from __future__ import annotations
@@ -66,9 +70,10 @@ class Bench:
         self.daemon: subprocess.Popen[str] | None = None
         self.api = DaemonClient.unix(root / "run" / "ferryd.sock")
 
-    def start_daemon(self) -> None:
+    def start_daemon(self, warm_vms: int = 0) -> None:
         self.daemon = subprocess.Popen([*FERRY, "daemon", "--json", "--warm-holders",
-                                        str(WARM_HOLDERS)], env=self.env,
+                                        str(WARM_HOLDERS), "--warm-vms", str(warm_vms)],
+                                       env=self.env,
                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                        text=True)
         assert self.daemon.stdout is not None
@@ -100,6 +105,17 @@ class Bench:
         ms = (time.monotonic() - t0) * 1e3
         await asyncio.to_thread(self.api.call, "POST", f"/v1/vms/{name}/stop", {})
         return ms
+
+    async def wait_warm(self, want: int) -> None:
+        """Until the daemon has ``want`` warm VMs ready (a replacement started after the
+        last run), so a timed run neither races nor waits for it."""
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            node = await asyncio.to_thread(self.api.call, "GET", "/v1/node")
+            if node["warm_vms"] >= want:
+                return
+            await asyncio.sleep(0.1)
+        raise SystemExit("bench/daemon.py: no warm VM became ready")
 
     async def cli_resume(self, package: Path, name: str) -> float:
         port = _free_port()
@@ -133,7 +149,7 @@ class Bench:
             self.stop_daemon()
 
 
-async def run(reps: int) -> dict[str, Any]:
+async def run(reps: int, warm_vms: int) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="fbd-"))
     signer = Signer(root / "signer")
     t0 = time.monotonic()
@@ -142,14 +158,23 @@ async def run(reps: int) -> dict[str, Any]:
     bench = Bench(root, signer)
     try:
         bench.start_daemon()
-        await bench.api_resume(package, "warm-api")  # untimed: extracts the package
-        await bench.cli_resume(package, "warm-cli")
-        api_ms, cli_ms, ls_ms = [], [], []
+        await bench.api_resume(package, "first-api")  # untimed: extracts the package
+        await bench.cli_resume(package, "first-cli")
+        cold_ms, cli_ms, ls_ms, api_ms = [], [], [], []
         for i in range(reps):
-            api_ms.append(await bench.api_resume(package, f"api-{i}"))
+            cold_ms.append(await bench.api_resume(package, f"cold-{i}"))
             cli_ms.append(await bench.cli_resume(package, f"cli-{i}"))
             ls_ms.append(await asyncio.to_thread(bench.cli_ls))
         node = await asyncio.to_thread(bench.api.call, "GET", "/v1/node")
+        bench.stop_daemon()
+        if warm_vms > 0:
+            bench.start_daemon(warm_vms)
+            await bench.api_resume(package, "first-warm")  # untimed: the pool fills after
+            for i in range(reps):
+                await bench.wait_warm(1)
+                api_ms.append(await bench.api_resume(package, f"api-{i}"))
+        else:
+            api_ms = cold_ms
     finally:
         bench.cleanup()
         shutil.rmtree(root, ignore_errors=True)
@@ -157,12 +182,15 @@ async def run(reps: int) -> dict[str, Any]:
     return {
         "reps": reps,
         "api_resume_ms": round(api, 1),
+        "api_resume_cold_ms": round(statistics.median(cold_ms), 1),
         "cli_resume_ms": round(cli, 1),
         "api_vs_cli": round(api / cli, 2),
         "cli_ls_ms": round(statistics.median(ls_ms), 1),
-        "warm_pool": False,
+        "warm_pool": warm_vms > 0,
+        "warm_vms": warm_vms,
         "warm_holders": WARM_HOLDERS,
         "api_resume_ms_all": [round(v, 1) for v in api_ms],
+        "api_resume_cold_ms_all": [round(v, 1) for v in cold_ms],
         "cli_resume_ms_all": [round(v, 1) for v in cli_ms],
         "cli_ls_ms_all": [round(v, 1) for v in ls_ms],
         "accel": node["accelerator"]["accel"],
@@ -173,17 +201,20 @@ async def run(reps: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warm-vms", type=int, default=1,
+                        help="the daemon's --warm-vms for api_resume_ms (0: no warm pool)")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/daemon.py needs root (network namespaces, FUSE)")
-    result = asyncio.run(run(args.reps))
+    result = asyncio.run(run(args.reps, args.warm_vms))
     if args.json:
         print(json.dumps(result))
         return
-    print(f"resume to first PONG, median of {args.reps}: API {result['api_resume_ms']} ms, "
+    print(f"resume to first PONG, median of {args.reps}: API {result['api_resume_ms']} ms "
+          f"(warm pool: {result['warm_pool']}; without: {result['api_resume_cold_ms']} ms), "
           f"CLI {result['cli_resume_ms']} ms (API/CLI {result['api_vs_cli']}); "
-          f"`ferry vm ls` {result['cli_ls_ms']} ms; warm pool: {result['warm_pool']}")
+          f"`ferry vm ls` {result['cli_ls_ms']} ms")
     sys.stdout.flush()
 
 

@@ -408,6 +408,106 @@ def test_tcp_with_mutual_tls_refuses_clients_without_a_certificate_of_its_ca(
     assert "Traceback" not in err
 
 
+def _redis_ping(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+        c.sendall(b"PING\r\n")
+        return c.recv(64)
+
+
+def _warm_holders(paths: VMPaths) -> list[dict[str, Any]]:
+    found = []
+    for rec in (paths.run_root / "vms").glob("warm-*/supervisor.json"):
+        with contextlib.suppress(OSError, ValueError):
+            found.append(json.loads(rec.read_text()))
+    return [r for r in found if r.get("status") == "warm" and _alive([r["pid"]])]
+
+
+def _wait_warm(api: DaemonClient) -> None:
+    deadline = time.monotonic() + 120
+    while api.call("GET", "/v1/node")["warm_vms"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert api.call("GET", "/v1/node")["warm_vms"] == 1
+
+
+def test_a_warm_vm_is_claimed_by_the_next_run_and_ends_with_the_daemon(
+        signer: Signer, redis_package: Path) -> None:
+    root = Path(tempfile.mkdtemp(prefix="fdw-"))
+    paths = VMPaths(root / "run", root / "state")
+    env = {**os.environ, **signer.env, "FERRY_RUN_DIR": str(paths.run_root),
+           "FERRY_STATE_DIR": str(paths.state_root),
+           "FERRY_PACKAGE_CACHE_DIR": str(root / "pkgcache")}
+    proc = subprocess.Popen([*FERRY, "daemon", "--json", "--warm-vms", "1"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline() or "{}").get("event") == "listening"
+        api = DaemonClient.unix(paths.run_root / "ferryd.sock")
+        first = api.wait(api.call("POST", "/v1/vms", {"package": str(redis_package),
+                                                     "name": "w1"}))
+        assert first["state"] == "succeeded", first
+        assert "warm" not in first["result"]  # nothing was warm before the first run
+        _wait_warm(api)
+        [warm] = _warm_holders(paths)
+        assert [v["vm_id"] for v in api.call("GET", "/v1/vms")] == ["w1"]  # not listed
+        # A name in use is refused as always, and the warm VM stays for the next run.
+        taken = api.wait(api.call("POST", "/v1/vms", {"package": str(redis_package),
+                                                     "name": "w1"}))
+        assert (taken["state"], taken["error"]["status"]) == ("failed", 409), taken
+        assert api.call("GET", "/v1/node")["warm_vms"] == 1
+
+        op = api.wait(api.call("POST", "/v1/vms", {"package": str(redis_package),
+                                                  "name": "w2",
+                                                  "publish": ["127.0.0.1:0:6379"]}))
+        assert op["state"] == "succeeded", op
+        ready = op["result"]
+        assert (ready["vm_id"], ready["warm"], ready["resume"]["warm"]) == ("w2", True, True)
+        assert ready["pid"] == warm["pid"]  # the warm VM's holder holds it now
+        port = int(ready["forwards"][0].split("->")[0].rsplit(":", 1)[1])
+        assert _redis_ping(port) == b"+PONG\r\n"
+        got = api.call("POST", "/v1/vms/w2/exec", {"argv": ["redis-cli", "get", "greeting"]})
+        assert got["stdout"].strip() == "hello"
+        assert [(v["vm_id"], v["status"]) for v in api.call("GET", "/v1/vms")] == [
+            ("w1", "running"), ("w2", "running")]
+        status, log = api.raw("GET", "/v1/vms/w2/logs")
+        assert status == 200
+        assert log
+        # Suspended, its state takes its own name; it continues as any suspended VM.
+        assert api.call("POST", "/v1/vms/w2/stop", {"mode": "suspend"})["mode"] == "suspend"
+        assert not paths.state_dir("w2").is_symlink()
+        assert not paths.run_dir("w2").exists()
+        cont = api.wait(api.call("POST", "/v1/vms/w2/continue"))
+        assert cont["state"] == "succeeded", cont
+        got = api.call("POST", "/v1/vms/w2/exec", {"argv": ["redis-cli", "get", "greeting"]})
+        assert got["stdout"].strip() == "hello"
+        for vm in ("w1", "w2"):
+            assert api.call("POST", f"/v1/vms/{vm}/stop", {})["mode"] == "discard"
+        # A replacement waits; the daemon dies (SIGKILL) and it discards itself.
+        _wait_warm(api)
+        [replacement] = _warm_holders(paths)
+        proc.kill()
+        proc.communicate(timeout=30)
+        deadline = time.monotonic() + 60
+        while _alive([replacement["pid"]]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive([replacement["pid"]])
+        assert list((paths.run_root / "vms").glob("warm-*")) == []
+        assert list((paths.state_root / "vms").glob("*")) == []
+        namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                                    check=True).stdout
+        assert replacement["vm_id"] not in namespaces
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
+        for pid in holder_pids(paths):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while _alive(holder_pids(paths)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def test_a_waiting_receiver_is_listed_and_can_be_ended(daemon: Daemon) -> None:
     api = daemon.unix()
     recv = api.call("POST", "/v1/receivers", {"listen": "127.0.0.1:7543", "name": "wait-1"})

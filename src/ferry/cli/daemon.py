@@ -30,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
                    help="TCP: the CA every client's certificate must chain to")
     p.add_argument("--warm-holders", type=int, default=1, metavar="N",
                    help="holder processes kept started ahead of need (0: none; default 1)")
+    p.add_argument("--warm-vms", type=int, default=0, metavar="N",
+                   help="VMs of the last package run kept resumed up to QEMU waiting for "
+                        "their state, each holding its RAM (default 0: off)")
     return p
 
 
@@ -124,8 +127,8 @@ async def daemon(args: argparse.Namespace, console: Console) -> ExitCode:
             console.print(f"ferry daemon: listening on {where}")
         sys.stdout.flush()
 
-    if args.warm_holders < 0:
-        raise ConfigError("--warm-holders must be >= 0")
-    app = create_app(args.host, warm_holders=args.warm_holders)
+    if args.warm_holders < 0 or args.warm_vms < 0:
+        raise ConfigError("--warm-holders and --warm-vms must be >= 0")
+    app = create_app(args.host, warm_holders=args.warm_holders, warm_vms=args.warm_vms)
     await serve(app, unix_path=path, tcp=tcp, access=access, on_listening=listening)
     return ExitCode.OK

@@ -28,10 +28,11 @@ API_VERSION = "v1"
 MAX_BODY_BYTES = 2 * 1024 * 1024
 
 
-def create_app(host: HostConfig, *, warm_holders: int = 1) -> FastAPI:
+def create_app(host: HostConfig, *, warm_holders: int = 1, warm_vms: int = 0) -> FastAPI:
     """The daemon's application for ``host`` (its directories and QEMU choices), keeping
-    ``warm_holders`` holder processes started ahead of need (:mod:`ferry.daemon.warm`)."""
-    d = Daemon(host, warm_holders=warm_holders)
+    ``warm_holders`` holder processes and ``warm_vms`` VMs of the last package run started
+    ahead of need (:mod:`ferry.daemon.warm`)."""
+    d = Daemon(host, warm_holders=warm_holders, warm_vms=warm_vms)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -40,12 +41,15 @@ def create_app(host: HostConfig, *, warm_holders: int = 1) -> FastAPI:
                 op.kind, op.state.value).inc())
             watcher = tg.create_task(d.watch_vms(), name="watch vms")
             filler = tg.create_task(d.holders.keep_filled(), name="spare holders")
+            warmer = tg.create_task(d.warm.keep_filled(), name="warm vms")
             try:
                 yield
             finally:
                 watcher.cancel()
                 filler.cancel()
+                warmer.cancel()
                 await d.holders.close()
+                await d.warm.close()
                 d.events.close()
                 for op in d.ops.all():
                     if op.state is m.OpState.RUNNING:

@@ -47,6 +47,9 @@ class Node(Reply):
     capacity: Capacity
     vms: int
     memory_committed_bytes: int
+    warm_vms: int = 0
+    """VMs resumed ahead of need, waiting to be claimed by a run (``--warm-vms``); their
+    RAM is not in ``memory_committed_bytes``."""
     """Guest RAM of the running VMs (their packages' machine sizes)."""
 
 

@@ -18,7 +18,7 @@ from ferry.daemon import models as m
 from ferry.daemon.history import DaemonMigrations
 from ferry.daemon.metrics import Metrics
 from ferry.daemon.operations import Events, Operations
-from ferry.daemon.warm import HolderPool
+from ferry.daemon.warm import HolderPool, WarmVMs
 from ferry.errors import FerryError
 from ferry.hostconfig import HostConfig
 from ferry.node import listing
@@ -33,9 +33,10 @@ VM_WATCH_S = 0.5
 class Daemon:
     """What the routes share: the host, the operations, the events, the metrics."""
 
-    def __init__(self, host: HostConfig, *, warm_holders: int = 1) -> None:
+    def __init__(self, host: HostConfig, *, warm_holders: int = 1, warm_vms: int = 0) -> None:
         self.host = host
         self.holders = HolderPool(warm_holders)
+        self.warm = WarmVMs(warm_vms, host)
         self.paths = registry.VMPaths.of(host)
         self.events = Events()
         self.history = DaemonMigrations(host.state_root)

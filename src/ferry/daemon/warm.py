@@ -7,8 +7,8 @@ The daemon keeps ``size`` of them started and waiting on stdin
 started once the run is done. ``size`` 0 turns this off. An idle holder holds no VM, no
 mount and no network: if the daemon dies, it reads end-of-file and exits.
 
-This is the first part of issue 12's warm start; QEMU processes waiting with
-``-incoming defer`` and ready network namespaces are not pooled yet.
+:class:`WarmVMs` goes further: whole VMs of one package resumed ahead of need, their
+QEMU waiting with ``-incoming defer`` in a ready network namespace.
 """
 
 from __future__ import annotations
@@ -16,8 +16,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
-from ferry.node.process import spawn_holder
+from ferry.errors import FerryError
+from ferry.hostconfig import HostConfig
+from ferry.node.control import ControlClient
+from ferry.node.process import spawn_holder, start_warm
+from ferry.node.supervisor import LaunchRequest
+from ferry.vm.registry import VMPaths
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +78,98 @@ class HolderPool:
             with contextlib.suppress(Exception):
                 await proc.wait()
         self._idle.clear()
+
+
+@dataclass(slots=True)
+class WarmVM:
+    """A package resumed ahead of need, waiting in its holder to be claimed."""
+
+    warm_id: str
+    package_dir: Path
+    proc: Process
+
+
+class WarmVMs:
+    """Up to ``size`` warm VMs of the package this daemon ran last (``--warm-vms``).
+
+    A warm VM is a holder that resumed the package as far as QEMU waiting for its state
+    (network up, devices open, guest RAM preloaded) under a placeholder id
+    (:func:`ferry.vm.runner.run_vm`'s ``claim``); a run of that package claims one, which
+    names it and publishes its forwards, then loads the state and continues. It holds
+    the package's RAM and a QEMU process while it waits, so the pool is bounded, kept for
+    one package (the last one run), and off (``size`` 0) by default. A replacement starts
+    once a run is done. Warm VMs end with the daemon: their holders read end-of-file on
+    the pipe the daemon keeps open and discard themselves.
+    """
+
+    def __init__(self, size: int, host: HostConfig) -> None:
+        if size < 0:
+            raise ValueError(f"pool size must be >= 0, not {size}")
+        self.size = size
+        self.host = host
+        self.paths = VMPaths.of(host)
+        self._ready: list[WarmVM] = []
+        self._package: Path | None = None
+        self._wake = asyncio.Event()
+
+    @property
+    def ready(self) -> int:
+        return sum(1 for w in self._ready if w.proc.returncode is None)
+
+    def want(self, package_dir: Path) -> None:
+        """Keep ``package_dir`` warm from now on (warm VMs of another package go)."""
+        if self.size == 0:
+            return
+        self._package = package_dir
+        self._wake.set()
+
+    def take(self, package_dir: Path) -> WarmVM | None:
+        """A warm VM of ``package_dir`` to claim, if one waits."""
+        for w in list(self._ready):
+            if w.proc.returncode is not None:
+                self._ready.remove(w)
+            elif w.package_dir == package_dir:
+                self._ready.remove(w)
+                return w
+        return None
+
+    async def keep_filled(self) -> None:
+        """Run in the daemon's task group."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            package = self._package
+            for w in [w for w in self._ready if w.package_dir != package]:
+                self._ready.remove(w)
+                await _discard(w)
+            self._ready = [w for w in self._ready if w.proc.returncode is None]
+            while package is not None and len(self._ready) < self.size:
+                request = LaunchRequest(f"warm-{os.urandom(4).hex()}", package, self.host,
+                                        (), warm=True)
+                try:
+                    proc, _ = await start_warm(request)
+                except FerryError as exc:
+                    log.warning("cannot keep a warm VM of %s: %s", package, exc)
+                    break
+                self._ready.append(WarmVM(request.vm_id, package, proc))
+                log.info("warm vm %s of %s ready", request.vm_id, package)
+
+    def control(self, w: WarmVM) -> ControlClient:
+        return ControlClient(self.paths.control_socket(w.warm_id), w.warm_id)
+
+    async def close(self) -> None:
+        for w in self._ready:
+            await _discard(w)
+        self._ready.clear()
+
+
+async def _discard(w: WarmVM) -> None:
+    """Close the warm VM's pipe: its holder discards it and exits."""
+    if w.proc.stdin is not None:
+        w.proc.stdin.close()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(w.proc.wait(), 60)
+    if w.proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            w.proc.terminate()
+        await w.proc.wait()

@@ -229,13 +229,7 @@ class VMNetwork:
         hold_forwards: bool = False,
     ) -> None:
         self.vm_id = check_vm_id(vm_id)
-        self.forwards = tuple(forwards)
-        seen: set[tuple[str, int, Proto]] = set()
-        for f in self.forwards:
-            key = (f.host, f.host_port, f.proto)
-            if f.host_port and key in seen:
-                raise NetConfigError(f"duplicate forward {f}")
-            seen.add(key)
+        self.forwards = _checked(forwards)
         self.parent = None if parent is None else netns.check_name(parent)
         self.outbound = outbound
         self.attachment: GuestAttachment = attachment or TapAttachment()
@@ -379,6 +373,29 @@ class VMNetwork:
         self._log.info("network up: ns %s, slot %s, forwards %s", self.namespace, self.slot,
                        ", ".join(map(str, self.forwards)) or "none")
 
+    async def add_forwards(self, forwards: Sequence[PortForward]) -> None:
+        """Publish ``forwards`` on a network that came up without any (a warm VM, made
+        before anyone asked for it, being claimed): the DNAT rules in the VM's namespace
+        (one ``nft`` process) and the forwarders, held like the others until
+        :meth:`open_forwards`. On failure the network is removed and the error re-raised.
+        """
+        if self.state is not NetState.UP or self.forwards:
+            raise NetError(f"VM {self.vm_id} network is {self.state.value} with "
+                           f"{len(self.forwards)} forwards: cannot add forwards")
+        self.forwards = _checked(forwards)
+        if not self.forwards:
+            return
+        try:
+            rules = "".join(
+                f'add rule ip {self.table} prerouting iifname "{UPLINK_NAME}" {p} dport '
+                f"{port} dnat to {self.guest.ip}:{port}\n"
+                for p, port in sorted({(f.proto.value, f.guest_port) for f in self.forwards}))
+            await nft.load(self.namespace, rules)
+            await self._start_forwarders()
+        except BaseException:
+            await self.close()
+            raise
+
     def open_forwards(self) -> None:
         """Let held forwarders (``hold_forwards=True``) connect clients to the guest."""
         if self._forwards_open is not None:
@@ -480,12 +497,14 @@ class VMNetwork:
         await _concurrently(veth(), nft.load(ns, self._vm_ruleset()),
                             nft.load(parent, self._parent_ruleset()),
                             netns.set_sysctl(ns, "net.ipv4.ip_forward", "1"), forwarding())
+        await self._start_forwarders()
 
+    async def _start_forwarders(self) -> None:
         started: list[TcpForwarder | UdpForwarder] = []
         self.forwarders = ()
         try:
             for f in self.forwards:
-                fwd = make_forwarder(f, (self.vm_link_ip, f.guest_port), namespace=parent,
+                fwd = make_forwarder(f, (self.vm_link_ip, f.guest_port), namespace=self.parent,
                                      gate=self._forwards_open)
                 await fwd.start()
                 started.append(fwd)
@@ -542,6 +561,16 @@ class VMNetwork:
             if fwd.forward is forward or fwd.forward == forward:
                 return fwd.local_address
         raise NetConfigError(f"{forward} is not a forward of VM {self.vm_id}")
+
+
+def _checked(forwards: Sequence[PortForward]) -> tuple[PortForward, ...]:
+    seen: set[tuple[str, int, Proto]] = set()
+    for f in forwards:
+        key = (f.host, f.host_port, f.proto)
+        if f.host_port and key in seen:
+            raise NetConfigError(f"duplicate forward {f}")
+        seen.add(key)
+    return tuple(forwards)
 
 
 async def _concurrently(*steps: Coroutine[Any, Any, object]) -> None:

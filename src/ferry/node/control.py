@@ -44,15 +44,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ferry.errors import ConfigError
+from ferry.errors import ConfigError, FerryError
 from ferry.guest.agent import ExecResult
 from ferry.live.access import Access
 from ferry.live.errors import LiveMigrationError, MalformedSummaryError
 from ferry.live.rampath import RamPath
 from ferry.live.summary import MigrationSummary
+from ferry.net import PortForward
 from ferry.node import history
 from ferry.node.record import HolderState
 from ferry.vm.errors import ControlError, VMNotFoundError
+from ferry.vm.registry import check_vm_id
 from ferry.vm.runner import StopMode
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ log = logging.getLogger(__name__)
 MAX_LINE_BYTES = 4 * 1024 * 1024
 """Covers an exec's 1 MiB stdin and 1 MiB of each output stream in base64."""
 CONNECT_TIMEOUT_S = 5.0
+MAX_FORWARDS = 64
 SERVER_DRAIN_S = 30.0
 """How long closing the socket waits for requests in flight (a ``stop`` waits for cleanup)."""
 
@@ -82,6 +85,7 @@ class ControlOp(enum.Enum):
     EXEC = "exec"
     MIGRATE = "migrate"
     MIGRATE_CANCEL = "migrate-cancel"
+    CLAIM = "claim"
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -161,7 +165,25 @@ class MigrateCancelRequest:
     op = ControlOp.MIGRATE_CANCEL
 
 
-Request = StatusRequest | StopRequest | ExecRequest | MigrateRequest | MigrateCancelRequest
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """Make a warm VM (``HolderState.WARM``) the VM ``vm_id`` with ``forwards``."""
+
+    op = ControlOp.CLAIM
+    vm_id: str
+    forwards: tuple[PortForward, ...] = ()
+
+    def __post_init__(self) -> None:
+        try:
+            check_vm_id(self.vm_id)
+        except ConfigError as exc:
+            raise ControlProtocolError(str(exc)) from None
+        if len(self.forwards) > MAX_FORWARDS:
+            raise ControlProtocolError(f"at most {MAX_FORWARDS} forwards")
+
+
+Request = (StatusRequest | StopRequest | ExecRequest | MigrateRequest | MigrateCancelRequest
+           | ClaimRequest)
 
 
 # -- replies -------------------------------------------------------------------------------
@@ -184,6 +206,14 @@ class StatusReply:
     """Per disk: NBD reads, writes, their bytes, flushes (QEMU's requests so far)."""
     vitals: Mapping[str, Any] | None = None
     """The agent's liveness and guest RAM's dirty rate (:mod:`ferry.node.vitals`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimReply:
+    """The claimed VM runs: its ready report (as ``ferry vm run --detach`` prints it)."""
+
+    op = ControlOp.CLAIM
+    ready: Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +276,7 @@ class ErrorReply:
 
 
 Reply = (StatusReply | StopReply | ExecReply | MigrateReply | ExportReply | MigrateCancelReply
-         | ErrorReply)
+         | ClaimReply | ErrorReply)
 
 
 # -- codec ---------------------------------------------------------------------------------
@@ -371,6 +401,8 @@ def _dump(data: Mapping[str, Any]) -> bytes:
 
 def encode_request(req: Request) -> bytes:
     match req:
+        case ClaimRequest():
+            return _encode_claim(req)
         case StopRequest(mode=mode):
             return _dump({"op": req.op.value, "mode": mode.value})
         case ExecRequest():
@@ -388,6 +420,11 @@ def encode_request(req: Request) -> bytes:
             return _dump({"op": req.op.value})
 
 
+def _encode_claim(req: ClaimRequest) -> bytes:
+    return _dump({"op": req.op.value, "vm_id": req.vm_id,
+                  "forwards": [f.to_json() for f in req.forwards]})
+
+
 def decode_request(line: bytes) -> Request:
     """The request in ``line``; :class:`ControlProtocolError` if it is not a valid one."""
     d, op = _load(line)
@@ -396,6 +433,15 @@ def decode_request(line: bytes) -> Request:
             return StatusRequest()
         case ControlOp.MIGRATE_CANCEL:
             return MigrateCancelRequest()
+        case ControlOp.CLAIM:
+            forwards = d.get("forwards", [])
+            if not isinstance(forwards, list) or len(forwards) > MAX_FORWARDS:
+                raise ControlProtocolError(f"forwards must be a list of at most {MAX_FORWARDS}")
+            try:
+                parsed = tuple(PortForward.from_json(f) for f in forwards)
+            except (FerryError, TypeError, ValueError, KeyError) as exc:
+                raise ControlProtocolError(f"bad forward: {exc}") from None
+            return ClaimRequest(_get(d, "vm_id", str), parsed)
         case ControlOp.STOP:
             try:
                 return StopRequest(StopMode(_get(d, "mode", str, "discard")))
@@ -467,6 +513,8 @@ def encode_reply(reply: Reply) -> bytes:
         case MigrateCancelReply():
             return _dump({"ok": True, "op": reply.op.value, "cancelled": reply.cancelled,
                           "reason": reply.reason})
+        case ClaimReply():
+            return _dump({"ok": True, "op": reply.op.value, "ready": dict(reply.ready)})
 
 
 def decode_reply(line: bytes) -> Reply:
@@ -513,6 +561,10 @@ def decode_reply(line: bytes) -> Reply:
             return MigrateReply(summary, source, _mapping(d, "destination", optional=True))
         case ControlOp.MIGRATE_CANCEL:
             return MigrateCancelReply(_get(d, "cancelled", bool), _get(d, "reason", str, ""))
+        case ControlOp.CLAIM:
+            ready = _mapping(d, "ready")
+            assert ready is not None
+            return ClaimReply(ready)
         case None:
             raise ControlProtocolError("the reply has no op")
 
@@ -584,7 +636,7 @@ def _unlink(path: Path) -> None:
 
 # -- client --------------------------------------------------------------------------------
 
-R = TypeVar("R", StatusReply, StopReply, ExecReply, MigrateCancelReply)
+R = TypeVar("R", StatusReply, StopReply, ExecReply, MigrateCancelReply, ClaimReply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -610,6 +662,11 @@ class ControlClient:
                    timeout_s: float = 30.0) -> ExecReply:
         return await self._expect(ExecRequest.of(argv, stdin=stdin, timeout_s=timeout_s),
                                   ExecReply, timeout_s + 10.0)
+
+    async def claim(self, vm_id: str, forwards: Sequence[PortForward] = (), *,
+                    timeout_s: float = 120.0) -> ClaimReply:
+        """Make this warm VM the VM ``vm_id``; returns once it runs."""
+        return await self._expect(ClaimRequest(vm_id, tuple(forwards)), ClaimReply, timeout_s)
 
     async def migrate_cancel(self) -> MigrateCancelReply:
         return await self._expect(MigrateCancelRequest(), MigrateCancelReply, 10.0)

@@ -29,7 +29,6 @@ import shutil
 import signal
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ferry.aio import cancel_and_wait
@@ -37,6 +36,8 @@ from ferry.guest.agent import AgentClient
 from ferry.live.outgoing import Movable
 from ferry.node import control, vitals
 from ferry.node.control import (
+    ClaimReply,
+    ClaimRequest,
     ExecReply,
     ExecRequest,
     MigrateCancelRequest,
@@ -54,12 +55,16 @@ from ferry.node.record import HolderRecord, HolderState
 from ferry.qemu import QemuVM
 from ferry.vm.errors import VMExistsError, VMLifecycleError
 from ferry.vm.registry import VMPaths, live_supervisor, private_dir
-from ferry.vm.runner import StopMode
+from ferry.vm.runner import Claim, StopMode
 
 log = logging.getLogger(__name__)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class WarmStopped(VMLifecycleError):
+    """A warm VM was stopped (or its daemon went) before it was claimed."""
 
 
 class Ending(enum.Enum):
@@ -96,6 +101,8 @@ class Holder:
     def __init__(self, paths: VMPaths, record: HolderRecord) -> None:
         self.paths = paths
         self.record = record
+        self.run_dir = paths.run_dir(record.vm_id)
+        """Fixed at the start: a warm VM keeps its placeholder's directory once named."""
         self.vm: HeldVM | None = None
         self.signal: int | None = None
         """The signal that asked this VM to stop, if one did."""
@@ -104,6 +111,8 @@ class Holder:
         loop = asyncio.get_running_loop()
         self._stop: asyncio.Future[Ending] = loop.create_future()
         self._ended: asyncio.Future[StopReply] = loop.create_future()
+        self._claim: asyncio.Future[Claim] = loop.create_future()
+        self._claimed: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.outgoing = Outgoing(lambda: self.vm.movable if self.vm is not None else None,
                                  on_active=self._migrating,
                                  history=MigrationHistory(paths.state_root))
@@ -113,15 +122,25 @@ class Holder:
     def vm_id(self) -> str:
         return self.record.vm_id
 
-    @property
-    def run_dir(self) -> Path:
-        return self.paths.run_dir(self.vm_id)
-
     def update(self, **changes: Any) -> None:
         """Change record fields and rewrite ``supervisor.json``."""
         for name, value in changes.items():
             setattr(self.record, name, value)
         self.record.write(self.run_dir)
+
+    async def wait_claim(self) -> Claim:
+        """A warm VM waits here for its claim (:class:`ClaimRequest`); a stop request
+        meanwhile raises :class:`WarmStopped`."""
+        waiting: list[asyncio.Future[Any]] = [self._claim, self._stop]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not self._claim.done():
+            raise WarmStopped("stopped before anyone claimed it", vm=self.vm_id)
+        return self._claim.result()
+
+    def claimed(self, ready: dict[str, Any]) -> None:
+        """The claimed VM runs: answer the claim with its ready report."""
+        if not self._claimed.done():
+            self._claimed.set_result(ready)
 
     def _migrating(self, active: bool) -> None:
         if self.record.state in (HolderState.RUNNING, HolderState.MIGRATING):
@@ -189,6 +208,12 @@ class Holder:
                         self.request_stop(Ending.MIGRATED)
             case MigrateCancelRequest():
                 return self.outgoing.cancel(req)
+            case ClaimRequest():
+                if self.record.state is not HolderState.WARM or self._claim.done():
+                    raise VMLifecycleError("is not a warm VM waiting to be claimed",
+                                           vm=self.vm_id)
+                self._claim.set_result(Claim(req.vm_id, req.forwards))
+                return ClaimReply(await asyncio.shield(self._claimed))
 
     def _status(self) -> StatusReply:
         r = self.record
@@ -234,6 +259,10 @@ class Holder:
     def _finish(self) -> None:
         if not self._ended.done():
             self._ended.set_result(self.outcome)
+        if self._claim.done() and not self._claimed.done():
+            self._claimed.set_exception(VMLifecycleError(
+                "the warm VM failed to resume (see its holder's log)", vm=self.vm_id))
+            self._claimed.exception()  # retrieved: the claim's handler may be gone
 
 
 @contextlib.asynccontextmanager
@@ -248,6 +277,8 @@ async def holding(paths: VMPaths, record: HolderRecord) -> AsyncIterator[Holder]
     if live_supervisor(paths, vm_id) is not None:
         raise VMExistsError("is already running on this host", vm=vm_id)
     run_dir = paths.run_dir(vm_id)
+    if run_dir.is_symlink():
+        run_dir.unlink()  # the name of a warm VM that ended without cleaning up
     shutil.rmtree(run_dir, ignore_errors=True)
     private_dir(run_dir.parent)
     run_dir.mkdir(mode=0o700)

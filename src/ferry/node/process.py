@@ -8,12 +8,15 @@ waits for (then the child closes stdout and goes on holding the VM)::
     → {"kind": "run", "vm_id": ..., "package_dir": ..., "host": {...}, ...}
     → {"kind": "receive", "listen": [ADDR, PORT], "access": {...}, ...}
     ← {"event": "listening", "address": [ADDR, PORT]}        (receive --listen)
+    ← {"event": "warm", "vm_id": "warm-...", "pid": ...}      (a warm run waits for its claim)
     ← {"event": "ready", "vm_id": ..., "pid": ..., ...}       (the VM runs)
     ← {"ok": false, "error": "...", "kind": "...", "handed_off": false}
 
 ``host`` is the caller's :class:`~ferry.hostconfig.HostConfig`: the holder
 uses the directories and QEMU choices the CLI read from its environment, and
-reads no environment itself. The child logs to ``<run root>/vms/.holder-<pid>.log`` (removed when it
+reads no environment itself. A warm run (``"warm": true``, :func:`start_warm`) keeps its
+stdin open: end-of-file there before it was claimed (its daemon went away) discards it.
+The child logs to ``<run root>/vms/.holder-<pid>.log`` (removed when it
 exits cleanly) and runs in its own session, so the caller's Ctrl-C does not
 reach it.
 """
@@ -63,7 +66,8 @@ def encode_request(request: HolderRequest) -> bytes:
     if isinstance(request, LaunchRequest):
         data = {"kind": "run", "vm_id": request.vm_id,
                 "forwards": None if request.forwards is None else _forwards(request.forwards),
-                "package_dir": str(request.package_dir) if request.package_dir else None}
+                "package_dir": str(request.package_dir) if request.package_dir else None,
+                "warm": request.warm}
     else:
         data = {"kind": "receive", "listen": request.listen, "registry": request.registry,
                 "package": request.package, "name": request.name,
@@ -83,7 +87,7 @@ def decode_request(line: bytes) -> HolderRequest:
         if d["kind"] == "run":
             return LaunchRequest(vm_id=d["vm_id"], host=host, forwards=forwards,
                                  package_dir=Path(d["package_dir"]) if d["package_dir"]
-                                 else None)
+                                 else None, warm=bool(d.get("warm", False)))
         if d["kind"] == "receive":
             return ArrivalRequest(
                 host=host, access=Access.from_json(d["access"]),
@@ -111,6 +115,21 @@ async def spawn_holder() -> asyncio.subprocess.Process:
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
+async def start_warm(request: LaunchRequest, *, timeout_s: float = LAUNCH_TIMEOUT_S,
+                     holder: asyncio.subprocess.Process | None = None,
+                     ) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
+    """Start a warm VM (``request.warm``) in a holder process; return the process and its
+    ``warm`` event once the VM waits for its claim. Its stdin stays open: closing it (or
+    this process ending) before the claim discards the warm VM."""
+    assert request.warm
+    proc = holder if holder is not None and holder.returncode is None \
+        else await spawn_holder()
+    assert proc.stdin is not None
+    proc.stdin.write(encode_request(request))
+    await proc.stdin.drain()
+    return proc, await _await_event(proc, request, "warm", timeout_s)
+
+
 async def launch_detached(request: HolderRequest, *,
                           timeout_s: float = LAUNCH_TIMEOUT_S,
                           holder: asyncio.subprocess.Process | None = None) -> dict[str, Any]:
@@ -125,10 +144,15 @@ async def launch_detached(request: HolderRequest, *,
     proc = holder if holder is not None and holder.returncode is None \
         else await spawn_holder()
     assert proc.stdin is not None
-    assert proc.stdout is not None
     proc.stdin.write(encode_request(request))
     await proc.stdin.drain()
     proc.stdin.close()
+    return await _await_event(proc, request, until, timeout_s)
+
+
+async def _await_event(proc: asyncio.subprocess.Process, request: HolderRequest, until: str,
+                       timeout_s: float) -> dict[str, Any]:
+    assert proc.stdout is not None
     try:
         while True:
             line = await asyncio.wait_for(proc.stdout.readline(), timeout_s)
@@ -154,6 +178,29 @@ async def launch_detached(request: HolderRequest, *,
 
 # -- the child ------------------------------------------------------------------------------
 
+async def _end_of_file(fd: int) -> None:
+    """Until ``fd`` (the launcher's pipe) reads end-of-file; no thread, so cancelling it
+    leaves nothing blocked."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    eof: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data and not eof.done():
+            eof.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await eof
+    finally:
+        loop.remove_reader(fd)
+
 def main() -> int:
     """``python -m ferry.node.process``: see the module doc."""
     out = os.fdopen(os.dup(1), "w")
@@ -178,12 +225,14 @@ def main() -> int:
         out.write(json.dumps(obj) + "\n")
         out.flush()
         if obj.get("event") == ("ready" if isinstance(request, LaunchRequest)
-                                else request.report_until):
+                                else request.report_until) or obj.get("event") == "warm":
             out.close()
 
     async def run() -> None:
         if isinstance(request, LaunchRequest):
-            await supervise(request, on_ready=lambda r: emit({"event": "ready", **r}))
+            await supervise(request, on_ready=lambda r: emit({"event": "ready", **r}),
+                            on_warm=lambda r: emit({"event": "warm", **r}),
+                            parent_gone=_end_of_file(0) if request.warm else None)
             return
         main_task = asyncio.current_task()
         assert main_task is not None

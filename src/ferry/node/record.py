@@ -22,6 +22,9 @@ from ferry.vm.registry import SUPERVISOR_RECORD, this_process, write_json
 class HolderState(enum.Enum):
     """Where a held VM is in its life (``ferry vm list`` shows the value)."""
 
+    WARM = "warm"
+    """Resumed ahead of need up to QEMU waiting for its state, under a placeholder id,
+    until a daemon claims it for a run (:mod:`ferry.daemon.warm`); not listed."""
     STARTING = "starting"
     """``ferry vm run``: the package is being resumed."""
     RECEIVING = "receiving"

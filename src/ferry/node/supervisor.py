@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +29,11 @@ from ferry.aio import cancel_and_wait
 from ferry.hostconfig import HostConfig
 from ferry.live.outgoing import Movable
 from ferry.net import PortForward
-from ferry.node.holder import Ending, HeldVM, Holder, holding, stop_report
+from ferry.node.holder import Ending, HeldVM, Holder, WarmStopped, holding, stop_report
 from ferry.node.record import HolderRecord, HolderState
 from ferry.vm.pkgcache import open_extracted
 from ferry.vm.registry import VMPaths, check_vm_id, cleanup_leftovers
-from ferry.vm.runner import RunningVM, StopMode, run_vm, saved_forwards
+from ferry.vm.runner import Claim, Claimer, RunningVM, StopMode, run_vm, saved_forwards
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,14 @@ class LaunchRequest:
     package_dir: Path | None
     host: HostConfig
     forwards: tuple[PortForward, ...] | None = ()
+    warm: bool = False
+    """Resume ``package_dir`` ahead of need under the placeholder ``vm_id`` and wait to be
+    claimed (:class:`~ferry.node.control.ClaimRequest`; see :func:`ferry.vm.runner.run_vm`)."""
 
     def __post_init__(self) -> None:
         check_vm_id(self.vm_id)
+        if self.warm and (self.package_dir is None or self.forwards):
+            raise ValueError("a warm VM needs a package and takes its forwards when claimed")
 
     @property
     def paths(self) -> VMPaths:
@@ -62,6 +67,8 @@ async def supervise(
     on_ready: Callable[[dict[str, Any]], None] | None = None,
     on_console: Callable[[bytes], None] | None = None,
     log_file: bool = False,
+    on_warm: Callable[[dict[str, Any]], None] | None = None,
+    parent_gone: Awaitable[object] | None = None,
 ) -> dict[str, Any]:
     """Run one VM until it is stopped; returns the stop report (``mode``, and ``signal``
     if SIGTERM/SIGINT stopped it).
@@ -70,6 +77,11 @@ async def supervise(
     socket listens; ``on_console`` gets the guest console's bytes as they
     come; ``log_file`` sends this process's stderr (logging) to
     ``<run dir>/supervisor.log``.
+
+    A warm request (``request.warm``) calls ``on_warm`` once the VM waits for its
+    claim; the claim is answered with the ready report (``on_ready`` is not called).
+    Until then, ``parent_gone`` finishing (the daemon that wanted it went away) or a
+    stop request discards it.
     """
     launched = time.monotonic()
     paths, vm_id = request.paths, request.vm_id
@@ -77,14 +89,21 @@ async def supervise(
     forwards = request.forwards if request.forwards is not None \
         else saved_forwards(paths, vm_id)
     record = HolderRecord.for_this_process(
-        vm_id, HolderState.STARTING, package_dir=str(request.package_dir or ""),
-        forwards=tuple(str(f) for f in forwards))
+        vm_id, HolderState.WARM if request.warm else HolderState.STARTING,
+        package_dir=str(request.package_dir or ""), forwards=tuple(str(f) for f in forwards))
     async with holding(paths, record) as holder:
         if log_file:
             _redirect_stderr(holder.run_dir / "supervisor.log")
+        claim: Claimer | None = None
+        if request.warm:
+            claim = _claimer(holder, on_warm, parent_gone)
         with holder.signals_stop():
-            ending = await _run(holder, request, forwards, on_ready=on_ready,
-                                on_console=on_console, launched=launched)
+            try:
+                ending = await _run(holder, request, forwards, on_ready=on_ready,
+                                    on_console=on_console, launched=launched, claim=claim)
+            except WarmStopped:
+                log.info("warm vm %s: stopped before it was claimed", vm_id)
+                ending = Ending.DISCARD
     report = stop_report(ending, holder.outcome)
     if holder.signal is not None:
         report["signal"] = holder.signal
@@ -103,23 +122,49 @@ def _held(vm: RunningVM, forwards: tuple[PortForward, ...]) -> HeldVM:
                   can_suspend=True, counters=counters)
 
 
+def _claimer(holder: Holder, on_warm: Callable[[dict[str, Any]], None] | None,
+             parent_gone: Awaitable[object] | None) -> Claimer:
+    async def claim() -> Claim:
+        watch = None
+        if parent_gone is not None:
+            async def discard_when_gone() -> None:
+                await parent_gone
+                log.info("warm vm %s: its daemon went away", holder.vm_id)
+                holder.request_stop(Ending.DISCARD)
+            watch = asyncio.create_task(discard_when_gone(), name="parent gone")
+        if on_warm is not None:
+            on_warm({"vm_id": holder.vm_id, "pid": os.getpid()})
+        try:
+            return await holder.wait_claim()
+        finally:
+            if watch is not None:
+                await cancel_and_wait(watch, swallow_errors=True)
+
+    return claim
+
+
 async def _run(holder: Holder, request: LaunchRequest, forwards: tuple[PortForward, ...], *,
                on_ready: Callable[[dict[str, Any]], None] | None,
-               on_console: Callable[[bytes], None] | None, launched: float) -> Ending:
+               on_console: Callable[[bytes], None] | None, launched: float,
+               claim: Claimer | None = None) -> Ending:
     package = open_extracted(request.package_dir) if request.package_dir else None
     async with run_vm(request.vm_id, request.paths, package=package,
                       forwards=forwards, sandbox=request.host.qemu_sandbox,
-                      launched=launched) as vm:
+                      launched=launched, claim=claim) as vm:
         pid = vm.qemu.pid
         holder.record.set_qemu(pid)
-        holder.update(state=HolderState.RUNNING, package_dir=str(vm.package.directory),
+        forwards = vm.net.forwards  # a warm VM's came with its claim
+        holder.update(vm_id=vm.vm_id, state=HolderState.RUNNING,
+                      package_dir=str(vm.package.directory),
                       package_id=vm.package.package_id,
                       forwards=tuple(vm.forward_addresses()), resume=vm.timings.to_json())
-        ready = {"vm_id": request.vm_id, "pid": os.getpid(), "qemu_pid": pid,
+        ready = {"vm_id": vm.vm_id, "pid": os.getpid(), "qemu_pid": pid,
                  "forwards": vm.forward_addresses(), "resume": vm.timings.to_json(),
                  "console": str(vm.qemu.console_path)}
         holder.vm = held = _held(vm, forwards)
-        if on_ready is not None:
+        if claim is not None:
+            holder.claimed(ready)
+        elif on_ready is not None:
             on_ready(ready)
         async with _follow_console(vm, on_console):
             ending = await holder.watch(held)

@@ -140,6 +140,9 @@ def list_vms(paths: VMPaths) -> list[VMInfo]:
         rec = read_json(rec_path)
         if rec is None or not process_alive(rec.get("pid"), rec.get("pid_start")):
             continue
+        if rec.get("vm_id", rec_path.parent.name) != rec_path.parent.name \
+                or rec.get("status") == "warm":
+            continue  # a warm VM: unnamed yet, or listed under its name (a symlink)
         resume = rec.get("resume") or {}
         total = resume.get("total_s")
         found[rec_path.parent.name] = VMInfo(
@@ -179,6 +182,11 @@ async def cleanup_leftovers(paths: VMPaths) -> list[str]:
     removed: list[str] = []
     vms_dir = paths.run_root / "vms"
     for run_dir in sorted(vms_dir.glob("*")) if vms_dir.is_dir() else []:
+        if run_dir.is_symlink():  # a warm VM's name: its own directory is cleaned below
+            if not run_dir.exists():
+                run_dir.unlink()
+                removed.append(f"removed the dangling name {run_dir}")
+            continue
         if not run_dir.is_dir():
             continue
         rec = read_json(run_dir / SUPERVISOR_RECORD) or {}
@@ -205,6 +213,11 @@ async def cleanup_leftovers(paths: VMPaths) -> list[str]:
         if vm_rec is not None and vm_rec.get("status") == "running":
             shutil.rmtree(state, ignore_errors=True)
             removed.append(f"discarded {state} (it was running when its supervisor died)")
+    states = paths.state_root / "vms"
+    for link in sorted(states.glob("*")) if states.is_dir() else []:
+        if link.is_symlink() and not link.exists():
+            link.unlink()
+            removed.append(f"removed the dangling name {link}")
     removed += [f"network {key}" for key in await cleanup_net_leftovers(paths.net_run_dir)]
     for line in removed:
         log.warning("leftover: %s", line)

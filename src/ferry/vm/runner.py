@@ -60,7 +60,15 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Generator, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterator,
+    Sequence,
+)
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -138,6 +146,9 @@ class ResumeTimings:
     ram_read_bytes_at_running: int
     qemu_at_running: dict[str, float] = dataclasses.field(default_factory=dict)
     """QEMU's :func:`process_usage` when the guest started running."""
+    warm: bool = False
+    """A warm VM: everything up to QEMU waiting for its state (``tap_s`` .. ``preload_s``)
+    was done before the claim, and the rest counts from the claim."""
 
     def to_json(self) -> dict[str, Any]:
         return {k: round(v, 6) if isinstance(v, float | int) else v
@@ -220,6 +231,17 @@ def process_usage(pid: int) -> dict[str, float]:
             "majflt": majflt}
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Who a warm VM becomes: its id and forwards (see :func:`run_vm`'s ``claim``)."""
+
+    vm_id: str
+    forwards: tuple[PortForward, ...] = ()
+
+
+Claimer = Callable[[], Awaitable[Claim]]
+
+
 def saved_forwards(paths: VMPaths, vm_id: str) -> tuple[PortForward, ...]:
     """The forwards the suspended VM ``vm_id`` was running with (none if it is not
     suspended, or was suspended by a ferry that did not record them)."""
@@ -282,6 +304,7 @@ async def run_vm(
     sandbox: bool,
     agent_timeout_s: float = AGENT_TIMEOUT_S,
     launched: float | None = None,
+    claim: Claimer | None = None,
 ) -> AsyncIterator[RunningVM]:
     """Resume ``package`` (or the suspended VM ``vm_id``) as VM ``vm_id``; see the module doc.
 
@@ -289,6 +312,15 @@ async def run_vm(
 
     ``launched`` is the ``time.monotonic()`` the launch began (the supervisor's
     start); the timings count from it. Default: now.
+
+    With ``claim`` the VM is *warm*: ``vm_id`` is a placeholder (``warm-...``), the
+    resume goes as far as QEMU waiting for its state with all of guest RAM preloaded
+    and the network up without forwards, and then waits for ``claim()``. The claim
+    names the VM (``<run root>/vms/<id>`` and ``<state root>/vms/<id>`` become symlinks
+    to the placeholder's directories, so the VM's name finds its control socket, console
+    and state while every open path stays valid), publishes its forwards, and the resume
+    goes on from the state load, with the timings counted from the claim. A suspended
+    claimed VM's state dir is moved to its own name when it stops.
     """
     entered = time.monotonic()
     launched = entered if launched is None else launched
@@ -298,6 +330,7 @@ async def run_vm(
     check_guest_network(manifest, vm=vm_id)
     running: RunningVM | None = None
     clean_exit = False
+    claimed: _Claimed | None = None
     try:
         async with contextlib.AsyncExitStack() as stack:
             net = VMNetwork(vm_id, forwards, run_dir=paths.net_run_dir, hold_forwards=True)
@@ -335,8 +368,15 @@ async def run_vm(
                 spawn_s = await qemu.start_incoming()
                 # QEMU is ready: the chunks not stored yet fault in through the daemon
                 # instead of delaying the resume (on a busy host the preload is partial).
-                enough.set()
+                # A warm VM has time: its preload runs to the end.
+                if claim is None:
+                    enough.set()
                 await preload_step.wait()
+                if claim is not None:
+                    await uplink_step.wait()
+                    claimed = await _claim(claim, paths, vm_id, state_dir, record, net)
+                    vm_id, record = claimed.vm_id, claimed.record
+                    launched = entered = time.monotonic()
                 try:
                     loaded = await qemu.load_device_state(state_file)
                 except VMError as exc:
@@ -371,7 +411,7 @@ async def run_vm(
                 preload_bytes=preload_step.value.bytes_stored if preload_step.value else 0,
                 ram_reads_at_running=ram_at_running.reads,
                 ram_read_bytes_at_running=ram_at_running.bytes_read,
-                qemu_at_running=qemu_at_running)
+                qemu_at_running=qemu_at_running, warm=claimed is not None)
             running = RunningVM(vm_id, package, qemu, net, agent, timings, state_dir)
             running.live = live
             yield running
@@ -379,6 +419,62 @@ async def run_vm(
     finally:
         # Overlays are only worth keeping if everything reached them (clean unmount).
         _finish_state_dir(running if clean_exit else None, state_dir, record)
+        if claimed is not None:
+            claimed.release(kept=running is not None and clean_exit
+                            and running.suspended is not None)
+
+
+@dataclass(slots=True)
+class _Claimed:
+    """A warm VM's name: the symlinks that make it, and the record under it."""
+
+    vm_id: str
+    record: dict[str, Any]
+    run_link: Path
+    state_link: Path
+    state_dir: Path
+
+    def release(self, *, kept: bool) -> None:
+        """The VM ended: drop the names; a suspended VM's state dir takes its name."""
+        self.run_link.unlink(missing_ok=True)
+        if kept and self.state_link.is_symlink():
+            self.state_link.unlink()
+            os.rename(self.state_dir, self.state_link)
+        else:
+            self.state_link.unlink(missing_ok=True)
+
+
+async def _claim(claim: Claimer, paths: VMPaths, warm_id: str, state_dir: Path,
+                 record: dict[str, Any], net: VMNetwork) -> _Claimed:
+    """Wait for the claim, then name the warm VM and publish its forwards."""
+    got = await claim()
+    vm_id = got.vm_id
+    run_link, state_link = paths.run_dir(vm_id), paths.state_dir(vm_id)
+    for link in (run_link, state_link):
+        if link.is_symlink() and not link.exists():
+            link.unlink()  # a dangling name left by a crashed warm VM
+        if link.exists() or link.is_symlink():
+            raise VMExistsError("is already taken on this host (running, suspended or "
+                                "starting)", vm=vm_id)
+    private_dir(run_link.parent)
+    private_dir(state_link.parent)
+    os.symlink(warm_id, run_link)
+    try:
+        os.symlink(warm_id, state_link)
+    except BaseException:
+        run_link.unlink(missing_ok=True)
+        raise
+    claimed = _Claimed(vm_id, {**record, "vm_id": vm_id,
+                               "forwards": [f.to_json() for f in got.forwards]},
+                       run_link, state_link, state_dir)
+    try:
+        write_json(state_dir / VM_RECORD, claimed.record)
+        await net.add_forwards(got.forwards)
+    except BaseException:
+        claimed.release(kept=False)
+        raise
+    log.info("warm vm %s claimed as %s", warm_id, vm_id)
+    return claimed
 
 
 def _preload_chunks(package: OpenedPackage, memory: OverlayDevice) -> list[int]:

@@ -15,6 +15,7 @@ from ferry.live.downtime import Downtime
 from ferry.live.rampath import RamPath
 from ferry.live.summary import DeviceSummary, MigrationSummary
 from ferry.migration.policy import Mode, StopReason
+from ferry.net import PortForward
 from ferry.node import control
 from ferry.node.control import ControlOp, ControlProtocolError
 from ferry.node.record import HolderState
@@ -32,6 +33,8 @@ REQUESTS: list[control.Request] = [
     control.MigrateRequest(to=("::1", 7521), access=Access(insecure=True), ram=RamPath.ENGINE),
     control.MigrateRequest(package=Path("/tmp/x.ferry"), key=Path("/k"), overwrite=True),
     control.MigrateCancelRequest(),
+    control.ClaimRequest("w2"),
+    control.ClaimRequest("w2", (PortForward("127.0.0.1", 0, 6379),)),
 ]
 
 REPLIES: list[control.Reply] = [
@@ -61,6 +64,7 @@ REPLIES: list[control.Reply] = [
                                           Downtime(3.0, None, None, {}, None)),
                          {"outcome": "completed"}, {"downtime_ms": 3.0}),
     control.ExportReply("/tmp/x.ferry", "k1", 100, 0.25, 1.5, "redis"),
+    control.ClaimReply({"vm_id": "w2", "pid": 7, "forwards": ["127.0.0.1:1->6379/tcp"]}),
     control.MigrateCancelReply(True),
     control.MigrateCancelReply(False, "already handed off: post-copy must finish"),
     control.ErrorReply("it broke", "LiveMigrationError", handed_off=True),
@@ -119,6 +123,13 @@ BAD_REQUESTS = [
     b'{"op": "migrate", "to": ["h", 1], "package": "/x", "access": {"insecure": true}}\n',
     b'{"op": "migrate", "package": 5}\n',
     b'{"op": "migrate", "package": "/x", "overwrite": "yes"}\n',
+    b'{"op": "claim"}\n',
+    b'{"op": "claim", "vm_id": "../etc"}\n',
+    b'{"op": "claim", "vm_id": "w2", "forwards": "6379"}\n',
+    b'{"op": "claim", "vm_id": "w2", "forwards": [["x"]]}\n',
+    b'{"op": "claim", "vm_id": "w2", "forwards": ['
+    + b", ".join([b'["127.0.0.1", 0, 1, "tcp", false]'] * 65) + b']}\n',   # too many
+    b'{"op": "migrate", "to": ["h", 1], "access": {"insecure": true}, "migration_id": "x"}\n',
 ]
 
 

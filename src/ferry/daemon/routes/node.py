@@ -36,7 +36,8 @@ def routes(d: Daemon) -> APIRouter:
                       capacity=m.Capacity(cpus=os.cpu_count() or 1, memory_bytes=total,
                                           memory_available_bytes=avail),
                       vms=len(vms),
-                      memory_committed_bytes=await asyncio.to_thread(d.committed_bytes))
+                      memory_committed_bytes=await asyncio.to_thread(d.committed_bytes),
+                      warm_vms=d.warm.ready)
 
     @r.get("/v1/events", tags=["events"], response_class=StreamingResponse)
     async def events() -> StreamingResponse:

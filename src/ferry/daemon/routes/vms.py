@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,18 @@ from ferry.errors import FerryError
 from ferry.live.access import Access, TLSFiles
 from ferry.live.rampath import RamPath
 from ferry.live.summary import MigrationSummary
+from ferry.net import PortForward
 from ferry.node import listing, supervisor
 from ferry.node.arrival import ArrivalRequest
 from ferry.node.control import ControlClient, ExportReply, MigrateRequest
 from ferry.node.process import launch_detached
 from ferry.package import TrustStore
 from ferry.vm import pkgcache, registry
+from ferry.vm.errors import VMExistsError
 from ferry.vm.publish import parse_publish
 from ferry.vm.runner import StopMode
+
+log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 0.25
 
@@ -71,14 +76,20 @@ def routes(d: Daemon) -> APIRouter:
 
         async def work(op_id: str) -> dict[str, Any]:
             async with d.lock(vm_id):
+                if await asyncio.to_thread(registry.live_supervisor, d.paths, vm_id):
+                    raise VMExistsError("is already running on this node", vm=vm_id)
                 async with d.cache_lock:
                     opened = await asyncio.to_thread(
                         pkgcache.open_package, file, TrustStore.for_host(host),
                         cache_dir=host.package_cache)
                     d.pinned[opened.directory] += 1  # until its holder names it
                 try:
-                    return await launch(op_id, supervisor.LaunchRequest(
-                        vm_id, opened.directory, host, forwards))
+                    ready = await _claim_warm(d, opened.directory, vm_id, forwards)
+                    if ready is None:
+                        ready = await launch(op_id, supervisor.LaunchRequest(
+                            vm_id, opened.directory, host, forwards))
+                    d.warm.want(opened.directory)  # a replacement, or the first one
+                    return ready
                 finally:
                     d.pinned[opened.directory] -= 1
 
@@ -226,6 +237,33 @@ def routes(d: Daemon) -> APIRouter:
         return d.ops.start("snapshot", vm_id, work)
 
     return r
+
+
+async def _claim_warm(d: Daemon, package_dir: Path, vm_id: str,
+                      forwards: tuple[PortForward, ...]) -> dict[str, Any] | None:
+    """Run ``vm_id`` by claiming a warm VM of the package, if one waits and the name is
+    free (else the caller launches as usual: it reports a taken name the usual way).
+    A claim that fails leaves nothing: the warm VM is discarded by its holder."""
+    if await asyncio.to_thread(_name_taken, d, vm_id):
+        return None
+    warm = d.warm.take(package_dir)
+    if warm is None:
+        return None
+    try:
+        reply = await d.warm.control(warm).claim(vm_id, forwards)
+    except FerryError as exc:
+        log.warning("claiming warm vm %s as %s failed (%s): starting it as usual",
+                    warm.warm_id, vm_id, exc)
+        return None
+    finally:
+        if warm.proc.stdin is not None:
+            warm.proc.stdin.close()  # claimed (or gone): it no longer watches the pipe
+    return {**reply.ready, "warm": True}
+
+
+def _name_taken(d: Daemon, vm_id: str) -> bool:
+    return any(p.exists() or p.is_symlink()
+               for p in (d.paths.run_dir(vm_id), d.paths.state_dir(vm_id)))
 
 
 async def _watch_progress(client: ControlClient, d: Daemon, op_id: str, mig_id: str) -> None:
