@@ -508,6 +508,49 @@ def test_a_warm_vm_is_claimed_by_the_next_run_and_ends_with_the_daemon(
         shutil.rmtree(root, ignore_errors=True)
 
 
+def test_a_registry_start_and_an_image_build_through_the_api(
+        daemon: Daemon, redis_package: Path, tmp_path: Path) -> None:
+    api = daemon.unix()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token_file = tmp_path / "registry.token"
+    registry = subprocess.Popen(
+        [*FERRY, "vm", "registry", str(redis_package.parent), "--listen", f"127.0.0.1:{port}",
+         "--json", "--token-file", str(token_file)],
+        env=daemon.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert registry.stdout is not None
+        printed = ""  # the event is printed indented, over several lines
+        while '"listening"' not in printed and (line := registry.stdout.readline()):
+            printed += line
+        assert '"listening"' in printed, printed
+        bad = api.wait(api.call("POST", "/v1/starts", {
+            "registry": f"127.0.0.1:{port}", "package": redis_package.name, "name": "g1",
+            "token": "0" * 64}))  # well-formed, not the registry's
+        assert bad["state"] == "failed", bad
+        assert api.call("GET", "/v1/vms") == []
+        op = api.wait(api.call("POST", "/v1/starts", {
+            "registry": f"127.0.0.1:{port}", "package": redis_package.name, "name": "g1",
+            "token": token_file.read_text().strip(), "publish": []}))
+        assert (op["kind"], op["state"]) == ("registry-start", "succeeded"), op
+        assert op["result"]["origin"] == "registry"
+        got = api.call("POST", "/v1/vms/g1/exec", {"argv": ["redis-cli", "get", "greeting"]})
+        assert got["stdout"].strip() == "hello"
+        assert api.call("POST", "/v1/vms/g1/stop", {})["mode"] == "discard"
+    finally:
+        registry.send_signal(signal.SIGTERM)
+        registry.communicate(timeout=30)
+    with pytest.raises(DaemonError) as relative:
+        api.call("POST", "/v1/images", {"blueprint": "../x.toml"})
+    assert relative.value.status == 422
+    # The Redis blueprint's image is in the cache (the package fixture built it).
+    built = api.wait(api.call("POST", "/v1/images", {"blueprint": "redis"}))
+    assert (built["kind"], built["state"]) == ("build", "succeeded"), built
+    assert (built["result"]["blueprint"], built["result"]["cache_hit"]) == ("redis", True)
+    assert Path(built["result"]["rootfs"]).is_file()
+
+
 def test_a_waiting_receiver_is_listed_and_can_be_ended(daemon: Daemon) -> None:
     api = daemon.unix()
     recv = api.call("POST", "/v1/receivers", {"listen": "127.0.0.1:7543", "name": "wait-1"})

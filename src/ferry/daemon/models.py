@@ -155,6 +155,29 @@ class ReceiveVM(Request):
     tls_ca: str | None = Field(default=None, max_length=MAX_PATH)
 
 
+class StartFromRegistry(Request):
+    """Start a VM from a package a registry (``ferry vm registry``) serves: post-copy, it
+    runs here before every block arrived."""
+
+    registry: str = Field(pattern=r"^[^\s:]{1,255}:[0-9]{1,5}$", description="HOST:PORT")
+    package: str = Field(min_length=1, max_length=255, pattern=r"^[^/\x00]+$",
+                         description="package file name on the registry")
+    name: str | None = Field(default=None, pattern=VM_ID_PATTERN)
+    publish: list[str] | None = Field(default=None, max_length=MAX_PUBLISH)
+    token: str | None = Field(default=None, max_length=MAX_TEXT)
+    tls_cert: str | None = Field(default=None, max_length=MAX_PATH)
+    tls_key: str | None = Field(default=None, max_length=MAX_PATH)
+    tls_ca: str | None = Field(default=None, max_length=MAX_PATH)
+    precopy_only: bool = False
+
+
+class BuildImage(Request):
+    """Build a blueprint's kernel, initramfs and root disk (``ferry vm build``)."""
+
+    blueprint: str = Field(min_length=1, max_length=MAX_PATH,
+                           description="a shipped blueprint's name, or an absolute .toml path")
+
+
 class Receiving(Reply):
     address: list[str | int]
     """[ADDR, PORT] the receiver listens on."""

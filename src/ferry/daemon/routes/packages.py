@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter
 
 from ferry.daemon import models as m
 from ferry.daemon.problems import Problem
 from ferry.daemon.state import Daemon
+from ferry.guest.image import build_blueprint
 from ferry.package import TrustStore
 from ferry.package import verify_package as verify_package_file
 from ferry.vm import pkgcache
@@ -73,6 +75,25 @@ def routes(d: Daemon) -> APIRouter:
                                        TrustStore.for_host(d.host))
         return m.Verified(file=str(file), name=str(info.manifest.get("name", "")),
                           key_id=info.key_id, package_id=info.header_sha256 or "")
+
+    @r.post("/v1/images", status_code=202, response_model=m.Operation, tags=["images"])
+    async def build_image(body: m.BuildImage) -> m.Operation:
+        """Build (or find in the image cache) a blueprint's kernel, initramfs and root disk,
+        as ``ferry vm build``: an operation (a first build downloads and unpacks Debian
+        packages)."""
+        blueprint = body.blueprint
+        if "/" in blueprint and not (blueprint.startswith("/") and blueprint.endswith(".toml")):
+            raise Problem(422, "invalid", "Invalid request",
+                          "blueprint: a shipped name, or an absolute path to a .toml file")
+
+        async def work(op_id: str) -> dict[str, Any]:
+            img = await asyncio.to_thread(build_blueprint, blueprint,
+                                          cache_dir=d.host.cache_root)
+            return {"blueprint": img.blueprint.name, "kernel": str(img.kernel),
+                    "initramfs": str(img.initramfs), "rootfs": str(img.rootfs),
+                    "key": img.key, "cache_hit": img.cache_hit}
+
+        return d.ops.start("build", None, work)
 
     @r.delete("/v1/packages/{package_id}", response_model=m.Removed, tags=["packages"])
     async def remove_package(package_id: str) -> m.Removed:

@@ -179,6 +179,27 @@ def routes(d: Daemon) -> APIRouter:
         return m.Receiving(address=list(event["address"]), pid=int(event["pid"]),
                            token=access.token)
 
+    @r.post("/v1/starts", status_code=202, response_model=m.Operation)
+    async def start_from_registry(body: m.StartFromRegistry) -> m.Operation:
+        """Start a VM from a registry's package (as ``ferry vm receive --registry``): it
+        runs here once its device state arrived, the rest follows on demand (post-copy).
+        The operation ends once it runs; its result is the ready report."""
+        addr, _, port = body.registry.rpartition(":")
+        forwards = None if body.publish is None else tuple(parse_publish(p)
+                                                           for p in body.publish)
+        access = Access(tls=_tls(body.tls_cert, body.tls_key, body.tls_ca), token=body.token)
+        request = ArrivalRequest(host=host, access=access, registry=(addr, int(port)),
+                                 package=body.package, name=body.name, forwards=forwards,
+                                 precopy_only=body.precopy_only, report_until="ready")
+
+        async def work(op_id: str) -> dict[str, Any]:
+            try:
+                return await launch_detached(request, holder=d.holders.take())
+            finally:
+                d.holders.refill()
+
+        return d.ops.start("registry-start", body.name, work)
+
     @r.post("/v1/vms/{vm_id}/migrate", status_code=202, response_model=m.Operation)
     async def migrate_vm(vm_id: str, body: m.MigrateVM) -> m.Operation:
         """Live-migrate to a receiver; the operation ends once the VM left this node. The
