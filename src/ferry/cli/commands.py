@@ -59,6 +59,10 @@ async def run(args: argparse.Namespace, console: Console) -> ExitCode | int:
             from ferry.cli.daemon import events
 
             return await events(args, console)
+        case "lab":
+            from ferry.cli import lab
+
+            return await lab.run(args, console)
     raise ConfigError(f"unknown command {args.command}")
 
 

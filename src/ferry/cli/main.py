@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ferry.cli import daemon as daemon_cli
     from ferry.cli import doctor as doctor_cli
+    from ferry.cli import lab as lab_cli
     from ferry.cli import vm as vm_cli
 
     p = doctor_cli.add_parser(sub)
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     vm_cli.add_parsers(sub, _add_common)
+    lab_cli.add_parser(sub, _add_common)
     return parser
 
 

@@ -178,13 +178,14 @@ async def cleanup_leftovers(run_dir: RunDir | Path | str = DEFAULT_RUN_DIR) -> l
     """Remove everything recorded by owners that are no longer running.
 
     Returns the keys of the records cleaned. Records of living owners (this
-    process included) are left alone. VM records go before host records, so
-    a VM's table inside a dead test host is removed before that host.
+    process included) are left alone, and so is a ``lab`` (``ferry lab up``: hosts that
+    outlive the command that made them, until ``ferry lab down``). VM records go before
+    host records, so a VM's table inside a dead test host is removed before that host.
     """
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     cleaned: list[str] = []
     async with rd.locked():
-        dead = [r for r in rd.records() if not r.owner_alive()]
+        dead = [r for r in rd.records() if not r.owner_alive() and r.kind != "lab"]
         dead.sort(key=lambda r: r.kind == "hosts")
         for record in dead:
             log.info("removing leftovers of %s %s (owner pid %d is gone)",

@@ -94,6 +94,17 @@ def host_namespace_name(name: str) -> str:
     return f"{netns.PREFIX}host-{name}"
 
 
+def check_host_names(names: Sequence[str], subnet: ipaddress.IPv4Network) -> None:
+    """Distinct, non-empty, ``[a-z0-9-]`` of at most 13 characters, and room in ``subnet``."""
+    if not names or len(set(names)) != len(names):
+        raise NetConfigError(f"host names must be distinct and non-empty: {list(names)}")
+    for n in names:
+        if not _HOST_NAME_RE.match(n):
+            raise NetConfigError(f"invalid host name {n!r}: use [a-z0-9-], at most 13 chars")
+    if len(names) > subnet.num_addresses - 2:
+        raise NetConfigError(f"{subnet} has too few addresses for {len(names)} hosts")
+
+
 @contextlib.asynccontextmanager
 async def host_namespaces(
     names: Sequence[str],
@@ -106,13 +117,7 @@ async def host_namespaces(
 
     Host ``i`` (in the given order) gets the ``i+1``-th address of ``subnet``.
     """
-    if not names or len(set(names)) != len(names):
-        raise NetConfigError(f"host names must be distinct and non-empty: {list(names)}")
-    for n in names:
-        if not _HOST_NAME_RE.match(n):
-            raise NetConfigError(f"invalid host name {n!r}: use [a-z0-9-], at most 13 chars")
-    if len(names) > subnet.num_addresses - 2:
-        raise NetConfigError(f"{subnet} has too few addresses for {len(names)} hosts")
+    check_host_names(names, subnet)
     switch = f"{netns.PREFIX}hsw-{switch_tag}"
     hosts = {
         n: HostNamespace(n, host_namespace_name(n), str(subnet.network_address + i + 1), switch)
