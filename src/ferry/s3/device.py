@@ -1,0 +1,577 @@
+"""A block device stored in S3: lazy reads, local staging, checkpoints.
+
+Theory of operation. The device is cut into objects of ``object_size_bytes``
+(4 MiB by default; the last may be short). Under a *root* prefix of a bucket::
+
+    <root>objects/<sha256 hex>                       one object's bytes, named by their hash
+    <root>devices/<name>/<sequence:020d>.manifest    one checkpoint (:mod:`ferry.s3.manifest`)
+
+*Reads* of an object come from the local staging file if this process wrote
+it, else from the newest checkpoint: a hole reads as zeros without a request,
+a stored object is fetched whole, checked against its SHA-256 and kept in a
+bytes-bounded LRU (:class:`~ferry.s3.cache.ObjectCache`). *Writes* go to a
+sparse staging file (an object written in part is first fetched into it) and
+mark the object dirty; nothing is uploaded until :meth:`S3Device.checkpoint`.
+
+A *checkpoint* uploads each dirty object under its hash, unless the bucket
+already holds that hash (deduplication: across checkpoints, devices and VMs
+under one root), then writes the manifest, last and create-only
+(``If-None-Match: *``). So:
+
+* a manifest is only ever written after every object it names, and S3 makes
+  each PUT atomic: there is no torn checkpoint, whatever is interrupted when;
+* an interrupted checkpoint leaves the previous manifest the newest one, and
+  its objects untouched (an object is never overwritten by other content: its
+  name is its content); the uploaded orphans are harmless;
+* two writers that race for the same sequence cannot both win: the second
+  gets :class:`~ferry.s3.errors.CheckpointConflictError`.
+
+Writes during a checkpoint do not wait for it: the checkpoint is of the moment
+it started. When a write reaches a dirty object the running checkpoint has not
+read yet, the object's bytes of that moment are first copied aside (the
+*frozen* file) and the checkpoint uploads those; the write makes the object
+dirty again for the next checkpoint.
+
+Local files (staging, frozen) are unlinked as soon as they are opened, so a
+crash leaves nothing behind; writes after the last checkpoint are lost in a
+crash, as a disk's volatile cache is: :meth:`S3Device.flush` checkpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from ferry.buffers import Buffer
+from ferry.errors import ConfigError, DeviceClosedError
+from ferry.s3 import manifest as mf
+from ferry.s3.cache import ObjectCache
+from ferry.s3.errors import (
+    CheckpointConflictError,
+    CheckpointNotFoundError,
+    ManifestFormatError,
+    ObjectCorruptError,
+    ObjectMissingError,
+    S3ConflictError,
+    S3DeviceError,
+    S3Error,
+    S3NotFoundError,
+    S3ObjectTooLargeError,
+)
+from ferry.s3.store import ObjectStore
+from ferry.storage.device import DEFAULT_BLOCK_SIZE_BYTES, check_range
+from ferry.storage.providers.file import FileDevice
+
+log = logging.getLogger(__name__)
+
+DEFAULT_UPLOAD_CONCURRENCY = 8
+"""Objects uploaded at once by a checkpoint. S3 throughput comes from parallel
+requests (each is a round trip plus a transfer); 8 x 4 MiB keeps 32 MiB in flight."""
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_MANIFEST_NAME = re.compile(r"(\d{20})\.manifest")
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where a root's objects and manifests live in the bucket."""
+
+    root: str = "ferry/"
+
+    def __post_init__(self) -> None:
+        if self.root and not self.root.endswith("/"):
+            raise ConfigError(f"S3 root prefix {self.root!r} must be empty or end with '/'")
+
+    def object_key(self, digest: bytes) -> str:
+        return f"{self.root}objects/{digest.hex()}"
+
+    def manifest_prefix(self, device: str) -> str:
+        if not _NAME.fullmatch(device):
+            raise ConfigError(f"device name {device!r}: use 1-128 of A-Z a-z 0-9 . _ - "
+                              "(starting with a letter or digit)")
+        return f"{self.root}devices/{device}/"
+
+    def manifest_key(self, device: str, sequence: int) -> str:
+        return f"{self.manifest_prefix(device)}{sequence:020d}.manifest"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointReport:
+    """What one checkpoint did (deduplicated bytes were not uploaded: the bucket had them)."""
+
+    device: str
+    sequence: int
+    created_unix_ns: int
+    objects_dirty: int
+    objects_uploaded: int
+    bytes_uploaded: int
+    objects_deduplicated: int
+    bytes_deduplicated: int
+    holes: int
+    manifest_bytes: int
+    duration_s: float
+
+
+def list_checkpoints(store: ObjectStore, device: str, layout: Layout = Layout()
+                     ) -> list[int]:
+    """Sequence numbers of ``device``'s checkpoints in the bucket, oldest first."""
+    prefix = layout.manifest_prefix(device)
+    found = []
+    for info in store.list(prefix):
+        match = _MANIFEST_NAME.fullmatch(info.key[len(prefix):])
+        if match is None:
+            log.warning("%s: ignoring %s: not a manifest name", device, info.key)
+            continue
+        found.append(int(match.group(1)))
+    return sorted(found)
+
+
+def load_manifest(store: ObjectStore, device: str, sequence: int,
+                  layout: Layout = Layout()) -> mf.Manifest:
+    """Read and decode one checkpoint's manifest (bounded by ``MAX_MANIFEST_BYTES``)."""
+    key = layout.manifest_key(device, sequence)
+    try:
+        raw = store.get(key, max_bytes=mf.MAX_MANIFEST_BYTES)
+    except S3NotFoundError as exc:
+        raise CheckpointNotFoundError(f"no checkpoint {sequence}: {exc}",
+                                      device=device) from exc
+    except S3ObjectTooLargeError as exc:
+        raise ManifestFormatError(str(exc), device=device, key=key) from exc
+    try:
+        manifest = mf.decode(raw, key=key)
+    except ManifestFormatError as exc:
+        raise ManifestFormatError(str(exc), device=device) from exc
+    if manifest.sequence != sequence:
+        raise ManifestFormatError(f"holds sequence {manifest.sequence}, its name says "
+                                  f"{sequence}", device=device, key=key)
+    return manifest
+
+
+class S3Device:
+    """A :class:`~ferry.storage.device.Device` whose checkpoints live in S3.
+
+    Make one with :meth:`create` (a new device: checkpoint 1, all zeros) or
+    :meth:`open` (the newest checkpoint, or ``sequence``). ``cache`` may be shared
+    by devices of one event loop. Every S3 call runs in a worker thread.
+    """
+
+    def __init__(self, store: ObjectStore, name: str, manifest: mf.Manifest, *,
+                 layout: Layout, staging_dir: Path | None, cache: ObjectCache | None,
+                 upload_concurrency: int, clock_ns: Callable[[], int]) -> None:
+        if upload_concurrency < 1:
+            raise ConfigError("upload_concurrency must be >= 1")
+        self.store = store
+        self.name = name
+        self.layout = layout
+        self.cache = cache if cache is not None else ObjectCache()
+        self.upload_concurrency = upload_concurrency
+        self._clock_ns = clock_ns
+        self._manifest = manifest
+        self._log = log.getChild(name)
+        self._dir = Path(staging_dir) if staging_dir is not None else Path(tempfile.gettempdir())
+        self._staging: FileDevice | None = self._scratch("staging")
+        self._frozen: FileDevice | None = None
+        self._staged: set[int] = set()
+        self._dirty: set[int] = set()
+        self._pending: set[int] = set()
+        self._captured: set[int] = set()
+        self._known: set[bytes] = set()
+        self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
+        self._checkpoint_lock = asyncio.Lock()
+        self._zeros = bytes(manifest.object_size_bytes)
+        self.fetched_objects = 0
+        self.fetched_bytes = 0
+
+    # -- making one ---------------------------------------------------------
+
+    @classmethod
+    async def create(cls, store: ObjectStore, name: str, size_bytes: int, *,
+                     layout: Layout = Layout(),
+                     block_size_bytes: int = DEFAULT_BLOCK_SIZE_BYTES,
+                     object_size_bytes: int = mf.DEFAULT_OBJECT_SIZE_BYTES,
+                     staging_dir: Path | None = None, cache: ObjectCache | None = None,
+                     upload_concurrency: int = DEFAULT_UPLOAD_CONCURRENCY,
+                     clock_ns: Callable[[], int] = time.time_ns) -> S3Device:
+        """A new all-zero device: writes its checkpoint 1 (every object a hole).
+
+        A device of that name under ``layout`` must not exist yet
+        (:class:`CheckpointConflictError` otherwise; nothing is changed).
+        """
+        mf.check_geometry(size_bytes, block_size_bytes, object_size_bytes)
+        existing = await asyncio.to_thread(list_checkpoints, store, name, layout)
+        if existing:
+            raise CheckpointConflictError(f"already exists in s3://{store.bucket}/"
+                                          f"{layout.manifest_prefix(name)} (checkpoints "
+                                          f"{existing[0]}..{existing[-1]})", device=name)
+        first = mf.Manifest(1, clock_ns(), size_bytes, block_size_bytes, object_size_bytes,
+                            (None,) * mf.object_count(size_bytes, object_size_bytes))
+        await cls._put_manifest(store, name, layout, first)
+        return cls(store, name, first, layout=layout, staging_dir=staging_dir, cache=cache,
+                   upload_concurrency=upload_concurrency, clock_ns=clock_ns)
+
+    @classmethod
+    async def open(cls, store: ObjectStore, name: str, *, layout: Layout = Layout(),
+                   sequence: int | None = None, staging_dir: Path | None = None,
+                   cache: ObjectCache | None = None,
+                   upload_concurrency: int = DEFAULT_UPLOAD_CONCURRENCY,
+                   clock_ns: Callable[[], int] = time.time_ns) -> S3Device:
+        """The device as of its newest checkpoint (or checkpoint ``sequence``).
+
+        A malformed newest manifest is an error, not a silent step back to an
+        older one: the message names the older checkpoints that ``sequence``
+        can open instead.
+        """
+        found = await asyncio.to_thread(list_checkpoints, store, name, layout)
+        if not found:
+            raise CheckpointNotFoundError(
+                f"no checkpoint in s3://{store.bucket}/{layout.manifest_prefix(name)}",
+                device=name)
+        want = found[-1] if sequence is None else sequence
+        if want not in found:
+            raise CheckpointNotFoundError(f"no checkpoint {want} (there are {found[0]}.."
+                                          f"{found[-1]})", device=name)
+        try:
+            manifest = await asyncio.to_thread(load_manifest, store, name, want, layout)
+        except ManifestFormatError as exc:
+            older = [s for s in found if s < want]
+            hint = f"; older checkpoints: {older[-3:]} (open one with sequence=)" if older else ""
+            raise ManifestFormatError(f"{exc}{hint}") from exc
+        return cls(store, name, manifest, layout=layout, staging_dir=staging_dir, cache=cache,
+                   upload_concurrency=upload_concurrency, clock_ns=clock_ns)
+
+    def _scratch(self, what: str) -> FileDevice:
+        fd, path = tempfile.mkstemp(prefix=f".ferry-s3-{self.name}.", suffix=f".{what}",
+                                    dir=self._dir)
+        os.close(fd)
+        try:
+            dev = FileDevice(path, size_bytes=self._manifest.size_bytes, create=True,
+                             name=f"{self.name}:{what}")
+        finally:
+            os.unlink(path)  # held open only: nothing is left behind by a crash
+        return dev
+
+    # -- the Device interface -------------------------------------------------
+
+    @property
+    def size_bytes(self) -> int:
+        return self._manifest.size_bytes
+
+    @property
+    def manifest(self) -> mf.Manifest:
+        """The newest checkpoint this device has read or written."""
+        return self._manifest
+
+    @property
+    def dirty_objects(self) -> int:
+        """Objects written since the last checkpoint."""
+        return len(self._dirty)
+
+    def _staging_file(self) -> FileDevice:
+        if self._staging is None:
+            raise DeviceClosedError("device is closed", device=self.name)
+        return self._staging
+
+    def _span(self, index: int, offset: int, end: int) -> tuple[int, int, int]:
+        """(object start, start, end) of the part of [offset, end) inside object ``index``."""
+        start = index * self._manifest.object_size_bytes
+        return start, max(offset, start), min(end, start + self._manifest.object_length(index))
+
+    def _objects(self, offset: int, length: int) -> range:
+        osz = self._manifest.object_size_bytes
+        return range(offset // osz, -(-(offset + length) // osz)) if length else range(0)
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        staging = self._staging_file()
+        check_range(self.size_bytes, offset, length, self.name)
+        out = bytearray(length)
+        end = offset + length
+        for i in self._objects(offset, length):
+            ostart, s, e = self._span(i, offset, end)
+            if i in self._staged:
+                out[s - offset:e - offset] = staging.read_sync(s, e - s)
+                continue
+            digest = self._manifest.objects[i]
+            if digest is None:
+                continue  # a hole: already zeros
+            data = await self._fetch(digest, self._manifest.object_length(i))
+            self._staging_file()
+            out[s - offset:e - offset] = memoryview(data)[s - ostart:e - ostart]
+        return bytes(out)
+
+    async def write_at(self, offset: int, data: Buffer) -> None:
+        self._staging_file()
+        view = memoryview(data).cast("B")
+        check_range(self.size_bytes, offset, len(view), self.name)
+        end = offset + len(view)
+        for i in self._objects(offset, len(view)):
+            ostart, s, e = self._span(i, offset, end)
+            whole = s == ostart and e - s == self._manifest.object_length(i)
+            if i not in self._staged and not whole:
+                await self._stage_in(i)
+            # From here to the end of the iteration nothing awaits: the object is
+            # captured (if a checkpoint needs its old bytes), written, marked, as one step.
+            staging = self._staging_file()
+            self._capture(i)
+            staging.write_sync(s, view[s - offset:e - offset])
+            self._staged.add(i)
+            self._dirty.add(i)
+
+    async def flush(self) -> None:
+        """Checkpoint, if anything was written since the last one: S3 is where this
+        device's writes become durable."""
+        self._staging_file()
+        if self._dirty:
+            await self.checkpoint()
+
+    async def close(self, *, checkpoint: bool = True) -> None:
+        """Checkpoint what was written (unless ``checkpoint=False``), then drop the local
+        files. The local files go even if the checkpoint fails (the error is raised)."""
+        if self._staging is None:
+            return
+        try:
+            if checkpoint and self._dirty:
+                await self.checkpoint()
+        finally:
+            staging, frozen, self._staging, self._frozen = self._staging, self._frozen, None, None
+            staging.close_sync()
+            if frozen is not None:
+                frozen.close_sync()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        # After an error, do not try to upload on the way out: just drop local state.
+        await self.close(checkpoint=exc is None)
+
+    # -- reading objects ------------------------------------------------------
+
+    @asynccontextmanager
+    async def _locked(self, index: int) -> AsyncIterator[None]:
+        lock, users = self._locks.get(index, (asyncio.Lock(), 0))
+        self._locks[index] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[index]
+            if users == 1:
+                del self._locks[index]
+            else:
+                self._locks[index] = (lock, users - 1)
+
+    async def _stage_in(self, index: int) -> None:
+        """Put object ``index``'s checkpointed bytes into the staging file."""
+        async with self._locked(index):
+            if index in self._staged:
+                return
+            digest = self._manifest.objects[index]
+            if digest is None:  # a hole: the sparse staging file already reads zeros
+                self._staged.add(index)
+                return
+            data = await self._fetch(digest, self._manifest.object_length(index))
+            if index in self._staged:  # a whole-object write landed while we fetched
+                return
+            self._staging_file().write_sync(index * self._manifest.object_size_bytes, data)
+            self._staged.add(index)
+
+    async def _fetch(self, digest: bytes, length: int) -> bytes:
+        """Object ``digest`` of ``length`` bytes, verified, through the cache."""
+        data = self.cache.get(digest)
+        if data is not None:
+            return data
+        key = self.layout.object_key(digest)
+        try:
+            data = await asyncio.to_thread(self.store.get, key, max_bytes=length)
+        except S3NotFoundError as exc:
+            raise ObjectMissingError(f"named by checkpoint {self._manifest.sequence} but not "
+                                     f"in the bucket ({exc})", device=self.name,
+                                     key=key) from exc
+        except S3ObjectTooLargeError as exc:
+            raise ObjectCorruptError(f"larger than the {length} bytes its checkpoint says "
+                                     f"({exc})", device=self.name, key=key) from exc
+        except S3Error as exc:
+            raise S3DeviceError(f"reading object {key}: {exc}", device=self.name) from exc
+        if len(data) != length:
+            raise ObjectCorruptError(f"{len(data)} bytes, its checkpoint says {length}: "
+                                     "truncated", device=self.name, key=key)
+        if hashlib.sha256(data).digest() != digest:
+            raise ObjectCorruptError("content does not match its SHA-256: corrupted or "
+                                     "tampered; not used", device=self.name, key=key)
+        self.fetched_objects += 1
+        self.fetched_bytes += length
+        self._known.add(digest)
+        self.cache.put(digest, data)
+        return data
+
+    # -- checkpoints -----------------------------------------------------------
+
+    def _capture(self, index: int) -> None:
+        """Before object ``index`` changes: keep its bytes for the running checkpoint."""
+        if index not in self._pending or index in self._captured:
+            return
+        if self._frozen is None:
+            self._frozen = self._scratch("frozen")
+        start = index * self._manifest.object_size_bytes
+        length = self._manifest.object_length(index)
+        self._frozen.write_sync(start, self._staging_file().read_sync(start, length))
+        self._captured.add(index)
+
+    def _take(self, index: int) -> bytes:
+        """Object ``index`` as of the running checkpoint's start (and the checkpoint
+        no longer needs it protected)."""
+        start = index * self._manifest.object_size_bytes
+        length = self._manifest.object_length(index)
+        if index in self._captured:
+            assert self._frozen is not None
+            data = self._frozen.read_sync(start, length)
+        else:
+            data = self._staging_file().read_sync(start, length)
+        self._pending.discard(index)
+        return data
+
+    def _digest_or_hole(self, data: bytes) -> bytes | None:
+        if data == self._zeros[:len(data)]:
+            return None
+        return hashlib.sha256(data).digest()
+
+    async def checkpoint(self) -> CheckpointReport:
+        """Upload what changed since the last checkpoint, then its manifest (last).
+
+        On failure or cancellation nothing is taken as a checkpoint: the previous
+        one stays the newest in the bucket and the writes stay dirty here, for the
+        next attempt. Raises :class:`CheckpointConflictError` if another writer
+        made this sequence first, :class:`S3DeviceError` (from the S3 error) if S3
+        failed.
+        """
+        async with self._checkpoint_lock:
+            self._staging_file()
+            started = time.monotonic()
+            dirty = sorted(self._dirty)
+            self._dirty = set()
+            self._pending = set(dirty)
+            self._captured = set()
+            objects = list(self._manifest.objects)
+            counts = {"uploaded": 0, "up_bytes": 0, "dedup": 0, "dedup_bytes": 0, "holes": 0}
+            work: Iterator[int] = iter(dirty)
+
+            async def uploader() -> None:
+                for index in work:  # shared iterator: each object goes to one uploader
+                    data = self._take(index)
+                    digest = await asyncio.to_thread(self._digest_or_hole, data)
+                    objects[index] = digest
+                    if digest is None:
+                        counts["holes"] += 1
+                    elif await self._upload(digest, data):
+                        counts["uploaded"] += 1
+                        counts["up_bytes"] += len(data)
+                    else:
+                        counts["dedup"] += 1
+                        counts["dedup_bytes"] += len(data)
+
+            new = None
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    for _ in range(min(self.upload_concurrency, len(dirty))):
+                        tg.create_task(uploader())
+                old = self._manifest
+                new = mf.Manifest(old.sequence + 1, self._clock_ns(), old.size_bytes,
+                                  old.block_size_bytes, old.object_size_bytes, tuple(objects))
+                manifest_bytes = await self._put_manifest(self.store, self.name, self.layout,
+                                                          new)
+            except BaseException as exc:
+                self._dirty |= set(dirty)  # still to be uploaded
+                first = _first_error(exc)
+                self._log.warning("checkpoint %d failed; checkpoint %d stays the newest: %s",
+                                  self._manifest.sequence + 1, self._manifest.sequence, first)
+                if first is not exc and isinstance(first, Exception):
+                    raise first from first.__cause__  # one uploader's error, not a group
+                raise
+            finally:
+                self._pending = set()
+                self._captured = set()
+                if self._frozen is not None:
+                    self._frozen.close_sync()
+                    self._frozen = None
+            self._manifest = new
+        report = CheckpointReport(
+            self.name, new.sequence, new.created_unix_ns, len(dirty), counts["uploaded"],
+            counts["up_bytes"], counts["dedup"], counts["dedup_bytes"], counts["holes"],
+            manifest_bytes, time.monotonic() - started)
+        self._log.info("checkpoint %d: %d objects changed, %d uploaded (%d bytes), %d "
+                       "already stored (%d bytes), %d holes", new.sequence, len(dirty),
+                       report.objects_uploaded, report.bytes_uploaded,
+                       report.objects_deduplicated, report.bytes_deduplicated, report.holes)
+        return report
+
+    async def _upload(self, digest: bytes, data: bytes) -> bool:
+        """Make sure the bucket holds ``data`` under ``digest``; True if it was uploaded,
+        False if it was there already (deduplicated)."""
+        if digest in self._known:
+            return False
+        key = self.layout.object_key(digest)
+        try:
+            size = await asyncio.to_thread(self.store.size_of, key)
+            uploaded = size != len(data)
+            if uploaded:  # absent, or a wrong-sized leftover: same name, right content
+                await asyncio.to_thread(self.store.put, key, data)
+        except S3Error as exc:
+            raise S3DeviceError(f"uploading {key}: {exc}", device=self.name) from exc
+        self._known.add(digest)
+        return uploaded
+
+    @staticmethod
+    async def _put_manifest(store: ObjectStore, name: str, layout: Layout,
+                            manifest: mf.Manifest) -> int:
+        key = layout.manifest_key(name, manifest.sequence)
+        raw = mf.encode(manifest)
+        try:
+            await asyncio.to_thread(store.put, key, raw, create_only=True)
+        except S3ConflictError as exc:
+            raise CheckpointConflictError(
+                f"checkpoint {manifest.sequence} was written by another writer first; "
+                "reopen the device to continue from it", device=name) from exc
+        except S3Error as exc:
+            raise S3DeviceError(f"writing manifest {key}: {exc}", device=name) from exc
+        return len(raw)
+
+    async def verify(self) -> int:
+        """Check that the bucket holds every object of the current checkpoint, at the
+        right size (HEAD requests; content is checked on every read). Returns the
+        number of distinct objects checked; raises :class:`ObjectMissingError` or
+        :class:`ObjectCorruptError` for the first bad one."""
+        sizes: dict[bytes, int] = {}
+        for i, digest in enumerate(self._manifest.objects):
+            if digest is not None:
+                sizes[digest] = self._manifest.object_length(i)
+        for digest, length in sizes.items():
+            key = self.layout.object_key(digest)
+            try:
+                size = await asyncio.to_thread(self.store.size_of, key)
+            except S3Error as exc:
+                raise S3DeviceError(f"checking {key}: {exc}", device=self.name) from exc
+            if size is None:
+                raise ObjectMissingError(f"named by checkpoint {self._manifest.sequence} but "
+                                         "not in the bucket", device=self.name, key=key)
+            if size != length:
+                raise ObjectCorruptError(f"{size} bytes, its checkpoint says {length}",
+                                         device=self.name, key=key)
+        return len(sizes)
+
+
+def _first_error(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
