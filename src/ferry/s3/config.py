@@ -6,7 +6,7 @@ every AWS tool does. With every field left at ``None`` ferry uses exactly what
 
 * endpoint: ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, else ``endpoint_url``
   in the profile's section of ``~/.aws/config``, else AWS itself;
-* region: ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, else the profile's ``region``;
+* region: ``AWS_DEFAULT_REGION``, else the profile's ``region``;
 * credentials: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (/
   ``AWS_SESSION_TOKEN``), ``~/.aws/credentials``, SSO, instance metadata ...;
 * profile: ``AWS_PROFILE``.
