@@ -187,6 +187,8 @@ class S3Device:
         self._pending: set[int] = set()
         self._captured: set[int] = set()
         self._known: set[bytes] = set()
+        """Digests this process saw in the bucket (uploaded, found, or read and verified)."""
+        self._uploading: dict[bytes, asyncio.Event] = {}
         self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
         self._checkpoint_lock = asyncio.Lock()
         self._zeros = bytes(manifest.object_size_bytes)
@@ -519,17 +521,23 @@ class S3Device:
     async def _upload(self, digest: bytes, data: bytes) -> bool:
         """Make sure the bucket holds ``data`` under ``digest``; True if it was uploaded,
         False if it was there already (deduplicated)."""
+        while (claim := self._uploading.get(digest)) is not None:
+            await claim.wait()  # another uploader has the same content in flight
         if digest in self._known:
             return False
         key = self.layout.object_key(digest)
+        self._uploading[digest] = claim = asyncio.Event()
         try:
             size = await asyncio.to_thread(self.store.size_of, key)
             uploaded = size != len(data)
             if uploaded:  # absent, or a wrong-sized leftover: same name, right content
                 await asyncio.to_thread(self.store.put, key, data)
+            self._known.add(digest)
         except S3Error as exc:
             raise S3DeviceError(f"uploading {key}: {exc}", device=self.name) from exc
-        self._known.add(digest)
+        finally:
+            del self._uploading[digest]
+            claim.set()
         return uploaded
 
     @staticmethod
