@@ -75,9 +75,10 @@ from ferry.storage.providers.file import FileDevice
 
 log = logging.getLogger(__name__)
 
-DEFAULT_UPLOAD_CONCURRENCY = 8
-"""Objects uploaded at once by a checkpoint. S3 throughput comes from parallel
-requests (each is a round trip plus a transfer); 8 x 4 MiB keeps 32 MiB in flight."""
+DEFAULT_CONCURRENCY = 8
+"""S3 requests at once: objects uploaded by a checkpoint, objects fetched by one read.
+S3 throughput comes from parallel requests (each is a round trip plus a transfer);
+8 x 4 MiB keeps 32 MiB in flight, which bounds what a checkpoint holds in memory."""
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MANIFEST_NAME = re.compile(r"(\d{20})\.manifest")
@@ -163,19 +164,20 @@ class S3Device:
 
     Make one with :meth:`create` (a new device: checkpoint 1, all zeros) or
     :meth:`open` (the newest checkpoint, or ``sequence``). ``cache`` may be shared
-    by devices of one event loop. Every S3 call runs in a worker thread.
+    by devices of one event loop. Every S3 call runs in a worker thread, at most
+    ``concurrency`` at once per operation.
     """
 
     def __init__(self, store: ObjectStore, name: str, manifest: mf.Manifest, *,
                  layout: Layout, staging_dir: Path | None, cache: ObjectCache | None,
-                 upload_concurrency: int, clock_ns: Callable[[], int]) -> None:
-        if upload_concurrency < 1:
-            raise ConfigError("upload_concurrency must be >= 1")
+                 concurrency: int, clock_ns: Callable[[], int]) -> None:
+        if concurrency < 1:
+            raise ConfigError("concurrency must be >= 1")
         self.store = store
         self.name = name
         self.layout = layout
         self.cache = cache if cache is not None else ObjectCache()
-        self.upload_concurrency = upload_concurrency
+        self.concurrency = concurrency
         self._clock_ns = clock_ns
         self._manifest = manifest
         self._log = log.getChild(name)
@@ -189,6 +191,7 @@ class S3Device:
         self._known: set[bytes] = set()
         """Digests this process saw in the bucket (uploaded, found, or read and verified)."""
         self._uploading: dict[bytes, asyncio.Event] = {}
+        self._fetching: dict[bytes, asyncio.Event] = {}
         self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
         self._checkpoint_lock = asyncio.Lock()
         self._zeros = bytes(manifest.object_size_bytes)
@@ -203,7 +206,7 @@ class S3Device:
                      block_size_bytes: int = DEFAULT_BLOCK_SIZE_BYTES,
                      object_size_bytes: int = mf.DEFAULT_OBJECT_SIZE_BYTES,
                      staging_dir: Path | None = None, cache: ObjectCache | None = None,
-                     upload_concurrency: int = DEFAULT_UPLOAD_CONCURRENCY,
+                     concurrency: int = DEFAULT_CONCURRENCY,
                      clock_ns: Callable[[], int] = time.time_ns) -> S3Device:
         """A new all-zero device: writes its checkpoint 1 (every object a hole).
 
@@ -220,13 +223,13 @@ class S3Device:
                             (None,) * mf.object_count(size_bytes, object_size_bytes))
         await cls._put_manifest(store, name, layout, first)
         return cls(store, name, first, layout=layout, staging_dir=staging_dir, cache=cache,
-                   upload_concurrency=upload_concurrency, clock_ns=clock_ns)
+                   concurrency=concurrency, clock_ns=clock_ns)
 
     @classmethod
     async def open(cls, store: ObjectStore, name: str, *, layout: Layout = Layout(),
                    sequence: int | None = None, staging_dir: Path | None = None,
                    cache: ObjectCache | None = None,
-                   upload_concurrency: int = DEFAULT_UPLOAD_CONCURRENCY,
+                   concurrency: int = DEFAULT_CONCURRENCY,
                    clock_ns: Callable[[], int] = time.time_ns) -> S3Device:
         """The device as of its newest checkpoint (or checkpoint ``sequence``).
 
@@ -250,7 +253,7 @@ class S3Device:
             hint = f"; older checkpoints: {older[-3:]} (open one with sequence=)" if older else ""
             raise ManifestFormatError(f"{exc}{hint}") from exc
         return cls(store, name, manifest, layout=layout, staging_dir=staging_dir, cache=cache,
-                   upload_concurrency=upload_concurrency, clock_ns=clock_ns)
+                   concurrency=concurrency, clock_ns=clock_ns)
 
     def _scratch(self, what: str) -> FileDevice:
         fd, path = tempfile.mkstemp(prefix=f".ferry-s3-{self.name}.", suffix=f".{what}",
@@ -296,19 +299,20 @@ class S3Device:
     async def read_at(self, offset: int, length: int) -> bytes:
         staging = self._staging_file()
         check_range(self.size_bytes, offset, length, self.name)
+        objects = self._objects(offset, length)
+        wanted = {d: self._manifest.object_length(i) for i in objects
+                  if i not in self._staged and (d := self._manifest.objects[i]) is not None}
+        fetched = await self._fetch_many(wanted)
+        staging = self._staging_file()  # closed meanwhile?
         out = bytearray(length)
         end = offset + length
-        for i in self._objects(offset, length):
+        for i in objects:
             ostart, s, e = self._span(i, offset, end)
-            if i in self._staged:
+            if i in self._staged:  # (perhaps since the fetch: then it is newer)
                 out[s - offset:e - offset] = staging.read_sync(s, e - s)
-                continue
-            digest = self._manifest.objects[i]
-            if digest is None:
-                continue  # a hole: already zeros
-            data = await self._fetch(digest, self._manifest.object_length(i))
-            self._staging_file()
-            out[s - offset:e - offset] = memoryview(data)[s - ostart:e - ostart]
+            elif (digest := self._manifest.objects[i]) is not None:
+                out[s - offset:e - offset] = memoryview(fetched[digest])[s - ostart:e - ostart]
+            # else a hole: already zeros
         return bytes(out)
 
     async def write_at(self, offset: int, data: Buffer) -> None:
@@ -389,11 +393,45 @@ class S3Device:
             self._staging_file().write_sync(index * self._manifest.object_size_bytes, data)
             self._staged.add(index)
 
+    async def _fetch_many(self, wanted: dict[bytes, int]) -> dict[bytes, bytes]:
+        """Objects ``{digest: length}``, fetched ``concurrency`` at a time."""
+        if len(wanted) <= 1:
+            return {d: await self._fetch(d, n) for d, n in wanted.items()}
+        got: dict[bytes, bytes] = {}
+        work = iter(wanted.items())
+
+        async def fetcher() -> None:
+            for digest, length in work:
+                got[digest] = await self._fetch(digest, length)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(min(self.concurrency, len(wanted))):
+                    tg.create_task(fetcher())
+        except BaseExceptionGroup as group:
+            first = _first_error(group)
+            if isinstance(first, Exception):
+                raise first from first.__cause__
+            raise
+        return got
+
     async def _fetch(self, digest: bytes, length: int) -> bytes:
-        """Object ``digest`` of ``length`` bytes, verified, through the cache."""
+        """Object ``digest`` of ``length`` bytes, verified, through the cache; one
+        request at a time per object (a second reader waits for the first)."""
+        while (claim := self._fetching.get(digest)) is not None:
+            await claim.wait()
         data = self.cache.get(digest)
         if data is not None:
             return data
+        self._fetching[digest] = claim = asyncio.Event()
+        try:
+            data = await self._get_verified(digest, length)
+        finally:
+            del self._fetching[digest]
+            claim.set()
+        return data
+
+    async def _get_verified(self, digest: bytes, length: int) -> bytes:
         key = self.layout.object_key(digest)
         try:
             data = await asyncio.to_thread(self.store.get, key, max_bytes=length)
@@ -486,7 +524,7 @@ class S3Device:
             new = None
             try:
                 async with asyncio.TaskGroup() as tg:
-                    for _ in range(min(self.upload_concurrency, len(dirty))):
+                    for _ in range(min(self.concurrency, len(dirty))):
                         tg.create_task(uploader())
                 old = self._manifest
                 new = mf.Manifest(old.sequence + 1, self._clock_ns(), old.size_bytes,

@@ -154,6 +154,19 @@ async def test_reads_are_lazy_and_the_cache_is_bounded(store: ObjectStore,
     await again.close()
 
 
+async def test_concurrent_readers_of_one_object_share_one_request(store: ObjectStore,
+                                                                  tmp_path: Path) -> None:
+    dev = await new_device(store, tmp_path)
+    await dev.write_at(0, os.urandom(2 * OBJ))
+    image = await dev.read_at(0, 2 * OBJ)
+    await dev.close()
+    again = await reopen(store, tmp_path)
+    reads = await asyncio.gather(*(again.read_at(o, 100) for o in range(0, 2 * OBJ, OBJ // 4)))
+    assert b"".join(reads) == b"".join(image[o:o + 100] for o in range(0, 2 * OBJ, OBJ // 4))
+    assert again.fetched_objects == 2
+    await again.close()
+
+
 async def test_older_checkpoints_stay_readable(store: ObjectStore, tmp_path: Path) -> None:
     dev = await new_device(store, tmp_path)
     first = await scribble(dev, 3)
@@ -215,7 +228,7 @@ async def test_identical_objects_are_stored_once(store: ObjectStore, tmp_path: P
 
 async def test_checkpoint_is_of_the_moment_it_started(store: ObjectStore,
                                                       tmp_path: Path) -> None:
-    dev = await new_device(store, tmp_path, upload_concurrency=1)
+    dev = await new_device(store, tmp_path, concurrency=1)
     for i in range(4):
         await dev.write_at(i * OBJ, b"A" * OBJ)
     started, go = threading.Event(), threading.Event()
@@ -252,7 +265,7 @@ async def test_checkpoint_is_of_the_moment_it_started(store: ObjectStore,
 
 async def test_failed_checkpoint_leaves_the_previous_one(store: ObjectStore,
                                                          tmp_path: Path) -> None:
-    dev = await new_device(store, tmp_path, upload_concurrency=2)
+    dev = await new_device(store, tmp_path, concurrency=2)
     first = await scribble(dev, 5)
     await dev.checkpoint()
     second = await scribble(dev, 6, writes=60)
@@ -299,7 +312,7 @@ KILLED_WRITER = textwrap.dedent("""
     async def main():
         dev = await S3Device.create(store, "disk", 32 * OBJ, block_size_bytes=4096,
                                     object_size_bytes=OBJ, staging_dir=staging,
-                                    upload_concurrency=2)
+                                    concurrency=2)
         await dev.write_at(0, b"A" * 32 * OBJ)
         await dev.checkpoint()  # checkpoint 2: all A (one object, deduplicated)
         rng = random.Random(7)
