@@ -260,6 +260,43 @@ async def test_checkpoint_is_of_the_moment_it_started(store: ObjectStore,
     await latest.close()
 
 
+@pytest.mark.parametrize("seed", [11, 12, 13])
+async def test_checkpoints_racing_random_writes_are_point_in_time(
+        store: ObjectStore, tmp_path: Path, seed: int) -> None:
+    """A writer never waits for checkpoints; each checkpoint must equal the device's
+    image at the moment it was started, whatever the writes did meanwhile. (How many
+    checkpoints fit in the run depends on the machine; what each holds must not.)"""
+    rng = random.Random(seed)
+    obj = 4096
+    size = 24 * obj + 100
+    dev = await S3Device.create(store, "racy", size, block_size_bytes=4096,
+                                object_size_bytes=obj, staging_dir=tmp_path, concurrency=2)
+    model = bytearray(size)
+    expected: dict[int, bytes] = {1: bytes(size)}
+    running: list[asyncio.Task[Any]] = []
+    for step in range(400):
+        if step % 20 == 10 and all(t.done() for t in running):
+            # (A checkpoint called while another runs starts when that one ends.)
+            expected[len(running) + 2] = bytes(model)
+            running.append(asyncio.create_task(dev.checkpoint()))
+            await asyncio.sleep(0)  # the checkpoint starts: its moment is now
+        offset = rng.randrange(size)
+        data = rng.randbytes(rng.randrange(1, min(3 * obj, size - offset) + 1))
+        await dev.write_at(offset, data)
+        model[offset:offset + len(data)] = data
+        if rng.random() < 0.3:
+            await asyncio.sleep(0.001)  # let uploads progress between writes
+    reports = await asyncio.gather(*running)
+    assert [r.sequence for r in reports] == sorted(expected)[1:]
+    await dev.close()  # the last writes: one more checkpoint
+    expected[dev.manifest.sequence] = bytes(model)
+    assert reports[0].objects_dirty > 1
+    for sequence, image in expected.items():
+        seen = await S3Device.open(store, "racy", sequence=sequence, staging_dir=tmp_path)
+        assert await seen.read_at(0, size) == image, f"checkpoint {sequence}"
+        await seen.close(checkpoint=False)
+
+
 # -- interrupted checkpoints ----------------------------------------------------------
 
 
