@@ -152,7 +152,7 @@ def load_manifest(store: ObjectStore, device: str, sequence: int,
     try:
         manifest = mf.decode(raw, key=key)
     except ManifestFormatError as exc:
-        raise ManifestFormatError(str(exc), device=device) from exc
+        raise ManifestFormatError(exc.detail, device=device, key=key) from exc
     if manifest.sequence != sequence:
         raise ManifestFormatError(f"holds sequence {manifest.sequence}, its name says "
                                   f"{sequence}", device=device, key=key)
@@ -173,6 +173,7 @@ class S3Device:
                  concurrency: int, clock_ns: Callable[[], int]) -> None:
         if concurrency < 1:
             raise ConfigError("concurrency must be >= 1")
+        layout.manifest_prefix(name)  # a valid name (it is also part of local file names)
         self.store = store
         self.name = name
         self.layout = layout
@@ -250,8 +251,10 @@ class S3Device:
             manifest = await asyncio.to_thread(load_manifest, store, name, want, layout)
         except ManifestFormatError as exc:
             older = [s for s in found if s < want]
-            hint = f"; older checkpoints: {older[-3:]} (open one with sequence=)" if older else ""
-            raise ManifestFormatError(f"{exc}{hint}") from exc
+            if not older:
+                raise
+            raise ManifestFormatError(f"{exc.detail}; older checkpoints: {older[-3:]} (open "
+                                      "one with sequence=)", device=name, key=exc.key) from exc
         return cls(store, name, manifest, layout=layout, staging_dir=staging_dir, cache=cache,
                    concurrency=concurrency, clock_ns=clock_ns)
 
@@ -297,7 +300,7 @@ class S3Device:
         return range(offset // osz, -(-(offset + length) // osz)) if length else range(0)
 
     async def read_at(self, offset: int, length: int) -> bytes:
-        staging = self._staging_file()
+        self._staging_file()
         check_range(self.size_bytes, offset, length, self.name)
         objects = self._objects(offset, length)
         wanted = {d: self._manifest.object_length(i) for i in objects

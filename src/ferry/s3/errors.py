@@ -75,6 +75,7 @@ class ManifestFormatError(S3DeviceError):
                  key: str | None = None) -> None:
         super().__init__(f"manifest {key}: {message}" if key else message, device=device)
         self.key = key
+        self.detail = message
 
 
 class ObjectMissingError(S3DeviceError):

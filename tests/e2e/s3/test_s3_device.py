@@ -453,8 +453,10 @@ async def test_malformed_newest_manifest_is_refused_not_skipped(
     bad = {"garbage": b"not a manifest", "truncated": good[:-1],
            "wrong-sequence": good}[damage]
     store.put(layout.manifest_key("disk", 3), bad)
-    with pytest.raises(ManifestFormatError, match=r"older checkpoints: \[1, 2\]"):
+    with pytest.raises(ManifestFormatError, match=r"older checkpoints: \[1, 2\]") as info:
         await reopen(store, tmp_path)
+    assert info.value.key == layout.manifest_key("disk", 3)
+    assert info.value.device == "disk"
     dev = await reopen(store, tmp_path, sequence=2)
     assert await dev.read_at(0, SIZE) == image
     await dev.close(checkpoint=False)
