@@ -340,8 +340,16 @@ class S3Device:
         """Checkpoint, if anything was written since the last one: S3 is where this
         device's writes become durable."""
         self._staging_file()
-        if self._dirty:
-            await self.checkpoint()
+        await self._settle()
+
+    async def _settle(self) -> None:
+        """Return once every write made before the call is in a checkpoint."""
+        while self._dirty or self._checkpoint_lock.locked():
+            if self._dirty:
+                await self.checkpoint()
+            else:  # a running checkpoint holds the last writes: wait for it to end
+                async with self._checkpoint_lock:
+                    pass
 
     async def close(self, *, checkpoint: bool = True) -> None:
         """Checkpoint what was written (unless ``checkpoint=False``), then drop the local
@@ -349,13 +357,13 @@ class S3Device:
         if self._staging is None:
             return
         try:
-            if checkpoint and self._dirty:
-                await self.checkpoint()
+            if checkpoint:
+                await self._settle()
         finally:
             staging, frozen, self._staging, self._frozen = self._staging, self._frozen, None, None
-            staging.close_sync()
-            if frozen is not None:
-                frozen.close_sync()
+            for scratch in (staging, frozen):
+                if scratch is not None:  # (None: a concurrent close got there first)
+                    scratch.close_sync()
 
     async def __aenter__(self) -> Self:
         return self
@@ -478,7 +486,8 @@ class S3Device:
         start = index * self._manifest.object_size_bytes
         length = self._manifest.object_length(index)
         if index in self._captured:
-            assert self._frozen is not None
+            if self._frozen is None:
+                raise DeviceClosedError("device closed during a checkpoint", device=self.name)
             data = self._frozen.read_sync(start, length)
         else:
             data = self._staging_file().read_sync(start, length)

@@ -260,6 +260,35 @@ async def test_checkpoint_is_of_the_moment_it_started(store: ObjectStore,
     await latest.close()
 
 
+async def test_flush_waits_for_the_running_checkpoint(store: ObjectStore,
+                                                     tmp_path: Path) -> None:
+    dev = await new_device(store, tmp_path)
+    await dev.write_at(0, b"durable")
+    started, go = threading.Event(), threading.Event()
+
+    def hold(**_: Any) -> None:
+        started.set()
+        go.wait(60)
+
+    unhook = put_hook(store, "before-call", hold)
+    try:
+        checkpoint = asyncio.create_task(dev.checkpoint())
+        assert await asyncio.to_thread(started.wait, 60)
+        assert dev.dirty_objects == 0  # the write is the running checkpoint's now
+        flush = asyncio.create_task(dev.flush())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not flush.done()  # its write is not in S3 yet
+        go.set()
+        await flush
+        assert checkpoint.done()
+    finally:
+        go.set()
+        unhook()
+    assert list_checkpoints(store, "disk") == [1, 2]  # and no extra, empty checkpoint
+    await dev.close()
+
+
 @pytest.mark.parametrize("seed", [11, 12, 13])
 async def test_checkpoints_racing_random_writes_are_point_in_time(
         store: ObjectStore, tmp_path: Path, seed: int) -> None:
