@@ -40,6 +40,7 @@ crash, as a disk's volatile cache is: :meth:`S3Device.flush` checkpoints.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -47,11 +48,12 @@ import re
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import ParamSpec, Self, TypeVar
 
 from ferry.buffers import Buffer
 from ferry.errors import ConfigError, DeviceClosedError
@@ -74,6 +76,9 @@ from ferry.storage.device import DEFAULT_BLOCK_SIZE_BYTES, check_range
 from ferry.storage.providers.file import FileDevice
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 DEFAULT_CONCURRENCY = 8
 """S3 requests at once: objects uploaded by a checkpoint, objects fetched by one read.
@@ -164,8 +169,8 @@ class S3Device:
 
     Make one with :meth:`create` (a new device: checkpoint 1, all zeros) or
     :meth:`open` (the newest checkpoint, or ``sequence``). ``cache`` may be shared
-    by devices of one event loop. Every S3 call runs in a worker thread, at most
-    ``concurrency`` at once per operation.
+    by devices of one event loop. Every S3 call runs in one of the device's
+    ``concurrency`` threads.
     """
 
     def __init__(self, store: ObjectStore, name: str, manifest: mf.Manifest, *,
@@ -196,6 +201,11 @@ class S3Device:
         self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
         self._checkpoint_lock = asyncio.Lock()
         self._zeros = bytes(manifest.object_size_bytes)
+        # Threads of its own for the blocking S3 calls: asyncio's default pool has
+        # cpu_count + 4 threads for the whole process (6 on 2 cores), fewer than the
+        # requests a checkpoint keeps in flight, and shared with every other to_thread.
+        self._pool = ThreadPoolExecutor(max_workers=concurrency,
+                                        thread_name_prefix=f"ferry-s3-{name}")
         self.fetched_objects = 0
         self.fetched_bytes = 0
 
@@ -342,6 +352,12 @@ class S3Device:
         self._staging_file()
         await self._settle()
 
+    async def _call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(*args, **kwargs)`` in this device's S3 threads."""
+        self._staging_file()  # closed: its threads are gone
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
     async def _settle(self) -> None:
         """Return once every write made before the call is in a checkpoint."""
         while self._dirty or self._checkpoint_lock.locked():
@@ -364,6 +380,9 @@ class S3Device:
             for scratch in (staging, frozen):
                 if scratch is not None:  # (None: a concurrent close got there first)
                     scratch.close_sync()
+            # Requests still running (a cancelled checkpoint's) finish in their threads;
+            # nothing waits for them, and nothing more is queued.
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def __aenter__(self) -> Self:
         return self
@@ -445,7 +464,7 @@ class S3Device:
     async def _get_verified(self, digest: bytes, length: int) -> bytes:
         key = self.layout.object_key(digest)
         try:
-            data = await asyncio.to_thread(self.store.get, key, max_bytes=length)
+            data = await self._call(self.store.get, key, max_bytes=length)
         except S3NotFoundError as exc:
             raise ObjectMissingError(f"named by checkpoint {self._manifest.sequence} but not "
                                      f"in the bucket ({exc})", device=self.name,
@@ -522,7 +541,7 @@ class S3Device:
             async def uploader() -> None:
                 for index in work:  # shared iterator: each object goes to one uploader
                     data = self._take(index)
-                    digest = await asyncio.to_thread(self._digest_or_hole, data)
+                    digest = await self._call(self._digest_or_hole, data)
                     objects[index] = digest
                     if digest is None:
                         counts["holes"] += 1
@@ -578,10 +597,10 @@ class S3Device:
         key = self.layout.object_key(digest)
         self._uploading[digest] = claim = asyncio.Event()
         try:
-            size = await asyncio.to_thread(self.store.size_of, key)
+            size = await self._call(self.store.size_of, key)
             uploaded = size != len(data)
             if uploaded:  # absent, or a wrong-sized leftover: same name, right content
-                await asyncio.to_thread(self.store.put, key, data)
+                await self._call(self.store.put, key, data)
             self._known.add(digest)
         except S3Error as exc:
             raise S3DeviceError(f"uploading {key}: {exc}", device=self.name) from exc
@@ -617,7 +636,7 @@ class S3Device:
         for digest, length in sizes.items():
             key = self.layout.object_key(digest)
             try:
-                size = await asyncio.to_thread(self.store.size_of, key)
+                size = await self._call(self.store.size_of, key)
             except S3Error as exc:
                 raise S3DeviceError(f"checking {key}: {exc}", device=self.name) from exc
             if size is None:
