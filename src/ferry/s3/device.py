@@ -4,7 +4,9 @@ Theory of operation. The device is cut into objects of ``object_size_bytes``
 (4 MiB by default; the last may be short). Under a *root* prefix of a bucket::
 
     <root>objects/<sha256 hex>                       one object's bytes, named by their hash
-    <root>devices/<name>/<sequence:020d>.manifest    one checkpoint (:mod:`ferry.s3.manifest`)
+    <root>devices/<name>/<2**64-1-sequence:020d>.manifest
+                                                     one checkpoint (:mod:`ferry.s3.manifest`);
+                                                     names count down: newest listed first
 
 *Reads* of an object come from the local staging file if this process wrote
 it, else from the newest checkpoint: a hole reads as zeros without a request,
@@ -87,6 +89,10 @@ S3 throughput comes from parallel requests (each is a round trip plus a transfer
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MANIFEST_NAME = re.compile(r"(\d{20})\.manifest")
+MAX_SEQUENCE = 2**64 - 1
+"""The manifest's u64 sequence field; names hold ``MAX_SEQUENCE - sequence`` in 20 digits."""
+HINT_CHECKPOINTS = 3
+"""A malformed newest manifest's error names this many older checkpoints to open instead."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +115,19 @@ class Layout:
         return f"{self.root}devices/{device}/"
 
     def manifest_key(self, device: str, sequence: int) -> str:
-        return f"{self.manifest_prefix(device)}{sequence:020d}.manifest"
+        """Names count *down* (``MAX_SEQUENCE - sequence``): S3 lists keys in ascending
+        order, so the newest checkpoint is the first key listed, whatever the history."""
+        if not 1 <= sequence <= MAX_SEQUENCE:
+            raise ConfigError(f"checkpoint sequence {sequence} outside 1..{MAX_SEQUENCE}")
+        return f"{self.manifest_prefix(device)}{MAX_SEQUENCE - sequence:020d}.manifest"
+
+    def sequence_of(self, device: str, key: str) -> int | None:
+        """The sequence a manifest key names, or None if it is not a manifest's key."""
+        prefix = self.manifest_prefix(device)
+        match = _MANIFEST_NAME.fullmatch(key[len(prefix):]) if key.startswith(prefix) else None
+        if match is None or int(match.group(1)) >= MAX_SEQUENCE:
+            return None
+        return MAX_SEQUENCE - int(match.group(1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,18 +147,18 @@ class CheckpointReport:
     duration_s: float
 
 
-def list_checkpoints(store: ObjectStore, device: str, layout: Layout = Layout()
-                     ) -> list[int]:
-    """Sequence numbers of ``device``'s checkpoints in the bucket, oldest first."""
-    prefix = layout.manifest_prefix(device)
+def list_checkpoints(store: ObjectStore, device: str, layout: Layout = Layout(), *,
+                     newest: int | None = None) -> list[int]:
+    """Sequence numbers of ``device``'s checkpoints in the bucket, newest first; with
+    ``newest``, only that many keys are listed (one request, however long the history)."""
     found = []
-    for info in store.list(prefix):
-        match = _MANIFEST_NAME.fullmatch(info.key[len(prefix):])
-        if match is None:
+    for info in store.list(layout.manifest_prefix(device), limit=newest):
+        sequence = layout.sequence_of(device, info.key)
+        if sequence is None:
             log.warning("%s: ignoring %s: not a manifest name", device, info.key)
             continue
-        found.append(int(match.group(1)))
-    return sorted(found)
+        found.append(sequence)
+    return found
 
 
 def load_manifest(store: ObjectStore, device: str, sequence: int,
@@ -225,11 +243,11 @@ class S3Device:
         (:class:`CheckpointConflictError` otherwise; nothing is changed).
         """
         mf.check_geometry(size_bytes, block_size_bytes, object_size_bytes)
-        existing = await asyncio.to_thread(list_checkpoints, store, name, layout)
+        existing = await asyncio.to_thread(list_checkpoints, store, name, layout, newest=1)
         if existing:
             raise CheckpointConflictError(f"already exists in s3://{store.bucket}/"
-                                          f"{layout.manifest_prefix(name)} (checkpoints "
-                                          f"{existing[0]}..{existing[-1]})", device=name)
+                                          f"{layout.manifest_prefix(name)} (newest "
+                                          f"checkpoint {existing[0]})", device=name)
         first = mf.Manifest(1, clock_ns(), size_bytes, block_size_bytes, object_size_bytes,
                             (None,) * mf.object_count(size_bytes, object_size_bytes))
         await cls._put_manifest(store, name, layout, first)
@@ -248,23 +266,23 @@ class S3Device:
         older one: the message names the older checkpoints that ``sequence``
         can open instead.
         """
-        found = await asyncio.to_thread(list_checkpoints, store, name, layout)
-        if not found:
-            raise CheckpointNotFoundError(
-                f"no checkpoint in s3://{store.bucket}/{layout.manifest_prefix(name)}",
-                device=name)
-        want = found[-1] if sequence is None else sequence
-        if want not in found:
-            raise CheckpointNotFoundError(f"no checkpoint {want} (there are {found[0]}.."
-                                          f"{found[-1]})", device=name)
+        if sequence is None:
+            found = await asyncio.to_thread(list_checkpoints, store, name, layout,
+                                            newest=1 + HINT_CHECKPOINTS)
+            if not found:
+                raise CheckpointNotFoundError(
+                    f"no checkpoint in s3://{store.bucket}/{layout.manifest_prefix(name)}",
+                    device=name)
+            want, older = found[0], found[1:]
+        else:
+            want, older = sequence, []
         try:
             manifest = await asyncio.to_thread(load_manifest, store, name, want, layout)
         except ManifestFormatError as exc:
-            older = [s for s in found if s < want]
             if not older:
                 raise
-            raise ManifestFormatError(f"{exc.detail}; older checkpoints: {older[-3:]} (open "
-                                      "one with sequence=)", device=name, key=exc.key) from exc
+            raise ManifestFormatError(f"{exc.detail}; older checkpoints: {older} (open one "
+                                      "with sequence=)", device=name, key=exc.key) from exc
         return cls(store, name, manifest, layout=layout, staging_dir=staging_dir, cache=cache,
                    concurrency=concurrency, clock_ns=clock_ns)
 

@@ -34,6 +34,7 @@ from ferry.s3.errors import (
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import PaginatorConfigTypeDef
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +155,14 @@ class ObjectStore:
             except S3NotFoundError:
                 return None
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Every object under ``prefix``, in key order."""
+    def list(self, prefix: str, *, limit: int | None = None) -> Iterator[ObjectInfo]:
+        """The objects under ``prefix`` in key order (the first ``limit`` of them)."""
         paginator = self.client.get_paginator("list_objects_v2")
+        pages: PaginatorConfigTypeDef = (
+            {} if limit is None else {"MaxItems": limit, "PageSize": min(limit, 1000)})
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix,
+                                           PaginationConfig=pages):
                 for item in page.get("Contents", []):
                     yield ObjectInfo(item["Key"], item["Size"])
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:

@@ -173,7 +173,7 @@ async def test_older_checkpoints_stay_readable(store: ObjectStore, tmp_path: Pat
     await dev.checkpoint()
     second = await scribble(dev, 4)
     await dev.close()  # close checkpoints
-    assert list_checkpoints(store, "disk") == [1, 2, 3]
+    assert list_checkpoints(store, "disk") == [3, 2, 1]
     old = await reopen(store, tmp_path, sequence=2)
     assert await old.read_at(0, SIZE) == first
     await old.close(checkpoint=False)
@@ -285,7 +285,7 @@ async def test_flush_waits_for_the_running_checkpoint(store: ObjectStore,
     finally:
         go.set()
         unhook()
-    assert list_checkpoints(store, "disk") == [1, 2]  # and no extra, empty checkpoint
+    assert list_checkpoints(store, "disk") == [2, 1]  # and no extra, empty checkpoint
     await dev.close()
 
 
@@ -352,7 +352,7 @@ async def test_failed_checkpoint_leaves_the_previous_one(store: ObjectStore,
         unhook()
     assert isinstance(info.value.__cause__, S3UnreachableError)
     assert puts > 3  # it failed part-way, after uploading objects
-    assert list_checkpoints(store, "disk") == [1, 2]
+    assert list_checkpoints(store, "disk") == [2, 1]
     other = await reopen(store, tmp_path)
     assert await other.read_at(0, SIZE) == first
     await other.close(checkpoint=False)
@@ -408,7 +408,7 @@ def test_writer_killed_mid_checkpoint_leaves_the_previous_one(seaweedfs: Seaweed
                           check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert len(object_keys(store)) >= 1 + 3  # A, and three of the new objects
-    assert list_checkpoints(store, "disk") == [1, 2]
+    assert list_checkpoints(store, "disk") == [2, 1]
     assert not list(tmp_path.iterdir())  # the dead writer left no local files
 
     async def check() -> None:
@@ -470,7 +470,7 @@ async def test_missing_object_is_a_typed_error(store: ObjectStore, tmp_path: Pat
     with pytest.raises(ObjectMissingError):  # a partial write needs the object's bytes too
         await dev.write_at(2 * OBJ, b"x")
     await dev.close()
-    assert list_checkpoints(store, "disk") == [1, 2]
+    assert list_checkpoints(store, "disk") == [2, 1]
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong-sequence"])
@@ -482,14 +482,14 @@ async def test_malformed_newest_manifest_is_refused_not_skipped(
     bad = {"garbage": b"not a manifest", "truncated": good[:-1],
            "wrong-sequence": good}[damage]
     store.put(layout.manifest_key("disk", 3), bad)
-    with pytest.raises(ManifestFormatError, match=r"older checkpoints: \[1, 2\]") as info:
+    with pytest.raises(ManifestFormatError, match=r"older checkpoints: \[2, 1\]") as info:
         await reopen(store, tmp_path)
     assert info.value.key == layout.manifest_key("disk", 3)
     assert info.value.device == "disk"
     dev = await reopen(store, tmp_path, sequence=2)
     assert await dev.read_at(0, SIZE) == image
     await dev.close(checkpoint=False)
-    assert list_checkpoints(store, "disk") == [1, 2, 3]  # nothing was removed
+    assert list_checkpoints(store, "disk") == [3, 2, 1]  # nothing was removed
 
 
 async def test_oversized_manifest_is_not_read(store: ObjectStore, tmp_path: Path) -> None:
@@ -509,6 +509,9 @@ async def test_no_checkpoint_and_existing_names(store: ObjectStore, tmp_path: Pa
         await new_device(store, tmp_path)
     with pytest.raises(CheckpointNotFoundError, match="no checkpoint 9"):
         await reopen(store, tmp_path, sequence=9)
+    store.put("ferry/devices/disk/0-not-a-manifest", b"junk")  # listed before any manifest
+    assert list_checkpoints(store, "disk") == [1]
+    await (await reopen(store, tmp_path)).close()
 
 
 async def test_second_writer_of_a_sequence_loses(store: ObjectStore, tmp_path: Path) -> None:

@@ -69,7 +69,18 @@ def test_config_refuses_nonsense(kwargs: dict[str, object]) -> None:
 def test_layout_keys() -> None:
     layout = Layout("vms/")
     assert layout.object_key(b"\xab" * 32) == "vms/objects/" + "ab" * 32
-    assert layout.manifest_key("disk", 12) == "vms/devices/disk/00000000000000000012.manifest"
+    # Names count down from 2**64 - 1, so the newest checkpoint is listed first.
+    assert layout.manifest_key("disk", 12) == "vms/devices/disk/18446744073709551603.manifest"
+    assert layout.manifest_key("disk", 13) < layout.manifest_key("disk", 12)
+    assert layout.sequence_of("disk", layout.manifest_key("disk", 12)) == 12
+    assert layout.sequence_of("disk", layout.manifest_key("disk", 2**64 - 1)) == 2**64 - 1
+    for junk in ("vms/devices/disk/12.manifest", "vms/devices/disk/x",
+                 "vms/devices/other/18446744073709551603.manifest",
+                 "vms/devices/disk/18446744073709551615.manifest"):  # sequence 0
+        assert layout.sequence_of("disk", junk) is None
+    for bad_sequence in (0, 2**64):
+        with pytest.raises(ConfigError):
+            layout.manifest_key("disk", bad_sequence)
     for bad in ("", "../x", "a/b", ".hidden", "x" * 129):
         with pytest.raises(ConfigError):
             layout.manifest_prefix(bad)
