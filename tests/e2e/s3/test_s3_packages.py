@@ -90,9 +90,10 @@ def test_push_then_pull_on_another_host(signed: tuple[Host, Path], store: Object
     other.ok("package", "verify", "vm.ferry")
     into = other.root / "elsewhere"
     into.mkdir()
-    other.ok("package", "pull", url, str(into))  # a directory: the key's file name in it
-    assert (into / "vm.ferry").read_bytes() == package.read_bytes()
-    again = other.ferry("package", "pull", url)
+    other.env["AWS_ENDPOINT_URL_S3"] = "http://127.0.0.1:9"  # nothing there: the option wins
+    other.ok("package", "pull", url, str(into), "--endpoint-url", seaweedfs.endpoint_url)
+    assert (into / "vm.ferry").read_bytes() == package.read_bytes()  # the key's name in it
+    again = other.ferry("package", "pull", url, "--endpoint-url", seaweedfs.endpoint_url)
     assert again.returncode == ExitCode.ERROR
     assert "already exists" in again.stderr
 
