@@ -4,13 +4,15 @@ its data, and leaves no process or directory behind."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
+from pathlib import Path
 
 import boto3
 import botocore
 import botocore.config
 import pytest
 
-from ferry.s3 import S3UnreachableError
+from ferry.s3 import ObjectStore, S3Device, S3DeviceError, S3UnreachableError
 from ferry.testing.s3 import SeaweedFS
 
 pytestmark = pytest.mark.e2e
@@ -40,3 +42,36 @@ def test_anonymous_requests_are_refused(seaweedfs: SeaweedFS) -> None:
     with pytest.raises(botocore.exceptions.ClientError) as info:
         anonymous.get_object(Bucket="private", Key="secret")
     assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+async def test_checkpoint_while_s3_is_down_then_back(tmp_path: Path) -> None:
+    """S3 goes away under a device: writes and staged reads go on, a checkpoint fails
+    with a typed error and keeps its writes, and succeeds once S3 is back."""
+    with SeaweedFS() as s3:
+        s3.store("down")  # the bucket
+        store = ObjectStore.connect(replace(s3.config(), max_attempts=2), "down")
+        obj = 64 * 1024
+        dev = await S3Device.create(store, "disk", 4 * obj, block_size_bytes=4096,
+                                    object_size_bytes=obj, staging_dir=tmp_path)
+        await dev.write_at(0, b"before" * 1000)
+        await dev.checkpoint()
+        reader = await S3Device.open(store, "disk", staging_dir=tmp_path)
+        s3.stop()
+        await dev.write_at(obj, b"while down" * 100)
+        assert await dev.read_at(obj, 10) == b"while down"
+        with pytest.raises(S3DeviceError, match="reading object"):
+            await reader.read_at(0, 6)  # not staged here: it needs S3
+        with pytest.raises(S3DeviceError) as info:
+            await dev.checkpoint()
+        assert isinstance(info.value.__cause__, S3UnreachableError)
+        assert dev.dirty_objects == 1
+        s3.start()
+        assert await reader.read_at(0, 6) == b"before"
+        await reader.close()
+        report = await dev.checkpoint()
+        assert (report.sequence, report.objects_uploaded) == (3, 1)
+        await dev.close()
+        again = await S3Device.open(store, "disk", staging_dir=tmp_path)
+        assert await again.read_at(0, 6) == b"before"
+        assert await again.read_at(obj, 10) == b"while down"
+        await again.close()
