@@ -23,6 +23,10 @@ Use::
 
     with SeaweedFS() as s3:
         store = s3.store("ferry-test")          # the bucket is created
+
+or, for a shell (demos, trying ``ferry package push``): ``python -m ferry.testing.s3
+[--bucket NAME]`` prints the ``AWS_*`` exports for its endpoint and credentials, then
+runs until SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import NoReturn, Self
 
 from ferry.errors import FerryError
 from ferry.s3.config import S3Config, S3Credentials
@@ -245,3 +249,35 @@ class SeaweedFS:
         self.close()
 
 
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Run one SeaweedFS in the foreground; print the shell exports that reach it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="run a SeaweedFS (weed mini) for ferry")
+    parser.add_argument("--bucket", action="append", default=[],
+                        help="create this bucket (repeatable)")
+    args = parser.parse_args(argv)
+
+    def stop(signum: int, _frame: object) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut cleanup
+            signal.signal(sig, signal.SIG_IGN)
+        raise SystemExit(0)  # unwinds the with below, wherever it is: weed stops, dir goes
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    with SeaweedFS() as s3:
+        for bucket in args.bucket:
+            s3.store(bucket)
+        print(f"export AWS_ENDPOINT_URL_S3={s3.endpoint_url}\n"
+              f"export AWS_DEFAULT_REGION=us-east-1\n"
+              f"export AWS_ACCESS_KEY_ID={s3.credentials.access_key_id}\n"
+              f"export AWS_SECRET_ACCESS_KEY={s3.credentials.secret_access_key}\n"
+              f"# weed mini pid {s3.pid}, data in {s3.root} (removed on exit); "
+              "Ctrl-C stops it", flush=True)
+        while True:
+            signal.pause()
+
+if __name__ == "__main__":
+    main()

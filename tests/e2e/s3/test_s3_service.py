@@ -4,6 +4,10 @@ its data, and leaves no process or directory behind."""
 from __future__ import annotations
 
 import os
+import re
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +16,14 @@ import botocore
 import botocore.config
 import pytest
 
-from ferry.s3 import ObjectStore, S3Device, S3DeviceError, S3UnreachableError
+from ferry.s3 import (
+    ObjectStore,
+    S3Config,
+    S3Credentials,
+    S3Device,
+    S3DeviceError,
+    S3UnreachableError,
+)
 from ferry.testing.s3 import SeaweedFS
 
 pytestmark = pytest.mark.e2e
@@ -75,3 +86,32 @@ async def test_checkpoint_while_s3_is_down_then_back(tmp_path: Path) -> None:
         assert await again.read_at(0, 6) == b"before"
         assert await again.read_at(obj, 10) == b"while down"
         await again.close()
+
+
+def test_module_runs_one_for_a_shell() -> None:
+    """``python -m ferry.testing.s3``: exports on stdout, a working endpoint, and on
+    SIGTERM no process or directory left."""
+    proc = subprocess.Popen([sys.executable, "-m", "ferry.testing.s3", "--bucket", "demo"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(5)]
+        env = dict(re.findall(r"^export (\w+)=(\S+)$", "".join(lines), flags=re.M))
+        match = re.search(r"pid (\d+), data in (\S+) ", lines[4])
+        assert match is not None, lines
+        weed, root = int(match.group(1)), Path(match.group(2))
+        store = ObjectStore.connect(S3Config(
+            endpoint_url=env["AWS_ENDPOINT_URL_S3"], region=env["AWS_DEFAULT_REGION"],
+            credentials=S3Credentials(env["AWS_ACCESS_KEY_ID"],
+                                      env["AWS_SECRET_ACCESS_KEY"])), "demo")
+        store.put("k", b"v")
+        assert store.get("k", max_bytes=1) == b"v"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not root.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(weed, 0)
