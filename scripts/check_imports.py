@@ -30,6 +30,7 @@ FLOORS: list[set[str]] = [
     {"storage"},
     {"protocol"},
     {"transport", "net", "package"},
+    {"s3"},  # object storage: S3 client, S3-backed devices, packages in buckets
     {"migration", "expose"},
     {"guest"},  # what is built for the guest and its agent's host-side client
     {"qemu"},  # the VMM driver (the accelerator probe boots a guest kernel)

@@ -39,9 +39,13 @@ RECANCEL_S = 3.0
 def exit_code_for(exc: BaseException) -> ExitCode:
     """The exit code docs/cli.md gives for ``exc``."""
     from ferry.package.errors import PackageFormatError, PackageTamperedError, SignatureError
+    from ferry.s3.errors import ObjectCorruptError, S3AuthError, S3UnreachableError
 
-    if isinstance(exc, PackageTamperedError | PackageFormatError | SignatureError):
-        return ExitCode.INTEGRITY  # a package that does not verify
+    if isinstance(exc, PackageTamperedError | PackageFormatError | SignatureError
+                  | ObjectCorruptError):
+        return ExitCode.INTEGRITY  # a package or an S3 object that does not verify
+    if isinstance(exc, S3AuthError | S3UnreachableError):
+        return ExitCode.PEER  # the S3 endpoint refused our credentials or did not answer
     if isinstance(exc, ConfigError):
         return ExitCode.USAGE
     if isinstance(exc, IntegrityError):

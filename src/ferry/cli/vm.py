@@ -1,5 +1,5 @@
 """``ferry vm ...``, ``ferry key ...``, ``ferry package ...``: argument parsing around
-:mod:`ferry.vm` and :mod:`ferry.package.commands` (see docs/vm.md)."""
+:mod:`ferry.vm`, :mod:`ferry.package.commands` and :mod:`ferry.s3.packages` (see docs/vm.md)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from ferry.node.control import ControlClient
 from ferry.node.process import launch_detached
 from ferry.package import PackageInfo, Progress, TrustStore
 from ferry.package import commands as pkg
+from ferry.s3 import S3URL, S3Config
+from ferry.s3 import packages as s3_packages
 from ferry.shape import DEFAULT_CPU_MODEL, MAX_MEMORY_MIB, MIN_MEMORY_MIB
 from ferry.vm import pkgcache, registry, snapshot
 from ferry.vm.errors import VMExistsError, VMNotFoundError
@@ -158,6 +160,32 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
     c.add_argument("file", type=Path)
     c.add_argument("--trust", type=Path)
     add_common(c)
+    c = pk.add_parser("push", help="upload a package to S3 (s3://BUCKET/KEY)")
+    c.add_argument("file", type=Path)
+    c.add_argument("url", metavar="s3://BUCKET/KEY")
+    c.add_argument("--overwrite", action="store_true")
+    _s3_options(c)
+    add_common(c)
+    c = pk.add_parser("pull", help="download a package from S3 and verify it before it "
+                                   "lands at DEST")
+    c.add_argument("url", metavar="s3://BUCKET/KEY")
+    c.add_argument("dest", type=Path, nargs="?",
+                   help="file or directory (default: the key's file name, here)")
+    c.add_argument("--trust", type=Path)
+    c.add_argument("--overwrite", action="store_true")
+    _s3_options(c)
+    add_common(c)
+
+
+def _s3_options(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL_S3, "
+                                          "AWS_ENDPOINT_URL, ~/.aws/config, else AWS)")
+    c.add_argument("--region", help="default: AWS_DEFAULT_REGION or the profile's")
+    c.add_argument("--profile", help="AWS profile (default: AWS_PROFILE)")
+
+
+def _s3_config(args: argparse.Namespace) -> S3Config:
+    return S3Config(endpoint_url=args.endpoint_url, region=args.region, profile=args.profile)
 
 
 class _Out:
@@ -472,6 +500,31 @@ async def _package_prune(args: argparse.Namespace, out: _Out) -> None:
         lambda: out.console.print(f"removed {len(removed)} packages, {freed >> 20} MiB freed"))
 
 
+async def _package_push(args: argparse.Namespace, out: _Out) -> None:
+    url = S3URL.parse(args.url)
+    out.progress(f"uploading {args.file} to {url}")
+    report = await asyncio.to_thread(s3_packages.push_package, args.file, url,
+                                     _s3_config(args), overwrite=args.overwrite)
+    out({"url": report.url, "file": report.file, "size_bytes": report.size_bytes,
+         "duration_s": report.duration_s}, lambda: out.console.print(
+        f"{args.file}: pushed to {url} ({report.size_bytes / 2**20:.1f} MiB in "
+        f"{report.duration_s:.1f} s)"))
+
+
+async def _package_pull(args: argparse.Namespace, out: _Out) -> None:
+    url = S3URL.parse(args.url)
+    dest = args.dest if args.dest is not None else s3_packages.default_destination(url)
+    trust = TrustStore.from_path(args.trust) if args.trust else TrustStore.for_host(args.host)
+    out.progress(f"downloading {url}")
+    info, report = await asyncio.to_thread(
+        s3_packages.pull_package, url, dest, trust, _s3_config(args),
+        overwrite=args.overwrite, progress=_package_progress(out.progress))
+    out({**_package_json(info), "url": report.url, "path": report.file,
+         "size_bytes": report.size_bytes, "duration_s": report.duration_s},
+        lambda: out.console.print(f"{url}: verified ({len(info.files)} files, signed by "
+                                  f"{info.key_id}), saved as {report.file}"))
+
+
 _HANDLERS: dict[tuple[str, str], Handler] = {
     ("vm", "build"): _vm_build,
     ("vm", "snapshot"): _vm_snapshot,
@@ -498,6 +551,8 @@ _HANDLERS: dict[tuple[str, str], Handler] = {
     ("package", "ls"): _package_list,
     ("package", "rm"): _package_rm,
     ("package", "prune"): _package_prune,
+    ("package", "push"): _package_push,
+    ("package", "pull"): _package_pull,
 }
 """Every ``vm``/``key``/``package`` subcommand and the function that runs it."""
 
