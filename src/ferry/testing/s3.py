@@ -31,6 +31,7 @@ runs until SIGINT or SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -54,6 +55,8 @@ from ferry.s3.store import ObjectStore
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 90.0
+READY_BUCKET = "ferry-ready"
+"""Where start() writes and reads back one object before it returns."""
 """``weed mini`` answers S3 in about 2 s here; a loaded 2-core CI machine is slower."""
 STOP_TIMEOUT_S = 15.0
 """SIGTERM to exit: ``weed mini`` drains its volume server (about 3-4 s), then SIGKILL."""
@@ -201,7 +204,15 @@ class SeaweedFS:
                 raise SeaweedFSError(f"weed mini exited {self._proc.returncode}: "
                                      f"{self._log_tail()}")
             try:
+                # A whole round trip, not only the gateway: after a restart the gateway
+                # answers before the volume server serves data again.
                 probe.list_buckets()
+                with contextlib.suppress(probe.exceptions.BucketAlreadyOwnedByYou,
+                                         probe.exceptions.BucketAlreadyExists):
+                    probe.create_bucket(Bucket=READY_BUCKET)
+                probe.put_object(Bucket=READY_BUCKET, Key="ready", Body=b"ready")
+                if probe.get_object(Bucket=READY_BUCKET, Key="ready")["Body"].read() != b"ready":
+                    raise SeaweedFSError("the readiness object came back different")
                 log.info("weed mini %d: S3 at %s", self._proc.pid, self.endpoint_url)
                 return
             except Exception as exc:  # not up yet: connection refused, 503 ...
