@@ -14,7 +14,10 @@ measured from sockets inside them (:mod:`ferry.testing.linkprobe`), in one run:
    p10/p90) and ``mbit`` (wire rate: median of 250 ms bins after slow start,
    every segment's headers counted; ``goodput_mbit`` is the payload), their
    ratios to the configured values, the relay's CPU use while the rate ran
-   (``relay_cpu_pct``, % of one core) and its drop counters.
+   (``relay_cpu_pct``, % of one core) and its drop counters;
+4. ``ferry_buffers_mbit``: the same link with ferry's fixed socket buffers
+   (:data:`ferry.transport.tuning.SOCKET_BUFFER_BYTES` on both ends, no
+   autotuning): what one ferry connection can get from it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any
 
 from ferry.testing.hosts import host_namespaces
 from ferry.testing.linkprobe import measure_rate, measure_rtt
+from ferry.transport.tuning import SOCKET_BUFFER_BYTES
 
 
 def _cpu_s(pid: int) -> float:
@@ -66,6 +70,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             rate = await measure_rate(hosts, a, b, seconds=args.seconds, warmup_s=args.warmup_s)
             cpu_pct = 100 * (_cpu_s(pid) - cpu0) / (time.monotonic() - t0)
             after = await hosts.link_stats()
+            fixed = await measure_rate(hosts, a, b, seconds=args.seconds,
+                                       warmup_s=args.warmup_s, buffer_bytes=SOCKET_BUFFER_BYTES)
     lane = f"{a}>{b}"
     delta = {k: after[lane][k] - before[lane][k] for k in after[lane]}
     rtt = statistics.median(rtts)
@@ -87,6 +93,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "bridge_mbit": round(bridge.wire_mbit, 1),
         "ceiling_mbit": round(ceiling.wire_mbit, 1),
         "ceiling_ratio": round(ceiling.wire_mbit / bridge.wire_mbit, 3),
+        "ferry_buffers_mbit": round(fixed.wire_mbit, 1),
+        "ferry_buffer_bytes": SOCKET_BUFFER_BYTES,
         "mss_bytes": rate.mss_bytes,
         "bins_mbit": [round(x, 1) for x in rate.bins_mbit],
     }

@@ -48,11 +48,21 @@ class RateSample:
     """Payload rate of every bin after the warm-up."""
 
 
-async def _pair(hosts: HostSet, a: str, b: str) -> tuple[socket.socket, socket.socket]:
-    """A connected TCP pair: (client in ``a``, accepted socket in ``b``), blocking."""
+async def _pair(hosts: HostSet, a: str, b: str, buffer_bytes: int | None = None,
+                ) -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair: (client in ``a``, accepted socket in ``b``), blocking.
+
+    ``buffer_bytes`` sets SO_SNDBUF and SO_RCVBUF on both (before the handshake, which
+    fixes the window scale), as :mod:`ferry.transport.tuning` does; ``None`` leaves
+    the kernel's autotuning.
+    """
     server = await netns.socket_in_netns(hosts[b].namespace)
     client = await netns.socket_in_netns(hosts[a].namespace)
     try:
+        if buffer_bytes is not None:
+            for s in (server, client):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_bytes)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
         server.setblocking(True)
         server.bind((hosts[b].address, 0))
         server.listen(1)
@@ -114,10 +124,13 @@ async def measure_rtt(hosts: HostSet, a: str, b: str, *, samples: int = 30) -> l
 
 async def measure_rate(
     hosts: HostSet, a: str, b: str, *, seconds: float = 4.0, warmup_s: float = 1.5,
-    bin_s: float = 0.25,
+    bin_s: float = 0.25, buffer_bytes: int | None = None,
 ) -> RateSample:
-    """Bulk TCP from ``a`` to ``b`` for ``warmup_s + seconds``; the steady rate."""
-    client, server = await _pair(hosts, a, b)
+    """Bulk TCP from ``a`` to ``b`` for ``warmup_s + seconds``; the steady rate.
+
+    ``buffer_bytes``: fixed socket buffers (see :func:`_pair`) instead of autotuning.
+    """
+    client, server = await _pair(hosts, a, b, buffer_bytes)
     with client, server:
         total = warmup_s + seconds
         stop = threading.Event()
