@@ -80,6 +80,19 @@ async def test_lossy_link_loses_the_configured_fraction(tmp_path: Path) -> None:
         assert "gso_max_segs 1 " in eth0
 
 
+async def test_jitter_spreads_round_trips_around_the_rtt(tmp_path: Path) -> None:
+    tag, (a, b) = _names(2)
+    async with host_namespaces([a, b], switch_tag=tag, run_dir=tmp_path) as hosts:
+        await hosts.set_link(a, b, rtt_ms=40, jitter_ms=5, seed=1)
+        rtts = sorted(await measure_rtt(hosts, a, b, samples=40))
+        # Each direction adds uniform +-5 ms: a round trip spreads over +-10 ms around 40
+        # (the sum of two uniforms: p10..p90 is about 11 ms wide).
+        assert _within(statistics.median(rtts), 40.0)
+        p10, p90 = rtts[len(rtts) // 10], rtts[len(rtts) * 9 // 10]
+        assert p90 - p10 > 4.0, rtts
+        assert rtts[0] >= 30.0 - 0.5, rtts
+
+
 async def test_only_the_configured_pair_is_slowed(tmp_path: Path) -> None:
     tag, (a, b, c) = _names(3)
     async with host_namespaces([a, b, c], switch_tag=tag, run_dir=tmp_path) as hosts:
