@@ -10,6 +10,8 @@ Runs, in one invocation and on the same machine state:
    (incompressible) data, from the source in this process to a receiver in
    a child process, through the codec, hashing, verification at the
    destination and completion handshake;
+   ``tls``: the same over TCP with mutual TLS (``ferry certs``' certificates),
+   as between two hosts; ``ratio_tls`` is its rate over the same ``raw`` copy;
 3. ``dirty``: the same over TCP while a writer changes the source with random
    4 KiB writes at ``--write-rate-mib-s`` (default 50), default dirty policy.
    Reports ``amplification`` (every byte sent, all phases, / the device's
@@ -55,7 +57,10 @@ from ferry.transport.auth import (
     same_user,
     token_authenticator,
 )
+from ferry.transport.certs import HostCertFiles, create_ca, create_host_cert
+from ferry.transport.listener import Listener
 from ferry.transport.tcp import connect_tcp, listen_tcp
+from ferry.transport.tls import client_context_for, server_context_for
 from ferry.transport.unix import connect_unix, listen_unix
 
 MIB = 1024 * 1024
@@ -107,7 +112,18 @@ def raw_copy(data: bytes) -> tuple[float, bool]:
 # -- ferry migration -------------------------------------------------------------------------
 
 
-def _ferry_receiver(kind: str, where: str, token: str, conn: Connection) -> None:
+def make_certs(directory: str) -> tuple[HostCertFiles, HostCertFiles]:
+    """A private CA and two host certificates: (server on 127.0.0.1, client)."""
+    create_ca(os.path.join(directory, "ca"))
+    server = create_host_cert(os.path.join(directory, "ca"), os.path.join(directory, "server"),
+                              "server", ips=["127.0.0.1"])
+    client = create_host_cert(os.path.join(directory, "ca"), os.path.join(directory, "client"),
+                              "client")
+    return server, client
+
+
+def _ferry_receiver(kind: str, where: str, token: str, conn: Connection,
+                    certs: HostCertFiles | None = None) -> None:
     async def main() -> None:
         dests: list[DestinationStack] = []
 
@@ -117,12 +133,22 @@ def _ferry_receiver(kind: str, where: str, token: str, conn: Connection) -> None
                 dests.append(destination_stack(info.name, dev, info.block_size_bytes))
             return [d.destination_device() for d in dests]
 
-        listener = await (listen_tcp("127.0.0.1", 0) if kind == "tcp" else listen_unix(where))
+        listener: Listener[Any]
+        if kind == "unix":
+            listener = await listen_unix(where)
+        else:
+            context = server_context_for(certs) if kind == "tls" and certs else None
+            listener = await listen_tcp("127.0.0.1", 0, ssl_context=context)
         async with listener:
             conn.send(listener.address)
-            # Authenticated as `ferry receive`/`serve` are: a token on TCP, the peer's uid on UNIX.
-            check = token_authenticator(token) if kind == "tcp" else same_user
-            stream = await accept_authenticated(listener, check)
+            # Authenticated as `ferry receive`/`serve` are: a token on TCP, the peer's uid on
+            # UNIX, the certificate (checked in the handshake) with TLS.
+            if kind == "tcp":
+                stream = await accept_authenticated(listener, token_authenticator(token))
+            elif kind == "unix":
+                stream = await accept_authenticated(listener, same_user)
+            else:
+                stream = await listener.accept()
         channel = StreamChannel(stream)
         await Receiver(channel, open_devices).run()
         await channel.aclose()
@@ -138,12 +164,14 @@ async def ferry_migrate(
     *,
     write_rate_mib_s: float = 0.0,
     policy: DirtyPolicy | None = None,
+    certs: tuple[HostCertFiles, HostCertFiles] | None = None,
 ) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="ferry-bench-")
     parent, child = mp.Pipe()
     token = new_token()
     proc = mp.Process(
-        target=_ferry_receiver, args=(kind, os.path.join(tmp, "s"), token, child)
+        target=_ferry_receiver,
+        args=(kind, os.path.join(tmp, "s"), token, child, certs[0] if certs else None),
     )
     proc.start()
     address = await asyncio.to_thread(parent.recv)
@@ -174,7 +202,11 @@ async def ferry_migrate(
         stop.set()
 
     start = time.perf_counter()
-    stream = await (connect_tcp(*address) if kind == "tcp" else connect_unix(address))
+    if kind == "tls":
+        assert certs is not None
+        stream = await connect_tcp(*address, ssl_context=client_context_for(certs[1]))
+    else:
+        stream = await (connect_tcp(*address) if kind == "tcp" else connect_unix(address))
     if kind == "tcp":
         await present_token(stream, token, timeout_s=HANDSHAKE_TIMEOUT_S)
     channel = StreamChannel(stream)
@@ -221,7 +253,10 @@ async def run(size_mib: int, repeat: int, write_rate: float) -> dict[str, Any]:
     raw: list[float] = []
     tcp: list[float] = []
     unix: list[float] = []
+    tls: list[float] = []
     identical = True
+    cert_dir = tempfile.mkdtemp(prefix="ferry-bench-certs-")
+    certs = make_certs(cert_dir)
     for _ in range(repeat):
         t, ok = raw_copy(data)
         raw.append(size / MIB / t)
@@ -232,12 +267,17 @@ async def run(size_mib: int, repeat: int, write_rate: float) -> dict[str, Any]:
         r = await ferry_migrate(stack, "unix")
         unix.append(size / MIB / r["elapsed_s"])
         identical &= r["identical"]
+        r = await ferry_migrate(stack, "tls", certs=certs)
+        tls.append(size / MIB / r["elapsed_s"])
+        identical &= r["identical"]
+    shutil.rmtree(cert_dir, ignore_errors=True)
     del data
     dirty = await ferry_migrate(stack, "tcp", write_rate_mib_s=write_rate)
     rep = dirty["report"]
     per_cycle = rep.devices[0].dirty_blocks_by_cycle
     raw_m = statistics.median(raw)
     tcp_m = statistics.median(tcp)
+    tls_m = statistics.median(tls)
     return {
         "size_mib": size_mib,
         "repeat": repeat,
@@ -245,9 +285,12 @@ async def run(size_mib: int, repeat: int, write_rate: float) -> dict[str, Any]:
         "migrate_tcp_mib_s": round(tcp_m, 1),
         "ratio_tcp": round(tcp_m / raw_m, 3),
         "migrate_unix_mib_s": round(statistics.median(unix), 1),
+        "migrate_tls_mib_s": round(tls_m, 1),
+        "ratio_tls": round(tls_m / raw_m, 3),
         "raw_runs_mib_s": [round(x, 1) for x in raw],
         "tcp_runs_mib_s": [round(x, 1) for x in tcp],
         "unix_runs_mib_s": [round(x, 1) for x in unix],
+        "tls_runs_mib_s": [round(x, 1) for x in tls],
         "identical": identical,
         "write_rate_mib_s": write_rate,
         "written_mib": round(dirty["written_mib"], 1),

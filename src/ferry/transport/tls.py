@@ -14,7 +14,8 @@ import asyncio
 import contextlib
 import os
 import ssl
-from typing import cast
+from collections.abc import Callable
+from typing import TypeVar, cast
 
 from ferry.buffers import Buffer
 from ferry.errors import (
@@ -25,6 +26,7 @@ from ferry.errors import (
 )
 from ferry.transport.base import Stream
 from ferry.transport.certs import HostCertFiles
+from ferry.transport.sockets import ReceiveIntoStream
 from ferry.transport.streams import (
     CLOSE_GRACE_S,
     DEFAULT_RECEIVE_BYTES,
@@ -34,6 +36,7 @@ from ferry.transport.streams import (
 )
 
 PathLike = str | os.PathLike[str]
+T = TypeVar("T")
 
 TLS_WRITE_CHUNK_BYTES = 256 * 1024
 """Plaintext encrypted per step of send_all: large enough to amortise the
@@ -107,6 +110,9 @@ class TLSStream:
         self._receive_lock = asyncio.Lock()
         self._closed = False
         self._broken = False
+        self._receive_into = (
+            transport.receive_into if isinstance(transport, ReceiveIntoStream) else None)
+        self._ciphertext = memoryview(bytearray(DEFAULT_RECEIVE_BYTES))
 
     @classmethod
     async def wrap(
@@ -170,6 +176,14 @@ class TLSStream:
 
     async def _fill(self) -> None:
         """Feed the SSL object the next ciphertext; EOF is passed on as EOF."""
+        if self._receive_into is not None:
+            # Into one reused buffer: a fresh 256 KiB object per read costs page faults.
+            count = await self._receive_into(self._ciphertext)
+            if count:
+                self._incoming.write(self._ciphertext[:count])
+            else:
+                self._incoming.write_eof()
+            return
         data = await self._transport.receive_some(DEFAULT_RECEIVE_BYTES)
         if data:
             self._incoming.write(data)
@@ -207,12 +221,46 @@ class TLSStream:
     async def receive_some(self, max_bytes: int = DEFAULT_RECEIVE_BYTES) -> bytes:
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, not {max_bytes}")
+
+        def read() -> bytes:
+            data = self._ssl.read(max_bytes)
+            return self._read_buffered(data, max_bytes) if data else data
+
+        return await self._receive(read, b"")
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        """Receive 1..len(buffer) plaintext bytes straight into ``buffer``; 0 at the end.
+
+        OpenSSL decrypts into ``buffer`` itself: no plaintext object is
+        allocated or copied (the migration channel reads into its codec's buffer
+        this way, as it does from a plain socket).
+        """
+        if not len(buffer):
+            raise ValueError("receive_into needs a non-empty buffer")
+
+        def read() -> int:
+            # With a buffer, read() returns a count (typeshed says bytes).
+            total = cast(int, self._ssl.read(len(buffer), buffer))
+            while total and total < len(buffer) and self._incoming.pending:
+                try:
+                    count = cast(int, self._ssl.read(len(buffer) - total, buffer[total:]))
+                except ssl.SSLError:
+                    break  # want-read, close_notify or an error: the next call sees it
+                if not count:
+                    break
+                total += count
+            return total
+
+        return await self._receive(read, 0)
+
+    async def _receive(self, read: Callable[[], T], at_end: T) -> T:
+        """Run ``read`` (one or more ``SSLObject.read``) until it has data or the end."""
         self._check_open()
         async with self._receive_lock:
             while True:
                 self._check_open()
                 try:
-                    data = self._ssl.read(max_bytes)
+                    data = read()
                 except ssl.SSLWantReadError:
                     if self._outgoing.pending:
                         await self._flush()
@@ -223,12 +271,10 @@ class TLSStream:
                         raise
                     continue
                 except ssl.SSLZeroReturnError:
-                    return b""  # close_notify: a clean end of stream
+                    return at_end  # close_notify: a clean end of stream
                 except ssl.SSLError as exc:
                     # Includes SSLEOFError: the link ended without close_notify.
                     raise self._tls_broken("receive", exc) from exc
-                if data:
-                    data = self._read_buffered(data, max_bytes)
                 if self._outgoing.pending:
                     await self._flush()
                 return data

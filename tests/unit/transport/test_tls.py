@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import stat
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,9 @@ from ferry.transport.tls import (
     server_context,
     server_context_for,
 )
+
+from .conformance import CHECKS, Pair, PairFactory, run_check
+from .test_socket_stream import ViaReceiveInto
 
 
 @pytest.fixture
@@ -211,3 +216,53 @@ async def test_truncation_without_close_notify_is_an_error(pki: dict[str, HostCe
             await client.receive_some()
         await client.aclose()
         await server.aclose()
+
+
+def tls_into_pair(pki: dict[str, HostCertFiles]) -> PairFactory:
+    """TLS streams whose receive_some goes through TLSStream.receive_into."""
+
+    @contextlib.asynccontextmanager
+    async def make() -> AsyncIterator[Pair]:
+        async with await listen_tcp(ssl_context=server_context_for(pki["server"])) as listener:
+            a = await connect_tcp(*listener.address, ssl_context=client_context_for(pki["client"]))
+            b = await listener.accept()
+            assert isinstance(a, TLSStream)
+            assert isinstance(b, TLSStream)
+            wa, wb = ViaReceiveInto(a), ViaReceiveInto(b)
+            try:
+                yield Pair(wa, wb, vanish_b=wb.aclose, half_close=False)
+            finally:
+                await wa.aclose()
+                await wb.aclose()
+
+    return make
+
+
+@pytest.mark.parametrize("check", sorted(CHECKS))
+async def test_conformance_through_tls_receive_into(
+        check: str, pki: dict[str, HostCertFiles]) -> None:
+    await run_check(check, tls_into_pair(pki))
+
+
+async def test_tls_receive_into_any_buffer_size_gets_every_byte(
+        pki: dict[str, HostCertFiles]) -> None:
+    # Records are 16 KiB: buffers smaller, equal and larger than one, and spanning several.
+    payload = bytes(range(256)) * 1024  # 256 KiB
+    async with await listen_tcp(ssl_context=server_context_for(pki["server"])) as listener:
+        a = await connect_tcp(*listener.address, ssl_context=client_context_for(pki["client"]))
+        b = await listener.accept()
+        assert isinstance(b, TLSStream)
+        for size in (1, 7, 16384, 16385, 100_000, 300_000):
+            await a.send_all(payload)
+            got = bytearray()
+            buffer = bytearray(size)
+            while len(got) < len(payload):
+                n = await b.receive_into(memoryview(buffer))
+                assert 1 <= n <= size
+                got += buffer[:n]
+            assert got == payload, size
+        await a.aclose()
+        assert await b.receive_into(memoryview(bytearray(10))) == 0  # close_notify: the end
+        with pytest.raises(ValueError, match="non-empty"):
+            await b.receive_into(memoryview(bytearray(0)))
+        await b.aclose()
