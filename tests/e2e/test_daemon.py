@@ -99,13 +99,18 @@ def daemon(signer: Signer) -> Iterator[Daemon]:
         if d.proc is not None:
             with contextlib.suppress(Exception):
                 d.stop()
-        for pid in holder_pids(paths):  # VMs a failed test left: their holders clean up
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while _alive(holder_pids(paths)) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        _stop_holders(paths)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _stop_holders(paths: VMPaths) -> None:
+    """SIGTERM the holders of VMs a failed test left (they clean up), and wait for them."""
+    for pid in holder_pids(paths):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while _alive(holder_pids(paths)) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _alive(pids: list[int]) -> bool:
@@ -499,12 +504,7 @@ def test_a_warm_vm_is_claimed_by_the_next_run_and_ends_with_the_daemon(
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.communicate(timeout=60)
-        for pid in holder_pids(paths):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while _alive(holder_pids(paths)) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        _stop_holders(paths)
         shutil.rmtree(root, ignore_errors=True)
 
 

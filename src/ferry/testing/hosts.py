@@ -271,6 +271,24 @@ def check_host_names(names: Sequence[str], subnet: ipaddress.IPv4Network) -> Non
         raise NetConfigError(f"{subnet} has too few addresses for {len(names)} hosts")
 
 
+async def build_hosts(switch: str, hosts: Sequence[HostNamespace],
+                      subnet: ipaddress.IPv4Network) -> None:
+    """Make the switch namespace with its bridge, and each host's namespace with ``eth0``
+    at its address, plugged into the switch (the caller recorded them for removal)."""
+    await netns.create(switch)
+    await links.add_bridge(switch, SWITCH_BRIDGE)
+    await links.set_up(switch, SWITCH_BRIDGE)
+    for h in hosts:
+        await netns.create(h.namespace)
+        await links.add_veth(switch, h.switch_port, HOST_IFNAME, peer_namespace=h.namespace)
+        await links.set_master(switch, h.switch_port, SWITCH_BRIDGE)
+        await links.set_up(switch, h.switch_port)
+        await links.add_address(h.namespace, HOST_IFNAME, f"{h.address}/{subnet.prefixlen}")
+        await links.set_up(h.namespace, HOST_IFNAME)
+        # So VMs on this host can reach the other hosts through NAT.
+        await netns.set_sysctl(h.namespace, "net.ipv4.ip_forward", "1")
+
+
 @contextlib.asynccontextmanager
 async def host_namespaces(
     names: Sequence[str],
@@ -300,18 +318,7 @@ async def host_namespaces(
     async with rd.locked():
         rd.write(record)
     try:
-        await netns.create(switch)
-        await links.add_bridge(switch, SWITCH_BRIDGE)
-        await links.set_up(switch, SWITCH_BRIDGE)
-        for h in hosts.values():
-            await netns.create(h.namespace)
-            await links.add_veth(switch, h.switch_port, HOST_IFNAME, peer_namespace=h.namespace)
-            await links.set_master(switch, h.switch_port, SWITCH_BRIDGE)
-            await links.set_up(switch, h.switch_port)
-            await links.add_address(h.namespace, HOST_IFNAME, f"{h.address}/{subnet.prefixlen}")
-            await links.set_up(h.namespace, HOST_IFNAME)
-            # So VMs on this host can reach the other hosts through NAT.
-            await netns.set_sysctl(h.namespace, "net.ipv4.ip_forward", "1")
+        await build_hosts(switch, list(hosts.values()), subnet)
         log.info("test hosts up: %s", ", ".join(f"{h.name}={h.address}" for h in hosts.values()))
         host_set = HostSet(hosts, switch)
         try:

@@ -36,13 +36,13 @@ from typing import Any
 
 from ferry.errors import ConfigError
 from ferry.hostconfig import HostConfig
-from ferry.net import links, netns
+from ferry.net import netns
 from ferry.net.errors import NamespaceError
 from ferry.net.state import OwnerRecord, RunDir, remove_resources
 from ferry.testing.hosts import (
     DEFAULT_HOST_SUBNET,
-    HOST_IFNAME,
-    SWITCH_BRIDGE,
+    HostNamespace,
+    build_hosts,
     check_host_names,
     host_namespace_name,
 )
@@ -114,18 +114,8 @@ async def lab_up(host: HostConfig, names: Sequence[str], *,
     async with rd.locked():
         rd.write(record)
     try:
-        await netns.create(SWITCH)
-        await links.add_bridge(SWITCH, SWITCH_BRIDGE)
-        await links.set_up(SWITCH, SWITCH_BRIDGE)
-        for h in hosts:
-            port = f"h-{h.name}"
-            await netns.create(h.namespace)
-            await links.add_veth(SWITCH, port, HOST_IFNAME, peer_namespace=h.namespace)
-            await links.set_master(SWITCH, port, SWITCH_BRIDGE)
-            await links.set_up(SWITCH, port)
-            await links.add_address(h.namespace, HOST_IFNAME, f"{h.address}/{subnet.prefixlen}")
-            await links.set_up(h.namespace, HOST_IFNAME)
-            await netns.set_sysctl(h.namespace, "net.ipv4.ip_forward", "1")
+        await build_hosts(SWITCH, [HostNamespace(h.name, h.namespace, h.address, SWITCH)
+                                   for h in hosts], subnet)
         path = _lab_file(host)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
