@@ -563,7 +563,7 @@ def test_a_waiting_receiver_is_listed_and_can_be_ended(daemon: Daemon) -> None:
         assert json.loads(listed.stdout) == [w]
         with pytest.raises(DaemonError) as plain:
             api.call("DELETE", "/v1/vms/wait-1")
-        assert plain.value.status == 404
+        assert plain.value.status == 409
         assert "force" in plain.value.problem["detail"]
         assert api.call("DELETE", "/v1/vms/wait-1?force=true")["mode"] == "cancelled"
         deadline = time.monotonic() + 10

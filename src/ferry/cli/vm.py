@@ -31,7 +31,7 @@ from ferry.s3 import S3URL, S3Config
 from ferry.s3 import packages as s3_packages
 from ferry.shape import DEFAULT_CPU_MODEL, MAX_MEMORY_MIB, MIN_MEMORY_MIB
 from ferry.vm import pkgcache, registry, snapshot
-from ferry.vm.errors import VMExistsError, VMNotFoundError
+from ferry.vm.errors import VMNotFoundError
 from ferry.vm.publish import parse_publish
 from ferry.vm.runner import StopMode
 
@@ -379,23 +379,8 @@ async def _vm_stop(args: argparse.Namespace, out: _Out) -> None:
 
 
 async def _vm_rm(args: argparse.Namespace, out: _Out) -> None:
-    paths = registry.VMPaths.of(args.host)
-    vm_id = registry.check_vm_id(args.vm_id)
-    if registry.live_supervisor(paths, vm_id) is not None:
-        if not args.force:
-            raise VMExistsError("is running: stop it ('ferry vm stop') or use 'rm -f'",
-                                vm=vm_id)
-        await _client(args).stop(StopMode.DISCARD)
-        removed = "stopped"
-    elif registry.remove_suspended(paths, vm_id):
-        removed = "removed"
-    elif any(w["vm_id"] == vm_id for w in listing.waiting_receivers(paths)):
-        if not args.force:
-            raise VMExistsError("is a receiver waiting for a VM: 'rm -f' ends it", vm=vm_id)
-        listing.cancel_receiver(paths, vm_id)
-        removed = "cancelled"
-    else:
-        raise VMNotFoundError("no such VM here (see 'ferry vm list')", vm=vm_id)
+    vm_id = args.vm_id
+    removed = await listing.remove(registry.VMPaths.of(args.host), vm_id, force=args.force)
     out({"vm_id": vm_id, "removed": removed},
         lambda: out.console.print(f"{vm_id}: {removed}"))
 

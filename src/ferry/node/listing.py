@@ -20,6 +20,8 @@ from typing import Any
 
 from ferry.node.control import ControlClient
 from ferry.vm import registry
+from ferry.vm.errors import VMExistsError, VMNotFoundError
+from ferry.vm.runner import StopMode
 
 
 def qemu_memory_bytes(pid: int) -> int:
@@ -147,3 +149,27 @@ async def inspect(paths: registry.VMPaths, vm_id: str) -> dict[str, Any] | None:
     return {**detail, "status": status.state.value, "qemu_pid": status.qemu_pid,
             "memory_io": dict(status.memory_io), "qemu_usage": dict(status.qemu_usage),
             "migration": dict(status.migration) if status.migration else None}
+
+
+async def remove(paths: registry.VMPaths, vm_id: str, *, force: bool) -> str:
+    """``ferry vm rm`` and ``DELETE /v1/vms/{id}``: delete a suspended VM; with ``force``
+    also stop a running one (discarding it) or end a waiting receiver. Returns what was
+    done: ``stopped``, ``removed`` or ``cancelled``. Raises :class:`VMExistsError` for a
+    running VM or a waiting receiver without ``force``, :class:`VMNotFoundError` if
+    nothing of that id is here."""
+    registry.check_vm_id(vm_id)
+    if registry.live_supervisor(paths, vm_id) is not None:
+        if not force:
+            raise VMExistsError("is running: stop it ('ferry vm stop') or force its removal "
+                                "('rm -f', '?force=true')", vm=vm_id)
+        await ControlClient(paths.control_socket(vm_id), vm_id).stop(StopMode.DISCARD)
+        return "stopped"
+    if registry.remove_suspended(paths, vm_id):
+        return "removed"
+    if any(w["vm_id"] == vm_id for w in waiting_receivers(paths)):
+        if not force:
+            raise VMExistsError("is a receiver waiting for a VM: force its removal to end it "
+                                "('rm -f', '?force=true')", vm=vm_id)
+        cancel_receiver(paths, vm_id)
+        return "cancelled"
+    raise VMNotFoundError("no such VM here (see 'ferry vm list')", vm=vm_id)

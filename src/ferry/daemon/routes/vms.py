@@ -139,19 +139,8 @@ def routes(d: Daemon) -> APIRouter:
         discarding its state), else 409."""
         registry.check_vm_id(vm_id)
         async with d.lock(vm_id):
-            if await asyncio.to_thread(registry.live_supervisor, d.paths, vm_id):
-                if not force:
-                    raise Problem(409, "vm-running", "VM is running",
-                                  f"{vm_id} runs: stop it, or remove it with ?force=true")
-                reply = await d.client(vm_id).stop(StopMode.DISCARD)
-                return m.Stopped(vm_id=vm_id, mode=reply.mode.value)
-            if await asyncio.to_thread(registry.remove_suspended, d.paths, vm_id):
-                return m.Stopped(vm_id=vm_id, mode="removed")
-            if force and await asyncio.to_thread(listing.cancel_receiver, d.paths, vm_id):
-                return m.Stopped(vm_id=vm_id, mode="cancelled")
-            raise Problem(404, "vm-not-found", "VM not found",
-                          f"no suspended VM {vm_id!r} here" + ("" if force else
-                          " (a waiting receiver is ended with ?force=true)"))
+            done = await listing.remove(d.paths, vm_id, force=force)
+        return m.Stopped(vm_id=vm_id, mode="discard" if done == "stopped" else done)
 
     @r.post("/v1/vms/{vm_id}/exec", response_model=m.Executed)
     async def exec_vm(vm_id: str, body: m.ExecVM) -> m.Executed:
