@@ -1,0 +1,168 @@
+"""A local OCI registry for tests, benchmarks and demos: Debian's ``docker-registry``.
+
+:func:`local_registry` starts the distribution registry (``/usr/bin/docker-registry``,
+Debian package ``docker-registry``) on a free loopback port, with its storage in a
+directory of the caller's and a config file generated there, waits until ``GET /v2/``
+answers 200, and stops it (SIGTERM, then SIGKILL) when the block ends, however it
+ends::
+
+    with local_registry(tmp_path) as reg:
+        reg.address          # "127.0.0.1:PORT", for docker://127.0.0.1:PORT/REPO:TAG
+        reg.blob_path(digest)  # where the registry keeps a blob (tests corrupt it)
+
+The port is found by binding port 0 and closing the socket, so another process may
+take it before the registry binds: the registry then exits at once, and we retry on
+a new port (:data:`PORT_ATTEMPTS` times). Plain HTTP on loopback only: clients pass
+``--tls-verify=false`` (ferry's puller does so for loopback hosts by itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ferry.errors import FerryError
+
+log = logging.getLogger(__name__)
+
+REGISTRY_BINARY = "docker-registry"
+PORT_ATTEMPTS = 5
+# The registry is ready in ~50 ms here; 20 s covers a loaded CI machine.
+READY_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 5.0
+
+# The registry's config, in the YAML dialect its loader reads. No auth, no TLS (loopback
+# only), deletes allowed (tests remove tags), no storage health check (its 10 s timer
+# would only add log noise). `http.secret` is fixed because a single instance needs no
+# shared secret but the registry warns without one.
+_CONFIG = """\
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {storage}
+  delete:
+    enabled: true
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: 127.0.0.1:{port}
+  secret: ferry-local-registry
+"""
+
+
+class RegistryError(FerryError):
+    """The local registry could not be started or did not answer."""
+
+
+@dataclass(frozen=True, slots=True)
+class LocalRegistry:
+    """A running local registry: its address and where it keeps its data."""
+
+    host: str
+    port: int
+    storage: Path
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        """``HOST:PORT``, the registry part of an image reference."""
+        return f"{self.host}:{self.port}"
+
+    def blob_path(self, digest: str) -> Path:
+        """The file holding blob ``digest`` (``sha256:HEX``) in the registry's storage."""
+        algo, _, hex_ = digest.partition(":")
+        return (self.storage / "docker" / "registry" / "v2" / "blobs" / algo / hex_[:2] / hex_
+                / "data")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the kernel's pick for port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def answers(address: str) -> bool:
+    """Whether a registry at ``address`` answers ``GET /v2/`` with 200."""
+    try:
+        with urllib.request.urlopen(f"http://{address}/v2/", timeout=1.0) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _start_once(root: Path, port: int) -> tuple[subprocess.Popen[bytes], LocalRegistry] | None:
+    """Start the registry on ``port``; None if it exited before answering (port taken)."""
+    storage = root / "storage"
+    storage.mkdir(parents=True, exist_ok=True)
+    config = root / "config.yml"
+    config.write_text(_CONFIG.format(storage=storage, port=port))
+    reg = LocalRegistry("127.0.0.1", port, storage, root / "registry.log")
+    with reg.log_path.open("ab") as log_file:
+        proc = subprocess.Popen([REGISTRY_BINARY, "serve", str(config)], stdin=subprocess.DEVNULL,
+                                stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return None
+            if answers(reg.address):
+                return proc, reg
+            time.sleep(0.05)
+    except BaseException:
+        _stop(proc)
+        raise
+    _stop(proc)
+    raise RegistryError(f"docker-registry did not answer on {reg.address} within "
+                        f"{READY_TIMEOUT_S:.0f} s (log: {reg.log_path})")
+
+
+@contextlib.contextmanager
+def local_registry(root: Path) -> Iterator[LocalRegistry]:
+    """Run a registry with its config, log and storage under ``root`` for the block."""
+    if shutil.which(REGISTRY_BINARY) is None:
+        raise RegistryError(f"{REGISTRY_BINARY} is not installed (apt-get install "
+                            "docker-registry; scripts/setup.sh does)")
+    root.mkdir(parents=True, exist_ok=True)
+    for _ in range(PORT_ATTEMPTS):
+        started = _start_once(root, free_port())
+        if started is not None:
+            break
+    else:
+        tail = root.joinpath("registry.log").read_text(errors="replace").strip().splitlines()
+        raise RegistryError(f"docker-registry exited at start {PORT_ATTEMPTS} times"
+                            f"{': ' + tail[-1] if tail else ''}")
+    proc, reg = started
+    log.info("local registry on %s (pid %d, storage %s)", reg.address, proc.pid, reg.storage)
+    try:
+        yield reg
+    finally:
+        _stop(proc)
+
