@@ -220,16 +220,31 @@ IMAGES: dict[str, TestImage] = {
 }
 
 
+def _salt_layer(salt: str) -> Callable[[Path, Path], None]:
+    def write(out: Path, _cache_dir: Path) -> None:
+        with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+            _entry(tar, "etc", tarfile.DIRTYPE, mode=0o755)
+            _entry(tar, "etc/ferry-test-salt", tarfile.REGTYPE, mode=0o644, data=salt.encode())
+
+    return write
+
+
 def build_layout(layout: Path, image: TestImage, *, tag: str, cache_dir: Path,
-                 settings: ImageSettings | None = None) -> None:
-    """Add ``image`` as ``tag`` to the OCI layout ``layout`` (created if missing)."""
+                 settings: ImageSettings | None = None, salt: str = "") -> None:
+    """Add ``image`` as ``tag`` to the OCI layout ``layout`` (created if missing).
+
+    A ``salt`` adds a last layer of its own (``/etc/ferry-test-salt``): registries store a
+    blob once for all repositories, so a test that damages a layer in the registry's
+    storage damages the salt layer, which no other image shares.
+    """
     s = settings or image.settings
     ref = f"{layout}:{tag}"
     if not (layout / "index.json").is_file():
         _run(["umoci", "init", "--layout", str(layout)])
     _run(["umoci", "new", "--image", ref])
     with tempfile.TemporaryDirectory(prefix="ferry-layer-") as tmp:
-        for i, write in enumerate(image.layers):
+        layers = image.layers + ((_salt_layer(salt),) if salt else ())
+        for i, write in enumerate(layers):
             tar = Path(tmp) / f"layer{i}.tar"
             write(tar, cache_dir)
             _run(["umoci", "raw", "add-layer", "--image", ref, str(tar)])
@@ -257,11 +272,11 @@ def push(layout: Path, tag: str, dest: str) -> None:
 
 def build_and_push(name: str, registry: str, *, cache_dir: Path, work_dir: Path,
                    tag: str = "test", repo: str | None = None,
-                   settings: ImageSettings | None = None) -> str:
+                   settings: ImageSettings | None = None, salt: str = "") -> str:
     """Build test image ``name`` and push it as ``REGISTRY/REPO:TAG``; return that reference."""
     image = IMAGES[name]
-    layout = work_dir / f"layout-{name}-{tag}"
-    build_layout(layout, image, tag=tag, cache_dir=cache_dir, settings=settings)
+    layout = work_dir / f"layout-{repo or name}-{tag}"
+    build_layout(layout, image, tag=tag, cache_dir=cache_dir, settings=settings, salt=salt)
     ref = f"{registry}/{repo or name}:{tag}"
     push(layout, tag, ref)
     return ref
