@@ -66,6 +66,7 @@ READINESS_POLL_S = 0.2
 
 Progress = Callable[[str], None]
 OnReady = Callable[[AgentClient], Awaitable[None]]
+ImageFor = Callable[[Path], BuiltImage]
 
 
 def _quiet(_: str) -> None:
@@ -190,6 +191,7 @@ async def snapshot(
     memory_mib: int | None = None,
     boot_timeout_s: float = 180.0,
     progress: Progress = _quiet,
+    image_for: ImageFor | None = None,
 ) -> SnapshotReport:
     """Boot ``blueprint`` until ready, run ``prepare`` (shell commands, via the agent,
     each must exit 0) and then ``on_ready(agent)``, and write a package directory to
@@ -197,7 +199,11 @@ async def snapshot(
 
     ``memory_mib`` overrides the blueprint's guest RAM (as ``docker run -m`` does an
     image's), validated as the blueprint's own value; the image is the same (its cache
-    entry is shared), the package's machine and memory image have the new size."""
+    entry is shared), the package's machine and memory image have the new size.
+
+    ``image_for(disks_dir)`` builds the guest instead of :func:`build_blueprint` (an OCI
+    image's guest, :mod:`ferry.oci.guest`): it returns a :class:`BuiltImage` whose
+    ``blueprint`` is ``blueprint`` and whose root disk is a private copy in ``disks_dir``."""
     started = time.monotonic()
     bp = blueprint if isinstance(blueprint, Blueprint) else load_blueprint(blueprint)
     if memory_mib is not None:
@@ -205,11 +211,14 @@ async def snapshot(
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise SnapshotError(f"{out_dir} already exists", vm=bp.name)
-    progress(f"building blueprint {bp.name}")
-    image = await asyncio.to_thread(build_blueprint, bp, out_dir / "disks",
-                                    cache_dir=host.cache_root)
-    build_s = time.monotonic() - started
+    progress(f"building {bp.name}")
     try:
+        if image_for is not None:
+            image = await asyncio.to_thread(image_for, out_dir / "disks")
+        else:
+            image = await asyncio.to_thread(build_blueprint, bp, out_dir / "disks",
+                                            cache_dir=host.cache_root)
+        build_s = time.monotonic() - started
         report = await _snapshot_into(bp, image, out_dir, prepare=prepare, on_ready=on_ready,
                                       cpu_model=cpu_model, host=host,
                                       boot_timeout_s=boot_timeout_s,
