@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -166,3 +167,41 @@ def local_registry(root: Path) -> Iterator[LocalRegistry]:
     finally:
         _stop(proc)
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ferry.testing.registry [--push NAME ...]``: a registry for trying ferry.
+
+    Starts the registry, pushes the named test images (:mod:`ferry.testing.oci_images`),
+    prints their references, and runs until Ctrl-C or SIGTERM; then it stops the
+    registry and removes its storage.
+    """
+    import argparse
+    import sys
+    import tempfile
+
+    from ferry.hostconfig import HostConfig
+    from ferry.testing.oci_images import IMAGES, build_and_push
+
+    parser = argparse.ArgumentParser(prog="python -m ferry.testing.registry")
+    parser.add_argument("--push", nargs="*", choices=sorted(IMAGES), default=[],
+                        help="test images to build and push (default: none)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cache = HostConfig.from_environ(os.environ).cache_root
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with tempfile.TemporaryDirectory(prefix="ferry-registry-") as tmp:
+        try:
+            with local_registry(Path(tmp) / "registry") as reg:
+                print(f"registry {reg.address}", flush=True)
+                for name in args.push:
+                    ref = build_and_push(name, reg.address, cache_dir=cache, work_dir=Path(tmp))
+                    print(f"pushed {ref}", flush=True)
+                signal.pause()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
