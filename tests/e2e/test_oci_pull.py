@@ -7,6 +7,7 @@ The unpacked root filesystem is read back with ``debugfs`` (e2fsprogs), without 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -67,10 +68,10 @@ def pushed() -> Iterator[Pushed]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def manifest_digest(ref: str) -> str:
+def manifest_digest(ref: str, *, tls_verify: bool = False) -> str:
     """The digest skopeo reports for ``ref``: an account independent of ferry's."""
-    out = subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{ref}"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["skopeo", "inspect", f"--tls-verify={str(tls_verify).lower()}",
+                          f"docker://{ref}"], capture_output=True, text=True, check=True).stdout
     digest: str = json.loads(out)["Digest"]
     return digest
 
@@ -253,3 +254,44 @@ async def test_layer_expanding_over_the_limit(pushed: Pushed, tmp_path: Path) ->
         await pull(pushed.httpd, cache_dir=tmp_path, options=PullOptions(max_layer_bytes=limit))
     assert f"expands to over {limit} bytes" in str(err.value)
     assert_nothing_cached(tmp_path)
+
+
+async def test_pull_over_verified_https_with_docker_config_credentials(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registry as on the internet: HTTPS with a certificate to verify, basic auth. skopeo
+    finds the credentials in ~/.docker/config.json and the CA in $SSL_CERT_FILE."""
+    creds = ("ferry", "s3cret-pass")
+    with local_registry(tmp_path / "reg", tls=True, credentials=creds) as reg:
+        assert reg.ca_path is not None
+        ref = build_and_push("layers", reg.address, cache_dir=HOST.cache_root,
+                             work_dir=tmp_path, credentials=creds)
+        home = tmp_path / "home"
+        (home / ".docker").mkdir(parents=True)
+        monkeypatch.setenv("HOME", str(home))
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))  # no auth.json there
+        monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+        verified = PullOptions(tls_verify=True)
+
+        # No CA to verify the certificate with: refused, nothing cached.
+        with pytest.raises(OCIError) as err:
+            await pull(ref, cache_dir=tmp_path / "c1", options=verified)
+        assert type(err.value).__name__ == "RegistryError"
+        assert "certificate" in str(err.value)
+        assert_nothing_cached(tmp_path / "c1")
+
+        monkeypatch.setenv("SSL_CERT_FILE", str(reg.ca_path))
+        # Verified now, but no credentials: refused by the registry.
+        with pytest.raises(OCIError) as err:
+            await pull(ref, cache_dir=tmp_path / "c2", options=verified)
+        assert type(err.value).__name__ == "RegistryError"
+        assert "unauthorized" in str(err.value).lower()
+        assert "\n" not in str(err.value)
+        assert_nothing_cached(tmp_path / "c2")
+
+        token = base64.b64encode(":".join(creds).encode()).decode()
+        (home / ".docker" / "config.json").write_text(
+            json.dumps({"auths": {reg.address: {"auth": token}}}))
+        img = await pull(ref, cache_dir=tmp_path / "c3", options=verified)
+        assert img.digest == manifest_digest(ref, tls_verify=True)
+        assert debugfs_cat(img.rootfs, "/data/keep") == b"keep\n"
+

@@ -264,19 +264,23 @@ def build_layout(layout: Path, image: TestImage, *, tag: str, cache_dir: Path,
     _run(argv)
 
 
-def push(layout: Path, tag: str, dest: str) -> None:
-    """``skopeo copy`` the layout's ``tag`` to ``docker://dest`` (a loopback registry)."""
-    _run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:{tag}",
-          f"docker://{dest}"])
+def push(layout: Path, tag: str, dest: str, *,
+         credentials: tuple[str, str] | None = None) -> None:
+    """``skopeo copy`` the layout's ``tag`` to ``docker://dest`` (a loopback registry: its
+    certificate, if any, is not verified; ``credentials`` log in)."""
+    creds = ["--dest-creds", ":".join(credentials)] if credentials else []
+    _run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", *creds,
+          f"oci:{layout}:{tag}", f"docker://{dest}"])
 
 
 def build_and_push(name: str, registry: str, *, cache_dir: Path, work_dir: Path,
                    tag: str = "test", repo: str | None = None,
-                   settings: ImageSettings | None = None, salt: str = "") -> str:
+                   settings: ImageSettings | None = None, salt: str = "",
+                   credentials: tuple[str, str] | None = None) -> str:
     """Build test image ``name`` and push it as ``REGISTRY/REPO:TAG``; return that reference."""
     image = IMAGES[name]
     layout = work_dir / f"layout-{repo or name}-{tag}"
     build_layout(layout, image, tag=tag, cache_dir=cache_dir, settings=settings, salt=salt)
     ref = f"{registry}/{repo or name}:{tag}"
-    push(layout, tag, ref)
+    push(layout, tag, ref, credentials=credentials)
     return ref

@@ -12,18 +12,26 @@ ends::
 
 The port is found by binding port 0 and closing the socket, so another process may
 take it before the registry binds: the registry then exits at once, and we retry on
-a new port (:data:`PORT_ATTEMPTS` times). Plain HTTP on loopback only: clients pass
-``--tls-verify=false`` (ferry's puller does so for loopback hosts by itself).
+a new port (:data:`PORT_ATTEMPTS` times). By default plain HTTP on loopback: clients
+pass ``--tls-verify=false`` (ferry's puller does so for loopback hosts by itself).
+
+``tls=True`` serves HTTPS with a certificate for 127.0.0.1 from a CA made in ``root``
+(:mod:`ferry.transport.certs`; ``LocalRegistry.ca_path`` verifies it), and
+``credentials=(user, password)`` requires HTTP basic auth (an htpasswd file with a
+bcrypt hash, the only kind the registry reads): what a private registry on the
+internet looks like, for tests of verified HTTPS and docker-config credentials.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -33,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ferry.errors import FerryError
+from ferry.transport.certs import create_ca, create_host_cert
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +73,17 @@ http:
   addr: 127.0.0.1:{port}
   secret: ferry-local-registry
 """
+_TLS = """\
+  tls:
+    certificate: {cert}
+    key: {key}
+"""
+_AUTH = """\
+auth:
+  htpasswd:
+    realm: ferry-local-registry
+    path: {htpasswd}
+"""
 
 
 class RegistryError(FerryError):
@@ -78,6 +98,8 @@ class LocalRegistry:
     port: int
     storage: Path
     log_path: Path
+    ca_path: Path | None = None  # with tls=True: the CA that verifies its certificate
+    credentials: tuple[str, str] | None = None
 
     @property
     def address(self) -> str:
@@ -99,10 +121,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def answers(address: str) -> bool:
-    """Whether a registry at ``address`` answers ``GET /v2/`` with 200."""
+def answers(address: str, *, ca_path: Path | None = None,
+            credentials: tuple[str, str] | None = None) -> bool:
+    """Whether a registry at ``address`` answers ``GET /v2/`` with 200 (over HTTPS
+    verified by ``ca_path`` if given, with basic auth if ``credentials``)."""
+    request = urllib.request.Request(f"{'https' if ca_path else 'http'}://{address}/v2/")
+    if credentials is not None:
+        token = base64.b64encode(":".join(credentials).encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    context = ssl.create_default_context(cafile=str(ca_path)) if ca_path else None
     try:
-        with urllib.request.urlopen(f"http://{address}/v2/", timeout=1.0) as resp:
+        with urllib.request.urlopen(request, timeout=1.0, context=context) as resp:
             return bool(resp.status == 200)
     except (urllib.error.URLError, OSError):
         return False
@@ -118,13 +147,30 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def _start_once(root: Path, port: int) -> tuple[subprocess.Popen[bytes], LocalRegistry] | None:
+def _start_once(root: Path, port: int, *, tls: bool,
+                credentials: tuple[str, str] | None,
+                ) -> tuple[subprocess.Popen[bytes], LocalRegistry] | None:
     """Start the registry on ``port``; None if it exited before answering (port taken)."""
     storage = root / "storage"
     storage.mkdir(parents=True, exist_ok=True)
     config = root / "config.yml"
-    config.write_text(_CONFIG.format(storage=storage, port=port))
-    reg = LocalRegistry("127.0.0.1", port, storage, root / "registry.log")
+    text = _CONFIG.format(storage=storage, port=port)
+    ca_path = None
+    if tls:
+        host = create_host_cert(root / "ca", root / "tls", "127.0.0.1", ["127.0.0.1"])
+        text += _TLS.format(cert=host.cert_path, key=host.key_path)
+        ca_path = host.ca_path
+    if credentials is not None:
+        htpasswd = root / "htpasswd"
+        import bcrypt  # a dev dependency: only registries with credentials need it
+
+        user, password = credentials
+        hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+        htpasswd.write_text(f"{user}:{hashed}\n")
+        text += _AUTH.format(htpasswd=htpasswd)
+    config.write_text(text)
+    reg = LocalRegistry("127.0.0.1", port, storage, root / "registry.log", ca_path,
+                        credentials)
     with reg.log_path.open("ab") as log_file:
         proc = subprocess.Popen([REGISTRY_BINARY, "serve", str(config)], stdin=subprocess.DEVNULL,
                                 stdout=log_file, stderr=subprocess.STDOUT,
@@ -134,7 +180,7 @@ def _start_once(root: Path, port: int) -> tuple[subprocess.Popen[bytes], LocalRe
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 return None
-            if answers(reg.address):
+            if answers(reg.address, ca_path=reg.ca_path, credentials=reg.credentials):
                 return proc, reg
             time.sleep(0.05)
     except BaseException:
@@ -146,14 +192,17 @@ def _start_once(root: Path, port: int) -> tuple[subprocess.Popen[bytes], LocalRe
 
 
 @contextlib.contextmanager
-def local_registry(root: Path) -> Iterator[LocalRegistry]:
+def local_registry(root: Path, *, tls: bool = False,
+                   credentials: tuple[str, str] | None = None) -> Iterator[LocalRegistry]:
     """Run a registry with its config, log and storage under ``root`` for the block."""
     if shutil.which(REGISTRY_BINARY) is None:
         raise RegistryError(f"{REGISTRY_BINARY} is not installed (apt-get install "
                             "docker-registry; scripts/setup.sh does)")
     root.mkdir(parents=True, exist_ok=True)
+    if tls and not (root / "ca").is_dir():
+        create_ca(root / "ca")
     for _ in range(PORT_ATTEMPTS):
-        started = _start_once(root, free_port())
+        started = _start_once(root, free_port(), tls=tls, credentials=credentials)
         if started is not None:
             break
     else:
