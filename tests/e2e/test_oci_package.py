@@ -8,6 +8,7 @@ registry; the package is made once for the module.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -106,3 +107,59 @@ async def test_image_vm_live_migrates(site: Site, image_package: Path) -> None:
     assert await redis_cli(site, "ocb", "oc-m1", "get", "origin") == "snapshot"
     listed = await site.ferry_json("oca", "vm", "list")
     assert [v["vm_id"] for v in listed] == []
+
+
+def test_package_push_and_pull_through_a_registry(root: Path, signer: Signer,
+                                                   image_package: Path) -> None:
+    env = {**os.environ, **signer.env}
+
+    def ferry(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*FERRY, *args], env=env, capture_output=True, text=True,
+                              timeout=300, check=False)
+
+    out = root / "pulled"
+    out.mkdir()
+    untrusting = root / "empty-trust"
+    untrusting.mkdir()
+    with local_registry(root / "pkg-registry") as reg:
+        pushed = ferry("package", "push", str(image_package), f"oci://{reg.address}/vms/redis:1")
+        assert pushed.returncode == 0, pushed.stderr
+        again = ferry("package", "push", str(image_package), f"oci://{reg.address}/vms/redis:1")
+        assert again.returncode == 1
+        assert "exists in the registry" in again.stderr
+        replaced = ferry("package", "push", str(image_package),
+                         f"oci://{reg.address}/vms/redis:1", "--overwrite")
+        assert replaced.returncode == 0, replaced.stderr
+        pulled = ferry("package", "pull", f"oci://{reg.address}/vms/redis:1",
+                       str(out / "redis.ferry"), "--json")
+        assert pulled.returncode == 0, pulled.stderr
+        assert (out / "redis.ferry").read_bytes() == image_package.read_bytes()
+        assert json.loads(pulled.stdout)["files"] == 8
+
+        # Signed by a key this host does not trust: refused, nothing under the name.
+        refused = ferry("package", "pull", f"oci://{reg.address}/vms/redis:1",
+                        str(out / "untrusted.ferry"), "--trust", str(untrusting))
+        assert refused.returncode == 3
+        assert "does not trust" in refused.stderr.strip().splitlines()[-1]
+
+        # An image that is not a package.
+        image = build_and_push("layers", reg.address, cache_dir=SHARED, work_dir=root)
+        other = ferry("package", "pull", f"oci://{image}", str(out / "image.ferry"))
+        assert other.returncode == 1
+        assert "not a ferry package" in other.stderr
+
+        # The package's layer damaged in the registry: skopeo's digest check refuses it.
+        manifest = json.loads(subprocess.run(
+            ["skopeo", "inspect", "--raw", "--tls-verify=false",
+             f"docker://{reg.address}/vms/redis:1"], capture_output=True, check=True).stdout)
+        blob = reg.blob_path(manifest["layers"][0]["digest"])
+        with blob.open("r+b") as f:
+            f.seek(blob.stat().st_size // 2)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        damaged = ferry("package", "pull", f"oci://{reg.address}/vms/redis:1",
+                        str(out / "damaged.ferry"))
+        assert damaged.returncode == 3
+        assert "digest" in damaged.stderr.lower()
+    assert sorted(p.name for p in out.iterdir()) == ["redis.ferry"]  # no temp files left

@@ -27,6 +27,12 @@ from ferry.node.control import ControlClient
 from ferry.node.process import launch_detached
 from ferry.oci import PullOptions, pull
 from ferry.oci.guest import DEFAULT_MEMORY_MIB, RunOverrides
+from ferry.oci.packages import (
+    DEFAULT_MAX_PACKAGE_BYTES,
+    default_destination,
+    pull_package,
+    push_package,
+)
 from ferry.oci.pull import DEFAULT_MAX_LAYER_BYTES
 from ferry.package import PackageInfo, Progress, TrustStore
 from ferry.package import commands as pkg
@@ -171,21 +177,32 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
     c.add_argument("file", type=Path)
     c.add_argument("--trust", type=Path)
     add_common(c)
-    c = pk.add_parser("push", help="upload a package to S3 (s3://BUCKET/KEY)")
+    c = pk.add_parser("push", help="upload a package to S3 (s3://BUCKET/KEY) or an OCI "
+                                   "registry (oci://REGISTRY/REPO:TAG)")
     c.add_argument("file", type=Path)
-    c.add_argument("url", metavar="s3://BUCKET/KEY")
+    c.add_argument("url", metavar="s3://BUCKET/KEY|oci://REGISTRY/REPO:TAG")
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--trust", type=Path,
+                   help="oci://: the trust list the package must verify against first")
     _s3_options(c)
+    _registry_options(c)
     add_common(c)
-    c = pk.add_parser("pull", help="download a package from S3 and verify it before it "
-                                   "lands at DEST")
-    c.add_argument("url", metavar="s3://BUCKET/KEY")
+    c = pk.add_parser("pull", help="download a package from S3 or an OCI registry and verify "
+                                   "it before it lands at DEST")
+    c.add_argument("url", metavar="s3://BUCKET/KEY|oci://REF")
     c.add_argument("dest", type=Path, nargs="?",
-                   help="file or directory (default: the key's file name, here)")
+                   help="file or directory (default: the key's or repository's file name, "
+                        "here)")
     c.add_argument("--trust", type=Path)
     c.add_argument("--overwrite", action="store_true")
     _s3_options(c)
+    _registry_options(c)
     add_common(c)
+
+
+def _registry_options(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--insecure", dest="tls_verify", action="store_false", default=None,
+                   help="oci://: allow plain HTTP to a registry that is not on loopback")
 
 
 def _s3_options(c: argparse.ArgumentParser) -> None:
@@ -486,6 +503,34 @@ async def _package_extract(args: argparse.Namespace, out: _Out) -> None:
         f"{args.file}: verified, extracted into {args.dir}"))
 
 
+def _trust_of(args: argparse.Namespace) -> TrustStore:
+    return TrustStore.from_path(args.trust) if args.trust else TrustStore.for_host(args.host)
+
+
+async def _package_push_oci(args: argparse.Namespace, out: _Out) -> None:
+    pushed = await push_package(args.file, args.url, _trust_of(args),
+                                options=PullOptions(tls_verify=args.tls_verify),
+                                overwrite=args.overwrite)
+    out({"reference": pushed.reference, "key_id": pushed.key_id},
+        lambda: out.console.print(f"{args.file}: pushed to {pushed.reference} "
+                                  f"(signed by {pushed.key_id})"))
+
+
+async def _package_pull_oci(args: argparse.Namespace, out: _Out) -> None:
+    dest = args.dest if args.dest is not None else default_destination(args.url)
+    if await asyncio.to_thread(dest.is_dir):  # a directory: the default name inside it
+        dest = dest / default_destination(args.url)
+    pulled = await pull_package(
+        args.url, dest, _trust_of(args), overwrite=args.overwrite,
+        options=PullOptions(max_layer_bytes=DEFAULT_MAX_PACKAGE_BYTES,
+                            tls_verify=args.tls_verify))
+    data = {**_package_json(pulled.info), "reference": pulled.reference,
+            "digest": pulled.digest}
+    out(data, lambda: out.console.print(
+        f"{pulled.reference}: verified, {len(pulled.info.files)} files signed by "
+        f"{pulled.info.key_id}, in {pulled.path}"))
+
+
 async def _package_add(args: argparse.Namespace, out: _Out) -> None:
     if not args.file.is_file():
         raise ConfigError(f"no package file {args.file}")
@@ -549,6 +594,8 @@ async def _package_prune(args: argparse.Namespace, out: _Out) -> None:
 
 
 async def _package_push(args: argparse.Namespace, out: _Out) -> None:
+    if is_oci(args.url):
+        return await _package_push_oci(args, out)
     url = S3URL.parse(args.url)
     out.progress(f"uploading {args.file} to {url}")
     report = await asyncio.to_thread(s3_packages.push_package, args.file, url,
@@ -560,6 +607,8 @@ async def _package_push(args: argparse.Namespace, out: _Out) -> None:
 
 
 async def _package_pull(args: argparse.Namespace, out: _Out) -> None:
+    if is_oci(args.url):
+        return await _package_pull_oci(args, out)
     url = S3URL.parse(args.url)
     dest = args.dest if args.dest is not None else s3_packages.default_destination(url)
     trust = TrustStore.from_path(args.trust) if args.trust else TrustStore.for_host(args.host)

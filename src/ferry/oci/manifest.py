@@ -254,3 +254,14 @@ def parse_config(raw: bytes, reference: str, *, expected_digest: str) -> ImageCo
         exposed_ports=tuple(ports),
         stop_signal=_string(inner.get("StopSignal"), "StopSignal", reference),
         diff_ids=diff_ids)
+
+
+def config_labels(raw: bytes) -> dict[str, str]:
+    """The ``config.Labels`` of an image config (already parsed once by
+    :func:`parse_config`); labels that are not strings are left out."""
+    data = json.loads(raw)
+    inner = data.get("config") if isinstance(data, dict) else None
+    labels = inner.get("Labels") if isinstance(inner, dict) else None
+    if not isinstance(labels, dict):
+        return {}
+    return {k: v for k, v in labels.items() if isinstance(k, str) and isinstance(v, str)}
