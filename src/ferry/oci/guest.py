@@ -15,7 +15,7 @@ The guest is a small VM around one container:
   image's, and execs ``/ferry/oci-exec`` (``files/oci-exec.c``, static, compiled and
   cached like the agent), which chroots into ``/oci``, resolves the image's user in the
   image's own ``/etc/passwd`` and ``/etc/group``, changes to the working directory,
-  drops to that user and execs the argv with exactly the image's environment. Nothing
+  takes that user's groups and ids and execs the argv with exactly the image's environment. Nothing
   runs from the image but its own process, so an image without a shell (distroless)
   runs too. The process's stdout and stderr go to the serial console, which
   ``ferry vm logs`` shows.

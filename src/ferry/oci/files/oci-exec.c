@@ -5,8 +5,9 @@
  *
  * chroot(ROOT); resolve USER ("", "name", "uid", "name:group", "uid:gid") in ROOT's own
  * /etc/passwd and /etc/group (fgetpwent/fgetgrent: plain files, no NSS, which a static
- * binary cannot load); chdir(WORKDIR), creating it if missing as Docker does; drop
- * supplementary groups, set gid then uid; replace the environment with ENV_1..ENV_N
+ * binary cannot load); chdir(WORKDIR), creating it if missing as Docker does; set the
+ * supplementary groups to those /etc/group lists a named user in (none for a bare
+ * uid), then gid, then uid; replace the environment with ENV_1..ENV_N
  * (plus HOME from the user's passwd entry if none of them sets it, as Docker does);
  * exec ARGV_0 (looked up in that environment's PATH). Built static by ferry.oci.guest
  * and run by /ferry/oci-run in ferry's guest root, so the image needs no shell.
@@ -64,6 +65,20 @@ static int find_group(const char *name, gid_t *gid) {
     return hit;
 }
 
+/* The gids of the groups /etc/group lists ``name`` as a member of (at most ``max``). */
+static int member_groups(const char *name, gid_t *gids, int max) {
+    FILE *f = fopen("/etc/group", "re");
+    struct group *g;
+    int n = 0;
+    while (f && n < max && (g = fgetgrent(f)) != NULL) {
+        for (char **m = g->gr_mem; m && *m; m++) {
+            if (strcmp(*m, name) == 0) { gids[n++] = g->gr_gid; break; }
+        }
+    }
+    if (f) fclose(f);
+    return n;
+}
+
 static void mkdirs(const char *path) {
     char buf[4096];
     size_t n = strlen(path);
@@ -117,7 +132,9 @@ int main(int argc, char **argv) {
 
     mkdirs(workdir);
     if (chdir(workdir) != 0) return fail("chdir", workdir);
-    if (setgroups(0, NULL) != 0) return fail("setgroups", "0");
+    gid_t groups[64];
+    int ngroups = *user && !numeric(user, &id) ? member_groups(user, groups, 64) : 0;
+    if (setgroups((size_t)ngroups, groups) != 0) return fail("setgroups", user);
     if (setgid(gid) != 0) return fail("setgid", group ? group : "");
     if (setuid(uid) != 0) return fail("setuid", user);
 
