@@ -193,21 +193,24 @@ def _start_once(root: Path, port: int, *, tls: bool,
 
 @contextlib.contextmanager
 def local_registry(root: Path, *, tls: bool = False,
-                   credentials: tuple[str, str] | None = None) -> Iterator[LocalRegistry]:
-    """Run a registry with its config, log and storage under ``root`` for the block."""
+                   credentials: tuple[str, str] | None = None,
+                   port: int | None = None) -> Iterator[LocalRegistry]:
+    """Run a registry with its config, log and storage under ``root`` for the block
+    (on ``port`` if given: then a port already taken is an error, not a retry)."""
     if shutil.which(REGISTRY_BINARY) is None:
         raise RegistryError(f"{REGISTRY_BINARY} is not installed (apt-get install "
                             "docker-registry; scripts/setup.sh does)")
     root.mkdir(parents=True, exist_ok=True)
     if tls and not (root / "ca").is_dir():
         create_ca(root / "ca")
-    for _ in range(PORT_ATTEMPTS):
-        started = _start_once(root, free_port(), tls=tls, credentials=credentials)
+    for _ in range(1 if port else PORT_ATTEMPTS):
+        started = _start_once(root, port or free_port(), tls=tls, credentials=credentials)
         if started is not None:
             break
     else:
         tail = root.joinpath("registry.log").read_text(errors="replace").strip().splitlines()
-        raise RegistryError(f"docker-registry exited at start {PORT_ATTEMPTS} times"
+        raise RegistryError(f"docker-registry exited at start {1 if port else PORT_ATTEMPTS} "
+                            "time(s)"
                             f"{': ' + tail[-1] if tail else ''}")
     proc, reg = started
     log.info("local registry on %s (pid %d, storage %s)", reg.address, proc.pid, reg.storage)
@@ -235,13 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ferry.testing.registry")
     parser.add_argument("--push", nargs="*", choices=sorted(IMAGES), default=[],
                         help="test images to build and push (default: none)")
+    parser.add_argument("--port", type=int, help="listen on 127.0.0.1:PORT (default: a free one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cache = HostConfig.from_environ(os.environ).cache_root
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with tempfile.TemporaryDirectory(prefix="ferry-registry-") as tmp:
         try:
-            with local_registry(Path(tmp) / "registry") as reg:
+            with local_registry(Path(tmp) / "registry", port=args.port) as reg:
                 print(f"registry {reg.address}", flush=True)
                 for name in args.push:
                     ref = build_and_push(name, reg.address, cache_dir=cache, work_dir=Path(tmp))
