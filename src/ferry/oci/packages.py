@@ -147,7 +147,7 @@ async def pull_package(reference: str, dest: Path, trust: TrustStore, *,
                                 max_layer_bytes=opts.max_layer_bytes)
         staged = Path(tmp) / MEMBER
         await asyncio.to_thread(_extract, blob, staged, name)
-        shutil.rmtree(layout)
+        await asyncio.to_thread(shutil.rmtree, layout)
         info = await asyncio.to_thread(verify_package, staged, trust)
         os.replace(staged, dest)
     return PulledPackage(name, digest, dest, info)

@@ -197,7 +197,7 @@ async def _build(scratch: Path, ref: ImageReference, manifest: mf.Manifest,
     rootless = ["--rootless"] if os.geteuid() != 0 else []
     await tools.checked(["umoci", "unpack", *rootless, "--image", f"{layout}:{_LAYOUT_TAG}",
                          str(bundle)], reference=name, what="umoci unpack")
-    shutil.rmtree(layout)
+    await asyncio.to_thread(shutil.rmtree, layout)
     content, inodes = await asyncio.to_thread(tree_usage, bundle / "rootfs")
     size_mib = -(-content * 5 // 4 // 2**20) + FREE_SPACE_MIB  # 25 % for metadata
     image = scratch / "rootfs.ext4"
