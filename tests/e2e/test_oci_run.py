@@ -173,6 +173,11 @@ def test_redis_image_with_entrypoint_args_and_readiness(env: Env) -> None:
         cmdline = env.sh("kv1", f"tr '\\0' ' ' < /proc/{pid}/cmdline").strip()
         assert cmdline == "/usr/bin/redis-server 0.0.0.0:7000"  # redis rewrites its argv
         assert env.sh("kv1", f"readlink /proc/{pid}/cwd").strip() == "/oci/data"
+        # What redis printed while the snapshot's boot started it, then the resumed VM's.
+        logs = env.ferry("vm", "logs", "kv1").stdout
+        assert "Ready to accept connections" in logs
+        # ... before the resumed VM's own console (the agent sets the clock after a resume)
+        assert logs.index("Ready to accept connections") < logs.rindex("ferry-agent: clock set")
     finally:
         env.ferry("vm", "stop", "kv1", check=False)
 

@@ -408,6 +408,10 @@ async def _vm_logs(args: argparse.Namespace, out: _Out) -> None:
     log = listing.console_log(paths, registry.check_vm_id(args.vm_id))
     if log is None:
         raise VMNotFoundError("runs nowhere on this host (see 'ferry vm list')", vm=args.vm_id)
+    boot = await asyncio.to_thread(listing.boot_console, paths, args.vm_id)
+    if boot is not None:  # an OCI image's VM: what its process printed before the snapshot
+        data, _ = await asyncio.to_thread(listing.read_log, boot)
+        sys.stdout.buffer.write(data)
     offset = 0
     while True:
         data, offset = await asyncio.to_thread(listing.read_log, log, offset=offset)

@@ -20,6 +20,7 @@ from typing import Any
 
 from ferry.node.control import ControlClient
 from ferry.vm import registry
+from ferry.vm.snapshot import BOOT_CONSOLE_PATH
 
 
 def qemu_memory_bytes(pid: int) -> int:
@@ -110,6 +111,16 @@ def console_log(paths: registry.VMPaths, vm_id: str) -> Path | None:
         if generation.isdigit():
             logs.append((int(generation), path))
     return max(logs)[1] if logs else None
+
+
+def boot_console(paths: registry.VMPaths, vm_id: str) -> Path | None:
+    """The console of the boot ``vm_id``'s package was snapshotted in, if its package
+    directory keeps one (``ferry vm run oci://``: the image's output up to the snapshot)."""
+    for vm in registry.list_vms(paths):
+        if vm.vm_id == vm_id and vm.package:
+            path = Path(vm.package) / BOOT_CONSOLE_PATH
+            return path if path.is_file() else None
+    return None
 
 
 MAX_LOG_BYTES = 1024 * 1024

@@ -27,7 +27,7 @@ from ferry.oci import PulledImage, PullOptions, pull
 from ferry.oci.guest import RunOverrides, guest_blueprint, guest_image
 from ferry.shape import DEFAULT_CPU_MODEL
 from ferry.vm import pkgcache
-from ferry.vm.snapshot import Progress, SnapshotReport, snapshot
+from ferry.vm.snapshot import BOOT_CONSOLE_PATH, Progress, SnapshotReport, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,13 @@ class OCIPackage:
 
 async def snapshot_image(image: PulledImage, overrides: RunOverrides, out_dir: Path, *,
                          host: HostConfig, cpu_model: str = DEFAULT_CPU_MODEL,
-                         prepare: Sequence[str] = (), progress: Progress) -> SnapshotReport:
+                         prepare: Sequence[str] = (), progress: Progress,
+                         console_copy: Path | None = None) -> SnapshotReport:
     """Boot ``image``'s guest until ready and snapshot it into ``out_dir`` (a package dir)."""
     bp = guest_blueprint(image, overrides)
     return await snapshot(
         bp, out_dir, host=host, cpu_model=cpu_model, progress=progress, prepare=prepare,
+        console_copy=console_copy,
         image_for=lambda disks: guest_image(image, overrides, cache_dir=host.cache_root,
                                             disk_dir=disks))
 
@@ -77,7 +79,9 @@ async def oci_package(reference: str, overrides: RunOverrides, *, host: HostConf
     scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         report = await snapshot_image(image, overrides, scratch / "pkg", host=host,
-                                      cpu_model=cpu_model, progress=progress)
+                                      cpu_model=cpu_model, progress=progress,
+                                      console_copy=scratch / BOOT_CONSOLE_PATH)
+        (scratch / BOOT_CONSOLE_PATH).rename(scratch / "pkg" / BOOT_CONSOLE_PATH)
         pkgcache.adopt(scratch / "pkg", package_id)
         try:
             (scratch / "pkg").rename(final)

@@ -62,6 +62,9 @@ MIB = 1024 * 1024
 BLOCK_SIZE_BYTES = 64 * 1024
 """Block size of the manifest's hashes and of the runner's overlays (the engine's default)."""
 ROOT_DISK = "root"
+BOOT_CONSOLE_PATH = "boot-console.log"
+"""In a package directory made on this host (``ferry vm run oci://``): the console of the
+boot its snapshot was taken in, which ``ferry vm logs`` shows before the VM's own."""
 READINESS_POLL_S = 0.2
 
 Progress = Callable[[str], None]
@@ -192,6 +195,7 @@ async def snapshot(
     boot_timeout_s: float = 180.0,
     progress: Progress = _quiet,
     image_for: ImageFor | None = None,
+    console_copy: Path | None = None,
 ) -> SnapshotReport:
     """Boot ``blueprint`` until ready, run ``prepare`` (shell commands, via the agent,
     each must exit 0) and then ``on_ready(agent)``, and write a package directory to
@@ -203,7 +207,10 @@ async def snapshot(
 
     ``image_for(disks_dir)`` builds the guest instead of :func:`build_blueprint` (an OCI
     image's guest, :mod:`ferry.oci.guest`): it returns a :class:`BuiltImage` whose
-    ``blueprint`` is ``blueprint`` and whose root disk is a private copy in ``disks_dir``."""
+    ``blueprint`` is ``blueprint`` and whose root disk is a private copy in ``disks_dir``.
+
+    ``console_copy``: where to keep the serial console of the boot (what the workload
+    printed up to the snapshot), which is otherwise removed with QEMU's work dir."""
     started = time.monotonic()
     bp = blueprint if isinstance(blueprint, Blueprint) else load_blueprint(blueprint)
     if memory_mib is not None:
@@ -220,6 +227,7 @@ async def snapshot(
                                             cache_dir=host.cache_root)
         build_s = time.monotonic() - started
         report = await _snapshot_into(bp, image, out_dir, prepare=prepare, on_ready=on_ready,
+                                      console_copy=console_copy,
                                       cpu_model=cpu_model, host=host,
                                       boot_timeout_s=boot_timeout_s,
                                       progress=progress)
@@ -234,6 +242,7 @@ async def snapshot(
 async def _snapshot_into(
     bp: Blueprint, image: BuiltImage, out_dir: Path, *, prepare: Sequence[str],
     on_ready: OnReady | None, cpu_model: str, host: HostConfig, boot_timeout_s: float,
+    console_copy: Path | None = None,
     progress: Progress,
 ) -> tuple[VMManifest, float, float, DeviceStateStats]:
     disk_path = out_dir / "disks" / "root.img"
@@ -269,6 +278,8 @@ async def _snapshot_into(
             guest = b.net.guest
             qemu_version = ".".join(map(str, await b.vm.qemu_version()))
             await b.vm.stop()
+            if console_copy is not None:
+                await asyncio.to_thread(shutil.copyfile, b.vm.console_path, console_copy)
             boot_s, ready_s = b.boot_to_agent_s, b.ready_s
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
