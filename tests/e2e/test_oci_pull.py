@@ -29,6 +29,8 @@ from ferry.oci import (
     OCIError,
     PlatformError,
     PullOptions,
+    PullPolicy,
+    RegistryError,
     pull,
 )
 from ferry.oci.pull import images_dir
@@ -295,3 +297,22 @@ async def test_pull_over_verified_https_with_docker_config_credentials(
         assert img.digest == manifest_digest(ref, tls_verify=True)
         assert debugfs_cat(img.rootfs, "/data/keep") == b"keep\n"
 
+
+
+async def test_policy_missing_uses_a_tag_pulled_before_without_the_registry(
+        tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with local_registry(tmp_path / "reg") as reg:
+        ref = build_and_push("layers", reg.address, cache_dir=HOST.cache_root,
+                             work_dir=tmp_path)
+        first = await pull(ref, cache_dir=cache)
+    missing = PullOptions(policy=PullPolicy.MISSING)
+    # The registry is gone: the tag this host pulled resolves from its own record ...
+    again = await pull(ref, cache_dir=cache, options=missing)
+    assert again.cache_hit
+    assert again.digest == first.digest
+    # ... while "always" asks the registry, and a tag never pulled here must be asked for.
+    with pytest.raises(RegistryError):
+        await pull(ref, cache_dir=cache)
+    with pytest.raises(RegistryError):
+        await pull(ref.replace(":test", ":other"), cache_dir=cache, options=missing)

@@ -25,7 +25,7 @@ from ferry.guest.image import build_blueprint
 from ferry.node import listing, supervisor
 from ferry.node.control import ControlClient
 from ferry.node.process import launch_detached
-from ferry.oci import PullOptions, pull
+from ferry.oci import PullOptions, PullPolicy, pull
 from ferry.oci.guest import DEFAULT_MEMORY_MIB, RunOverrides
 from ferry.oci.packages import (
     DEFAULT_MAX_PACKAGE_BYTES,
@@ -229,6 +229,9 @@ def _add_oci_options(c: argparse.ArgumentParser) -> None:
                    default=DEFAULT_MAX_LAYER_BYTES // 2**20, help=argparse.SUPPRESS)
     g.add_argument("--insecure", dest="tls_verify", action="store_false", default=None,
                    help="allow plain HTTP to a registry that is not on loopback")
+    g.add_argument("--pull", choices=[p.value for p in PullPolicy], default="missing",
+                   help="ask the registry what the tag names: 'missing' (default) only if "
+                        "this host never pulled it, 'always' every time")
     c.set_defaults(takes_rest=True)
 
 
@@ -290,7 +293,8 @@ async def _vm_snapshot(args: argparse.Namespace, out: _Out) -> None:
     if is_oci(args.blueprint):
         image = await pull(args.blueprint, cache_dir=args.host.cache_root,
                            options=PullOptions(max_layer_bytes=args.max_layer_mib * 2**20,
-                                               tls_verify=args.tls_verify))
+                                               tls_verify=args.tls_verify,
+                                               policy=PullPolicy(args.pull)))
         report = await snapshot_image(image, _oci_overrides(args, args.memory_mib), args.out,
                                       host=args.host, cpu_model=args.cpu_model,
                                       progress=out.progress, prepare=args.prepare)
@@ -668,7 +672,7 @@ async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable
         made = await oci_package(
             args.package, _oci_overrides(args, args.memory_mib), host=host,
             options=PullOptions(max_layer_bytes=args.max_layer_mib * 2**20,
-                                tls_verify=args.tls_verify),
+                                tls_verify=args.tls_verify, policy=PullPolicy(args.pull)),
             progress=progress)
         if made.snapshot is not None:
             progress(f"{made.image.reference}: ready after {made.snapshot.ready_s:.1f} s, "

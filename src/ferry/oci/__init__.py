@@ -19,7 +19,7 @@ from ferry.oci.errors import (
     UnpackError,
 )
 from ferry.oci.manifest import ExposedPort, ImageConfig
-from ferry.oci.pull import PulledImage, PullOptions, load_cached, pull
+from ferry.oci.pull import PulledImage, PullOptions, PullPolicy, load_cached, pull
 from ferry.oci.reference import ImageReference, parse_reference
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "OCIError",
     "PlatformError",
     "PullOptions",
+    "PullPolicy",
     "PulledImage",
     "RegistryError",
     "UnpackError",

@@ -20,6 +20,9 @@ Steps, each refusing bad input with a typed one-line error (:mod:`ferry.oci.erro
 6. ``mkfs.ext4 -d`` writes the tree into ``rootfs.ext4`` (owners, modes and hard links
    kept, no mount needed), with :data:`FREE_SPACE_MIB` of room for the guest to write.
 
+With :attr:`PullPolicy.MISSING` a tag this host pulled before is not asked about again
+(``<cache>/oci/tags/`` remembers what it named), as ``docker run`` uses a local image.
+
 The entry (``<cache>/oci/images/<manifest hex>/``: ``rootfs.ext4``, ``image.json``,
 ``manifest.json``, ``config.json``) is built in a temporary directory beside it and renamed
 into place at the end, so a failure or Ctrl-C at any step leaves nothing half-cached.
@@ -28,6 +31,7 @@ into place at the end, so a failure or Ctrl-C at any step leaves nothing half-ca
 from __future__ import annotations
 
 import asyncio
+import enum
 import gzip
 import hashlib
 import json
@@ -65,12 +69,21 @@ _CHUNK = 1024 * 1024
 _LAYOUT_TAG = "image"
 
 
+class PullPolicy(enum.Enum):
+    """When to ask the registry what a tag names (``docker run --pull``)."""
+
+    ALWAYS = "always"  # every time (``ferry image pull``)
+    MISSING = "missing"  # only if this host never pulled the tag (``ferry vm run``'s default)
+
+
 @dataclass(frozen=True, slots=True)
 class PullOptions:
-    """``max_layer_bytes``: per layer; ``tls_verify``: None verifies unless loopback."""
+    """``max_layer_bytes``: per layer; ``tls_verify``: None verifies unless loopback;
+    ``policy``: see :class:`PullPolicy`."""
 
     max_layer_bytes: int = DEFAULT_MAX_LAYER_BYTES
     tls_verify: bool | None = None
+    policy: PullPolicy = PullPolicy.ALWAYS
 
     def __post_init__(self) -> None:
         if self.max_layer_bytes <= 0:
@@ -123,6 +136,33 @@ def load_cached(cache_dir: Path, digest: str) -> PulledImage | None:
                        content_bytes=data["content_bytes"], cache_hit=True)
 
 
+def _tag_file(cache_dir: Path, ref: ImageReference) -> Path:
+    key = hashlib.sha256(f"{ref.name}:{ref.tag}".encode()).hexdigest()
+    return cache_dir / "oci" / "tags" / key
+
+
+def _tag_digest(cache_dir: Path, ref: ImageReference) -> str | None:
+    """The manifest digest ``ref``'s tag named when this host last pulled it."""
+    try:
+        data = json.loads(_tag_file(cache_dir, ref).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    digest = data.get("digest") if isinstance(data, dict) else None
+    return digest if data.get("reference") == f"{ref.name}:{ref.tag}" and \
+        isinstance(digest, str) else None
+
+
+def _record_tag(cache_dir: Path, ref: ImageReference, digest: str) -> None:
+    """Remember what ``ref``'s tag names (written to a temporary file, then renamed)."""
+    if not ref.tag:
+        return
+    path = _tag_file(cache_dir, ref)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"reference": f"{ref.name}:{ref.tag}", "digest": digest}) + "\n")
+    os.replace(tmp, path)
+
+
 def _tls_args(ref: ImageReference, options: PullOptions, flag: str) -> list[str]:
     verify = (not ref.is_loopback) if options.tls_verify is None else options.tls_verify
     return [] if verify else [f"{flag}=false"]
@@ -154,9 +194,15 @@ async def pull(reference: str | ImageReference, *, cache_dir: Path,
     ref = reference if isinstance(reference, ImageReference) else parse_reference(reference)
     if ref.digest and (hit := load_cached(cache_dir, ref.digest)) is not None:
         return hit  # content-addressed: no need to ask the registry
+    if opts.policy is PullPolicy.MISSING and not ref.digest:
+        known = _tag_digest(cache_dir, ref)
+        if known is not None and (hit := load_cached(cache_dir, known)) is not None:
+            log.info("image %s: %s, pulled before (not asking the registry)", ref, known)
+            return hit
     digest, raw = await resolve(ref, opts)
     if (hit := load_cached(cache_dir, digest)) is not None:
         log.info("image %s: cache hit %s", ref, hit.entry)
+        _record_tag(cache_dir, ref, digest)
         return hit
     manifest = mf.parse_manifest(raw, str(ref), max_layer_bytes=opts.max_layer_bytes)
     tls = _tls_args(ref, opts, "--tls-verify")
@@ -178,6 +224,7 @@ async def pull(reference: str | ImageReference, *, cache_dir: Path,
                   "layers": [{"digest": d.digest, "size_bytes": d.size_bytes}
                              for d in manifest.layers]}
         (scratch / "image.json").write_text(json.dumps(record, indent=2) + "\n")
+    _record_tag(cache_dir, ref, digest)
     log.info("image %s: pulled %s in %.1f s", ref, digest, time.monotonic() - started)
     return PulledImage(reference=str(ref), digest=digest, config=config, entry=entry,
                        rootfs_size_bytes=size, content_bytes=content, cache_hit=False)
