@@ -33,6 +33,7 @@ FLOORS: list[set[str]] = [
     {"s3"},  # object storage: S3 client, S3-backed devices, packages in buckets
     {"migration", "expose"},
     {"guest"},  # what is built for the guest and its agent's host-side client
+    {"oci"},  # container images: pulled through skopeo, unpacked by umoci into ext4
     {"qemu"},  # the VMM driver (the accelerator probe boots a guest kernel)
     {"vm"},  # one VM on one host
     {"live"},  # moving a running VM

@@ -14,6 +14,8 @@ APT_PACKAGES=(
     redis-tools                       # redis-cli for talking to guest Redis
     gcc libc6-dev                     # the static in-guest agent is compiled at image build
     chromium chromium-driver          # the daemon dashboard's browser test (Selenium)
+    skopeo umoci                      # OCI images: registry copies, layer unpack/repack
+    docker-registry                   # a local OCI registry for tests and demos (loopback)
 )
 
 # QEMU >= 9: 7.2 (Debian 12's own) under TCG loses guest writes from its precopy dirty

@@ -63,6 +63,10 @@ async def run(args: argparse.Namespace, console: Console) -> ExitCode | int:
             from ferry.cli import lab
 
             return await lab.run(args, console)
+        case "image":
+            from ferry.cli import image
+
+            return await image.run(args, console)
     raise ConfigError(f"unknown command {args.command}")
 
 

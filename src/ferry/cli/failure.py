@@ -38,6 +38,7 @@ RECANCEL_S = 3.0
 
 def exit_code_for(exc: BaseException) -> ExitCode:
     """The exit code docs/cli.md gives for ``exc``."""
+    from ferry.oci.errors import ImageIntegrityError
     from ferry.package.errors import PackageFormatError, PackageTamperedError, SignatureError
     from ferry.s3.errors import ObjectCorruptError, S3AuthError, S3UnreachableError
 
@@ -46,6 +47,8 @@ def exit_code_for(exc: BaseException) -> ExitCode:
         return ExitCode.INTEGRITY  # a package or an S3 object that does not verify
     if isinstance(exc, S3AuthError | S3UnreachableError):
         return ExitCode.PEER  # the S3 endpoint refused our credentials or did not answer
+    if isinstance(exc, ImageIntegrityError):
+        return ExitCode.INTEGRITY  # an image blob that does not match its digest
     if isinstance(exc, ConfigError):
         return ExitCode.USAGE
     if isinstance(exc, IntegrityError):

@@ -10,6 +10,7 @@ Subcommands (see docs/cli.md):
     ferry receive [-c CONFIG] --from EP --into DIR      receive a device group into files
     ferry inspect FILE                                  size, blocks, hashes of a device file
     ferry certs ca DIR / ferry certs host ...           mutual-TLS certificates
+    ferry image pull REF                                an OCI image as a root filesystem
     ferry vm build|snapshot|run|list|exec|stop          VMs (docs/vm.md)
     ferry key create|trust / ferry package create|verify|extract|add|push|pull   signed packages
 """
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ferry.cli import daemon as daemon_cli
     from ferry.cli import doctor as doctor_cli
+    from ferry.cli import image as image_cli
     from ferry.cli import lab as lab_cli
     from ferry.cli import vm as vm_cli
 
@@ -123,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = daemon_cli.add_parser(sub)
     _add_common(p)
     p = daemon_cli.add_events_parser(sub)
+    _add_common(p)
+    p = image_cli.add_parser(sub)
     _add_common(p)
 
     vm_cli.add_parsers(sub, _add_common)

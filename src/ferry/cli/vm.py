@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ferry.cli.args import add_accel, positive_float
+from ferry.cli.args import add_accel, positive_float, positive_int
 from ferry.cli.exitcodes import ExitCode
 from ferry.cli.output import emit_json
 from ferry.errors import ConfigError
@@ -25,6 +25,15 @@ from ferry.guest.image import build_blueprint
 from ferry.node import listing, supervisor
 from ferry.node.control import ControlClient
 from ferry.node.process import launch_detached
+from ferry.oci import PullOptions, PullPolicy, pull
+from ferry.oci.guest import DEFAULT_MEMORY_MIB, RunOverrides
+from ferry.oci.packages import (
+    DEFAULT_MAX_PACKAGE_BYTES,
+    default_destination,
+    pull_package,
+    push_package,
+)
+from ferry.oci.pull import DEFAULT_MAX_LAYER_BYTES
 from ferry.package import PackageInfo, Progress, TrustStore
 from ferry.package import commands as pkg
 from ferry.s3 import S3URL, S3Config
@@ -32,6 +41,7 @@ from ferry.s3 import packages as s3_packages
 from ferry.shape import DEFAULT_CPU_MODEL, MAX_MEMORY_MIB, MIN_MEMORY_MIB
 from ferry.vm import pkgcache, registry, snapshot
 from ferry.vm.errors import VMNotFoundError
+from ferry.vm.oci import is_oci, oci_package, snapshot_image
 from ferry.vm.publish import parse_publish
 from ferry.vm.runner import StopMode
 
@@ -47,8 +57,10 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
     c.add_argument("blueprint", help="shipped name (minimal, redis) or a .toml file")
     add_common(c)
 
-    c = vm.add_parser("snapshot", help="boot a blueprint until ready and snapshot it")
-    c.add_argument("blueprint")
+    c = vm.add_parser("snapshot", help="boot a blueprint (or an OCI image) until ready and "
+                                       "snapshot it")
+    c.add_argument("blueprint", help="shipped name, a .toml file, or oci://REGISTRY/REPO:TAG")
+    _add_oci_options(c)
     c.add_argument("-o", "--out", type=Path, required=True, help="package directory to write")
     c.add_argument("--prepare", action="append", default=[], metavar="CMD",
                    help="shell command to run in the guest before the snapshot (repeatable)")
@@ -61,9 +73,14 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
     add_accel(c)
     add_common(c)
 
-    c = vm.add_parser("run", help="resume a package (or continue a suspended VM)")
-    c.add_argument("package", type=Path, nargs="?",
-                   help="package file; omit to continue the suspended VM --name")
+    c = vm.add_parser("run", help="resume a package or an OCI image's VM (or continue a "
+                                  "suspended VM): ferry vm run [OPTIONS] oci://REF [-- ARGS]")
+    c.add_argument("package", nargs="?",
+                   help="package file, or oci://REGISTRY/REPO:TAG; omit to continue the "
+                        "suspended VM --name")
+    _add_oci_options(c)
+    c.add_argument("--memory-mib", type=int, metavar="MIB",
+                   help=f"guest RAM of an OCI image's VM (default {DEFAULT_MEMORY_MIB})")
     c.add_argument("--name", help="VM id ([a-z0-9-], default: vm-<random>)")
     c.add_argument("-p", "--publish", action="append", default=[], metavar="SPEC",
                    help="[HOST:]HOST_PORT:GUEST_PORT[/tcp|/udp] (repeatable)")
@@ -160,21 +177,32 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
     c.add_argument("file", type=Path)
     c.add_argument("--trust", type=Path)
     add_common(c)
-    c = pk.add_parser("push", help="upload a package to S3 (s3://BUCKET/KEY)")
+    c = pk.add_parser("push", help="upload a package to S3 (s3://BUCKET/KEY) or an OCI "
+                                   "registry (oci://REGISTRY/REPO:TAG)")
     c.add_argument("file", type=Path)
-    c.add_argument("url", metavar="s3://BUCKET/KEY")
+    c.add_argument("url", metavar="s3://BUCKET/KEY|oci://REGISTRY/REPO:TAG")
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--trust", type=Path,
+                   help="oci://: the trust list the package must verify against first")
     _s3_options(c)
+    _registry_options(c)
     add_common(c)
-    c = pk.add_parser("pull", help="download a package from S3 and verify it before it "
-                                   "lands at DEST")
-    c.add_argument("url", metavar="s3://BUCKET/KEY")
+    c = pk.add_parser("pull", help="download a package from S3 or an OCI registry and verify "
+                                   "it before it lands at DEST")
+    c.add_argument("url", metavar="s3://BUCKET/KEY|oci://REF")
     c.add_argument("dest", type=Path, nargs="?",
-                   help="file or directory (default: the key's file name, here)")
+                   help="file or directory (default: the key's or repository's file name, "
+                        "here)")
     c.add_argument("--trust", type=Path)
     c.add_argument("--overwrite", action="store_true")
     _s3_options(c)
+    _registry_options(c)
     add_common(c)
+
+
+def _registry_options(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--insecure", dest="tls_verify", action="store_false", default=None,
+                   help="oci://: allow plain HTTP to a registry that is not on loopback")
 
 
 def _s3_options(c: argparse.ArgumentParser) -> None:
@@ -186,6 +214,37 @@ def _s3_options(c: argparse.ArgumentParser) -> None:
 
 def _s3_config(args: argparse.Namespace) -> S3Config:
     return S3Config(endpoint_url=args.endpoint_url, region=args.region, profile=args.profile)
+
+
+def _add_oci_options(c: argparse.ArgumentParser) -> None:
+    """``docker run``'s overrides, for an ``oci://`` image (docs/oci.md)."""
+    g = c.add_argument_group("OCI images (oci://REF; arguments after '--' replace the cmd)")
+    g.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a variable in the image's process (repeatable)")
+    g.add_argument("--entrypoint", help="replace the image's entrypoint (and clear its cmd)")
+    g.add_argument("--readiness", metavar="CMD",
+                   help="snapshot once CMD exits 0 in the guest (default: the first exposed "
+                        "TCP port listens)")
+    g.add_argument("--max-layer-mib", type=positive_int,
+                   default=DEFAULT_MAX_LAYER_BYTES // 2**20, help=argparse.SUPPRESS)
+    g.add_argument("--insecure", dest="tls_verify", action="store_false", default=None,
+                   help="allow plain HTTP to a registry that is not on loopback")
+    g.add_argument("--pull", choices=[p.value for p in PullPolicy], default="missing",
+                   help="ask the registry what the tag names: 'missing' (default) only if "
+                        "this host never pulled it, 'always' every time")
+    c.set_defaults(takes_rest=True)
+
+
+def _oci_overrides(args: argparse.Namespace, memory_mib: int | None) -> RunOverrides:
+    return RunOverrides(entrypoint=args.entrypoint, args=tuple(args.rest),
+                        env=tuple(args.env), readiness=args.readiness,
+                        memory_mib=memory_mib or DEFAULT_MEMORY_MIB)
+
+
+def _refuse_oci_options(args: argparse.Namespace, what: str) -> None:
+    if args.rest or args.env or args.entrypoint or args.readiness:
+        raise ConfigError(f"-e, --entrypoint, --readiness and arguments after '--' are for "
+                          f"oci:// images, not {what}")
 
 
 class _Out:
@@ -231,9 +290,19 @@ async def _vm_build(args: argparse.Namespace, out: _Out) -> None:
 
 
 async def _vm_snapshot(args: argparse.Namespace, out: _Out) -> None:
-    report = await snapshot.snapshot(
-        args.blueprint, args.out, prepare=args.prepare, cpu_model=args.cpu_model,
-        memory_mib=args.memory_mib, host=args.host, progress=out.progress)
+    if is_oci(args.blueprint):
+        image = await pull(args.blueprint, cache_dir=args.host.cache_root,
+                           options=PullOptions(max_layer_bytes=args.max_layer_mib * 2**20,
+                                               tls_verify=args.tls_verify,
+                                               policy=PullPolicy(args.pull)))
+        report = await snapshot_image(image, _oci_overrides(args, args.memory_mib), args.out,
+                                      host=args.host, cpu_model=args.cpu_model,
+                                      progress=out.progress, prepare=args.prepare)
+    else:
+        _refuse_oci_options(args, "blueprints")
+        report = await snapshot.snapshot(
+            args.blueprint, args.out, prepare=args.prepare, cpu_model=args.cpu_model,
+            memory_mib=args.memory_mib, host=args.host, progress=out.progress)
     data = {"package_dir": report.package_dir, "build_s": report.build_s,
             "boot_to_agent_s": report.boot_to_agent_s, "ready_s": report.ready_s,
             "state_bytes": report.device_state.state_bytes, "total_s": report.total_s}
@@ -343,6 +412,10 @@ async def _vm_logs(args: argparse.Namespace, out: _Out) -> None:
     log = listing.console_log(paths, registry.check_vm_id(args.vm_id))
     if log is None:
         raise VMNotFoundError("runs nowhere on this host (see 'ferry vm list')", vm=args.vm_id)
+    boot = await asyncio.to_thread(listing.boot_console, paths, args.vm_id)
+    if boot is not None:  # an OCI image's VM: what its process printed before the snapshot
+        data, _ = await asyncio.to_thread(listing.read_log, boot)
+        sys.stdout.buffer.write(data)
     offset = 0
     while True:
         data, offset = await asyncio.to_thread(listing.read_log, log, offset=offset)
@@ -423,6 +496,34 @@ async def _package_extract(args: argparse.Namespace, out: _Out) -> None:
         f"{args.file}: verified, extracted into {args.dir}"))
 
 
+def _trust_of(args: argparse.Namespace) -> TrustStore:
+    return TrustStore.from_path(args.trust) if args.trust else TrustStore.for_host(args.host)
+
+
+async def _package_push_oci(args: argparse.Namespace, out: _Out) -> None:
+    pushed = await push_package(args.file, args.url, _trust_of(args),
+                                options=PullOptions(tls_verify=args.tls_verify),
+                                overwrite=args.overwrite)
+    out({"reference": pushed.reference, "key_id": pushed.key_id},
+        lambda: out.console.print(f"{args.file}: pushed to {pushed.reference} "
+                                  f"(signed by {pushed.key_id})"))
+
+
+async def _package_pull_oci(args: argparse.Namespace, out: _Out) -> None:
+    dest = args.dest if args.dest is not None else default_destination(args.url)
+    if await asyncio.to_thread(dest.is_dir):  # a directory: the default name inside it
+        dest = dest / default_destination(args.url)
+    pulled = await pull_package(
+        args.url, dest, _trust_of(args), overwrite=args.overwrite,
+        options=PullOptions(max_layer_bytes=DEFAULT_MAX_PACKAGE_BYTES,
+                            tls_verify=args.tls_verify))
+    data = {**_package_json(pulled.info), "reference": pulled.reference,
+            "digest": pulled.digest}
+    out(data, lambda: out.console.print(
+        f"{pulled.reference}: verified, {len(pulled.info.files)} files signed by "
+        f"{pulled.info.key_id}, in {pulled.path}"))
+
+
 async def _package_add(args: argparse.Namespace, out: _Out) -> None:
     if not args.file.is_file():
         raise ConfigError(f"no package file {args.file}")
@@ -486,6 +587,8 @@ async def _package_prune(args: argparse.Namespace, out: _Out) -> None:
 
 
 async def _package_push(args: argparse.Namespace, out: _Out) -> None:
+    if is_oci(args.url):
+        return await _package_push_oci(args, out)
     url = S3URL.parse(args.url)
     out.progress(f"uploading {args.file} to {url}")
     report = await asyncio.to_thread(s3_packages.push_package, args.file, url,
@@ -497,6 +600,8 @@ async def _package_push(args: argparse.Namespace, out: _Out) -> None:
 
 
 async def _package_pull(args: argparse.Namespace, out: _Out) -> None:
+    if is_oci(args.url):
+        return await _package_pull_oci(args, out)
     url = S3URL.parse(args.url)
     dest = args.dest if args.dest is not None else s3_packages.default_destination(url)
     trust = TrustStore.from_path(args.trust) if args.trust else TrustStore.for_host(args.host)
@@ -548,12 +653,26 @@ async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable
     forwards = tuple(parse_publish(s, allow_wildcard=args.allow_wildcard) for s in args.publish)
     vm_id = registry.check_vm_id(args.name or f"vm-{snapshot.short_id()}")
     package_dir = None
-    if args.package is not None:
-        if not args.package.is_file():
+    if args.package is not None and is_oci(args.package):
+        made = await oci_package(
+            args.package, _oci_overrides(args, args.memory_mib), host=host,
+            options=PullOptions(max_layer_bytes=args.max_layer_mib * 2**20,
+                                tls_verify=args.tls_verify, policy=PullPolicy(args.pull)),
+            progress=progress)
+        if made.snapshot is not None:
+            progress(f"{made.image.reference}: ready after {made.snapshot.ready_s:.1f} s, "
+                     f"snapshotted into {made.directory}")
+        package_dir = made.directory
+    elif args.package is not None:
+        _refuse_oci_options(args, "packages")
+        if args.memory_mib is not None:
+            raise ConfigError("--memory-mib is for oci:// images: a package's memory is fixed")
+        package_file = Path(args.package)
+        if not await asyncio.to_thread(package_file.is_file):
             raise ConfigError(f"no package file {args.package}")
         trust = TrustStore.from_path(args.trust) if args.trust else TrustStore.for_host(host)
         progress(f"verifying {args.package}")
-        opened = pkgcache.open_package(args.package, trust, cache_dir=host.package_cache,
+        opened = pkgcache.open_package(package_file, trust, cache_dir=host.package_cache,
                                        progress=_package_progress(progress))
         package_dir = opened.directory
     elif args.name is None:

@@ -22,6 +22,7 @@ from ferry.node.control import ControlClient
 from ferry.vm import registry
 from ferry.vm.errors import VMExistsError, VMNotFoundError
 from ferry.vm.runner import StopMode
+from ferry.vm.snapshot import BOOT_CONSOLE_PATH
 
 
 def qemu_memory_bytes(pid: int) -> int:
@@ -112,6 +113,16 @@ def console_log(paths: registry.VMPaths, vm_id: str) -> Path | None:
         if generation.isdigit():
             logs.append((int(generation), path))
     return max(logs)[1] if logs else None
+
+
+def boot_console(paths: registry.VMPaths, vm_id: str) -> Path | None:
+    """The console of the boot ``vm_id``'s package was snapshotted in, if its package
+    directory keeps one (``ferry vm run oci://``: the image's output up to the snapshot)."""
+    for vm in registry.list_vms(paths):
+        if vm.vm_id == vm_id and vm.package:
+            path = Path(vm.package) / BOOT_CONSOLE_PATH
+            return path if path.is_file() else None
+    return None
 
 
 MAX_LOG_BYTES = 1024 * 1024

@@ -88,6 +88,12 @@ def open_extracted(directory: Path) -> OpenedPackage:
     return OpenedPackage(directory, package_id, VMManifest.load(directory), cache_hit=True)
 
 
+def adopt(directory: Path, package_id: str) -> None:
+    """Make a package directory made on this host (not extracted from a signed file, so
+    with nothing to verify) openable by :func:`open_extracted` under ``package_id``."""
+    (directory / _ID_FILE).write_text(package_id + "\n")
+
+
 def find_cached(cache_dir: Path, package_id: str) -> OpenedPackage | None:
     """The cache's entry for the package with this id, if this host extracted it before."""
     entry = cache_dir / package_id[:32]

@@ -62,10 +62,14 @@ MIB = 1024 * 1024
 BLOCK_SIZE_BYTES = 64 * 1024
 """Block size of the manifest's hashes and of the runner's overlays (the engine's default)."""
 ROOT_DISK = "root"
+BOOT_CONSOLE_PATH = "boot-console.log"
+"""In a package directory made on this host (``ferry vm run oci://``): the console of the
+boot its snapshot was taken in, which ``ferry vm logs`` shows before the VM's own."""
 READINESS_POLL_S = 0.2
 
 Progress = Callable[[str], None]
 OnReady = Callable[[AgentClient], Awaitable[None]]
+ImageFor = Callable[[Path], BuiltImage]
 
 
 def _quiet(_: str) -> None:
@@ -190,6 +194,8 @@ async def snapshot(
     memory_mib: int | None = None,
     boot_timeout_s: float = 180.0,
     progress: Progress = _quiet,
+    image_for: ImageFor | None = None,
+    console_copy: Path | None = None,
 ) -> SnapshotReport:
     """Boot ``blueprint`` until ready, run ``prepare`` (shell commands, via the agent,
     each must exit 0) and then ``on_ready(agent)``, and write a package directory to
@@ -197,7 +203,14 @@ async def snapshot(
 
     ``memory_mib`` overrides the blueprint's guest RAM (as ``docker run -m`` does an
     image's), validated as the blueprint's own value; the image is the same (its cache
-    entry is shared), the package's machine and memory image have the new size."""
+    entry is shared), the package's machine and memory image have the new size.
+
+    ``image_for(disks_dir)`` builds the guest instead of :func:`build_blueprint` (an OCI
+    image's guest, :mod:`ferry.oci.guest`): it returns a :class:`BuiltImage` whose
+    ``blueprint`` is ``blueprint`` and whose root disk is a private copy in ``disks_dir``.
+
+    ``console_copy``: where to keep the serial console of the boot (what the workload
+    printed up to the snapshot), which is otherwise removed with QEMU's work dir."""
     started = time.monotonic()
     bp = blueprint if isinstance(blueprint, Blueprint) else load_blueprint(blueprint)
     if memory_mib is not None:
@@ -205,12 +218,16 @@ async def snapshot(
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise SnapshotError(f"{out_dir} already exists", vm=bp.name)
-    progress(f"building blueprint {bp.name}")
-    image = await asyncio.to_thread(build_blueprint, bp, out_dir / "disks",
-                                    cache_dir=host.cache_root)
-    build_s = time.monotonic() - started
+    progress(f"building {bp.name}")
     try:
+        if image_for is not None:
+            image = await asyncio.to_thread(image_for, out_dir / "disks")
+        else:
+            image = await asyncio.to_thread(build_blueprint, bp, out_dir / "disks",
+                                            cache_dir=host.cache_root)
+        build_s = time.monotonic() - started
         report = await _snapshot_into(bp, image, out_dir, prepare=prepare, on_ready=on_ready,
+                                      console_copy=console_copy,
                                       cpu_model=cpu_model, host=host,
                                       boot_timeout_s=boot_timeout_s,
                                       progress=progress)
@@ -225,6 +242,7 @@ async def snapshot(
 async def _snapshot_into(
     bp: Blueprint, image: BuiltImage, out_dir: Path, *, prepare: Sequence[str],
     on_ready: OnReady | None, cpu_model: str, host: HostConfig, boot_timeout_s: float,
+    console_copy: Path | None = None,
     progress: Progress,
 ) -> tuple[VMManifest, float, float, DeviceStateStats]:
     disk_path = out_dir / "disks" / "root.img"
@@ -260,6 +278,8 @@ async def _snapshot_into(
             guest = b.net.guest
             qemu_version = ".".join(map(str, await b.vm.qemu_version()))
             await b.vm.stop()
+            if console_copy is not None:
+                await asyncio.to_thread(shutil.copyfile, b.vm.console_path, console_copy)
             boot_s, ready_s = b.boot_to_agent_s, b.ready_s
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
