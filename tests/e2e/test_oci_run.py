@@ -189,3 +189,32 @@ def test_run_refuses_a_missing_image_in_one_line(env: Env) -> None:
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("ferry: error: image ")
     assert "manifest unknown" in lines[-1]
+
+
+def test_an_image_runs_through_the_daemon_api(env: Env) -> None:
+    """``POST /v1/vms`` with ``oci://``: the same pull, boot-once and resume as the CLI's,
+    as an operation; overrides are for images only."""
+    from ferry.daemon.client import DaemonClient, DaemonError
+
+    proc = subprocess.Popen([*FERRY, "daemon", "--json", "--warm-holders", "0"], env=env.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline() or "{}").get("event") == "listening"
+        api = DaemonClient.unix(Path(env.env["FERRY_RUN_DIR"]) / "ferryd.sock")
+        with pytest.raises(DaemonError) as refused:
+            api.call("POST", "/v1/vms", {"package": "/nonexistent.ferry", "env": ["A=1"]})
+        assert refused.value.status == 422
+        port = free_port()
+        op = api.wait(api.call("POST", "/v1/vms", {
+            "package": f"oci://{env.httpd}", "name": "web-api",
+            "publish": [f"127.0.0.1:{port}:8080"], "env": ["GREETING=api"]}))
+        assert op["state"] == "succeeded", op
+        assert http_get(port) == b"hello from an OCI image\n"
+        pid = env.sh("web-api", IMAGE_PID).strip()
+        assert "GREETING=api" in env.sh(
+            "web-api", f"tr '\\0' '\\n' < /proc/{pid}/environ").splitlines()
+        assert api.call("POST", "/v1/vms/web-api/stop", {})["mode"] == "discard"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)

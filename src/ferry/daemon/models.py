@@ -78,13 +78,25 @@ class VMDetail(VM):
 
 
 class RunVM(Request):
-    """Run a signed package here (``ferry vm run FILE``)."""
+    """Run a signed package here (``ferry vm run FILE``), or an OCI image
+(``ferry vm run oci://REF``: pulled, booted until ready and snapshotted once, then
+resumed)."""
 
     package: str = Field(min_length=1, max_length=MAX_PATH,
-                         description="path of the package file on this host")
+                         description="path of the package file on this host, or oci://REF")
     name: str | None = Field(default=None, pattern=VM_ID_PATTERN)
     publish: list[str] = Field(default=[], max_length=MAX_PUBLISH,
                                description="forwards, as ferry vm run -p: [ADDR:]HOST:GUEST[/udp]")
+    env: list[str] = Field(default=[], max_length=MAX_ARGV,
+                           description="oci:// only: NAME=VALUE, as ferry vm run -e")
+    entrypoint: str | None = Field(default=None, max_length=MAX_TEXT,
+                                   description="oci:// only: replaces the image's entrypoint")
+    args: list[str] = Field(default=[], max_length=MAX_ARGV,
+                            description="oci:// only: replace the image's cmd")
+    readiness: str | None = Field(default=None, max_length=MAX_TEXT,
+                                  description="oci:// only: 'tcp:PORT' or a shell command")
+    memory_mib: int | None = Field(default=None, ge=16, le=65536,
+                                   description="oci:// only: guest RAM")
 
 
 class ContinueVM(Request):

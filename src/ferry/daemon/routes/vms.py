@@ -31,9 +31,11 @@ from ferry.node import listing, supervisor
 from ferry.node.arrival import ArrivalRequest
 from ferry.node.control import ControlClient, ExportReply, MigrateRequest
 from ferry.node.process import launch_detached
+from ferry.oci.guest import DEFAULT_MEMORY_MIB, RunOverrides
 from ferry.package import TrustStore
 from ferry.vm import pkgcache, registry
 from ferry.vm.errors import VMExistsError
+from ferry.vm.oci import is_oci, oci_package
 from ferry.vm.publish import parse_publish
 from ferry.vm.runner import StopMode
 
@@ -69,29 +71,46 @@ def routes(d: Daemon) -> APIRouter:
     async def run_vm(body: m.RunVM) -> m.Operation:
         """Resume a signed package (verified against this host's trust list) as a new VM."""
         forwards = tuple(parse_publish(s) for s in body.publish)
+        image = is_oci(body.package)
+        overrides = _oci_overrides(body) if image else None
+        if not image and (body.env or body.entrypoint or body.args or body.readiness
+                          or body.memory_mib):
+            raise Problem(422, "invalid", "Invalid request", "env, entrypoint, args, "
+                          "readiness and memory_mib are for oci:// images, not packages")
         file = Path(body.package)
-        if not await asyncio.to_thread(file.is_file):
+        if not image and not await asyncio.to_thread(file.is_file):
             raise Problem(400, "bad-request", "Bad request", f"no package file {file}")
         vm_id = registry.check_vm_id(body.name or f"vm-{os.urandom(4).hex()}")
+
+        async def package_dir(op_id: str) -> Path:
+            if overrides is not None:  # the image cache's, which no prune touches
+                made = await oci_package(body.package, overrides, host=host,
+                                         progress=lambda line: d.ops.report(
+                                             op_id, {"step": line}))
+                return made.directory
+            async with d.cache_lock:
+                opened = await asyncio.to_thread(pkgcache.open_package, file,
+                                                 TrustStore.for_host(host),
+                                                 cache_dir=host.package_cache)
+                d.pinned[opened.directory] += 1  # until its holder names it
+                return opened.directory
 
         async def work(op_id: str) -> dict[str, Any]:
             async with d.lock(vm_id):
                 if await asyncio.to_thread(registry.live_supervisor, d.paths, vm_id):
                     raise VMExistsError("is already running on this node", vm=vm_id)
-                async with d.cache_lock:
-                    opened = await asyncio.to_thread(
-                        pkgcache.open_package, file, TrustStore.for_host(host),
-                        cache_dir=host.package_cache)
-                    d.pinned[opened.directory] += 1  # until its holder names it
+                directory = await package_dir(op_id)
+                if overrides is not None:
+                    d.pinned[directory] += 1
                 try:
-                    ready = await _claim_warm(d, opened.directory, vm_id, forwards)
+                    ready = await _claim_warm(d, directory, vm_id, forwards)
                     if ready is None:
                         ready = await launch(op_id, supervisor.LaunchRequest(
-                            vm_id, opened.directory, host, forwards))
-                    d.warm.want(opened.directory)  # a replacement, or the first one
+                            vm_id, directory, host, forwards))
+                    d.warm.want(directory)  # a replacement, or the first one
                     return ready
                 finally:
-                    d.pinned[opened.directory] -= 1
+                    d.pinned[directory] -= 1
 
         return d.ops.start("run", vm_id, work)
 
@@ -269,6 +288,12 @@ async def _claim_warm(d: Daemon, package_dir: Path, vm_id: str,
         if warm.proc.stdin is not None:
             warm.proc.stdin.close()  # claimed (or gone): it no longer watches the pipe
     return {**reply.ready, "warm": True}
+
+
+def _oci_overrides(body: m.RunVM) -> RunOverrides:
+    return RunOverrides(entrypoint=body.entrypoint, args=tuple(body.args), env=tuple(body.env),
+                        readiness=body.readiness,
+                        memory_mib=body.memory_mib or DEFAULT_MEMORY_MIB)
 
 
 def _name_taken(d: Daemon, vm_id: str) -> bool:
