@@ -46,6 +46,13 @@ def check_memory_mib(memory_mib: object) -> int:
     return memory_mib
 
 
+def check_vcpus(vcpus: object) -> int:
+    """``vcpus`` if it is an int in 1..MAX_VCPUS; else ConfigError."""
+    if type(vcpus) is not int or not 1 <= vcpus <= MAX_VCPUS:
+        raise ConfigError(f"vcpus must be 1..{MAX_VCPUS}, got {vcpus!r:.40}")
+    return vcpus
+
+
 @dataclass(frozen=True, slots=True)
 class MachineShape:
     """Guest RAM, vCPUs and CPU model of one VM; raises ConfigError when out of bounds."""
@@ -56,8 +63,7 @@ class MachineShape:
 
     def __post_init__(self) -> None:
         check_memory_mib(self.memory_mib)
-        if type(self.vcpus) is not int or not 1 <= self.vcpus <= MAX_VCPUS:
-            raise ConfigError(f"vcpus must be 1..{MAX_VCPUS}, got {self.vcpus!r:.40}")
+        check_vcpus(self.vcpus)
         # Not a name: empty, a leading comma (QEMU's option syntax) or a space.
         if (not isinstance(self.cpu_model, str) or not self.cpu_model
                 or self.cpu_model.startswith(",") or " " in self.cpu_model):

@@ -38,7 +38,7 @@ from ferry.package import PackageInfo, Progress, TrustStore
 from ferry.package import commands as pkg
 from ferry.s3 import S3URL, S3Config
 from ferry.s3 import packages as s3_packages
-from ferry.shape import DEFAULT_CPU_MODEL, MAX_MEMORY_MIB, MIN_MEMORY_MIB
+from ferry.shape import DEFAULT_CPU_MODEL, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB
 from ferry.vm import pkgcache, registry, snapshot
 from ferry.vm.errors import VMNotFoundError
 from ferry.vm.oci import is_oci, oci_package, snapshot_image
@@ -68,6 +68,8 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
     c.add_argument("--memory-mib", type=int, metavar="MIB",
                    help="guest RAM, overriding the blueprint's memory_mib "
                         f"({MIN_MEMORY_MIB}..{MAX_MEMORY_MIB})")
+    c.add_argument("--cpus", type=int, metavar="N",
+                   help=f"virtual CPUs, overriding the blueprint's vcpus (1..{MAX_VCPUS})")
     c.add_argument("--package", type=Path, metavar="FILE", help="also sign it into FILE")
     c.add_argument("--key", type=Path, help="signing key (default: ferry's default key)")
     add_accel(c)
@@ -290,6 +292,8 @@ async def _vm_build(args: argparse.Namespace, out: _Out) -> None:
 
 
 async def _vm_snapshot(args: argparse.Namespace, out: _Out) -> None:
+    if is_oci(args.blueprint) and args.cpus is not None:
+        raise ConfigError("--cpus is for blueprints (an OCI image's VM has one vCPU)")
     if is_oci(args.blueprint):
         image = await pull(args.blueprint, cache_dir=args.host.cache_root,
                            options=PullOptions(max_layer_bytes=args.max_layer_mib * 2**20,
@@ -302,7 +306,8 @@ async def _vm_snapshot(args: argparse.Namespace, out: _Out) -> None:
         _refuse_oci_options(args, "blueprints")
         report = await snapshot.snapshot(
             args.blueprint, args.out, prepare=args.prepare, cpu_model=args.cpu_model,
-            memory_mib=args.memory_mib, host=args.host, progress=out.progress)
+            memory_mib=args.memory_mib, vcpus=args.cpus, host=args.host,
+            progress=out.progress)
     data = {"package_dir": report.package_dir, "build_s": report.build_s,
             "boot_to_agent_s": report.boot_to_agent_s, "ready_s": report.ready_s,
             "state_bytes": report.device_state.state_bytes, "total_s": report.total_s}

@@ -51,9 +51,9 @@ class VMConfig:
     @classmethod
     def from_image(cls, image: BuiltImage, *, cpu_model: str | None = None,
                    **overrides: Any) -> VMConfig:
-        """The config for a built blueprint (its kernel, initramfs and memory size; one
-        vCPU; ``cpu_model`` or the default one)."""
-        shape = MachineShape(image.blueprint.memory_mib,
+        """The config for a built blueprint (its kernel, initramfs, memory size and vCPUs;
+        ``cpu_model`` or the default one)."""
+        shape = MachineShape(image.blueprint.memory_mib, image.blueprint.vcpus,
                              cpu_model=DEFAULT_CPU_MODEL if cpu_model is None else cpu_model)
         base = cls(kernel=image.kernel, initramfs=image.initramfs, machine=shape)
         return replace(base, **overrides) if overrides else base

@@ -192,6 +192,7 @@ async def snapshot(
     host: HostConfig,
     cpu_model: str = DEFAULT_CPU_MODEL,
     memory_mib: int | None = None,
+    vcpus: int | None = None,
     boot_timeout_s: float = 180.0,
     progress: Progress = _quiet,
     image_for: ImageFor | None = None,
@@ -204,6 +205,7 @@ async def snapshot(
     ``memory_mib`` overrides the blueprint's guest RAM (as ``docker run -m`` does an
     image's), validated as the blueprint's own value; the image is the same (its cache
     entry is shared), the package's machine and memory image have the new size.
+    ``vcpus`` likewise overrides the blueprint's virtual CPUs (``docker run --cpus``).
 
     ``image_for(disks_dir)`` builds the guest instead of :func:`build_blueprint` (an OCI
     image's guest, :mod:`ferry.oci.guest`): it returns a :class:`BuiltImage` whose
@@ -215,6 +217,8 @@ async def snapshot(
     bp = blueprint if isinstance(blueprint, Blueprint) else load_blueprint(blueprint)
     if memory_mib is not None:
         bp = bp.with_memory(memory_mib)
+    if vcpus is not None:
+        bp = bp.with_vcpus(vcpus)
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise SnapshotError(f"{out_dir} already exists", vm=bp.name)

@@ -57,7 +57,7 @@ from ferry.guest.image.initramfs import (
 )
 from ferry.guest.image.kernel import Kernel, fetch_kernel
 from ferry.guest.image.rootfs import add_packages, write_ext4
-from ferry.shape import check_memory_mib
+from ferry.shape import check_memory_mib, check_vcpus
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ BLUEPRINTS_DIR = Path(__file__).resolve().parent.parent / "blueprints"
 BUSYBOX_PACKAGE = "busybox-static"
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_KNOWN_KEYS = {"name", "memory_mib", "disk_size_mib", "packages", "files", "workload",
+_KNOWN_KEYS = {"name", "memory_mib", "vcpus", "disk_size_mib", "packages", "files", "workload",
                "modules", "compress_initramfs", "agent"}
 _WORKLOAD_KEYS = {"command", "readiness"}
 _FILE_KEYS = {"src", "dest", "mode"}
@@ -88,6 +88,7 @@ class Blueprint:
 
     name: str
     memory_mib: int = 256
+    vcpus: int = 1
     disk_size_mib: int = 64
     packages: tuple[str, ...] = ()
     files: tuple[FileSpec, ...] = ()
@@ -102,6 +103,7 @@ class Blueprint:
             raise BlueprintError(f"name {self.name!r} must match {_NAME_RE.pattern}")
         try:
             check_memory_mib(self.memory_mib)  # the machine shape's bounds (ferry.shape)
+            check_vcpus(self.vcpus)
         except ConfigError as exc:
             raise BlueprintError(str(exc)) from None
         if not 8 <= self.disk_size_mib <= 1 << 20:
@@ -122,6 +124,11 @@ class Blueprint:
         file's value is: :class:`BlueprintError` outside the machine shape's bounds,
         :mod:`ferry.shape`). Its image is the same: memory is not an image input."""
         return replace(self, memory_mib=memory_mib)
+
+    def with_vcpus(self, vcpus: int) -> Blueprint:
+        """This blueprint with ``vcpus`` virtual CPUs instead (1..64); like memory, not an
+        image input."""
+        return replace(self, vcpus=vcpus)
 
     def env_file(self) -> bytes:
         """``/ferry/blueprint.env``: shell assignments the guest scripts source."""
@@ -176,7 +183,7 @@ def parse_blueprint(text: str, *, base_dir: Path, path: str = "<blueprint>") -> 
     if "name" not in data:
         raise BlueprintError("missing required key 'name'", path=path)
     kwargs: dict[str, Any] = {"name": _expect(data, "name", str, path)}
-    for key in ("memory_mib", "disk_size_mib"):
+    for key in ("memory_mib", "vcpus", "disk_size_mib"):
         if key in data:
             kwargs[key] = _expect(data, key, int, path)
     if "compress_initramfs" in data:
