@@ -293,6 +293,31 @@ async def test_link_cut_before_handoff_leaves_vm_on_a(site: Site, redis_package:
     await assert_serving_on_a(site, "up-c1")
 
 
+async def test_a_capped_migration_keeps_to_its_cap_and_a_timeout_keeps_the_vm_here(
+        site: Site, redis_package: Path) -> None:
+    await site.vm_run("upa", "up-m1", redis_package, "-p",
+                      f"{site.address('upa')}:{REDIS_PORT}:6379")
+    # 10 Mbit/s would take over a minute for the guest's RAM: the timeout comes first,
+    # before the hand-off, and the VM keeps serving on A.
+    await site.receive("upb", MIGRATE_PORT)
+    slow = await site.run("upa", *site.migrate_args("up-m1", "upa", "upb", MIGRATE_PORT),
+                          "--max-mbit", "10", "--timeout", "2")
+    assert slow.returncode != 0
+    assert "timed out after 2 s before the hand-off" in slow.stderr
+    await assert_serving_on_a(site, "up-m1")
+    [record] = await site.ferry_json("upa", "vm", "migrations", "--vm", "up-m1")
+    assert (record["state"], record["to"]) == ("failed", f"{site.address('upb')}:{MIGRATE_PORT}")
+    await site.stop_host("upb")  # the receiver that got nothing
+    # At 400 Mbit/s it goes through, no faster than the cap allows (a bound the cap
+    # guarantees, not a performance figure).
+    reply = await site.hop("up-m1", "upa", "upb", MIGRATE_PORT, "--max-mbit", "400")
+    summary = reply["summary"]
+    assert summary["handed_off"] is True
+    burst = 0.05 * 400e6 / 8
+    assert summary["total_s"] >= (summary["bytes_total"] - burst) * 8 / 400e6
+    assert await redis_get(site, "upb", "greeting") == GREETING
+
+
 async def first_pong_s(site: Site, host: str, started: float) -> float:
     """Seconds from ``started`` to the first PONG on ``host``'s Redis port."""
     while True:

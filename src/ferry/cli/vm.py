@@ -775,6 +775,12 @@ def _add_migration_parsers(vm: Any, add_common: AddCommon) -> None:
                         "link (qemu), or as a ferry device with post-copy (engine); auto "
                         "(default): qemu where QEMU's dirty tracking is safe (KVM, or "
                         "QEMU >= 9.0), else engine")
+    c.add_argument("--max-mbit", type=positive_float, metavar="MBIT",
+                   help="cap what the source sends (boot files, blocks, QEMU's stream) at "
+                        "MBIT megabits per second")
+    c.add_argument("--timeout", type=positive_float, metavar="S",
+                   help="cancel the migration if it has not handed off after S seconds "
+                        "(the VM keeps running here)")
     c.add_argument("--key", type=Path, help="signing key for --to-package")
     tls(c)
     add_common(c)

@@ -138,6 +138,8 @@ async def _migrate(args: argparse.Namespace, console: Console, out: Out,
     client = ControlClient(registry.VMPaths.of(args.host).control_socket(args.vm_id),
                            args.vm_id)
     mig_id = history.new_id()
+    if args.to_package is not None and (args.max_mbit or args.timeout):
+        raise ConfigError("--max-mbit and --timeout are for a live migration (--to)")
     if args.to_package is not None:
         req = MigrateRequest(package=args.to_package.absolute(),
                              key=(args.key or args.host.signing_key).absolute(),
@@ -148,7 +150,8 @@ async def _migrate(args: argparse.Namespace, console: Console, out: Out,
         req = MigrateRequest(to=_address(args.to), precopy_only=args.precopy_only,
                              ram=RamPath(args.ram),
                              access=_connecting_access(args, console, "the destination"),
-                             migration_id=mig_id)
+                             migration_id=mig_id, max_mbit=args.max_mbit,
+                             timeout_s=args.timeout)
         progress(f"{args.vm_id}: migrating to {args.to} (migration {mig_id})")
     task = asyncio.create_task(client.migrate(req, timeout_s=MIGRATE_TIMEOUT_S))
     reporter = asyncio.create_task(_report_progress(client, progress))

@@ -152,6 +152,10 @@ class MigrateVM(Request):
     tls_ca: str | None = Field(default=None, max_length=MAX_PATH)
     ram: Literal["auto", "qemu", "engine"] = "auto"
     precopy_only: bool = False
+    max_mbit: float | None = Field(default=None, gt=0, le=1_000_000,
+                                   description="cap what the source sends, Mbit/s")
+    timeout_s: float | None = Field(default=None, gt=0, le=86_400,
+                                    description="cancel if not handed off by then")
 
 
 class ReceiveVM(Request):

@@ -58,6 +58,7 @@ from ferry.qemu import QemuVM
 from ferry.storage.device import Device
 from ferry.transport.base import Stream
 from ferry.transport.mux import Mux
+from ferry.transport.ratelimit import RateLimited
 from ferry.vm.devices import VMDevices
 from ferry.vm.manifest import STATE_PATH, VMManifest
 from ferry.vm.snapshot import write_block_hashes
@@ -95,8 +96,10 @@ class Moved:
     """The destination's report (None: it did not come back)."""
 
 
-def options_for(precopy_only: bool, ram: RamPath = RamPath.AUTO) -> LiveOptions:
-    return LiveOptions(mode=Mode.PRECOPY_ONLY if precopy_only else Mode.HYBRID, ram=ram)
+def options_for(precopy_only: bool, ram: RamPath = RamPath.AUTO,
+                max_mbit: float | None = None) -> LiveOptions:
+    return LiveOptions(mode=Mode.PRECOPY_ONLY if precopy_only else Mode.HYBRID, ram=ram,
+                       max_bytes_per_s=None if max_mbit is None else max_mbit * 1e6 / 8)
 
 
 def summarize(source: SourceReport, destination: DestinationReport | None,
@@ -122,6 +125,8 @@ async def migrate_to_host(
     except FerryError as exc:
         raise LiveMigrationError(f"cannot reach the destination {host}:{port}: {exc}",
                                  vm=m.vm_id, handed_off=False) from exc
+    if options.max_bytes_per_s is not None:
+        stream = RateLimited(stream, options.max_bytes_per_s)
     mux: Mux | None = None
     try:
         choice = await choose_ram(m.qemu, m.devices, options.ram)

@@ -88,6 +88,9 @@ class LiveOptions:
     held one (docs/live-migration.md)."""
     policy: DirtyPolicy = field(default_factory=lambda: FAST_POLICY)
     agent_hooks: bool = True
+    max_bytes_per_s: float | None = None
+    """A cap on the link's sending side (``--max-mbit``; :mod:`ferry.transport.ratelimit`):
+    everything the source sends, boot files, blocks and QEMU's stream, shares it."""
     agent_timeout_s: float = 10.0
     concurrency: int = 4
     max_run_blocks: int = 16

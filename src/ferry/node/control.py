@@ -63,6 +63,8 @@ MAX_LINE_BYTES = 4 * 1024 * 1024
 """Covers an exec's 1 MiB stdin and 1 MiB of each output stream in base64."""
 CONNECT_TIMEOUT_S = 5.0
 MAX_FORWARDS = 64
+MAX_MBIT = 1_000_000.0
+MAX_TIMEOUT_S = 86_400.0
 SERVER_DRAIN_S = 30.0
 """How long closing the socket waits for requests in flight (a ``stop`` waits for cleanup)."""
 
@@ -147,8 +149,16 @@ class MigrateRequest:
     migration_id: str | None = None
     """The id the holder records the migration under (:mod:`ferry.node.history`); None:
     it makes one."""
+    max_mbit: float | None = None
+    """A cap on what the source sends, in Mbit/s (a live migration only)."""
+    timeout_s: float | None = None
+    """Cancel the migration if it has not handed off by then (the VM stays here)."""
 
     def __post_init__(self) -> None:
+        if self.max_mbit is not None and not 0 < self.max_mbit <= MAX_MBIT:
+            raise ControlProtocolError(f"max_mbit must be in (0, {MAX_MBIT}]")
+        if self.timeout_s is not None and not 0 < self.timeout_s <= MAX_TIMEOUT_S:
+            raise ControlProtocolError(f"timeout_s must be in (0, {MAX_TIMEOUT_S}]")
         if self.migration_id is not None:
             try:
                 history.check_id(self.migration_id)
@@ -415,7 +425,8 @@ def encode_request(req: Request) -> bytes:
                           "precopy_only": req.precopy_only, "ram": req.ram.value,
                           "package": None if req.package is None else str(req.package),
                           "key": None if req.key is None else str(req.key),
-                          "overwrite": req.overwrite, "migration_id": req.migration_id})
+                          "overwrite": req.overwrite, "migration_id": req.migration_id,
+                          "max_mbit": req.max_mbit, "timeout_s": req.timeout_s})
         case _:
             return _dump({"op": req.op.value})
 
@@ -473,7 +484,9 @@ def decode_request(line: bytes) -> Request:
                                   package=None if package is None else Path(package),
                                   key=None if key is None else Path(key),
                                   overwrite=_get(d, "overwrite", bool, False),
-                                  migration_id=_get(d, "migration_id", str, None))
+                                  migration_id=_get(d, "migration_id", str, None),
+                                  max_mbit=_get(d, "max_mbit", (int, float), None),
+                                  timeout_s=_get(d, "timeout_s", (int, float), None))
         case None:
             raise ControlProtocolError("the request has no op")
 

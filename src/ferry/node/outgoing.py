@@ -60,6 +60,7 @@ class Outgoing:
         self._on_active = on_active
         self._task: asyncio.Task[MigrateReply | ExportReply] | None = None
         self._handed_off = False
+        self._timed_out = False
         self.idle = asyncio.Event()
         """Set while no migration runs."""
         self.idle.set()
@@ -97,24 +98,36 @@ class Outgoing:
             raise LiveMigrationError("a migration is already running or done", vm=m.vm_id,
                                      handed_off=False)
         self._handed_off = False
+        self._timed_out = False
         self.idle.clear()
         self._on_active(True)
         started = time.time()
         self._task = asyncio.create_task(self._run(m, req), name=f"migrate {m.vm_id}")
         self._task.add_done_callback(self._finished)
+        watchdog = None
+        if req.timeout_s is not None:
+            watchdog = asyncio.get_running_loop().call_later(req.timeout_s, self._time_out)
         try:
             result = await asyncio.shield(self._task)
         except asyncio.CancelledError:
             if self._task.cancelled():
-                self._record(m, req, started, "cancelled", error="cancelled before the hand-off")
-                raise LiveMigrationError("migration cancelled before the hand-off",
-                                         vm=m.vm_id, handed_off=False) from None
+                if self._timed_out:
+                    text = f"timed out after {req.timeout_s:g} s before the hand-off"
+                    self._record(m, req, started, "failed", error=text)
+                else:
+                    text = "migration cancelled before the hand-off"
+                    self._record(m, req, started, "cancelled",
+                                 error="cancelled before the hand-off")
+                raise LiveMigrationError(text, vm=m.vm_id, handed_off=False) from None
             raise
         except FerryError as exc:
             self._record(m, req, started, "failed", error=str(exc))
             if isinstance(exc, LiveMigrationError) and exc.handed_off:
                 self.gone = True
             raise
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
         self.gone = True
         if isinstance(result, ExportReply):
             self._record(m, req, started, "succeeded", summary={
@@ -136,6 +149,14 @@ class Outgoing:
             id=req.migration_id or new_id(), vm_id=m.vm_id, to=to, state=state,
             started=started, finished=time.time(), summary=summary, error=error))
 
+    def _time_out(self) -> None:
+        """``timeout_s`` passed: cancel unless the VM was handed off (then post-copy must
+        finish wherever it is)."""
+        if self.active and not self._handed_off:
+            self._timed_out = True
+            assert self._task is not None
+            self._task.cancel()
+
     def _finished(self, _: asyncio.Task[MigrateReply | ExportReply]) -> None:
         self.idle.set()
         self._on_active(False)
@@ -156,6 +177,7 @@ class Outgoing:
         host, port = req.to
         self._progress = MigrationProgress()
         moved = await self._migrate(m, host, port, access=req.access,
-                                    options=options_for(req.precopy_only, req.ram),
+                                    options=options_for(req.precopy_only, req.ram,
+                                                        req.max_mbit),
                                     on_handed_off=handed_off, progress=self._progress)
         return MigrateReply(moved.summary, moved.source, moved.destination)

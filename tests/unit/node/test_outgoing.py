@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -21,6 +22,7 @@ from ferry.live.summary import MigrationSummary
 from ferry.migration.source import Progress
 from ferry.migration.state import Phase
 from ferry.node.control import MigrateCancelReply, MigrateReply, MigrateRequest
+from ferry.node.history import MigrationHistory
 from ferry.node.outgoing import Outgoing
 
 REQUEST = MigrateRequest(to=("127.0.0.1", 7521), access=Access(insecure=True))
@@ -178,3 +180,34 @@ async def test_cancel_without_a_migration_and_migrate_without_a_vm() -> None:
         await out.migrate(REQUEST)
     assert fake.calls == 0
     assert not out.gone
+
+
+async def test_a_timeout_before_the_hand_off_keeps_the_vm_here_and_is_recorded(
+        tmp_path: Path) -> None:
+    vm = FakeVM()
+    fake = FakeMigration()
+    history = MigrationHistory(tmp_path)
+    out = Outgoing(lambda: cast(Movable, vm), migrate=fake, history=history)
+    req = MigrateRequest(to=("127.0.0.1", 7521), access=Access(insecure=True),
+                         timeout_s=0.05, max_mbit=100.0, migration_id="mig-00000000001")
+    with pytest.raises(LiveMigrationError, match=r"timed out after 0\.05 s") as info:
+        await out.migrate(req)
+    assert info.value.handed_off is False
+    assert (vm.paused, vm.resumed, out.gone) == (False, 1, False)
+    [record] = history.records()
+    assert (record.id, record.state, record.to) == ("mig-00000000001", "failed",
+                                                     "127.0.0.1:7521")
+    assert "timed out" in (record.error or "")
+
+
+async def test_a_timeout_after_the_hand_off_lets_post_copy_finish() -> None:
+    vm = FakeVM()
+    out, fake, _ = make(vm)
+    req = MigrateRequest(to=("127.0.0.1", 7521), access=Access(insecure=True), timeout_s=0.05)
+    task = asyncio.create_task(out.migrate(req))
+    fake.hand_off.set()
+    await fake.handed_off.wait()
+    await asyncio.sleep(0.1)  # past the timeout: post-copy is not cancelled
+    fake.finish.set()
+    assert isinstance(await task, MigrateReply)
+    assert out.gone

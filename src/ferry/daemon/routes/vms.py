@@ -220,7 +220,8 @@ def routes(d: Daemon) -> APIRouter:
             mig_id = d.history.start(op_id, vm_id, body.to)
             req = MigrateRequest(to=(addr, int(port)), access=access,
                                  precopy_only=body.precopy_only, ram=RamPath(body.ram),
-                                 migration_id=mig_id)
+                                 migration_id=mig_id, max_mbit=body.max_mbit,
+                                 timeout_s=body.timeout_s)
             try:
                 async with d.lock(vm_id):
                     # Owned here and always awaited: cancelled once the migration ended.
