@@ -318,6 +318,26 @@ async def test_a_capped_migration_keeps_to_its_cap_and_a_timeout_keeps_the_vm_he
     assert await redis_get(site, "upb", "greeting") == GREETING
 
 
+async def test_a_vm_that_arrived_suspends_and_continues_there(site: Site,
+                                                            redis_package: Path) -> None:
+    await site.vm_run("upa", "up-s1", redis_package, "-p",
+                      f"{site.address('upa')}:{REDIS_PORT}:6379")
+    before = await boot_id(site, "upa", "up-s1")
+    await site.hop("up-s1", "upa", "upb", MIGRATE_PORT)
+    await site.ferry("upb", "vm", "exec", "up-s1", "--", "redis-cli", "set", "arrived", "yes")
+    stopped = await site.ferry_json("upb", "vm", "stop", "up-s1", "--suspend")
+    assert stopped["mode"] == "suspend"
+    assert stopped["state_bytes"] > 0
+    assert ("up-s1", "suspended") in await listed(site, "upb")
+    # It continues on B with its forwards, the same guest (no reboot), with what it wrote.
+    await site.ferry_json("upb", "vm", "run", "--detach", "--name", "up-s1")
+    assert await boot_id(site, "upb", "up-s1") == before
+    assert await redis_get(site, "upb", "arrived") == b"yes"
+    assert await redis_get(site, "upb", "greeting") == GREETING
+    await site.ferry("upb", "vm", "stop", "up-s1")
+    assert site.paths("upb").state_dir("up-s1").exists() is False
+
+
 async def first_pong_s(site: Site, host: str, started: float) -> float:
     """Seconds from ``started`` to the first PONG on ``host``'s Redis port."""
     while True:

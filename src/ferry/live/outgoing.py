@@ -33,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +60,11 @@ from ferry.storage.device import Device
 from ferry.transport.base import Stream
 from ferry.transport.mux import Mux
 from ferry.transport.ratelimit import RateLimited
+from ferry.vm import pkgcache
 from ferry.vm.devices import VMDevices
 from ferry.vm.manifest import STATE_PATH, VMManifest
+from ferry.vm.registry import VM_RECORD, write_json
+from ferry.vm.runner import STATE_FILE
 from ferry.vm.snapshot import write_block_hashes
 
 log = logging.getLogger(__name__)
@@ -195,24 +199,9 @@ async def export_to_package(m: Movable, file: Path, *, key: Path | None = None,
     out = work / "pkg"
     try:
         out.mkdir()
-        if m.agent is not None:
-            with contextlib.suppress(FerryError, TimeoutError):
-                await m.agent.before_suspend(30.0)
         paused = time.monotonic()
         try:
-            if m.devices.memory is not None:
-                stats = await m.qemu.save_device_state(out / STATE_PATH)  # pauses, flushes
-                manifest = await _write_package_dir(m, out, stats.state_bytes,
-                                                    m.devices.memory.stack.remote)
-            else:
-                # RAM private to QEMU (it arrived in QEMU's stream): through a sink QEMU.
-                async with ram_in_sink(
-                        m.qemu, disks=m.devices.vm_disks(), work_dir=m.qemu.work_dir / "sink",
-                        namespace=None if m.network is None else m.network.namespace,
-                        wrap_argv=None if m.network is None else m.network.wrap_argv
-                ) as (sink, memory):
-                    stats = await sink.save_device_state(out / STATE_PATH)
-                    manifest = await _write_package_dir(m, out, stats.state_bytes, memory)
+            state_bytes, manifest = await _write_vm(m, out)
             info = await asyncio.to_thread(pkg.package_create, out, file, key_path=key,
                                            overwrite=overwrite)
         except BaseException:
@@ -220,11 +209,64 @@ async def export_to_package(m: Movable, file: Path, *, key: Path | None = None,
             await m.qemu.resume()
             raise
         await m.qemu.stop()
-        return {"package": str(file), "key_id": info.key_id, "state_bytes": stats.state_bytes,
+        return {"package": str(file), "key_id": info.key_id, "state_bytes": state_bytes,
                 "paused_s": round(time.monotonic() - paused, 3),
                 "total_s": round(time.monotonic() - started, 3), "name": manifest.name}
     finally:
         await asyncio.to_thread(shutil.rmtree, work, True)
+
+
+SUSPENDED_IMAGE = "image"
+"""In a suspended arrived VM's state dir: the package directory it continues from."""
+
+
+async def suspend_into(m: Movable, state_dir: Path, forwards: list[list[Any]]) -> int:
+    """Suspend a VM that arrived here (its devices are not overlays in a state dir, as a
+    ``ferry vm run`` VM's are): pause it, write it as a package directory into
+    ``state_dir/image`` (device state, RAM, disks, boot files; not signed: it never
+    leaves this host) and record it as suspended, so ``ferry vm run --name ID`` continues
+    it like any suspended VM. Returns the device state's size. If anything fails before
+    the record is written, the guest continues and the state dir is removed."""
+    if await asyncio.to_thread(state_dir.exists):
+        raise ConfigError(f"{state_dir} exists: a suspended VM of this id is kept here "
+                          "already ('ferry vm rm' it first)")
+    image = state_dir / SUSPENDED_IMAGE
+    try:
+        await asyncio.to_thread(image.mkdir, parents=True, mode=0o700)
+        state_bytes, manifest = await _write_vm(m, image)
+        package_id = f"suspended-{uuid.uuid4().hex}"
+        await asyncio.to_thread(pkgcache.adopt, image, package_id)
+        await asyncio.to_thread(shutil.copyfile, image / manifest.state, state_dir / STATE_FILE)
+        write_json(state_dir / VM_RECORD, {
+            "vm_id": m.vm_id, "status": "suspended", "package_dir": str(image),
+            "package_id": package_id, "forwards": forwards, "state_bytes": state_bytes})
+    except BaseException:
+        log.warning("vm %s: suspend failed; the guest continues here", m.vm_id)
+        await asyncio.to_thread(shutil.rmtree, state_dir, True)
+        await m.qemu.resume()
+        raise
+    await m.qemu.stop()
+    return state_bytes
+
+
+async def _write_vm(m: Movable, out: Path) -> tuple[int, VMManifest]:
+    """Pause ``m`` (after its before-suspend hooks) and write it into the package directory
+    ``out``: its device state, RAM, disks and boot files. The guest stays paused."""
+    if m.agent is not None:
+        with contextlib.suppress(FerryError, TimeoutError):
+            await m.agent.before_suspend(30.0)
+    if m.devices.memory is not None:
+        stats = await m.qemu.save_device_state(out / STATE_PATH)  # pauses, flushes
+        return stats.state_bytes, await _write_package_dir(m, out, stats.state_bytes,
+                                                           m.devices.memory.stack.remote)
+    # RAM private to QEMU (it arrived in QEMU's stream): through a sink QEMU.
+    async with ram_in_sink(
+            m.qemu, disks=m.devices.vm_disks(), work_dir=m.qemu.work_dir / "sink",
+            namespace=None if m.network is None else m.network.namespace,
+            wrap_argv=None if m.network is None else m.network.wrap_argv
+    ) as (sink, memory):
+        stats = await sink.save_device_state(out / STATE_PATH)
+        return stats.state_bytes, await _write_package_dir(m, out, stats.state_bytes, memory)
 
 
 async def _write_package_dir(m: Movable, out: Path, state_bytes: int,

@@ -31,7 +31,7 @@ from ferry.live import launch, receive
 from ferry.live.access import Access
 from ferry.live.bootcache import BootCache
 from ferry.live.errors import LiveMigrationError
-from ferry.live.outgoing import Movable
+from ferry.live.outgoing import Movable, suspend_into
 from ferry.net import PortForward, VMNetwork
 from ferry.node import listing
 from ferry.node.holder import Ending, HeldVM, holding
@@ -163,9 +163,16 @@ async def arrive(request: ArrivalRequest, *,
                 raise
             report = await receive.receive_vm(stream, incoming, agent_wait_s=AGENT_WAIT_S)
             running_s = round(time.monotonic() - started, 3)
-            held = holder.vm = HeldVM(incoming.vm, incoming.agent, Movable(
+            movable = Movable(
                 vm_id, incoming.vm, incoming.devices, incoming.agent, net, offer.manifest,
-                boot_dir, forwards, cached.package_id if cached is not None else None))
+                boot_dir, forwards, cached.package_id if cached is not None else None)
+
+            async def suspend_now() -> int:
+                return await suspend_into(movable, paths.state_dir(vm_id),
+                                          [f.to_json() for f in forwards])
+
+            held = holder.vm = HeldVM(incoming.vm, incoming.agent, movable,
+                                      can_suspend=True, suspend_now=suspend_now)
             pid = incoming.vm.pid
             fwd_text = [f"{h}:{p}->{f.forward.guest_port}/{f.forward.proto.value}"
                         for f in net.forwarders for h, p in [f.local_address[:2]]]

@@ -27,7 +27,7 @@ import enum
 import logging
 import shutil
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +93,10 @@ class HeldVM:
     can_suspend: bool = False
     counters: Callable[[], tuple[Mapping[str, int], Mapping[str, float]]] | None = None
     """Guest RAM read through FUSE and QEMU's CPU use so far (status: diagnosis, benches)."""
+    suspend_now: Callable[[], Awaitable[int]] | None = None
+    """Suspends the VM into its state dir before the stop (a VM that arrived here, whose
+    devices are not overlays in a state dir); returns the device state's size. A failure
+    leaves the guest running and is the stop request's error."""
 
 
 class Holder:
@@ -191,6 +195,12 @@ class Holder:
                     raise VMLifecycleError("this VM cannot be suspended here; export it with "
                                            "'ferry vm migrate ID --to-package FILE'",
                                            vm=self.vm_id)
+                if mode is StopMode.SUSPEND and vm is not None and vm.suspend_now is not None:
+                    if self.outgoing.active or self._stop.done():
+                        raise VMLifecycleError("is migrating or stopping: not suspended",
+                                               vm=self.vm_id)
+                    state_bytes = await vm.suspend_now()
+                    self.outcome = StopReply(StopMode.SUSPEND, state_bytes=state_bytes)
                 self.request_stop(Ending.of(mode))
                 return await asyncio.shield(self._ended)
             case ExecRequest():
