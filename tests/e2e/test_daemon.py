@@ -202,13 +202,20 @@ def test_a_vm_through_the_api_outlives_the_daemon(daemon: Daemon, redis_package:
     first = json.loads(follow.stdout.readline())  # subscribed before the run starts
     assert (first["kind"], first["vms"]) == ("subscribed", [])
     op = api.call("POST", "/v1/vms", {"package": str(redis_package), "name": "d-r1",
-                                      "publish": ["127.0.0.1:0:6379"]})
+                                      "publish": ["127.0.0.1:0:6379"],
+                                      "labels": {"team": "db"}})
     assert (op["kind"], op["state"], op["vm_id"]) == ("run", "running", "d-r1")
     op = api.wait(op)
     assert op["state"] == "succeeded", op
     assert op["result"]["vm_id"] == "d-r1"
     [vm] = api.call("GET", "/v1/vms")
-    assert (vm["vm_id"], vm["status"]) == ("d-r1", "running")
+    assert (vm["vm_id"], vm["status"], vm["labels"]) == ("d-r1", "running", {"team": "db"})
+    assert api.call("GET", "/v1/vms?label=team=db") == [vm]
+    assert api.call("GET", "/v1/vms?label=team=web") == []
+    filtered = subprocess.run([*FERRY, "vm", "ls", "--filter", "label=team", "--json"],
+                              env=daemon.env, capture_output=True, text=True, timeout=60,
+                              check=True)
+    assert [v["vm_id"] for v in json.loads(filtered.stdout)] == ["d-r1"]
     detail = api.call("GET", "/v1/vms/d-r1")
     assert detail["qemu_pid"] == op["result"]["qemu_pid"]
     got = api.call("POST", "/v1/vms/d-r1/exec", {"argv": ["redis-cli", "get", "greeting"]})
@@ -349,8 +356,10 @@ def _suspended_vm_keeps_its_package_and_continues(daemon: Daemon, api: DaemonCli
     assert "used by a VM" in removed.stderr
     assert Path(package["directory"]).is_dir()
 
+    assert api.call("GET", "/v1/vms?label=team=db")[0]["status"] == "suspended"
     op = api.wait(api.call("POST", "/v1/vms/d-r1/continue"))
     assert (op["kind"], op["state"]) == ("continue", "succeeded"), op
+    assert api.call("GET", "/v1/vms/d-r1")["labels"] == {"team": "db"}  # kept
     got = api.call("POST", "/v1/vms/d-r1/exec", {"argv": ["redis-cli", "get", "greeting"]})
     assert got["stdout"].strip() == "hello"
     inspected = json.loads(subprocess.run(
@@ -609,7 +618,8 @@ async def test_a_vm_migrates_between_two_daemons(signer: Signer, redis_package: 
 
             op = await call(a, "POST", "/v1/vms", {"package": str(redis_package),
                                                    "name": "dm-r1",
-                                                   "publish": [f"{addr_a}:6379:6379"]})
+                                                   "publish": [f"{addr_a}:6379:6379"],
+                                                   "labels": {"tier": "gold"}})
             op = await asyncio.to_thread(a.wait, op)
             assert op["state"] == "succeeded", op
             recv = await call(b, "POST", "/v1/receivers", {"listen": f"{addr_b}:7531"})
@@ -639,6 +649,7 @@ async def test_a_vm_migrates_between_two_daemons(signer: Signer, redis_package: 
             assert await call(a, "GET", "/v1/vms") == []
             [vm] = await call(b, "GET", "/v1/vms")
             assert (vm["vm_id"], vm["status"]) == ("dm-r1", "running")
+            assert vm["labels"] == {"tier": "gold"}  # they travelled with it
             got = await call(b, "POST", "/v1/vms/dm-r1/exec",
                              {"argv": ["redis-cli", "get", "greeting"]})
             assert got["stdout"].strip() == "hello"

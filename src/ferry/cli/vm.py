@@ -39,7 +39,7 @@ from ferry.package import commands as pkg
 from ferry.s3 import S3URL, S3Config
 from ferry.s3 import packages as s3_packages
 from ferry.shape import DEFAULT_CPU_MODEL, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB
-from ferry.vm import pkgcache, registry, snapshot
+from ferry.vm import labels, pkgcache, registry, snapshot
 from ferry.vm.errors import VMNotFoundError
 from ferry.vm.oci import is_oci, oci_package, snapshot_image
 from ferry.vm.publish import parse_publish
@@ -84,6 +84,8 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
     c.add_argument("--memory-mib", type=int, metavar="MIB",
                    help=f"guest RAM of an OCI image's VM (default {DEFAULT_MEMORY_MIB})")
     c.add_argument("--name", help="VM id ([a-z0-9-], default: vm-<random>)")
+    c.add_argument("-l", "--label", action="append", default=None, metavar="KEY=VALUE",
+                   help="a label (repeatable); a continued VM keeps its own without one")
     c.add_argument("-p", "--publish", action="append", default=[], metavar="SPEC",
                    help="[HOST:]HOST_PORT:GUEST_PORT[/tcp|/udp] (repeatable)")
     c.add_argument("--allow-wildcard", action="store_true",
@@ -94,6 +96,8 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
     add_common(c)
 
     c = vm.add_parser("list", aliases=["ls"], help="running and suspended VMs")
+    c.add_argument("--filter", action="append", default=[], metavar="label=KEY[=VALUE]",
+                   help="only VMs with this label (repeatable: all must match)")
     add_common(c)
 
     c = vm.add_parser("inspect", help="one VM in detail, as JSON")
@@ -333,7 +337,14 @@ async def _vm_migration(args: argparse.Namespace, out: _Out) -> int:
 
 
 async def _vm_list(args: argparse.Namespace, out: _Out) -> None:
-    views = listing.vm_views(registry.VMPaths.of(args.host))
+    selectors = []
+    for f in args.filter:
+        kind, sep, selector = f.partition("=")
+        if kind != "label" or not sep or not selector:
+            raise ConfigError(f"--filter {f!r}: use label=KEY or label=KEY=VALUE")
+        selectors.append(selector)
+    views = [v for v in listing.vm_views(registry.VMPaths.of(args.host))
+             if all(labels.matches(v.get("labels") or {}, s) for s in selectors)]
     out(views, lambda: _print_vms(out.console, views))
 
 
@@ -683,8 +694,10 @@ async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable
     elif args.name is None:
         raise ConfigError("give a package, or --name of a suspended VM")
     # Continuing a suspended VM without -p: the forwards it had.
-    request = supervisor.LaunchRequest(vm_id, package_dir, host,
-                                       forwards if forwards or package_dir else None)
+    request = supervisor.LaunchRequest(
+        vm_id, package_dir, host, forwards if forwards or package_dir else None,
+        labels=None if args.label is None and package_dir is None
+        else labels.parse_labels(args.label or ()))
 
     def show_ready(report: dict[str, Any]) -> None:
         out(report, lambda: _print_ready(console, report))

@@ -67,6 +67,7 @@ class VM(Reply):
     """Guest RAM (QEMU's ``-m``); None for a suspended VM."""
     started_at: float | None = None
     """Unix time its holder started (None: suspended)."""
+    labels: dict[str, str] = {}
 
 
 class VMDetail(VM):
@@ -87,6 +88,8 @@ resumed)."""
     name: str | None = Field(default=None, pattern=VM_ID_PATTERN)
     publish: list[str] = Field(default=[], max_length=MAX_PUBLISH,
                                description="forwards, as ferry vm run -p: [ADDR:]HOST:GUEST[/udp]")
+    labels: dict[str, str] = Field(default={}, max_length=32,
+                                   description="the VM's labels (KEY: VALUE)")
     env: list[str] = Field(default=[], max_length=MAX_ARGV,
                            description="oci:// only: NAME=VALUE, as ferry vm run -e")
     entrypoint: str | None = Field(default=None, max_length=MAX_TEXT,

@@ -30,12 +30,13 @@ import hashlib
 import json
 import struct
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ferry.errors import (
     BrokenResourceError,
+    ConfigError,
     DeadlineError,
     FerryError,
     FrameTooLargeError,
@@ -47,6 +48,7 @@ from ferry.live.errors import RefusedError
 from ferry.live.rampath import RamPath
 from ferry.net import PortForward, Proto
 from ferry.transport.base import Stream
+from ferry.vm.labels import check_labels
 from ferry.vm.manifest import VMManifest
 from ferry.vm.registry import check_vm_id
 from ferry.vm.safepath import safe_join
@@ -95,10 +97,13 @@ class Offer:
     """The id of the package the VM's devices overlay (the SHA-256 of its signed header).
     A destination whose package cache holds it builds the devices over its own copy
     and receives only the blocks the VM changed (:mod:`ferry.vm.overlays`)."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """The VM's labels (:mod:`ferry.vm.labels`), kept by the destination."""
 
     def to_json(self) -> dict[str, Any]:
         return {"vm_id": self.vm_id, "manifest": self.manifest.to_json(),
                 "origin": self.origin, "ram": self.ram.value, "package": self.package,
+                "labels": dict(self.labels),
                 "forwards": [[f.host, f.host_port, f.guest_port, f.proto.value]
                              for f in self.forwards],
                 "boot": [[b.name, b.sha256, b.size_bytes] for b in self.boot]}
@@ -136,11 +141,15 @@ class Offer:
                     package = check_sha256(package, "package id")
                 except RemoteProtocolError as exc:
                     raise ValueError(str(exc)) from None
+            try:
+                labels = check_labels(data.get("labels", {}))
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
             manifest = VMManifest.from_json(data.get("manifest"))
             _check_bounds(manifest)
             vm_id = check_vm_id(checks.text(data.get("vm_id"), "vm_id"))
             return cls(vm_id=vm_id, manifest=manifest, origin=origin, forwards=forwards,
-                       boot=boot, ram=ram, package=package)
+                       boot=boot, ram=ram, package=package, labels=labels)
         except RemoteProtocolError:
             raise
         except (KeyError, TypeError, ValueError, FerryError) as exc:

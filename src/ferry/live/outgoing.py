@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,8 @@ class Movable:
     forwards: tuple[PortForward, ...]
     package_id: str | None = None
     """The package the VM's devices overlay (:attr:`launch.Offer.package`), if known."""
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Its labels: they travel with it (:attr:`launch.Offer.labels`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +144,7 @@ async def migrate_to_host(
         files = launch.boot_files(m.manifest, m.boot_dir)
         offer = launch.Offer(m.vm_id, m.manifest, m.forwards,
                              await asyncio.to_thread(launch.describe_boot, files), ram=ram,
-                             package=m.package_id)
+                             package=m.package_id, labels=dict(m.labels))
         try:
             await launch.send_offer(stream, offer, files)
         except FerryError as exc:
@@ -239,7 +241,8 @@ async def suspend_into(m: Movable, state_dir: Path, forwards: list[list[Any]]) -
         await asyncio.to_thread(shutil.copyfile, image / manifest.state, state_dir / STATE_FILE)
         write_json(state_dir / VM_RECORD, {
             "vm_id": m.vm_id, "status": "suspended", "package_dir": str(image),
-            "package_id": package_id, "forwards": forwards, "state_bytes": state_bytes})
+            "package_id": package_id, "forwards": forwards, "state_bytes": state_bytes,
+            "labels": dict(m.labels)})
     except BaseException:
         log.warning("vm %s: suspend failed; the guest continues here", m.vm_id)
         await asyncio.to_thread(shutil.rmtree, state_dir, True)

@@ -165,7 +165,8 @@ async def arrive(request: ArrivalRequest, *,
             running_s = round(time.monotonic() - started, 3)
             movable = Movable(
                 vm_id, incoming.vm, incoming.devices, incoming.agent, net, offer.manifest,
-                boot_dir, forwards, cached.package_id if cached is not None else None)
+                boot_dir, forwards, cached.package_id if cached is not None else None,
+                labels=offer.labels)
 
             async def suspend_now() -> int:
                 return await suspend_into(movable, paths.state_dir(vm_id),
@@ -178,6 +179,7 @@ async def arrive(request: ArrivalRequest, *,
                         for f in net.forwarders for h, p in [f.local_address[:2]]]
             holder.record.set_qemu(pid)
             holder.update(state=HolderState.RUNNING, forwards=tuple(fwd_text),
+                          labels=dict(offer.labels),
                           package_dir=str(cached.directory) if cached is not None else None,
                           arrival={"handoff_to_running_ms": report.handoff_to_running_ms,
                                    "running_s": running_s})

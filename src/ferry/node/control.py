@@ -54,6 +54,7 @@ from ferry.net import PortForward
 from ferry.node import history
 from ferry.node.record import HolderState
 from ferry.vm.errors import ControlError, VMNotFoundError
+from ferry.vm.labels import check_labels
 from ferry.vm.registry import check_vm_id
 from ferry.vm.runner import StopMode
 
@@ -182,10 +183,12 @@ class ClaimRequest:
     op = ControlOp.CLAIM
     vm_id: str
     forwards: tuple[PortForward, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         try:
             check_vm_id(self.vm_id)
+            check_labels(self.labels)
         except ConfigError as exc:
             raise ControlProtocolError(str(exc)) from None
         if len(self.forwards) > MAX_FORWARDS:
@@ -433,7 +436,7 @@ def encode_request(req: Request) -> bytes:
 
 def _encode_claim(req: ClaimRequest) -> bytes:
     return _dump({"op": req.op.value, "vm_id": req.vm_id,
-                  "forwards": [f.to_json() for f in req.forwards]})
+                  "forwards": [f.to_json() for f in req.forwards], "labels": dict(req.labels)})
 
 
 def decode_request(line: bytes) -> Request:
@@ -452,7 +455,7 @@ def decode_request(line: bytes) -> Request:
                 parsed = tuple(PortForward.from_json(f) for f in forwards)
             except (FerryError, TypeError, ValueError, KeyError) as exc:
                 raise ControlProtocolError(f"bad forward: {exc}") from None
-            return ClaimRequest(_get(d, "vm_id", str), parsed)
+            return ClaimRequest(_get(d, "vm_id", str), parsed, _get(d, "labels", dict, {}))
         case ControlOp.STOP:
             try:
                 return StopRequest(StopMode(_get(d, "mode", str, "discard")))
@@ -676,10 +679,12 @@ class ControlClient:
         return await self._expect(ExecRequest.of(argv, stdin=stdin, timeout_s=timeout_s),
                                   ExecReply, timeout_s + 10.0)
 
-    async def claim(self, vm_id: str, forwards: Sequence[PortForward] = (), *,
+    async def claim(self, vm_id: str, forwards: Sequence[PortForward] = (),
+                    labels: Mapping[str, str] | None = None, *,
                     timeout_s: float = 120.0) -> ClaimReply:
         """Make this warm VM the VM ``vm_id``; returns once it runs."""
-        return await self._expect(ClaimRequest(vm_id, tuple(forwards)), ClaimReply, timeout_s)
+        return await self._expect(ClaimRequest(vm_id, tuple(forwards), dict(labels or {})),
+                                  ClaimReply, timeout_s)
 
     async def migrate_cancel(self) -> MigrateCancelReply:
         return await self._expect(MigrateCancelRequest(), MigrateCancelReply, 10.0)

@@ -222,7 +222,7 @@ class Holder:
                 if self.record.state is not HolderState.WARM or self._claim.done():
                     raise VMLifecycleError("is not a warm VM waiting to be claimed",
                                            vm=self.vm_id)
-                self._claim.set_result(Claim(req.vm_id, req.forwards))
+                self._claim.set_result(Claim(req.vm_id, req.forwards, req.labels))
                 return ClaimReply(await asyncio.shield(self._claimed))
 
     def _status(self) -> StatusReply:

@@ -47,7 +47,7 @@ def vm_view(v: registry.VMInfo, rec: dict[str, Any] | None) -> dict[str, Any]:
             started = float(rec["started_at"])
     return {"vm_id": v.vm_id, "status": v.status, "pid": v.pid, "package": v.package,
             "forwards": list(v.forwards), "resume_ms": v.resume_ms, "memory_bytes": memory,
-            "started_at": started}
+            "started_at": started, "labels": dict(v.labels)}
 
 
 RECEIVERS = "receivers"
@@ -78,7 +78,7 @@ def waiting_receivers(paths: registry.VMPaths) -> list[dict[str, Any]]:
                       "status": WAITING, "pid": rec["pid"], "package": None,
                       "forwards": [f"listening on {listen[0]}:{listen[1]}"],
                       "resume_ms": None, "memory_bytes": None,
-                      "started_at": rec.get("started_at")})
+                      "started_at": rec.get("started_at"), "labels": {}})
     return found
 
 

@@ -67,7 +67,8 @@ def encode_request(request: HolderRequest) -> bytes:
         data = {"kind": "run", "vm_id": request.vm_id,
                 "forwards": None if request.forwards is None else _forwards(request.forwards),
                 "package_dir": str(request.package_dir) if request.package_dir else None,
-                "warm": request.warm}
+                "warm": request.warm,
+                "labels": None if request.labels is None else dict(request.labels)}
     else:
         data = {"kind": "receive", "listen": request.listen, "registry": request.registry,
                 "package": request.package, "name": request.name,
@@ -87,7 +88,8 @@ def decode_request(line: bytes) -> HolderRequest:
         if d["kind"] == "run":
             return LaunchRequest(vm_id=d["vm_id"], host=host, forwards=forwards,
                                  package_dir=Path(d["package_dir"]) if d["package_dir"]
-                                 else None, warm=bool(d.get("warm", False)))
+                                 else None, warm=bool(d.get("warm", False)),
+                                 labels=d.get("labels"))
         if d["kind"] == "receive":
             return ArrivalRequest(
                 host=host, access=Access.from_json(d["access"]),

@@ -55,6 +55,8 @@ class HolderRecord:
     """Resume timings of ``ferry vm run`` (``RunTimings.to_json()``)."""
     arrival: Mapping[str, float | None] | None = None
     """Downtime and time to running of a received VM."""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """The VM's labels (:mod:`ferry.vm.labels`)."""
 
     @classmethod
     def for_this_process(cls, vm_id: str, state: HolderState, **fields: Any) -> HolderRecord:
@@ -70,6 +72,7 @@ class HolderRecord:
         data = asdict(self)
         data["status"] = data.pop("state").value
         data["forwards"] = list(self.forwards)
+        data["labels"] = dict(self.labels)
         return data
 
     def write(self, run_dir: Path) -> None:

@@ -31,8 +31,9 @@ from ferry.live.outgoing import Movable
 from ferry.net import PortForward
 from ferry.node.holder import Ending, HeldVM, Holder, WarmStopped, holding, stop_report
 from ferry.node.record import HolderRecord, HolderState
+from ferry.vm.labels import check_labels
 from ferry.vm.pkgcache import open_extracted
-from ferry.vm.registry import VMPaths, check_vm_id, cleanup_leftovers
+from ferry.vm.registry import VMPaths, check_vm_id, cleanup_leftovers, saved_labels
 from ferry.vm.runner import Claim, Claimer, RunningVM, StopMode, run_vm, saved_forwards
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,16 @@ class LaunchRequest:
     package_dir: Path | None
     host: HostConfig
     forwards: tuple[PortForward, ...] | None = ()
+    labels: Mapping[str, str] | None = None
+    """The VM's labels (None: a continued VM keeps the ones it had; a package run has none)."""
     warm: bool = False
     """Resume ``package_dir`` ahead of need under the placeholder ``vm_id`` and wait to be
     claimed (:class:`~ferry.node.control.ClaimRequest`; see :func:`ferry.vm.runner.run_vm`)."""
 
     def __post_init__(self) -> None:
         check_vm_id(self.vm_id)
+        if self.labels is not None:
+            check_labels(self.labels)
         if self.warm and (self.package_dir is None or self.forwards):
             raise ValueError("a warm VM needs a package and takes its forwards when claimed")
 
@@ -88,9 +93,12 @@ async def supervise(
     await cleanup_leftovers(paths)
     forwards = request.forwards if request.forwards is not None \
         else saved_forwards(paths, vm_id)
+    labels = dict(request.labels) if request.labels is not None \
+        else saved_labels(paths, vm_id)
     record = HolderRecord.for_this_process(
         vm_id, HolderState.WARM if request.warm else HolderState.STARTING,
-        package_dir=str(request.package_dir or ""), forwards=tuple(str(f) for f in forwards))
+        package_dir=str(request.package_dir or ""), forwards=tuple(str(f) for f in forwards),
+        labels=labels)
     async with holding(paths, record) as holder:
         if log_file:
             _redirect_stderr(holder.run_dir / "supervisor.log")
@@ -100,7 +108,8 @@ async def supervise(
         with holder.signals_stop():
             try:
                 ending = await _run(holder, request, forwards, on_ready=on_ready,
-                                    on_console=on_console, launched=launched, claim=claim)
+                                    on_console=on_console, launched=launched, claim=claim,
+                                    labels=labels)
             except WarmStopped:
                 log.info("warm vm %s: stopped before it was claimed", vm_id)
                 ending = Ending.DISCARD
@@ -118,7 +127,8 @@ def _held(vm: RunningVM, forwards: tuple[PortForward, ...]) -> HeldVM:
 
     return HeldVM(vm.qemu, vm.agent,
                   Movable(vm.vm_id, vm.qemu, vm.live, vm.agent, vm.net, vm.manifest,
-                          vm.package.directory, forwards, vm.package.package_id),
+                          vm.package.directory, forwards, vm.package.package_id,
+                          labels=vm.labels),
                   can_suspend=True, counters=counters)
 
 
@@ -146,15 +156,15 @@ def _claimer(holder: Holder, on_warm: Callable[[dict[str, Any]], None] | None,
 async def _run(holder: Holder, request: LaunchRequest, forwards: tuple[PortForward, ...], *,
                on_ready: Callable[[dict[str, Any]], None] | None,
                on_console: Callable[[bytes], None] | None, launched: float,
-               claim: Claimer | None = None) -> Ending:
+               claim: Claimer | None = None, labels: Mapping[str, str]) -> Ending:
     package = open_extracted(request.package_dir) if request.package_dir else None
     async with run_vm(request.vm_id, request.paths, package=package,
                       forwards=forwards, sandbox=request.host.qemu_sandbox,
-                      launched=launched, claim=claim) as vm:
+                      launched=launched, claim=claim, labels=labels) as vm:
         pid = vm.qemu.pid
         holder.record.set_qemu(pid)
         forwards = vm.net.forwards  # a warm VM's came with its claim
-        holder.update(vm_id=vm.vm_id, state=HolderState.RUNNING,
+        holder.update(vm_id=vm.vm_id, state=HolderState.RUNNING, labels=vm.labels,
                       package_dir=str(vm.package.directory),
                       package_id=vm.package.package_id,
                       forwards=tuple(vm.forward_addresses()), resume=vm.timings.to_json())

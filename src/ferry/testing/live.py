@@ -99,6 +99,10 @@ HOSTILE_OFFERS: dict[str, Callable[[], dict[str, Any]]] = {
     "package id is a path into the cache": _changed(_set("package", "../" * 21 + "x")),
     "package id is a number": _changed(_set("package", 7)),
     "manifest is a list": _changed(_set("manifest", [])),
+    "1000 labels": _changed(_set("labels", {f"k{i}": "v" for i in range(1000)})),
+    "a label key with a newline": _changed(_set("labels", {"a\nb": "v"})),
+    "a 100 kB label value": _changed(_set("labels", {"team": "x" * 100_000})),
+    "labels are a list": _changed(_set("labels", ["team=a"])),
 }
 
 

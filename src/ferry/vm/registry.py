@@ -30,7 +30,8 @@ import re
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,7 @@ class VMInfo:
     package: str | None
     forwards: tuple[str, ...]
     resume_ms: float | None
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 def list_vms(paths: VMPaths) -> list[VMInfo]:
@@ -148,14 +150,29 @@ def list_vms(paths: VMPaths) -> list[VMInfo]:
         found[rec_path.parent.name] = VMInfo(
             rec_path.parent.name, str(rec.get("status", "?")), rec.get("pid"),
             rec.get("package_dir"), tuple(rec.get("forwards", ())),
-            round(total * 1e3, 1) if isinstance(total, int | float) else None)
+            round(total * 1e3, 1) if isinstance(total, int | float) else None,
+            _labels(rec))
     for rec_path in sorted((paths.state_root / "vms").glob(f"*/{VM_RECORD}")):
         vm_id = rec_path.parent.name
         rec = read_json(rec_path)
         if vm_id in found or rec is None or rec.get("status") != "suspended":
             continue
-        found[vm_id] = VMInfo(vm_id, "suspended", None, rec.get("package_dir"), (), None)
+        found[vm_id] = VMInfo(vm_id, "suspended", None, rec.get("package_dir"), (), None,
+                              _labels(rec))
     return [found[k] for k in sorted(found)]
+
+
+def _labels(rec: Mapping[str, Any]) -> dict[str, str]:
+    """A record's labels (our own file; entries that are not text are dropped)."""
+    raw = rec.get("labels")
+    if not isinstance(raw, dict):
+        return {}
+    return {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def saved_labels(paths: VMPaths, vm_id: str) -> dict[str, str]:
+    """The labels the suspended VM ``vm_id`` was running with."""
+    return _labels(read_json(paths.state_dir(vm_id) / VM_RECORD) or {})
 
 
 def remove_suspended(paths: VMPaths, vm_id: str) -> bool:

@@ -67,6 +67,7 @@ from collections.abc import (
     Coroutine,
     Generator,
     Iterator,
+    Mapping,
     Sequence,
 )
 from dataclasses import asdict, dataclass
@@ -88,7 +89,14 @@ from ferry.vm.machine import check_guest_network, machine_config
 from ferry.vm.manifest import VMManifest
 from ferry.vm.overlays import package_overlay
 from ferry.vm.pkgcache import OpenedPackage, nonzero_blocks, open_extracted
-from ferry.vm.registry import VM_RECORD, VMPaths, private_dir, read_json, write_json
+from ferry.vm.registry import (
+    VM_RECORD,
+    VMPaths,
+    private_dir,
+    read_json,
+    saved_labels,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -168,6 +176,8 @@ class RunningVM:
         self.timings = timings
         self.state_dir = state_dir
         self.suspended: DeviceStateStats | None = None
+        self.labels: dict[str, str] = {}
+        """Its labels (a warm VM's come with its claim)."""
         self.live: VMDevices | None = None
         """The chainable device stacks QEMU writes through (what a live migration reads)."""
 
@@ -237,6 +247,7 @@ class Claim:
 
     vm_id: str
     forwards: tuple[PortForward, ...] = ()
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 Claimer = Callable[[], Awaitable[Claim]]
@@ -256,7 +267,8 @@ def saved_forwards(paths: VMPaths, vm_id: str) -> tuple[PortForward, ...]:
 
 
 def _prepare_state_dir(vm_id: str, paths: VMPaths, package: OpenedPackage | None,
-                       forwards: Sequence[PortForward]) -> tuple[OpenedPackage, Path, Path]:
+                       forwards: Sequence[PortForward], labels: Mapping[str, str],
+                       ) -> tuple[OpenedPackage, Path, Path]:
     """Decide what to resume: a suspended VM of this id, or the package. Returns
     (package, state dir, device state file) and marks the VM as running."""
     state_dir = paths.state_dir(vm_id)
@@ -280,7 +292,8 @@ def _prepare_state_dir(vm_id: str, paths: VMPaths, package: OpenedPackage | None
     write_json(state_dir / VM_RECORD, {"vm_id": vm_id, "status": "running",
                                       "package_dir": str(package.directory),
                                       "package_id": package.package_id,
-                                      "forwards": [f.to_json() for f in forwards]})
+                                      "forwards": [f.to_json() for f in forwards],
+                                      "labels": dict(labels)})
     return package, state_dir, state_file
 
 
@@ -305,6 +318,7 @@ async def run_vm(
     agent_timeout_s: float = AGENT_TIMEOUT_S,
     launched: float | None = None,
     claim: Claimer | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> AsyncIterator[RunningVM]:
     """Resume ``package`` (or the suspended VM ``vm_id``) as VM ``vm_id``; see the module doc.
 
@@ -324,7 +338,9 @@ async def run_vm(
     """
     entered = time.monotonic()
     launched = entered if launched is None else launched
-    package, state_dir, state_file = _prepare_state_dir(vm_id, paths, package, forwards)
+    package, state_dir, state_file = _prepare_state_dir(
+        vm_id, paths, package, forwards,
+        saved_labels(paths, vm_id) if labels is None else labels)
     record = read_json(state_dir / VM_RECORD) or {}
     manifest = package.manifest
     check_guest_network(manifest, vm=vm_id)
@@ -414,6 +430,7 @@ async def run_vm(
                 qemu_at_running=qemu_at_running, warm=claimed is not None)
             running = RunningVM(vm_id, package, qemu, net, agent, timings, state_dir)
             running.live = live
+            running.labels = dict(record.get("labels") or {})
             yield running
         clean_exit = True
     finally:
@@ -465,7 +482,8 @@ async def _claim(claim: Claimer, paths: VMPaths, warm_id: str, state_dir: Path,
         run_link.unlink(missing_ok=True)
         raise
     claimed = _Claimed(vm_id, {**record, "vm_id": vm_id,
-                               "forwards": [f.to_json() for f in got.forwards]},
+                               "forwards": [f.to_json() for f in got.forwards],
+                               "labels": dict(got.labels)},
                        run_link, state_link, state_dir)
     try:
         write_json(state_dir / VM_RECORD, claimed.record)

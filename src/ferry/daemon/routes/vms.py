@@ -12,9 +12,9 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 
 from ferry.aio import cancel_and_wait
 from ferry.daemon import models as m
@@ -33,7 +33,7 @@ from ferry.node.control import ControlClient, ExportReply, MigrateRequest
 from ferry.node.process import launch_detached
 from ferry.oci.guest import DEFAULT_MEMORY_MIB, RunOverrides
 from ferry.package import TrustStore
-from ferry.vm import pkgcache, registry
+from ferry.vm import labels, pkgcache, registry
 from ferry.vm.errors import VMExistsError
 from ferry.vm.oci import is_oci, oci_package
 from ferry.vm.publish import parse_publish
@@ -49,8 +49,11 @@ def routes(d: Daemon) -> APIRouter:
     host = d.host
 
     @r.get("/v1/vms", response_model=list[m.VM])
-    async def list_vms() -> list[m.VM]:
-        return await asyncio.to_thread(d.views)
+    async def list_vms(
+            label: Annotated[list[str] | None, Query(max_length=32)] = None) -> list[m.VM]:
+        """``?label=KEY`` or ``?label=KEY=VALUE`` (repeatable: all must match)."""
+        views = await asyncio.to_thread(d.views)
+        return [v for v in views if all(labels.matches(v.labels, s) for s in label or [])]
 
     @r.get("/v1/vms/{vm_id}", response_model=m.VMDetail)
     async def inspect_vm(vm_id: str) -> m.VMDetail:
@@ -81,6 +84,7 @@ def routes(d: Daemon) -> APIRouter:
         if not image and not await asyncio.to_thread(file.is_file):
             raise Problem(400, "bad-request", "Bad request", f"no package file {file}")
         vm_id = registry.check_vm_id(body.name or f"vm-{os.urandom(4).hex()}")
+        vm_labels = labels.check_labels(body.labels)
 
         async def package_dir(op_id: str) -> Path:
             if overrides is not None:  # the image cache's, which no prune touches
@@ -103,10 +107,10 @@ def routes(d: Daemon) -> APIRouter:
                 if overrides is not None:
                     d.pinned[directory] += 1
                 try:
-                    ready = await _claim_warm(d, directory, vm_id, forwards)
+                    ready = await _claim_warm(d, directory, vm_id, forwards, vm_labels)
                     if ready is None:
                         ready = await launch(op_id, supervisor.LaunchRequest(
-                            vm_id, directory, host, forwards))
+                            vm_id, directory, host, forwards, labels=vm_labels))
                     d.warm.want(directory)  # a replacement, or the first one
                     return ready
                 finally:
@@ -270,7 +274,8 @@ def routes(d: Daemon) -> APIRouter:
 
 
 async def _claim_warm(d: Daemon, package_dir: Path, vm_id: str,
-                      forwards: tuple[PortForward, ...]) -> dict[str, Any] | None:
+                      forwards: tuple[PortForward, ...],
+                      vm_labels: dict[str, str]) -> dict[str, Any] | None:
     """Run ``vm_id`` by claiming a warm VM of the package, if one waits and the name is
     free (else the caller launches as usual: it reports a taken name the usual way).
     A claim that fails leaves nothing: the warm VM is discarded by its holder."""
@@ -280,7 +285,7 @@ async def _claim_warm(d: Daemon, package_dir: Path, vm_id: str,
     if warm is None:
         return None
     try:
-        reply = await d.warm.control(warm).claim(vm_id, forwards)
+        reply = await d.warm.control(warm).claim(vm_id, forwards, vm_labels)
     except FerryError as exc:
         log.warning("claiming warm vm %s as %s failed (%s): starting it as usual",
                     warm.warm_id, vm_id, exc)
