@@ -70,6 +70,9 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
                         f"({MIN_MEMORY_MIB}..{MAX_MEMORY_MIB})")
     c.add_argument("--cpus", type=int, metavar="N",
                    help=f"virtual CPUs, overriding the blueprint's vcpus (1..{MAX_VCPUS})")
+    c.add_argument("--disk", action="append", default=[], metavar="NAME:MIB",
+                   help="an empty data disk besides the root disk (repeatable; the guest's "
+                        "/dev/vdb, /dev/vdc, ... in order)")
     c.add_argument("--package", type=Path, metavar="FILE", help="also sign it into FILE")
     c.add_argument("--key", type=Path, help="signing key (default: ferry's default key)")
     add_accel(c)
@@ -296,8 +299,14 @@ async def _vm_build(args: argparse.Namespace, out: _Out) -> None:
 
 
 async def _vm_snapshot(args: argparse.Namespace, out: _Out) -> None:
-    if is_oci(args.blueprint) and args.cpus is not None:
-        raise ConfigError("--cpus is for blueprints (an OCI image's VM has one vCPU)")
+    if is_oci(args.blueprint) and (args.cpus is not None or args.disk):
+        raise ConfigError("--cpus and --disk are for blueprints (not yet for OCI images)")
+    extra_disks = []
+    for spec in args.disk:
+        name, sep, mib = spec.partition(":")
+        if not sep or not mib.isdigit():
+            raise ConfigError(f"--disk {spec!r}: give NAME:MIB, e.g. data:1024")
+        extra_disks.append((name, int(mib)))
     if is_oci(args.blueprint):
         image = await pull(args.blueprint, cache_dir=args.host.cache_root,
                            options=PullOptions(max_layer_bytes=args.max_layer_mib * 2**20,
@@ -310,8 +319,8 @@ async def _vm_snapshot(args: argparse.Namespace, out: _Out) -> None:
         _refuse_oci_options(args, "blueprints")
         report = await snapshot.snapshot(
             args.blueprint, args.out, prepare=args.prepare, cpu_model=args.cpu_model,
-            memory_mib=args.memory_mib, vcpus=args.cpus, host=args.host,
-            progress=out.progress)
+            memory_mib=args.memory_mib, vcpus=args.cpus, extra_disks=extra_disks,
+            host=args.host, progress=out.progress)
     data = {"package_dir": report.package_dir, "build_s": report.build_s,
             "boot_to_agent_s": report.boot_to_agent_s, "ready_s": report.ready_s,
             "state_bytes": report.device_state.state_bytes, "total_s": report.total_s}

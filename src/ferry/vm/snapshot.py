@@ -25,14 +25,16 @@ import contextlib
 import datetime
 import logging
 import os
+import re
 import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ferry.errors import ConfigError
 from ferry.guest.agent import AgentClient, AgentError, connect_agent
 from ferry.guest.image import Blueprint, BuiltImage, build_blueprint, load_blueprint
 from ferry.hostconfig import Accel, HostConfig
@@ -102,6 +104,26 @@ class Booted:
     ready_s: float = 0.0
 
 
+MAX_EXTRA_DISKS = 15
+"""With the root disk, the manifest's bound of 16 (:mod:`ferry.live.launch`)."""
+MAX_EXTRA_DISK_MIB = 1 << 20
+_DISK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
+def check_extra_disks(disks: Sequence[tuple[str, int]]) -> None:
+    """Names ``[a-z0-9-]`` (1..32, not ``root``, distinct), sizes 1..1048576 MiB, at most
+    :data:`MAX_EXTRA_DISKS`; else :class:`ConfigError`."""
+    if len(disks) > MAX_EXTRA_DISKS:
+        raise ConfigError(f"at most {MAX_EXTRA_DISKS} extra disks")
+    names = [n for n, _ in disks]
+    for name, mib in disks:
+        if not _DISK_NAME_RE.match(name) or name == ROOT_DISK or names.count(name) > 1:
+            raise ConfigError(f"disk name {name!r:.40}: [a-z0-9-], 1..32, distinct, not "
+                              f"{ROOT_DISK!r}")
+        if type(mib) is not int or not 1 <= mib <= MAX_EXTRA_DISK_MIB:
+            raise ConfigError(f"disk {name}: size must be 1..{MAX_EXTRA_DISK_MIB} MiB")
+
+
 def short_id() -> str:
     return secrets.token_hex(3)
 
@@ -120,6 +142,7 @@ async def booted(
     boot_timeout_s: float = 180.0,
     ready_timeout_s: float = 180.0,
     progress: Progress = _quiet,
+    extra_disks: Mapping[str, FileDevice] | None = None,
 ) -> AsyncIterator[Booted]:
     """Cold-boot a blueprint on ``memory``/``disk`` in its own network namespace.
 
@@ -143,7 +166,8 @@ async def booted(
             image, cpu_model=cpu_model, agent=True, accel=accel, sandbox=host.qemu_sandbox,
             net=TapNet(net.tap_name, mac=net.guest_mac),
             kernel_args=tuple(net.guest_kernel_args().split()))
-        vm = QemuVM(config, work_dir=work_dir, memory=memory, disks={ROOT_DISK: disk},
+        vm = QemuVM(config, work_dir=work_dir, memory=memory,
+                    disks={ROOT_DISK: disk, **(extra_disks or {})},
                     name=net.vm_id, wrap_argv=net.wrap_argv)
         await stack.enter_async_context(vm)
         progress(f"booting {bp.name} ({config.machine.memory_mib} MiB)")
@@ -193,6 +217,7 @@ async def snapshot(
     cpu_model: str = DEFAULT_CPU_MODEL,
     memory_mib: int | None = None,
     vcpus: int | None = None,
+    extra_disks: Sequence[tuple[str, int]] = (),
     boot_timeout_s: float = 180.0,
     progress: Progress = _quiet,
     image_for: ImageFor | None = None,
@@ -206,6 +231,9 @@ async def snapshot(
     image's), validated as the blueprint's own value; the image is the same (its cache
     entry is shared), the package's machine and memory image have the new size.
     ``vcpus`` likewise overrides the blueprint's virtual CPUs (``docker run --cpus``).
+    ``extra_disks``: (name, MiB) of empty data disks the guest gets besides its root disk
+    (``/dev/vdb``, ``/dev/vdc``, ... in this order; sparse until written), kept in the
+    package, its overlays and its migrations as the root disk is.
 
     ``image_for(disks_dir)`` builds the guest instead of :func:`build_blueprint` (an OCI
     image's guest, :mod:`ferry.oci.guest`): it returns a :class:`BuiltImage` whose
@@ -219,6 +247,7 @@ async def snapshot(
         bp = bp.with_memory(memory_mib)
     if vcpus is not None:
         bp = bp.with_vcpus(vcpus)
+    check_extra_disks(extra_disks)
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise SnapshotError(f"{out_dir} already exists", vm=bp.name)
@@ -231,7 +260,7 @@ async def snapshot(
                                             cache_dir=host.cache_root)
         build_s = time.monotonic() - started
         report = await _snapshot_into(bp, image, out_dir, prepare=prepare, on_ready=on_ready,
-                                      console_copy=console_copy,
+                                      console_copy=console_copy, extra_disks=extra_disks,
                                       cpu_model=cpu_model, host=host,
                                       boot_timeout_s=boot_timeout_s,
                                       progress=progress)
@@ -246,7 +275,7 @@ async def snapshot(
 async def _snapshot_into(
     bp: Blueprint, image: BuiltImage, out_dir: Path, *, prepare: Sequence[str],
     on_ready: OnReady | None, cpu_model: str, host: HostConfig, boot_timeout_s: float,
-    console_copy: Path | None = None,
+    console_copy: Path | None = None, extra_disks: Sequence[tuple[str, int]] = (),
     progress: Progress,
 ) -> tuple[VMManifest, float, float, DeviceStateStats]:
     disk_path = out_dir / "disks" / "root.img"
@@ -254,37 +283,41 @@ async def _snapshot_into(
     memory_bytes = bp.memory_mib * MIB
     work_dir = Path(tempfile.mkdtemp(prefix="ferry-snap-"))
     try:
-        async with (
-            FileDevice(out_dir / MEMORY_PATH, size_bytes=memory_bytes, create=True,
-                       name="memory") as memory,
-            FileDevice(disk_path, name=ROOT_DISK) as disk,
-            booted(bp, memory, disk, work_dir=work_dir, cpu_model=cpu_model,
-                   host=host, image=image, boot_timeout_s=boot_timeout_s,
-                   progress=progress) as b,
-        ):
-            for command in prepare:
-                progress(f"prepare: {command}")
-                r = await b.agent.exec(command, timeout_s=120.0)
-                if not r.ok:
-                    raise SnapshotError(f"prepare command {command!r} failed with "
-                                        f"{r.exit_code}: {(r.stdout + r.stderr)[-400:]!r}",
-                                        vm=bp.name)
-            if on_ready is not None:
-                await on_ready(b.agent)
-            progress("before-suspend hooks")
-            await b.agent.before_suspend(timeout_s=60.0)
-            progress("saving device state")
-            stats = await b.vm.save_device_state(out_dir / STATE_PATH)
-            accel = b.vm.accel
-            shape = b.config.machine
-            cmdline = b.vm.kernel_cmdline  # the line the guest booted with
-            assert cmdline is not None, "set when QEMU was spawned"
-            guest = b.net.guest
-            qemu_version = ".".join(map(str, await b.vm.qemu_version()))
-            await b.vm.stop()
-            if console_copy is not None:
-                await asyncio.to_thread(shutil.copyfile, b.vm.console_path, console_copy)
-            boot_s, ready_s = b.boot_to_agent_s, b.ready_s
+        async with contextlib.AsyncExitStack() as extras:
+            extra = {name: await extras.enter_async_context(FileDevice(
+                        out_dir / "disks" / f"{name}.img", size_bytes=mib * MIB, create=True,
+                        name=name)) for name, mib in extra_disks}
+            async with (
+                FileDevice(out_dir / MEMORY_PATH, size_bytes=memory_bytes, create=True,
+                           name="memory") as memory,
+                FileDevice(disk_path, name=ROOT_DISK) as disk,
+                booted(bp, memory, disk, work_dir=work_dir, cpu_model=cpu_model,
+                       host=host, image=image, boot_timeout_s=boot_timeout_s,
+                       extra_disks=extra, progress=progress) as b,
+            ):
+                for command in prepare:
+                    progress(f"prepare: {command}")
+                    r = await b.agent.exec(command, timeout_s=120.0)
+                    if not r.ok:
+                        raise SnapshotError(f"prepare command {command!r} failed with "
+                                            f"{r.exit_code}: {(r.stdout + r.stderr)[-400:]!r}",
+                                            vm=bp.name)
+                if on_ready is not None:
+                    await on_ready(b.agent)
+                progress("before-suspend hooks")
+                await b.agent.before_suspend(timeout_s=60.0)
+                progress("saving device state")
+                stats = await b.vm.save_device_state(out_dir / STATE_PATH)
+                accel = b.vm.accel
+                shape = b.config.machine
+                cmdline = b.vm.kernel_cmdline  # the line the guest booted with
+                assert cmdline is not None, "set when QEMU was spawned"
+                guest = b.net.guest
+                qemu_version = ".".join(map(str, await b.vm.qemu_version()))
+                await b.vm.stop()
+                if console_copy is not None:
+                    await asyncio.to_thread(shutil.copyfile, b.vm.console_path, console_copy)
+                boot_s, ready_s = b.boot_to_agent_s, b.ready_s
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     progress("hashing blocks and writing the manifest")
@@ -296,7 +329,9 @@ async def _snapshot_into(
                                "hashes/memory.xxh3")
     disk_entry = DeviceEntry(ROOT_DISK, "disks/root.img", disk_path.stat().st_size,
                              BLOCK_SIZE_BYTES, f"hashes/{ROOT_DISK}.xxh3")
-    for entry in (memory_entry, disk_entry):
+    extra_entries = tuple(DeviceEntry(name, f"disks/{name}.img", mib * MIB, BLOCK_SIZE_BYTES,
+                                      f"hashes/{name}.xxh3") for name, mib in extra_disks)
+    for entry in (memory_entry, disk_entry, *extra_entries):
         await asyncio.to_thread(write_block_hashes, out_dir / entry.path,
                                 out_dir / entry.hashes_path, entry.block_size_bytes)
     manifest = VMManifest(
@@ -306,7 +341,7 @@ async def _snapshot_into(
                                       qemu=qemu_version),
         kernel_cmdline=cmdline, kernel=KERNEL_PATH, initramfs=INITRAMFS_PATH,
         state=STATE_PATH, state_bytes=stats.state_bytes, memory=memory_entry,
-        disks=(disk_entry,),
+        disks=(disk_entry, *extra_entries),
         agent=AgentSettings(enabled=True, before_suspend=bp.agent.before_suspend,
                             after_resume=bp.agent.after_resume),
         network=GuestNetwork(ip=guest.ip, prefix_len=guest.prefix_len, gateway=guest.gateway,
