@@ -430,6 +430,11 @@ class VMNetwork:
         self._announcer = asyncio.create_task(go(), name=f"announce {self.vm_id}")
         self._announcer.add_done_callback(self._announced)
 
+    async def wait_announced(self) -> int:
+        """Wait until the last :meth:`announce_service` sent all its frames; their number
+        (0 without an announcement). Raises what the announcement raised."""
+        return 0 if self._announcer is None else await asyncio.shield(self._announcer)
+
     def _announced(self, task: asyncio.Task[int]) -> None:
         if not task.cancelled() and (exc := task.exception()) is not None:
             self._log.warning("announcing the service address failed: %s", exc)
