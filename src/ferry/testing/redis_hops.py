@@ -89,6 +89,8 @@ async def run_redis_hops(site: Site, package: Path, route: Sequence[str], *, vm:
              f"{site.address(first)}:{REDIS_PORT}")
     if service_address is not None:
         run_extra = [*run_extra, "--service-address", service_address]
+        progress(f"the VM's service address {service_address} follows it; the client "
+                 "writes there on one connection")
     await site.vm_run(first, vm, package, *run_extra, "-p",
                       f"{site.address(first)}:{REDIS_PORT}:{GUEST_REDIS_PORT}")
     targets = ([(service_address, GUEST_REDIS_PORT)] if service_address is not None
