@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -463,3 +464,119 @@ async def test_command_errors_are_translated() -> None:
     assert info.value.argv[:2] == ("ip", "link")
     assert info.value.returncode != 0
     assert info.value.stderr.strip()
+
+
+# The service address (docs/networking.md) --------------------------------------------------
+
+SERVICE = "10.77.0.201"
+
+
+async def _neighbour_mac(namespace: str, address: str) -> str:
+    out = await run_in(namespace, "import subprocess, sys; print(subprocess.run(['ip', '-j', "
+                       "'neigh', 'show', sys.argv[1]], capture_output=True, text=True).stdout)",
+                       address)
+    entries = [e for e in json.loads(out or "[]") if "lladdr" in e]
+    return str(entries[0]["lladdr"]) if entries else ""
+
+
+async def _mac(namespace: str) -> str:
+    return (await run_in(namespace, "print(open('/sys/class/net/eth0/address').read())"))
+
+
+async def _service_state(namespace: str) -> tuple[str, str]:
+    """(route of SERVICE/32, proxy entries) in ``namespace``, as ``ip`` prints them."""
+    route = await run_in(namespace, "import subprocess; print(subprocess.run(['ip', 'route', "
+                         f"'show', '{SERVICE}/32'], capture_output=True, text=True).stdout)")
+    proxy = await run_in(namespace, "import subprocess; print(subprocess.run(['ip', 'neigh', "
+                         "'show', 'proxy'], capture_output=True, text=True).stdout)")
+    return route, proxy
+
+
+async def test_service_address_follows_the_vm_between_hosts(run_dir: Path) -> None:
+    """Clients on host c reach the service address wherever the VM's network announced it;
+    the old host forwards what still reaches it; the guest sees the real client address."""
+    async with host_namespaces(["a", "b", "c"], switch_tag=_switch_tag(),
+                               run_dir=run_dir) as hosts:
+        a, b, c = hosts["a"], hosts["b"], hosts["c"]
+        vid = vm_id()
+
+        def net_on(host_name: str, suffix: str) -> VMNetwork:
+            host = hosts[host_name]
+            return VMNetwork(f"{vid}-{suffix}", [PortForward(host.address, 16379, 6379),
+                                                 PortForward(host.address, 16379, 6379,
+                                                             proto=Proto.UDP)],
+                             parent=host.namespace, attachment=NamespaceGuest(),
+                             run_dir=run_dir, service_address=SERVICE)
+
+        async with net_on("a", "a") as na, net_on("b", "b") as nb:
+            assert na.guest_namespace is not None
+            assert nb.guest_namespace is not None
+            async with echo_server(na.guest_namespace, na.guest_ip, 6379, "on-a"), \
+                    echo_server(nb.guest_namespace, nb.guest_ip, 6379, "on-b"):
+                # Not announced yet: nobody answers ARP for the address.
+                assert (await run_in(c.namespace, TCP_CLIENT, SERVICE, "6379", "x")
+                        ).startswith("ERR")
+                na.announce_service()
+                assert await na.wait_announced() == 4
+                assert await run_in(c.namespace, TCP_CLIENT, SERVICE, "6379", "x") == (
+                    f"on-a|{c.address}|x")  # no NAT on the way: the guest sees host c
+                assert await _neighbour_mac(c.namespace, SERVICE) == await _mac(a.namespace)
+
+                # The VM pauses on a, bound for b: a forwards what still reaches it.
+                await na.redirect_service(b.address)
+                assert await run_in(c.namespace, TCP_CLIENT, SERVICE, "6379", "y") == (
+                    f"on-b|{c.address}|y")
+                nb.announce_service()
+                await nb.wait_announced()
+                assert await _neighbour_mac(c.namespace, SERVICE) == await _mac(b.namespace)
+
+                # a is gone; a client that still sends to a's MAC reaches b all the same.
+                await na.close()
+                assert await _service_state(a.namespace) == ("", "")
+                await run_in(c.namespace, "import subprocess, sys; subprocess.run(['ip', "
+                             "'neigh', 'replace', sys.argv[1], 'lladdr', sys.argv[2], 'dev', "
+                             "'eth0'], check=True)", SERVICE, await _mac(a.namespace))
+                assert await run_in(c.namespace, TCP_CLIENT, SERVICE, "6379", "z") == (
+                    f"on-b|{c.address}|z")
+                route, proxy = await _service_state(b.namespace)
+                assert nb.host_link in route
+                assert SERVICE in proxy
+        assert await _service_state(b.namespace) == ("", "")
+
+
+SERVICE_OWNER = textwrap.dedent("""
+    import asyncio, sys
+    from ferry.net import NamespaceGuest, PortForward, VMNetwork
+
+    async def main():
+        net = VMNetwork(sys.argv[1], [PortForward("127.0.0.1", 0, 7)], parent=sys.argv[3],
+                        attachment=NamespaceGuest(), run_dir=sys.argv[2],
+                        service_address=sys.argv[4])
+        await net.start()
+        net.announce_service()
+        await net.wait_announced()
+        print("up", flush=True)
+        await asyncio.sleep(3600)
+
+    asyncio.run(main())
+""")
+
+
+async def test_cleanup_withdraws_a_killed_owner_s_service_address(run_dir: Path) -> None:
+    async with host_namespaces(["a"], switch_tag=_switch_tag(), run_dir=run_dir) as hosts:
+        a = hosts["a"]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", SERVICE_OWNER, vm_id(), str(run_dir), a.namespace, SERVICE,
+            stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": SRC})
+        try:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 60)
+            assert line.strip() == b"up", line
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+        route, proxy = await _service_state(a.namespace)
+        assert route
+        assert SERVICE in proxy
+        assert len(await cleanup_leftovers(run_dir)) == 1
+        assert await _service_state(a.namespace) == ("", "")

@@ -47,12 +47,12 @@ async def host_ready(args: argparse.Namespace, console: Console) -> bool:
 
 
 async def migrate_demo(args: argparse.Namespace, console: Console) -> ExitCode:
-    from ferry.demo.migrate import run_migrate_demo
+    from ferry.demo.migrate import SERVICE_ADDRESS, run_migrate_demo
 
     if not args.json:
         console.print(
             "[bold]ferry migrate demo[/bold]: a Redis VM live-migrating between two hosts "
-            "while a client writes to it"
+            "while a client on a third host writes to it on one connection"
         )
 
     def progress(line: str) -> None:
@@ -70,6 +70,7 @@ async def migrate_demo(args: argparse.Namespace, console: Console) -> ExitCode:
                                "acknowledged_writes": result.acknowledged,
                                "lost_writes": len(result.lost),
                                "client_max_stall_ms": result.client_max_stall_ms,
+                               "client_reconnects": result.client_reconnects,
                                "ok": result.ok}})
     else:
         for label, hop in hops:
@@ -87,6 +88,11 @@ async def migrate_demo(args: argparse.Namespace, console: Console) -> ExitCode:
             f"  client: {result.acknowledged} acknowledged writes, {len(result.lost)} lost "
             f"({verdict}); longest gap between writes {result.client_max_stall_ms:.0f} ms"
         )
+        kept = ("[green]one connection survived both moves, 0 resets[/green]"
+                if result.client_reconnects == 0
+                else f"[red]{result.client_reconnects} reconnects[/red]")
+        console.print(f"  client connection to the VM's service address {SERVICE_ADDRESS}: "
+                      f"{kept}")
     return ExitCode.OK if result.ok else ExitCode.ERROR
 
 

@@ -93,6 +93,10 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
                    help="[HOST:]HOST_PORT:GUEST_PORT[/tcp|/udp] (repeatable)")
     c.add_argument("--allow-wildcard", action="store_true",
                    help="allow publishing on 0.0.0.0 / ::")
+    c.add_argument("--service-address", metavar="IPV4",
+                   help="an address of the hosts' network that follows the VM when it "
+                        "migrates, serving the -p guest ports; clients connected to it "
+                        "keep their connections across migrations (docs/networking.md)")
     c.add_argument("-d", "--detach", action="store_true", help="run in the background")
     c.add_argument("--trust", type=Path, help="trust list (default: this host's)")
     add_accel(c)
@@ -706,7 +710,8 @@ async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable
     request = supervisor.LaunchRequest(
         vm_id, package_dir, host, forwards if forwards or package_dir else None,
         labels=None if args.label is None and package_dir is None
-        else labels.parse_labels(args.label or ()))
+        else labels.parse_labels(args.label or ()),
+        service_address=args.service_address)
 
     def show_ready(report: dict[str, Any]) -> None:
         out(report, lambda: _print_ready(console, report))

@@ -47,6 +47,7 @@ from ferry.live.bootcache import BootCache, BootCacheFullError, check_sha256
 from ferry.live.errors import RefusedError
 from ferry.live.rampath import RamPath
 from ferry.net import PortForward, Proto
+from ferry.net.service import check_service_address
 from ferry.transport.base import Stream
 from ferry.vm.labels import check_labels
 from ferry.vm.manifest import VMManifest
@@ -99,11 +100,14 @@ class Offer:
     and receives only the blocks the VM changed (:mod:`ferry.vm.overlays`)."""
     labels: dict[str, str] = field(default_factory=dict)
     """The VM's labels (:mod:`ferry.vm.labels`), kept by the destination."""
+    service_address: str | None = None
+    """The VM's service address (docs/networking.md), which follows it to the destination."""
 
     def to_json(self) -> dict[str, Any]:
         return {"vm_id": self.vm_id, "manifest": self.manifest.to_json(),
                 "origin": self.origin, "ram": self.ram.value, "package": self.package,
                 "labels": dict(self.labels),
+                "service_address": self.service_address,
                 "forwards": [[f.host, f.host_port, f.guest_port, f.proto.value]
                              for f in self.forwards],
                 "boot": [[b.name, b.sha256, b.size_bytes] for b in self.boot]}
@@ -145,11 +149,16 @@ class Offer:
                 labels = check_labels(data.get("labels", {}))
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
+            service_address = data.get("service_address")
+            if service_address is not None:
+                service_address = check_service_address(
+                    checks.text(service_address, "service_address"))
             manifest = VMManifest.from_json(data.get("manifest"))
             _check_bounds(manifest)
             vm_id = check_vm_id(checks.text(data.get("vm_id"), "vm_id"))
             return cls(vm_id=vm_id, manifest=manifest, origin=origin, forwards=forwards,
-                       boot=boot, ram=ram, package=package, labels=labels)
+                       boot=boot, ram=ram, package=package, labels=labels,
+                       service_address=service_address)
         except RemoteProtocolError:
             raise
         except (KeyError, TypeError, ValueError, FerryError) as exc:

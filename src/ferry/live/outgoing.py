@@ -54,6 +54,7 @@ from ferry.live.summary import MigrationSummary
 from ferry.migration.channel import StreamChannel
 from ferry.migration.policy import Mode
 from ferry.net import PortForward, VMNetwork
+from ferry.net.errors import NetError
 from ferry.package import commands as pkg
 from ferry.qemu import QemuVM
 from ferry.storage.device import Device
@@ -144,7 +145,9 @@ async def migrate_to_host(
         files = launch.boot_files(m.manifest, m.boot_dir)
         offer = launch.Offer(m.vm_id, m.manifest, m.forwards,
                              await asyncio.to_thread(launch.describe_boot, files), ram=ram,
-                             package=m.package_id, labels=dict(m.labels))
+                             package=m.package_id, labels=dict(m.labels),
+                             service_address=None if m.network is None
+                             else m.network.service_address)
         try:
             await launch.send_offer(stream, offer, files)
         except FerryError as exc:
@@ -165,9 +168,23 @@ async def migrate_to_host(
             if on_handed_off is not None:
                 await on_handed_off()
 
+        async def paused() -> None:
+            if m.network is not None:
+                # Packets to the service address that reach this host from now on go on
+                # to the destination, where they wait for the guest in its tap.
+                try:
+                    await m.network.redirect_service(host)
+                except NetError as exc:  # then clients retransmit once B announces
+                    log.warning("vm %s: cannot route its service address to %s: %s",
+                                m.vm_id, host, exc)
+
+        async def resumed() -> None:
+            if m.network is not None:
+                m.network.announce_service()  # the guest runs on here after all
+
         report = await migrate_out(m.qemu, m.devices, channel, agent=m.agent, options=options,
                                    on_handed_off=handed_off, ram_link=ram_link,
-                                   progress=progress)
+                                   progress=progress, on_paused=paused, on_resumed=resumed)
         report.ram_path_reason = choice.reason
         destination: DestinationReport | None = None
         clock: ClockOffset | None = None

@@ -30,9 +30,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ferry.aio import cancel_and_wait
 from ferry.errors import MigrationError
@@ -164,12 +164,19 @@ async def migrate_out(
     on_handed_off: Callable[[], Awaitable[None]] | None = None,
     ram_link: Stream | None = None,
     progress: MigrationProgress | None = None,
+    on_paused: Callable[[], Coroutine[Any, Any, None]] | None = None,
+    on_resumed: Callable[[], Awaitable[None]] | None = None,
 ) -> SourceReport:
     """Move the running ``vm`` to the receiver at the other end of ``channel``.
 
     With ``options.ram`` QEMU, guest RAM goes in QEMU's own stream over
     ``ram_link`` (the link's second substream) and the migrator moves the disks.
     ``progress``, if given, can be read while it runs.
+
+    ``on_paused`` runs once the guest stopped here for the switch-over, beside the
+    downtime's steps (a task, not awaited by them: the VM's service address is
+    re-routed to the destination meanwhile); ``on_resumed`` runs after it if the
+    migration then fails before the hand-off and the guest runs on here.
 
     Returns when post-copy has completed and the destination verified every
     block. Raises :class:`LiveMigrationError`: with ``handed_off`` False the VM
@@ -191,6 +198,12 @@ async def migrate_out(
         raise LiveMigrationError("guest RAM is private to QEMU here: it can only move in "
                                  "QEMU's stream (--ram qemu)", vm=vm.name, handed_off=False)
     ram_out: asyncio.Task[RamOut] | None = None
+    paused_hook: asyncio.Task[None] | None = None
+
+    def paused() -> None:
+        nonlocal paused_hook
+        if on_paused is not None:
+            paused_hook = leaving.create_task(on_paused(), name=f"paused {vm.name}")
 
     async def before_scan() -> None:
         if not qemu_ram:
@@ -210,6 +223,7 @@ async def migrate_out(
             report.before_suspend_ms = (time.monotonic() - suspend_at) * 1e3
         if qemu_ram:
             await wait_switchover()
+            paused()
             return
         # Flush while the guest still runs, so the flush inside the downtime only
         # carries what the guest dirtied in the last few milliseconds.
@@ -217,6 +231,7 @@ async def migrate_out(
         t.mark(Mark.PAUSE)
         await vm.pause()
         t.mark(Mark.PAUSED)
+        paused()
         # The final flush and the device-state save are independent (the state has no
         # RAM in it: x-ignore-shared), so they overlap.
         async with asyncio.TaskGroup() as tg:
@@ -276,6 +291,10 @@ async def migrate_out(
         vlog.warning("migration failed before the hand-off: resuming the VM here")
         await stop_ram()
         await vm.resume()
+        if paused_hook is not None:
+            await cancel_and_wait(paused_hook, swallow_errors=True)
+            if on_resumed is not None:
+                await on_resumed()
         if agent is not None and options.agent_hooks:
             with contextlib.suppress(AgentError, TimeoutError):
                 await agent.after_resume(options.agent_timeout_s, check=False)

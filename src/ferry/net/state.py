@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ferry.hostconfig import DEFAULT_RUN_ROOT
-from ferry.net import links, netns, nft
+from ferry.net import links, netns, nft, service
 from ferry.net.errors import NetError
 
 log = logging.getLogger(__name__)
@@ -152,12 +152,21 @@ class RunDir:
             os.close(fd)  # closing the descriptor releases the flock
 
 
-async def remove_resources(record: OwnerRecord) -> None:
-    """Delete what ``record`` lists: tables, then links, then namespaces.
+async def remove_resources(record: OwnerRecord, *, keep_service: bool = False) -> None:
+    """Delete what ``record`` lists: tables, then links, then namespaces, and the route
+    and proxy entry of its service address (``extra``) unless ``keep_service`` (another
+    living owner on this host holds that address now).
 
     Each step is best-effort and idempotent, so a half-built or half-removed
     setup is finished off; a namespace that is already gone is skipped.
     """
+    address, dev = record.extra.get("service_address"), record.extra.get("service_dev")
+    if address and dev and not keep_service and (record.parent is None
+                                                 or netns.exists(record.parent)):
+        try:
+            await service.withdraw(record.parent, address, dev)
+        except NetError as exc:
+            log.warning("could not withdraw service address %s: %s", address, exc)
     for table in record.tables:
         if table.namespace is None or netns.exists(table.namespace):
             try:
@@ -185,12 +194,16 @@ async def cleanup_leftovers(run_dir: RunDir | Path | str = DEFAULT_RUN_DIR) -> l
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     cleaned: list[str] = []
     async with rd.locked():
-        dead = [r for r in rd.records() if not r.owner_alive() and r.kind != "lab"]
+        records = rd.records()
+        dead = [r for r in records if not r.owner_alive() and r.kind != "lab"]
         dead.sort(key=lambda r: r.kind == "hosts")
+        held = {(r.parent, r.extra.get("service_address")) for r in records
+                if r.owner_alive() and r.extra.get("service_address")}
         for record in dead:
             log.info("removing leftovers of %s %s (owner pid %d is gone)",
                      record.kind, record.key, record.owner_pid)
-            await remove_resources(record)
+            await remove_resources(record, keep_service=(
+                record.parent, record.extra.get("service_address")) in held)
             rd.remove(record.key)
             cleaned.append(record.key)
     return cleaned

@@ -29,6 +29,7 @@ record lists. The forwarders live in this process and die with it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import ipaddress
@@ -40,7 +41,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
-from ferry.net import links, netns, nft
+from ferry.net import links, netns, nft, service
 from ferry.net.errors import (
     AddressPoolExhaustedError,
     NamespaceError,
@@ -227,6 +228,7 @@ class VMNetwork:
         link_pool: ipaddress.IPv4Network = DEFAULT_LINK_POOL,
         clean_leftovers: bool = True,
         hold_forwards: bool = False,
+        service_address: str | None = None,
     ) -> None:
         self.vm_id = check_vm_id(vm_id)
         self.forwards = _checked(forwards)
@@ -244,6 +246,13 @@ class VMNetwork:
         self.slot: int | None = None
         self.forwarders: tuple[TcpForwarder | UdpForwarder, ...] = ()
         self._forwards_open: asyncio.Event | None = asyncio.Event() if hold_forwards else None
+        self.service_address = (None if service_address is None
+                                else service.check_service_address(service_address))
+        if self.service_address is not None and not self.forwards:
+            raise NetConfigError(f"VM {self.vm_id}: a service address serves the guest ports "
+                                 "of the VM's forwards, and it has none")
+        self._service_dev: str | None = None
+        self._announcer: asyncio.Task[int] | None = None
         self._record: OwnerRecord | None = None
         self._log = log.getChild(vm_id)
 
@@ -401,6 +410,45 @@ class VMNetwork:
         if self._forwards_open is not None:
             self._forwards_open.set()
 
+    def announce_service(self) -> None:
+        """The guest runs here: answer ARP for the service address on the host's network
+        and announce it (gratuitous ARPs, in the background), so clients send here."""
+        if self.service_address is None or self._service_dev is None:
+            return
+        if self.state is not NetState.UP:
+            raise NetError(f"VM {self.vm_id} network is {self.state.value}: "
+                           "cannot announce its service address")
+        addr, dev, parent = self.service_address, self._service_dev, self.parent
+
+        async def go() -> int:
+            await service.route_to_vm(parent, addr, link=self.host_link, via=self.vm_link_ip)
+            await service.publish(parent, addr, dev)
+            return await service.announce(parent, addr, dev)
+
+        if self._announcer is not None:
+            self._announcer.cancel()
+        self._announcer = asyncio.create_task(go(), name=f"announce {self.vm_id}")
+        self._announcer.add_done_callback(self._announced)
+
+    async def wait_announced(self) -> int:
+        """Wait until the last :meth:`announce_service` sent all its frames; their number
+        (0 without an announcement). Raises what the announcement raised."""
+        return 0 if self._announcer is None else await asyncio.shield(self._announcer)
+
+    def _announced(self, task: asyncio.Task[int]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._log.warning("announcing the service address failed: %s", exc)
+
+    async def redirect_service(self, host: str) -> None:
+        """The guest stopped here and will run on ``host``: route the service address
+        there and stop answering ARP for it, so packets in flight follow the VM."""
+        if self.service_address is None or self._service_dev is None:
+            return
+        if self._announcer is not None:
+            self._announcer.cancel()
+        await service.route_to_host(self.parent, self.service_address, host=host,
+                                    dev=self._service_dev)
+
     async def close(self) -> None:
         """Stop forwarders, delete tables, links and namespaces, forget the record. Idempotent."""
         if self.state not in (NetState.NAMESPACE, NetState.UP):
@@ -409,6 +457,12 @@ class VMNetwork:
         self.state = NetState.CLOSED
         for fwd in self.forwarders:
             await fwd.stop()
+        if self._announcer is not None:
+            self._announcer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, NetError):
+                await self._announcer
+        if self.service_address is not None and self._service_dev is not None:
+            await service.withdraw(self.parent, self.service_address, self._service_dev)
         if self._record is not None:
             await remove_resources(self._record)
             self.run_dir.remove(self._record.key)
@@ -435,6 +489,9 @@ class VMNetwork:
         """Pick a free /30 slot in the parent and add it, the parent link and the
         parent's table to the record before any of them exists (under the lock)."""
         assert self._record is not None
+        if self.service_address is not None:
+            # Before our /32 exists: the host's own way to the address (its network).
+            self._service_dev = await service.uplink_of(self.parent, self.service_address)
         async with self.run_dir.locked():
             records = self.run_dir.records()
             used = {r.slot for r in records if r.kind == "vm" and r.parent == self.parent}
@@ -451,8 +508,14 @@ class VMNetwork:
             self.slot = slot
             self._record = dataclasses.replace(
                 self._record, links=((self.parent, host_link_name(slot)),),
-                tables=(nft.TableRef(self.parent, "ip", self.table),), slot=slot)
+                tables=(nft.TableRef(self.parent, "ip", self.table),), slot=slot,
+                extra=self._service_extra())
             self.run_dir.write(self._record)
+
+    def _service_extra(self) -> dict[str, str]:
+        if self.service_address is None or self._service_dev is None:
+            return {}
+        return {"service_address": self.service_address, "service_dev": self._service_dev}
 
     async def _build_namespace(self) -> None:
         ns = self.namespace
@@ -485,6 +548,9 @@ class VMNetwork:
                 f"addr add {self.vm_link_ip}/{prefix} dev {UPLINK_NAME}",
                 f"link set {UPLINK_NAME} up",
                 f"route add default via {self.parent_link_ip}"])
+            if self.service_address is not None:
+                await service.route_to_vm(parent, self.service_address, link=self.host_link,
+                                          via=self.vm_link_ip)
 
         async def forwarding() -> None:
             if self.outbound and parent is not None:
@@ -493,10 +559,18 @@ class VMNetwork:
                 self._log.warning("net.ipv4.ip_forward is 0 here: the guest's outbound traffic "
                                   "stops at this host until the operator enables it")
 
+        async def service_sysctls() -> None:
+            if self._service_dev is not None:
+                # Answer ARP for the service address at once: the kernel delays proxy
+                # answers to broadcast requests by up to proxy_delay (0.8 s by default).
+                await netns.set_sysctl(parent, f"net.ipv4.neigh.{self._service_dev}"
+                                       ".proxy_delay", "0")
+
         # Independent steps (rules only name interfaces), one process each, at once.
         await _concurrently(veth(), nft.load(ns, self._vm_ruleset()),
                             nft.load(parent, self._parent_ruleset()),
-                            netns.set_sysctl(ns, "net.ipv4.ip_forward", "1"), forwarding())
+                            netns.set_sysctl(ns, "net.ipv4.ip_forward", "1"), forwarding(),
+                            service_sysctls())
         await self._start_forwarders()
 
     async def _start_forwarders(self) -> None:
@@ -524,15 +598,50 @@ class VMNetwork:
                   "    type nat hook postrouting priority srcnat; policy accept;"]
         if self.outbound:
             lines.append(f'    ip saddr {GUEST_SUBNET} oifname "{UPLINK_NAME}" masquerade')
-        lines += ["  }",
-                  "  chain forward {",
+        lines.append("  }")
+        lines += self._service_vm_rules()
+        lines += ["  chain forward {",
                   "    type filter hook forward priority filter; policy drop;",
                   "    ct state established,related accept",
                   f'    iifname "{UPLINK_NAME}" oifname "{BRIDGE_NAME}" ct status dnat accept']
         if self.outbound:
             lines.append(f'    iifname "{BRIDGE_NAME}" oifname "{UPLINK_NAME}" accept')
+        if self.service_address is not None:
+            # Only the service chain's rewritten packets are untracked here.
+            lines.append("    ct state untracked accept")
         lines += ["  }", "}"]
         return "\n".join(lines) + "\n"
+
+    def _service_ports(self) -> dict[str, str]:
+        """The published guest ports per protocol, as nft sets: ``{"tcp": "{ 6379 }"}``."""
+        by_proto: dict[str, set[int]] = {}
+        for f in self.forwards:
+            by_proto.setdefault(f.proto.value, set()).add(f.guest_port)
+        return {p: "{ " + ", ".join(map(str, sorted(ports))) + " }"
+                for p, ports in sorted(by_proto.items())}
+
+    def _service_vm_rules(self) -> list[str]:
+        """The service address rewritten to the guest's and back, statelessly.
+
+        ``notrack`` keeps these packets out of conntrack: the namespace a client's
+        connection first crossed holds nothing the namespace on the next host would
+        lack, so a mid-stream segment arriving on any host is rewritten the same way.
+        The guest's answers to the forwarders (addressed to the parent's veth end) stay
+        on the tracked DNAT path of the port forwards.
+        """
+        svc = self.service_address
+        if svc is None:
+            return []
+        lines = ["  chain service {",
+                 "    type filter hook prerouting priority raw; policy accept;"]
+        for proto, ports in self._service_ports().items():
+            lines.append(f'    iifname "{UPLINK_NAME}" ip daddr {svc} {proto} dport {ports} '
+                         f"notrack ip daddr set {self.guest.ip}")
+            lines.append(f'    iifname "{BRIDGE_NAME}" ip saddr {self.guest.ip} '
+                         f"ip daddr != {self.parent_link_ip} {proto} sport {ports} "
+                         f"notrack ip saddr set {svc}")
+        lines.append("  }")
+        return lines
 
     def _parent_ruleset(self) -> str:
         """Masquerade the VM's /30 out of the parent; drop unsolicited traffic towards the VM."""
@@ -540,6 +649,13 @@ class VMNetwork:
         lines = [f"table ip {self.table} {{",
                  "  chain forward {",
                  "    type filter hook forward priority filter; policy accept;"]
+        svc = self.service_address
+        if svc is not None:
+            # Clients reach the published guest ports at the service address, and the
+            # guest's answers leave from it; no NAT here (not masqueraded below).
+            for proto, ports in self._service_ports().items():
+                lines.append(f'    oifname "{hl}" ip daddr {svc} {proto} dport {ports} accept')
+                lines.append(f'    iifname "{hl}" ip saddr {svc} {proto} sport {ports} accept')
         if self.outbound:
             lines.append(f'    iifname "{hl}" accept')
         else:

@@ -16,6 +16,7 @@ Detached (``ferry vm receive --detach``): :mod:`ferry.node.process`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ferry.aio import cancel_and_wait
 from ferry.errors import ConfigError, FerryError, MigrationError
 from ferry.hostconfig import HostConfig
 from ferry.live import launch, receive
@@ -89,6 +91,11 @@ class Arrival:
     signal: int | None = None
 
 
+async def _announce_when_running(running: asyncio.Event, net: VMNetwork) -> None:
+    await running.wait()
+    net.announce_service()
+
+
 def rehome(forwards: tuple[PortForward, ...], listen_host: str | None) -> tuple[PortForward, ...]:
     """The source's forwards on this host: loopback stays loopback, any other address
     becomes the address this host listens on for migrations (its address on that network)."""
@@ -144,7 +151,8 @@ async def arrive(request: ArrivalRequest, *,
                 # A host-unique network id: the VM's own id may still name the source's
                 # namespace when both "hosts" are namespaces of one machine.
                 net = VMNetwork(f"{vm_id[:33]}-{secrets.token_hex(3)}", forwards,
-                                run_dir=paths.net_run_dir)
+                                run_dir=paths.net_run_dir,
+                                service_address=offer.service_address)
                 await stack.enter_async_context(net)
                 # The devices' bases, if this host has the VM's package: then only
                 # what the VM changed travels (ferry.vm.overlays).
@@ -161,6 +169,9 @@ async def arrive(request: ArrivalRequest, *,
             except FerryError as exc:
                 await receive.refuse(stream, exc)
                 raise
+            # Clients of the service address are sent here once the guest runs here.
+            announcing = asyncio.create_task(_announce_when_running(incoming.running, net))
+            stack.push_async_callback(cancel_and_wait, announcing)
             report = await receive.receive_vm(stream, incoming, agent_wait_s=AGENT_WAIT_S)
             running_s = round(time.monotonic() - started, 3)
             movable = Movable(

@@ -67,7 +67,7 @@ def encode_request(request: HolderRequest) -> bytes:
         data = {"kind": "run", "vm_id": request.vm_id,
                 "forwards": None if request.forwards is None else _forwards(request.forwards),
                 "package_dir": str(request.package_dir) if request.package_dir else None,
-                "warm": request.warm,
+                "warm": request.warm, "service_address": request.service_address,
                 "labels": None if request.labels is None else dict(request.labels)}
     else:
         data = {"kind": "receive", "listen": request.listen, "registry": request.registry,
@@ -89,7 +89,8 @@ def decode_request(line: bytes) -> HolderRequest:
             return LaunchRequest(vm_id=d["vm_id"], host=host, forwards=forwards,
                                  package_dir=Path(d["package_dir"]) if d["package_dir"]
                                  else None, warm=bool(d.get("warm", False)),
-                                 labels=d.get("labels"))
+                                 labels=d.get("labels"),
+                                 service_address=d.get("service_address"))
         if d["kind"] == "receive":
             return ArrivalRequest(
                 host=host, access=Access.from_json(d["access"]),

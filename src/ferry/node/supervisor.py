@@ -53,6 +53,8 @@ class LaunchRequest:
     warm: bool = False
     """Resume ``package_dir`` ahead of need under the placeholder ``vm_id`` and wait to be
     claimed (:class:`~ferry.node.control.ClaimRequest`; see :func:`ferry.vm.runner.run_vm`)."""
+    service_address: str | None = None
+    """An address that follows the VM from host to host (docs/networking.md)."""
 
     def __post_init__(self) -> None:
         check_vm_id(self.vm_id)
@@ -160,7 +162,8 @@ async def _run(holder: Holder, request: LaunchRequest, forwards: tuple[PortForwa
     package = open_extracted(request.package_dir) if request.package_dir else None
     async with run_vm(request.vm_id, request.paths, package=package,
                       forwards=forwards, sandbox=request.host.qemu_sandbox,
-                      launched=launched, claim=claim, labels=labels) as vm:
+                      launched=launched, claim=claim, labels=labels,
+                      service_address=request.service_address) as vm:
         pid = vm.qemu.pid
         holder.record.set_qemu(pid)
         forwards = vm.net.forwards  # a warm VM's came with its claim

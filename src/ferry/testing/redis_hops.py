@@ -68,12 +68,16 @@ async def run_redis_hops(site: Site, package: Path, route: Sequence[str], *, vm:
                          migrate_port: int, writes_between: int = 50,
                          run_extra: Sequence[str] = (), migrate_extra: Sequence[str] = (),
                          client_host: str | None = None, loads: Sequence[HopLoad] = (),
+                         service_address: str | None = None,
                          progress: Progress = lambda _: None) -> RedisHops:
     """Start ``package`` on ``route[0]``, migrate it along ``route`` under writes.
 
     The client writes from ``client_host`` (default: ``route[0]``). ``loads`` run
     beside it (their targets are the caller's to set); stopping them is done here,
-    reading their results the caller's.
+    reading their results the caller's. With ``service_address`` the VM has one
+    (``ferry vm run --service-address``) and the writer uses it, on one connection
+    that should survive every hop; otherwise it writes to the current host's
+    published port and reconnects after each hop.
 
     The VM is left running on ``route[-1]``; stopping it is the caller's
     (:meth:`Site.stop_all`).
@@ -83,10 +87,15 @@ async def run_redis_hops(site: Site, package: Path, route: Sequence[str], *, vm:
     first = route[0]
     progress(f"resuming the Redis package on {first}, Redis published on "
              f"{site.address(first)}:{REDIS_PORT}")
+    if service_address is not None:
+        run_extra = [*run_extra, "--service-address", service_address]
+        progress(f"the VM's service address {service_address} follows it; the client "
+                 "writes there on one connection")
     await site.vm_run(first, vm, package, *run_extra, "-p",
                       f"{site.address(first)}:{REDIS_PORT}:{GUEST_REDIS_PORT}")
-    writer = RedisWriter([(site.address(h), REDIS_PORT) for h in dict.fromkeys(route)],
-                         namespace=site.hosts[client_host or first].namespace)
+    targets = ([(service_address, GUEST_REDIS_PORT)] if service_address is not None
+               else [(site.address(h), REDIS_PORT) for h in dict.fromkeys(route)])
+    writer = RedisWriter(targets, namespace=site.hosts[client_host or first].namespace)
     result = RedisHops()
     stop = asyncio.Event()
     everyone: list[Load] = [*loads, writer]

@@ -114,22 +114,25 @@ class Site:
         """Where ``host``'s listening side writes its one-time token (mode 0600)."""
         return self.root / f"{host}.token"
 
-    async def start(self, host: str, *args: str) -> asyncio.subprocess.Process:
+    async def start(self, host: str, *args: str,
+                    stdin: int | None = None) -> asyncio.subprocess.Process:
         """``ferry ARGS`` started on ``host`` (``ip netns exec`` execs it: the pid is
         ferry's, so a signal sent to it reaches the command as a user's Ctrl-C would)."""
         paths = self.paths(host)
         env = {**os.environ, **self.env, "FERRY_RUN_DIR": str(paths.run_root),
                "FERRY_STATE_DIR": str(paths.state_root)}
         return await asyncio.create_subprocess_exec(
-            *self.hosts[host].exec_argv([*FERRY, *args]), env=env,
+            *self.hosts[host].exec_argv([*FERRY, *args]), env=env, stdin=stdin,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
 
-    async def run(self, host: str, *args: str, timeout_s: float = CLI_TIMEOUT_S) -> CliResult:
-        """``ferry ARGS`` on ``host``, whatever its exit code."""
-        proc = await self.start(host, *args)
+    async def run(self, host: str, *args: str, timeout_s: float = CLI_TIMEOUT_S,
+                  input: bytes | None = None) -> CliResult:
+        """``ferry ARGS`` on ``host``, whatever its exit code (``input`` on its stdin)."""
+        proc = await self.start(host, *args,
+                                stdin=None if input is None else asyncio.subprocess.PIPE)
         try:
             async with asyncio.timeout(timeout_s):
-                out, err = await proc.communicate()
+                out, err = await proc.communicate(input)
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
@@ -139,9 +142,10 @@ class Site:
         return CliResult(proc.returncode, out.decode(errors="replace"),
                          err.decode(errors="replace"))
 
-    async def ferry(self, host: str, *args: str, timeout_s: float = CLI_TIMEOUT_S) -> str:
+    async def ferry(self, host: str, *args: str, timeout_s: float = CLI_TIMEOUT_S,
+                    input: bytes | None = None) -> str:
         """``ferry ARGS`` on ``host``; its stdout. :class:`CliError` if it fails."""
-        r = await self.run(host, *args, timeout_s=timeout_s)
+        r = await self.run(host, *args, timeout_s=timeout_s, input=input)
         if r.returncode != 0:
             raise CliError(f"ferry {' '.join(args)} on {host} exited {r.returncode}: "
                            f"{r.stderr[-2000:]}", returncode=r.returncode, stderr=r.stderr)

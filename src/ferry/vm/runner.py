@@ -319,6 +319,7 @@ async def run_vm(
     launched: float | None = None,
     claim: Claimer | None = None,
     labels: Mapping[str, str] | None = None,
+    service_address: str | None = None,
 ) -> AsyncIterator[RunningVM]:
     """Resume ``package`` (or the suspended VM ``vm_id``) as VM ``vm_id``; see the module doc.
 
@@ -349,7 +350,8 @@ async def run_vm(
     claimed: _Claimed | None = None
     try:
         async with contextlib.AsyncExitStack() as stack:
-            net = VMNetwork(vm_id, forwards, run_dir=paths.net_run_dir, hold_forwards=True)
+            net = VMNetwork(vm_id, forwards, run_dir=paths.net_run_dir, hold_forwards=True,
+                            service_address=service_address)
             stack.push_async_callback(net.close)
             # QEMU opens the tap when it starts: only the namespace and tap must
             # exist before the spawn; the uplink (veth, NAT, forwarders) follows
@@ -405,6 +407,7 @@ async def run_vm(
                 qemu_at_running = process_usage(qemu.pid) if qemu.pid is not None else {}
             # Clients that connected meanwhile were held, not refused: the guest runs now.
             net.open_forwards()
+            net.announce_service()
             forwards_s = time.monotonic() - launched
             log.info("vm %s: running %.1f ms after launch, forwards open at %.1f ms",
                      vm_id, running_s * 1e3, forwards_s * 1e3)

@@ -179,8 +179,18 @@ def test_offer_round_trip() -> None:
     assert os.sep not in offer.boot_file("kernel").sha256
 
 
+def test_an_offer_carries_the_service_address() -> None:
+    offer = launch.Offer.from_json({**sample_offer(), "service_address": "10.77.0.231"})
+    assert offer.service_address == "10.77.0.231"
+    assert launch.Offer.from_json(offer.to_json()) == offer
+    assert launch.Offer.from_json(sample_offer()).service_address is None
+
+
 @pytest.mark.parametrize("changes", [{"ram": "ramdisk"}, {"ram": 3},
-                                     {"ram": "qemu", "origin": "registry"}])
+                                     {"ram": "qemu", "origin": "registry"},
+                                     {"service_address": "127.0.0.1"},
+                                     {"service_address": 17},
+                                     {"service_address": "10.77.0.231/24"}])
 def test_an_offer_s_ram_path_is_checked(changes: dict[str, object]) -> None:
     with pytest.raises(RemoteProtocolError):
         launch.Offer.from_json({**sample_offer(), **changes})

@@ -105,7 +105,7 @@ class Destination:
         self.running_at = time.monotonic()
 
 
-async def run(vm: FakeVM, dest: Destination) -> Any:
+async def run(vm: FakeVM, dest: Destination, *, network_hooks: bool = False) -> Any:
     a, b = memory_channel_pair()
     devices = local_devices(MemoryDevice(256 * 1024, name="memory"),
                             {"root": MemoryDevice(128 * 1024, name="root")},
@@ -120,10 +120,18 @@ async def run(vm: FakeVM, dest: Destination) -> Any:
     async def handed_off() -> None:
         vm.calls.append("on_handed_off")
 
+    async def paused() -> None:
+        vm.calls.append("on_paused")
+
+    async def resumed() -> None:
+        vm.calls.append("on_resumed")
+
+    hooks: dict[str, Any] = ({"on_paused": paused, "on_resumed": resumed} if network_hooks
+                             else {})
     task = asyncio.create_task(receive())
     try:
         return await migrate_out(vm, devices, a, options=OPTIONS,  # type: ignore[arg-type]
-                                 on_handed_off=handed_off)
+                                 on_handed_off=handed_off, **hooks)
     finally:
         async with asyncio.timeout(10):  # the receiver ends with the migration, either way
             await task
@@ -157,6 +165,23 @@ async def test_a_failed_hand_off_resumes_the_vm_and_never_stops_it() -> None:
     assert calls.index("pause") < calls.index("resume")
     assert "stop" not in calls
     assert "on_handed_off" not in calls
+
+
+async def test_the_service_address_follows_the_pause_and_the_resume() -> None:
+    """on_paused (re-route the service address to the destination) runs once the guest
+    is paused; on_resumed (take it back) only after a failure resumed it here."""
+    calls: list[str] = []
+    report = await run(FakeVM(calls), Destination(calls), network_hooks=True)
+    assert report.outcome == "completed"
+    assert calls.count("on_paused") == 1
+    assert calls.index("pause") < calls.index("on_paused") < calls.index("on_handed_off")
+    assert "on_resumed" not in calls
+
+    calls = []
+    with pytest.raises(LiveMigrationError):
+        await run(FakeVM(calls), Destination(calls, fail=True), network_hooks=True)
+    assert calls.index("pause") < calls.index("on_paused") < calls.index("resume") \
+        < calls.index("on_resumed")
 
 
 async def test_stopping_qemu_does_not_hold_back_post_copy() -> None:
