@@ -16,7 +16,8 @@ Source marks, in order::
     FLUSHED           final flush of guest RAM done      } overlapped
     STATE_SAVED       device state saved (QMP migrate)   }
     SUSPENDED         both done
-    DIRTY_ACKED       the final DirtyList acknowledged (the HANDOFF payload is built)
+    DIRTY_ACKED       the final DirtyList sent (the HANDOFF payload is built; its ack is
+                      awaited with the hand-off's, the name is historical)
     HANDOFF_ACKED     the destination acknowledged the hand-off: it sends that
                       acknowledgement only once its guest runs
 

@@ -18,9 +18,11 @@ Drafter:
    budget or limit is reached); the reason goes into the report. A stopping
    scan's blocks are re-sent as a last cycle or join the final dirty list.
 4. **Suspend and hand-off.** Run the suspend hook (pause the VM, final
-   flush), send the final DirtyList and wait for its ack, then send the
-   HANDOFF custom event and start streaming the final dirty blocks behind it
-   (NeedAt requests for them jump the queue). The destination acknowledges
+   flush), send the final DirtyList and, right behind it without waiting for
+   its ack (the destination handles events in order, so the blocks are absent
+   there before it sees the hand-off), the HANDOFF custom event; then stream
+   the final dirty blocks behind it (NeedAt requests for them jump the queue).
+   Both acks are awaited before the authority counts as moved. The destination acknowledges
    the hand-off once it runs; from then on it holds the authority. In
    PRECOPY_ONLY mode the final dirty blocks are sent *before* the hand-off.
 5. **Post-copy.** Stream what the destination still lacks; NeedAt requests
@@ -293,7 +295,7 @@ class Migrator:
         self._suspended = True
         if self._hooks.suspend is not None:
             await self._hooks.suspend()
-        await self._send_final_dirty_lists(push=self._mode is Mode.PRECOPY_ONLY)
+        final_acks = await self._send_final_dirty_lists(push=self._mode is Mode.PRECOPY_ONLY)
         if self._mode is Mode.PRECOPY_ONLY:
             await self._work.wait_drained()
         payload = b""
@@ -312,7 +314,12 @@ class Migrator:
         elif postcopy:
             for index, blocks in enumerate(everything):
                 self._work.push(index, blocks)
-        await handoff[0]
+        # The final DirtyLists' acks come back with the hand-off's: the destination
+        # handles events in order, so it marked the final blocks absent before it saw
+        # the HANDOFF behind them, and waiting for their acks first would cost a round
+        # trip of downtime. A failed or missing ack still fails the migration before
+        # the authority moves.
+        await asyncio.gather(*final_acks, handoff[0])
         self._handed_off = True
         self.report.suspend_to_handoff_ack_s = time.monotonic() - t_suspend
         self._log.info("authority handed off %.1f ms after the suspend point",
@@ -399,13 +406,17 @@ class Migrator:
         return found
 
     async def _announce(
-        self, found: list[list[int]], *, push: bool = True, final: bool = False
-    ) -> None:
+        self, found: list[list[int]], *, push: bool = True, final: bool = False,
+        wait_acks: bool = True,
+    ) -> list[asyncio.Future[None]]:
         """Announce each device's dirty blocks, wait for the acks and (if ``push``) queue them.
 
         With ``final`` the lists are kept for post-copy instead of being queued
-        (unless ``push``).
+        (unless ``push``). Without ``wait_acks`` the acks' futures are returned
+        unawaited (nothing may be pushed then: a re-sent block must follow its ack).
         """
+        if push and not wait_acks:
+            raise ValueError("blocks are re-sent only after their DirtyList's ack")
         waits: list[asyncio.Future[None]] = []
         for index, blocks in enumerate(found):
             for start in range(0, max(len(blocks), 1), DIRTY_BLOCKS_PER_FRAME):
@@ -416,18 +427,28 @@ class Migrator:
                 fut = self._expect(("dirty", index, self._dirty_seq))
                 waits.append(fut)
                 await self._channel.send(DirtyList(index, self._dirty_seq, tuple(chunk)))
+        if not wait_acks:
+            if final:
+                self._final_dirty = found
+            return waits
         await asyncio.gather(*waits)
         if final:
             self._final_dirty = found
         if push:
             for index, blocks in enumerate(found):
                 self._work.push(index, blocks)
+        return []
 
-    async def _send_final_dirty_lists(self, *, push: bool) -> None:
-        """The last scan, with the source suspended, plus blocks a stopping scan carried."""
+    async def _send_final_dirty_lists(self, *, push: bool) -> list[asyncio.Future[None]]:
+        """The last scan, with the source suspended, plus blocks a stopping scan carried.
+
+        Returns the acks still to come: with ``push`` (the blocks are re-sent before
+        the hand-off) they were awaited here; otherwise the caller awaits them with the
+        hand-off's acknowledgement.
+        """
         found = self._scan(self._carried)
         self._carried = None
-        await self._announce(found, push=push, final=True)
+        return await self._announce(found, push=push, final=True, wait_acks=push)
 
     def _all_small(self, counts: list[int]) -> bool:
         limit = self._policy.max_dirty_blocks

@@ -119,7 +119,9 @@ class DirtyList:
     """S -> D: these blocks changed since they were sent; D must treat them as absent.
 
     Data for them is only sent after D has answered with :class:`DirtyAck`
-    carrying the same ``sequence``.
+    carrying the same ``sequence``; for the final lists (the VM suspended) it
+    follows the HANDOFF behind them without waiting (D applies events in order;
+    docs/wire-protocol.md).
     """
 
     device: int
