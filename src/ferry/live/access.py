@@ -82,7 +82,7 @@ class Access:
                      dead_peer_s: float = DEFAULT_DEAD_PEER_S) -> Listener[TcpAddress]:
         """A TCP listener for VM links (TLS if configured; take peers with :meth:`accept`)."""
         return await listen_tcp(host, port, ssl_context=self.ssl_context(server=True),
-                                tuning=TcpTuning(dead_peer_s=dead_peer_s))
+                                tuning=TcpTuning(dead_peer_s=dead_peer_s, fit_to_link=True))
 
     async def accept(self, listener: Listener[TcpAddress]) -> Stream:
         """The first connection that authenticates; silent, garbage or unauthenticated ones
@@ -106,7 +106,7 @@ class Access:
                       dead_peer_s: float = DEFAULT_DEAD_PEER_S) -> Stream:
         """Connect to a VM endpoint and authenticate; the stream is closed on failure."""
         stream = await connect_tcp(host, port, ssl_context=self.ssl_context(server=False),
-                                   tuning=TcpTuning(dead_peer_s=dead_peer_s))
+                                   tuning=TcpTuning(dead_peer_s=dead_peer_s, fit_to_link=True))
         try:
             await self.present(stream)
         except BaseException:

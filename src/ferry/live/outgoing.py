@@ -46,7 +46,7 @@ from ferry.live.access import Access
 from ferry.live.clock import ClockOffset
 from ferry.live.errors import LiveMigrationError
 from ferry.live.progress import MigrationProgress
-from ferry.live.rampath import LINK_WINDOWS, RamPath
+from ferry.live.rampath import LINK_WINDOWS, RamPath, fit_link_windows
 from ferry.live.ramsink import ram_in_sink
 from ferry.live.report import DestinationReport, SourceReport
 from ferry.live.source import DEFAULT_OPTIONS, LiveOptions, choose_ram, migrate_out
@@ -159,6 +159,7 @@ async def migrate_to_host(
             # One authenticated link, two substreams: the channel, and QEMU's RAM stream.
             mux = Mux(stream, 2, window_frames=LINK_WINDOWS)
             mux.start()
+            fit_link_windows(mux, stream)
             link, ram_link = mux.sub(0), mux.sub(1)
         channel = StreamChannel(link)
 

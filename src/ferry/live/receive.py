@@ -22,7 +22,7 @@ from ferry.live import launch, report_exchange
 from ferry.live.access import Access
 from ferry.live.destination import IncomingVM, WrapArgv
 from ferry.live.outgoing import options_for
-from ferry.live.rampath import LINK_WINDOWS, RamPath
+from ferry.live.rampath import LINK_WINDOWS, RamPath, fit_link_windows
 from ferry.live.report import DestinationReport
 from ferry.migration.channel import StreamChannel
 from ferry.transport.base import Stream
@@ -85,6 +85,7 @@ async def receive_vm(stream: Stream, incoming: IncomingVM, *,
     else:
         # The link is two substreams: the channel, and QEMU's RAM stream.
         async with Mux(stream, 2, window_frames=LINK_WINDOWS) as mux:
+            fit_link_windows(mux, stream)
             report = await incoming.receive(StreamChannel(mux.sub(0)), ram_link=mux.sub(1))
             with contextlib.suppress(FerryError):
                 await report_exchange.serve_report(mux.sub(0), report)

@@ -21,7 +21,9 @@ Flow control is per substream and credit-based, as in HTTP/2: a sender may
 have at most the substream's *window* (``window_frames`` frames of
 :data:`MAX_FRAME_BYTES`; both ends pass the same windows) sent and not yet
 read by the consumer at the other end, and the receiver grants credit back
-as its consumer reads. So what a peer can make this side buffer is bounded
+as its consumer reads. A receiver may grow its window for a long link
+(:meth:`Mux.fit_windows`) by granting the growth as credit, up to
+:data:`MAX_WINDOW_BYTES`. So what a peer can make this side buffer is bounded
 by the windows, the reader never stops reading the link for a slow
 consumer (a stalled substream holds back only its own sender), and a bulk
 substream never has more than its window queued in the kernel's socket
@@ -65,6 +67,21 @@ from ferry.transport.streams import DEFAULT_RECEIVE_BYTES
 MAX_FRAME_BYTES = 256 * 1024
 DEFAULT_WINDOW_FRAMES = 16
 """Frames one substream buffers (4 MiB at most) before the reader waits for its consumer."""
+MAX_WINDOW_BYTES = 32 * 1024 * 1024
+"""The largest window a receiver may grow a substream to (:meth:`Mux.fit_windows`), and
+so the most a peer can make one substream buffer here: 2.5 bandwidth-delay products of
+1 Gbit/s at 100 ms (31 MB) fit. A sender refuses credit beyond it."""
+WINDOW_BDPS = 2.5
+"""A fitted window in bandwidth-delay products: credit goes back once the consumer read
+half a window and takes half an RTT to arrive, so a window of W carries W/2 per RTT at
+best; 2 BDPs fill the link, the rest is headroom for a varying RTT."""
+
+
+def window_bytes(rtt_s: float, mbit: float) -> int:
+    """A substream window that lets one substream fill ``mbit`` at ``rtt_s``, at most
+    :data:`MAX_WINDOW_BYTES`."""
+    want = mbit * 1e6 / 8 * max(rtt_s, 0.0) * WINDOW_BDPS
+    return MAX_WINDOW_BYTES if not want < MAX_WINDOW_BYTES else int(want)
 
 _HEADER = struct.Struct(">BBI")
 _CREDIT = struct.Struct(">I")
@@ -161,6 +178,7 @@ class Substream:
         self._room = self._window  # bytes the peer may still send before our next credit
         self._read = 0  # bytes the consumer took since the last credit
         self._credit = self._window  # bytes this side may still send
+        self._extra_grant = 0  # window growth not yet granted to the peer
         self._ended = False  # the peer sent EOF or CLOSE (or the link ended cleanly)
         self._eof_sent = False
         self._closed = False
@@ -217,12 +235,26 @@ class Substream:
             self._mux._raise_if_broken(self)
             await self._wake.wait()
 
+    def grow_window(self, window_bytes: int) -> int:
+        """Let the peer have up to ``window_bytes`` (at most :data:`MAX_WINDOW_BYTES`)
+        unread here; a window never shrinks. Returns the window now. The growth goes to
+        the peer as credit, so the two ends need not agree on it beforehand."""
+        new = min(max(window_bytes, self._window), MAX_WINDOW_BYTES)
+        grown = new - self._window
+        if grown > 0:
+            self._window = new
+            self._room += grown
+            self._extra_grant += grown
+            self._mux._credit_due.set()
+        return self._window
+
     def _take_grant(self) -> int:
-        """Bytes to credit the peer now (what the consumer took), or 0 if not due yet."""
-        if self._read < self._window // 2:
-            return 0
-        granted, self._read = self._read, 0
-        self._room += granted
+        """Bytes to credit the peer now (what the consumer took, window growth), or 0."""
+        granted, self._extra_grant = self._extra_grant, 0
+        if self._read >= self._window // 2:
+            granted += self._read
+            self._room += self._read
+            self._read = 0
         return granted
 
     async def send_eof(self) -> None:
@@ -257,9 +289,9 @@ class Substream:
                 self._frames.append(frame.payload)
         elif frame.kind is Kind.CREDIT:
             self._credit += credit_of(frame)
-            if self._credit > self._window:
+            if self._credit > MAX_WINDOW_BYTES:  # the peer may have grown its window
                 raise RemoteProtocolError(f"mux substream {self._sub}: the peer granted "
-                                          f"more credit than the window")
+                                          f"more credit than the largest window")
         else:
             self._ended = True
             self._peer_closed = self._peer_closed or frame.kind is Kind.CLOSE
@@ -298,6 +330,13 @@ class Mux:
 
     def sub(self, index: int) -> Substream:
         return self._subs[index]
+
+    def fit_windows(self, rtt_s: float, mbit: float) -> list[int]:
+        """Grow each substream's receive window to fill a link of ``rtt_s`` and ``mbit``
+        (:func:`window_bytes`; never below the window it has). Either end may call it,
+        for its own receiving side. Returns the windows."""
+        want = window_bytes(rtt_s, mbit)
+        return [sub.grow_window(want) for sub in self._subs]
 
     def start(self) -> None:
         if self._reader is None:
@@ -387,5 +426,5 @@ class Mux:
             raise BrokenResourceError(f"link failed: {self._error}", peer=sub.peer)
 
 
-__all__ = ["MAX_FRAME_BYTES", "Frame", "FrameDecoder", "Kind", "Mux", "Substream", "credit_of",
-           "encode_credit"]
+__all__ = ["MAX_FRAME_BYTES", "MAX_WINDOW_BYTES", "Frame", "FrameDecoder", "Kind", "Mux",
+           "Substream", "credit_of", "encode_credit", "window_bytes"]

@@ -33,7 +33,7 @@ from ferry.transport.sockets import (
 )
 from ferry.transport.streams import ConnectTimeoutError, describe
 from ferry.transport.tls import TLSStream
-from ferry.transport.tuning import TcpTuning, apply, apply_buffers
+from ferry.transport.tuning import TcpTuning, apply, apply_buffers, fit, measured_rtt_s
 
 DEFAULT_HOST = "127.0.0.1"
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -56,6 +56,21 @@ def _peer_of(sock: socket.socket) -> str:
     if isinstance(name, tuple) and len(name) >= 2:
         return format_address(str(name[0]), int(name[1]))
     return "tcp:unknown"
+
+
+def link_rtt_s(stream: Stream) -> float | None:
+    """The kernel's smoothed RTT of the TCP connection under ``stream`` (maybe under TLS);
+    None for other streams or before any sample."""
+    inner = stream
+    while isinstance(inner, TLSStream):
+        inner = inner.transport
+    if not isinstance(inner, SocketStream) \
+            or inner.socket.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        return measured_rtt_s(inner.socket)
+    except OSError:
+        return None
 
 
 async def _connect_any(host: str, port: int, tuning: TcpTuning | None) -> socket.socket:
@@ -102,6 +117,12 @@ async def connect_tcp(
         raise ConnectTimeoutError(f"connect timed out after {timeout_s} s", peer=peer) from exc
     except OSError as exc:
         raise BrokenResourceError(f"connect failed: {describe(exc)}", peer=peer) from exc
+    if tuning is not None:
+        try:
+            fit(sock, tuning)  # the handshake measured the RTT
+        except OSError as exc:
+            sock.close()
+            raise BrokenResourceError(f"tuning failed: {describe(exc)}", peer=peer) from exc
     stream = SocketStream(sock, peer)
     if ssl_context is None:
         return stream
@@ -173,6 +194,7 @@ async def _listen(
         if tuning is not None:
             try:
                 apply(sock, tuning)
+                fit(sock, tuning)
             except OSError as exc:  # the peer reset the connection already
                 raise BrokenResourceError(f"tuning failed: {describe(exc)}",
                                           peer=_peer_of(sock)) from exc

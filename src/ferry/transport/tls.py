@@ -153,6 +153,11 @@ class TLSStream:
         return f"<TLSStream peer={self.peer!r} closed={self._closed}>"
 
     @property
+    def transport(self) -> Stream:
+        """The stream the TLS records travel on, for inspecting it; do not read or write it."""
+        return self._transport
+
+    @property
     def peer(self) -> str:
         return self._transport.peer
 

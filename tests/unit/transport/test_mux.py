@@ -13,12 +13,14 @@ from ferry.transport.memory import memory_stream_pair
 from ferry.transport.mux import (
     HEADER_BYTES,
     MAX_FRAME_BYTES,
+    MAX_WINDOW_BYTES,
     FrameDecoder,
     Kind,
     Mux,
     credit_of,
     encode_credit,
     encode_header,
+    window_bytes,
 )
 
 
@@ -137,10 +139,42 @@ async def test_a_peer_that_ignores_the_window_breaks_the_link() -> None:
     await a.aclose()
 
 
-async def test_a_peer_that_grants_more_than_the_window_breaks_the_link() -> None:
+
+
+async def test_a_receiver_grows_its_window_for_a_long_link() -> None:
+    """fit_windows on the receiving end only: the growth reaches the sender as credit, so
+    it may have that much unread at the receiver; beyond it, it waits again."""
+    a, b = memory_stream_pair(capacity_bytes=64 << 20)
+    async with Mux(a, 2, window_frames=2) as ma, Mux(b, 2, window_frames=2) as mb:
+        rtt_s = 0.1
+        windows = mb.fit_windows(rtt_s, 100.0)  # 2.5 x 1.25 MB
+        assert windows == [window_bytes(rtt_s, 100.0)] * 2
+        assert windows[1] == int(12_500_000 * 0.1 * 2.5)
+        total = windows[1] // MAX_FRAME_BYTES * MAX_FRAME_BYTES
+        # Nobody reads at b, yet the whole grown window goes out...
+        await asyncio.wait_for(ma.sub(1).send_all(bytes(total)), 5)
+        # ...and not a frame more.
+        more = asyncio.create_task(ma.sub(1).send_all(bytes(2 * MAX_FRAME_BYTES)))
+        await asyncio.sleep(0.1)
+        assert not more.done()
+        got = 0
+        while got < total + 2 * MAX_FRAME_BYTES:
+            got += len(await asyncio.wait_for(mb.sub(1).receive_some(), 5))
+        await asyncio.wait_for(more, 5)
+        assert mb.fit_windows(rtt_s, 10.0) == windows  # a window never shrinks
+
+
+def test_windows_are_bounded() -> None:
+    assert window_bytes(0.1, 100_000.0) == MAX_WINDOW_BYTES
+    assert window_bytes(float("inf"), 1.0) == MAX_WINDOW_BYTES
+
+
+async def test_a_peer_that_grants_more_than_the_largest_window_breaks_the_link() -> None:
     a, b = memory_stream_pair()
     async with Mux(b, 2, window_frames=1) as mux:
-        await a.send_all(encode_credit(0, 1))  # the window is full already
+        # Growth is legal (the peer may have grown its window)...
+        await a.send_all(encode_credit(0, MAX_WINDOW_BYTES - MAX_FRAME_BYTES))
+        await a.send_all(encode_credit(0, 1))  # ...but not past the largest window.
         with pytest.raises(BrokenResourceError, match="more credit"):
             await asyncio.wait_for(mux.sub(0).receive_some(), 5)
     await a.aclose()
