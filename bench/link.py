@@ -17,7 +17,10 @@ measured from sockets inside them (:mod:`ferry.testing.linkprobe`), in one run:
    (``relay_cpu_pct``, % of one core) and its drop counters;
 4. ``ferry_buffers_mbit``: the same link with ferry's fixed socket buffers
    (:data:`ferry.transport.tuning.SOCKET_BUFFER_BYTES` on both ends, no
-   autotuning): what one ferry connection can get from it.
+   autotuning): what one ferry connection with them could get from it;
+5. ``ferry_fitted_mbit``: the same with the buffers ferry's VM links use now,
+   fitted to the RTT the handshake measured (``TcpTuning(fit_to_link=True)``),
+   and ``ferry_fitted_ratio`` against the autotuned rate of step 3.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from typing import Any
 
 from ferry.testing.hosts import host_namespaces
 from ferry.testing.linkprobe import measure_rate, measure_rtt
-from ferry.transport.tuning import SOCKET_BUFFER_BYTES
+from ferry.transport.tuning import SOCKET_BUFFER_BYTES, TcpTuning
 
 
 def _cpu_s(pid: int) -> float:
@@ -72,6 +75,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             after = await hosts.link_stats()
             fixed = await measure_rate(hosts, a, b, seconds=args.seconds,
                                        warmup_s=args.warmup_s, buffer_bytes=SOCKET_BUFFER_BYTES)
+            fitted = await measure_rate(hosts, a, b, seconds=args.seconds,
+                                        warmup_s=args.warmup_s,
+                                        tuning=TcpTuning(dead_peer_s=None, fit_to_link=True))
     lane = f"{a}>{b}"
     delta = {k: after[lane][k] - before[lane][k] for k in after[lane]}
     rtt = statistics.median(rtts)
@@ -95,6 +101,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "ceiling_ratio": round(ceiling.wire_mbit / bridge.wire_mbit, 3),
         "ferry_buffers_mbit": round(fixed.wire_mbit, 1),
         "ferry_buffer_bytes": SOCKET_BUFFER_BYTES,
+        "ferry_fitted_mbit": round(fitted.wire_mbit, 1),
+        "ferry_fitted_ratio": round(fitted.wire_mbit / rate.wire_mbit, 3),
         "mss_bytes": rate.mss_bytes,
         "bins_mbit": [round(x, 1) for x in rate.bins_mbit],
     }

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 from ferry.net import netns
 from ferry.testing.hosts import HostSet
+from ferry.transport import tuning as tuned
+from ferry.transport.tuning import TcpTuning
 
 PING_BYTES = 32
 SEND_CHUNK_BYTES = 1024 * 1024
@@ -48,13 +50,15 @@ class RateSample:
     """Payload rate of every bin after the warm-up."""
 
 
-async def _pair(hosts: HostSet, a: str, b: str, buffer_bytes: int | None = None,
-                ) -> tuple[socket.socket, socket.socket]:
+async def tcp_pair(hosts: HostSet, a: str, b: str, buffer_bytes: int | None = None,
+                tuning: TcpTuning | None = None) -> tuple[socket.socket, socket.socket]:
     """A connected TCP pair: (client in ``a``, accepted socket in ``b``), blocking.
 
     ``buffer_bytes`` sets SO_SNDBUF and SO_RCVBUF on both (before the handshake, which
     fixes the window scale), as :mod:`ferry.transport.tuning` does; ``None`` leaves
-    the kernel's autotuning.
+    the kernel's autotuning. ``tuning``: the buffers of ferry's VM links instead
+    (:func:`~ferry.transport.tuning.apply_buffers` before the handshake,
+    :func:`~ferry.transport.tuning.fit` after).
     """
     server = await netns.socket_in_netns(hosts[b].namespace)
     client = await netns.socket_in_netns(hosts[a].namespace)
@@ -63,6 +67,9 @@ async def _pair(hosts: HostSet, a: str, b: str, buffer_bytes: int | None = None,
             for s in (server, client):
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_bytes)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
+        if tuning is not None:
+            for s in (server, client):
+                tuned.apply_buffers(s, tuning)
         server.setblocking(True)
         server.bind((hosts[b].address, 0))
         server.listen(1)
@@ -73,6 +80,9 @@ async def _pair(hosts: HostSet, a: str, b: str, buffer_bytes: int | None = None,
         await asyncio.to_thread(client.connect, (hosts[b].address, port))
         accepted, _ = await asyncio.to_thread(server.accept)
         accepted.settimeout(PROBE_TIMEOUT_S)
+        if tuning is not None:
+            for s in (client, accepted):
+                tuned.fit(s, tuning)
     except BaseException:
         client.close()
         raise
@@ -93,7 +103,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 async def measure_rtt(hosts: HostSet, a: str, b: str, *, samples: int = 30) -> list[float]:
     """``samples`` round trips from ``a`` to ``b`` and back, in milliseconds."""
-    client, server = await _pair(hosts, a, b)
+    client, server = await tcp_pair(hosts, a, b)
     with client, server:
         for s in (client, server):
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -124,13 +134,14 @@ async def measure_rtt(hosts: HostSet, a: str, b: str, *, samples: int = 30) -> l
 
 async def measure_rate(
     hosts: HostSet, a: str, b: str, *, seconds: float = 4.0, warmup_s: float = 1.5,
-    bin_s: float = 0.25, buffer_bytes: int | None = None,
+    bin_s: float = 0.25, buffer_bytes: int | None = None, tuning: TcpTuning | None = None,
 ) -> RateSample:
     """Bulk TCP from ``a`` to ``b`` for ``warmup_s + seconds``; the steady rate.
 
-    ``buffer_bytes``: fixed socket buffers (see :func:`_pair`) instead of autotuning.
+    ``buffer_bytes``: fixed socket buffers, ``tuning``: ferry's link-fitted ones (see
+    :func:`tcp_pair`), instead of autotuning.
     """
-    client, server = await _pair(hosts, a, b, buffer_bytes)
+    client, server = await tcp_pair(hosts, a, b, buffer_bytes, tuning)
     with client, server:
         total = warmup_s + seconds
         stop = threading.Event()
