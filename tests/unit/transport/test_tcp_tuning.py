@@ -3,6 +3,7 @@ receive path kept."""
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -104,6 +105,7 @@ def test_link_buffers_follow_the_bandwidth_delay_product_within_bounds() -> None
     assert link_buffer_bytes(0.02, 100) == SOCKET_BUFFER_BYTES  # 250 KB
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="buffers above net.core.rmem_max need root")
 async def test_a_link_fitted_connection_measures_its_rtt_and_bounds_what_is_unsent() -> None:
     """Loopback's RTT is tiny: the buffers come down from the pre-handshake ceiling to the
     floor, and unsent data is capped by TCP_NOTSENT_LOWAT on both ends."""
@@ -127,6 +129,7 @@ async def test_a_link_fitted_connection_measures_its_rtt_and_bounds_what_is_unse
         await server.aclose()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="buffers above net.core.rmem_max need root")
 def test_fit_sets_the_buffers_a_long_rtt_needs() -> None:
     """What fit() does once a handshake measured 100 ms (the RTT is injected: loopback
     cannot have it; the e2e test over an emulated link checks a real one)."""
