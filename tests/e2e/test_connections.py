@@ -12,19 +12,15 @@ the same connection it started with.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from ferry.net import cleanup_leftovers
 from ferry.testing.flows import TcpStream, UdpPinger, build_udp_echo
-from ferry.testing.hosts import host_namespaces
 from ferry.testing.packages import Signer
 from ferry.testing.redis_hops import GUEST_REDIS_PORT, run_redis_hops
-from ferry.testing.site import Site
+from ferry.testing.site import Site, scratch_root, site_on_hosts
 
 pytestmark = pytest.mark.e2e
 
@@ -41,23 +37,14 @@ FLOW_TIMEOUT_S = 120.0
 
 @pytest.fixture(scope="module")
 def root() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="fcn-"))  # short: UNIX socket paths
-    try:
+    with scratch_root("fcn-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
 async def site(root: Path, signer: Signer) -> AsyncIterator[Site]:
-    env = {**signer.env, "FERRY_PACKAGE_CACHE_DIR": str(root / "pkgcache")}
-    async with host_namespaces(list(HOSTS), switch_tag="cn") as hs:
-        s = Site(hs, root / "hosts", env)
-        try:
-            yield s
-        finally:
-            await s.stop_all()
-            await cleanup_leftovers()
+    async with site_on_hosts(HOSTS, root, signer.env, switch_tag="cn") as s:
+        yield s
 
 
 async def start_guest_servers(site: Site, host: str, vm: str, udp_echo: Path) -> None:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -26,12 +24,11 @@ import pytest
 
 from ferry.live.downtime import OVERLAPPED, STEPS
 from ferry.live.summary import MigrationSummary
-from ferry.net import cleanup_leftovers, netns
+from ferry.net import netns
 from ferry.net.netns import socket_in_netns
-from ferry.testing.hosts import host_namespaces
 from ferry.testing.packages import Signer
 from ferry.testing.redis_hops import REDIS_PORT, run_redis_hops
-from ferry.testing.site import FERRY, Site, downtime, exited_within
+from ferry.testing.site import FERRY, Site, downtime, exited_within, scratch_root, site_on_hosts
 from ferry.testing.workload import PAGE_BYTES, PageWriter, command
 from ferry.transport.certs import create_ca, create_host_cert
 from ferry.vm.registry import SUPERVISOR_RECORD, read_json
@@ -50,23 +47,14 @@ GREETING = REDIS_KEYS["greeting"].encode()
 
 @pytest.fixture(scope="module")
 def root() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="fup-"))  # short: UNIX socket paths
-    try:
+    with scratch_root("fup-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
 async def site(root: Path, signer: Signer) -> AsyncIterator[Site]:
-    env = {**signer.env, "FERRY_PACKAGE_CACHE_DIR": str(root / "pkgcache")}
-    async with host_namespaces(list(HOSTS), switch_tag="up") as hs:
-        s = Site(hs, root / "hosts", env)
-        try:
-            yield s
-        finally:
-            await s.stop_all()
-            await cleanup_leftovers()
+    async with site_on_hosts(HOSTS, root, signer.env, switch_tag="up") as s:
+        yield s
 
 
 async def redis_get(site: Site, host: str, key: str) -> bytes:

@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from ferry.hostconfig import HostConfig
-from ferry.net import cleanup_leftovers
-from ferry.testing.hosts import host_namespaces
 from ferry.testing.oci_images import build_and_push
 from ferry.testing.packages import Signer
 from ferry.testing.registry import local_registry
-from ferry.testing.site import Site
+from ferry.testing.site import Site, scratch_root, site_on_hosts
 
 pytestmark = pytest.mark.e2e
 
@@ -37,11 +33,8 @@ MIGRATE_PORT = 7531
 
 @pytest.fixture(scope="module")
 def root() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="focp-"))  # short: UNIX socket paths
-    try:
+    with scratch_root("focp-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +63,8 @@ def image_package(root: Path, signer: Signer) -> Path:
 
 @pytest.fixture
 async def site(root: Path, signer: Signer) -> AsyncIterator[Site]:
-    env = {**signer.env, "FERRY_PACKAGE_CACHE_DIR": str(root / "pkgcache")}
-    async with host_namespaces(list(HOSTS), switch_tag="oc") as hs:
-        s = Site(hs, root / "hosts", env)
-        try:
-            yield s
-        finally:
-            await s.stop_all()
-            await cleanup_leftovers()
+    async with site_on_hosts(HOSTS, root, signer.env, switch_tag="oc") as s:
+        yield s
 
 
 async def redis_cli(site: Site, host: str, vm: str, *args: str) -> str:

@@ -11,20 +11,16 @@ are sized for the link they measured (the fixed 1 MiB buffers capped one connect
 
 from __future__ import annotations
 
-import shutil
 import socket
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from ferry.net import cleanup_leftovers
-from ferry.testing.hosts import host_namespaces
 from ferry.testing.linkprobe import tcp_pair
 from ferry.testing.packages import Signer
 from ferry.testing.redis_hops import run_redis_hops
-from ferry.testing.site import Site, downtime
+from ferry.testing.site import Site, downtime, scratch_root, site_on_hosts
 from ferry.transport.tuning import (
     MAX_LINK_BUFFER_BYTES,
     SOCKET_BUFFER_BYTES,
@@ -45,23 +41,14 @@ MIGRATE_PORT = 7531
 
 @pytest.fixture(scope="module")
 def root() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="fwn-"))  # short: UNIX socket paths
-    try:
+    with scratch_root("fwn-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
 async def site(root: Path, signer: Signer) -> AsyncIterator[Site]:
-    env = {**signer.env, "FERRY_PACKAGE_CACHE_DIR": str(root / "pkgcache")}
-    async with host_namespaces(list(HOSTS), switch_tag="wn") as hs:
-        s = Site(hs, root / "hosts", env)
-        try:
-            yield s
-        finally:
-            await s.stop_all()
-            await cleanup_leftovers()
+    async with site_on_hosts(HOSTS, root, signer.env, switch_tag="wn") as s:
+        yield s
 
 
 async def test_link_fitted_sockets_size_their_buffers_from_the_measured_rtt(site: Site) -> None:

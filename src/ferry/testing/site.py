@@ -19,9 +19,11 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from typing import Any
 from ferry.errors import FerryError
 from ferry.live.summary import MigrationSummary
 from ferry.net import cleanup_leftovers as cleanup_networks
-from ferry.testing.hosts import HostSet
+from ferry.testing.hosts import HostSet, host_namespaces
 from ferry.vm.registry import (
     SUPERVISOR_RECORD,
     VMPaths,
@@ -237,3 +239,30 @@ async def exited_within(pid: int, timeout_s: float) -> bool:
             return False
         await asyncio.sleep(0.1)
     return True
+
+
+@contextlib.asynccontextmanager
+async def site_on_hosts(names: Sequence[str], root: Path, env: Mapping[str, str], *,
+                        switch_tag: str) -> AsyncIterator[Site]:
+    """Namespace hosts ``names`` on one switch and a :class:`Site` over them (each host's
+    ferry directories under ``root/hosts``, one package cache ``root/pkgcache``); on exit
+    whatever still runs on them is stopped and their leftovers removed (a test module's
+    ``site`` fixture)."""
+    env = {**env, "FERRY_PACKAGE_CACHE_DIR": str(root / "pkgcache")}
+    async with host_namespaces(list(names), switch_tag=switch_tag) as hosts:
+        site = Site(hosts, root / "hosts", env)
+        try:
+            yield site
+        finally:
+            await site.stop_all()
+            await cleanup_networks()
+
+
+@contextlib.contextmanager
+def scratch_root(prefix: str) -> Iterator[Path]:
+    """A short temporary directory (UNIX socket paths stay short), removed on exit."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
