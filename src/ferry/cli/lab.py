@@ -17,8 +17,6 @@ from rich.table import Table
 from ferry.cli.exitcodes import ExitCode
 from ferry.cli.output import emit_json
 from ferry.errors import ConfigError
-from ferry.testing import lab
-from ferry.testing.hosts import DEFAULT_HOST_SUBNET
 
 
 def add_parser(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -27,8 +25,8 @@ def add_parser(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) 
     lb = p.add_subparsers(dest="lab_command", required=True)
     c = lb.add_parser("up", help="create the lab's hosts on one switch")
     c.add_argument("names", nargs="+", metavar="NAME", help="host names ([a-z0-9-])")
-    c.add_argument("--subnet", default=str(DEFAULT_HOST_SUBNET),
-                   help="their addresses (default: %(default)s)")
+    c.add_argument("--subnet", help="their addresses (default: the test hosts' subnet, "
+                                     "ferry.testing.hosts.DEFAULT_HOST_SUBNET)")
     add_common(c)
     c = lb.add_parser("exec", help="run a command on a lab host: ferry lab exec HOST -- CMD...")
     c.add_argument("name", metavar="HOST")
@@ -40,11 +38,15 @@ def add_parser(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) 
 
 
 async def run(args: argparse.Namespace, console: Console) -> int:
+    # Imported here, not at the top: every ferry command builds this parser.
+    from ferry.testing import lab
+    from ferry.testing.hosts import DEFAULT_HOST_SUBNET
+
     host = args.host
     match args.lab_command:
         case "up":
             try:
-                subnet = ipaddress.IPv4Network(args.subnet)
+                subnet = ipaddress.IPv4Network(args.subnet or DEFAULT_HOST_SUBNET)
             except ValueError as exc:
                 raise ConfigError(f"--subnet: {exc}") from None
             hosts = await lab.lab_up(host, args.names, subnet=subnet)

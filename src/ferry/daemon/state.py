@@ -41,7 +41,7 @@ class Daemon:
         self.events = Events()
         self.history = DaemonMigrations(host.state_root)
         self.metrics = Metrics(self.samples, self.committed_bytes, self.running_migrations)
-        self.memory_io: dict[str, dict[str, Any]] = {}
+        self.polled: dict[str, dict[str, Any]] = {}
         """Each running VM's last status from its holder: ``memory_io`` (guest RAM through
         FUSE), ``disk_io`` (NBD per disk), ``vitals`` (agent, dirty rate)."""
         self.locks: dict[str, asyncio.Lock] = {}
@@ -77,7 +77,7 @@ class Daemon:
             rec = registry.live_supervisor(self.paths, view["vm_id"]) \
                 if view["status"] != "suspended" else None
             qemu_pid = (rec or {}).get("qemu_pid")
-            polled = self.memory_io.get(view["vm_id"], {})
+            polled = self.polled.get(view["vm_id"], {})
             out.append({**view, **polled,
                         "qemu": process_usage(qemu_pid) if isinstance(qemu_pid, int) else {}})
         return out
@@ -123,14 +123,14 @@ class Daemon:
             with contextlib.suppress(FerryError, TimeoutError):
                 async with asyncio.timeout(VM_WATCH_S):
                     status = await self.client(vm_id).status()
-                self.memory_io[vm_id] = {
+                self.polled[vm_id] = {
                 "memory_io": dict(status.memory_io),
                 "disk_io": {k: dict(v) for k, v in status.disk_io.items()},
                 "vitals": dict(status.vitals or {})}
 
         await asyncio.gather(*(one(v) for v in running))
-        for gone in self.memory_io.keys() - set(running):
-            del self.memory_io[gone]
+        for gone in self.polled.keys() - set(running):
+            del self.polled[gone]
 
 
 async def _process_exit(pid: int) -> None:
