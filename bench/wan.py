@@ -31,6 +31,13 @@ same route with QEMU's own migration (:mod:`ferry.testing.qemu_native`: precopy 
 ``downtime-limit`` 20 ms, and post-copy), root disk as shared storage.
 ``downtime_ratio`` is ferry's p50 over the best QEMU p50. ``--no-qemu`` skips it.
 
+Compression: ``--compression`` (default ``auto``) is ``ferry vm migrate --compression``,
+what QEMU's RAM stream compresses on the link; each hop's ``ram_compression`` says what
+was chosen and measured (link rate, compressibility). ``--compare-compression`` runs
+the same hops again with ``--compression none`` (the baseline: the stream as QEMU
+writes it) and reports ``compression_total_s_ratio`` (total time with compression
+over without; below 1 is faster) and ``compression_bytes_ratio``.
+
 ``goal_downtime_ms`` is the issue's goal, 1.5 x RTT + 40 ms of the measured RTT, and
 ``goal_met`` whether ``downtime_ms_p50`` is within it.
 """
@@ -78,6 +85,7 @@ def _hop(h: Hop) -> dict[str, Any]:
         "stop_reason": None if s.stop_reason is None else s.stop_reason.value,
         "postcopy_fetches": s.postcopy_fetches, "verified": s.verified,
         "ram_path": h.reply["source"].get("ram_path"),
+        "ram_compression": h.reply["source"].get("ram_compression"),
         "faults": s.faults, "fault_latency_ms_p50": s.fault_latency_ms_p50,
         "fault_latency_ms_p90": s.fault_latency_ms_p90,
         "fault_latency_ms_max": s.fault_latency_ms_max,
@@ -110,15 +118,21 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             rate = await measure_rate(hosts, a, b, seconds=3.0, warmup_s=2.0)
             fitted = await measure_rate(hosts, a, b, seconds=3.0, warmup_s=2.0,
                                         tuning=TcpTuning(dead_peer_s=None, fit_to_link=True))
-            site = Site(hosts, work / "hosts", signer.env)
-            try:
-                result = await run_redis_hops(site, package, route, vm="wan",
-                                              migrate_port=MIGRATE_PORT, client_host=c,
-                                              writes_between=50,
-                                              migrate_extra=["--ram", args.ram])
-                await site.ferry(route[-1], "vm", "stop", "wan")
-            finally:
-                await site.stop_all()
+            runs = [args.compression]
+            if args.compare_compression and args.compression != "none":
+                runs.append("none")
+            results = {}
+            for i, compression in enumerate(runs):
+                site = Site(hosts, work / f"hosts{i}", signer.env)
+                try:
+                    results[compression] = await run_redis_hops(
+                        site, package, route, vm=f"wan{i}", migrate_port=MIGRATE_PORT,
+                        client_host=c, writes_between=50,
+                        migrate_extra=["--ram", args.ram, "--compression", compression])
+                    await site.ferry(route[-1], "vm", "stop", f"wan{i}")
+                finally:
+                    await site.stop_all()
+            result = results[args.compression]
             native: list[NativeHops] = []
             if args.qemu:
                 opened = await asyncio.to_thread(
@@ -136,6 +150,18 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
     hops = [_hop(h) for h in result.hops]
+    compared: dict[str, Any] = {}
+    if "none" in results and args.compression != "none":
+        base = [_hop(h) for h in results["none"].hops]
+        t, t0 = _p50([h["total_s"] for h in hops]), _p50([h["total_s"] for h in base])
+        n, n0 = _p50([h["bytes_sent"] for h in hops]), _p50([h["bytes_sent"] for h in base])
+        compared = {
+            "uncompressed": {"total_s": t0, "bytes_sent": n0,
+                             "downtime_ms_p50": _p50([h["downtime_ms"] for h in base]),
+                             "lost_writes": len(results["none"].lost)},
+            "compression_total_s_ratio": round(t / t0, 3) if t and t0 else None,
+            "compression_bytes_ratio": round(n / n0, 3) if n and n0 else None,
+        }
     downtimes = [h["downtime_ms"] for h in hops]
     faults = [h["fault_latency_ms_p50"] for h in hops if h["fault_latency_ms_p50"] is not None]
     qemu = [_native(r) for r in native]
@@ -165,6 +191,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "qemu_downtime_ms_p50": best["downtime_ms_p50"] if best else None,
         "downtime_ratio": round(p50 / best["downtime_ms_p50"], 3)
         if best and p50 is not None and best["downtime_ms_p50"] else None,
+        "compression": args.compression,
+        **compared,
         "qemu": {q["mode"]: q for q in qemu},
         "per_hop": hops,
     }
@@ -179,6 +207,10 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=2, help="hops, alternating A -> B, B -> A")
     p.add_argument("--ram", default="auto", choices=["auto", "qemu", "engine"],
                    help="how ferry moves guest RAM (ferry vm migrate --ram)")
+    p.add_argument("--compression", default="auto", choices=["auto", "none", "zstd"],
+                   help="ferry vm migrate --compression (QEMU's RAM stream on the link)")
+    p.add_argument("--compare-compression", action="store_true",
+                   help="run the hops again with --compression none, the baseline")
     p.add_argument("--no-qemu", dest="qemu", action="store_false",
                    help="skip the same-run baseline of QEMU's own migration")
     p.add_argument("--json", action="store_true", help="print only the JSON result")

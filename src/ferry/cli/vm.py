@@ -22,6 +22,7 @@ from ferry.cli.exitcodes import ExitCode
 from ferry.cli.output import emit_json
 from ferry.errors import ConfigError
 from ferry.guest.image import build_blueprint
+from ferry.migration.autocompress import LinkCompression
 from ferry.node import listing, supervisor
 from ferry.node.control import ControlClient
 from ferry.node.process import launch_detached
@@ -805,6 +806,11 @@ def _add_migration_parsers(vm: Any, add_common: AddCommon) -> None:
     c.add_argument("--max-mbit", type=positive_float, metavar="MBIT",
                    help="cap what the source sends (boot files, blocks, QEMU's stream) at "
                         "MBIT megabits per second")
+    c.add_argument("--compression", choices=[x.value for x in LinkCompression],
+                   default="auto",
+                   help="compress QEMU's RAM stream on the link: auto (default: while it "
+                        "makes the link carry more, from its measured speed and the "
+                        "data's compressibility), none or zstd")
     c.add_argument("--timeout", type=positive_float, metavar="S",
                    help="cancel the migration if it has not handed off after S seconds "
                         "(the VM keeps running here)")

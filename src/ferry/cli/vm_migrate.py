@@ -22,6 +22,7 @@ from ferry.live.access import Access, TLSFiles
 from ferry.live.pkgserve import check_directory, serve_registry
 from ferry.live.rampath import RamPath
 from ferry.live.summary import MigrationSummary
+from ferry.migration.autocompress import LinkCompression
 from ferry.node import history
 from ferry.node.arrival import ArrivalRequest, arrive
 from ferry.node.control import ControlClient, ExportReply, MigrateRequest
@@ -151,7 +152,8 @@ async def _migrate(args: argparse.Namespace, console: Console, out: Out,
                              ram=RamPath(args.ram),
                              access=_connecting_access(args, console, "the destination"),
                              migration_id=mig_id, max_mbit=args.max_mbit,
-                             timeout_s=args.timeout)
+                             timeout_s=args.timeout,
+                             compression=LinkCompression(args.compression))
         progress(f"{args.vm_id}: migrating to {args.to} (migration {mig_id})")
     task = asyncio.create_task(client.migrate(req, timeout_s=MIGRATE_TIMEOUT_S))
     reporter = asyncio.create_task(_report_progress(client, progress))

@@ -51,6 +51,7 @@ from ferry.live.ramsink import ram_in_sink
 from ferry.live.report import DestinationReport, SourceReport
 from ferry.live.source import DEFAULT_OPTIONS, LiveOptions, choose_ram, migrate_out
 from ferry.live.summary import MigrationSummary
+from ferry.migration.autocompress import LinkCompression
 from ferry.migration.channel import StreamChannel
 from ferry.migration.policy import Mode
 from ferry.net import PortForward, VMNetwork
@@ -104,9 +105,11 @@ class Moved:
 
 
 def options_for(precopy_only: bool, ram: RamPath = RamPath.AUTO,
-                max_mbit: float | None = None) -> LiveOptions:
+                max_mbit: float | None = None,
+                compression: LinkCompression = LinkCompression.AUTO) -> LiveOptions:
     return LiveOptions(mode=Mode.PRECOPY_ONLY if precopy_only else Mode.HYBRID, ram=ram,
-                       max_bytes_per_s=None if max_mbit is None else max_mbit * 1e6 / 8)
+                       max_bytes_per_s=None if max_mbit is None else max_mbit * 1e6 / 8,
+                       compression=compression)
 
 
 def summarize(source: SourceReport, destination: DestinationReport | None,

@@ -47,7 +47,11 @@ class SourceReport:
     ram_path: str = "engine"
     ram_path_reason: str | None = None
     ram_stream_bytes: int = 0
-    """Bytes of QEMU's migration stream (guest RAM and device state) on the link."""
+    """Bytes of QEMU's migration stream (guest RAM and device state), as QEMU wrote it."""
+    ram_wire_bytes: int = 0
+    """What went on the link for it: frames, chunks compressed where it paid."""
+    ram_compression: dict[str, Any] | None = None
+    """What the link's compression chose and measured (:mod:`ferry.migration.autocompress`)."""
     memory_bytes: int = 0
     """The guest's RAM size (what the stream moved)."""
     qemu_downtime_ms: float | None = None
@@ -68,6 +72,8 @@ class SourceReport:
                 "flush_bytes": self.flush_bytes, "ram_path": self.ram_path,
                 "ram_path_reason": self.ram_path_reason,
                 "ram_stream_bytes": self.ram_stream_bytes,
+                "ram_wire_bytes": self.ram_wire_bytes,
+                "ram_compression": self.ram_compression,
                 "qemu_downtime_ms": self.qemu_downtime_ms,
                 "downtime_limit_raised_to_ms": self.downtime_limit_raised_to_ms,
                 "downtime_source_view_ms": self.downtime_source_view_ms,

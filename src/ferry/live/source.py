@@ -45,6 +45,7 @@ from ferry.live.progress import MigrationProgress
 from ferry.live.rampath import RamChoice, RamPath
 from ferry.live.report import SourceReport
 from ferry.live.timeline import Mark, Timeline
+from ferry.migration.autocompress import AutoCompression, LinkCompression
 from ferry.migration.channel import Channel
 from ferry.migration.policy import DirtyPolicy, Mode
 from ferry.migration.source import MigrationHooks, Migrator
@@ -91,6 +92,10 @@ class LiveOptions:
     max_bytes_per_s: float | None = None
     """A cap on the link's sending side (``--max-mbit``; :mod:`ferry.transport.ratelimit`):
     everything the source sends, boot files, blocks and QEMU's stream, shares it."""
+    compression: LinkCompression = LinkCompression.AUTO
+    """What goes compressed on the link (``--compression``), QEMU's stream and the
+    blocks: by default, while that makes the link carry more
+    (:mod:`ferry.migration.autocompress`)."""
     agent_timeout_s: float = 10.0
     concurrency: int = 4
     max_run_blocks: int = 16
@@ -255,7 +260,8 @@ async def migrate_out(
 
     async def start_ram() -> RamOut:
         assert ram_link is not None
-        return await RamOut.start(vm, ram_link, downtime_limit_ms=options.downtime_limit_ms)
+        return await RamOut.start(vm, ram_link, downtime_limit_ms=options.downtime_limit_ms,
+                                  compression=options.compression)
 
     async def handoff_payload() -> bytes:
         t.mark(Mark.DIRTY_ACKED)
@@ -311,6 +317,9 @@ async def migrate_out(
             except (VMError, QMPError) as exc:
                 vlog.warning("no figures from QEMU's finished migration: %s", exc)
             report.ram_stream_bytes = out.bytes_sent
+            report.ram_wire_bytes = out.wire_bytes
+            report.ram_compression = {"mode": options.compression.value,
+                                      **out.compression.stats.as_dict()}
         vlog.info("hand-off acknowledged; stopping the source QEMU")
         await vm.stop()
         if on_handed_off is not None:
@@ -334,6 +343,7 @@ async def migrate_out(
         [d.source_device() for d in moved], channel, policy=options.policy,
         mode=options.mode, concurrency=options.concurrency,
         max_run_blocks=options.max_run_blocks,
+        auto_compression=AutoCompression(options.compression),
         hooks=MigrationHooks(before_dirty_scan=before_scan, suspend=suspend, resume=resume,
                              handoff_payload=handoff_payload, after_handoff=after_handoff))
     failure: BaseException | None = None

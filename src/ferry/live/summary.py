@@ -147,7 +147,8 @@ class MigrationSummary:
             stop_reason=None if mig.stop_reason is None else StopReason(mig.stop_reason),
             postcopy_fetches=mig.postcopy_fetches,
             bytes_total=sum(d.bytes_total for d in mig.devices) + source.ram_stream_bytes,
-            wire_bytes=sum(d.wire_bytes for d in mig.devices) + source.ram_stream_bytes,
+            wire_bytes=sum(d.wire_bytes for d in mig.devices)
+            + (source.ram_wire_bytes or source.ram_stream_bytes),
             devices=devices)
 
     def to_json(self) -> dict[str, Any]:

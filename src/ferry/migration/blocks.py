@@ -41,6 +41,11 @@ def _zero_hash(length: int) -> bytes:
 _ZSTD_LEVEL = 1  # fastest level: the wire is rarely slower than level-1 zstd on one core
 
 
+def compress_sample(data: Buffer) -> bytes:
+    """``data`` compressed as a ZSTD run would be: a sample of compressibility."""
+    return zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(data)
+
+
 def encode_run(
     device: int,
     first_block: int,

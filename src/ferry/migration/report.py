@@ -46,6 +46,9 @@ class MigrationReport:
     postcopy_s: float = 0.0
     postcopy_fetches: int = 0
     outcome: str = "running"
+    compression: dict[str, Any] | None = None
+    """What the link's compression chose and measured for blocks sent plain by their
+    device's setting (:mod:`ferry.migration.autocompress`); None when not asked."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

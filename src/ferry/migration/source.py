@@ -52,7 +52,8 @@ from ferry.errors import (
     PeerError,
     RemoteProtocolError,
 )
-from ferry.migration.blocks import Compression, encode_run
+from ferry.migration.autocompress import SAMPLE_BYTES, AutoCompression
+from ferry.migration.blocks import Compression, compress_sample, encode_run
 from ferry.migration.channel import Channel
 from ferry.migration.policy import Convergence, DirtyPolicy, Mode, Scan
 from ferry.migration.report import DeviceReport, MigrationReport
@@ -174,7 +175,10 @@ class Migrator:
         concurrency: int = 4,
         max_run_blocks: int = 16,
         verify_source: bool = False,
+        auto_compression: AutoCompression | None = None,
     ) -> None:
+        """``auto_compression``: decides, run by run, whether blocks of devices whose own
+        ``compression`` is NONE go compressed (:mod:`ferry.migration.autocompress`)."""
         if not devices:
             raise MigrationStateError("nothing to migrate: empty device group")
         if concurrency < 1:
@@ -186,6 +190,7 @@ class Migrator:
         self._hooks = hooks or MigrationHooks()
         self._concurrency = concurrency
         self._verify_source = verify_source
+        self._auto = auto_compression
         self._geoms = [d.device.geometry for d in devices]
         self._work = WorkQueue([g.block_count for g in self._geoms], max_run_blocks=max_run_blocks)
         self._sent_hashes: list[list[bytes | None]] = [[None] * g.block_count for g in self._geoms]
@@ -241,6 +246,9 @@ class Migrator:
             raise translated from exc
         finally:
             self.report.total_s = time.monotonic() - start
+            if self._auto is not None:
+                self.report.compression = {"mode": self._auto.mode.value,
+                                           **self._auto.stats.as_dict()}
         self._set_phase(Phase.COMPLETED)
         self.report.outcome = "completed"
         return self.report
@@ -514,13 +522,41 @@ class Migrator:
             self._precopy_read_bytes += length
         report = self.report.devices[run.device]
         hashes = self._sent_hashes[run.device]
-        for event in encode_run(run.device, run.first_block, geometry, data, dev.compression):
+        compression, auto = dev.compression, None
+        if compression is Compression.NONE and self._auto is not None:
+            auto = self._auto
+            if auto.compress_next():
+                compression = Compression.ZSTD
+            elif auto.sample_next():
+                sample = memoryview(data)[:SAMPLE_BYTES]
+                t = time.monotonic()
+                packed = compress_sample(sample)
+                auto.compressed(len(sample), len(packed), time.monotonic() - t)
+        if compression is Compression.NONE:
+            events = encode_run(run.device, run.first_block, geometry, data)
+        else:
+            # zstd and lz4 release the GIL: the event loop keeps serving meanwhile.
+            t = time.monotonic()
+            events = await asyncio.to_thread(encode_run, run.device, run.first_block,
+                                             geometry, data, compression)
+            if auto is not None:
+                packed_bytes = sum(len(e.data) for e in events
+                                   if e.encoding is not Encoding.ZEROES)
+                plain_bytes = length - sum(
+                    geometry.block_length(e.first_block) * len(e.hashes)
+                    for e in events if e.encoding is Encoding.ZEROES)
+                auto.compressed(plain_bytes, packed_bytes, time.monotonic() - t)
+        wire = 0
+        for event in events:
             await self._channel.send(event)
             for i, h in enumerate(event.hashes):
                 hashes[event.first_block + i] = h
-            report.wire_bytes += len(event.data) + 16 * len(event.hashes)
+            wire += len(event.data) + 16 * len(event.hashes)
             if event.encoding is Encoding.ZEROES:
                 report.zero_blocks += len(event.hashes)
+        report.wire_bytes += wire
+        if auto is not None:
+            auto.sent(length, wire, compressed=compression is not Compression.NONE)
         report.add(self._phase.value, run.count, length)
         self.progress.bytes_sent += length
         self.progress.blocks_sent += run.count

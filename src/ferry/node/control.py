@@ -50,6 +50,7 @@ from ferry.live.access import Access
 from ferry.live.errors import LiveMigrationError, MalformedSummaryError
 from ferry.live.rampath import RamPath
 from ferry.live.summary import MigrationSummary
+from ferry.migration.autocompress import LinkCompression
 from ferry.net import PortForward
 from ferry.node import history
 from ferry.node.record import HolderState
@@ -154,6 +155,8 @@ class MigrateRequest:
     """A cap on what the source sends, in Mbit/s (a live migration only)."""
     timeout_s: float | None = None
     """Cancel the migration if it has not handed off by then (the VM stays here)."""
+    compression: LinkCompression = LinkCompression.AUTO
+    """What QEMU's stream compresses on the link (a live migration only)."""
 
     def __post_init__(self) -> None:
         if self.max_mbit is not None and not 0 < self.max_mbit <= MAX_MBIT:
@@ -429,7 +432,8 @@ def encode_request(req: Request) -> bytes:
                           "package": None if req.package is None else str(req.package),
                           "key": None if req.key is None else str(req.key),
                           "overwrite": req.overwrite, "migration_id": req.migration_id,
-                          "max_mbit": req.max_mbit, "timeout_s": req.timeout_s})
+                          "max_mbit": req.max_mbit, "timeout_s": req.timeout_s,
+                          "compression": req.compression.value})
         case _:
             return _dump({"op": req.op.value})
 
@@ -481,6 +485,11 @@ def decode_request(line: bytes) -> Request:
                 ram_path = RamPath(ram)
             except ValueError as exc:
                 raise ControlProtocolError(f"bad ram path {ram!r:.40}") from exc
+            compression = _get(d, "compression", str, "auto")
+            try:
+                link_compression = LinkCompression(compression)
+            except ValueError as exc:
+                raise ControlProtocolError(f"bad compression {compression!r:.40}") from exc
             return MigrateRequest(to=None if to is None else _address(to), access=parsed_access,
                                   precopy_only=_get(d, "precopy_only", bool, False),
                                   ram=ram_path,
@@ -489,7 +498,8 @@ def decode_request(line: bytes) -> Request:
                                   overwrite=_get(d, "overwrite", bool, False),
                                   migration_id=_get(d, "migration_id", str, None),
                                   max_mbit=_get(d, "max_mbit", (int, float), None),
-                                  timeout_s=_get(d, "timeout_s", (int, float), None))
+                                  timeout_s=_get(d, "timeout_s", (int, float), None),
+                                  compression=link_compression)
         case None:
             raise ControlProtocolError("the request has no op")
 

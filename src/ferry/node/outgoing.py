@@ -178,6 +178,6 @@ class Outgoing:
         self._progress = MigrationProgress()
         moved = await self._migrate(m, host, port, access=req.access,
                                     options=options_for(req.precopy_only, req.ram,
-                                                        req.max_mbit),
+                                                        req.max_mbit, req.compression),
                                     on_handed_off=handed_off, progress=self._progress)
         return MigrateReply(moved.summary, moved.source, moved.destination)

@@ -28,6 +28,10 @@ runs with an older disk than its RAM. Destination, a VM started with
     inn = await RamIn.start(vm, link)         # migrate-incoming, pump starts
     await inn.wait_completed()                # RAM and devices loaded; VM paused (-S)
 
+On the link the stream goes in frames (:mod:`ferry.protocol.ramframes`), each chunk
+plain or zstd-compressed as :mod:`ferry.migration.autocompress` decides from the
+link's measured speed and the data's compressibility.
+
 What is verified: TLS (when the link has it) authenticates every record, so
 a flipped, dropped or injected byte fails the link; QEMU checks the stream's
 structure (section ids, sizes, the device state's own checks). RAM is not
@@ -41,11 +45,14 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 from ferry.aio import cancel_and_wait
 from ferry.errors import BrokenResourceError, ClosedResourceError, FerryError
+from ferry.migration.autocompress import SAMPLE_BYTES, AutoCompression, LinkCompression
+from ferry.protocol import ramframes
 from ferry.qemu import devstate
 from ferry.qemu.errors import DeviceStateError
 from ferry.qemu.vm import QemuVM, event_monotonic
@@ -65,10 +72,15 @@ CONVERGE_AFTER_S = 5.0
 that dirties RAM faster than the link carries it still switches over, at a
 bounded, reported cost, instead of iterating forever."""
 MAX_DOWNTIME_LIMIT_MS = 2000
-RAM_READY = b"R"
+RAM_READY = b"F"
 """The destination's one byte back on the RAM link: its QEMU listens, the stream may
-flow. Until then the source sends nothing on it, so RAM never waits in the link's
-buffers ahead of the migration channel's first messages."""
+flow, in frames (:mod:`ferry.protocol.ramframes`). Until then the source sends nothing
+on it, so RAM never waits in the link's buffers ahead of the migration channel's first
+messages."""
+RAM_READY_UNFRAMED = b"R"
+"""What a destination of a ferry before framed RAM streams sends."""
+IDLE_S = 0.05
+"""A read of QEMU's stream that waited this long: QEMU, not the link, set the pace."""
 READY_TIMEOUT_S = 60.0
 
 
@@ -86,20 +98,26 @@ class RamOut:
     """The source half; see the module docstring."""
 
     def __init__(self, vm: QemuVM, link: Stream, sock: socket.socket,
-                 downtime_limit_ms: int) -> None:
+                 downtime_limit_ms: int, compression: LinkCompression) -> None:
         self.vm = vm
         self._link = link
         self._sock = sock
         self._downtime_limit_ms = downtime_limit_ms
         self._mark = vm.qmp.event_mark()
         self.bytes_sent = 0
+        """QEMU's stream, as QEMU wrote it."""
+        self.wire_bytes = 0
+        """What went on the link for it (frames, some chunks compressed)."""
+        self.compression = AutoCompression(compression)
         self._pump: asyncio.Task[None] | None = None
         self._converge: asyncio.Task[None] | None = None
         self.downtime_limit_raised_to_ms: int | None = None
 
     @classmethod
-    async def start(cls, vm: QemuVM, link: Stream, *, downtime_limit_ms: int = 20) -> RamOut:
-        """Set QEMU up for precopy over ``link`` and start it."""
+    async def start(cls, vm: QemuVM, link: Stream, *, downtime_limit_ms: int = 20,
+                    compression: LinkCompression = LinkCompression.AUTO) -> RamOut:
+        """Set QEMU up for precopy over ``link`` and start it; ``compression`` says what
+        is compressed on the link (:mod:`ferry.migration.autocompress`)."""
         try:
             async with asyncio.timeout(READY_TIMEOUT_S):
                 ready = await link.receive_some(len(RAM_READY))
@@ -108,13 +126,16 @@ class RamOut:
                                  f"{READY_TIMEOUT_S:.0f} s", vm=vm.name) from None
         except (BrokenResourceError, ClosedResourceError) as exc:
             raise RamStreamError(f"the RAM link failed: {exc}", vm=vm.name) from exc
+        if ready == RAM_READY_UNFRAMED:
+            raise RamStreamError("the destination's ferry is older than this one (it takes "
+                                 "QEMU's stream unframed): upgrade it", vm=vm.name)
         if ready != RAM_READY:
             raise RamStreamError(f"the destination sent {ready!r:.20} instead of ready",
                                  vm=vm.name)
         path = vm.work_dir / "ram-out.sock"
         devstate.unlink_quietly(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        out = cls(vm, link, sock, downtime_limit_ms)
+        out = cls(vm, link, sock, downtime_limit_ms, compression)
         try:
             sock.bind(os.fspath(path))
             sock.listen(1)
@@ -139,11 +160,21 @@ class RamOut:
         finally:
             self._sock.close()
             devstate.unlink_quietly(path)
+        auto = self.compression
         with conn:
             conn.setblocking(False)
-            while chunk := await loop.sock_recv(conn, CHUNK_BYTES):
-                await self._link.send_all(chunk)
+            while True:
+                t = time.monotonic()
+                chunk = await loop.sock_recv(conn, CHUNK_BYTES)
+                if not chunk:
+                    break
+                if time.monotonic() - t >= IDLE_S:
+                    auto.idle()
+                frame, compressed = await _frame(auto, chunk)
+                await self._link.send_all(frame)
+                auto.sent(len(chunk), len(frame), compressed=compressed)
                 self.bytes_sent += len(chunk)
+                self.wire_bytes += len(frame)
         await self._link.send_eof()
 
     async def _raise_limit(self) -> None:
@@ -193,6 +224,23 @@ class RamOut:
         self._sock.close()
 
 
+async def _frame(auto: AutoCompression, chunk: bytes) -> tuple[bytes, bool]:
+    """``chunk``'s frame, compressed if ``auto`` says so (in a worker thread: zstd
+    releases the GIL, and the event loop keeps serving the disks' migration)."""
+    if auto.compress_next():
+        t = time.monotonic()
+        packed = await asyncio.to_thread(ramframes.compress, chunk)
+        auto.compressed(len(chunk), len(packed), time.monotonic() - t)
+        if len(packed) < len(chunk):
+            return ramframes.encode_frame(ramframes.ZSTD, packed), True
+    elif auto.sample_next():
+        sample = memoryview(chunk)[:SAMPLE_BYTES]
+        t = time.monotonic()
+        packed = ramframes.compress(sample)
+        auto.compressed(len(sample), len(packed), time.monotonic() - t)
+    return ramframes.encode_frame(ramframes.PLAIN, chunk), False
+
+
 class RamIn:
     """The destination half; see the module docstring."""
 
@@ -201,6 +249,8 @@ class RamIn:
         self._link = link
         self._mark = vm.qmp.event_mark()
         self.bytes_received = 0
+        """QEMU's stream, decoded."""
+        self.wire_bytes = 0
         self._pump: asyncio.Task[None] | None = None
 
     @classmethod
@@ -221,10 +271,21 @@ class RamIn:
         except ConnectTimeoutError as exc:
             raise RamStreamError(f"the incoming QEMU never listened on {path}",
                                  vm=self.vm.name) from exc
+        decoder = ramframes.FrameDecoder()
         with conn:
             while data := await self._link.receive_some(CHUNK_BYTES):
-                await loop.sock_sendall(conn, data)
-                self.bytes_received += len(data)
+                self.wire_bytes += len(data)
+                try:
+                    chunks = decoder.feed(data)
+                except ramframes.RamFrameError as exc:
+                    raise RamStreamError(str(exc), vm=self.vm.name) from exc
+                for chunk in chunks:
+                    await loop.sock_sendall(conn, chunk)
+                    self.bytes_received += len(chunk)
+            try:
+                decoder.finish()
+            except ramframes.RamFrameError as exc:
+                raise RamStreamError(str(exc), vm=self.vm.name) from exc
             conn.shutdown(socket.SHUT_WR)
             # QEMU closes its end once it has loaded the stream.
             while await loop.sock_recv(conn, 4096):
