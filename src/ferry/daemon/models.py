@@ -90,6 +90,11 @@ resumed)."""
                                description="forwards, as ferry vm run -p: [ADDR:]HOST:GUEST[/udp]")
     labels: dict[str, str] = Field(default={}, max_length=32,
                                    description="the VM's labels (KEY: VALUE)")
+    service_address: str | None = Field(
+        default=None, max_length=15, pattern=r"^[0-9.]+$",
+        description="an IPv4 address of the hosts' network that follows the VM when it "
+                    "migrates, as ferry vm run --service-address (no warm VM is claimed "
+                    "for it)")
     env: list[str] = Field(default=[], max_length=MAX_ARGV,
                            description="oci:// only: NAME=VALUE, as ferry vm run -e")
     entrypoint: str | None = Field(default=None, max_length=MAX_TEXT,
@@ -159,6 +164,8 @@ class MigrateVM(Request):
                                    description="cap what the source sends, Mbit/s")
     timeout_s: float | None = Field(default=None, gt=0, le=86_400,
                                     description="cancel if not handed off by then")
+    compression: Literal["auto", "none", "zstd"] = Field(
+        default="auto", description="what QEMU's stream compresses on the link")
 
 
 class ReceiveVM(Request):

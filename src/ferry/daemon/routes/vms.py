@@ -26,7 +26,9 @@ from ferry.errors import FerryError
 from ferry.live.access import Access, TLSFiles
 from ferry.live.rampath import RamPath
 from ferry.live.summary import MigrationSummary
+from ferry.migration.autocompress import LinkCompression
 from ferry.net import PortForward
+from ferry.net.service import check_service_address
 from ferry.node import listing, supervisor
 from ferry.node.arrival import ArrivalRequest
 from ferry.node.control import ControlClient, ExportReply, MigrateRequest
@@ -80,6 +82,8 @@ def routes(d: Daemon) -> APIRouter:
                           or body.memory_mib):
             raise Problem(422, "invalid", "Invalid request", "env, entrypoint, args, "
                           "readiness and memory_mib are for oci:// images, not packages")
+        service_address = (None if body.service_address is None
+                           else check_service_address(body.service_address))
         file = Path(body.package)
         if not image and not await asyncio.to_thread(file.is_file):
             raise Problem(400, "bad-request", "Bad request", f"no package file {file}")
@@ -107,10 +111,13 @@ def routes(d: Daemon) -> APIRouter:
                 if overrides is not None:
                     d.pinned[directory] += 1
                 try:
-                    ready = await _claim_warm(d, directory, vm_id, forwards, vm_labels)
+                    # A warm VM's network is made without a service address.
+                    ready = None if service_address is not None else await _claim_warm(
+                        d, directory, vm_id, forwards, vm_labels)
                     if ready is None:
                         ready = await launch(op_id, supervisor.LaunchRequest(
-                            vm_id, directory, host, forwards, labels=vm_labels))
+                            vm_id, directory, host, forwards, labels=vm_labels,
+                            service_address=service_address))
                     d.warm.want(directory)  # a replacement, or the first one
                     return ready
                 finally:
@@ -225,7 +232,8 @@ def routes(d: Daemon) -> APIRouter:
             req = MigrateRequest(to=(addr, int(port)), access=access,
                                  precopy_only=body.precopy_only, ram=RamPath(body.ram),
                                  migration_id=mig_id, max_mbit=body.max_mbit,
-                                 timeout_s=body.timeout_s)
+                                 timeout_s=body.timeout_s,
+                                 compression=LinkCompression(body.compression))
             try:
                 async with d.lock(vm_id):
                     # Owned here and always awaited: cancelled once the migration ended.
