@@ -284,6 +284,11 @@ def test_exec_on_a_tty_with_stdin_and_the_console_attached(env: Env,
                            timeout=CLI_TIMEOUT_S, check=False)
         assert (r.returncode, r.stdout, r.stderr) == (3, b"not a tty\nHELLO\nWORLD\n",
                                                       b"done\n"), r.stderr
+        # More than the agent's window (256 KiB) each way: acknowledgements keep it going.
+        blob = os.urandom(700_000)
+        r = subprocess.run([*FERRY, "vm", "exec", "-i", vm, "--", "cat"], input=blob,
+                           env=env.env, capture_output=True, timeout=CLI_TIMEOUT_S, check=False)
+        assert (r.returncode, len(r.stdout), r.stdout == blob) == (0, len(blob), True), r.stderr
         # attach: the serial console's shell answers; a second attacher is refused;
         # Ctrl-] detaches and leaves the guest running.
         term = PtyProcess(env, "vm", "attach", vm, rows=24, cols=80)
