@@ -899,7 +899,8 @@ int main(int argc, char **argv) {
     read_boot_id();
     inbuf = malloc(HEADER_BYTES + MAX_FRAME_BYTES);
     if (!inbuf) { logf_("out of memory"); return 1; }
-    for (int i = 0; i < MAX_SESSIONS; i++) session_release(&sessions[i]);
+    for (int i = 0; i < MAX_SESSIONS; i++)  /* no descriptors yet (not 0: that is stdin) */
+        sessions[i].in_fd = sessions[i].out_fd = sessions[i].err_fd = -1;
     int connected = 0;
     int64_t last_rx = 0;
     for (;;) {
