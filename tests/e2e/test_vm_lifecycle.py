@@ -285,7 +285,7 @@ def test_exec_on_a_tty_with_stdin_and_the_console_attached(env: Env,
         assert (r.returncode, r.stdout, r.stderr) == (3, b"not a tty\nHELLO\nWORLD\n",
                                                       b"done\n"), r.stderr
         # More than the agent's window (256 KiB) each way: acknowledgements keep it going.
-        blob = os.urandom(700_000)
+        blob = os.urandom(300_000)
         r = subprocess.run([*FERRY, "vm", "exec", "-i", vm, "--", "cat"], input=blob,
                            env=env.env, capture_output=True, timeout=CLI_TIMEOUT_S, check=False)
         assert (r.returncode, len(r.stdout), r.stdout == blob) == (0, len(blob), True), r.stderr

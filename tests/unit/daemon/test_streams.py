@@ -177,12 +177,13 @@ async def test_attach_relays_and_a_busy_console_closes_with_4409(site: Site) -> 
         == (4409, True)
 
 
-async def test_no_such_vm_closes_with_4404(site: Site) -> None:
-    async with site.connect("/v1/vms/nothere/attach") as ws:
+@pytest.mark.parametrize(("vm", "code"), [("nothere", 4404), ("Bad.Name", 4400)])
+async def test_no_such_vm_closes_with_4404(site: Site, vm: str, code: int) -> None:
+    async with site.connect(f"/v1/vms/{vm}/attach") as ws:
         with pytest.raises(ConnectionClosed) as info:
             await asyncio.wait_for(ws.recv(), 10)
     assert info.value.rcvd is not None
-    assert info.value.rcvd.code == 4404
+    assert info.value.rcvd.code == code
 
 
 async def test_the_token_guards_websockets_too() -> None:

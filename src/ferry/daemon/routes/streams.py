@@ -100,9 +100,9 @@ async def _relay(d: Daemon, ws: WebSocket, vm_id: str, req: StreamRequest) -> No
     except RemoteOpError as exc:
         await _close(ws, CLOSE_BUSY if exc.kind == "ConsoleBusyError" else CLOSE_FAILED,
                      str(exc))
-    except interactive.StreamProtocolError as exc:
+    except (interactive.StreamProtocolError, ConfigError) as exc:  # a bad frame or VM id
         await _close(ws, CLOSE_BAD_REQUEST, str(exc))
-    except (ControlError, ConfigError) as exc:
+    except ControlError as exc:
         await _close(ws, CLOSE_FAILED, str(exc))
 
 
