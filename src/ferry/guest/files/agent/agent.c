@@ -18,7 +18,7 @@
  * a magic, so bytes of an old conversation are skipped, never misread.
  *
  * Sessions (protocol 2). SESSION_OPEN starts a command whose stdin, stdout and
- * stderr stay connected to the host: on a pty (posix_openpt; the child is a
+ * stderr stay connected to the host: on a pty (/dev/ptmx; the child is a
  * session leader with the pty as its controlling terminal) or on pipes. The
  * loop polls the port and every session's descriptors together, so sessions
  * stream while the agent waits for requests. Both directions have a window
