@@ -302,6 +302,14 @@ def test_exec_on_a_tty_with_stdin_and_the_console_attached(env: Env,
         assert term.wait() == 0
         term.expect(rb"detached from the console")
         assert term.slave_attrs == term.attrs
+        term.close()
+        # The console can be attached again (QEMU listens again; the holder is free).
+        term = PtyProcess(env, "vm", "attach", vm, rows=24, cols=80)
+        term.expect(rb"detach with Ctrl-\]")
+        term.type(b"\recho again-$((1+1))\r")
+        term.expect(rb"again-2")
+        term.type(b"\x1d")
+        assert term.wait() == 0
         # QEMU kept the console log all along, the attached part included.
         console = env.paths.run_dir(vm).glob("console.*.log")
         assert any(b"tty-attach-42" in p.read_bytes() for p in console)
