@@ -17,11 +17,33 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from ferry.guest.agent import AgentHookError, AgentTimeoutError, ExecOutcome, connect_agent
-from ferry.guest.agent.protocol import Decoder
+from ferry.guest.agent.protocol import (
+    HEADER,
+    MAGIC,
+    MAX_CHUNK_BYTES,
+    PROTOCOL_VERSION,
+    SESSION_WINDOW,
+    Decoder,
+    ErrorCode,
+    ErrorReply,
+    Frame,
+    Hello,
+    HelloRequest,
+    Message,
+    MessageType,
+    OutputStream,
+    SessionExit,
+    SessionInput,
+    SessionOpen,
+    SessionOutput,
+    SessionStarted,
+    encode,
+)
 from ferry.guest.files import MARKER_AGENT, MARKER_READY
 from ferry.guest.image import build_blueprint
 from ferry.guest.image.blueprint import parse_blueprint
@@ -138,7 +160,7 @@ async def test_liveness_and_exec(guest: Guest) -> None:
     assert MARKER_AGENT in guest.console.read_text()
     async with connect_agent(guest.agent_socket) as agent:
         hello = await agent.wait_ready(READY_DEADLINE_S)
-        assert hello.protocol_version == 1
+        assert hello.protocol_version == PROTOCOL_VERSION
         assert hello.agent_version.startswith("ferry-agent")
         assert len(hello.boot_id) == 36  # the kernel's random boot UUID
         pong = await agent.ping()
@@ -272,3 +294,95 @@ async def test_reconnect_across_a_paused_vm(guest: Guest) -> None:
         finally:
             await _qmp(guest.qmp_socket, "cont")
         assert (await agent.exec(["echo", "again"])).stdout == b"again\n"
+
+
+_M = TypeVar("_M", bound=Message)
+
+
+class RawAgent:
+    """Frames to and from the agent with no client in between: what a hostile host sends."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.decoder = Decoder(resync=True)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def frame(self) -> Frame:
+        async with asyncio.timeout(READY_DEADLINE_S):
+            while (frame := self.decoder.next_frame()) is None:
+                data = await self.reader.read(65536)
+                assert data, "QEMU closed the agent socket"
+                self.decoder.receive_data(data)
+        return frame
+
+    async def until(self, request_id: int, kind: type[_M]) -> _M:
+        """The next message of ``request_id`` of type ``kind`` (skipping others of it)."""
+        while True:
+            f = await self.frame()
+            if f.request_id == request_id and isinstance(f.message, kind):
+                return f.message
+
+    async def error(self, request_id: int) -> ErrorCode:
+        return (await self.until(request_id, ErrorReply)).code
+
+
+def _raw(kind: MessageType, request_id: int, payload: bytes) -> bytes:
+    return HEADER.pack(MAGIC, kind, 0, 0, request_id, len(payload)) + payload
+
+
+async def test_sessions_refuse_hostile_frames_and_end_with_their_host(guest: Guest) -> None:
+    reader, writer = await asyncio.open_unix_connection(os.fspath(guest.agent_socket))
+    raw = RawAgent(reader, writer)
+    try:
+        await raw.send(encode(HelloRequest()))
+        await raw.until(0, Hello)
+        # No such session; a bad open (unknown flag bit; a term over 64 bytes).
+        await raw.send(encode(SessionInput(b"x"), 99))
+        assert await raw.until(99, ErrorReply) == ErrorReply(ErrorCode.NO_SESSION,
+                                                             "no open session 99")
+        await raw.send(_raw(MessageType.SESSION_OPEN, 3, b"\x04" + bytes(8)))
+        assert await raw.error(3) is ErrorCode.MALFORMED
+        await raw.send(_raw(MessageType.SESSION_OPEN, 4, b"\x00" + bytes(4)
+                            + (65).to_bytes(4, "big") + b"x" * 65 + b"\x00\x01"
+                            + (3).to_bytes(4, "big") + b"cat"))
+        assert await raw.error(4) is ErrorCode.MALFORMED
+        # A real session: a chunk over 64 KiB and signal 0 are refused, it goes on.
+        await raw.send(encode(SessionOpen(argv=(b"sh", b"-c", b"read x; echo got-$x")), 5))
+        await raw.until(5, SessionStarted)
+        big = MAX_CHUNK_BYTES + 1
+        await raw.send(_raw(MessageType.SESSION_INPUT, 5, big.to_bytes(4, "big") + b"y" * big))
+        assert await raw.error(5) is ErrorCode.MALFORMED
+        await raw.send(_raw(MessageType.SESSION_SIGNAL, 5, b"\x00"))
+        assert await raw.error(5) is ErrorCode.MALFORMED
+        await raw.send(encode(SessionInput(b"fine\n"), 5))
+        assert await raw.until(5, SessionOutput) == SessionOutput(OutputStream.STDOUT,
+                                                                  b"got-fine\n")
+        assert await raw.until(5, SessionExit) == SessionExit(ExecOutcome.EXITED, 0)
+        # A session whose host acknowledges nothing: no output beyond the window, and
+        # stdin nobody reads overflows the window into TOO_LARGE (the pipe takes 64 KiB).
+        await raw.send(encode(SessionOpen(argv=(b"sh", b"-c", b"yes | head -c 600000")), 6))
+        got = 0
+        while got < SESSION_WINDOW:
+            got += len((await raw.until(6, SessionOutput)).data)
+        assert got == SESSION_WINDOW
+        for _ in range(10):
+            await raw.send(encode(SessionInput(b"z" * MAX_CHUNK_BYTES), 6))
+        assert await raw.error(6) is ErrorCode.TOO_LARGE
+        # Eight sessions at most; the host leaving kills them all.
+        for rid in range(10, 16):
+            await raw.send(encode(SessionOpen(argv=(b"sleep", b"777"), tty=True), rid))
+            await raw.until(rid, SessionStarted)
+        await raw.send(encode(SessionOpen(argv=(b"sleep", b"777")), 16))
+        await raw.until(16, SessionStarted)
+        await raw.send(encode(SessionOpen(argv=(b"sleep", b"777")), 17))
+        assert await raw.error(17) is ErrorCode.BUSY
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    async with connect_agent(guest.agent_socket) as agent:
+        await agent.wait_ready(READY_DEADLINE_S)
+        r = await agent.exec("ps | grep -c '[s]leep 777'")
+        assert r.stdout == b"0\n"

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,9 +30,12 @@ from typing import Any, Literal
 import pytest
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.sync.client import ClientConnection, unix_connect
 
 from ferry.daemon.client import DaemonClient, DaemonError
+from ferry.guest.agent import ExecOutcome
 from ferry.net import cleanup_leftovers
+from ferry.node import interactive as ia
 from ferry.testing.hosts import host_namespaces
 from ferry.testing.packages import Signer
 from ferry.testing.site import Site, holder_pids
@@ -101,6 +105,42 @@ def daemon(signer: Signer) -> Iterator[Daemon]:
                 d.stop()
         _stop_holders(paths)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _ws_output(ws: ClientConnection) -> tuple[bytes, ia.Event]:
+    """OUTPUT data until another event (which must come): both."""
+    data = b""
+    while True:
+        message = ws.recv(timeout=60)
+        assert isinstance(message, bytes)
+        event = ia.decode_frame(message)
+        if not isinstance(event, ia.Output):
+            return data, event
+        data += event.data
+
+
+def _websocket_session_and_attach(daemon: Daemon, vm_id: str) -> None:
+    with unix_connect(str(daemon.socket), uri=f"ws://localhost/v1/vms/{vm_id}/session") as ws:
+        ws.send(json.dumps({"argv": ["sh", "-c", "tty; stty size; read x; echo got-$x; exit 4"],
+                            "tty": True, "rows": 30, "cols": 90, "term": "xterm"}))
+        assert json.loads(ws.recv(timeout=60))["pid"] > 0
+        ws.send(ia.encode(ia.Input(b"over-ws\r")))
+        ws.send(ia.encode(ia.Eof()))
+        out, end = _ws_output(ws)
+        assert end == ia.Exit(4, ExecOutcome.EXITED), out
+        assert re.search(rb"/dev/pts/\d+\r\n", out), out
+        assert b"30 90\r\n" in out
+        assert b"got-over-ws\r\n" in out
+    with unix_connect(str(daemon.socket), uri=f"ws://localhost/v1/vms/{vm_id}/attach") as ws:
+        assert json.loads(ws.recv(timeout=60)) == {"attached": True}
+        ws.send(ia.encode(ia.Input(b"\recho ws-attach-$((6*7))\r")))
+        seen = b""
+        while b"ws-attach-42" not in seen:
+            message = ws.recv(timeout=60)
+            assert isinstance(message, bytes)
+            event = ia.decode_frame(message)
+            assert isinstance(event, ia.Output), event
+            seen += event.data
 
 
 def _stop_holders(paths: VMPaths) -> None:
@@ -232,6 +272,8 @@ def test_a_vm_through_the_api_outlives_the_daemon(daemon: Daemon, redis_package:
     cli_log = subprocess.run([*FERRY, "vm", "logs", "d-r1"], env=daemon.env,
                              capture_output=True, timeout=60, check=True).stdout
     assert b"ferry-console-mark" in cli_log
+    # exec -it and attach as WebSockets: the same frames as the CLI's, relayed.
+    _websocket_session_and_attach(daemon, "d-r1")
     # `ferry vm ls` asks the daemon (without importing the CLI) and says what the full
     # CLI, reading the run directory itself, says.
     fast = subprocess.run([sys.executable, "-X", "importtime", "-m", "ferry.cli.entry", "vm",

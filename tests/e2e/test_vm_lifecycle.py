@@ -8,14 +8,21 @@ seconds; a resume takes a fraction of one).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import pty
+import re
+import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -192,6 +199,126 @@ def test_resume_minimal_and_exec_again(env: Env, minimal: MinimalPackage) -> Non
     assert not netns.exists("ferry-vm-mini")
     # The package's files were never written.
     assert env.ferry_json("package", "verify", str(minimal.file))
+
+
+# -- interactive: exec -i / -it on a pty, the serial console attached ---------------------
+
+PTY_DEADLINE_S = 60.0
+
+
+class PtyProcess:
+    """A ``ferry`` command on a real pseudo-terminal, driven like a user at a keyboard."""
+
+    def __init__(self, env: Env, *args: str, rows: int, cols: int) -> None:
+        self.master, slave = pty.openpty()
+        self.set_size(rows, cols)
+        self.attrs = termios.tcgetattr(slave)
+        self._slave = slave
+        self.proc = subprocess.Popen([*FERRY, *args], env=env.env, stdin=slave, stdout=slave,
+                                     stderr=slave, start_new_session=True)
+        self.seen = b""
+
+    def set_size(self, rows: int, cols: int) -> None:
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def type(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def expect(self, pattern: bytes) -> re.Match[bytes]:
+        """Read until ``pattern`` matches what came since the last match."""
+        deadline = time.monotonic() + PTY_DEADLINE_S
+        while not (m := re.search(pattern, self.seen)):
+            left = deadline - time.monotonic()
+            if left <= 0 or (self.proc.poll() is not None and not self._readable(0)):
+                pytest.fail(f"no {pattern!r} on the terminal; it shows: {self.seen[-2000:]!r}")
+            if self._readable(min(left, 1.0)):
+                with contextlib.suppress(OSError):  # EIO: nobody has the terminal open
+                    self.seen += os.read(self.master, 65536)
+        self.seen = self.seen[m.end():]
+        return m
+
+    def _readable(self, timeout_s: float) -> bool:
+        return bool(select.select([self.master], [], [], timeout_s)[0])
+
+    def wait(self) -> int:
+        try:
+            return self.proc.wait(timeout=PTY_DEADLINE_S)
+        finally:
+            self.slave_attrs = termios.tcgetattr(self._slave)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.master)
+        os.close(self._slave)
+
+
+def test_exec_on_a_tty_with_stdin_and_the_console_attached(env: Env,
+                                                         minimal: MinimalPackage) -> None:
+    vm = "mtty"
+    _run_detached(env, "--name", vm, str(minimal.file))
+    term: PtyProcess | None = None
+    try:
+        # exec -it: a shell on a pty in the guest, sized like ours, following our size.
+        term = PtyProcess(env, "vm", "exec", "-it", vm, "--", "sh", rows=33, cols=101)
+        term.type(b"tty; stty size\r")
+        term.expect(rb"/dev/pts/\d+\r\n")
+        term.expect(rb"\b33 101\r\n")
+        term.set_size(40, 120)
+        os.kill(term.proc.pid, signal.SIGWINCH)  # what the kernel sends the foreground job
+        term.type(b"stty size\r")
+        term.expect(rb"\b40 120\r\n")
+        term.type(b"read line; echo got-$line\r")
+        term.type(b"typed-here\r")
+        term.expect(rb"got-typed-here\r\n")
+        term.type(b"exit 7\r")
+        assert term.wait() == 7
+        # Our terminal is back as it was (not raw).
+        assert term.slave_attrs == term.attrs
+        term.close()
+        # -i without -t: stdin streamed through pipes (no pty), exit code and stderr apart.
+        r = subprocess.run([*FERRY, "vm", "exec", "-i", vm, "--", "sh", "-c",
+                            "tty; tr a-z A-Z; echo done >&2; exit 3"],
+                           input=b"hello\nworld\n", env=env.env, capture_output=True,
+                           timeout=CLI_TIMEOUT_S, check=False)
+        assert (r.returncode, r.stdout, r.stderr) == (3, b"not a tty\nHELLO\nWORLD\n",
+                                                      b"done\n"), r.stderr
+        # More than the agent's window (256 KiB) each way: acknowledgements keep it going.
+        blob = os.urandom(300_000)
+        r = subprocess.run([*FERRY, "vm", "exec", "-i", vm, "--", "cat"], input=blob,
+                           env=env.env, capture_output=True, timeout=CLI_TIMEOUT_S, check=False)
+        assert (r.returncode, len(r.stdout), r.stdout == blob) == (0, len(blob), True), r.stderr
+        # attach: the serial console's shell answers; a second attacher is refused;
+        # Ctrl-] detaches and leaves the guest running.
+        term = PtyProcess(env, "vm", "attach", vm, rows=24, cols=80)
+        term.expect(rb"detach with Ctrl-\]")
+        term.type(b"\recho tty-attach-$((6*7))\r")
+        term.expect(rb"tty-attach-42")
+        second = env.ferry("vm", "attach", vm, check=False)
+        assert second.returncode == 1
+        assert "attached to the console already" in second.stderr
+        term.type(b"\x1d")
+        assert term.wait() == 0
+        term.expect(rb"detached from the console")
+        assert term.slave_attrs == term.attrs
+        term.close()
+        # The console can be attached again (QEMU listens again; the holder is free).
+        term = PtyProcess(env, "vm", "attach", vm, rows=24, cols=80)
+        term.expect(rb"detach with Ctrl-\]")
+        term.type(b"\recho again-$((1+1))\r")
+        term.expect(rb"again-2")
+        term.type(b"\x1d")
+        assert term.wait() == 0
+        # QEMU kept the console log all along, the attached part included.
+        console = env.paths.run_dir(vm).glob("console.*.log")
+        assert any(b"tty-attach-42" in p.read_bytes() for p in console)
+        # The guest goes on without anyone attached.
+        assert env.ferry("vm", "exec", vm, "--", "echo", "up").stdout == "up\n"
+    finally:
+        if term is not None:
+            term.close()
+        env.ferry("vm", "stop", vm, check=False)
 
 
 # -- redis: two VMs from one package, suspend/continue, crash cleanup -------------------

@@ -11,7 +11,7 @@ Subcommands (see docs/cli.md):
     ferry inspect FILE                                  size, blocks, hashes of a device file
     ferry certs ca DIR / ferry certs host ...           mutual-TLS certificates
     ferry image pull REF                                an OCI image as a root filesystem
-    ferry vm build|snapshot|run|list|exec|stop          VMs (docs/vm.md)
+    ferry vm build|snapshot|run|list|exec|attach|stop   VMs (docs/vm.md)
     ferry key create|trust / ferry package create|verify|extract|add|push|pull   signed packages
 """
 

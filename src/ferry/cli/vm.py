@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ferry.cli import interactive
 from ferry.cli.args import add_accel, positive_float, positive_int
 from ferry.cli.exitcodes import ExitCode
 from ferry.cli.output import emit_json
@@ -132,10 +133,18 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
     c.add_argument("vm_id")
     c.add_argument("argv", nargs="*", metavar="CMD",
                    help="the command; put it after '--' when it has options of its own")
-    c.add_argument("--timeout", type=positive_float, default=30.0,
-                   help="seconds the command may run (default: 30)")
+    c.add_argument("--timeout", type=positive_float, default=None,
+                   help="seconds the command may run (default: 30; not with -i/-t)")
     c.set_defaults(takes_rest=True)
-    c.add_argument("-i", "--stdin", action="store_true", help="send stdin (at most 1 MiB)")
+    c.add_argument("-i", "--stdin", "--interactive", dest="stdin", action="store_true",
+                   help="stream stdin to the command (it ends the command's stdin at EOF)")
+    c.add_argument("-t", "--tty", action="store_true",
+                   help="run the command on a pty in the guest; with a terminal on stdin, "
+                        "it is put in raw mode and its size follows")
+    add_common(c)
+
+    c = vm.add_parser("attach", help="the VM's serial console, interactive (detach: Ctrl-])")
+    c.add_argument("vm_id")
     add_common(c)
 
     c = vm.add_parser("stop", help="stop a VM (discard it, or --suspend it)")
@@ -281,6 +290,7 @@ class _Out:
 
 Handler = Callable[[argparse.Namespace, _Out], Awaitable[int | None]]
 LOG_FOLLOW_S = 0.2
+EXEC_TIMEOUT_S = 30.0
 """How often ``vm logs -f`` looks for more console output."""
 
 
@@ -460,8 +470,12 @@ async def _vm_exec(args: argparse.Namespace, out: _Out) -> int:
     argv = [*args.argv, *args.rest]
     if not argv:
         raise ConfigError("no command given: ferry vm exec ID -- CMD...")
-    reply = await _client(args).exec(
-        argv, stdin=sys.stdin.buffer.read() if args.stdin else b"", timeout_s=args.timeout)
+    if args.stdin or args.tty:
+        if args.json or args.timeout is not None:
+            raise ConfigError("--json and --timeout are for a one-shot exec, not with -i/-t")
+        return await interactive.exec_session(_client(args), argv, stdin=args.stdin,
+                                              tty=args.tty)
+    reply = await _client(args).exec(argv, timeout_s=args.timeout or EXEC_TIMEOUT_S)
     if args.json:
         emit_json({"exit_code": reply.exit_code,
                    "stdout": reply.stdout.decode(errors="replace"),
@@ -472,6 +486,12 @@ async def _vm_exec(args: argparse.Namespace, out: _Out) -> int:
         sys.stderr.buffer.write(reply.stderr)
         sys.stderr.flush()
     return reply.exit_code
+
+
+async def _vm_attach(args: argparse.Namespace, out: _Out) -> int:
+    if args.json:
+        raise ConfigError("attach is interactive: no --json")
+    return await interactive.attach(_client(args), args.vm_id)
 
 
 async def _vm_stop(args: argparse.Namespace, out: _Out) -> None:
@@ -660,6 +680,7 @@ _HANDLERS: dict[tuple[str, str], Handler] = {
     ("vm", "stats"): _vm_stats,
     ("vm", "rm"): _vm_rm,
     ("vm", "exec"): _vm_exec,
+    ("vm", "attach"): _vm_attach,
     ("vm", "stop"): _vm_stop,
     ("key", "create"): _key_create,
     ("key", "trust"): _key_trust,

@@ -59,6 +59,9 @@ class BearerAuth:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket") and not self._public(scope) \
                 and not self._authorized(scope):
+            if scope["type"] == "websocket":  # closed before the accept: HTTP 403
+                await send({"type": "websocket.close", "code": 1008})
+                return
             body = json.dumps({"type": "https://ferry.dev/problems/unauthorized",
                                "title": "Unauthorized", "status": 401,
                                "detail": "this endpoint needs 'Authorization: Bearer <token>'"

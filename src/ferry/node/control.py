@@ -22,6 +22,16 @@ reads one reply line (UTF-8 JSON, ``\\n``-terminated, at most
     → {"op": "migrate-cancel"}         (Ctrl-C on the client: cancel unless handed off)
     ← {"ok": true, "op": "migrate-cancel", "cancelled": true, "reason": ""}
     ← {"ok": false, "error": "...", "kind": "LiveMigrationError", "handed_off": false}
+    → {"op": "session", "argv": [...] | null, "shell": null | "...", "tty": true,
+       "rows": 24, "cols": 80, "term": "xterm"}
+    ← {"ok": true, "op": "session", "pid": 231}      then frames both ways (below)
+    → {"op": "attach"}
+    ← {"ok": true, "op": "attach"}                   then frames both ways (below)
+    ← {"ok": false, "error": "... already attached ...", "kind": "ConsoleBusyError"}
+
+``session`` (``ferry vm exec -i/-t``) and ``attach`` (``ferry vm attach``) keep the
+connection after the reply line: it carries the frames of :mod:`ferry.node.interactive`
+until either side closes it. A holder serves one console attacher at a time.
 
 Each message is a frozen dataclass; :func:`decode_request` and
 :func:`decode_reply` check every field's type and raise
@@ -52,7 +62,7 @@ from ferry.live.rampath import RamPath
 from ferry.live.summary import MigrationSummary
 from ferry.migration.autocompress import LinkCompression
 from ferry.net import PortForward
-from ferry.node import history
+from ferry.node import history, interactive
 from ferry.node.record import HolderState
 from ferry.vm.errors import ControlError, VMNotFoundError
 from ferry.vm.labels import check_labels
@@ -90,6 +100,8 @@ class ControlOp(enum.Enum):
     MIGRATE = "migrate"
     MIGRATE_CANCEL = "migrate-cancel"
     CLAIM = "claim"
+    SESSION = "session"
+    ATTACH = "attach"
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -198,8 +210,53 @@ class ClaimRequest:
             raise ControlProtocolError(f"at most {MAX_FORWARDS} forwards")
 
 
+MAX_TERM_CHARS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRequest:
+    """A command with its stdio streamed (``exec -i``), on a pty with ``tty`` (``-t``)."""
+
+    op = ControlOp.SESSION
+    argv: tuple[str, ...] | None = None
+    shell: str | None = None
+    tty: bool = False
+    rows: int = 0
+    cols: int = 0
+    term: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.argv is None) == (self.shell is None):
+            raise ControlProtocolError("session needs exactly one of argv or shell")
+        if self.argv is not None and not self.argv:
+            raise ControlProtocolError("session needs a command")
+        if not (0 <= self.rows <= 0xFFFF and 0 <= self.cols <= 0xFFFF):
+            raise ControlProtocolError(f"window size {self.rows}x{self.cols} out of range")
+        if len(self.term) > MAX_TERM_CHARS or not self.term.isprintable():
+            raise ControlProtocolError(f"term must be at most {MAX_TERM_CHARS} printable "
+                                       f"characters")
+
+    @classmethod
+    def of(cls, argv: Sequence[str] | str, **options: Any) -> SessionRequest:
+        if isinstance(argv, str):
+            return cls(shell=argv, **options)
+        return cls(argv=tuple(argv), **options)
+
+    @property
+    def command(self) -> list[str] | str:
+        return list(self.argv) if self.argv is not None else str(self.shell)
+
+
+@dataclass(frozen=True, slots=True)
+class AttachRequest:
+    """The guest's serial console, interactive (one attacher at a time)."""
+
+    op = ControlOp.ATTACH
+
+
+StreamRequest = SessionRequest | AttachRequest
 Request = (StatusRequest | StopRequest | ExecRequest | MigrateRequest | MigrateCancelRequest
-           | ClaimRequest)
+           | ClaimRequest | SessionRequest | AttachRequest)
 
 
 # -- replies -------------------------------------------------------------------------------
@@ -284,6 +341,20 @@ class MigrateCancelReply:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionReply:
+    """The session's command started (``pid`` in the guest; 0 if it could not start:
+    its EXIT frame follows)."""
+
+    op = ControlOp.SESSION
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class AttachReply:
+    op = ControlOp.ATTACH
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorReply:
     error: str
     kind: str
@@ -292,7 +363,7 @@ class ErrorReply:
 
 
 Reply = (StatusReply | StopReply | ExecReply | MigrateReply | ExportReply | MigrateCancelReply
-         | ClaimReply | ErrorReply)
+         | ClaimReply | SessionReply | AttachReply | ErrorReply)
 
 
 # -- codec ---------------------------------------------------------------------------------
@@ -425,6 +496,10 @@ def encode_request(req: Request) -> bytes:
             return _dump({"op": req.op.value, "argv": None if req.argv is None
                           else list(req.argv), "shell": req.shell, "timeout_s": req.timeout_s,
                           "stdin": base64.b64encode(req.stdin).decode()})
+        case SessionRequest():
+            return _dump({"op": req.op.value, "argv": None if req.argv is None
+                          else list(req.argv), "shell": req.shell, "tty": req.tty,
+                          "rows": req.rows, "cols": req.cols, "term": req.term})
         case MigrateRequest():
             return _dump({"op": req.op.value, "to": None if req.to is None else list(req.to),
                           "access": None if req.access is None else req.access.to_json(),
@@ -451,6 +526,14 @@ def decode_request(line: bytes) -> Request:
             return StatusRequest()
         case ControlOp.MIGRATE_CANCEL:
             return MigrateCancelRequest()
+        case ControlOp.ATTACH:
+            return AttachRequest()
+        case ControlOp.SESSION:
+            argv = d.get("argv")
+            return SessionRequest(argv=None if argv is None else _str_tuple(argv, "argv"),
+                                  shell=_get(d, "shell", str, None),
+                                  tty=_get(d, "tty", bool, False), rows=_get(d, "rows", int, 0),
+                                  cols=_get(d, "cols", int, 0), term=_get(d, "term", str, ""))
         case ControlOp.CLAIM:
             forwards = d.get("forwards", [])
             if not isinstance(forwards, list) or len(forwards) > MAX_FORWARDS:
@@ -541,6 +624,10 @@ def encode_reply(reply: Reply) -> bytes:
                           "reason": reply.reason})
         case ClaimReply():
             return _dump({"ok": True, "op": reply.op.value, "ready": dict(reply.ready)})
+        case SessionReply():
+            return _dump({"ok": True, "op": reply.op.value, "pid": reply.pid})
+        case AttachReply():
+            return _dump({"ok": True, "op": reply.op.value})
 
 
 def decode_reply(line: bytes) -> Reply:
@@ -591,6 +678,10 @@ def decode_reply(line: bytes) -> Reply:
             ready = _mapping(d, "ready")
             assert ready is not None
             return ClaimReply(ready)
+        case ControlOp.SESSION:
+            return SessionReply(_get(d, "pid", int))
+        case ControlOp.ATTACH:
+            return AttachReply()
         case None:
             raise ControlProtocolError("the reply has no op")
 
@@ -598,6 +689,45 @@ def decode_reply(line: bytes) -> Reply:
 # -- server --------------------------------------------------------------------------------
 
 Handler = Callable[[Request], Awaitable[Reply]]
+StreamHandler = Callable[[StreamRequest, "Channel"], Awaitable[None]]
+
+
+class Channel:
+    """One control connection turned into an interactive stream (:mod:`ferry.node.interactive`).
+
+    On the holder's side :meth:`accept` writes the reply line first; on the
+    client's, :meth:`ControlClient.stream` has read it. :meth:`receive`
+    returns None when the other side closed the connection.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._decoder = interactive.Decoder()
+        self.accepted = False
+
+    async def accept(self, reply: Reply) -> None:
+        """The holder's reply line; the stream starts after it."""
+        self._writer.write(encode_reply(reply))
+        await self._writer.drain()
+        self.accepted = True
+
+    async def send(self, event: interactive.Event) -> None:
+        self._writer.write(interactive.encode(event))
+        await self._writer.drain()
+
+    async def receive(self) -> interactive.Event | None:
+        while (event := self._decoder.next_event()) is None:
+            data = await self._reader.read(65536)
+            if not data:
+                return None
+            self._decoder.receive_data(data)
+        return event
+
+    async def aclose(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await self._writer.wait_closed()
 
 
 def error_reply(exc: BaseException) -> ErrorReply:
@@ -606,22 +736,47 @@ def error_reply(exc: BaseException) -> ErrorReply:
 
 
 @contextlib.asynccontextmanager
-async def serve_control(path: Path, handler: Handler) -> AsyncIterator[None]:
+async def serve_control(path: Path, handler: Handler,
+                        stream_handler: StreamHandler | None = None) -> AsyncIterator[None]:
     """Serve ``handler`` on the UNIX socket ``path`` until the block exits.
 
-    Leaving waits for requests in flight (a ``stop`` replies after the VM is
-    gone, which happens inside this block) and then removes the socket.
+    ``session`` and ``attach`` requests go to ``stream_handler``, which accepts
+    (:meth:`Channel.accept`) and then owns the connection until it returns; if
+    it raises before accepting, the error is the reply. Leaving waits for
+    requests in flight (a ``stop`` replies after the VM is gone, which happens
+    inside this block), cancels interactive streams and removes the socket.
     """
     tasks: set[asyncio.Task[None]] = set()
+    streams: set[asyncio.Task[None]] = set()
+
+    async def serve_stream(req: StreamRequest, channel: Channel) -> Reply | None:
+        if stream_handler is None:
+            return ErrorReply(f"{req.op.value} is not served here", ControlError.__name__)
+        task = asyncio.current_task()
+        assert task is not None
+        streams.add(task)
+        try:
+            await stream_handler(req, channel)
+        except Exception as exc:
+            if not channel.accepted:
+                raise
+            log.info("%s stream ended: %s", req.op.value, exc)
+        finally:
+            streams.discard(task)
+        return None
 
     async def serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         tasks.add(task)
         try:
-            reply: Reply
+            reply: Reply | None
             try:
-                reply = await handler(decode_request(await reader.readuntil(b"\n")))
+                req = decode_request(await reader.readuntil(b"\n"))
+                if isinstance(req, SessionRequest | AttachRequest):
+                    reply = await serve_stream(req, Channel(reader, writer))
+                else:
+                    reply = await handler(req)
             except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
                 reply = ErrorReply(f"bad request: {exc}", ControlProtocolError.__name__)
             except ControlProtocolError as exc:
@@ -629,8 +784,9 @@ async def serve_control(path: Path, handler: Handler) -> AsyncIterator[None]:
             except Exception as exc:
                 log.info("control request failed: %s", exc)
                 reply = error_reply(exc)
-            writer.write(encode_reply(reply))
-            await writer.drain()
+            if reply is not None:
+                writer.write(encode_reply(reply))
+                await writer.drain()
         except (ConnectionError, OSError):
             pass
         finally:
@@ -650,6 +806,8 @@ async def serve_control(path: Path, handler: Handler) -> AsyncIterator[None]:
         yield
     finally:
         server.close()
+        for stream in list(streams):  # an attached console must not hold the VM's ending
+            stream.cancel()
         if tasks:
             await asyncio.wait(list(tasks), timeout=SERVER_DRAIN_S)
         _unlink(path)
@@ -711,6 +869,48 @@ class ControlClient:
             raise ControlProtocolError(f"a {reply.op.value} reply to migrate", vm=self.vm_id)
         return reply
 
+    @contextlib.asynccontextmanager
+    async def stream(self, req: StreamRequest, *,
+                     timeout_s: float = 60.0) -> AsyncIterator[tuple[Reply, Channel]]:
+        """Open a ``session`` or ``attach`` stream: its accept reply and the channel.
+
+        A refusal raises :class:`RemoteOpError` (``kind`` names the holder's error,
+        e.g. ``ConsoleBusyError``); leaving closes the connection.
+        """
+        reader, writer = await self._connect()
+        channel = Channel(reader, writer)
+        try:
+            try:
+                writer.write(encode_request(req))
+                await writer.drain()
+                async with asyncio.timeout(timeout_s):
+                    line = await reader.readline()
+            except (OSError, TimeoutError, ValueError) as exc:
+                raise ControlError(f"{req.op.value}: no reply from the VM's holder ({exc!r})",
+                                   vm=self.vm_id) from exc
+            if not line:
+                raise ControlError(f"{req.op.value}: the VM's holder closed the connection",
+                                   vm=self.vm_id)
+            reply = decode_reply(line)
+            if isinstance(reply, ErrorReply):
+                raise RemoteOpError(f"{req.op.value} failed: {reply.error}", vm=self.vm_id,
+                                    kind=reply.kind)
+            yield reply, channel
+        finally:
+            await channel.aclose()
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            return await asyncio.wait_for(
+                asyncio.open_unix_connection(os.fspath(self.socket), limit=MAX_LINE_BYTES),
+                CONNECT_TIMEOUT_S)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise VMNotFoundError("no such VM runs on this host (see 'ferry vm list')",
+                                  vm=self.vm_id) from exc
+        except (OSError, TimeoutError) as exc:
+            raise ControlError(f"cannot reach the VM's holder on {self.socket}: {exc}",
+                               vm=self.vm_id) from exc
+
     async def _expect(self, req: Request, kind: type[R], timeout_s: float) -> R:
         reply = await self.send(req, timeout_s=timeout_s)
         if isinstance(reply, ErrorReply):
@@ -723,16 +923,7 @@ class ControlClient:
 
     async def send(self, req: Request, *, timeout_s: float) -> Reply:
         """One request, its reply as it came (an :class:`ErrorReply` is returned)."""
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(os.fspath(self.socket), limit=MAX_LINE_BYTES),
-                CONNECT_TIMEOUT_S)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise VMNotFoundError("no such VM runs on this host (see 'ferry vm list')",
-                                  vm=self.vm_id) from exc
-        except (OSError, TimeoutError) as exc:
-            raise ControlError(f"cannot reach the VM's holder on {self.socket}: {exc}",
-                               vm=self.vm_id) from exc
+        reader, writer = await self._connect()
         try:
             writer.write(encode_request(req))
             await writer.drain()

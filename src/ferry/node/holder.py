@@ -10,6 +10,10 @@ hold it the same way, through :func:`holding` and :class:`Holder`:
 * the ops: ``status``, ``exec`` (through the guest agent), ``stop`` (discard,
   or suspend where the VM has a state dir), ``migrate`` / ``migrate-cancel``
   (:class:`~ferry.node.outgoing.Outgoing`);
+* the interactive streams (:meth:`Holder.stream`): ``session`` (``ferry vm exec
+  -i/-t``, a streaming command through the agent) and ``attach`` (the serial
+  console: QEMU's console socket, connected only while someone is attached, so
+  an unattached guest never waits; QEMU itself keeps the console log);
 * :meth:`Holder.watch`: until a stop request, the VM leaving (migrated or
   exported) or QEMU exiting by itself (an event from
   :meth:`~ferry.qemu.QemuVM.wait_crashed`, no polling);
@@ -27,15 +31,18 @@ import enum
 import logging
 import shutil
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ferry.aio import cancel_and_wait
-from ferry.guest.agent import AgentClient
+from ferry.guest.agent import AgentClient, AgentError, OutputStream
 from ferry.live.outgoing import Movable
-from ferry.node import control, vitals
+from ferry.node import control, interactive, vitals
 from ferry.node.control import (
+    AttachReply,
+    AttachRequest,
+    Channel,
     ClaimReply,
     ClaimRequest,
     ExecReply,
@@ -44,16 +51,19 @@ from ferry.node.control import (
     MigrateRequest,
     Reply,
     Request,
+    SessionReply,
+    SessionRequest,
     StatusReply,
     StatusRequest,
     StopReply,
     StopRequest,
+    StreamRequest,
 )
 from ferry.node.history import MigrationHistory
 from ferry.node.outgoing import Outgoing
 from ferry.node.record import HolderRecord, HolderState
 from ferry.qemu import QemuVM
-from ferry.vm.errors import VMExistsError, VMLifecycleError
+from ferry.vm.errors import ControlError, VMExistsError, VMLifecycleError
 from ferry.vm.registry import VMPaths, live_supervisor, private_dir
 from ferry.vm.runner import Claim, StopMode
 
@@ -65,6 +75,15 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 class WarmStopped(VMLifecycleError):
     """A warm VM was stopped (or its daemon went) before it was claimed."""
+
+
+SESSION_START_S = 30.0
+"""How long a ``session`` waits for the agent to start its command."""
+CONSOLE_CONNECT_S = 10.0
+
+
+class ConsoleBusyError(ControlError):
+    """Someone is attached to the VM's console already (one attacher at a time)."""
 
 
 class Ending(enum.Enum):
@@ -121,6 +140,7 @@ class Holder:
                                  on_active=self._migrating,
                                  history=MigrationHistory(paths.state_root))
         self.vitals = vitals.Vitals()
+        self._attached = False
 
     @property
     def vm_id(self) -> str:
@@ -224,6 +244,90 @@ class Holder:
                                            vm=self.vm_id)
                 self._claim.set_result(Claim(req.vm_id, req.forwards, req.labels))
                 return ClaimReply(await asyncio.shield(self._claimed))
+            case SessionRequest() | AttachRequest():
+                raise ControlError(f"{req.op.value} is a stream (Holder.stream)", vm=self.vm_id)
+
+    async def stream(self, req: StreamRequest, channel: Channel) -> None:
+        """Serve an interactive ``session`` or ``attach`` until either side ends it."""
+        match req:
+            case SessionRequest():
+                await self._session(req, channel)
+            case AttachRequest():
+                await self._attach(channel)
+
+    async def _session(self, req: SessionRequest, channel: Channel) -> None:
+        agent = self.vm.agent if self.vm is not None else None
+        if agent is None:
+            raise VMLifecycleError("the VM is not running (or has no agent)", vm=self.vm_id)
+        async with agent.session(req.command, tty=req.tty, rows=req.rows, cols=req.cols,
+                                 term=req.term, timeout_s=SESSION_START_S) as session:
+            await channel.accept(SessionReply(session.pid or 0))
+
+            async def output() -> None:
+                while (chunk := await session.read()) is not None:
+                    await channel.send(interactive.Output(chunk.stream, chunk.data))
+                ended = await session.wait()
+                await channel.send(interactive.Exit(ended.exit_code, ended.outcome))
+
+            async def requests() -> None:
+                while (event := await channel.receive()) is not None:
+                    match event:
+                        case interactive.Input(data=data):
+                            await session.write(data)
+                        case interactive.Eof():
+                            await session.close_stdin()
+                        case interactive.Resize(rows=rows, cols=cols):
+                            await session.resize(rows, cols)
+                        case interactive.Signal(signal=signum):
+                            await session.signal(signum)
+                        case _:
+                            raise interactive.StreamProtocolError(
+                                f"a client sent {type(event).__name__}")
+
+            try:
+                await _first_of(output(), requests())  # the client leaving ends the session
+            except AgentError as exc:
+                await channel.send(interactive.Error(f"the guest agent failed: {exc}"))
+
+    async def _attach(self, channel: Channel) -> None:
+        vm = self.vm
+        if vm is None:
+            raise VMLifecycleError("the VM is not running: no console to attach to",
+                                   vm=self.vm_id)
+        if self._attached:
+            raise ConsoleBusyError("someone is attached to the console already (one at a "
+                                   "time); their detach key is Ctrl-]", vm=self.vm_id)
+        self._attached = True
+        try:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_unix_connection(str(vm.qemu.console_socket)),
+                    CONSOLE_CONNECT_S)
+            except (OSError, TimeoutError) as exc:
+                raise ControlError(f"cannot reach the VM's console: {exc}",
+                                   vm=self.vm_id) from exc
+            try:
+                await channel.accept(AttachReply())
+
+                async def output() -> None:
+                    while data := await reader.read(interactive.MAX_DATA_BYTES):
+                        await channel.send(interactive.Output(OutputStream.STDOUT,
+                                                              data))
+                    await channel.send(interactive.Error("the VM's console closed"))
+
+                async def requests() -> None:
+                    while (event := await channel.receive()) is not None:
+                        if isinstance(event, interactive.Input):
+                            writer.write(event.data)
+                            await writer.drain()
+
+                await _first_of(output(), requests())
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+        finally:
+            self._attached = False
 
     def _status(self) -> StatusReply:
         r = self.record
@@ -295,7 +399,8 @@ async def holding(paths: VMPaths, record: HolderRecord) -> AsyncIterator[Holder]
     holder = Holder(paths, record)
     try:
         holder.update()
-        async with control.serve_control(paths.control_socket(vm_id), holder.handle):
+        async with control.serve_control(paths.control_socket(vm_id), holder.handle,
+                                         holder.stream):
             try:
                 yield holder
             finally:
@@ -304,6 +409,18 @@ async def holding(paths: VMPaths, record: HolderRecord) -> AsyncIterator[Holder]
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
         holder._finish()
+
+
+async def _first_of(*coros: Coroutine[Any, Any, None]) -> None:
+    """Run ``coros`` until the first returns (or raises); cancel the others."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            await cancel_and_wait(task, swallow_errors=True)
 
 
 def stop_report(ending: Ending, outcome: StopReply) -> dict[str, Any]:

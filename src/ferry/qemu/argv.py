@@ -50,9 +50,15 @@ class SerialToFile:
 
 @dataclass(frozen=True, slots=True)
 class SerialToSocket:
-    """Guest serial console on a UNIX socket QEMU listens on."""
+    """Guest serial console on a UNIX socket QEMU listens on (one client at a time).
+
+    With ``log``, QEMU also appends everything the guest writes to that file,
+    whether or not a client is connected; with none connected the guest's
+    output is only logged (never held back).
+    """
 
     path: Path
+    log: Path | None = None
 
 
 SerialSpec = SerialToFile | SerialToSocket
@@ -167,8 +173,10 @@ def argv_for(kernel: Path, initramfs: Path, config: QemuConfig) -> list[str]:
         argv += ["-chardev", f"file,id=serial0,path={_opt(config.serial.path)}",
                  "-serial", "chardev:serial0"]
     elif isinstance(config.serial, SerialToSocket):
+        log = config.serial.log
+        logfile = "" if log is None else f",logfile={_opt(log)},logappend=on"
         argv += ["-chardev", f"socket,id=serial0,path={_opt(config.serial.path)},"
-                             "server=on,wait=off",
+                             f"server=on,wait=off{logfile}",
                  "-serial", "chardev:serial0"]
 
     if config.agent is not None:

@@ -51,7 +51,7 @@ from ferry.qemu.argv import (
     NbdDisk,
     PrivateRam,
     QemuConfig,
-    SerialToFile,
+    SerialToSocket,
     argv_for,
     host_tsc_khz,
     kernel_cmdline,
@@ -169,6 +169,11 @@ class QemuVM:
     def agent_socket(self) -> Path:
         """The guest agent's socket (QEMU listens) when ``config.agent`` is set."""
         return self.work_dir / "agent.sock"
+
+    @property
+    def console_socket(self) -> Path:
+        """The serial console's socket (QEMU listens; the log is written either way)."""
+        return self.work_dir / "console.sock"
 
     @property
     def console_path(self) -> Path:
@@ -484,7 +489,8 @@ class QemuVM:
             machine=cfg.machine, cmdline=cmdline,
             memory_path=None if self.private_ram else self.memory_path,
             private_ram=self.private_ram, disks=tuple(disks),
-            serial=SerialToFile(self.work_dir / f"console.{generation}.log"),
+            serial=SerialToSocket(self.console_socket,
+                                  log=self.work_dir / f"console.{generation}.log"),
             qmp_socket=self.qmp_socket, accel=self.accel,
             incoming="defer" if incoming else None, net=cfg.net,
             agent=AgentChannel(self.agent_socket) if cfg.agent else None,

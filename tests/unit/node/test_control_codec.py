@@ -35,6 +35,9 @@ REQUESTS: list[control.Request] = [
     control.MigrateCancelRequest(),
     control.ClaimRequest("w2"),
     control.ClaimRequest("w2", (PortForward("127.0.0.1", 0, 6379),)),
+    control.SessionRequest.of(["sh"], tty=True, rows=24, cols=80, term="xterm-256color"),
+    control.SessionRequest.of("cat > /tmp/x"),
+    control.AttachRequest(),
 ]
 
 REPLIES: list[control.Reply] = [
@@ -66,6 +69,8 @@ REPLIES: list[control.Reply] = [
     control.ExportReply("/tmp/x.ferry", "k1", 100, 0.25, 1.5, "redis"),
     control.ClaimReply({"vm_id": "w2", "pid": 7, "forwards": ["127.0.0.1:1->6379/tcp"]}),
     control.MigrateCancelReply(True),
+    control.SessionReply(231),
+    control.AttachReply(),
     control.MigrateCancelReply(False, "already handed off: post-copy must finish"),
     control.ErrorReply("it broke", "LiveMigrationError", handed_off=True),
     control.ErrorReply("no", "VMLifecycleError"),
@@ -130,6 +135,12 @@ BAD_REQUESTS = [
     b'{"op": "claim", "vm_id": "w2", "forwards": ['
     + b", ".join([b'["127.0.0.1", 0, 1, "tcp", false]'] * 65) + b']}\n',   # too many
     b'{"op": "migrate", "to": ["h", 1], "access": {"insecure": true}, "migration_id": "x"}\n',
+    b'{"op": "session"}\n',
+    b'{"op": "session", "argv": ["sh"], "rows": 70000}\n',
+    b'{"op": "session", "argv": ["sh"], "rows": -1}\n',
+    b'{"op": "session", "argv": ["sh"], "tty": 1}\n',
+    b'{"op": "session", "argv": ["sh"], "term": "x\\u001b[2J"}\n',
+    b'{"op": "session", "argv": ["sh"], "term": "' + b"x" * 65 + b'"}\n',
 ]
 
 

@@ -9,6 +9,9 @@ docs/agent.md. Public API::
     AgentClient.wait_ready(timeout_s) -> Hello
     AgentClient.ping(timeout_s) -> Pong
     AgentClient.exec(argv | shell_command, *, stdin, timeout_s, max_output_bytes) -> ExecResult
+    AgentClient.session(argv | shell_command, *, tty, rows, cols, term) -> async context of
+        AgentSession: read() -> SessionOutput | None, write(bytes), close_stdin(),
+        resize(rows, cols), signal(n), wait() -> SessionExit
     AgentClient.before_suspend(timeout_s, *, check) -> HooksResult
     AgentClient.after_resume(timeout_s, *, host_time_ns, check) -> HooksResult
 """
@@ -24,6 +27,7 @@ from ferry.guest.agent.errors import (
     AgentRemoteError,
     AgentRequestError,
     AgentTimeoutError,
+    AgentUnsupportedError,
 )
 from ferry.guest.agent.hooks import AgentSpec
 from ferry.guest.agent.protocol import (
@@ -33,8 +37,12 @@ from ferry.guest.agent.protocol import (
     Hello,
     HookResult,
     HooksResult,
+    OutputStream,
     Pong,
+    SessionExit,
+    SessionOutput,
 )
+from ferry.guest.agent.session import AgentSession
 
 __all__ = [
     "ANSWER_GRACE_S",
@@ -47,15 +55,20 @@ __all__ = [
     "AgentProtocolError",
     "AgentRemoteError",
     "AgentRequestError",
+    "AgentSession",
     "AgentSpec",
     "AgentTimeoutError",
+    "AgentUnsupportedError",
     "ErrorCode",
     "ExecOutcome",
     "ExecResult",
     "Hello",
     "HookResult",
     "HooksResult",
+    "OutputStream",
     "Pong",
+    "SessionExit",
+    "SessionOutput",
     "connect_agent",
     "open_agent",
 ]

@@ -26,9 +26,11 @@ instead of hanging. The agent serves one request at a time, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -43,12 +45,15 @@ from ferry.guest.agent.errors import (
     AgentProtocolError,
     AgentRemoteError,
     AgentTimeoutError,
+    AgentUnsupportedError,
 )
 from ferry.guest.agent.protocol import (
     MAX_OUTPUT_BYTES,
+    SESSION_PROTOCOL_VERSION,
     AfterResume,
     BeforeSuspend,
     Decoder,
+    ErrorCode,
     ErrorReply,
     Exec,
     ExecResult,
@@ -60,8 +65,12 @@ from ferry.guest.agent.protocol import (
     Pong,
     Reply,
     Request,
+    SessionOpen,
+    SessionRequest,
+    SessionSignal,
     encode,
 )
+from ferry.guest.agent.session import AgentSession
 from ferry.transport.base import Stream
 from ferry.transport.unix import connect_unix_when_listening
 
@@ -87,6 +96,7 @@ class AgentClient:
         self._decoder = Decoder(resync=True)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._sessions: dict[int, AgentSession] = {}
         self._ready = asyncio.Event()  # set on HELLO *or* on failure: check _failure
         self._failure: AgentError | None = None
         self._send_lock = asyncio.Lock()
@@ -130,16 +140,62 @@ class AgentClient:
         comes ``ANSWER_GRACE_S`` later, :class:`AgentTimeoutError` is raised.
         A non-zero exit is a result, not an error.
         """
-        if isinstance(argv, str):
-            args: tuple[bytes, ...] = (argv.encode(),)
-            shell = True
-        else:
-            args = tuple(a.encode() if isinstance(a, str) else bytes(a) for a in argv)
-            shell = False
+        args, shell = _argv(argv)
         request = Exec(argv=args, shell=shell, stdin=stdin, timeout_ms=_ms(timeout_s),
                        max_output_bytes=max_output_bytes)
         encode(request, 1)  # reject a bad request now, not inside the deadline
         return await self._call("exec", lambda: request, timeout_s + ANSWER_GRACE_S, ExecResult)
+
+    @asynccontextmanager
+    async def session(
+        self,
+        argv: Sequence[str | bytes] | str,
+        *,
+        tty: bool = False,
+        rows: int = 0,
+        cols: int = 0,
+        term: str = "",
+        timeout_s: float = 30.0,
+    ) -> AsyncIterator[AgentSession]:
+        """Start a command whose stdin, stdout and stderr stream (on a pty with ``tty``).
+
+        ``argv`` as for :meth:`exec`. ``timeout_s`` bounds the start only: the
+        command runs until it exits. Leaving the block before it exited kills its
+        process group (SIGKILL). A command that cannot start is a session whose
+        :meth:`~AgentSession.wait` says ``START_FAILED``. Needs an agent of
+        protocol 2 (:class:`AgentUnsupportedError` otherwise).
+        """
+        args, shell = _argv(argv)
+        request = SessionOpen(argv=args, shell=shell, tty=tty, rows=rows, cols=cols,
+                              term=term.encode())
+        encode(request, 1)  # reject a bad request now
+        try:
+            async with asyncio.timeout(timeout_s):
+                hello = await self._wait_hello()
+        except TimeoutError as exc:
+            raise AgentTimeoutError("session", timeout_s) from exc
+        if hello.protocol_version < SESSION_PROTOCOL_VERSION:
+            raise AgentUnsupportedError(
+                f"the guest's agent ({hello.agent_version}, protocol {hello.protocol_version}) "
+                f"has no interactive sessions: rebuild the VM's image")
+        session_id = self._next_id()
+        session = AgentSession(session_id, self._send_session, name=f"{self._name}.{session_id}")
+        self._sessions[session_id] = session
+        try:
+            self._log.debug("--> SessionOpen #%d tty=%s", session_id, tty)
+            await self._send(encode(request, session_id))
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await session.wait_started()
+            except TimeoutError as exc:
+                raise AgentTimeoutError("session", timeout_s) from exc
+            yield session
+        finally:
+            self._sessions.pop(session_id, None)
+            if not session.ended and self._failure is None:
+                with contextlib.suppress(AgentError):
+                    await self._send(encode(SessionSignal(signal.SIGKILL), session_id))
+            session.fail(AgentDisconnectedError(f"session #{session_id} closed"))
 
     async def before_suspend(self, timeout_s: float = 30.0, *, check: bool = True) -> HooksResult:
         """Run the blueprint's before-suspend hooks in the guest, then ``sync``.
@@ -182,11 +238,19 @@ class AgentClient:
         assert self.hello is not None
         return self.hello
 
+    def _next_id(self) -> int:
+        return next(self._ids) & 0xFFFFFFFF or next(self._ids)
+
+    async def _send_session(self, request: SessionRequest, session_id: int) -> None:
+        if self._failure is not None:
+            raise self._failure
+        await self._send(encode(request, session_id))
+
     async def _call(self, operation: str, make: Callable[[], Request], timeout_s: float,
                     expect: type[_R]) -> _R:
         if self._failure is not None:
             raise self._failure
-        request_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+        request_id = self._next_id()
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout(timeout_s):
@@ -225,6 +289,8 @@ class AgentClient:
             if not future.done():
                 future.set_exception(error)
         self._pending.clear()
+        for session in self._sessions.values():
+            session.fail(error)
 
     def _dispatch(self, frame: Frame) -> None:
         message = frame.message
@@ -237,9 +303,13 @@ class AgentClient:
             self._decoder.resync = False
             self._ready.set()
             return
+        session = self._sessions.get(frame.request_id)
+        if session is not None:
+            session.feed(message)
+            return
         future = self._pending.get(frame.request_id)
         if future is None:
-            if isinstance(message, ErrorReply):
+            if isinstance(message, ErrorReply) and message.code is not ErrorCode.NO_SESSION:
                 self._log.warning("agent reported %s: %s", message.code.name, message.message)
             else:  # an answer to a call that timed out, or to an old connection
                 self._log.debug("ignoring %s for unknown request #%d",
@@ -280,6 +350,13 @@ class AgentClient:
                 # A stale header from an old conversation may claim a payload that
                 # never comes; give up on it so the scan reaches the HELLO.
                 self._decoder.discard_partial()
+
+
+def _argv(argv: Sequence[str | bytes] | str) -> tuple[tuple[bytes, ...], bool]:
+    """A list is execvp'd; a string runs through ``sh -c``."""
+    if isinstance(argv, str):
+        return (argv.encode(),), True
+    return tuple(a.encode() if isinstance(a, str) else bytes(a) for a in argv), False
 
 
 def _ms(timeout_s: float) -> int:

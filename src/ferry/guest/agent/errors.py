@@ -9,6 +9,7 @@
         ├── AgentDisconnectedError    the connection ended while calls were pending
         ├── AgentRemoteError          the agent answered with an ERROR frame (.code)
         ├── AgentHookError            a suspend/resume hook failed in the guest (.report)
+        ├── AgentUnsupportedError     the guest's agent is too old for the request
         ├── AgentRequestError         we tried to send something too large (LocalProtocolError)
         └── AgentProtocolError        the agent sent malformed bytes (RemoteProtocolError)
             └── AgentFrameTooLargeError   a frame exceeded the size cap (FrameTooLargeError)
@@ -66,6 +67,10 @@ class AgentHookError(AgentError):
     def __init__(self, message: str, report: HooksResult) -> None:
         super().__init__(message)
         self.report = report
+
+
+class AgentUnsupportedError(AgentError):
+    """The guest's agent speaks an older protocol that lacks the request (sessions)."""
 
 
 class AgentRequestError(AgentError, LocalProtocolError):

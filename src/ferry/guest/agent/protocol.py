@@ -1,4 +1,4 @@
-"""Sans-IO codec of the guest agent protocol (version 1).
+"""Sans-IO codec of the guest agent protocol (version 2; version 1 lacks sessions).
 
 The host and the agent inside the guest talk over a virtio-serial port: the
 host end is a UNIX socket QEMU listens on. This module turns messages into
@@ -31,6 +31,13 @@ Payload fields: ``u8/u16/u32/i32/i64``; ``bytes`` = u32 length + data;
                                      | max_output_bytes u32 | argv | stdin bytes
     4   BEFORE_SUSPEND               timeout_ms u32
     5   AFTER_RESUME                 timeout_ms u32 | host_time_ns i64
+    6   SESSION_OPEN                 flags u8 (bit 0: shell, bit 1: tty) | rows u16
+                                     | cols u16 | term bytes (<= 64) | argv
+    7   SESSION_INPUT                data bytes (<= 64 KiB; within the window)
+    8   SESSION_EOF                  (empty) close the command's stdin (tty: type VEOF)
+    9   SESSION_RESIZE               rows u16 | cols u16 (TIOCSWINSZ)
+    10  SESSION_SIGNAL               signal u8 (1..64), sent to the command's process group
+    11  SESSION_ACK                  bytes u32: output the host has taken
 
     guest -> host
     128 HELLO                        protocol u16 | agent_version bytes | boot_id bytes
@@ -40,6 +47,15 @@ Payload fields: ``u8/u16/u32/i32/i64``; ``bytes`` = u32 length + data;
     131 HOOKS_RESULT                 clock_offset_ns i64 | count u16 | count x
                                      (command bytes | outcome u8 | code i32 | output bytes)
     132 ERROR                        code u16 | message bytes
+    133 SESSION_STARTED              pid u32
+    134 SESSION_OUTPUT               stream u8 (1 stdout, 2 stderr) | data bytes (<= 64 KiB)
+    135 SESSION_INPUT_ACK            bytes u32: stdin written to the command
+    136 SESSION_EXIT                 outcome u8 | code i32
+
+Sessions (version 2): every frame of a session carries the request id of its
+SESSION_OPEN. Each direction has a window of :data:`SESSION_WINDOW` bytes:
+the agent sends no more output than that unacknowledged (SESSION_ACK), the
+host sends no more stdin than that unacknowledged (SESSION_INPUT_ACK).
 
 Requests carry a non-zero ``request_id``; the reply carries the same one.
 HELLO and HELLO_REQUEST use 0. An ERROR with id 0 is about the stream itself
@@ -59,7 +75,9 @@ from ferry.guest.agent.errors import (
     AgentRequestError,
 )
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
+SESSION_PROTOCOL_VERSION: Final = 2
+"""The first protocol version whose agent serves sessions (``exec -it``)."""
 MAGIC: Final = b"FAGT"
 HEADER = struct.Struct(">4sBBHII")
 HEADER_BYTES: Final = HEADER.size  # 16
@@ -74,6 +92,13 @@ MAX_STDIN_BYTES: Final = 1024 * 1024
 MAX_ARGS: Final = 4096
 MAX_HOOKS: Final = 64
 MAX_TIMEOUT_MS: Final = 24 * 3600 * 1000
+MAX_CHUNK_BYTES: Final = 64 * 1024
+"""Data in one SESSION_INPUT or SESSION_OUTPUT frame (same constant in agent.c)."""
+SESSION_WINDOW: Final = 256 * 1024
+"""Unacknowledged bytes per session and direction (same constant in agent.c): what
+either side may have to buffer for one session."""
+MAX_TERM_BYTES: Final = 64
+MAX_SIGNAL: Final = 64
 
 
 class MessageType(enum.IntEnum):
@@ -82,11 +107,21 @@ class MessageType(enum.IntEnum):
     EXEC = 3
     BEFORE_SUSPEND = 4
     AFTER_RESUME = 5
+    SESSION_OPEN = 6
+    SESSION_INPUT = 7
+    SESSION_EOF = 8
+    SESSION_RESIZE = 9
+    SESSION_SIGNAL = 10
+    SESSION_ACK = 11
     HELLO = 128
     PONG = 129
     EXEC_RESULT = 130
     HOOKS_RESULT = 131
     ERROR = 132
+    SESSION_STARTED = 133
+    SESSION_OUTPUT = 134
+    SESSION_INPUT_ACK = 135
+    SESSION_EXIT = 136
 
 
 class ExecOutcome(enum.IntEnum):
@@ -104,6 +139,13 @@ class ErrorCode(enum.IntEnum):
     TOO_LARGE = 3  # a frame above the agent's size cap
     INTERNAL = 4  # a system call failed in the agent (message names it)
     CLOCK = 5  # clock_settime failed
+    NO_SESSION = 6  # a session request names no open session
+    BUSY = 7  # the agent has as many sessions open as it serves
+
+
+class OutputStream(enum.IntEnum):
+    STDOUT = 1
+    STDERR = 2
 
 
 # -- messages ---------------------------------------------------------------
@@ -143,6 +185,86 @@ class AfterResume:
 
     timeout_ms: int
     host_time_ns: int
+
+
+def _check_size(rows: int, cols: int) -> None:
+    if not (0 <= rows <= 0xFFFF and 0 <= cols <= 0xFFFF):
+        raise AgentRequestError(f"window size {rows}x{cols} out of u16 range")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOpen:
+    """Start ``argv`` (or ``sh -c argv[0]``) with its stdio streamed; on a pty with ``tty``.
+
+    ``rows``/``cols`` of 0 leave the pty's size unset; ``term`` becomes ``$TERM``.
+    """
+
+    argv: tuple[bytes, ...]
+    shell: bool = False
+    tty: bool = False
+    rows: int = 0
+    cols: int = 0
+    term: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInput:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEof:
+    """No more stdin: the agent closes the command's stdin (on a pty: types VEOF)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionResize:
+    rows: int
+    cols: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSignal:
+    """Send ``signal`` to the session's process group."""
+
+    signal: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionAck:
+    """The host took ``count`` bytes of output: the agent may send that much more."""
+
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStarted:
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOutput:
+    stream: OutputStream
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInputAck:
+    """The command took ``count`` bytes of stdin: the host may send that much more."""
+
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionExit:
+    """How a session's command ended (START_FAILED: it never ran; code is the errno)."""
+
+    outcome: ExecOutcome
+    code: int
+
+    @property
+    def exit_code(self) -> int:
+        return ExecResult(self.outcome, self.code).exit_code
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,9 +343,11 @@ class ErrorReply:
     message: str
 
 
-Request = HelloRequest | Ping | Exec | BeforeSuspend | AfterResume
-Reply = Hello | Pong | ExecResult | HooksResult | ErrorReply
-Message = Request | Reply
+Request = HelloRequest | Ping | Exec | BeforeSuspend | AfterResume | SessionOpen
+SessionRequest = SessionInput | SessionEof | SessionResize | SessionSignal | SessionAck
+Reply = Hello | Pong | ExecResult | HooksResult | ErrorReply | SessionStarted
+SessionEvent = SessionOutput | SessionInputAck | SessionExit
+Message = Request | SessionRequest | Reply | SessionEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,10 +384,7 @@ def _payload(message: Message) -> tuple[MessageType, bytes]:
         case Ping():
             return MessageType.PING, b""
         case Exec():
-            if not message.argv or len(message.argv) > MAX_ARGS:
-                raise AgentRequestError(f"argv needs 1..{MAX_ARGS} items, got {len(message.argv)}")
-            if any(b"\0" in a for a in message.argv):
-                raise AgentRequestError("argv items must not contain NUL bytes")
+            _check_argv(message.argv)
             if len(message.stdin) > MAX_STDIN_BYTES:
                 raise AgentRequestError(
                     f"stdin of {len(message.stdin)} bytes exceeds {MAX_STDIN_BYTES}")
@@ -301,6 +422,57 @@ def _payload(message: Message) -> tuple[MessageType, bytes]:
             return MessageType.HOOKS_RESULT, b"".join(parts)
         case ErrorReply():
             return MessageType.ERROR, _U16.pack(message.code) + _bytes(message.message.encode())
+        case SessionOpen():
+            _check_argv(message.argv)
+            _check_size(message.rows, message.cols)
+            if len(message.term) > MAX_TERM_BYTES or b"\0" in message.term:
+                raise AgentRequestError(f"term must be at most {MAX_TERM_BYTES} bytes, no NUL")
+            flags = (1 if message.shell else 0) | (2 if message.tty else 0)
+            parts = [_U8.pack(flags), _U16.pack(message.rows), _U16.pack(message.cols),
+                     _bytes(message.term), _U16.pack(len(message.argv))]
+            parts += [_bytes(a) for a in message.argv]
+            return MessageType.SESSION_OPEN, b"".join(parts)
+        case SessionInput():
+            return MessageType.SESSION_INPUT, _bytes(_chunk(message.data))
+        case SessionEof():
+            return MessageType.SESSION_EOF, b""
+        case SessionResize():
+            _check_size(message.rows, message.cols)
+            return MessageType.SESSION_RESIZE, _U16.pack(message.rows) + _U16.pack(message.cols)
+        case SessionSignal():
+            if not 0 < message.signal <= MAX_SIGNAL:
+                raise AgentRequestError(f"signal must be 1..{MAX_SIGNAL}, got {message.signal}")
+            return MessageType.SESSION_SIGNAL, _U8.pack(message.signal)
+        case SessionAck():
+            return MessageType.SESSION_ACK, _count(message.count)
+        case SessionStarted():
+            return MessageType.SESSION_STARTED, _U32.pack(message.pid)
+        case SessionOutput():
+            return MessageType.SESSION_OUTPUT, (_U8.pack(message.stream)
+                                                + _bytes(_chunk(message.data)))
+        case SessionInputAck():
+            return MessageType.SESSION_INPUT_ACK, _count(message.count)
+        case SessionExit():
+            return MessageType.SESSION_EXIT, _U8.pack(message.outcome) + _I32.pack(message.code)
+
+
+def _check_argv(argv: tuple[bytes, ...]) -> None:
+    if not argv or len(argv) > MAX_ARGS:
+        raise AgentRequestError(f"argv needs 1..{MAX_ARGS} items, got {len(argv)}")
+    if any(b"\0" in a for a in argv):
+        raise AgentRequestError("argv items must not contain NUL bytes")
+
+
+def _chunk(data: bytes) -> bytes:
+    if len(data) > MAX_CHUNK_BYTES:
+        raise AgentRequestError(f"a chunk of {len(data)} bytes exceeds {MAX_CHUNK_BYTES}")
+    return data
+
+
+def _count(n: int) -> bytes:
+    if not 0 <= n <= SESSION_WINDOW:
+        raise AgentRequestError(f"an acknowledgement of {n} bytes is not in 0..{SESSION_WINDOW}")
+    return _U32.pack(n)
 
 
 def encode(message: Message, request_id: int = 0, *,
@@ -363,6 +535,12 @@ class _Reader:
         except ValueError:
             self.fail(f"unknown {cls.__name__} {value}")
 
+    def window(self, what: str) -> int:
+        n = self.num(_U32)
+        if n > SESSION_WINDOW:
+            self.fail(f"{what} {n} exceeds the {SESSION_WINDOW}-byte window")
+        return n
+
     def end(self) -> None:
         if self._pos != len(self._data):
             self.fail(f"{len(self._data) - self._pos} trailing bytes")
@@ -414,6 +592,39 @@ def _decode(kind: MessageType, r: _Reader) -> Message:
             return HooksResult(clock_offset_ns=offset, hooks=hooks)
         case MessageType.ERROR:
             return ErrorReply(code=r.enum(ErrorCode, _U16), message=r.text(65536, "message"))
+        case MessageType.SESSION_OPEN:
+            flags = r.num(_U8)
+            if flags & ~3:
+                r.fail(f"unknown flags {flags:#x}")
+            rows, cols = r.num(_U16), r.num(_U16)
+            term = r.blob(MAX_TERM_BYTES, "term")
+            argc = r.num(_U16)
+            if not 0 < argc <= MAX_ARGS:
+                r.fail(f"argc {argc} not in 1..{MAX_ARGS}")
+            argv = tuple(r.blob(MAX_FRAME_BYTES, "argument") for _ in range(argc))
+            return SessionOpen(argv=argv, shell=bool(flags & 1), tty=bool(flags & 2),
+                               rows=rows, cols=cols, term=term)
+        case MessageType.SESSION_INPUT:
+            return SessionInput(r.blob(MAX_CHUNK_BYTES, "input"))
+        case MessageType.SESSION_EOF:
+            return SessionEof()
+        case MessageType.SESSION_RESIZE:
+            return SessionResize(rows=r.num(_U16), cols=r.num(_U16))
+        case MessageType.SESSION_SIGNAL:
+            sig = r.num(_U8)
+            if not 0 < sig <= MAX_SIGNAL:
+                r.fail(f"signal {sig} not in 1..{MAX_SIGNAL}")
+            return SessionSignal(sig)
+        case MessageType.SESSION_ACK:
+            return SessionAck(r.window("acknowledged"))
+        case MessageType.SESSION_STARTED:
+            return SessionStarted(r.num(_U32))
+        case MessageType.SESSION_OUTPUT:
+            return SessionOutput(r.enum(OutputStream, _U8), r.blob(MAX_CHUNK_BYTES, "output"))
+        case MessageType.SESSION_INPUT_ACK:
+            return SessionInputAck(r.window("acknowledged"))
+        case MessageType.SESSION_EXIT:
+            return SessionExit(outcome=r.enum(ExecOutcome, _U8), code=r.num(_I32))
 
 
 class Decoder:

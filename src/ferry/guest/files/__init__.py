@@ -12,7 +12,8 @@ Boot is two stages:
    :data:`MARKER_BOOTED`; then ``start-agent`` runs ``/ferry/agent/agent`` if
    present (the hook for the guest agent) and ``run-workload`` runs the
    blueprint's workload from ``/ferry/blueprint.env`` and prints
-   :data:`MARKER_READY` once its readiness command succeeds.
+   :data:`MARKER_READY` once its readiness command succeeds; a root shell
+   runs on the serial console (``ttyS0``, respawned) for ``ferry vm attach``.
 
 The markers go to the serial console; hosts wait for them.
 """

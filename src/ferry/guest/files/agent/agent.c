@@ -16,6 +16,16 @@
  * socket is new. A host that connects while the agent never saw the hang-up
  * (the VM was paused across it) sends HELLO_REQUEST. Every frame starts with
  * a magic, so bytes of an old conversation are skipped, never misread.
+ *
+ * Sessions (protocol 2). SESSION_OPEN starts a command whose stdin, stdout and
+ * stderr stay connected to the host: on a pty (/dev/ptmx; the child is a
+ * session leader with the pty as its controlling terminal) or on pipes. The
+ * loop polls the port and every session's descriptors together, so sessions
+ * stream while the agent waits for requests. Both directions have a window
+ * (credit): the agent stops reading a session's output once SESSION_WINDOW
+ * bytes wait for the host's SESSION_ACK, and acknowledges stdin once written
+ * to the command; so neither side buffers more than a window per session.
+ * A one-shot EXEC or hook still runs to its end first (sessions pause).
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -28,15 +38,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
-#define AGENT_VERSION "ferry-agent 1.0"
-#define PROTOCOL_VERSION 1
+#define AGENT_VERSION "ferry-agent 1.1"
+#define PROTOCOL_VERSION 2
 #define MAGIC "FAGT"
 #define HEADER_BYTES 16
 #define MAX_FRAME_BYTES (4u * 1024 * 1024)
@@ -50,13 +62,24 @@
 #define HUP_SLEEP_MS 50        /* how often a disconnected agent looks for a host */
 #define PARTIAL_IDLE_MS 2000   /* a frame half-received this long is garbage */
 #define EXIT_GRACE_MS 200      /* output still open after the child exited (daemons) */
+#define MAX_SESSIONS 8
+#define MAX_CHUNK_BYTES (64u * 1024)   /* data in one SESSION_INPUT/SESSION_OUTPUT */
+#define SESSION_WINDOW (256u * 1024)   /* unacknowledged bytes per session and direction */
+#define MAX_TERM_BYTES 64
 
 enum msg_type {
     T_HELLO_REQUEST = 1, T_PING = 2, T_EXEC = 3, T_BEFORE_SUSPEND = 4, T_AFTER_RESUME = 5,
+    T_SESSION_OPEN = 6, T_SESSION_INPUT = 7, T_SESSION_EOF = 8, T_SESSION_RESIZE = 9,
+    T_SESSION_SIGNAL = 10, T_SESSION_ACK = 11,
     T_HELLO = 128, T_PONG = 129, T_EXEC_RESULT = 130, T_HOOKS_RESULT = 131, T_ERROR = 132,
+    T_SESSION_STARTED = 133, T_SESSION_OUTPUT = 134, T_SESSION_INPUT_ACK = 135,
+    T_SESSION_EXIT = 136,
 };
 enum outcome { O_EXITED = 0, O_SIGNALED = 1, O_TIMED_OUT = 2, O_START_FAILED = 3 };
-enum err_code { E_MALFORMED = 1, E_UNKNOWN_TYPE = 2, E_TOO_LARGE = 3, E_INTERNAL = 4, E_CLOCK = 5 };
+enum err_code {
+    E_MALFORMED = 1, E_UNKNOWN_TYPE = 2, E_TOO_LARGE = 3, E_INTERNAL = 4, E_CLOCK = 5,
+    E_NO_SESSION = 6, E_BUSY = 7,
+};
 
 static const char *port_name = DEFAULT_PORT_NAME;
 static int port_fd = -1;
@@ -472,11 +495,328 @@ static void handle_after_resume(uint32_t rid, struct rd *rd) {
     buf_free(&p);
 }
 
+/* ---- sessions (protocol 2) -------------------------------------------------- */
+
+struct session {
+    uint32_t id;           /* the SESSION_OPEN's request id; 0: a free slot */
+    pid_t pid;
+    int tty;               /* stdin/stdout/stderr on one pty (in_fd is a dup of out_fd) */
+    int in_fd, out_fd, err_fd;
+    struct buf in;         /* stdin from the host not yet written to the command */
+    size_t in_off;
+    int in_eof;            /* 1: the host sent SESSION_EOF; 2: handled */
+    uint32_t out_unacked;  /* output sent to the host and not yet acknowledged */
+    int exited, status;
+    int64_t last_out_ms;   /* after the exit: output open this long without bytes ends it */
+};
+
+static struct session sessions[MAX_SESSIONS];
+
+static struct session *find_session(uint32_t id) {
+    for (int i = 0; id && i < MAX_SESSIONS; i++)
+        if (sessions[i].id == id) return &sessions[i];
+    return NULL;
+}
+
+static int active_sessions(void) {
+    int n = 0;
+    for (int i = 0; i < MAX_SESSIONS; i++) n += sessions[i].id != 0;
+    return n;
+}
+
+static void close_fd(int *fd) {
+    if (*fd >= 0) close(*fd);
+    *fd = -1;
+}
+
+static void session_release(struct session *s) {
+    close_fd(&s->in_fd);
+    close_fd(&s->out_fd);
+    close_fd(&s->err_fd);
+    buf_free(&s->in);
+    memset(s, 0, sizeof *s);
+    s->in_fd = s->out_fd = s->err_fd = -1;
+}
+
+static void send_u32(uint8_t type, uint32_t rid, uint32_t v) {
+    struct buf p = {0};
+    put_u32(&p, v);
+    send_frame(type, rid, &p);
+    buf_free(&p);
+}
+
+static void send_session_exit(uint32_t rid, int outcome, int code) {
+    struct buf p = {0};
+    put_u8(&p, (uint8_t)outcome);
+    put_u32(&p, (uint32_t)code);
+    send_frame(T_SESSION_EXIT, rid, &p);
+    buf_free(&p);
+}
+
+/* The host is gone (or a new one said hello): nobody will read these sessions again. */
+static void kill_sessions(void) {
+    for (int i = 0; i < MAX_SESSIONS; i++) {
+        struct session *s = &sessions[i];
+        if (!s->id) continue;
+        logf_("session %u: host gone; killing pid %d", s->id, (int)s->pid);
+        kill(-s->pid, SIGKILL);
+        kill(s->pid, SIGKILL);
+        if (!s->exited) while (waitpid(s->pid, &s->status, 0) < 0 && errno == EINTR) {}
+        session_release(s);
+    }
+}
+
+/* Read one chunk of output (within the window) and send it; closes fd at EOF (EIO: pty). */
+static void session_pump_out(struct session *s, int *fd, uint8_t stream) {
+    static uint8_t chunk[MAX_CHUNK_BYTES];
+    size_t room = SESSION_WINDOW - s->out_unacked;
+    if (*fd < 0 || room == 0) return;
+    ssize_t n = read(*fd, chunk, room < sizeof chunk ? room : sizeof chunk);
+    if (n > 0) {
+        struct buf p = {0};
+        put_u8(&p, stream);
+        put_blob(&p, chunk, (size_t)n);
+        send_frame(T_SESSION_OUTPUT, s->id, &p);
+        buf_free(&p);
+        s->out_unacked += (uint32_t)n;
+        s->last_out_ms = mono_ms();
+    } else if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
+        close_fd(fd);
+    }
+}
+
+/* Write pending stdin to the command, acknowledging what it took; then EOF if asked. */
+static void session_pump_in(struct session *s) {
+    size_t pending = s->in.len - s->in_off;
+    if (pending && s->in_fd >= 0) {
+        ssize_t w = write(s->in_fd, s->in.data + s->in_off, pending);
+        if (w > 0) {
+            s->in_off += (size_t)w;
+            send_u32(T_SESSION_INPUT_ACK, s->id, (uint32_t)w);
+        } else if (w < 0 && errno != EAGAIN && errno != EINTR) {
+            close_fd(&s->in_fd);  /* the command closed its stdin */
+        }
+    }
+    if (pending && s->in_fd < 0) {  /* nobody reads it any more: discard, but acknowledge */
+        send_u32(T_SESSION_INPUT_ACK, s->id, (uint32_t)(s->in.len - s->in_off));
+        s->in_off = s->in.len;
+    }
+    if (s->in_off == s->in.len) s->in.len = s->in_off = 0;
+    if (s->in_eof == 1 && s->in.len == 0) {
+        s->in_eof = 2;
+        if (!s->tty) {
+            close_fd(&s->in_fd);
+        } else if (s->in_fd >= 0) {  /* a terminal has no half-close: type its EOF character */
+            struct termios t;
+            uint8_t eof = 4;
+            if (tcgetattr(s->in_fd, &t) == 0) eof = t.c_cc[VEOF];
+            ssize_t ignored = write(s->in_fd, &eof, 1);
+            (void)ignored;
+        }
+    }
+}
+
+/* The child's exit is known and its output closed (or quiet for EXIT_GRACE_MS): report it. */
+static void session_check_end(struct session *s) {
+    if (!s->exited && waitpid(s->pid, &s->status, WNOHANG) == s->pid) {
+        s->exited = 1;
+        s->last_out_ms = mono_ms();
+    }
+    if (!s->exited) return;
+    int quiet = mono_ms() - s->last_out_ms >= EXIT_GRACE_MS && s->out_unacked < SESSION_WINDOW;
+    if ((s->out_fd >= 0 || s->err_fd >= 0) && !quiet) return;
+    if (WIFEXITED(s->status)) send_session_exit(s->id, O_EXITED, WEXITSTATUS(s->status));
+    else send_session_exit(s->id, O_SIGNALED, WTERMSIG(s->status));
+    logf_("session %u ended", s->id);
+    session_release(s);
+}
+
+static int open_pty(int *master, char *slave, size_t size, unsigned rows, unsigned cols) {
+    *master = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (*master < 0) return -1;
+    int unlock = 0;
+    unsigned n;
+    if (ioctl(*master, TIOCSPTLCK, &unlock) < 0 || ioctl(*master, TIOCGPTN, &n) < 0) return -1;
+    snprintf(slave, size, "/dev/pts/%u", n);
+    struct winsize ws = {(unsigned short)rows, (unsigned short)cols, 0, 0};
+    if (rows && cols && ioctl(*master, TIOCSWINSZ, &ws) < 0) return -1;
+    return 0;
+}
+
+/* Start argv in s (on a pty if s->tty); 0, or an errno with nothing left open. */
+static int session_start(struct session *s, char *const argv[], const char *term,
+                         unsigned rows, unsigned cols) {
+    int master = -1, pin[2] = {-1, -1}, pout[2] = {-1, -1}, perr[2] = {-1, -1};
+    int pexec[2] = {-1, -1}, err = 0;
+    char slave[64] = "";
+    if (s->tty ? open_pty(&master, slave, sizeof slave, rows, cols) < 0
+               : (pipe2(pin, O_CLOEXEC) || pipe2(pout, O_CLOEXEC) || pipe2(perr, O_CLOEXEC)))
+        err = errno;
+    if (!err && pipe2(pexec, O_CLOEXEC)) err = errno;
+    pid_t pid = err ? -1 : fork();
+    if (pid == 0) {
+        setsid();
+        signal(SIGPIPE, SIG_DFL);
+        int ok = 1;
+        if (s->tty) {
+            int fd = open(slave, O_RDWR);  /* a session leader's first tty: its controlling one */
+            ok = fd >= 0 && ioctl(fd, TIOCSCTTY, 0) == 0;
+            if (ok) {
+                dup2(fd, 0); dup2(fd, 1); dup2(fd, 2);
+                if (fd > 2) close(fd);
+            }
+        } else {
+            dup2(pin[0], 0); dup2(pout[1], 1); dup2(perr[1], 2);
+        }
+        if (ok) {
+            if (term[0]) setenv("TERM", term, 1);
+            execvp(argv[0], argv);
+        }
+        int e = errno;
+        ssize_t ignored = write(pexec[1], &e, sizeof e);
+        (void)ignored;
+        _exit(127);
+    }
+    if (!err && pid < 0) err = errno;
+    close_fd(&pin[0]); close_fd(&pout[1]); close_fd(&perr[1]); close_fd(&pexec[1]);
+    if (pid > 0) {
+        int exec_errno = 0;
+        ssize_t got;
+        while ((got = read(pexec[0], &exec_errno, sizeof exec_errno)) < 0 && errno == EINTR) {}
+        if (got > 0) {
+            err = exec_errno ? exec_errno : EIO;
+            while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
+        }
+    }
+    close_fd(&pexec[0]);
+    if (err) {
+        close_fd(&master); close_fd(&pin[1]); close_fd(&pout[0]); close_fd(&perr[0]);
+        return err;
+    }
+    s->pid = pid;
+    if (s->tty) {
+        s->out_fd = master;
+        s->in_fd = fcntl(master, F_DUPFD_CLOEXEC, 3);
+    } else {
+        s->in_fd = pin[1];
+        s->out_fd = pout[0];
+        s->err_fd = perr[0];
+    }
+    if (s->in_fd >= 0) set_nonblock(s->in_fd);
+    set_nonblock(s->out_fd);
+    if (s->err_fd >= 0) set_nonblock(s->err_fd);
+    return 0;
+}
+
+static void handle_session_open(uint32_t rid, struct rd *rd) {
+    uint32_t flags = get_u8(rd), rows = get_u16(rd), cols = get_u16(rd);
+    size_t tlen;
+    const uint8_t *t = get_blob(rd, MAX_TERM_BYTES, &tlen);
+    uint32_t argc = get_u16(rd);
+    if (rd->bad || (flags & ~3u) || argc == 0 || argc > MAX_ARGS || !rid ||
+        (tlen && memchr(t, 0, tlen))) {
+        send_error(rid, E_MALFORMED, "bad SESSION_OPEN header");
+        return;
+    }
+    char term[MAX_TERM_BYTES + 1] = "";
+    if (tlen) memcpy(term, t, tlen);
+    char **argv = calloc(argc + 1, sizeof *argv);
+    int ok = argv != NULL;
+    for (uint32_t i = 0; ok && i < argc; i++) {
+        size_t n;
+        const uint8_t *a = get_blob(rd, MAX_FRAME_BYTES, &n);
+        if (!a || memchr(a, 0, n)) { ok = 0; break; }
+        argv[i] = strndup((const char *)a, n);
+    }
+    struct session *s = NULL;
+    for (int i = 0; ok && !s && i < MAX_SESSIONS; i++) if (!sessions[i].id) s = &sessions[i];
+    if (!ok || rd->bad || rd->left) {
+        send_error(rid, E_MALFORMED, "bad SESSION_OPEN arguments");
+    } else if (find_session(rid)) {
+        send_error(rid, E_MALFORMED, "session %u is already open", rid);
+    } else if (!s) {
+        send_error(rid, E_BUSY, "%d sessions are open already", MAX_SESSIONS);
+    } else {
+        char *shell[] = {"/bin/sh", "-c", argv[0], NULL};
+        session_release(s);
+        s->tty = (flags & 2) != 0;
+        int err = session_start(s, flags & 1 ? shell : argv, term, rows, cols);
+        if (err) {
+            logf_("session %u: cannot start %s: %s", rid, argv[0], strerror(err));
+            session_release(s);
+            send_session_exit(rid, O_START_FAILED, err);
+        } else {
+            s->id = rid;
+            logf_("session %u: pid %d%s", rid, (int)s->pid, s->tty ? " on a pty" : "");
+            send_u32(T_SESSION_STARTED, rid, (uint32_t)s->pid);
+        }
+    }
+    if (argv) {
+        for (uint32_t i = 0; i < argc; i++) free(argv[i]);
+        free(argv);
+    }
+}
+
+/* SESSION_INPUT, _EOF, _RESIZE, _SIGNAL, _ACK: a request on an open session. */
+static void handle_session_request(uint8_t type, uint32_t rid, struct rd *rd) {
+    size_t n = 0;
+    const uint8_t *data = NULL;
+    uint32_t a = 0, b = 0;
+    switch (type) {
+    case T_SESSION_INPUT: data = get_blob(rd, MAX_CHUNK_BYTES, &n); break;
+    case T_SESSION_RESIZE: a = get_u16(rd); b = get_u16(rd); break;
+    case T_SESSION_SIGNAL: a = get_u8(rd); break;
+    case T_SESSION_ACK: a = get_u32(rd); break;
+    default: break;  /* T_SESSION_EOF: empty */
+    }
+    if (rd->bad || rd->left || (type == T_SESSION_SIGNAL && (a == 0 || a > 64))) {
+        send_error(rid, E_MALFORMED, "bad session request (type %u)", type);
+        return;
+    }
+    struct session *s = find_session(rid);
+    if (!s) {
+        send_error(rid, E_NO_SESSION, "no open session %u", rid);
+        return;
+    }
+    switch (type) {
+    case T_SESSION_INPUT:
+        if (s->in_eof) {
+            send_error(rid, E_MALFORMED, "session %u: input after EOF", rid);
+        } else if (s->in.len - s->in_off + n > SESSION_WINDOW) {
+            send_error(rid, E_TOO_LARGE, "session %u: input beyond the %u-byte window",
+                       rid, SESSION_WINDOW);
+        } else {
+            put(&s->in, data, n);
+            session_pump_in(s);
+        }
+        break;
+    case T_SESSION_EOF:
+        if (!s->in_eof) s->in_eof = 1;
+        session_pump_in(s);
+        break;
+    case T_SESSION_RESIZE:
+        if (s->tty) {
+            struct winsize ws = {(unsigned short)a, (unsigned short)b, 0, 0};
+            int fd = s->in_fd >= 0 ? s->in_fd : s->out_fd;
+            if (fd >= 0 && ioctl(fd, TIOCSWINSZ, &ws) < 0)
+                logf_("session %u: TIOCSWINSZ: %s", rid, strerror(errno));
+        }
+        break;
+    case T_SESSION_SIGNAL:
+        if (!s->exited) kill(-s->pid, (int)a);
+        break;
+    case T_SESSION_ACK:
+        s->out_unacked -= a < s->out_unacked ? a : s->out_unacked;
+        break;
+    }
+}
+
 static void handle(uint8_t type, uint32_t rid, const uint8_t *payload, size_t len) {
     struct rd rd = {payload, len, 0};
     struct buf p = {0};
     switch (type) {
     case T_HELLO_REQUEST:
+        kill_sessions();  /* a host that (re)connects unseen starts a new conversation */
         send_hello();
         break;
     case T_PING:
@@ -492,6 +832,16 @@ static void handle(uint8_t type, uint32_t rid, const uint8_t *payload, size_t le
         break;
     case T_AFTER_RESUME:
         handle_after_resume(rid, &rd);
+        break;
+    case T_SESSION_OPEN:
+        handle_session_open(rid, &rd);
+        break;
+    case T_SESSION_INPUT:
+    case T_SESSION_EOF:
+    case T_SESSION_RESIZE:
+    case T_SESSION_SIGNAL:
+    case T_SESSION_ACK:
+        handle_session_request(type, rid, &rd);
         break;
     default:
         send_error(rid, E_UNKNOWN_TYPE, "unknown message type %u", type);
@@ -549,23 +899,50 @@ int main(int argc, char **argv) {
     read_boot_id();
     inbuf = malloc(HEADER_BYTES + MAX_FRAME_BYTES);
     if (!inbuf) { logf_("out of memory"); return 1; }
+    for (int i = 0; i < MAX_SESSIONS; i++)  /* no descriptors yet (not 0: that is stdin) */
+        sessions[i].in_fd = sessions[i].out_fd = sessions[i].err_fd = -1;
     int connected = 0;
     int64_t last_rx = 0;
     for (;;) {
         if (port_fd < 0) {
+            kill_sessions();
             port_fd = open_port();
             if (port_fd < 0) { sleep_ms(200); continue; }
             connected = 0;
             inlen = 0;
         }
-        struct pollfd pf = {port_fd, POLLIN, 0};
-        int r = poll(&pf, 1, connected ? 500 : HUP_SLEEP_MS);
+        /* The port first, then each session's descriptors (output only within its window). */
+        struct pollfd pf[1 + 3 * MAX_SESSIONS];
+        struct { struct session *s; int *fd; uint8_t stream; } slot[1 + 3 * MAX_SESSIONS];
+        nfds_t n = 0;
+        pf[n++] = (struct pollfd){port_fd, POLLIN, 0};
+        for (int i = 0; connected && i < MAX_SESSIONS; i++) {
+            struct session *s = &sessions[i];
+            if (!s->id) continue;
+            int room = s->out_unacked < SESSION_WINDOW;
+            if (room && s->out_fd >= 0) {
+                slot[n] = (typeof(slot[0])){s, &s->out_fd, 1};
+                pf[n++] = (struct pollfd){s->out_fd, POLLIN, 0};
+            }
+            if (room && s->err_fd >= 0) {
+                slot[n] = (typeof(slot[0])){s, &s->err_fd, 2};
+                pf[n++] = (struct pollfd){s->err_fd, POLLIN, 0};
+            }
+            if (s->in_fd >= 0 && s->in.len > s->in_off) {
+                slot[n] = (typeof(slot[0])){s, &s->in_fd, 0};
+                pf[n++] = (struct pollfd){s->in_fd, POLLOUT, 0};
+            }
+        }
+        /* No SIGCHLD handler: with sessions open, look at their children this often. */
+        int wait = active_sessions() ? 50 : connected ? 500 : HUP_SLEEP_MS;
+        int r = poll(pf, n, wait);
         if (r < 0 && errno != EINTR) { logf_("poll: %s", strerror(errno)); sleep_ms(HUP_SLEEP_MS); }
-        if (pf.revents & POLLNVAL) { port_fd = -1; continue; }
-        if (pf.revents & POLLHUP) {
+        if (pf[0].revents & POLLNVAL) { port_fd = -1; continue; }
+        if (pf[0].revents & POLLHUP) {
             /* No host: whatever is buffered belongs to a conversation that is over. */
             if (connected) logf_("host disconnected");
             connected = 0;
+            kill_sessions();
             uint8_t scratch[4096];
             while (read(port_fd, scratch, sizeof scratch) > 0) {}
             inlen = 0;
@@ -577,13 +954,18 @@ int main(int argc, char **argv) {
             logf_("host connected; sending hello");
             send_hello();
         }
-        if (pf.revents & (POLLIN | POLLERR)) {
-            ssize_t n = read(port_fd, inbuf + inlen, HEADER_BYTES + MAX_FRAME_BYTES - inlen);
-            if (n > 0) {
-                inlen += (size_t)n;
+        for (nfds_t i = 1; r > 0 && i < n; i++) {
+            if (!pf[i].revents || !slot[i].s->id) continue;
+            if (slot[i].stream) session_pump_out(slot[i].s, slot[i].fd, slot[i].stream);
+            else session_pump_in(slot[i].s);
+        }
+        if (pf[0].revents & (POLLIN | POLLERR)) {
+            ssize_t got = read(port_fd, inbuf + inlen, HEADER_BYTES + MAX_FRAME_BYTES - inlen);
+            if (got > 0) {
+                inlen += (size_t)got;
                 last_rx = mono_ms();
                 process_input();
-            } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+            } else if (got < 0 && errno != EAGAIN && errno != EINTR) {
                 logf_("read: %s; reopening the port", strerror(errno));
                 close(port_fd);
                 port_fd = -1;
@@ -593,5 +975,7 @@ int main(int argc, char **argv) {
             logf_("dropping %zu bytes of an incomplete frame", inlen);
             inlen = 0;
         }
+        for (int i = 0; port_fd >= 0 && i < MAX_SESSIONS; i++)
+            if (sessions[i].id) session_check_end(&sessions[i]);
     }
 }
