@@ -217,3 +217,8 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     if base is list and not all(isinstance(v, str) for v in value):
         raise TypeError(f"{name} must be a list of strings")
     return value
+
+
+def to_json(record: Any) -> dict[str, Any] | None:
+    """A record as a JSON-ready dict (None stays None)."""
+    return None if record is None else dict(json.loads(encode(record)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from ferry.cluster import keys as k
@@ -32,7 +33,7 @@ class FakeCluster:
 
 
 class FakeMover:
-    def __init__(self, vms: list[VMDemand], *, dead: frozenset[str] = frozenset(),
+    def __init__(self, vms: list[VMDemand], *, dead: Iterable[str] = (),
                  move_s: float = 0.01) -> None:
         self.vms = vms
         self.dead = set(dead)
