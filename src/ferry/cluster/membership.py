@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from ferry.cluster import keys as k
-from ferry.cluster.errors import ClusterError, ClusterUnavailableError
+from ferry.cluster.errors import ClusterError
 from ferry.cluster.store import ClusterStore
 
 log = logging.getLogger(__name__)
@@ -95,18 +95,24 @@ class Membership:
         while True:
             try:
                 await self._session()
-            except (ClusterUnavailableError, LeaseLostError) as exc:
+            except Exception as exc:
+                cause = _first_cause(exc)
+                if not isinstance(cause, ClusterError):
+                    # A bug here must not take the daemon (and its API) down with it.
+                    log.error("cluster: unexpected %r", cause, exc_info=cause)
                 wait = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
                 failures += 1
                 self.connected = False
-                log.warning("cluster: %s; VMs keep running; retrying in %.1f s", exc, wait)
-                self._on_status(Status(False, self.store.endpoint, str(exc), wait,
+                log.warning("cluster: %s; VMs keep running; retrying in %.1f s", cause, wait)
+                self._on_status(Status(False, self.store.endpoint, str(cause), wait,
                                        self.registrations))
                 await asyncio.sleep(wait)
                 continue
             failures = 0
 
     async def _session(self) -> None:
+        """One registration and its heartbeat and watches, until one of them fails.
+        ClusterUnavailableError: etcd away; LeaseLostError: the lease expired."""
         await self.register()
         self.connected = True
         self._on_status(Status(True, self.store.endpoint, registrations=self.registrations))
@@ -211,3 +217,10 @@ class Membership:
                                  k.encode(k.NodeState(k.NodeStatus.LEFT, time.time())))
             await self.store.revoke(self.lease)
         self.lease = None
+
+
+def _first_cause(exc: BaseException) -> BaseException:
+    """The first leaf of an exception group (the task group's failure), else ``exc``."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc

@@ -54,6 +54,8 @@ class EtcdMember:
     data_dir: Path
     proc: asyncio.subprocess.Process | None = None
     log: Path = field(default_factory=Path)
+    argv: list[str] = field(default_factory=list)
+    """The command line it was started with (:meth:`EtcdCluster.restart` reuses it)."""
 
     @property
     def client_url(self) -> str:
@@ -67,6 +69,7 @@ class EtcdMember:
 @dataclass
 class EtcdCluster:
     members: list[EtcdMember]
+    _health: Callable[[str], bool] = lambda url: _healthy(url)
 
     @property
     def endpoints(self) -> list[tuple[str, int]]:
@@ -76,6 +79,12 @@ class EtcdCluster:
     def url(self) -> str:
         """``etcd://HOST:PORT[,HOST:PORT...]``: what ``ferry daemon --cluster`` takes."""
         return "etcd://" + ",".join(f"{h}:{p}" for h, p in self.endpoints)
+
+    async def restart(self, index: int) -> None:
+        """Start member ``index`` again (after :meth:`kill`) on its data; until healthy."""
+        member = self.members[index]
+        await _spawn(member)
+        await _wait_healthy(member, self._health)
 
     async def kill(self, index: int) -> None:
         """SIGKILL member ``index`` (a machine that died)."""
@@ -124,6 +133,12 @@ async def _wait_healthy(m: EtcdMember, health: Callable[[str], bool]) -> None:
         await asyncio.sleep(0.1)
 
 
+async def _spawn(m: EtcdMember) -> None:
+    with m.log.open("ab") as log:
+        m.proc = await asyncio.create_subprocess_exec(
+            *m.argv, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL)
+
+
 async def _stop(m: EtcdMember) -> None:
     proc = m.proc
     if proc is None or proc.returncode is not None:
@@ -165,14 +180,14 @@ async def etcd_cluster(members: int = 1, *, hosts: Sequence[str] | None = None,
             free_port(host) if loopback else 2380, root / f"m{i}", log=root / f"m{i}.log"))
     initial = ",".join(f"{m.name}={m.peer_url}" for m in cluster.members)
     token = f"ferry-{os.getpid()}-{os.urandom(4).hex()}"
+    cluster._health = health or _healthy
     try:
         for i, m in enumerate(cluster.members):
-            argv = _argv(m, initial, token)
-            with m.log.open("wb") as log:
-                m.proc = await asyncio.create_subprocess_exec(
-                    *(wrap(i, argv) if wrap else argv), stdout=log, stderr=log,
-                    stdin=asyncio.subprocess.DEVNULL)
-        await asyncio.gather(*(_wait_healthy(m, health or _healthy) for m in cluster.members))
+            m.argv = _argv(m, initial, token)
+            if wrap is not None:
+                m.argv = wrap(i, m.argv)
+            await _spawn(m)
+        await asyncio.gather(*(_wait_healthy(m, cluster._health) for m in cluster.members))
         yield cluster
     finally:
         await asyncio.gather(*(_stop(m) for m in cluster.members))
