@@ -169,3 +169,17 @@ async def test_drain_moves_every_vm_out_and_a_killed_node_is_marked_dead(
             _, raw = await asyncio.to_thread(api[h].raw, "GET", "/metrics")
             marked.append("ferry_cluster_dead_nodes_total 1.0" in raw.decode())
         assert sorted(marked) == [False, True]
+
+        # Drain cl2 now: cl1 is cordoned, cl3 dead; its VM fits nowhere and is
+        # snapshotted into a package here, and the result says so.
+        on_cl2 = next(vm for vm, t in moved.items() if t == "cl2")
+        op = await _call(api["cl2"], "POST", "/v1/node/drain", {"deadline_s": 60})
+        op = await asyncio.to_thread(api["cl2"].wait, op)
+        assert op["state"] == "succeeded", op
+        result = op["result"]
+        assert result["moved"] == []
+        [packaged] = result["packaged"]
+        assert (packaged["vm"], packaged["reason"]) == (on_cl2, "fits on no node")
+        assert await asyncio.to_thread(Path(packaged["package"]).is_file)
+        assert [v["vm_id"] for v in await _call(api["cl2"], "GET", "/v1/vms")
+                if v["status"] == "running"] == []
