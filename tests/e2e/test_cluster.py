@@ -11,41 +11,21 @@ placement keys follow. Then ``cl3``'s daemon is SIGKILLed: its lease expires and
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import signal
-import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ferry.daemon.client import DaemonClient
-from ferry.testing.etcd import etcd_cluster
+from ferry.testing.cluster import ClusterSite, all_alive, cluster_on_hosts
 from ferry.testing.packages import Signer
-from ferry.testing.site import Site, scratch_root, site_on_hosts
-from ferry.transport.auth import new_token, write_token_file
+from ferry.testing.site import scratch_root
 
 pytestmark = pytest.mark.e2e
 
-NODES = ("cl1", "cl2", "cl3")
-START_TIMEOUT_S = 60.0
+NODES = ["cl1", "cl2", "cl3"]
 LEASE_TTL_S = 3
-
-
-def _healthy_in(site: Site, host: str) -> Any:
-    def check(url: str) -> bool:
-        import subprocess
-        code = (f"import urllib.request,sys; sys.exit(0 if b'true' in urllib.request."
-                f"urlopen('{url}/health', timeout=2).read() else 1)")
-        try:
-            return subprocess.run(site.hosts[host].exec_argv([sys.executable, "-c", code]),
-                                  capture_output=True, timeout=10).returncode == 0
-        except subprocess.TimeoutExpired:
-            return False
-    return check
 
 
 async def _call(api: DaemonClient, method: str, path: str, body: Any = None) -> Any:
@@ -63,123 +43,89 @@ async def _until(what: str, check: Any, timeout_s: float = 60.0) -> Any:
         await asyncio.sleep(0.25)
 
 
-@contextlib.asynccontextmanager
-async def cluster_site(signer: Signer) -> AsyncIterator[tuple[Site, str, dict[str, Any]]]:
-    with scratch_root("fcl-") as root:
-        async with contextlib.AsyncExitStack() as stack:
-            site = await stack.enter_async_context(
-                site_on_hosts(["cle", *NODES], root, signer.env, switch_tag="cl"))
-            etcd = await stack.enter_async_context(etcd_cluster(
-                1, hosts=[site.address("cle")],
-                wrap=lambda i, argv: site.hosts["cle"].exec_argv(argv),
-                health=_healthy_in(site, "cle")))
-            token = root / "cluster.token"
-            write_token_file(token, new_token())
-            procs: dict[str, Any] = {}
-            try:
-                for h in NODES:
-                    procs[h] = await site.start(
-                        h, "daemon", "--json", "--warm-holders", "0",
-                        "--listen-tcp", f"{site.address(h)}:7480",
-                        "--token-file", str(token), "--cluster", etcd.url,
-                        "--node-name", h, "--lease-ttl", str(LEASE_TTL_S),
-                        "--vm-memory-mib", "1024")
-                for proc in procs.values():
-                    line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT_S)
-                    assert line, (await proc.stderr.read()).decode()[-2000:]
-                    assert json.loads(line)["event"] == "listening"
-                yield site, etcd.url, procs
-            finally:
-                for proc in procs.values():
-                    if proc.returncode is None:
-                        with contextlib.suppress(ProcessLookupError):
-                            proc.send_signal(signal.SIGTERM)
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(proc.communicate(), 30)
-
-
 async def test_drain_moves_every_vm_out_and_a_killed_node_is_marked_dead(
         signer: Signer, minimal_package: Path) -> None:
-    async with cluster_site(signer) as (site, url, procs):
-        api = {h: DaemonClient.unix(site.paths(h).run_root / "ferryd.sock") for h in NODES}
+    with scratch_root("fcl-") as root:
+        async with cluster_on_hosts(NODES, root, signer.env, switch_tag="cl",
+                                    lease_ttl_s=LEASE_TTL_S, max_incoming=1) as c:
+            await _scenario(c, minimal_package)
 
-        async def cluster_view(h: str = "cl2") -> Any:
-            return await _call(api[h], "GET", "/v1/cluster")
 
-        async def all_alive() -> bool:
-            view = await cluster_view()
-            return sorted(n["name"] for n in view["nodes"]
-                          if n["state"] and n["state"]["status"] == "alive"
-                          and n["record"]) == list(NODES)
+async def _scenario(c: ClusterSite, minimal_package: Path) -> None:
+    site, url, procs = c.site, c.url, c.procs
+    api = {h: c.api(h) for h in NODES}
 
-        await _until("three nodes alive", all_alive)
-        vms = ["clv1", "clv2"]
-        ops = [await _call(api["cl1"], "POST", "/v1/vms",
-                           {"package": str(minimal_package), "name": vm}) for vm in vms]
-        for op in ops:
-            done = await asyncio.to_thread(api["cl1"].wait, op)
-            assert done["state"] == "succeeded", done
+    async def cluster_view(h: str = "cl2") -> Any:
+        return await _call(api[h], "GET", "/v1/cluster")
 
-        async def placed_on_cl1() -> bool:
-            placed = (await cluster_view())["vms"]
-            return all(placed.get(vm, {}).get("node") == "cl1" for vm in vms)
+    await _until("three nodes alive", lambda: all_alive(c, "cl2"))
+    vms = ["clv1", "clv2"]
+    ops = [await _call(api["cl1"], "POST", "/v1/vms",
+                       {"package": str(minimal_package), "name": vm}) for vm in vms]
+    for op in ops:
+        done = await asyncio.to_thread(api["cl1"].wait, op)
+        assert done["state"] == "succeeded", done
 
-        await _until("placement keys naming cl1", placed_on_cl1)
+    async def placed_on_cl1() -> bool:
+        placed = (await cluster_view())["vms"]
+        return all(placed.get(vm, {}).get("node") == "cl1" for vm in vms)
 
-        # Drain cl1 by hand, as an operator would, from another host.
-        drained = await site.ferry_json("cl2", "node", "drain", "cl1", "--cluster", url,
-                                        "--deadline", "120", timeout_s=240)
-        assert drained["complete"] is True, drained
-        assert drained["packaged"] == []
-        assert drained["failed"] == []
-        moved = {m["vm"]: m["to"] for m in drained["moved"]}
-        assert sorted(moved) == vms
-        assert sorted(moved.values()) == ["cl2", "cl3"]  # spread over both targets
-        assert all(m["downtime_ms"] is not None for m in drained["moved"])
-        assert await _call(api["cl1"], "GET", "/v1/vms") == []
-        for vm, target in moved.items():
-            [here] = [v for v in await _call(api[target], "GET", "/v1/vms")
-                      if v["vm_id"] == vm]
-            assert here["status"] == "running"
-        view = await cluster_view()
-        assert {vm: view["vms"][vm]["node"] for vm in vms} == moved
-        [cl1] = [n for n in view["nodes"] if n["name"] == "cl1"]
-        assert cl1["cordon"]["reason"] == "drain"
-        [evac] = [o for o in await _call(api["cl1"], "GET", "/v1/operations")
-                  if o["kind"] == "evacuate"]
-        assert evac["state"] == "succeeded"
-        _, raw = await asyncio.to_thread(api["cl1"].raw, "GET", "/metrics")
-        assert 'ferry_evacuation_vms_total{outcome="moved"} 2.0' in raw.decode()
+    await _until("placement keys naming cl1", placed_on_cl1)
 
-        # cl3's daemon dies without a word: its lease expires, cl2 marks it dead.
-        procs["cl3"].kill()
-        await procs["cl3"].wait()
-        on_cl3 = next(vm for vm, t in moved.items() if t == "cl3")
+    # Drain cl1 by hand, as an operator would, from another host.
+    drained = await site.ferry_json("cl2", "node", "drain", "cl1", "--cluster", url,
+                                    "--deadline", "120", timeout_s=240)
+    assert drained["complete"] is True, drained
+    assert drained["packaged"] == []
+    assert drained["failed"] == []
+    moved = {m["vm"]: m["to"] for m in drained["moved"]}
+    assert sorted(moved) == vms
+    assert sorted(moved.values()) == ["cl2", "cl3"]  # spread over both targets
+    assert all(m["downtime_ms"] is not None for m in drained["moved"])
+    assert await _call(api["cl1"], "GET", "/v1/vms") == []
+    for vm, target in moved.items():
+        [here] = [v for v in await _call(api[target], "GET", "/v1/vms")
+                  if v["vm_id"] == vm]
+        assert here["status"] == "running"
+    view = await cluster_view()
+    assert {vm: view["vms"][vm]["node"] for vm in vms} == moved
+    [cl1] = [n for n in view["nodes"] if n["name"] == "cl1"]
+    assert cl1["cordon"]["reason"] == "drain"
+    [evac] = [o for o in await _call(api["cl1"], "GET", "/v1/operations")
+              if o["kind"] == "evacuate"]
+    assert evac["state"] == "succeeded"
+    _, raw = await asyncio.to_thread(api["cl1"].raw, "GET", "/metrics")
+    assert 'ferry_evacuation_vms_total{outcome="moved"} 2.0' in raw.decode()
 
-        async def cl3_dead() -> Any:
-            [n] = [n for n in (await cluster_view())["nodes"] if n["name"] == "cl3"]
-            return n if n["state"]["status"] == "dead" else None
+    # cl3's daemon dies without a word: its lease expires, cl2 marks it dead.
+    procs["cl3"].kill()
+    await procs["cl3"].wait()
+    on_cl3 = next(vm for vm, t in moved.items() if t == "cl3")
 
-        dead = await _until("cl3 marked dead", cl3_dead, timeout_s=LEASE_TTL_S * 10)
-        assert dead["record"] is None  # its node key went with its lease
-        assert dead["state"]["vms"] == [on_cl3]
-        # Both survivors watch; exactly one transaction marked it.
-        marked = []
-        for h in ("cl1", "cl2"):
-            _, raw = await asyncio.to_thread(api[h].raw, "GET", "/metrics")
-            marked.append("ferry_cluster_dead_nodes_total 1.0" in raw.decode())
-        assert sorted(marked) == [False, True]
+    async def cl3_dead() -> Any:
+        [n] = [n for n in (await cluster_view())["nodes"] if n["name"] == "cl3"]
+        return n if n["state"]["status"] == "dead" else None
 
-        # Drain cl2 now: cl1 is cordoned, cl3 dead; its VM fits nowhere and is
-        # snapshotted into a package here, and the result says so.
-        on_cl2 = next(vm for vm, t in moved.items() if t == "cl2")
-        op = await _call(api["cl2"], "POST", "/v1/node/drain", {"deadline_s": 60})
-        op = await asyncio.to_thread(api["cl2"].wait, op)
-        assert op["state"] == "succeeded", op
-        result = op["result"]
-        assert result["moved"] == []
-        [packaged] = result["packaged"]
-        assert (packaged["vm"], packaged["reason"]) == (on_cl2, "fits on no node")
-        assert await asyncio.to_thread(Path(packaged["package"]).is_file)
-        assert [v["vm_id"] for v in await _call(api["cl2"], "GET", "/v1/vms")
-                if v["status"] == "running"] == []
+    dead = await _until("cl3 marked dead", cl3_dead, timeout_s=LEASE_TTL_S * 10)
+    assert dead["record"] is None  # its node key went with its lease
+    assert dead["state"]["vms"] == [on_cl3]
+    # Both survivors watch; exactly one transaction marked it.
+    marked = []
+    for h in ("cl1", "cl2"):
+        _, raw = await asyncio.to_thread(api[h].raw, "GET", "/metrics")
+        marked.append("ferry_cluster_dead_nodes_total 1.0" in raw.decode())
+    assert sorted(marked) == [False, True]
+
+    # Drain cl2 now: cl1 is cordoned, cl3 dead; its VM fits nowhere and is
+    # snapshotted into a package here, and the result says so.
+    on_cl2 = next(vm for vm, t in moved.items() if t == "cl2")
+    op = await _call(api["cl2"], "POST", "/v1/node/drain", {"deadline_s": 60})
+    op = await asyncio.to_thread(api["cl2"].wait, op)
+    assert op["state"] == "succeeded", op
+    result = op["result"]
+    assert result["moved"] == []
+    [packaged] = result["packaged"]
+    assert (packaged["vm"], packaged["reason"]) == (on_cl2, "fits on no node")
+    assert await asyncio.to_thread(Path(packaged["package"]).is_file)
+    assert [v["vm_id"] for v in await _call(api["cl2"], "GET", "/v1/vms")
+            if v["status"] == "running"] == []
