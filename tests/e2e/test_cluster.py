@@ -11,6 +11,7 @@ placement keys follow. Then ``cl3``'s daemon is SIGKILLed: its lease expires and
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -116,9 +117,26 @@ async def _scenario(c: ClusterSite, minimal_package: Path) -> None:
         marked.append("ferry_cluster_dead_nodes_total 1.0" in raw.decode())
     assert sorted(marked) == [False, True]
 
+    # etcd dies: cl2 says so (metric, 503), its VM runs on untouched; etcd returns and
+    # cl2 registers again.
+    on_cl2 = next(vm for vm, t in moved.items() if t == "cl2")
+    await c.etcd.kill(0)
+
+    async def cluster_up(h: str, value: float) -> bool:
+        _, raw = await asyncio.to_thread(api[h].raw, "GET", "/metrics")
+        return f"ferry_cluster_up {value}" in raw.decode()
+
+    await _until("cl2 reports etcd unreachable", lambda: cluster_up("cl2", 0.0))
+    status, body = await asyncio.to_thread(api["cl2"].raw, "GET", "/v1/cluster")
+    assert status == 503, body
+    assert json.loads(body)["type"].endswith("/cluster-unavailable")
+    ran = await _call(api["cl2"], "POST", f"/v1/vms/{on_cl2}/exec", {"argv": ["true"]})
+    assert ran["exit_code"] == 0
+    await c.etcd.restart(0)
+    await _until("cl2 registered again", lambda: cluster_up("cl2", 1.0))
+
     # Drain cl2 now: cl1 is cordoned, cl3 dead; its VM fits nowhere and is
     # snapshotted into a package here, and the result says so.
-    on_cl2 = next(vm for vm, t in moved.items() if t == "cl2")
     op = await _call(api["cl2"], "POST", "/v1/node/drain", {"deadline_s": 60})
     op = await asyncio.to_thread(api["cl2"].wait, op)
     assert op["state"] == "succeeded", op
@@ -129,3 +147,4 @@ async def _scenario(c: ClusterSite, minimal_package: Path) -> None:
     assert await asyncio.to_thread(Path(packaged["package"]).is_file)
     assert [v["vm_id"] for v in await _call(api["cl2"], "GET", "/v1/vms")
             if v["status"] == "running"] == []
+

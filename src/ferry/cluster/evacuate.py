@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -134,7 +134,10 @@ async def evacuate(node: str, deadline_at: float, *, cluster: ClusterOps, mover:
     started = clock()
     result = EvacuationResult(op_id or f"evac-{node}-{int(started * 1000)}", node,
                               reason.value, started, deadline_at)
-    await cluster.cordon(node, reason, f"evacuation {result.id}")
+    try:
+        await cluster.cordon(node, reason, f"evacuation {result.id}")
+    except FerryError as exc:  # etcd away: the VMs must still leave (as packages)
+        log.warning("evacuation %s: could not cordon %s (%s)", result.id, node, exc)
     await _record(cluster, result, k.OpState.RUNNING)
     vms = await mover.local_vms()
     order, queue = evacuation_order(vms, window_s=max(deadline_at - started, 0.0),
@@ -200,12 +203,12 @@ async def evacuate(node: str, deadline_at: float, *, cluster: ClusterOps, mover:
                         else f"failed on {attempts[vm.vm]} targets"
                     tg.create_task(fallback(vm, why))
                     continue
-                target = await _target(cluster, ledger, vm, excluded[vm.vm])
+                target, why = await _target(cluster, ledger, vm, excluded[vm.vm])
                 if target is None:
                     if ledger.inflight:
                         break  # a target may free an incoming slot: wait for one to end
                     pending.pop(0)
-                    tg.create_task(fallback(vm, "fits on no node"))
+                    tg.create_task(fallback(vm, why))
                     continue
                 pending.pop(0)
                 attempts[vm.vm] += 1
@@ -220,17 +223,20 @@ async def evacuate(node: str, deadline_at: float, *, cluster: ClusterOps, mover:
     return result
 
 
+FITS_NOWHERE = "fits on no node"
+NO_VIEW = "no view of the cluster (etcd unreachable)"
+
+
 async def _target(cluster: ClusterOps, ledger: Ledger, vm: VMDemand,
-                  exclude: set[str]) -> k.NodeRecord | None:
+                  exclude: set[str]) -> tuple[k.NodeRecord | None, str]:
+    """A target for ``vm``, or None and why not."""
     try:
         views, records = await cluster.views()
     except FerryError as exc:  # etcd away: no target can be trusted now
         log.warning("evacuation: no view of the cluster (%s)", exc)
-        return None
-    reported: dict[str, Sequence[str]] = {}
-    picked = pick_target(ledger.apply(views.values(), reported=reported), vm,
-                         exclude=exclude)
-    return None if picked is None else records[picked.name]
+        return None, NO_VIEW
+    picked = pick_target(ledger.apply(views.values()), vm, exclude=exclude)
+    return (None, FITS_NOWHERE) if picked is None else (records[picked.name], "")
 
 
 async def _record(cluster: ClusterOps, result: EvacuationResult, state: k.OpState) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from ferry.daemon.client import DaemonClient
 from ferry.errors import FerryError
-from ferry.testing.etcd import etcd_cluster
+from ferry.testing.etcd import EtcdCluster, etcd_cluster
 from ferry.testing.site import Site, site_on_hosts
 from ferry.transport.auth import new_token, write_token_file
 
@@ -38,6 +38,7 @@ class ClusterSite:
     url: str
     """The etcd URL the daemons joined (``etcd://ADDR:2379``)."""
     nodes: list[str]
+    etcd: EtcdCluster
     procs: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
 
     def api(self, node: str) -> DaemonClient:
@@ -78,7 +79,7 @@ async def cluster_on_hosts(nodes: Sequence[str], root: Path, env: Mapping[str, s
             health=health_in(site, etcd_host)))
         token = root / "cluster.token"
         write_token_file(token, new_token())
-        c = ClusterSite(site, etcd.url, list(nodes))
+        c = ClusterSite(site, etcd.url, list(nodes), etcd)
         try:
             for h in nodes:
                 c.procs[h] = await site.start(

@@ -8,7 +8,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from ferry.cluster import keys as k
-from ferry.cluster.evacuate import evacuate
+from ferry.cluster.errors import ClusterUnavailableError
+from ferry.cluster.evacuate import NO_VIEW, evacuate
 from ferry.cluster.scheduler import MIB, NodeView, VMDemand
 from ferry.errors import FerryError, TransportError
 
@@ -137,3 +138,21 @@ async def test_a_failing_package_is_reported_not_raised() -> None:
     result = await evacuate("src", time.time() + 60, cluster=cluster, mover=Broken(four()))
     assert not result.complete
     assert [f["error"] for f in result.failed] == ["disk full"] * 4
+
+
+async def test_etcd_away_the_vms_still_leave_as_packages() -> None:
+    class Away(FakeCluster):
+        async def cordon(self, node: str, reason: k.CordonReason, detail: str = "") -> None:
+            raise ClusterUnavailableError("connection refused", endpoint="e:2379")
+
+        async def views(self) -> tuple[dict[str, NodeView], dict[str, k.NodeRecord]]:
+            raise ClusterUnavailableError("connection refused", endpoint="e:2379")
+
+        async def put(self, key: bytes, value: bytes, *, lease: int | None = None) -> None:
+            raise ClusterUnavailableError("connection refused", endpoint="e:2379")
+
+    mover = FakeMover(four())
+    result = await evacuate("src", time.time() + 60, cluster=Away(nodes("t1")), mover=mover)
+    assert result.complete
+    assert {p["reason"] for p in result.packaged} == {NO_VIEW}
+    assert sorted(mover.packages) == ["v0", "v1", "v2", "v3"]
