@@ -1,11 +1,14 @@
 """The cluster end to end: a real etcd, real daemons on three namespace hosts, real VMs.
 
 One etcd member runs on its own namespace host; a daemon on each of ``cl1``, ``cl2``,
-``cl3`` joins it (``--cluster``, a shared bearer token, a 3 s lease). Two small VMs run
-on ``cl1``; ``ferry node drain cl1`` moves both out live, one to each other node (the
-scheduler spreads them, each target takes one incoming migration at a time), and the
-placement keys follow. Then ``cl3``'s daemon is SIGKILLed: its lease expires and
-``cl2`` marks it dead, naming the VM it held.
+``cl3`` joins it (``--cluster``, a shared bearer token, a 3 s lease). Two small VMs are
+placed by the scheduler while ``cl2`` and ``cl3`` are cordoned, so on ``cl1``;
+``ferry node drain cl1`` moves both out live, one to each other node (the scheduler
+spreads them, each target takes one incoming migration at a time), and the placement
+keys follow. Then ``cl3``'s daemon is SIGKILLed: its lease expires and a survivor marks
+it dead, naming the VM it held. etcd is killed: ``cl2`` says so and its VM runs on;
+etcd returns and ``cl2`` registers again. Draining ``cl2`` last, its VM fits nowhere
+and goes into a package.
 """
 
 from __future__ import annotations
@@ -60,12 +63,22 @@ async def _scenario(c: ClusterSite, minimal_package: Path) -> None:
         return await _call(api[h], "GET", "/v1/cluster")
 
     await _until("three nodes alive", lambda: all_alive(c, "cl2"))
+    # Both VMs are placed by the scheduler (asked on cl2): with cl2 and cl3 cordoned,
+    # only cl1 takes them.
+    for h in ("cl2", "cl3"):
+        assert (await _call(api[h], "POST", "/v1/node/cordon"))["cordoned"] is True
     vms = ["clv1", "clv2"]
-    ops = [await _call(api["cl1"], "POST", "/v1/vms",
-                       {"package": str(minimal_package), "name": vm}) for vm in vms]
-    for op in ops:
-        done = await asyncio.to_thread(api["cl1"].wait, op)
+    for vm in vms:
+        placed = await _call(api["cl2"], "POST", "/v1/cluster/vms", {
+            "package": str(minimal_package), "name": vm, "memory_mib": 128})
+        assert placed["node"] == "cl1", placed
+        done = await asyncio.to_thread(api["cl1"].wait, placed["operation"])
         assert done["state"] == "succeeded", done
+    too_big = await asyncio.to_thread(api["cl2"].raw, "POST", "/v1/cluster/vms", json.dumps(
+        {"package": str(minimal_package), "memory_mib": 4096}).encode())
+    assert too_big[0] == 409, too_big
+    for h in ("cl2", "cl3"):
+        assert (await _call(api[h], "POST", "/v1/node/uncordon"))["cordoned"] is False
 
     async def placed_on_cl1() -> bool:
         placed = (await cluster_view())["vms"]
