@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -180,3 +182,37 @@ async def test_hostile_values_are_skipped_not_fatal() -> None:
                             ("wrong", b'{"name": "wrong", "api": 7}')):
             await store.put(f"/ferry/nodes/{name}".encode(), value)
         assert list(await store.records(k.NODES, k.NodeRecord)) == ["good"]
+
+
+async def test_ferry_node_cordons_lists_and_asks_for_drains() -> None:
+    async with etcd_cluster() as etcd, ClusterStore(etcd.endpoints) as store, \
+            nodes(etcd, ("na", ["vn1"])):
+        await until("na registered", lambda: store.record(k.NODES, "na", k.NodeRecord))
+
+        async def ferry(*args: str) -> tuple[int, str, str]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "ferry.cli.main", "node", *args, "--cluster", etcd.url,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await proc.communicate()
+            assert proc.returncode is not None
+            return proc.returncode, out.decode(), err.decode()
+
+        assert (await ferry("cordon", "na"))[0] == 0
+        cordon = await store.record(k.CORDON, "na", k.Cordon)
+        assert cordon is not None
+        assert cordon.reason is k.CordonReason.MANUAL
+        code, out, _ = await ferry("ls", "--json")
+        assert code == 0
+        [row] = json.loads(out)
+        assert row == {**row, "name": "na", "state": "alive", "cordoned": True,
+                       "api": record("na").api}
+        assert (await ferry("uncordon", "na"))[0] == 0
+        assert await store.record(k.CORDON, "na", k.Cordon) is None
+        code, _, err = await ferry("drain", "nobody")
+        assert code == 2
+        assert "no live node 'nobody'" in err
+        code, _, _ = await ferry("drain", "na", "--deadline", "20", "--no-wait")
+        assert code == 0
+        asked = await store.record(k.DRAIN, "na", k.DrainRequest)
+        assert asked is not None
+        assert 0 < asked.deadline_at - time.time() <= 20

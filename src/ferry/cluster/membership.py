@@ -122,14 +122,14 @@ class Membership:
             tg.create_task(self._watch_drain())
 
     async def register(self) -> None:
+        self._written.clear()
+        await self.sync_placements()  # first: it also refreshes the usage the record says
         record = self._stamped()
         self.lease = await self.store.grant(self.lease_ttl_s)
         await self.store.put(k.key(k.NODES, record.name), k.encode(record), lease=self.lease)
         await self.store.put(k.key(k.STATE, record.name),
                              k.encode(k.NodeState(k.NodeStatus.ALIVE, time.time())))
         self.registrations += 1
-        self._written.clear()
-        await self.sync_placements()
 
     def _stamped(self) -> k.NodeRecord:
         return replace(self._record(), heartbeat_at=time.time())
@@ -141,10 +141,10 @@ class Membership:
             assert self.lease is not None
             if await self.store.refresh(self.lease) <= 0:
                 raise LeaseLostError(f"lease of node {self.name} expired")
+            await self.sync_placements()
             record = self._stamped()
             await self.store.put(k.key(k.NODES, record.name), k.encode(record),
                                  lease=self.lease)
-            await self.sync_placements()
 
     async def sync_placements(self) -> None:
         """``/ferry/vms/<id>`` names this node for each VM here; keys naming this node

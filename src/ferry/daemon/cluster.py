@@ -85,6 +85,7 @@ class DaemonCluster:
                                      on_status=self._status, on_dead=self._dead,
                                      on_drain=self._drain_requested)
         self.status: Status | None = None
+        self._usage = (0, 0)
         self.evacuation: str | None = None
         """The operation id of the evacuation running now."""
 
@@ -104,7 +105,9 @@ class DaemonCluster:
     # -- what the membership asks ------------------------------------------------
 
     def record(self) -> k.NodeRecord:
-        views = listing.vm_views(self.d.paths)
+        """This node's record; usage as :meth:`local_vms` last read it (the membership
+        reads the VMs, off the event loop, before each record)."""
+        used_bytes, count = self._usage
         total, _ = host_memory()
         offered = self.config.memory_bytes if self.config.memory_bytes is not None \
             else int(total * 0.8)
@@ -112,12 +115,13 @@ class DaemonCluster:
         assert self.address is not None
         return k.NodeRecord(self.config.node_name, self.api, self.api_auth, self.address,
                             offered, self.config.max_vms,
-                            memory_used_bytes=sum(v["memory_bytes"] or 0 for v in views),
-                            vms=len(views), max_incoming=self.config.max_incoming,
+                            memory_used_bytes=used_bytes, vms=count,
+                            max_incoming=self.config.max_incoming,
                             version=ferry.__version__)
 
     async def local_vms(self) -> list[LocalVM]:
         views = await asyncio.to_thread(listing.vm_views, self.d.paths)
+        self._usage = (sum(v["memory_bytes"] or 0 for v in views), len(views))
         return [LocalVM(v["vm_id"], v["memory_bytes"] or 0, v["status"]) for v in views
                 if v["status"] in ("running", "suspended", "migrating")]
 
