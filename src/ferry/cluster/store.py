@@ -158,11 +158,8 @@ class ClusterStore:
         """The events under ``prefix`` (from ``start_revision``), as an async iterator
         inside the context; a broken watch raises ClusterUnavailableError."""
         endpoint = self.endpoint
-        try:
-            w = await self._call("watch", lambda c: c.watch_prefix(
-                prefix.encode(), start_revision=start_revision))
-        except ClusterUnavailableError:
-            raise
+        w = await self._call("watch", lambda c: c.watch_prefix(
+            prefix.encode(), start_revision=start_revision))
 
         async def events() -> AsyncIterator[WatchEvent]:
             try:
@@ -181,10 +178,6 @@ class ClusterStore:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):
                     await w.cancel()
-
-    async def revision(self) -> int:
-        got = await self._call("status", lambda c: c.status())
-        return int(got.raft_index) if got is not None else 0
 
     # -- records ------------------------------------------------------------------
 

@@ -155,14 +155,19 @@ class DaemonCluster:
         me = self.config.node_name
 
         async def work(op_id: str) -> dict[str, Any]:
+            vms: dict[str, str] = {}
+
             def notify(kind: str, data: dict[str, Any]) -> None:
                 self.d.events.publish("evacuation", step=kind, operation=op_id, **data)
                 if kind in ("vm-moved", "vm-packaged", "vm-failed"):
                     self.d.metrics.evacuated_vms.labels(kind.removeprefix("vm-")).inc()
-                if kind == "vm-moving":
-                    self.d.ops.report(op_id, {"moving": data})
+                if "vm" in data:  # the operation's progress: each VM's last step
+                    vms[data["vm"]] = kind.removeprefix("vm-") + (
+                        f" to {data['to']}" if kind == "vm-moving" else "")
+                    self.d.ops.report(op_id, {"deadline_at": deadline_at, "vms": dict(vms)})
 
-            result = await evacuate(me, deadline_at, cluster=self.store, mover=_Mover(self),
+            result = await evacuate(me, deadline_at, cluster=self.store,
+                                    mover=_Mover(self, op_id),
                                     reason=reason, op_id=f"evac-{me}-{op_id}",
                                     max_parallel=self.config.max_parallel_out,
                                     notify=notify)
@@ -183,9 +188,10 @@ class DaemonCluster:
 class _Mover:
     """The evacuation's moves through this daemon: receivers on targets, migrate_out."""
 
-    def __init__(self, c: DaemonCluster) -> None:
+    def __init__(self, c: DaemonCluster, op_id: str) -> None:
         self.c = c
         self.d = c.d
+        self.op_id = op_id
 
     async def local_vms(self) -> list[VMDemand]:
         return [VMDemand(v.vm, v.memory_bytes) for v in await self.c.local_vms()
@@ -204,9 +210,9 @@ class _Mover:
                                   node=target.name) from None
         host, port = recv["address"]
         try:
-            done = await migrate_out(self.d, vm.vm, f"evacuate-{vm.vm}", MigrateRequest(
+            done = await migrate_out(self.d, vm.vm, self.op_id, MigrateRequest(
                 to=(host, int(port)), access=Access(token=recv.get("token")),
-                timeout_s=max(1.0, min(timeout_s, 3600.0))))
+                timeout_s=max(1.0, min(timeout_s, 3600.0))), report=False)
         except FerryError:
             with contextlib.suppress(OSError, FerryError):  # the receiver waits no more
                 await asyncio.to_thread(peer.call, "DELETE", f"/v1/vms/{vm.vm}?force=true",

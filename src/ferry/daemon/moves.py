@@ -24,10 +24,12 @@ from ferry.node.control import ControlClient, ExportReply, MigrateRequest
 PROGRESS_EVERY_S = 0.25
 
 
-async def migrate_out(d: Daemon, vm_id: str, op_id: str, req: MigrateRequest) -> dict[str, Any]:
-    """Live-migrate ``vm_id`` as ``req`` says (``req.to`` set); its summary and migration
-    record id once the VM left this node. FerryError if it failed (then, before the
-    hand-off, the VM still runs here)."""
+async def migrate_out(d: Daemon, vm_id: str, op_id: str, req: MigrateRequest, *,
+                      report: bool = True) -> dict[str, Any]:
+    """Live-migrate ``vm_id`` as ``req`` says (``req.to`` set) within operation ``op_id``
+    (its ``progress`` follows the migration's unless ``report`` is off: an evacuation
+    runs several at once); its summary and migration record id once the VM left this
+    node. FerryError if it failed (then, before the hand-off, the VM still runs here)."""
     assert req.to is not None
     client = d.client(vm_id)
     mig_id = d.history.start(op_id, vm_id, f"{req.to[0]}:{req.to[1]}")
@@ -35,7 +37,8 @@ async def migrate_out(d: Daemon, vm_id: str, op_id: str, req: MigrateRequest) ->
     try:
         async with d.lock(vm_id):
             # Owned here and always awaited: cancelled once the migration ended.
-            watch = asyncio.create_task(_watch_progress(client, d, op_id, mig_id))
+            watch = asyncio.create_task(_watch_progress(client, d, op_id if report else None,
+                                                        mig_id))
             try:
                 reply = await client.migrate(req)
             finally:
@@ -50,7 +53,8 @@ async def migrate_out(d: Daemon, vm_id: str, op_id: str, req: MigrateRequest) ->
     return {"summary": reply.summary.to_json(), "migration": mig_id}
 
 
-async def _watch_progress(client: ControlClient, d: Daemon, op_id: str, mig_id: str) -> None:
+async def _watch_progress(client: ControlClient, d: Daemon, op_id: str | None,
+                          mig_id: str) -> None:
     """Report the holder's migration progress on the operation and the migration record
     until cancelled."""
     ops: Operations = d.ops
@@ -59,7 +63,8 @@ async def _watch_progress(client: ControlClient, d: Daemon, op_id: str, mig_id: 
         with contextlib.suppress(FerryError):
             status = await client.status()
             if status.migration is not None:
-                ops.report(op_id, dict(status.migration))
+                if op_id is not None:
+                    ops.report(op_id, dict(status.migration))
                 d.history.progress(mig_id, dict(status.migration))
 
 
