@@ -7,8 +7,9 @@ placed by the scheduler while ``cl2`` and ``cl3`` are cordoned, so on ``cl1``;
 spreads them, each target takes one incoming migration at a time), and the placement
 keys follow. Then ``cl3``'s daemon is SIGKILLed: its lease expires and a survivor marks
 it dead, naming the VM it held. etcd is killed: ``cl2`` says so and its VM runs on;
-etcd returns and ``cl2`` registers again. Draining ``cl2`` last, its VM fits nowhere
-and goes into a package.
+etcd returns and ``cl2`` registers again. Draining ``cl2`` last, its one target (``cl1``,
+whose daemon was just killed, still alive in etcd under a long lease) fails it: the VM
+stays, fits nowhere else, and goes into a package.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ async def test_drain_moves_every_vm_out_and_a_killed_node_is_marked_dead(
         signer: Signer, minimal_package: Path) -> None:
     with scratch_root("fcl-") as root:
         async with cluster_on_hosts(NODES, root, signer.env, switch_tag="cl",
-                                    lease_ttl_s=LEASE_TTL_S, max_incoming=1) as c:
+                                    lease_ttl_s=LEASE_TTL_S, max_incoming=1,
+                                    lease_ttl_by_node={"cl1": 60}) as c:
             await _scenario(c, minimal_package)
 
 
@@ -148,16 +150,23 @@ async def _scenario(c: ClusterSite, minimal_package: Path) -> None:
     await c.etcd.restart(0)
     await _until("cl2 registered again", lambda: cluster_up("cl2", 1.0))
 
-    # Drain cl2 now: cl1 is cordoned, cl3 dead; its VM fits nowhere and is
-    # snapshotted into a package here, and the result says so.
+    # Drain cl2 now. cl1 takes VMs again, then its daemon dies; its long lease keeps it
+    # alive in etcd, so the scheduler picks it, and asking it for a receiver fails (the
+    # target died): the VM stays on cl2, cl1 is excluded for it, cl3 is dead; it fits
+    # nowhere and is snapshotted into a package here, and the result says so.
+    assert (await _call(api["cl1"], "POST", "/v1/node/uncordon"))["cordoned"] is False
+    procs["cl1"].kill()
+    await procs["cl1"].wait()
     op = await _call(api["cl2"], "POST", "/v1/node/drain", {"deadline_s": 60})
     op = await asyncio.to_thread(api["cl2"].wait, op)
     assert op["state"] == "succeeded", op
     result = op["result"]
     assert result["moved"] == []
     [packaged] = result["packaged"]
-    assert (packaged["vm"], packaged["reason"]) == (on_cl2, "fits on no node")
+    assert (packaged["vm"], packaged["reason"], packaged["attempts"]) == (
+        on_cl2, "fits on no node", 1)  # tried on cl1 once, kept here, then packaged
     assert await asyncio.to_thread(Path(packaged["package"]).is_file)
     assert [v["vm_id"] for v in await _call(api["cl2"], "GET", "/v1/vms")
             if v["status"] == "running"] == []
-
+    [cl1] = [n for n in (await cluster_view())["nodes"] if n["name"] == "cl1"]
+    assert cl1["state"]["status"] == "alive"  # what made it a target: etcd did not know

@@ -159,6 +159,7 @@ async def evacuate(node: str, deadline_at: float, *, cluster: ClusterOps, mover:
             notify("vm-failed", {"vm": vm.vm, "error": str(exc)})
             return
         result.packaged.append({"vm": vm.vm, "package": where, "reason": why,
+                                "attempts": attempts[vm.vm],
                                 "at_s": round(clock() - started, 3)})
         notify("vm-packaged", {"vm": vm.vm, "package": where, "reason": why})
 

@@ -68,8 +68,11 @@ def health_in(site: Site, host: str) -> Callable[[str], bool]:
 @contextlib.asynccontextmanager
 async def cluster_on_hosts(nodes: Sequence[str], root: Path, env: Mapping[str, str], *,
                            switch_tag: str, lease_ttl_s: int = 3, vm_memory_mib: int = 1024,
-                           max_incoming: int = 2,
-                           etcd_host: str = ETCD_HOST) -> AsyncIterator[ClusterSite]:
+                           max_incoming: int = 2, etcd_host: str = ETCD_HOST,
+                           lease_ttl_by_node: Mapping[str, int] | None = None,
+                           ) -> AsyncIterator[ClusterSite]:
+    """``lease_ttl_by_node`` overrides ``lease_ttl_s`` for some nodes (one whose death
+    must go unnoticed for a while)."""
     async with contextlib.AsyncExitStack() as stack:
         site = await stack.enter_async_context(
             site_on_hosts([etcd_host, *nodes], root, env, switch_tag=switch_tag))
@@ -86,7 +89,8 @@ async def cluster_on_hosts(nodes: Sequence[str], root: Path, env: Mapping[str, s
                     h, "daemon", "--json", "--warm-holders", "0",
                     "--listen-tcp", f"{site.address(h)}:{API_PORT}",
                     "--token-file", str(token), "--cluster", etcd.url, "--node-name", h,
-                    "--lease-ttl", str(lease_ttl_s), "--vm-memory-mib", str(vm_memory_mib),
+                    "--lease-ttl", str((lease_ttl_by_node or {}).get(h, lease_ttl_s)),
+                    "--vm-memory-mib", str(vm_memory_mib),
                     "--max-incoming", str(max_incoming))
             for h, proc in c.procs.items():
                 assert proc.stdout is not None
