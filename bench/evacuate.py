@@ -3,16 +3,16 @@
 
 Setup (not timed): three namespace hosts with a ``ferry daemon --cluster`` each and an
 etcd on a fourth (:func:`ferry.testing.cluster.cluster_on_hosts`), a signed Redis
-package (256 MiB guests), and ``--vms`` VMs of it on ``n1``, each with Redis published on
-``n1``'s address and a client (:class:`~ferry.testing.workload.RedisWriter`, on the etcd
+package (256 MiB guests), and ``--vms`` VMs of it on ``evac1``, each with Redis published on
+``evac1``'s address and a client (:class:`~ferry.testing.workload.RedisWriter`, on the etcd
 host) writing to it without pause.
 
-* ``evacuate``: the notice is ``POST /v1/node/drain {"deadline_s": WINDOW}`` on ``n1``;
+* ``evacuate``: the notice is ``POST /v1/node/drain {"deadline_s": WINDOW}`` on ``evac1``;
   ``notice_to_done_s`` runs from that request to the evacuation's end (every VM runs on
   another node). ``downtime_ms``: each VM's, as its migration measured it.
 * ``baseline``: what a user scripting today's API would do, one VM at a time: for each,
-  ``POST /v1/receivers`` on a target (``n2``, ``n3`` in turn) and ``POST
-  /v1/vms/{id}/migrate`` on ``n1``, waiting for each before the next; fresh VMs under
+  ``POST /v1/receivers`` on a target (``evac2``, ``evac3`` in turn) and ``POST
+  /v1/vms/{id}/migrate`` on ``evac1``, waiting for each before the next; fresh VMs under
   the same load, same run.
 
 ``lost_writes``: acknowledged writes that cannot be read back after the move, over all
@@ -38,7 +38,7 @@ from ferry.testing.packages import Signer
 from ferry.testing.site import scratch_root
 from ferry.testing.workload import RedisWriter
 
-NODES = ["n1", "n2", "n3"]
+NODES = ["evac1", "evac2", "evac3"]
 REDIS_PORT = 16400
 WRITES_BETWEEN = 50
 LOAD_TIMEOUT_S = 120.0
@@ -70,14 +70,14 @@ class Loaded:
         c = self.c
         for i, vm in enumerate(self.vms):
             port = REDIS_PORT + i
-            op = await c.call("n1", "POST", "/v1/vms", {
+            op = await c.call("evac1", "POST", "/v1/vms", {
                 "package": str(package), "name": vm,
-                "publish": [f"{c.site.address('n1')}:{port}:6379"]})
-            done = await c.wait("n1", op)
+                "publish": [f"{c.site.address('evac1')}:{port}:6379"]})
+            done = await c.wait("evac1", op)
             if done["state"] != "succeeded":
                 raise RuntimeError(f"run {vm}: {done}")
             w = RedisWriter([(c.site.address(h), port) for h in NODES],
-                            namespace=c.site.hosts["etcd"].namespace, prefix=vm)
+                            namespace=c.site.hosts[c.etcd_host].namespace, prefix=vm)
             self.writers[vm] = w
             self.tasks.append(asyncio.create_task(w.run(self.stop)))
             async with asyncio.timeout(LOAD_TIMEOUT_S):
@@ -112,9 +112,9 @@ async def baseline(c: ClusterSite, package: Path, n: int) -> dict[str, Any]:
         recv = await c.call(target, "POST", "/v1/receivers",
                             {"listen": f"{c.site.address(target)}:0", "name": vm})
         host, port = recv["address"]
-        op = await c.call("n1", "POST", f"/v1/vms/{vm}/migrate",
+        op = await c.call("evac1", "POST", f"/v1/vms/{vm}/migrate",
                           {"to": f"{host}:{port}", "token": recv["token"]})
-        done = await c.wait("n1", op)
+        done = await c.wait("evac1", op)
         if done["state"] != "succeeded":
             raise RuntimeError(f"migrate {vm}: {done}")
         s = done["result"]["summary"]
@@ -128,12 +128,12 @@ async def baseline(c: ClusterSite, package: Path, n: int) -> dict[str, Any]:
 
 async def evacuation(c: ClusterSite, package: Path, n: int, window_s: float,
                      ) -> dict[str, Any]:
-    await c.call("n1", "POST", "/v1/node/uncordon")
+    await c.call("evac1", "POST", "/v1/node/uncordon")
     load = Loaded(c, "ev", n)
     await load.start(package)
     started = time.monotonic()
-    op = await c.call("n1", "POST", "/v1/node/drain", {"deadline_s": window_s})
-    done = await c.wait("n1", op)
+    op = await c.call("evac1", "POST", "/v1/node/drain", {"deadline_s": window_s})
+    done = await c.wait("evac1", op)
     took = time.monotonic() - started
     result = done["result"] or {}
     if done["state"] != "succeeded" or not result.get("complete"):
@@ -156,9 +156,9 @@ async def run(n: int, window_s: float) -> dict[str, Any]:
         log("building the Redis package (once)")
         package = await asyncio.to_thread(signer.package, "redis")
         with scratch_root("fbe-") as hosts_root:
-            async with cluster_on_hosts(NODES, hosts_root, signer.env, switch_tag="bev",
+            async with cluster_on_hosts(NODES, hosts_root, signer.env, switch_tag="evac",
                                         vm_memory_mib=4096, max_incoming=2) as c:
-                await _until(lambda: all_alive(c, "n2"))
+                await _until(lambda: all_alive(c, "evac2"))
                 log(f"baseline: {n} VMs moved one at a time")
                 base = await baseline(c, package, n)
                 log(f"evacuation: {n} VMs, window {window_s:g} s")

@@ -29,7 +29,6 @@ from ferry.transport.auth import new_token, write_token_file
 
 API_PORT = 7480
 START_TIMEOUT_S = 60.0
-ETCD_HOST = "etcd"
 
 
 @dataclass
@@ -39,6 +38,7 @@ class ClusterSite:
     """The etcd URL the daemons joined (``etcd://ADDR:2379``)."""
     nodes: list[str]
     etcd: EtcdCluster
+    etcd_host: str
     procs: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
 
     def api(self, node: str) -> DaemonClient:
@@ -68,11 +68,14 @@ def health_in(site: Site, host: str) -> Callable[[str], bool]:
 @contextlib.asynccontextmanager
 async def cluster_on_hosts(nodes: Sequence[str], root: Path, env: Mapping[str, str], *,
                            switch_tag: str, lease_ttl_s: int = 3, vm_memory_mib: int = 1024,
-                           max_incoming: int = 2, etcd_host: str = ETCD_HOST,
+                           max_incoming: int = 2, etcd_host: str | None = None,
                            lease_ttl_by_node: Mapping[str, int] | None = None,
                            ) -> AsyncIterator[ClusterSite]:
     """``lease_ttl_by_node`` overrides ``lease_ttl_s`` for some nodes (one whose death
-    must go unnoticed for a while)."""
+    must go unnoticed for a while). etcd runs on host ``etcd_host`` (default
+    ``<switch_tag>-etcd``: host names are machine-wide, tests running at once must not
+    share one)."""
+    etcd_host = etcd_host or f"{switch_tag}-etcd"
     async with contextlib.AsyncExitStack() as stack:
         site = await stack.enter_async_context(
             site_on_hosts([etcd_host, *nodes], root, env, switch_tag=switch_tag))
@@ -82,7 +85,7 @@ async def cluster_on_hosts(nodes: Sequence[str], root: Path, env: Mapping[str, s
             health=health_in(site, etcd_host)))
         token = root / "cluster.token"
         write_token_file(token, new_token())
-        c = ClusterSite(site, etcd.url, list(nodes), etcd)
+        c = ClusterSite(site, etcd.url, list(nodes), etcd, etcd_host)
         try:
             for h in nodes:
                 c.procs[h] = await site.start(
