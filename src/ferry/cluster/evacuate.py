@@ -154,8 +154,11 @@ async def evacuate(node: str, deadline_at: float, *, cluster: ClusterOps, mover:
     async def fallback(vm: VMDemand, why: str) -> None:
         try:
             where = await mover.package(vm)
-        except FerryError as exc:
-            result.failed.append({"vm": vm.vm, "error": str(exc), "why": why})
+        except Exception as exc:  # one VM's failure must not stop the others leaving
+            if not isinstance(exc, FerryError):
+                log.exception("evacuation %s: packaging %s failed", result.id, vm.vm)
+            result.failed.append({"vm": vm.vm, "error": str(exc) or type(exc).__name__,
+                                  "why": why})
             notify("vm-failed", {"vm": vm.vm, "error": str(exc)})
             return
         result.packaged.append({"vm": vm.vm, "package": where, "reason": why,
@@ -164,13 +167,22 @@ async def evacuate(node: str, deadline_at: float, *, cluster: ClusterOps, mover:
         notify("vm-packaged", {"vm": vm.vm, "package": where, "reason": why})
 
     async def move(vm: VMDemand, target: k.NodeRecord, timeout_s: float) -> None:
+        try:
+            await move_once(vm, target, timeout_s)
+        finally:
+            wake.set()  # the loop looks again: a slot freed, or a VM to retry
+
+    async def move_once(vm: VMDemand, target: k.NodeRecord, timeout_s: float) -> None:
         mig = k.MigrationRecord(f"{result.id}-{vm.vm}-{attempts[vm.vm]}", vm.vm, node,
                                 target.name, k.OpState.RUNNING, clock())
         await _put_quietly(cluster, k.key(k.MIGRATIONS, mig.id), k.encode(mig))
         notify("vm-moving", {"vm": vm.vm, "to": target.name, "attempt": attempts[vm.vm]})
         try:
             summary = await mover.move(vm, target, timeout_s=timeout_s)
-        except FerryError as exc:
+        except Exception as exc:  # the VM is still here (before the hand-off)
+            if not isinstance(exc, FerryError):
+                log.exception("evacuation %s: moving %s to %s failed", result.id, vm.vm,
+                              target.name)
             ledger.release(vm.vm, landed=False)
             excluded[vm.vm].add(target.name)
             await _put_quietly(cluster, k.key(k.MIGRATIONS, mig.id), k.encode(
@@ -179,8 +191,6 @@ async def evacuate(node: str, deadline_at: float, *, cluster: ClusterOps, mover:
             notify("vm-retry", {"vm": vm.vm, "target": target.name, "error": str(exc)})
             pending.insert(0, vm)  # next in line: it has waited longest
             return
-        finally:
-            wake.set()
         ledger.release(vm.vm, landed=True)
         now = clock()
         await _put_quietly(cluster, k.key(k.MIGRATIONS, mig.id), k.encode(

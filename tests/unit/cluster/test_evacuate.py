@@ -156,3 +156,20 @@ async def test_etcd_away_the_vms_still_leave_as_packages() -> None:
     assert result.complete
     assert {p["reason"] for p in result.packaged} == {NO_VIEW}
     assert sorted(mover.packages) == ["v0", "v1", "v2", "v3"]
+
+
+async def test_a_bug_in_one_move_does_not_stop_the_evacuation() -> None:
+    class Buggy(FakeMover):
+        async def move(self, vm: VMDemand, target: k.NodeRecord, *,
+                       timeout_s: float) -> dict[str, Any]:
+            if vm.vm == "v0":
+                raise KeyError("address")
+            return await super().move(vm, target, timeout_s=timeout_s)
+
+    cluster = FakeCluster({**nodes("src"), **nodes("t1", "t2", max_incoming=4)})
+    mover = Buggy(four())
+    result = await evacuate("src", time.time() + 60, cluster=cluster, mover=mover)
+    assert sorted(m["vm"] for m in result.moved) == ["v1", "v2", "v3"]
+    [packaged] = result.packaged  # v0 failed on both targets: packaged, not lost
+    assert (packaged["vm"], packaged["attempts"]) == ("v0", 2)
+    assert result.complete
