@@ -100,6 +100,8 @@ class EvacuationResult:
     started_at: float
     deadline_at: float
     order: str = ""
+    estimate_bytes_per_s: int = 0
+    """The pace the order's estimate assumed (past migrations here, else the default)."""
     finished_at: float | None = None
     moved: list[dict[str, Any]] = field(default_factory=list)
     packaged: list[dict[str, Any]] = field(default_factory=list)
@@ -143,6 +145,7 @@ async def evacuate(node: str, deadline_at: float, *, cluster: ClusterOps, mover:
     order, queue = evacuation_order(vms, window_s=max(deadline_at - started, 0.0),
                                     lanes=max_parallel, bytes_per_s=bytes_per_s)
     result.order = order.value
+    result.estimate_bytes_per_s = round(bytes_per_s)
     notify("evacuation-started", {"id": result.id, "node": node, "order": order.value,
                                   "vms": [v.vm for v in queue]})
     ledger = Ledger()

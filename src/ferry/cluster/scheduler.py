@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import heapq
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -155,3 +156,12 @@ def evacuation_order(vms: Sequence[VMDemand], *, window_s: float, lanes: int,
     if makespan_s([est(v) for v in largest], lanes) <= window_s:
         return Order.LARGEST_FIRST, largest
     return Order.SMALLEST_FIRST, sorted(vms, key=lambda v: (v.memory_bytes, v.vm))
+
+
+def observed_bytes_per_s(samples: Iterable[tuple[int, float]], *,
+                         default: float) -> float:
+    """The pace for :func:`evacuation_order`'s estimate from past migrations here
+    ((bytes sent, seconds) each; the median, so one stalled or idle migration does not
+    swing it), or ``default`` without any."""
+    rates = [b / s for b, s in samples if b > 0 and s > 0]
+    return statistics.median(rates) if rates else default

@@ -23,9 +23,14 @@ from typing import Any
 import ferry
 from ferry.cluster import keys as k
 from ferry.cluster.errors import EvacuationError
-from ferry.cluster.evacuate import DEFAULT_MAX_PARALLEL, EvacuationResult, evacuate
+from ferry.cluster.evacuate import (
+    DEFAULT_BYTES_PER_S,
+    DEFAULT_MAX_PARALLEL,
+    EvacuationResult,
+    evacuate,
+)
 from ferry.cluster.membership import DEFAULT_LEASE_TTL_S, LocalVM, Membership, Status
-from ferry.cluster.scheduler import VMDemand
+from ferry.cluster.scheduler import VMDemand, observed_bytes_per_s
 from ferry.cluster.store import ClusterStore
 from ferry.daemon.client import DaemonClient, DaemonError
 from ferry.daemon.models import Operation
@@ -39,6 +44,8 @@ from ferry.node.control import ExportReply, MigrateRequest
 log = logging.getLogger(__name__)
 
 RECEIVER_TIMEOUT_S = 60.0
+PACE_SAMPLES = 20
+"""Past migrations the evacuation order's pace is taken from."""
 """Asking a target daemon for a receiver (it starts a holder process)."""
 
 
@@ -166,8 +173,10 @@ class DaemonCluster:
                         f" to {data['to']}" if kind == "vm-moving" else "")
                     self.d.ops.report(op_id, {"deadline_at": deadline_at, "vms": dict(vms)})
 
+            pace = observed_bytes_per_s(await asyncio.to_thread(self._past_migrations),
+                                        default=DEFAULT_BYTES_PER_S)
             result = await evacuate(me, deadline_at, cluster=self.store,
-                                    mover=_Mover(self, op_id),
+                                    mover=_Mover(self, op_id), bytes_per_s=pace,
                                     reason=reason, op_id=f"evac-{me}-{op_id}",
                                     max_parallel=self.config.max_parallel_out,
                                     notify=notify)
@@ -177,6 +186,17 @@ class DaemonCluster:
         op = self.d.ops.start("evacuate", None, work)
         self.evacuation = op.id
         return op
+
+    def _past_migrations(self) -> list[tuple[int, float]]:
+        """(bytes, seconds) of the last :data:`PACE_SAMPLES` migrations that succeeded
+        here (the host's history file: blocking, call it in a thread)."""
+        out = []
+        for r in self.d.history.history.records()[-PACE_SAMPLES:]:
+            summary = r.summary or {}
+            sent = summary.get("bytes_total")
+            if r.state == "succeeded" and isinstance(sent, int) and r.finished:
+                out.append((sent, r.finished - r.started))
+        return out
 
     async def _drained(self, result: EvacuationResult) -> None:
         self.d.metrics.evacuations.labels("complete" if result.complete

@@ -13,6 +13,7 @@ from ferry.cluster.scheduler import (
     VMDemand,
     evacuation_order,
     makespan_s,
+    observed_bytes_per_s,
     pick_target,
     place,
 )
@@ -122,3 +123,10 @@ def test_the_order_is_a_permutation_sorted_by_memory(sizes: list[int], window: f
     assert sorted(v.vm for v in got) == sorted(v.vm for v in vms)
     mem = [v.memory_bytes for v in got]
     assert mem == sorted(mem, reverse=order is Order.LARGEST_FIRST)
+
+
+def test_the_pace_is_the_median_of_past_migrations() -> None:
+    assert observed_bytes_per_s([], default=7.0) == 7.0
+    assert observed_bytes_per_s([(100, 1.0), (0, 1.0), (100, 0.0)], default=7.0) == 100.0
+    assert observed_bytes_per_s([(100, 1.0), (300, 1.0), (10_000, 1.0)],
+                                default=7.0) == 300.0
