@@ -146,8 +146,10 @@ class DaemonCluster:
         self.d.events.publish("cluster", state="node-dead", node=node)
 
     def _drain_requested(self, request: k.DrainRequest) -> None:
-        with contextlib.suppress(EvacuationError):
-            self.drain(request.deadline_at, request.reason)
+        """``ferry node drain`` (the drain key) asks for an evacuation of this node."""
+        op = self.drain(request.deadline_at, request.reason)
+        log.warning("cluster: drain requested: evacuation %s (deadline in %.0f s)",
+                    op.id, request.deadline_at - time.time())
 
     # -- evacuation ----------------------------------------------------------------
 
