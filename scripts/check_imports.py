@@ -38,6 +38,7 @@ FLOORS: list[set[str]] = [
     {"vm"},  # one VM on one host
     {"live"},  # moving a running VM
     {"node"},  # the processes that hold VMs
+    {"cluster"},  # nodes, placement and evacuations in etcd; the scheduler
     {"daemon"},  # the node daemon: its HTTP API over the VM holders
     {"testing"},  # test and benchmark harness: namespaces as hosts, a Redis writer
     {"demo", "doctor"},

@@ -16,6 +16,7 @@ APT_PACKAGES=(
     chromium chromium-driver          # the daemon dashboard's browser test (Selenium)
     skopeo umoci                      # OCI images: registry copies, layer unpack/repack
     docker-registry                   # a local OCI registry for tests and demos (loopback)
+    etcd-server                       # the cluster's state (ferry.cluster; ferry.testing.etcd)
 )
 
 # QEMU >= 9: 7.2 (Debian 12's own) under TCG loses guest writes from its precopy dirty

@@ -33,6 +33,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     p.add_argument("--warm-vms", type=int, default=0, metavar="N",
                    help="VMs of the last package run kept resumed up to QEMU waiting for "
                         "their state, each holding its RAM (default 0: off)")
+    p.add_argument("--cluster", metavar="etcd://HOST:PORT[,...]",
+                   help="join this cluster (etcd endpoints; needs --listen-tcp and "
+                        "--node-name): docs/cluster.md")
+    p.add_argument("--node-name", help="this node's name in the cluster ([a-z0-9-])")
+    p.add_argument("--lease-ttl", type=int, default=10, metavar="S",
+                   help="seconds without a heartbeat before the node is marked dead "
+                        "(default 10)")
+    p.add_argument("--max-vms", type=int, default=32, help="VMs this node takes (default 32)")
+    p.add_argument("--vm-memory-mib", type=int,
+                   help="guest RAM this node offers (default: 80%% of the host's)")
+    p.add_argument("--max-incoming", type=int, default=2,
+                   help="migrations it receives at once (default 2)")
     return p
 
 
@@ -129,6 +141,43 @@ async def daemon(args: argparse.Namespace, console: Console) -> ExitCode:
 
     if args.warm_holders < 0 or args.warm_vms < 0:
         raise ConfigError("--warm-holders and --warm-vms must be >= 0")
-    app = create_app(args.host, warm_holders=args.warm_holders, warm_vms=args.warm_vms)
-    await serve(app, unix_path=path, tcp=tcp, access=access, on_listening=listening)
+    cluster, peers, api_auth = _cluster(args, tcp, access)
+    app = create_app(args.host, warm_holders=args.warm_holders, warm_vms=args.warm_vms,
+                     cluster=cluster, peers=peers, api_auth=api_auth)
+
+    def listening_and_join(info: dict[str, Any]) -> None:
+        if cluster is not None and "tcp" in info:
+            app.state.daemon.cluster.set_api(info["tcp"][0], int(info["tcp"][1]))
+        listening(info)
+
+    await serve(app, unix_path=path, tcp=tcp, access=access,
+                on_listening=listening_and_join)
     return ExitCode.OK
+
+
+def _cluster(args: argparse.Namespace, tcp: tuple[str, int] | None,
+             access: Any) -> tuple[Any, Any, list[str]]:
+    """The cluster's configuration from ``--cluster`` and friends; (None, None, []) without."""
+    if args.cluster is None:
+        return None, None, []
+    from ferry.cluster.store import parse_url
+    from ferry.daemon.cluster import ClusterConfig, PeerAccess
+    from ferry.daemon.serve import load_token
+    from ferry.transport import tls
+
+    if tcp is None or access is None or not args.node_name:
+        raise ConfigError("--cluster needs --listen-tcp (the API other nodes call) and "
+                          "--node-name")
+    if tcp[0] in ("0.0.0.0", "::"):
+        raise ConfigError("--cluster: --listen-tcp must name this node's address (other "
+                          "nodes call it there)")
+    config = ClusterConfig(parse_url(args.cluster), args.node_name,
+                           lease_ttl_s=args.lease_ttl, max_vms=args.max_vms,
+                           memory_bytes=None if args.vm_memory_mib is None
+                           else args.vm_memory_mib * 1024 * 1024,
+                           max_incoming=args.max_incoming)
+    token = load_token(access.token_file) if access.token_file is not None else None
+    ctx = tls.client_context(*access.tls) if access.tls is not None else None
+    auth = [a for a, on in (("mtls", ctx is not None), ("token", token is not None)) if on]
+    return config, PeerAccess(token, ctx), auth
+

@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ferry.cli import doctor as doctor_cli
     from ferry.cli import image as image_cli
     from ferry.cli import lab as lab_cli
+    from ferry.cli import node as node_cli
     from ferry.cli import vm as vm_cli
 
     p = doctor_cli.add_parser(sub)
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     vm_cli.add_parsers(sub, _add_common)
     lab_cli.add_parser(sub, _add_common)
+    node_cli.add_parser(sub, _add_common)
     return parser
 
 

@@ -19,7 +19,9 @@ from fastapi import FastAPI, Request, Response
 import ferry
 from ferry.daemon import models as m
 from ferry.daemon import problems
+from ferry.daemon.cluster import ClusterConfig, DaemonCluster, PeerAccess
 from ferry.daemon.operations import Operations
+from ferry.daemon.routes import cluster as cluster_routes
 from ferry.daemon.routes import node, operations, packages, streams, vms
 from ferry.daemon.state import Daemon
 from ferry.hostconfig import HostConfig
@@ -28,11 +30,16 @@ API_VERSION = "v1"
 MAX_BODY_BYTES = 2 * 1024 * 1024
 
 
-def create_app(host: HostConfig, *, warm_holders: int = 1, warm_vms: int = 0) -> FastAPI:
+def create_app(host: HostConfig, *, warm_holders: int = 1, warm_vms: int = 0,
+               cluster: ClusterConfig | None = None, peers: PeerAccess | None = None,
+               api_auth: list[str] | None = None) -> FastAPI:
     """The daemon's application for ``host`` (its directories and QEMU choices), keeping
     ``warm_holders`` holder processes and ``warm_vms`` VMs of the last package run started
-    ahead of need (:mod:`ferry.daemon.warm`)."""
+    ahead of need (:mod:`ferry.daemon.warm`); a member of ``cluster`` if given (calling
+    the other nodes with ``peers``; :mod:`ferry.daemon.cluster`)."""
     d = Daemon(host, warm_holders=warm_holders, warm_vms=warm_vms)
+    if cluster is not None:
+        d.cluster = DaemonCluster(d, cluster, peers or PeerAccess(), api_auth or [])
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -42,9 +49,14 @@ def create_app(host: HostConfig, *, warm_holders: int = 1, warm_vms: int = 0) ->
             watcher = tg.create_task(d.watch_vms(), name="watch vms")
             filler = tg.create_task(d.holders.keep_filled(), name="spare holders")
             warmer = tg.create_task(d.warm.keep_filled(), name="warm vms")
+            member = None if d.cluster is None else tg.create_task(d.cluster.run(),
+                                                                    name="cluster")
             try:
                 yield
             finally:
+                if member is not None:
+                    member.cancel()
+                    await d.cluster.close()
                 watcher.cancel()
                 filler.cancel()
                 warmer.cancel()
@@ -74,6 +86,6 @@ def create_app(host: HostConfig, *, warm_holders: int = 1, warm_vms: int = 0) ->
         response: Response = await call_next(request)
         return response
 
-    for module in (node, vms, streams, operations, packages):
+    for module in (node, vms, streams, operations, packages, cluster_routes):
         app.include_router(module.routes(d))
     return app

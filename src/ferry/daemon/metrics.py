@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -173,6 +173,21 @@ class Metrics:
         self.postcopy_fetches = Counter("ferry_migration_postcopy_fetches",
                                         "Blocks fetched on demand after hand-offs",
                                         registry=self.registry)
+        self.cluster_up = Gauge("ferry_cluster_up",
+                                "1 while this node reaches etcd and is registered",
+                                registry=self.registry)
+        self.cluster_retries = Counter("ferry_cluster_retries",
+                                       "Times this node lost etcd and backed off to retry",
+                                       registry=self.registry)
+        self.dead_nodes = Counter("ferry_cluster_dead_nodes",
+                                  "Nodes this node marked dead (their lease expired)",
+                                  registry=self.registry)
+        self.evacuations = Counter("ferry_evacuations",
+                                   "Evacuations of this node finished, by outcome",
+                                   ["outcome"], registry=self.registry)
+        self.evacuated_vms = Counter("ferry_evacuation_vms",
+                                     "VMs evacuations handled: moved, packaged, failed",
+                                     ["outcome"], registry=self.registry)
         self.phase_bytes = Counter("ferry_migration_phase_bytes",
                                    "Bytes outgoing live migrations sent, by phase",
                                    ["phase"], registry=self.registry)

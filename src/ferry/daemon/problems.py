@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ferry.cluster.errors import ClusterUnavailableError
 from ferry.errors import (
     AuthenticationError,
     BrokenResourceError,
@@ -72,6 +73,8 @@ def for_error(exc: FerryError) -> Problem:
         return Problem(422, "package-rejected", "Package rejected", detail, kind=kind)
     if isinstance(exc, ConfigError):
         return Problem(400, "bad-request", "Bad request", detail, kind=kind)
+    if isinstance(exc, ClusterUnavailableError):
+        return Problem(503, "cluster-unavailable", "etcd unreachable", detail, kind=kind)
     if isinstance(exc, IntegrityError):
         return Problem(502, "integrity", "Integrity check failed", detail, kind=kind)
     if isinstance(exc, PeerError | BrokenResourceError | AuthenticationError

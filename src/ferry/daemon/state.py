@@ -50,6 +50,9 @@ class Daemon:
         self.pinned: collections.Counter[Path] = collections.Counter()
         """Packages runs are starting on (their holders do not name them yet)."""
         self._ops: Operations | None = None
+        self.cluster: Any = None
+        """The cluster membership (:class:`ferry.daemon.cluster.DaemonCluster`) when the
+        daemon runs with ``--cluster``."""
 
     @property
     def ops(self) -> Operations:

@@ -8,7 +8,6 @@ migrate, snapshot) are operations (:mod:`ferry.daemon.operations`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -16,22 +15,19 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
-from ferry.aio import cancel_and_wait
 from ferry.daemon import models as m
-from ferry.daemon.metrics import Metrics
-from ferry.daemon.operations import Operations
+from ferry.daemon.moves import migrate_out
 from ferry.daemon.problems import Problem
 from ferry.daemon.state import Daemon
 from ferry.errors import FerryError
 from ferry.live.access import Access, TLSFiles
 from ferry.live.rampath import RamPath
-from ferry.live.summary import MigrationSummary
 from ferry.migration.autocompress import LinkCompression
 from ferry.net import PortForward
 from ferry.net.service import check_service_address
 from ferry.node import listing, supervisor
 from ferry.node.arrival import ArrivalRequest
-from ferry.node.control import ControlClient, ExportReply, MigrateRequest
+from ferry.node.control import ExportReply, MigrateRequest
 from ferry.node.process import launch_detached
 from ferry.oci.guest import DEFAULT_MEMORY_MIB, RunOverrides
 from ferry.package import TrustStore
@@ -42,8 +38,6 @@ from ferry.vm.publish import parse_publish
 from ferry.vm.runner import StopMode
 
 log = logging.getLogger(__name__)
-
-PROGRESS_EVERY_S = 0.25
 
 
 def routes(d: Daemon) -> APIRouter:
@@ -228,28 +222,10 @@ def routes(d: Daemon) -> APIRouter:
         access = Access(tls=_tls(body.tls_cert, body.tls_key, body.tls_ca), token=body.token)
 
         async def work(op_id: str) -> dict[str, Any]:
-            mig_id = d.history.start(op_id, vm_id, body.to)
-            req = MigrateRequest(to=(addr, int(port)), access=access,
-                                 precopy_only=body.precopy_only, ram=RamPath(body.ram),
-                                 migration_id=mig_id, max_mbit=body.max_mbit,
-                                 timeout_s=body.timeout_s,
-                                 compression=LinkCompression(body.compression))
-            try:
-                async with d.lock(vm_id):
-                    # Owned here and always awaited: cancelled once the migration ended.
-                    watch = asyncio.create_task(_watch_progress(client, d, op_id, mig_id))
-                    try:
-                        reply = await client.migrate(req)
-                    finally:
-                        await cancel_and_wait(watch, swallow_errors=True)
-            finally:
-                d.history.finish(mig_id)  # the holder recorded how it ended
-            assert not isinstance(reply, ExportReply)
-            _observe(d.metrics, reply.summary)
-            # The operation ends once the VM has left this node (its holder answers before
-            # its own cleanup is done).
-            await d.wait_gone(vm_id)
-            return {"summary": reply.summary.to_json(), "migration": mig_id}
+            return await migrate_out(d, vm_id, op_id, MigrateRequest(
+                to=(addr, int(port)), access=access, precopy_only=body.precopy_only,
+                ram=RamPath(body.ram), max_mbit=body.max_mbit, timeout_s=body.timeout_s,
+                compression=LinkCompression(body.compression)))
 
         async def cancel() -> None:
             await client.migrate_cancel()
@@ -315,39 +291,9 @@ def _name_taken(d: Daemon, vm_id: str) -> bool:
                for p in (d.paths.run_dir(vm_id), d.paths.state_dir(vm_id)))
 
 
-async def _watch_progress(client: ControlClient, d: Daemon, op_id: str, mig_id: str) -> None:
-    """Report the holder's migration progress on the operation and the migration record
-    until cancelled."""
-    ops: Operations = d.ops
-    while True:
-        await asyncio.sleep(PROGRESS_EVERY_S)
-        with contextlib.suppress(FerryError):
-            status = await client.status()
-            if status.migration is not None:
-                ops.report(op_id, dict(status.migration))
-                d.history.progress(mig_id, dict(status.migration))
-
-
 def _tls(cert: str | None, key: str | None, ca: str | None) -> TLSFiles | None:
     if not (cert or key or ca):
         return None
     if not (cert and key and ca):
         raise Problem(400, "bad-request", "Bad request", "TLS needs tls_cert, tls_key and tls_ca")
     return TLSFiles(Path(cert), Path(key), Path(ca))
-
-
-def _observe(metrics: Metrics, summary: MigrationSummary) -> None:
-    ms = summary.downtime.corrected_ms if summary.downtime.corrected_ms is not None \
-        else summary.downtime.source_view_ms
-    if ms is not None:
-        metrics.migration_downtime.observe(ms / 1e3)
-    if summary.bytes_total is not None:
-        metrics.migration_bytes.inc(summary.bytes_total)
-    if summary.postcopy_fetches is not None:
-        metrics.postcopy_fetches.inc(summary.postcopy_fetches)
-    for device in summary.devices.values():
-        for phase, n in device.bytes_by_phase.items():
-            metrics.phase_bytes.labels(phase).inc(n)
-    if summary.faults:
-        metrics.migrations.observe_faults(summary.fault_latency_buckets,
-                                          (summary.fault_latency_ms_sum or 0.0) / 1e3)
