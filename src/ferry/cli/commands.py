@@ -59,6 +59,10 @@ async def run(args: argparse.Namespace, console: Console) -> ExitCode | int:
             from ferry.cli.daemon import events
 
             return await events(args, console)
+        case "node":
+            from ferry.cli import spot
+
+            return await spot.run(args, console)
         case "lab":
             from ferry.cli import lab
 

@@ -6,6 +6,7 @@ Subcommands (see docs/cli.md):
     ferry doctor [--clean]          can this host run ferry's VMs, and what to fix
     ferry daemon [--listen-tcp A:P --token-file F]     this node's daemon (HTTP API)
     ferry events                                       follow the daemon's events
+    ferry node watch-spot [--provider auto]            print the provider's spot notices
     ferry serve  [-c CONFIG] --listen EP NAME=PATH...   migrate device files to a receiver
     ferry receive [-c CONFIG] --from EP --into DIR      receive a device group into files
     ferry inspect FILE                                  size, blocks, hashes of a device file
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ferry.cli import doctor as doctor_cli
     from ferry.cli import image as image_cli
     from ferry.cli import lab as lab_cli
+    from ferry.cli import spot as spot_cli
     from ferry.cli import vm as vm_cli
 
     p = doctor_cli.add_parser(sub)
@@ -131,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     vm_cli.add_parsers(sub, _add_common)
     lab_cli.add_parser(sub, _add_common)
+    p = sub.add_parser("node", help="this node: its provider's spot notices")
+    node_sub = p.add_subparsers(dest="node_command", required=True)
+    spot_cli.add_watch_parser(node_sub, _add_common)
     return parser
 
 

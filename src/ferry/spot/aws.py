@@ -57,7 +57,7 @@ def parse_token(response: Response) -> str:
     """The session token of a ``PUT /latest/api/token`` answer."""
     if response.status != 200:
         raise unexpected_status(response, P, what="token")
-    token = text_body(response, P, what="token").strip()
+    token = text_body(response, P, what="token", max_bytes=MAX_TOKEN_BYTES).strip()
     if not token or len(token) > MAX_TOKEN_BYTES or not _TOKEN_RE.match(token):
         raise MetadataResponseError(f"token is not a token: {snippet(token)}", provider=P)
     return token
@@ -80,14 +80,14 @@ def parse_instance_action(response: Response, now: dt.datetime) -> Notice | None
         return None
     if response.status != 200:
         raise unexpected_status(response, P, what="instance-action")
-    doc = json_object(response, P, what="instance-action")
+    doc = json_object(response, P, what="instance-action", max_bytes=MAX_ACTION_BYTES)
     action = field_of(doc, "action", str, P, what="instance-action")
     if action not in ACTIONS:
         raise MetadataResponseError(f"instance-action: unknown action {snippet(action)}",
                                     provider=P)
-    when = parse_time(field_of(doc, "time", str, P, what="instance-action"))
-    deadline = check_deadline(when, now, P, what="instance-action time")
-    return Notice(Provider.AWS, ACTIONS[action], deadline, now, key=f"{action}@{when.isoformat()}",
+    text = field_of(doc, "time", str, P, what="instance-action")
+    deadline = check_deadline(parse_time(text), now, P, what="instance-action time")
+    return Notice(Provider.AWS, ACTIONS[action], deadline, now, key=f"{action}@{text}",
                   details=doc)
 
 

@@ -129,7 +129,7 @@ def parse_events(response: Response, vm_name: str, now: dt.datetime
     could hide the one that matters)."""
     if response.status != 200:
         raise unexpected_status(response, P, what="scheduledevents")
-    doc = json_object(response, P, what="scheduledevents")
+    doc = json_object(response, P, what="scheduledevents", max_bytes=MAX_BODY_BYTES)
     incarnation = field_of(doc, "DocumentIncarnation", int, P, what="scheduledevents")
     if incarnation < 0:
         raise MetadataResponseError(f"scheduledevents: DocumentIncarnation {incarnation} < 0",

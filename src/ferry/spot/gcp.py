@@ -51,7 +51,7 @@ def parse_preempted(response: Response) -> tuple[bool, str]:
     etag = response.header("etag")
     if etag is None or not _ETAG_RE.match(etag):
         raise MetadataResponseError(f"preempted: bad ETag {snippet(etag)}", provider=P)
-    value = text_body(response, P, what="preempted").strip()
+    value = text_body(response, P, what="preempted", max_bytes=MAX_BODY_BYTES).strip()
     if value not in ("TRUE", "FALSE"):
         raise MetadataResponseError(f"preempted is neither TRUE nor FALSE: {snippet(value)}",
                                     provider=P)

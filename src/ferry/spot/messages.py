@@ -57,8 +57,17 @@ class Response:
         return self.headers.get(name.lower())
 
 
-def text_body(response: Response, provider: str, *, what: str) -> str:
+def check_size(response: Response, max_bytes: int, provider: str, *, what: str) -> None:
+    """A body longer than ``max_bytes`` is refused before it is decoded (the I/O loop
+    already stops reading there; this holds for a response from anywhere)."""
+    if len(response.body) > max_bytes:
+        raise MetadataResponseError(f"{what}: body of {len(response.body)} bytes "
+                                    f"(at most {max_bytes})", provider=provider)
+
+
+def text_body(response: Response, provider: str, *, what: str, max_bytes: int = 4096) -> str:
     """The body as printable ASCII (metadata values are), else a typed error."""
+    check_size(response, max_bytes, provider, what=what)
     try:
         text = response.body.decode("ascii")
     except UnicodeDecodeError:
@@ -70,8 +79,10 @@ def text_body(response: Response, provider: str, *, what: str) -> str:
     return text
 
 
-def json_object(response: Response, provider: str, *, what: str) -> dict[str, Any]:
-    """The body as one JSON object, bounded in depth, else a typed error."""
+def json_object(response: Response, provider: str, *, what: str,
+                max_bytes: int = 4096) -> dict[str, Any]:
+    """The body as one JSON object, bounded in size and depth, else a typed error."""
+    check_size(response, max_bytes, provider, what=what)
     try:
         text = response.body.decode("utf-8")
     except UnicodeDecodeError:
