@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from ferry.daemon.client import DaemonClient
@@ -134,49 +135,61 @@ async def _one_provider(ns: str, provider: Provider) -> None:
 
 
 async def _daemon(ns: str) -> None:
-    """``ferry daemon --spot-watch auto`` in the namespace: a GCP notice is a
-    ``spot.notice`` event on its stream and counts in its metrics."""
+    """``ferry daemon --spot-watch auto`` in the namespace, the emulator there as its own
+    process (``python -m ferry.testing.metadata``, as a demo runs it) told through its
+    control socket: a GCP notice is a ``spot.notice`` event and counts in the metrics."""
     root = Path(tempfile.mkdtemp(prefix="fspot-"))
-    sock = root / "d.sock"
+    sock, control = root / "d.sock", root / "metadata.sock"
     env = {**os.environ, "FERRY_RUN_DIR": str(root / "run"),
            "FERRY_STATE_DIR": str(root / "state")}
-    argv = netns.netns_exec_argv(ns, [sys.executable, "-m", "ferry.cli.main", "daemon",
-                                      "--json", "--socket", str(sock), "--warm-holders", "0",
-                                      "--spot-watch", "auto"])
-    async with emulator_in(ns, [Provider.GCP]) as emulator:
-        proc = await asyncio.create_subprocess_exec(*argv, env=env,
-                                                    stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.DEVNULL)
-        try:
-            assert proc.stdout is not None
-            async with asyncio.timeout(LINE_TIMEOUT_S):
-                listening = json.loads(await proc.stdout.readline())
-            assert listening["event"] == "listening"
-            client = DaemonClient.unix(sock)
+    procs: list[asyncio.subprocess.Process] = []
 
-            def follow() -> dict[str, Any]:
-                for event in client.events(timeout_s=LINE_TIMEOUT_S):
-                    if event["kind"] == "spot.watching":
-                        emulator_loop.call_soon_threadsafe(emulator.inject, Provider.GCP)
-                    if event["kind"] == "spot.notice":
-                        return event
-                raise AssertionError("the daemon's event stream ended")
+    async def start(argv: list[str], ready: str) -> dict[str, Any]:
+        proc = await asyncio.create_subprocess_exec(
+            *netns.netns_exec_argv(ns, argv), env=env, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL)
+        procs.append(proc)
+        assert proc.stdout is not None
+        async with asyncio.timeout(LINE_TIMEOUT_S):
+            line: dict[str, Any] = json.loads(await proc.stdout.readline())
+        assert ready in line, line
+        return line
 
-            emulator_loop = asyncio.get_running_loop()
+    try:
+        await start([sys.executable, "-m", "ferry.testing.metadata", "--providers", "gcp",
+                     "--control", str(control)], "ready")
+        await start([sys.executable, "-m", "ferry.cli.main", "daemon", "--json", "--socket",
+                     str(sock), "--warm-holders", "0", "--spot-watch", "auto"], "event")
+        client = DaemonClient.unix(sock)
+        injector = httpx.Client(transport=httpx.HTTPTransport(uds=str(control)),
+                                base_url="http://emulator")
+
+        def follow() -> dict[str, Any]:
+            for event in client.events(timeout_s=LINE_TIMEOUT_S):
+                if event["kind"] == "subscribed":  # following: what comes now is seen
+                    injector.post("/inject/gcp").raise_for_status()
+                if event["kind"] == "spot.notice":
+                    assert injector.get("/state").json()["gcp"] == {"preempted": True}
+                    return event
+            raise AssertionError("the daemon's event stream ended")
+
+        with injector:
             event = await asyncio.to_thread(follow)
-            assert event["notice"]["provider"] == "gcp"
-            assert event["notice"]["action"] == "preempt"
-            _, metrics = await asyncio.to_thread(client.raw, "GET", "/metrics")
-            assert b'ferry_spot_notices_total{action="preempt",provider="gcp"} 1.0' in metrics
-        finally:
-            proc.send_signal(signal.SIGTERM)
+        assert event["notice"]["provider"] == "gcp"
+        assert event["notice"]["action"] == "preempt"
+        _, metrics = await asyncio.to_thread(client.raw, "GET", "/metrics")
+        assert b'ferry_spot_notices_total{action="preempt",provider="gcp"} 1.0' in metrics
+    finally:
+        for proc in reversed(procs):
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
             try:
                 async with asyncio.timeout(20):
                     await proc.wait()
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
-            shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 async def _until(done: Callable[[], bool], timeout_s: float = 30.0) -> None:

@@ -393,10 +393,13 @@ def control_app(emulator: MetadataEmulator) -> Starlette:
         emulator.clear(request.path_params["provider"])
         return JSONResponse({"ok": True})
 
+    async def refused(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": str(exc)}, 400)
+
     async def state(request: Request) -> Response:
         return JSONResponse(emulator.state())
 
-    return Starlette(routes=[
+    return Starlette(exception_handlers={ValueError: refused, KeyError: refused}, routes=[
         Route("/inject/{provider}", inject, methods=["POST"]),
         Route("/raw/{provider}", raw, methods=["POST", "DELETE"]),
         Route("/notices/{provider}", clear, methods=["DELETE"]),

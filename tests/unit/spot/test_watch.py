@@ -223,3 +223,24 @@ def test_backoff_grows_to_its_cap_and_resets() -> None:
     assert max(delays[6:]) > 2.5  # grown towards the cap
     b.reset()
     assert b.next_s() <= 0.5
+
+
+async def test_the_control_api_injects_and_refuses_nonsense() -> None:
+    import httpx
+
+    from ferry.testing.metadata import control_app
+
+    emulator = MetadataEmulator()
+    transport = httpx.ASGITransport(app=control_app(emulator))
+    async with httpx.AsyncClient(transport=transport, base_url="http://control") as c:
+        key = (await c.post("/inject/azure", json={"in_s": 45, "action": "Terminate"})).json()
+        assert (await c.post("/inject/gcp")).status_code == 200
+        assert (await c.post("/raw/aws", json={"status": 200, "body": "{"})).status_code == 200
+        assert (await c.post("/inject/openstack")).status_code == 400
+        assert (await c.post("/raw/aws", json={"body": "{"})).status_code == 400
+        state = (await c.get("/state")).json()
+    [event] = state["azure"]["Events"]
+    assert event["EventId"] == key["key"]
+    assert event["EventType"] == "Terminate"
+    assert state["gcp"] == {"preempted": True}
+    assert state["raw"] == ["aws"]
