@@ -91,10 +91,13 @@ class SpotWatch:
         started = dt.datetime.now(dt.UTC)
         try:
             await self.evacuate(notice)  # THE hook: the cluster's drain of this node
-        except FerryError as exc:
-            log.error("spot notice %s: evacuation failed: %s", notice.key, exc)
+        except Exception as exc:  # a failed drain must not take the daemon and its API down
+            if isinstance(exc, FerryError):
+                log.error("spot notice %s: evacuation failed: %s", notice.key, exc)
+            else:
+                log.exception("spot notice %s: evacuation failed", notice.key)
             self.events.publish("spot.evacuation", key=notice.key, state="failed",
-                                error=str(exc))
+                                error=str(exc) or type(exc).__name__)
             return
         self.events.publish("spot.evacuation", key=notice.key, state="completed",
                             seconds=(dt.datetime.now(dt.UTC) - started).total_seconds())

@@ -212,7 +212,8 @@ class SpotWatcher:
     async def run(self, on_notice: Callable[[Notice], None],
                   on_error: Callable[[SpotError], None] = lambda e: None) -> None:
         """Watch until cancelled: ``on_notice`` once per new event, ``on_error`` per failed
-        request (each is retried). Neither callback may block the loop."""
+        request (each is retried). Neither callback may block the loop; what one raises
+        ends the watch (hand slow work to a task)."""
         async with client(self.base_url) as http:
             self._http = http
             try:
