@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import random
 import socket
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from ferry.spot import Notice, Provider, SpotError, detect, watcher_for
+from ferry.spot import Action, Notice, Provider, SpotError, detect, watcher_for
 from ferry.spot.errors import (
     MetadataResponseError,
     MetadataUnreachableError,
@@ -203,17 +204,18 @@ async def test_auto_refuses_to_guess_between_several() -> None:
             await detect(url)
 
 
-def test_gate_admits_each_event_once() -> None:
-    core = core_for(Provider.GCP)
-    assert core.provider is Provider.GCP
+def test_gate_admits_each_event_once_and_a_few_in_all() -> None:
     gate = NoticeGate(limit=2)
-    import datetime as dt
     now = dt.datetime.now(dt.UTC)
-    a = Notice(Provider.AWS, "terminate", now, now, key="a")  # type: ignore[arg-type]
-    b = Notice(Provider.AWS, "terminate", now, now, key="b")  # type: ignore[arg-type]
-    c = Notice(Provider.AWS, "terminate", now, now, key="c")  # type: ignore[arg-type]
-    assert [gate.admit(n) for n in (a, a, b, a, c)] == [True, False, True, False, False]
-    assert gate.refused == 1
+    a, b, c = (Notice(Provider.AWS, Action.TERMINATE, now, now, key=k) for k in "abc")
+    gcp_a = Notice(Provider.GCP, Action.PREEMPT, now, now, key="a")
+    assert [gate.admit(n) for n in (a, a, b, a, c, gcp_a)] == [True, False, True, False,
+                                                                False, False]
+    assert gate.refused == 2
+
+
+def test_every_provider_has_a_core() -> None:
+    assert [core_for(p).provider for p in Provider] == list(Provider)
 
 
 def test_backoff_grows_to_its_cap_and_resets() -> None:
