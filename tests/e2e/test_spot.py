@@ -99,7 +99,8 @@ async def test_watch_spot_in_a_namespace_finds_each_providers_notice_once() -> N
     tag = uuid.uuid4().hex[:8]
 
     async def in_namespace(name: str, case: Callable[[str], Awaitable[None]]) -> None:
-        async with metadata_namespace(f"{tag}-{name}") as ns:
+        # The daemon's namespace starts without the address: its emulator adds it.
+        async with metadata_namespace(f"{tag}-{name}", link_local=name != "daemon") as ns:
             assert "spot" in ns
             await case(ns)
 
@@ -112,7 +113,9 @@ async def test_watch_spot_in_a_namespace_finds_each_providers_notice_once() -> N
 
 async def _one_provider(ns: str, *, provider: Provider) -> None:
     extra = {Provider.AZURE: ["--ack"], Provider.GCP: ["--once"]}.get(provider, [])
-    async with emulator_in(ns, [provider], vm_name="spot-node-1") as emulator, \
+    # (AWS: add_address where the address is already, which must not fail)
+    async with emulator_in(ns, [provider], vm_name="spot-node-1",
+                           add_address=provider is Provider.AWS) as emulator, \
             watch_spot(ns, *extra) as w:
         assert await w.line() == {"kind": "watching", "provider": provider.value,
                                   "url": "http://169.254.169.254"}
@@ -169,7 +172,7 @@ async def _daemon(ns: str) -> None:
 
     try:
         await start([sys.executable, "-m", "ferry.testing.metadata", "--providers", "gcp",
-                     "--control", str(control)], "ready")
+                     "--add-address", "--control", str(control)], "ready")
         await start([sys.executable, "-m", "ferry.cli.main", "daemon", "--json", "--socket",
                      str(sock), "--warm-holders", "0", "--spot-watch", "auto"], "event")
         client = DaemonClient.unix(sock)
@@ -191,17 +194,25 @@ async def _daemon(ns: str) -> None:
         assert event["notice"]["action"] == "preempt"
         _, metrics = await asyncio.to_thread(client.raw, "GET", "/metrics")
         assert b'ferry_spot_notices_total{action="preempt",provider="gcp"} 1.0' in metrics
+        await _terminate(procs)
+        # The emulator ends cleanly on SIGTERM and takes its control socket with it.
+        assert procs[0].returncode == 0
+        assert not control.exists()
     finally:
-        for proc in reversed(procs):
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(20):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await _terminate(procs)
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def _terminate(procs: list[asyncio.subprocess.Process]) -> None:
+    for proc in reversed(procs):
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(20):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
 
 
 async def _until(done: Callable[[], bool], timeout_s: float = 30.0) -> None:

@@ -75,6 +75,9 @@ class SpotWatch:
         self.metrics.errors.labels(exc.provider or self.provider, type(exc).__name__).inc()
 
     def _notice(self, notice: Notice, tg: asyncio.TaskGroup) -> None:
+        log.warning("spot notice from %s: %s at %s (%.0f s left; event %s)", notice.provider,
+                    notice.action, notice.deadline.isoformat(), notice.seconds_left(),
+                    notice.key)
         self.notices.append(notice)
         self.metrics.notices.labels(notice.provider.value, notice.action.value).inc()
         self.metrics.deadline.set(min(n.deadline for n in self.notices).timestamp())

@@ -248,7 +248,7 @@ class SpotWatcher:
             for notice in notices:
                 if self.gate.admit(notice):
                     self.stats.notices += 1
-                    self.log.warning("notice: %s at %s (%.0f s left)", notice.action,
+                    self.log.info("notice: %s at %s (%.0f s left)", notice.action,
                                      notice.deadline.isoformat(), notice.seconds_left())
                     on_notice(notice)
             await asyncio.sleep(self.core.wait_s())

@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import time
 import uuid
@@ -415,29 +416,33 @@ def control_app(emulator: MetadataEmulator) -> Starlette:
 # -- a namespace with the link-local address ---------------------------------------------
 
 
-async def add_link_local(namespace: str) -> None:
-    """Put ``169.254.169.254/32`` on ``namespace``'s loopback (as a cloud's host route does)."""
-    await links.add_address(namespace, "lo", f"{LINK_LOCAL}/32")
+async def add_link_local(namespace: str | None) -> None:
+    """Put ``169.254.169.254/32`` on ``namespace``'s loopback (as a cloud's host route does)
+    unless it is there already (``None``: this namespace)."""
+    if f"{LINK_LOCAL}/32" not in await links.ipv4_addresses(namespace):
+        await links.add_address(namespace, "lo", f"{LINK_LOCAL}/32")
 
 
-async def link_local_socket(namespace: str | None, port: int = 80) -> socket.socket:
-    """A listening TCP socket at ``169.254.169.254:port`` inside ``namespace``."""
+async def link_local_socket(namespace: str | None, port: int = 80, *,
+                            address: str = LINK_LOCAL) -> socket.socket:
+    """A listening TCP socket at ``address:port`` (169.254.169.254:80) inside ``namespace``."""
     sock = await netns.socket_in_netns(namespace)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((LINK_LOCAL, port))
+        sock.bind((address, port))
         sock.listen(64)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {LINK_LOCAL}:{port} in {namespace}: {exc}") from exc
+        raise ConfigError(f"cannot listen on {address}:{port} in {namespace}: {exc}") from exc
     return sock
 
 
 @contextlib.asynccontextmanager
-async def metadata_namespace(tag: str, *, run_dir: Path | str = DEFAULT_RUN_DIR
-                             ) -> AsyncIterator[str]:
-    """A namespace ``ferry-spot-<tag>`` with 169.254.169.254 on its loopback, removed on
-    exit (and recorded, so a crashed run's is removed by ``ferry doctor --clean``)."""
+async def metadata_namespace(tag: str, *, link_local: bool = True,
+                             run_dir: Path | str = DEFAULT_RUN_DIR) -> AsyncIterator[str]:
+    """A namespace ``ferry-spot-<tag>`` with 169.254.169.254 on its loopback (unless not
+    ``link_local``), removed on exit (and recorded, so a crashed run's is removed by
+    ``ferry doctor --clean``)."""
     name = netns.check_name(f"{netns.PREFIX}spot-{tag}")
     rd = RunDir(run_dir)
     record = OwnerRecord.for_current_process(f"spot-{tag}", "spot-metadata",
@@ -446,7 +451,8 @@ async def metadata_namespace(tag: str, *, run_dir: Path | str = DEFAULT_RUN_DIR
         rd.write(record)
     try:
         await netns.create(name)
-        await add_link_local(name)
+        if link_local:
+            await add_link_local(name)
         yield name
     finally:
         await remove_resources(record)
@@ -455,9 +461,14 @@ async def metadata_namespace(tag: str, *, run_dir: Path | str = DEFAULT_RUN_DIR
 
 @contextlib.asynccontextmanager
 async def emulator_in(namespace: str, providers: Iterable[Provider | str] = tuple(Provider),
-                      *, vm_name: str = VM_NAME) -> AsyncIterator[MetadataEmulator]:
+                      *, vm_name: str = VM_NAME, add_address: bool = False
+                      ) -> AsyncIterator[MetadataEmulator]:
     """An emulator answering at 169.254.169.254:80 inside ``namespace`` (this process
-    serves it: the socket lives in the namespace, the loop here)."""
+    serves it: the socket lives in the namespace, the loop here). ``add_address`` puts the
+    address on the namespace's loopback first (a test host of :mod:`ferry.testing.hosts`
+    has none; it goes with the namespace)."""
+    if add_address:
+        await add_link_local(namespace)
     emulator = MetadataEmulator(providers, vm_name=vm_name)
     sock = await link_local_socket(namespace)
     try:
@@ -469,17 +480,23 @@ async def emulator_in(namespace: str, providers: Iterable[Provider | str] = tupl
 
 async def _main(args: argparse.Namespace) -> None:
     emulator = MetadataEmulator(args.providers.split(","), vm_name=args.vm_name)
-    sock = await link_local_socket(None, args.port)
+    if args.add_address:
+        await add_link_local(None)
+    sock = await link_local_socket(None, args.port, address=args.address)
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(args.control)
     control.bind(args.control)
     control.listen(16)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         async with emulator.serving(sock), _serving(control_app(emulator), control):
-            print(json.dumps({"ready": True, "address": f"{LINK_LOCAL}:{args.port}",
+            print(json.dumps({"ready": True, "address": f"{args.address}:{args.port}",
                               "control": args.control}), flush=True)
-            await asyncio.Event().wait()
+            await stop.wait()
     finally:
         sock.close()
         control.close()
@@ -488,15 +505,20 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``ip netns exec NS python -m ferry.testing.metadata --control SOCK``: serve here."""
+    """``ip netns exec NS python -m ferry.testing.metadata --control SOCK``: serve here
+    (``ferry lab exec HOST -- python -m ferry.testing.metadata --add-address ...`` on a lab
+    host)."""
     p = argparse.ArgumentParser(description="emulate the providers' metadata services")
     p.add_argument("--providers", default="aws,gcp,azure")
     p.add_argument("--vm-name", default=VM_NAME)
+    p.add_argument("--address", default=LINK_LOCAL,
+                   help="where to answer (default 169.254.169.254; 127.0.0.1 needs no root)")
     p.add_argument("--port", type=int, default=80)
+    p.add_argument("--add-address", action="store_true",
+                   help="first put 169.254.169.254/32 on this namespace's loopback (root)")
     p.add_argument("--control", required=True, help="UNIX socket of the control API")
     args = p.parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_main(args))
+    asyncio.run(_main(args))  # until SIGTERM or SIGINT
 
 
 if __name__ == "__main__":
