@@ -18,10 +18,9 @@ from fastapi import FastAPI, Request, Response
 
 import ferry
 from ferry.daemon import models as m
-from ferry.daemon import problems
+from ferry.daemon import problems, spot
 from ferry.daemon.operations import Operations
 from ferry.daemon.routes import node, operations, packages, vms
-from ferry.daemon.spot import SpotWatch
 from ferry.daemon.state import Daemon
 from ferry.hostconfig import HostConfig
 from ferry.spot import METADATA_URL
@@ -38,7 +37,8 @@ def create_app(host: HostConfig, *, warm_holders: int = 1, warm_vms: int = 0,
     metadata service at ``metadata_url`` for spot notices (:mod:`ferry.daemon.spot`)."""
     d = Daemon(host, warm_holders=warm_holders, warm_vms=warm_vms)
     if spot_watch is not None:
-        d.spot = SpotWatch(spot_watch, d.events, d.metrics.registry, base_url=metadata_url)
+        d.spot = spot.SpotWatch(spot_watch, d.events, d.metrics.registry,
+                                base_url=metadata_url)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,15 +48,16 @@ def create_app(host: HostConfig, *, warm_holders: int = 1, warm_vms: int = 0,
             watcher = tg.create_task(d.watch_vms(), name="watch vms")
             filler = tg.create_task(d.holders.keep_filled(), name="spare holders")
             warmer = tg.create_task(d.warm.keep_filled(), name="warm vms")
-            spot = None if d.spot is None else tg.create_task(d.spot.run(tg), name="spot watch")
+            spotting = None if d.spot is None else tg.create_task(d.spot.run(tg),
+                                                                  name="spot watch")
             try:
                 yield
             finally:
                 watcher.cancel()
                 filler.cancel()
                 warmer.cancel()
-                if spot is not None:
-                    spot.cancel()
+                if spotting is not None:
+                    spotting.cancel()
                 await d.holders.close()
                 await d.warm.close()
                 d.events.close()
