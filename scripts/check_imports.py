@@ -29,7 +29,7 @@ FLOORS: list[set[str]] = [
     {"hostconfig", "shape"},  # the host's directories and QEMU choices; a VM's machine shape
     {"storage"},
     {"protocol"},
-    {"transport", "net", "package"},
+    {"transport", "net", "package", "spot"},  # spot: providers' metadata notices
     {"s3"},  # object storage: S3 client, S3-backed devices, packages in buckets
     {"migration", "expose"},
     {"guest"},  # what is built for the guest and its agent's host-side client

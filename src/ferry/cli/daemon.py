@@ -45,6 +45,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
                    help="guest RAM this node offers (default: 80%% of the host's)")
     p.add_argument("--max-incoming", type=int, default=2,
                    help="migrations it receives at once (default 2)")
+    p.add_argument("--spot-watch", choices=["auto", "aws", "gcp", "azure"], metavar="PROVIDER",
+                   help="watch this provider's metadata service for spot notices (aws, gcp, "
+                        "azure or auto): each is a spot.notice event (docs/spot.md)")
+    p.add_argument("--metadata-url", default=None, metavar="URL",
+                   help="with --spot-watch: where the metadata service answers "
+                        "(default http://169.254.169.254)")
     return p
 
 
@@ -64,6 +70,10 @@ def _event_text(e: dict[str, Any]) -> str:
                 + (f": {error.get('detail')}" if error else ""))
     if e["kind"] == "vm":
         return f"vm {e['vm_id']} {e['status']}"
+    if e["kind"] == "spot.notice":
+        n = e["notice"]
+        return (f"spot notice: {n['provider']} {n['action']} at {n['deadline']} "
+                f"(event {n['key']})")
     if e["kind"] == "subscribed":
         return "following the daemon's events; here now: " + (
             ", ".join(f"{v['vm_id']} ({v['status']})" for v in e["vms"]) or "no VMs")
@@ -141,9 +151,14 @@ async def daemon(args: argparse.Namespace, console: Console) -> ExitCode:
 
     if args.warm_holders < 0 or args.warm_vms < 0:
         raise ConfigError("--warm-holders and --warm-vms must be >= 0")
+    from ferry.spot import METADATA_URL
+
+    if args.metadata_url and not args.spot_watch:
+        raise ConfigError("--metadata-url goes with --spot-watch")
     cluster, peers, api_auth = _cluster(args, tcp, access)
     app = create_app(args.host, warm_holders=args.warm_holders, warm_vms=args.warm_vms,
-                     cluster=cluster, peers=peers, api_auth=api_auth)
+                     cluster=cluster, peers=peers, api_auth=api_auth,
+                     spot_watch=args.spot_watch, metadata_url=args.metadata_url or METADATA_URL)
 
     def listening_and_join(info: dict[str, Any]) -> None:
         if cluster is not None and "tcp" in info:

@@ -6,6 +6,7 @@ Subcommands (see docs/cli.md):
     ferry doctor [--clean]          can this host run ferry's VMs, and what to fix
     ferry daemon [--listen-tcp A:P --token-file F]     this node's daemon (HTTP API)
     ferry events                                       follow the daemon's events
+    ferry node watch-spot [--provider auto]            print the provider's spot notices
     ferry serve  [-c CONFIG] --listen EP NAME=PATH...   migrate device files to a receiver
     ferry receive [-c CONFIG] --from EP --into DIR      receive a device group into files
     ferry inspect FILE                                  size, blocks, hashes of a device file

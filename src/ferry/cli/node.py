@@ -25,7 +25,8 @@ WAIT_POLL_S = 0.5
 
 
 def add_parser(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
-    p = sub.add_parser("node", help="the cluster's nodes: list, cordon, drain")
+    p = sub.add_parser("node", help="the cluster's nodes: list, cordon, drain; this node's "
+                                    "spot notices")
     nodes = p.add_subparsers(dest="node_command", required=True)
 
     def common(c: argparse.ArgumentParser) -> None:
@@ -45,9 +46,16 @@ def add_parser(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) 
                    help="seconds from now every VM must be out by (default 30)")
     c.add_argument("--no-wait", action="store_true", help="request it and return")
     common(c)
+    from ferry.cli import spot
+
+    spot.add_watch_parser(nodes, add_common)
 
 
 async def run(args: argparse.Namespace, console: Console) -> int:
+    if args.node_command == "watch-spot":
+        from ferry.cli import spot
+
+        return await spot.run(args, console)
     from ferry.cluster import keys as k
     from ferry.cluster.store import ClusterStore, parse_url
 

@@ -18,13 +18,14 @@ from fastapi import FastAPI, Request, Response
 
 import ferry
 from ferry.daemon import models as m
-from ferry.daemon import problems
+from ferry.daemon import problems, spot
 from ferry.daemon.cluster import ClusterConfig, DaemonCluster, PeerAccess
 from ferry.daemon.operations import Operations
 from ferry.daemon.routes import cluster as cluster_routes
 from ferry.daemon.routes import node, operations, packages, streams, vms
 from ferry.daemon.state import Daemon
 from ferry.hostconfig import HostConfig
+from ferry.spot import METADATA_URL
 
 API_VERSION = "v1"
 MAX_BODY_BYTES = 2 * 1024 * 1024
@@ -32,14 +33,21 @@ MAX_BODY_BYTES = 2 * 1024 * 1024
 
 def create_app(host: HostConfig, *, warm_holders: int = 1, warm_vms: int = 0,
                cluster: ClusterConfig | None = None, peers: PeerAccess | None = None,
-               api_auth: list[str] | None = None) -> FastAPI:
+               api_auth: list[str] | None = None, spot_watch: str | None = None,
+               metadata_url: str = METADATA_URL) -> FastAPI:
     """The daemon's application for ``host`` (its directories and QEMU choices), keeping
     ``warm_holders`` holder processes and ``warm_vms`` VMs of the last package run started
     ahead of need (:mod:`ferry.daemon.warm`); a member of ``cluster`` if given (calling
-    the other nodes with ``peers``; :mod:`ferry.daemon.cluster`)."""
+    the other nodes with ``peers``; :mod:`ferry.daemon.cluster`); watching provider
+    ``spot_watch``'s metadata service at ``metadata_url`` for spot notices
+    (:mod:`ferry.daemon.spot`), each of which drains this node out of the cluster."""
     d = Daemon(host, warm_holders=warm_holders, warm_vms=warm_vms)
     if cluster is not None:
         d.cluster = DaemonCluster(d, cluster, peers or PeerAccess(), api_auth or [])
+    if spot_watch is not None:
+        d.spot = spot.SpotWatch(spot_watch, d.events, d.metrics.registry,
+                                base_url=metadata_url,
+                                evacuate=None if d.cluster is None else d.cluster.on_notice)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -51,6 +59,8 @@ def create_app(host: HostConfig, *, warm_holders: int = 1, warm_vms: int = 0,
             warmer = tg.create_task(d.warm.keep_filled(), name="warm vms")
             member = None if d.cluster is None else tg.create_task(d.cluster.run(),
                                                                     name="cluster")
+            spotting = None if d.spot is None else tg.create_task(d.spot.run(tg),
+                                                                  name="spot watch")
             try:
                 yield
             finally:
@@ -60,6 +70,8 @@ def create_app(host: HostConfig, *, warm_holders: int = 1, warm_vms: int = 0,
                 watcher.cancel()
                 filler.cancel()
                 warmer.cancel()
+                if spotting is not None:
+                    spotting.cancel()
                 await d.holders.close()
                 await d.warm.close()
                 d.events.close()

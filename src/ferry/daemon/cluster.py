@@ -40,10 +40,14 @@ from ferry.errors import FerryError
 from ferry.live.access import Access
 from ferry.node import listing
 from ferry.node.control import ExportReply, MigrateRequest
+from ferry.spot import Notice
 
 log = logging.getLogger(__name__)
 
 RECEIVER_TIMEOUT_S = 60.0
+NOTICE_GRACE_S = 60.0
+"""How long past a notice's deadline its handler waits for the evacuation to end (VMs
+handed off by then finish their post-copy from the next hosts)."""
 PACE_SAMPLES = 20
 """Past migrations the evacuation order's pace is taken from."""
 """Asking a target daemon for a receiver (it starts a holder process)."""
@@ -152,6 +156,15 @@ class DaemonCluster:
                     op.id, request.deadline_at - time.time())
 
     # -- evacuation ----------------------------------------------------------------
+
+    async def on_notice(self, notice: Notice) -> None:
+        """A provider's spot notice (:mod:`ferry.daemon.spot`): evacuate this node before
+        the notice's deadline, and return once the evacuation ended (Azure's notice is
+        acknowledged then: an acknowledgement lets the provider act at once)."""
+        op = self.drain(notice.deadline.timestamp(), k.CordonReason.NOTICE)
+        log.warning("cluster: %s notice (%s): evacuation %s, deadline in %.0f s",
+                    notice.provider, notice.action, op.id, notice.seconds_left())
+        await self.d.ops.wait(op.id, max(notice.seconds_left(), 0.0) + NOTICE_GRACE_S)
 
     def drain(self, deadline_at: float, reason: k.CordonReason = k.CordonReason.DRAIN,
               ) -> Operation:

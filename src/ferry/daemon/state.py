@@ -18,6 +18,7 @@ from ferry.daemon import models as m
 from ferry.daemon.history import DaemonMigrations
 from ferry.daemon.metrics import Metrics
 from ferry.daemon.operations import Events, Operations
+from ferry.daemon.spot import SpotWatch
 from ferry.daemon.warm import HolderPool, WarmVMs
 from ferry.errors import FerryError
 from ferry.hostconfig import HostConfig
@@ -53,6 +54,8 @@ class Daemon:
         self.cluster: Any = None
         """The cluster membership (:class:`ferry.daemon.cluster.DaemonCluster`) when the
         daemon runs with ``--cluster``."""
+        self.spot: SpotWatch | None = None
+        """The spot watch (``--spot-watch``), if this node runs one."""
 
     @property
     def ops(self) -> Operations:
