@@ -20,6 +20,7 @@ from ferry.migration.autocompress import AutoCompression, LinkCompression
 from ferry.migration.channel import Channel, StreamChannel, memory_channel_pair
 from ferry.migration.destination import DestinationDevice, Receiver
 from ferry.migration.policy import DirtyPolicy, Mode
+from ferry.migration.report import MigrationReport
 from ferry.migration.source import MigrationHooks, Migrator
 from ferry.migration.stacks import DestinationStack, SourceStack, destination_stack, source_stack
 from ferry.protocol.messages import (
@@ -542,6 +543,22 @@ async def test_handoff_follows_the_final_dirty_list_without_waiting_for_its_ack(
         assert await snapshot(d) == frozen[s.name]
 
 
+async def _migrate_auto(src: SourceStack, rate_bytes_s: float
+                        ) -> tuple[MigrationReport, DestinationStack]:
+    """Migrate ``src`` over a byte stream of ``rate_bytes_s`` with auto compression."""
+    sa, sb = memory_stream_pair()
+    a, b = StreamChannel(RateLimited(sa, rate_bytes_s)), StreamChannel(sb)
+    dests: list[DestinationStack] = []
+    migrator = Migrator([src.source_device()], a, policy=FAST,
+                        auto_compression=AutoCompression(LinkCompression.AUTO))
+    receiver = Receiver(b, factory(dests))  # type: ignore[arg-type]
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(receiver.run())
+        report = await migrator.run()
+    assert receiver.report.verified
+    return report, dests[0]
+
+
 async def test_auto_compression_on_a_slow_link_shrinks_the_wire() -> None:
     # 8 MiB of text-like data over a 10 MB/s byte stream: the first window measures the
     # link plain, the samples the data, and the rest goes compressed.
@@ -551,34 +568,17 @@ async def test_auto_compression_on_a_slow_link_shrinks_the_wire() -> None:
     words = [rnd.randbytes(6).hex().encode() for _ in range(500)]
     text = b" ".join(rnd.choice(words) for _ in range(size // 8))[:size]
     await src.local.write_at(0, text)
-    sa, sb = memory_stream_pair()
-    a, b = StreamChannel(RateLimited(sa, 10e6)), StreamChannel(sb)
-    dests: list[DestinationStack] = []
-    auto = AutoCompression(LinkCompression.AUTO)
-    migrator = Migrator([src.source_device()], a, policy=FAST, auto_compression=auto)
-    receiver = Receiver(b, factory(dests))  # type: ignore[arg-type]
-    async with asyncio.TaskGroup() as tg:
-        tg.create_task(receiver.run())
-        report = await migrator.run()
-    assert receiver.report.verified
-    assert await snapshot(dests[0]) == text
-    assert report.compression is not None
+    report, dest = await _migrate_auto(src, 10e6)
+    assert await snapshot(dest) == text
     stats = report.compression
+    assert stats is not None
     assert stats["chunks_compressed"] > stats["chunks"] // 2, stats
-    assert report.to_json()["wire_bytes"] < 0.7 * size, report.compression
+    assert report.to_json()["wire_bytes"] < 0.7 * size, stats
 
 
 async def test_auto_compression_leaves_incompressible_data_plain() -> None:
     src = await make_source("random", 1024 * BS, seed=12)
-    sa, sb = memory_stream_pair()
-    a, b = StreamChannel(RateLimited(sa, 20e6)), StreamChannel(sb)
-    dests: list[DestinationStack] = []
-    auto = AutoCompression(LinkCompression.AUTO)
-    migrator = Migrator([src.source_device()], a, policy=FAST, auto_compression=auto)
-    receiver = Receiver(b, factory(dests))  # type: ignore[arg-type]
-    async with asyncio.TaskGroup() as tg:
-        tg.create_task(receiver.run())
-        report = await migrator.run()
-    assert await snapshot(dests[0]) == await snapshot(src)
+    report, dest = await _migrate_auto(src, 20e6)
+    assert await snapshot(dest) == await snapshot(src)
     assert report.compression is not None
     assert report.compression["chunks_compressed"] == 0
