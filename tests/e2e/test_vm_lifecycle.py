@@ -442,3 +442,82 @@ def _listed(env: Env) -> list[dict[str, object]]:
     listed = env.ferry_json("vm", "list")
     assert isinstance(listed, list)
     return listed
+
+
+# -- environment and user data (ferry.vm.userdata) ----------------------------------------
+
+USER_SCRIPT = """#!/bin/sh
+echo "userdata-script GREETING=$GREETING"
+echo ran >> /root/userdata-runs
+"""
+CLOUD_CONFIG = """#cloud-config
+write_files:
+  - path: /etc/app/conf
+    content: |
+      colour=blue
+    permissions: '0600'
+runcmd:
+  - echo "userdata-runcmd $(cat /etc/app/conf) GREETING=$GREETING"
+  - [sh, -c, "test -f /etc/app/conf"]
+"""
+
+
+def test_environment_and_user_data_reach_the_resumed_guest(env: Env,
+                                                           minimal: MinimalPackage) -> None:
+    """-e/--env-file reach vm exec and /run/ferry/env; a #! script and a #cloud-config
+    run once after the resume, their output in the console log, their exit in the report."""
+    script, cloud, env_file = (env.root / "ud.sh", env.root / "ud.yaml", env.root / "env")
+    script.write_text(USER_SCRIPT)
+    cloud.write_text(CLOUD_CONFIG)
+    env_file.write_text("# comment\nFROM_FILE=file value\nGREETING=overridden\n")
+    vms = ("ud-userdata-s", "ud-userdata-c")
+    try:
+        scripted = _run_detached(env, "--name", vms[0], "-e", "GREETING=hello world",
+                                 "--env-file", str(env_file), "--user-data", str(script),
+                                 str(minimal.file))
+        configured = _run_detached(env, "--name", vms[1], "-e", "GREETING=cc",
+                                   "--user-data", str(cloud), str(minimal.file))
+        assert scripted["env"] == ["FROM_FILE", "GREETING"]
+        sud = scripted["user_data"]
+        assert isinstance(sud, dict)
+        assert (sud["kind"], sud["exit_code"], sud["failed_step"]) == ("script", 0, None)
+        ud = configured["user_data"]
+        assert isinstance(ud, dict)
+        assert (ud["kind"], ud["exit_code"]) == ("cloud-config", 0)
+        # exec gets the environment (-e wins over --env-file), a tty session too.
+        r = env.ferry("vm", "exec", vms[0], "--", "sh", "-c", 'echo "$GREETING|$FROM_FILE"')
+        assert r.stdout == "hello world|file value\n"
+        r = env.ferry("vm", "exec", vms[0], "--", "cat", "/run/ferry/env")
+        assert r.stdout == "FROM_FILE=file value\nGREETING=hello world\n"
+        # The script ran once, with the environment, its output in the console log.
+        assert env.ferry("vm", "exec", vms[0], "--", "cat", "/root/userdata-runs").stdout \
+            == "ran\n"
+        logs = env.ferry("vm", "logs", vms[0]).stdout
+        assert logs.count("userdata-script GREETING=hello world") == 1
+        assert "ferry: user data exited 0" in logs
+        detail = env.ferry_json("vm", "inspect", vms[0])
+        assert isinstance(detail, dict)
+        assert detail["user_data"]["exit_code"] == 0
+        # The cloud-config wrote its file with its mode, and its runcmd saw both.
+        r = env.ferry("vm", "exec", vms[1], "--", "stat", "-c", "%a", "/etc/app/conf")
+        assert r.stdout == "600\n"
+        assert "userdata-runcmd colour=blue GREETING=cc" in env.ferry("vm", "logs",
+                                                                      vms[1]).stdout
+        # A continued VM keeps its own environment: -e is refused for it.
+        refused = env.ferry("vm", "run", "--name", vms[0], "-e", "X=1", check=False)
+        assert refused.returncode != 0
+        assert "continued VM" in refused.stderr
+    finally:
+        for vm in vms:
+            env.ferry("vm", "stop", vm, check=False)
+
+
+def test_bad_user_data_is_refused_before_anything_starts(env: Env,
+                                                         minimal: MinimalPackage) -> None:
+    bad = env.root / "bad-ud"
+    bad.write_text("Content-Type: multipart/mixed\n")
+    proc = env.ferry("vm", "run", "--detach", "--name", "ud-userdata-bad", "--user-data",
+                     str(bad), str(minimal.file), check=False)
+    assert proc.returncode != 0
+    assert "#cloud-config" in proc.stderr
+    assert not env.paths.run_dir("ud-userdata-bad").exists()

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.aio import cancel_and_wait
+from ferry.errors import ConfigError
 from ferry.hostconfig import HostConfig
 from ferry.live.outgoing import Movable
 from ferry.net import PortForward
@@ -35,6 +36,12 @@ from ferry.vm.labels import check_labels
 from ferry.vm.pkgcache import open_extracted
 from ferry.vm.registry import VMPaths, check_vm_id, cleanup_leftovers, saved_labels
 from ferry.vm.runner import Claim, Claimer, RunningVM, StopMode, run_vm, saved_forwards
+from ferry.vm.userdata import (
+    DEFAULT_USER_DATA_TIMEOUT_S,
+    check_env,
+    parse_user_data,
+    run_user_data,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +62,23 @@ class LaunchRequest:
     claimed (:class:`~ferry.node.control.ClaimRequest`; see :func:`ferry.vm.runner.run_vm`)."""
     service_address: str | None = None
     """An address that follows the VM from host to host (docs/networking.md)."""
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """The VM's environment (:mod:`ferry.vm.userdata`; a package run only)."""
+    user_data: str | None = None
+    """A ``#!`` script or ``#cloud-config`` run once after the resume (a package run only)."""
+    user_data_timeout_s: float = DEFAULT_USER_DATA_TIMEOUT_S
 
     def __post_init__(self) -> None:
         check_vm_id(self.vm_id)
         if self.labels is not None:
             check_labels(self.labels)
+        check_env(self.env)
+        if self.user_data is not None:
+            parse_user_data(self.user_data)
+        if (self.env or self.user_data is not None) and (self.package_dir is None
+                                                          or self.warm):
+            raise ConfigError("an environment and user data are given to a VM run from a "
+                              "package; a continued VM keeps the environment it had")
         if self.warm and (self.package_dir is None or self.forwards):
             raise ValueError("a warm VM needs a package and takes its forwards when claimed")
 
@@ -163,7 +182,7 @@ async def _run(holder: Holder, request: LaunchRequest, forwards: tuple[PortForwa
     async with run_vm(request.vm_id, request.paths, package=package,
                       forwards=forwards, sandbox=request.host.qemu_sandbox,
                       launched=launched, claim=claim, labels=labels,
-                      service_address=request.service_address) as vm:
+                      service_address=request.service_address, env=request.env) as vm:
         pid = vm.qemu.pid
         holder.record.set_qemu(pid)
         forwards = vm.net.forwards  # a warm VM's came with its claim
@@ -173,7 +192,15 @@ async def _run(holder: Holder, request: LaunchRequest, forwards: tuple[PortForwa
                       forwards=tuple(vm.forward_addresses()), resume=vm.timings.to_json())
         ready = {"vm_id": vm.vm_id, "pid": os.getpid(), "qemu_pid": pid,
                  "forwards": vm.forward_addresses(), "resume": vm.timings.to_json(),
-                 "console": str(vm.qemu.console_path)}
+                 "console": str(vm.qemu.console_path),
+                 "env": sorted(request.env), "user_data": None}
+        if request.user_data is not None:
+            # Once, before the VM is reported ready: its outcome is part of the report.
+            holder.update(user_data={"status": "running"})
+            result = await run_user_data(vm.agent, parse_user_data(request.user_data),
+                                         timeout_s=request.user_data_timeout_s)
+            ready["user_data"] = result.to_json()
+            holder.update(user_data=ready["user_data"])
         holder.vm = held = _held(vm, forwards)
         if claim is not None:
             holder.claimed(ready)

@@ -97,6 +97,7 @@ from ferry.vm.registry import (
     saved_labels,
     write_json,
 )
+from ferry.vm.userdata import apply_environment
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -320,6 +321,7 @@ async def run_vm(
     claim: Claimer | None = None,
     labels: Mapping[str, str] | None = None,
     service_address: str | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[RunningVM]:
     """Resume ``package`` (or the suspended VM ``vm_id``) as VM ``vm_id``; see the module doc.
 
@@ -336,6 +338,10 @@ async def run_vm(
     and state while every open path stays valid), publishes its forwards, and the resume
     goes on from the state load, with the timings counted from the claim. A suspended
     claimed VM's state dir is moved to its own name when it stops.
+
+    ``env`` (checked by :func:`ferry.vm.userdata.check_env`) is written to the guest's
+    ``/run/ferry/env`` before the after-resume hooks, so they and every later command
+    the agent starts see it (:mod:`ferry.vm.userdata`).
     """
     entered = time.monotonic()
     launched = entered if launched is None else launched
@@ -415,6 +421,8 @@ async def run_vm(
             agent = await stack.enter_async_context(
                 connect_agent(qemu.agent_socket, connect_timeout_s=agent_timeout_s))
             try:
+                if env:
+                    await apply_environment(agent, env, timeout_s=agent_timeout_s)
                 await agent.after_resume(timeout_s=agent_timeout_s)
             except AgentError as exc:
                 raise VMLifecycleError(f"the guest agent did not answer after resume: {exc}",
