@@ -41,7 +41,7 @@ from ferry.package import commands as pkg
 from ferry.s3 import S3URL, S3Config
 from ferry.s3 import packages as s3_packages
 from ferry.shape import DEFAULT_CPU_MODEL, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB
-from ferry.vm import labels, pkgcache, registry, snapshot, userdata
+from ferry.vm import labels, pkgcache, registry, snapshot, userdata, volumes
 from ferry.vm.errors import VMNotFoundError
 from ferry.vm.oci import is_oci, oci_package, snapshot_image
 from ferry.vm.publish import parse_publish
@@ -103,6 +103,9 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
                    help="a '#!' script or '#cloud-config' (write_files, runcmd) run once "
                         f"in the guest after the resume, at most "
                         f"{userdata.MAX_USER_DATA_BYTES // 1024} KiB; output in 'vm logs'")
+    c.add_argument("--volume", action="append", default=[], metavar="NAME[:DISK]",
+                   help="attach the volume NAME in place of the package's extra disk DISK "
+                        "(default: the next one); see 'ferry volume'")
     c.add_argument("--user-data-timeout", type=positive_float, metavar="S",
                    default=userdata.DEFAULT_USER_DATA_TIMEOUT_S,
                    help="kill the user data after S seconds (default: %(default)s)")
@@ -161,6 +164,19 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
     add_common(c)
 
     _add_migration_parsers(vm, add_common)
+
+    p = sub.add_parser("volume", help="disks that outlive a VM (vm run --volume)")
+    vol = p.add_subparsers(dest="volume_command", required=True)
+    c = vol.add_parser("create", help="create an empty volume")
+    c.add_argument("name")
+    c.add_argument("--size", type=positive_int, required=True, metavar="MIB",
+                   help="its size; equal to the package disk it replaces")
+    add_common(c)
+    c = vol.add_parser("list", aliases=["ls"], help="this host's volumes")
+    add_common(c)
+    c = vol.add_parser("rm", help="delete a volume (not while a VM holds it)")
+    c.add_argument("name")
+    add_common(c)
 
     p = sub.add_parser("key", help="package signing keys and this host's trust list")
     key = p.add_subparsers(dest="key_command", required=True)
@@ -548,6 +564,31 @@ async def _vm_rm(args: argparse.Namespace, out: _Out) -> None:
         lambda: out.console.print(f"{vm_id}: {removed}"))
 
 
+async def _volume_create(args: argparse.Namespace, out: _Out) -> None:
+    vol = await asyncio.to_thread(volumes.create_volume, args.host.state_root, args.name,
+                                  args.size)
+    out(vol.to_json(), lambda: out.console.print(f"{vol.name}: {args.size} MiB"))
+
+
+async def _volume_list(args: argparse.Namespace, out: _Out) -> None:
+    found = await asyncio.to_thread(volumes.list_volumes, args.host.state_root)
+
+    def show() -> None:
+        table = Table()
+        for col in ("name", "size", "in use"):
+            table.add_column(col)
+        for v in found:
+            table.add_row(v.name, f"{v.size_bytes // 2**20} MiB", "yes" if v.in_use else "")
+        out.console.print(table)
+    out([v.to_json() for v in found], show)
+
+
+async def _volume_rm(args: argparse.Namespace, out: _Out) -> None:
+    await asyncio.to_thread(volumes.remove_volume, args.host.state_root, args.name)
+    out({"name": args.name, "removed": True},
+        lambda: out.console.print(f"{args.name}: removed"))
+
+
 async def _key_create(args: argparse.Namespace, out: _Out) -> None:
     info = pkg.key_create(args.path, host=args.host, comment=args.comment,
                           overwrite=args.overwrite, trust=args.trust,
@@ -722,6 +763,10 @@ _HANDLERS: dict[tuple[str, str], Handler] = {
     ("vm", "exec"): _vm_exec,
     ("vm", "attach"): _vm_attach,
     ("vm", "stop"): _vm_stop,
+    ("volume", "create"): _volume_create,
+    ("volume", "list"): _volume_list,
+    ("volume", "ls"): _volume_list,
+    ("volume", "rm"): _volume_rm,
     ("key", "create"): _key_create,
     ("key", "trust"): _key_trust,
     ("package", "create"): _package_create,
@@ -745,6 +790,7 @@ async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable
     vm_id = registry.check_vm_id(args.name or f"vm-{snapshot.short_id()}")
     package_dir = None
     env: dict[str, str] = {}
+    vols: dict[str, str] = {}
     user_data = _user_data(args)
     if args.package is not None and is_oci(args.package):
         made = await oci_package(
@@ -769,9 +815,10 @@ async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable
                                        progress=_package_progress(progress))
         package_dir = opened.directory
         env = userdata.parse_env(args.env, _env_files(args))
+        vols = volumes.parse_volume_args(args.volume)
     elif args.name is None:
         raise ConfigError("give a package, or --name of a suspended VM")
-    elif args.env or args.env_file or user_data is not None:
+    elif args.env or args.env_file or user_data is not None or args.volume:
         raise ConfigError("-e, --env-file and --user-data are for a VM run from a package; "
                           "a continued VM keeps the environment it had")
     # Continuing a suspended VM without -p: the forwards it had.
@@ -779,7 +826,7 @@ async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable
         vm_id, package_dir, host, forwards if forwards or package_dir else None,
         labels=None if args.label is None and package_dir is None
         else labels.parse_labels(args.label or ()),
-        service_address=args.service_address, env=env, user_data=user_data,
+        service_address=args.service_address, env=env, user_data=user_data, volumes=vols,
         user_data_timeout_s=args.user_data_timeout)
 
     def show_ready(report: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from ferry.daemon import models as m
 from ferry.daemon import problems
 from ferry.daemon.operations import Operations
 from ferry.daemon.routes import node, operations, packages, streams, vms
+from ferry.daemon.routes import volumes as volume_routes
 from ferry.daemon.state import Daemon
 from ferry.hostconfig import HostConfig
 
@@ -74,6 +75,6 @@ def create_app(host: HostConfig, *, warm_holders: int = 1, warm_vms: int = 0) ->
         response: Response = await call_next(request)
         return response
 
-    for module in (node, vms, streams, operations, packages):
+    for module in (node, vms, streams, operations, packages, volume_routes):
         app.include_router(module.routes(d))
     return app

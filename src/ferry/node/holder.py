@@ -112,6 +112,9 @@ class HeldVM:
     can_suspend: bool = False
     counters: Callable[[], tuple[Mapping[str, int], Mapping[str, float]]] | None = None
     """Guest RAM read through FUSE and QEMU's CPU use so far (status: diagnosis, benches)."""
+    volumes: tuple[str, ...] = ()
+    """Volumes attached to it (:mod:`ferry.vm.volumes`): they stay on this host, so the
+    VM is neither migrated nor suspended."""
     suspend_now: Callable[[], Awaitable[int]] | None = None
     """Suspends the VM into its state dir before the stop (a VM that arrived here, whose
     devices are not overlays in a state dir); returns the device state's size. A failure
@@ -211,6 +214,10 @@ class Holder:
                 if mode is StopMode.SUSPEND and vm is None:
                     raise VMLifecycleError("the VM is not running (yet): nothing to suspend",
                                            vm=self.vm_id)
+                if mode is StopMode.SUSPEND and vm is not None and vm.volumes:
+                    raise VMLifecycleError(f"a VM with volumes ({', '.join(vm.volumes)}) is "
+                                           "not suspended: stop it (the volumes keep their "
+                                           "data)", vm=self.vm_id)
                 if mode is StopMode.SUSPEND and vm is not None and not vm.can_suspend:
                     raise VMLifecycleError("this VM cannot be suspended here; export it with "
                                            "'ferry vm migrate ID --to-package FILE'",
@@ -231,6 +238,11 @@ class Holder:
                 return ExecReply.of(await agent.exec(req.command, stdin=req.stdin,
                                                      timeout_s=req.timeout_s))
             case MigrateRequest():
+                if self.vm is not None and self.vm.volumes:
+                    raise VMLifecycleError(
+                        f"has volumes ({', '.join(self.vm.volumes)}), which stay on this "
+                        "host: a VM with volumes is not migrated (stop it; the volumes keep "
+                        "their data)", vm=self.vm_id)
                 try:
                     return await self.outgoing.migrate(req)
                 finally:

@@ -71,7 +71,8 @@ def encode_request(request: HolderRequest) -> bytes:
                 "warm": request.warm, "service_address": request.service_address,
                 "labels": None if request.labels is None else dict(request.labels),
                 "env": dict(request.env), "user_data": request.user_data,
-                "user_data_timeout_s": request.user_data_timeout_s}
+                "user_data_timeout_s": request.user_data_timeout_s,
+                "volumes": dict(request.volumes)}
     else:
         data = {"kind": "receive", "listen": request.listen, "registry": request.registry,
                 "package": request.package, "name": request.name,
@@ -96,7 +97,8 @@ def decode_request(line: bytes) -> HolderRequest:
                                  service_address=d.get("service_address"),
                                  env=d.get("env") or {}, user_data=d.get("user_data"),
                                  user_data_timeout_s=float(d.get(
-                                     "user_data_timeout_s", DEFAULT_USER_DATA_TIMEOUT_S)))
+                                     "user_data_timeout_s", DEFAULT_USER_DATA_TIMEOUT_S)),
+                                 volumes=d.get("volumes") or {})
         if d["kind"] == "receive":
             return ArrivalRequest(
                 host=host, access=Access.from_json(d["access"]),
