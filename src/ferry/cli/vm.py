@@ -793,6 +793,9 @@ async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable
     vols: dict[str, str] = {}
     user_data = _user_data(args)
     if args.package is not None and is_oci(args.package):
+        if user_data is not None or args.volume:
+            raise ConfigError("--user-data and --volume are for packages, not oci:// images "
+                              "(-e sets the image process's environment)")
         made = await oci_package(
             args.package, _oci_overrides(args, args.memory_mib), host=host,
             options=PullOptions(max_layer_bytes=args.max_layer_mib * 2**20,

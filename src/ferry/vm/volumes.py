@@ -8,7 +8,8 @@ A volume is a sparse raw file under the host's state root::
 
 **How a volume reaches a guest.** A VM from a package resumes a snapshot of a microvm
 machine: its virtio-mmio transports cannot be hot-plugged (QEMU's virtio-mmio bus has no
-hotplug handler, and the guest probed its transports at boot), and the device state
+hotplug handler: ``device_add`` answers "Bus 'virtio-mmio-bus.23' does not support
+hotplugging", and the guest probed its transports at boot), and the device state
 fixes the device set. So a volume takes the place of one of the package's *extra disks*
 (``ferry vm snapshot --disk NAME:MIB``): where the disk would be a copy-on-write overlay
 over the package's file, it is the volume's file, exported over ferry's NBD server like
