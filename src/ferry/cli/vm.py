@@ -298,7 +298,7 @@ def _env_files(args: argparse.Namespace) -> list[str]:
 
 
 def _oci_overrides(args: argparse.Namespace, memory_mib: int | None) -> RunOverrides:
-    env = userdata.parse_env(args.env, _env_files(args))
+    env = userdata.parse_env(args.env, _env_files(args), check=False)
     return RunOverrides(entrypoint=args.entrypoint, args=tuple(args.rest),
                         env=tuple(f"{k}={v}" for k, v in env.items()),
                         readiness=args.readiness,

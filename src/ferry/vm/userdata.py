@@ -77,10 +77,14 @@ def check_env(env: object) -> dict[str, str]:
     return out
 
 
-def parse_env(items: Iterable[str], files: Iterable[str] = ()) -> dict[str, str]:
+def parse_env(items: Iterable[str], files: Iterable[str] = (), *,
+              check: bool = True) -> dict[str, str]:
     """``--env-file`` contents (in order), then ``-e NAME=VALUE`` arguments: a later one
     wins. A file has one ``NAME=VALUE`` a line; blank lines and ``#`` comments are
-    skipped (docker's format: no quoting, the value is the rest of the line)."""
+    skipped (docker's format: no quoting, the value is the rest of the line).
+
+    ``check=False`` leaves the names and values to the caller (an OCI image's process,
+    :class:`ferry.oci.guest.RunOverrides`, takes any value but NUL)."""
     env: dict[str, str] = {}
     for text in files:
         # Split on "\n" only, as the agent reads the guest file (not str.splitlines,
@@ -98,7 +102,7 @@ def parse_env(items: Iterable[str], files: Iterable[str] = ()) -> dict[str, str]
         if not sep:
             raise ConfigError(f"-e {item!r:.70}: give NAME=VALUE")
         env[name] = value
-    return check_env(env)
+    return check_env(env) if check else env
 
 
 def env_file_bytes(env: Mapping[str, str]) -> bytes:
