@@ -88,3 +88,19 @@ def test_volumes_take_extra_disks() -> None:
     with pytest.raises(ConfigError, match="twice"):
         volumes.parse_volume_args(["a", "a:data"])
     assert volumes.parse_volume_args(["a", "b:logs"]) == {"a": "", "b": "logs"}
+
+
+async def test_a_volume_must_have_the_size_of_the_disk_it_replaces(tmp_path: Path) -> None:
+    from ferry.vm.errors import VMLifecycleError
+    from ferry.vm.runner import _volume_device
+
+    vol = volumes.create_volume(tmp_path, "v", 8)
+    with pytest.raises(VMLifecycleError, match="--size 16"):
+        _volume_device(vol.image, "data", 16 * 2**20, "vm1")
+    dev = _volume_device(vol.image, "data", 8 * 2**20, "vm1")
+    try:
+        await dev.write_at(4096, b"kept")
+        assert await dev.read_at(4096, 4) == b"kept"
+    finally:
+        await dev.close()
+    assert vol.image.read_bytes()[4096:4100] == b"kept"
