@@ -33,7 +33,7 @@ import shutil
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ferry.aio import cancel_and_wait
 from ferry.guest.agent import AgentClient, AgentError, OutputStream
@@ -68,6 +68,7 @@ from ferry.vm.registry import VMPaths, live_supervisor, private_dir
 from ferry.vm.runner import Claim, StopMode
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -163,6 +164,19 @@ class Holder:
         if not self._claim.done():
             raise WarmStopped("stopped before anyone claimed it", vm=self.vm_id)
         return self._claim.result()
+
+    async def unless_stopped(self, work: Awaitable[T]) -> T | None:
+        """``work``'s result, or None if a stop request (``vm stop``, SIGTERM) came first:
+        then ``work`` is cancelled, and the caller goes on to :meth:`watch`, which returns
+        the stop at once (the VM's user data does not hold up a stop)."""
+        task = asyncio.ensure_future(work)
+        waiting: list[asyncio.Future[Any]] = [task, self._stop]
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                await cancel_and_wait(task, swallow_errors=True)
+        return None if task.cancelled() or not task.done() else task.result()
 
     def claimed(self, ready: dict[str, Any]) -> None:
         """The claimed VM runs: answer the claim with its ready report."""

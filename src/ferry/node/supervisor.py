@@ -224,9 +224,11 @@ async def _run_held(holder: Holder, request: LaunchRequest, package: OpenedPacka
         if request.user_data is not None:
             # Once, before the VM is reported ready: its outcome is part of the report.
             holder.update(user_data={"status": "running"})
-            result = await run_user_data(vm.agent, parse_user_data(request.user_data),
-                                         timeout_s=request.user_data_timeout_s)
-            ready["user_data"] = result.to_json()
+            result = await holder.unless_stopped(run_user_data(
+                vm.agent, parse_user_data(request.user_data),
+                timeout_s=request.user_data_timeout_s))
+            ready["user_data"] = {"status": "stopped"} if result is None \
+                else result.to_json()
             holder.update(user_data=ready["user_data"])
         holder.vm = held = _held(vm, forwards, tuple(p.parent.name for p in images.values()))
         if claim is not None:
