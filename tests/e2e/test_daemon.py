@@ -198,6 +198,14 @@ def test_the_openapi_document_validates_and_names_the_routes(daemon: Daemon) -> 
     ("GET", "/v1/vms/nope", None, 404),
     ("GET", "/v1/operations/op-999", None, 404),
     ("POST", "/v1/packages", b'{"file": "' + b"x" * 5000 + b'"}', 422),
+    ("POST", "/v1/vms", b'{"package": "/x", "user_data": "MIME-Version: 1.0"}', 400),
+    ("POST", "/v1/vms", b'{"package": "/x", "user_data": "#!' + b"x" * 70000 + b'"}', 422),
+    ("POST", "/v1/vms", b'{"package": "/x", "env": ["1BAD=x"]}', 400),
+    ("POST", "/v1/vms", b'{"package": "oci://r/x", "volumes": ["v"]}', 422),
+    ("POST", "/v1/vms", b'{"package": "/x", "volumes": ["../etc"]}', 400),
+    ("POST", "/v1/volumes", b'{"name": "../x", "size_mib": 1}', 422),
+    ("POST", "/v1/volumes", b'{"name": "v", "size_mib": 0}', 422),
+    ("DELETE", "/v1/volumes/nope-userdata", None, 404),
     ("POST", "/v1/vms", b"[" * 3 * 1024 * 1024, 413),
 ])
 def test_bad_requests_get_problem_bodies(daemon: Daemon, method: str, path: str,
@@ -209,6 +217,19 @@ def test_bad_requests_get_problem_bodies(daemon: Daemon, method: str, path: str,
     assert problem["title"]
     assert "detail" in problem
     assert b"Traceback" not in raw
+
+
+def test_volumes_through_the_api(daemon: Daemon) -> None:
+    api = daemon.unix()
+    made = api.call("POST", "/v1/volumes", {"name": "api-userdata", "size_mib": 2})
+    assert (made["name"], made["size_bytes"], made["in_use"]) == ("api-userdata", 2 * 2**20,
+                                                                  False)
+    status, _ = api.raw("POST", "/v1/volumes", b'{"name": "api-userdata", "size_mib": 2}')
+    assert status == 409
+    assert [v["name"] for v in api.call("GET", "/v1/volumes")] == ["api-userdata"]
+    status, _ = api.raw("DELETE", "/v1/volumes/api-userdata")
+    assert status == 204
+    assert api.call("GET", "/v1/volumes") == []
 
 
 def test_a_chunked_body_is_refused_before_it_is_read(daemon: Daemon) -> None:
@@ -246,11 +267,14 @@ def test_a_vm_through_the_api_outlives_the_daemon(daemon: Daemon, redis_package:
     assert (first["kind"], first["vms"]) == ("subscribed", [])
     op = api.call("POST", "/v1/vms", {"package": str(redis_package), "name": "d-r1",
                                       "publish": ["127.0.0.1:0:6379"],
-                                      "labels": {"team": "db"}})
+                                      "labels": {"team": "db"}, "env": ["ROLE=api db"],
+                                      "user_data": "#!/bin/sh\necho ud-api $ROLE\n"})
     assert (op["kind"], op["state"], op["vm_id"]) == ("run", "running", "d-r1")
     op = api.wait(op)
     assert op["state"] == "succeeded", op
     assert op["result"]["vm_id"] == "d-r1"
+    assert op["result"]["user_data"]["exit_code"] == 0
+    assert op["result"]["env"] == ["ROLE"]
     [vm] = api.call("GET", "/v1/vms")
     assert (vm["vm_id"], vm["status"], vm["labels"]) == ("d-r1", "running", {"team": "db"})
     assert api.call("GET", "/v1/vms?label=team=db") == [vm]
@@ -263,6 +287,9 @@ def test_a_vm_through_the_api_outlives_the_daemon(daemon: Daemon, redis_package:
     assert detail["qemu_pid"] == op["result"]["qemu_pid"]
     got = api.call("POST", "/v1/vms/d-r1/exec", {"argv": ["redis-cli", "get", "greeting"]})
     assert (got["exit_code"], got["stdout"].strip()) == (0, "hello")
+    got = api.call("POST", "/v1/vms/d-r1/exec", {"argv": ["sh", "-c", "echo $ROLE"]})
+    assert got["stdout"] == "api db\n"
+    assert detail["user_data"]["kind"] == "script"
     # The guest's console: what it writes there is in `logs`, through the API and the CLI.
     api.call("POST", "/v1/vms/d-r1/exec",
              {"argv": ["sh", "-c", "echo ferry-console-mark > /dev/console"]})

@@ -33,7 +33,7 @@ from ferry.transport.tls import client_context, server_context
 
 async def run(args: argparse.Namespace, console: Console) -> ExitCode | int:
     match args.command:
-        case "vm" | "key" | "package":
+        case "vm" | "key" | "package" | "volume":
             from ferry.cli import vm as vm_cli
 
             return await vm_cli.run(args, console)

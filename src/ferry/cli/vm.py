@@ -41,7 +41,7 @@ from ferry.package import commands as pkg
 from ferry.s3 import S3URL, S3Config
 from ferry.s3 import packages as s3_packages
 from ferry.shape import DEFAULT_CPU_MODEL, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB
-from ferry.vm import labels, pkgcache, registry, snapshot
+from ferry.vm import labels, pkgcache, registry, snapshot, userdata, volumes
 from ferry.vm.errors import VMNotFoundError
 from ferry.vm.oci import is_oci, oci_package, snapshot_image
 from ferry.vm.publish import parse_publish
@@ -99,6 +99,16 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
                    help="an address of the hosts' network that follows the VM when it "
                         "migrates, serving the -p guest ports; clients connected to it "
                         "keep their connections across migrations (docs/networking.md)")
+    c.add_argument("--user-data", type=Path, metavar="FILE",
+                   help="a '#!' script or '#cloud-config' (write_files, runcmd) run once "
+                        f"in the guest after the resume, at most "
+                        f"{userdata.MAX_USER_DATA_BYTES // 1024} KiB; output in 'vm logs'")
+    c.add_argument("--volume", action="append", default=[], metavar="NAME[:DISK]",
+                   help="attach the volume NAME in place of the package's extra disk DISK "
+                        "(default: the next one); see 'ferry volume'")
+    c.add_argument("--user-data-timeout", type=positive_float, metavar="S",
+                   default=userdata.DEFAULT_USER_DATA_TIMEOUT_S,
+                   help="kill the user data after S seconds (default: %(default)s)")
     c.add_argument("-d", "--detach", action="store_true", help="run in the background")
     c.add_argument("--trust", type=Path, help="trust list (default: this host's)")
     add_accel(c)
@@ -154,6 +164,19 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
     add_common(c)
 
     _add_migration_parsers(vm, add_common)
+
+    p = sub.add_parser("volume", help="disks that outlive a VM (vm run --volume)")
+    vol = p.add_subparsers(dest="volume_command", required=True)
+    c = vol.add_parser("create", help="create an empty volume")
+    c.add_argument("name")
+    c.add_argument("--size", type=positive_int, required=True, metavar="MIB",
+                   help="its size; equal to the package disk it replaces")
+    add_common(c)
+    c = vol.add_parser("list", aliases=["ls"], help="this host's volumes")
+    add_common(c)
+    c = vol.add_parser("rm", help="delete a volume (not while a VM holds it)")
+    c.add_argument("name")
+    add_common(c)
 
     p = sub.add_parser("key", help="package signing keys and this host's trust list")
     key = p.add_subparsers(dest="key_command", required=True)
@@ -243,7 +266,10 @@ def _add_oci_options(c: argparse.ArgumentParser) -> None:
     """``docker run``'s overrides, for an ``oci://`` image (docs/oci.md)."""
     g = c.add_argument_group("OCI images (oci://REF; arguments after '--' replace the cmd)")
     g.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE",
-                   help="set a variable in the image's process (repeatable)")
+                   help="set a variable (repeatable): in an image's process; for a package, "
+                        "in every command the guest agent starts and /run/ferry/env")
+    g.add_argument("--env-file", action="append", default=[], type=Path, metavar="FILE",
+                   help="variables from FILE, NAME=VALUE per line (before -e)")
     g.add_argument("--entrypoint", help="replace the image's entrypoint (and clear its cmd)")
     g.add_argument("--readiness", metavar="CMD",
                    help="snapshot once CMD exits 0 in the guest (default: the first exposed "
@@ -258,16 +284,46 @@ def _add_oci_options(c: argparse.ArgumentParser) -> None:
     c.set_defaults(takes_rest=True)
 
 
+def _env_files(args: argparse.Namespace) -> list[str]:
+    texts = []
+    for path in args.env_file:
+        try:
+            if path.stat().st_size > userdata.MAX_ENV_BYTES * 2:
+                raise ConfigError(f"--env-file {path}: larger than "
+                                  f"{userdata.MAX_ENV_BYTES * 2} bytes")
+            texts.append(path.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--env-file {path}: {exc}") from exc
+    return texts
+
+
 def _oci_overrides(args: argparse.Namespace, memory_mib: int | None) -> RunOverrides:
+    env = userdata.parse_env(args.env, _env_files(args), check=False)
     return RunOverrides(entrypoint=args.entrypoint, args=tuple(args.rest),
-                        env=tuple(args.env), readiness=args.readiness,
+                        env=tuple(f"{k}={v}" for k, v in env.items()),
+                        readiness=args.readiness,
                         memory_mib=memory_mib or DEFAULT_MEMORY_MIB)
 
 
 def _refuse_oci_options(args: argparse.Namespace, what: str) -> None:
-    if args.rest or args.env or args.entrypoint or args.readiness:
-        raise ConfigError(f"-e, --entrypoint, --readiness and arguments after '--' are for "
+    if args.rest or args.entrypoint or args.readiness:
+        raise ConfigError(f"--entrypoint, --readiness and arguments after '--' are for "
                           f"oci:// images, not {what}")
+
+
+def _user_data(args: argparse.Namespace) -> str | None:
+    path: Path | None = args.user_data
+    if path is None:
+        return None
+    try:
+        if path.stat().st_size > userdata.MAX_USER_DATA_BYTES:
+            raise ConfigError(f"--user-data {path}: larger than "
+                              f"{userdata.MAX_USER_DATA_BYTES} bytes")
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--user-data {path}: {exc}") from exc
+    userdata.parse_user_data(text)  # refused here, before anything starts
+    return text
 
 
 class _Out:
@@ -508,6 +564,31 @@ async def _vm_rm(args: argparse.Namespace, out: _Out) -> None:
         lambda: out.console.print(f"{vm_id}: {removed}"))
 
 
+async def _volume_create(args: argparse.Namespace, out: _Out) -> None:
+    vol = await asyncio.to_thread(volumes.create_volume, args.host.state_root, args.name,
+                                  args.size)
+    out(vol.to_json(), lambda: out.console.print(f"{vol.name}: {args.size} MiB"))
+
+
+async def _volume_list(args: argparse.Namespace, out: _Out) -> None:
+    found = await asyncio.to_thread(volumes.list_volumes, args.host.state_root)
+
+    def show() -> None:
+        table = Table()
+        for col in ("name", "size", "in use"):
+            table.add_column(col)
+        for v in found:
+            table.add_row(v.name, f"{v.size_bytes // 2**20} MiB", "yes" if v.in_use else "")
+        out.console.print(table)
+    out([v.to_json() for v in found], show)
+
+
+async def _volume_rm(args: argparse.Namespace, out: _Out) -> None:
+    await asyncio.to_thread(volumes.remove_volume, args.host.state_root, args.name)
+    out({"name": args.name, "removed": True},
+        lambda: out.console.print(f"{args.name}: removed"))
+
+
 async def _key_create(args: argparse.Namespace, out: _Out) -> None:
     info = pkg.key_create(args.path, host=args.host, comment=args.comment,
                           overwrite=args.overwrite, trust=args.trust,
@@ -682,6 +763,10 @@ _HANDLERS: dict[tuple[str, str], Handler] = {
     ("vm", "exec"): _vm_exec,
     ("vm", "attach"): _vm_attach,
     ("vm", "stop"): _vm_stop,
+    ("volume", "create"): _volume_create,
+    ("volume", "list"): _volume_list,
+    ("volume", "ls"): _volume_list,
+    ("volume", "rm"): _volume_rm,
     ("key", "create"): _key_create,
     ("key", "trust"): _key_trust,
     ("package", "create"): _package_create,
@@ -704,7 +789,13 @@ async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable
     forwards = tuple(parse_publish(s, allow_wildcard=args.allow_wildcard) for s in args.publish)
     vm_id = registry.check_vm_id(args.name or f"vm-{snapshot.short_id()}")
     package_dir = None
+    env: dict[str, str] = {}
+    vols: dict[str, str] = {}
+    user_data = _user_data(args)
     if args.package is not None and is_oci(args.package):
+        if user_data is not None or args.volume:
+            raise ConfigError("--user-data and --volume are for packages, not oci:// images "
+                              "(-e sets the image process's environment)")
         made = await oci_package(
             args.package, _oci_overrides(args, args.memory_mib), host=host,
             options=PullOptions(max_layer_bytes=args.max_layer_mib * 2**20,
@@ -726,14 +817,20 @@ async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable
         opened = pkgcache.open_package(package_file, trust, cache_dir=host.package_cache,
                                        progress=_package_progress(progress))
         package_dir = opened.directory
+        env = userdata.parse_env(args.env, _env_files(args))
+        vols = volumes.parse_volume_args(args.volume)
     elif args.name is None:
         raise ConfigError("give a package, or --name of a suspended VM")
+    elif args.env or args.env_file or user_data is not None or args.volume:
+        raise ConfigError("-e, --env-file and --user-data are for a VM run from a package; "
+                          "a continued VM keeps the environment it had")
     # Continuing a suspended VM without -p: the forwards it had.
     request = supervisor.LaunchRequest(
         vm_id, package_dir, host, forwards if forwards or package_dir else None,
         labels=None if args.label is None and package_dir is None
         else labels.parse_labels(args.label or ()),
-        service_address=args.service_address)
+        service_address=args.service_address, env=env, user_data=user_data, volumes=vols,
+        user_data_timeout_s=args.user_data_timeout)
 
     def show_ready(report: dict[str, Any]) -> None:
         out(report, lambda: _print_ready(console, report))
@@ -770,6 +867,12 @@ def _print_ready(console: Console, report: dict[str, Any]) -> None:
         f"cont {t['cont_s'] * 1e3:.0f} ms); agent + clock sync {t['agent_s'] * 1e3:.0f} ms")
     for fwd in report["forwards"]:
         console.print(f"  forward {fwd}")
+    ud = report.get("user_data")
+    if ud:
+        colour = "green" if ud["exit_code"] == 0 else "red"
+        console.print(f"  user data ({ud['kind']}): [{colour}]exit {ud['exit_code']}[/{colour}]"
+                      f" after {ud['duration_s']:.1f} s"
+                      + (f" at {ud['failed_step']}" if ud.get("failed_step") else ""))
 
 
 def _print_vms(console: Console, vms: list[dict[str, Any]]) -> None:

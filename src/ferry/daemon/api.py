@@ -23,6 +23,7 @@ from ferry.daemon.cluster import ClusterConfig, DaemonCluster, PeerAccess
 from ferry.daemon.operations import Operations
 from ferry.daemon.routes import cluster as cluster_routes
 from ferry.daemon.routes import node, operations, packages, streams, vms
+from ferry.daemon.routes import volumes as volume_routes
 from ferry.daemon.state import Daemon
 from ferry.hostconfig import HostConfig
 from ferry.spot import METADATA_URL
@@ -98,6 +99,7 @@ def create_app(host: HostConfig, *, warm_holders: int = 1, warm_vms: int = 0,
         response: Response = await call_next(request)
         return response
 
-    for module in (node, vms, streams, operations, packages, cluster_routes):
+    for module in (node, vms, streams, operations, packages, cluster_routes,
+                   volume_routes):
         app.include_router(module.routes(d))
     return app

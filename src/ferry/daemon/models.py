@@ -76,6 +76,8 @@ class VMDetail(VM):
     qemu_usage: dict[str, float] = {}
     migration: dict[str, Any] | None = None
     """An outgoing migration's progress while one runs."""
+    user_data: dict[str, Any] | None = None
+    """How its user data went: kind, exit_code, duration_s, failed_step."""
 
 
 class RunVM(Request):
@@ -96,7 +98,17 @@ resumed)."""
                     "migrates, as ferry vm run --service-address (no warm VM is claimed "
                     "for it)")
     env: list[str] = Field(default=[], max_length=MAX_ARGV,
-                           description="oci:// only: NAME=VALUE, as ferry vm run -e")
+                           description="NAME=VALUE, as ferry vm run -e: an oci:// image's "
+                                       "process, or a package VM's /run/ferry/env and every "
+                                       "command its agent starts")
+    user_data: str | None = Field(
+        default=None, max_length=64 * 1024,
+        description="a '#!' script or '#cloud-config' (write_files, runcmd) run once "
+                    "after the resume, as ferry vm run --user-data (packages only)")
+    user_data_timeout_s: float = Field(default=300.0, gt=0, le=86400)
+    volumes: list[str] = Field(default=[], max_length=16,
+                               description="NAME[:DISK], as ferry vm run --volume (packages "
+                                           "only; no warm VM is claimed for them)")
     entrypoint: str | None = Field(default=None, max_length=MAX_TEXT,
                                    description="oci:// only: replaces the image's entrypoint")
     args: list[str] = Field(default=[], max_length=MAX_ARGV,
@@ -105,6 +117,20 @@ resumed)."""
                                   description="oci:// only: 'tcp:PORT' or a shell command")
     memory_mib: int | None = Field(default=None, ge=16, le=65536,
                                    description="oci:// only: guest RAM")
+
+
+class Volume(BaseModel):
+    name: str
+    size_bytes: int
+    created_at: float
+    in_use: bool
+    """A running VM holds it."""
+    path: str
+
+
+class CreateVolume(Request):
+    name: str = Field(pattern=r"^[a-z0-9](?:[a-z0-9_.-]{0,61}[a-z0-9])?$")
+    size_mib: int = Field(ge=1, le=1024 * 1024)
 
 
 class ContinueVM(Request):

@@ -33,6 +33,7 @@ from ferry.errors import (
 from ferry.package.errors import PackageError
 from ferry.vm.errors import VMExistsError, VMNotFoundError
 from ferry.vm.pkgcache import PackageInUseError
+from ferry.vm.volumes import VolumeError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,11 @@ def for_error(exc: FerryError) -> Problem:
     kind = type(exc).__name__
     if isinstance(exc, VMNotFoundError):
         return Problem(404, "vm-not-found", "VM not found", detail, kind=kind)
+    if isinstance(exc, VolumeError):
+        missing = "no volume" in detail
+        return Problem(404 if missing else 409, "volume-not-found" if missing
+                       else "volume-conflict", "Volume not found" if missing
+                       else "Volume conflict", detail, kind=kind)
     if isinstance(exc, VMExistsError):
         return Problem(409, "vm-exists", "VM exists", detail, kind=kind)
     if isinstance(exc, PackageInUseError):

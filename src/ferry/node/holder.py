@@ -33,7 +33,7 @@ import shutil
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ferry.aio import cancel_and_wait
 from ferry.guest.agent import AgentClient, AgentError, OutputStream
@@ -68,6 +68,7 @@ from ferry.vm.registry import VMPaths, live_supervisor, private_dir
 from ferry.vm.runner import Claim, StopMode
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -112,6 +113,9 @@ class HeldVM:
     can_suspend: bool = False
     counters: Callable[[], tuple[Mapping[str, int], Mapping[str, float]]] | None = None
     """Guest RAM read through FUSE and QEMU's CPU use so far (status: diagnosis, benches)."""
+    volumes: tuple[str, ...] = ()
+    """Volumes attached to it (:mod:`ferry.vm.volumes`): they stay on this host, so the
+    VM is neither migrated nor suspended."""
     suspend_now: Callable[[], Awaitable[int]] | None = None
     """Suspends the VM into its state dir before the stop (a VM that arrived here, whose
     devices are not overlays in a state dir); returns the device state's size. A failure
@@ -160,6 +164,19 @@ class Holder:
         if not self._claim.done():
             raise WarmStopped("stopped before anyone claimed it", vm=self.vm_id)
         return self._claim.result()
+
+    async def unless_stopped(self, work: Awaitable[T]) -> T | None:
+        """``work``'s result, or None if a stop request (``vm stop``, SIGTERM) came first:
+        then ``work`` is cancelled, and the caller goes on to :meth:`watch`, which returns
+        the stop at once (the VM's user data does not hold up a stop)."""
+        task = asyncio.ensure_future(work)
+        waiting: list[asyncio.Future[Any]] = [task, self._stop]
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                await cancel_and_wait(task, swallow_errors=True)
+        return None if task.cancelled() or not task.done() else task.result()
 
     def claimed(self, ready: dict[str, Any]) -> None:
         """The claimed VM runs: answer the claim with its ready report."""
@@ -211,6 +228,10 @@ class Holder:
                 if mode is StopMode.SUSPEND and vm is None:
                     raise VMLifecycleError("the VM is not running (yet): nothing to suspend",
                                            vm=self.vm_id)
+                if mode is StopMode.SUSPEND and vm is not None and vm.volumes:
+                    raise VMLifecycleError(f"a VM with volumes ({', '.join(vm.volumes)}) is "
+                                           "not suspended: stop it (the volumes keep their "
+                                           "data)", vm=self.vm_id)
                 if mode is StopMode.SUSPEND and vm is not None and not vm.can_suspend:
                     raise VMLifecycleError("this VM cannot be suspended here; export it with "
                                            "'ferry vm migrate ID --to-package FILE'",
@@ -231,6 +252,11 @@ class Holder:
                 return ExecReply.of(await agent.exec(req.command, stdin=req.stdin,
                                                      timeout_s=req.timeout_s))
             case MigrateRequest():
+                if self.vm is not None and self.vm.volumes:
+                    raise VMLifecycleError(
+                        f"has volumes ({', '.join(self.vm.volumes)}), which stay on this "
+                        "host: a VM with volumes is not migrated (stop it; the volumes keep "
+                        "their data)", vm=self.vm_id)
                 try:
                     return await self.outgoing.migrate(req)
                 finally:

@@ -153,9 +153,11 @@ async def inspect(paths: registry.VMPaths, vm_id: str) -> dict[str, Any] | None:
     if found is None:
         return None
     detail: dict[str, Any] = {**found, "qemu_pid": None, "memory_io": {}, "qemu_usage": {},
-                              "migration": None}
+                              "migration": None, "user_data": None}
     if found["status"] in ("suspended", WAITING):
         return detail
+    rec = registry.live_supervisor(paths, vm_id) or {}
+    detail["user_data"] = rec.get("user_data")
     status = await ControlClient(paths.control_socket(vm_id), vm_id).status()
     return {**detail, "status": status.state.value, "qemu_pid": status.qemu_pid,
             "memory_io": dict(status.memory_io), "qemu_usage": dict(status.qemu_usage),

@@ -43,6 +43,7 @@ from ferry.node.arrival import ArrivalRequest, arrive
 from ferry.node.supervisor import LaunchRequest, supervise
 from ferry.vm.errors import VMLifecycleError
 from ferry.vm.registry import private_dir
+from ferry.vm.userdata import DEFAULT_USER_DATA_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,10 @@ def encode_request(request: HolderRequest) -> bytes:
                 "forwards": None if request.forwards is None else _forwards(request.forwards),
                 "package_dir": str(request.package_dir) if request.package_dir else None,
                 "warm": request.warm, "service_address": request.service_address,
-                "labels": None if request.labels is None else dict(request.labels)}
+                "labels": None if request.labels is None else dict(request.labels),
+                "env": dict(request.env), "user_data": request.user_data,
+                "user_data_timeout_s": request.user_data_timeout_s,
+                "volumes": dict(request.volumes)}
     else:
         data = {"kind": "receive", "listen": request.listen, "registry": request.registry,
                 "package": request.package, "name": request.name,
@@ -90,7 +94,11 @@ def decode_request(line: bytes) -> HolderRequest:
                                  package_dir=Path(d["package_dir"]) if d["package_dir"]
                                  else None, warm=bool(d.get("warm", False)),
                                  labels=d.get("labels"),
-                                 service_address=d.get("service_address"))
+                                 service_address=d.get("service_address"),
+                                 env=d.get("env") or {}, user_data=d.get("user_data"),
+                                 user_data_timeout_s=float(d.get(
+                                     "user_data_timeout_s", DEFAULT_USER_DATA_TIMEOUT_S)),
+                                 volumes=d.get("volumes") or {})
         if d["kind"] == "receive":
             return ArrivalRequest(
                 host=host, access=Access.from_json(d["access"]),

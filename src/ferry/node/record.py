@@ -57,6 +57,8 @@ class HolderRecord:
     """Downtime and time to running of a received VM."""
     labels: Mapping[str, str] = field(default_factory=dict)
     """The VM's labels (:mod:`ferry.vm.labels`)."""
+    user_data: Mapping[str, Any] | None = None
+    """How its user data went (:meth:`ferry.vm.userdata.UserDataResult.to_json`)."""
 
     @classmethod
     def for_this_process(cls, vm_id: str, state: HolderState, **fields: Any) -> HolderRecord:

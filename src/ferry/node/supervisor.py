@@ -26,15 +26,24 @@ from pathlib import Path
 from typing import Any
 
 from ferry.aio import cancel_and_wait
+from ferry.errors import ConfigError
 from ferry.hostconfig import HostConfig
 from ferry.live.outgoing import Movable
 from ferry.net import PortForward
 from ferry.node.holder import Ending, HeldVM, Holder, WarmStopped, holding, stop_report
 from ferry.node.record import HolderRecord, HolderState
+from ferry.vm import volumes
 from ferry.vm.labels import check_labels
-from ferry.vm.pkgcache import open_extracted
+from ferry.vm.pkgcache import OpenedPackage, open_extracted
 from ferry.vm.registry import VMPaths, check_vm_id, cleanup_leftovers, saved_labels
 from ferry.vm.runner import Claim, Claimer, RunningVM, StopMode, run_vm, saved_forwards
+from ferry.vm.userdata import (
+    DEFAULT_USER_DATA_TIMEOUT_S,
+    check_env,
+    parse_user_data,
+    run_user_data,
+)
+from ferry.vm.volumes import check_volume_name
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +64,28 @@ class LaunchRequest:
     claimed (:class:`~ferry.node.control.ClaimRequest`; see :func:`ferry.vm.runner.run_vm`)."""
     service_address: str | None = None
     """An address that follows the VM from host to host (docs/networking.md)."""
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """The VM's environment (:mod:`ferry.vm.userdata`; a package run only)."""
+    user_data: str | None = None
+    """A ``#!`` script or ``#cloud-config`` run once after the resume (a package run only)."""
+    user_data_timeout_s: float = DEFAULT_USER_DATA_TIMEOUT_S
+    volumes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Volumes to attach: {volume: package disk it replaces, or "" for the next free one}
+    (:mod:`ferry.vm.volumes`; a package run only)."""
 
     def __post_init__(self) -> None:
         check_vm_id(self.vm_id)
         if self.labels is not None:
             check_labels(self.labels)
+        check_env(self.env)
+        if self.user_data is not None:
+            parse_user_data(self.user_data)
+        for name in self.volumes:
+            check_volume_name(name)
+        if (self.env or self.user_data is not None or self.volumes) and (
+                self.package_dir is None or self.warm):
+            raise ConfigError("an environment, user data and volumes are given to a VM run "
+                              "from a package; a continued VM keeps the environment it had")
         if self.warm and (self.package_dir is None or self.forwards):
             raise ValueError("a warm VM needs a package and takes its forwards when claimed")
 
@@ -121,7 +147,8 @@ async def supervise(
     return report
 
 
-def _held(vm: RunningVM, forwards: tuple[PortForward, ...]) -> HeldVM:
+def _held(vm: RunningVM, forwards: tuple[PortForward, ...],
+          attached: tuple[str, ...] = ()) -> HeldVM:
     assert vm.live is not None
 
     def counters() -> tuple[Mapping[str, int], Mapping[str, float]]:
@@ -131,7 +158,7 @@ def _held(vm: RunningVM, forwards: tuple[PortForward, ...]) -> HeldVM:
                   Movable(vm.vm_id, vm.qemu, vm.live, vm.agent, vm.net, vm.manifest,
                           vm.package.directory, forwards, vm.package.package_id,
                           labels=vm.labels),
-                  can_suspend=True, counters=counters)
+                  can_suspend=not attached, counters=counters, volumes=attached)
 
 
 def _claimer(holder: Holder, on_warm: Callable[[dict[str, Any]], None] | None,
@@ -160,10 +187,28 @@ async def _run(holder: Holder, request: LaunchRequest, forwards: tuple[PortForwa
                on_console: Callable[[bytes], None] | None, launched: float,
                claim: Claimer | None = None, labels: Mapping[str, str]) -> Ending:
     package = open_extracted(request.package_dir) if request.package_dir else None
+    with contextlib.ExitStack() as held_volumes:
+        images: dict[str, Path] = {}
+        if request.volumes and package is not None:
+            extra = [d.name for d in package.manifest.disks[1:]]
+            for disk, name in volumes.assign_disks(dict(request.volumes), extra).items():
+                images[disk] = held_volumes.enter_context(
+                    volumes.attached(request.host.state_root, name)).image
+        return await _run_held(holder, request, package, forwards, images, on_ready=on_ready,
+                               on_console=on_console, launched=launched, claim=claim,
+                               labels=labels)
+
+
+async def _run_held(holder: Holder, request: LaunchRequest, package: OpenedPackage | None,
+                    forwards: tuple[PortForward, ...], images: Mapping[str, Path], *,
+                    on_ready: Callable[[dict[str, Any]], None] | None,
+                    on_console: Callable[[bytes], None] | None, launched: float,
+                    claim: Claimer | None, labels: Mapping[str, str]) -> Ending:
     async with run_vm(request.vm_id, request.paths, package=package,
                       forwards=forwards, sandbox=request.host.qemu_sandbox,
                       launched=launched, claim=claim, labels=labels,
-                      service_address=request.service_address) as vm:
+                      service_address=request.service_address, env=request.env,
+                      volumes=images) as vm:
         pid = vm.qemu.pid
         holder.record.set_qemu(pid)
         forwards = vm.net.forwards  # a warm VM's came with its claim
@@ -173,8 +218,19 @@ async def _run(holder: Holder, request: LaunchRequest, forwards: tuple[PortForwa
                       forwards=tuple(vm.forward_addresses()), resume=vm.timings.to_json())
         ready = {"vm_id": vm.vm_id, "pid": os.getpid(), "qemu_pid": pid,
                  "forwards": vm.forward_addresses(), "resume": vm.timings.to_json(),
-                 "console": str(vm.qemu.console_path)}
-        holder.vm = held = _held(vm, forwards)
+                 "console": str(vm.qemu.console_path),
+                 "env": sorted(request.env), "user_data": None,
+                 "volumes": {disk: path.parent.name for disk, path in images.items()}}
+        if request.user_data is not None:
+            # Once, before the VM is reported ready: its outcome is part of the report.
+            holder.update(user_data={"status": "running"})
+            result = await holder.unless_stopped(run_user_data(
+                vm.agent, parse_user_data(request.user_data),
+                timeout_s=request.user_data_timeout_s))
+            ready["user_data"] = {"status": "stopped"} if result is None \
+                else result.to_json()
+            holder.update(user_data=ready["user_data"])
+        holder.vm = held = _held(vm, forwards, tuple(p.parent.name for p in images.values()))
         if claim is not None:
             holder.claimed(ready)
         elif on_ready is not None:

@@ -83,6 +83,8 @@ from ferry.qemu import DeviceStateStats, QemuVM, VMError
 from ferry.qemu.version import host_qemu_version
 from ferry.qemu.vm import MEMORY_FILE
 from ferry.storage import OverlayDevice
+from ferry.storage.device import Device
+from ferry.storage.providers.file import FileDevice
 from ferry.vm.devices import VMDevices, local_devices
 from ferry.vm.errors import ManifestError, VMExistsError, VMLifecycleError, VMNotFoundError
 from ferry.vm.machine import check_guest_network, machine_config
@@ -97,6 +99,7 @@ from ferry.vm.registry import (
     saved_labels,
     write_json,
 )
+from ferry.vm.userdata import apply_environment
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -320,6 +323,8 @@ async def run_vm(
     claim: Claimer | None = None,
     labels: Mapping[str, str] | None = None,
     service_address: str | None = None,
+    env: Mapping[str, str] | None = None,
+    volumes: Mapping[str, Path] | None = None,
 ) -> AsyncIterator[RunningVM]:
     """Resume ``package`` (or the suspended VM ``vm_id``) as VM ``vm_id``; see the module doc.
 
@@ -336,6 +341,14 @@ async def run_vm(
     and state while every open path stays valid), publishes its forwards, and the resume
     goes on from the state load, with the timings counted from the claim. A suspended
     claimed VM's state dir is moved to its own name when it stops.
+
+    ``env`` (checked by :func:`ferry.vm.userdata.check_env`) is written to the guest's
+    ``/run/ferry/env`` before the after-resume hooks, so they and every later command
+    the agent starts see it (:mod:`ferry.vm.userdata`).
+
+    ``volumes`` maps extra disks of the package to volume files (held by the caller,
+    :mod:`ferry.vm.volumes`) that take their place, same size; the guest then drops its
+    clean caches so nothing read from the package's disk hides the volume.
     """
     entered = time.monotonic()
     launched = entered if launched is None else launched
@@ -360,9 +373,14 @@ async def run_vm(
                 t0 = time.monotonic()
                 memory = package_overlay(package, manifest.memory, state_dir)
                 stack.push_async_callback(memory.close)
-                disks = {}
+                disks: dict[str, Device] = {}
                 for entry in manifest.disks:
-                    disks[entry.name] = dev = package_overlay(package, entry, state_dir)
+                    dev: Device
+                    if entry.name in (volumes or {}):
+                        disks[entry.name] = dev = _volume_device(
+                            (volumes or {})[entry.name], entry.name, entry.size_bytes, vm_id)
+                    else:
+                        disks[entry.name] = dev = package_overlay(package, entry, state_dir)
                     stack.push_async_callback(dev.close)
                 # Dirty-tracked stacks over the overlays, so the VM can be live-migrated
                 # out (ferry.live.outgoing); the overlays stay what the callbacks close.
@@ -415,7 +433,12 @@ async def run_vm(
             agent = await stack.enter_async_context(
                 connect_agent(qemu.agent_socket, connect_timeout_s=agent_timeout_s))
             try:
+                if env:
+                    await apply_environment(agent, env, timeout_s=agent_timeout_s)
                 await agent.after_resume(timeout_s=agent_timeout_s)
+                if volumes:
+                    await agent.exec(["/bin/sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"],
+                                     timeout_s=agent_timeout_s)
             except AgentError as exc:
                 raise VMLifecycleError(f"the guest agent did not answer after resume: {exc}",
                                        vm=vm_id) from exc
@@ -442,6 +465,18 @@ async def run_vm(
         if claimed is not None:
             claimed.release(kept=running is not None and clean_exit
                             and running.suspended is not None)
+
+
+def _volume_device(path: Path, disk: str, size_bytes: int, vm_id: str) -> FileDevice:
+    """The volume file that takes the place of the package's disk ``disk``."""
+    dev = FileDevice(path, name=f"volume {path.parent.name}")
+    if dev.size_bytes != size_bytes:
+        dev.close_sync()
+        raise VMLifecycleError(
+            f"volume {path.parent.name} has {dev.size_bytes} bytes, the package's disk "
+            f"{disk} {size_bytes}: create the volume with --size {size_bytes // 2**20}",
+            vm=vm_id)
+    return dev
 
 
 @dataclass(slots=True)

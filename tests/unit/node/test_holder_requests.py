@@ -27,13 +27,16 @@ FORWARDS = (PortForward("127.0.0.1", 16379, 6379),
 @pytest.mark.parametrize("request_", [
     LaunchRequest("r1", Path("/cache/pkg"), HOST, FORWARDS),
     LaunchRequest("r1", None, HOST),
+    LaunchRequest("r1", Path("/cache/pkg"), HOST, env={"A": "1 2", "B": ""},
+                  user_data="#!/bin/sh\necho hi\n", user_data_timeout_s=5.0,
+                  volumes={"data-1": "", "logs": "disk2"}),
     ArrivalRequest(HOST, Access(token="0f" * 32), listen=("10.0.0.2", 7400),
                    report_until="listening"),
     ArrivalRequest(HOST, Access(tls=TLSFiles(Path("c"), Path("k"), Path("ca"))),
                    registry=("10.0.0.3", 7500), package="redis.ferry", name="g1",
                    forwards=FORWARDS, precopy_only=True),
     ArrivalRequest(HOST, Access(insecure=True), listen=("::1", 1), forwards=()),
-], ids=["run", "continue", "receive", "registry", "no-forwards"])
+], ids=["run", "continue", "run-env-userdata-volumes", "receive", "registry", "no-forwards"])
 def test_round_trip(request_: LaunchRequest | ArrivalRequest) -> None:
     line = encode_request(request_)
     assert line.endswith(b"\n")
@@ -73,3 +76,20 @@ def test_rehome_keeps_loopback_and_moves_the_rest_to_the_listen_address() -> Non
         PortForward("10.0.0.2", 53, 53, Proto.UDP))
     # A registry start has no listen address: the forwards stay as they were.
     assert rehome(source, None) == source
+
+
+@pytest.mark.parametrize("fields", [
+    {"env": {"A": "1"}}, {"user_data": "#!/bin/sh\n"}, {"volumes": {"v": ""}},
+])
+def test_a_continued_vm_takes_no_environment_user_data_or_volumes(
+        fields: dict[str, object]) -> None:
+    with pytest.raises(ConfigError, match="continued VM"):
+        LaunchRequest("r1", None, HOST, **fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fields", [
+    {"env": {"1A": "x"}}, {"user_data": "plain text"}, {"volumes": {"../v": ""}},
+])
+def test_a_launch_request_checks_what_a_holder_gets(fields: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        LaunchRequest("r1", Path("/cache/pkg"), HOST, **fields)  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ from ferry.node.control import ExportReply, MigrateRequest
 from ferry.node.process import launch_detached
 from ferry.oci.guest import DEFAULT_MEMORY_MIB, RunOverrides
 from ferry.package import TrustStore
-from ferry.vm import labels, pkgcache, registry
+from ferry.vm import labels, pkgcache, registry, userdata, volumes
 from ferry.vm.errors import VMExistsError
 from ferry.vm.oci import is_oci, oci_package
 from ferry.vm.publish import parse_publish
@@ -72,10 +72,17 @@ def routes(d: Daemon) -> APIRouter:
         forwards = tuple(parse_publish(s) for s in body.publish)
         image = is_oci(body.package)
         overrides = _oci_overrides(body) if image else None
-        if not image and (body.env or body.entrypoint or body.args or body.readiness
-                          or body.memory_mib):
-            raise Problem(422, "invalid", "Invalid request", "env, entrypoint, args, "
+        if not image and (body.entrypoint or body.args or body.readiness or body.memory_mib):
+            raise Problem(422, "invalid", "Invalid request", "entrypoint, args, "
                           "readiness and memory_mib are for oci:// images, not packages")
+        if image and (body.user_data is not None or body.volumes):
+            raise Problem(422, "invalid", "Invalid request", "user_data and volumes are for "
+                          "packages, not oci:// images")
+        env = {} if image else userdata.parse_env(body.env)
+        if body.user_data is not None:
+            userdata.parse_user_data(body.user_data)
+        vols = volumes.parse_volume_args(body.volumes)
+        plain = not (env or body.user_data is not None or vols)
         service_address = (None if body.service_address is None
                            else check_service_address(body.service_address))
         file = Path(body.package)
@@ -106,12 +113,16 @@ def routes(d: Daemon) -> APIRouter:
                     d.pinned[directory] += 1
                 try:
                     # A warm VM's network is made without a service address.
-                    ready = None if service_address is not None else await _claim_warm(
-                        d, directory, vm_id, forwards, vm_labels)
+                    # A warm VM's network is made without a service address, and it
+                    # resumed without this run's environment, user data and volumes.
+                    ready = None if service_address is not None or not plain \
+                        else await _claim_warm(d, directory, vm_id, forwards, vm_labels)
                     if ready is None:
                         ready = await launch(op_id, supervisor.LaunchRequest(
                             vm_id, directory, host, forwards, labels=vm_labels,
-                            service_address=service_address))
+                            service_address=service_address, env=env,
+                            user_data=body.user_data,
+                            user_data_timeout_s=body.user_data_timeout_s, volumes=vols))
                     d.warm.want(directory)  # a replacement, or the first one
                     return ready
                 finally:

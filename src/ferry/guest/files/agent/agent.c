@@ -26,6 +26,11 @@
  * bytes wait for the host's SESSION_ACK, and acknowledges stdin once written
  * to the command; so neither side buffers more than a window per session.
  * A one-shot EXEC or hook still runs to its end first (sessions pause).
+ *
+ * Environment (agent 1.2). Every command the agent starts (EXEC, hooks,
+ * sessions) first gets the variables of ENV_FILE, which the host writes after
+ * a resume (`ferry vm run -e`); it is reread at each start, like hooks.conf,
+ * and lives in the guest's /run (tmpfs): it moves with the VM's RAM.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -47,7 +52,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define AGENT_VERSION "ferry-agent 1.1"
+#define AGENT_VERSION "ferry-agent 1.2"
 #define PROTOCOL_VERSION 2
 #define MAGIC "FAGT"
 #define HEADER_BYTES 16
@@ -66,6 +71,8 @@
 #define MAX_CHUNK_BYTES (64u * 1024)   /* data in one SESSION_INPUT/SESSION_OUTPUT */
 #define SESSION_WINDOW (256u * 1024)   /* unacknowledged bytes per session and direction */
 #define MAX_TERM_BYTES 64
+#define ENV_FILE "/run/ferry/env"      /* the VM's environment (ferry vm run -e), NAME=VALUE lines */
+#define MAX_ENV_BYTES (64u * 1024)
 
 enum msg_type {
     T_HELLO_REQUEST = 1, T_PING = 2, T_EXEC = 3, T_BEFORE_SUSPEND = 4, T_AFTER_RESUME = 5,
@@ -285,6 +292,39 @@ static int drain_into(int fd, struct buf *b, size_t cap, int *trunc) {
     }
 }
 
+/* In a child before exec: the VM's environment (ENV_FILE), one NAME=VALUE per line.
+ * Lines without a valid name are skipped; the host validated them already. */
+static void load_env(void) {
+    int fd = open(ENV_FILE, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    static char data[MAX_ENV_BYTES + 1];
+    size_t n = 0;
+    for (;;) {
+        ssize_t got = read(fd, data + n, MAX_ENV_BYTES - n);
+        if (got <= 0) break;
+        n += (size_t)got;
+        if (n == MAX_ENV_BYTES) break;
+    }
+    close(fd);
+    data[n] = 0;
+    char *line = data;
+    while (line < data + n) {
+        char *end = memchr(line, '\n', (size_t)(data + n - line));
+        if (end) *end = 0;
+        char *eq = strchr(line, '=');
+        int ok = eq && eq > line && !(line[0] >= '0' && line[0] <= '9');
+        for (char *c = line; ok && c < eq; c++)
+            ok = (*c >= 'A' && *c <= 'Z') || (*c >= 'a' && *c <= 'z') ||
+                 (*c >= '0' && *c <= '9') || *c == '_';
+        if (ok) {
+            *eq = 0;
+            setenv(line, eq + 1, 1);
+        }
+        if (!end) break;
+        line = end + 1;
+    }
+}
+
 /*
  * Run argv with stdin `in`, collecting stdout and stderr (merged into out when
  * `merge`), killing its process group at the deadline. The child is a session
@@ -307,6 +347,7 @@ static void run(char *const argv[], const uint8_t *in, size_t inlen, int64_t tim
         dup2(pin[0], 0);
         dup2(pout[1], 1);
         dup2(merge ? pout[1] : perr[1], 2);
+        load_env();
         execvp(argv[0], argv);
         int e = errno;
         ssize_t ignored = write(pexec[1], &e, sizeof e);
@@ -669,6 +710,7 @@ static int session_start(struct session *s, char *const argv[], const char *term
             dup2(pin[0], 0); dup2(pout[1], 1); dup2(perr[1], 2);
         }
         if (ok) {
+            load_env();
             if (term[0]) setenv("TERM", term, 1);
             execvp(argv[0], argv);
         }
