@@ -79,6 +79,8 @@ on it, so RAM never waits in the link's buffers ahead of the migration channel's
 messages."""
 RAM_READY_UNFRAMED = b"R"
 """What a destination of a ferry before framed RAM streams sends."""
+PIPELINE_DEPTH = 2
+"""Frames made ahead of the one on the link (at most 2 x 1 MiB held)."""
 IDLE_S = 0.05
 """A read of QEMU's stream that waited this long: QEMU, not the link, set the pace."""
 READY_TIMEOUT_S = 60.0
@@ -161,20 +163,32 @@ class RamOut:
             self._sock.close()
             devstate.unlink_quietly(path)
         auto = self.compression
-        with conn:
-            conn.setblocking(False)
+        # The next chunks are read and framed (compressed, in a thread) while this one
+        # is on the link: the stream goes at the slower of the two, not their sum.
+        framed: asyncio.Queue[tuple[bytes, bool, int] | None] = asyncio.Queue(PIPELINE_DEPTH)
+
+        async def frame_chunks() -> None:
             while True:
                 t = time.monotonic()
                 chunk = await loop.sock_recv(conn, CHUNK_BYTES)
                 if not chunk:
-                    break
+                    await framed.put(None)
+                    return
                 if time.monotonic() - t >= IDLE_S:
                     auto.idle()
                 frame, compressed = await _frame(auto, chunk)
-                await self._link.send_all(frame)
-                auto.sent(len(chunk), len(frame), compressed=compressed)
-                self.bytes_sent += len(chunk)
-                self.wire_bytes += len(frame)
+                await framed.put((frame, compressed, len(chunk)))
+
+        with conn:
+            conn.setblocking(False)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(frame_chunks(), name=f"ram frames {self.vm.name}")
+                while (item := await framed.get()) is not None:
+                    frame, compressed, n = item
+                    await self._link.send_all(frame)
+                    auto.sent(n, len(frame), compressed=compressed)
+                    self.bytes_sent += n
+                    self.wire_bytes += len(frame)
         await self._link.send_eof()
 
     async def _raise_limit(self) -> None:

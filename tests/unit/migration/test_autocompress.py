@@ -1,5 +1,5 @@
-"""AutoCompression's choice on simulated links: a fake clock advances as a serial
-sender would spend time compressing and sending."""
+"""AutoCompression's choice on simulated links: a fake clock advances as a pipelined
+sender would spend time (compressing the next chunk while this one is sent)."""
 
 from __future__ import annotations
 
@@ -30,20 +30,21 @@ class Sim:
     def run(self, chunks: int) -> float:
         start = self.now
         for _ in range(chunks):
+            cpu_s = 0.0
             if self.auto.compress_next():
-                self.now += CHUNK / self.cpu
+                cpu_s = CHUNK / self.cpu
                 out = int(CHUNK * self.ratio)
                 self.auto.compressed(CHUNK, out, CHUNK / (self.reported_cpu or self.cpu))
                 compressed = out < CHUNK
                 wire = out if compressed else CHUNK
             else:
                 if self.auto.sample_next():
-                    self.now += SAMPLE_BYTES / self.cpu
+                    cpu_s = SAMPLE_BYTES / self.cpu
                     self.auto.compressed(SAMPLE_BYTES, int(SAMPLE_BYTES * self.ratio),
                                          SAMPLE_BYTES / (self.reported_cpu or self.cpu))
                 compressed = False
                 wire = CHUNK
-            self.now += wire / self.link
+            self.now += max(cpu_s, wire / self.link)
             self.auto.sent(CHUNK, wire + 8, compressed=compressed)
         return chunks * CHUNK / (self.now - start)
 
