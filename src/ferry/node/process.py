@@ -42,6 +42,7 @@ from ferry.net import PortForward
 from ferry.node.arrival import ArrivalRequest, arrive
 from ferry.node.supervisor import LaunchRequest, supervise
 from ferry.vm.errors import VMLifecycleError
+from ferry.vm.mirroring import MirrorSpec
 from ferry.vm.registry import private_dir
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ def encode_request(request: HolderRequest) -> bytes:
                 "forwards": None if request.forwards is None else _forwards(request.forwards),
                 "package_dir": str(request.package_dir) if request.package_dir else None,
                 "warm": request.warm, "service_address": request.service_address,
+                "mirror": None if request.mirror is None else request.mirror.to_json(),
+                "restore": None if request.restore is None else request.restore.to_json(),
                 "labels": None if request.labels is None else dict(request.labels)}
     else:
         data = {"kind": "receive", "listen": request.listen, "registry": request.registry,
@@ -76,6 +79,10 @@ def encode_request(request: HolderRequest) -> bytes:
                 "report_until": request.report_until,
                 "forwards": None if request.forwards is None else _forwards(request.forwards)}
     return json.dumps({"host": request.host.to_json()} | data).encode() + b"\n"
+
+
+def _spec(value: Any) -> MirrorSpec | None:
+    return None if value is None else MirrorSpec.from_json(dict(value))
 
 
 def decode_request(line: bytes) -> HolderRequest:
@@ -90,7 +97,9 @@ def decode_request(line: bytes) -> HolderRequest:
                                  package_dir=Path(d["package_dir"]) if d["package_dir"]
                                  else None, warm=bool(d.get("warm", False)),
                                  labels=d.get("labels"),
-                                 service_address=d.get("service_address"))
+                                 service_address=d.get("service_address"),
+                                 mirror=_spec(d.get("mirror")),
+                                 restore=_spec(d.get("restore")))
         if d["kind"] == "receive":
             return ArrivalRequest(
                 host=host, access=Access.from_json(d["access"]),
@@ -98,7 +107,7 @@ def decode_request(line: bytes) -> HolderRequest:
                 package=d["package"], name=d["name"], forwards=forwards,
                 precopy_only=bool(d["precopy_only"]), report_until=str(d["report_until"]))
         raise ValueError(f"unknown kind {d['kind']!r}")
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, ConfigError) as exc:
         raise ConfigError(f"invalid holder request: {exc!r}") from exc
 
 

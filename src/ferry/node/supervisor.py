@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import logging
 import os
 import time
@@ -31,7 +32,10 @@ from ferry.live.outgoing import Movable
 from ferry.net import PortForward
 from ferry.node.holder import Ending, HeldVM, Holder, WarmStopped, holding, stop_report
 from ferry.node.record import HolderRecord, HolderState
+from ferry.s3.mirror import Mirror, running
+from ferry.vm import mirroring, restore
 from ferry.vm.labels import check_labels
+from ferry.vm.mirroring import MirrorSpec
 from ferry.vm.pkgcache import open_extracted
 from ferry.vm.registry import VMPaths, check_vm_id, cleanup_leftovers, saved_labels
 from ferry.vm.runner import Claim, Claimer, RunningVM, StopMode, run_vm, saved_forwards
@@ -55,6 +59,11 @@ class LaunchRequest:
     claimed (:class:`~ferry.node.control.ClaimRequest`; see :func:`ferry.vm.runner.run_vm`)."""
     service_address: str | None = None
     """An address that follows the VM from host to host (docs/networking.md)."""
+    mirror: MirrorSpec | None = None
+    """Mirror the running VM to this bucket prefix (:mod:`ferry.vm.mirroring`)."""
+    restore: MirrorSpec | None = None
+    """Resume the VM from the last checkpoint of this mirror instead of a package
+    (:mod:`ferry.vm.restore`)."""
 
     def __post_init__(self) -> None:
         check_vm_id(self.vm_id)
@@ -62,6 +71,8 @@ class LaunchRequest:
             check_labels(self.labels)
         if self.warm and (self.package_dir is None or self.forwards):
             raise ValueError("a warm VM needs a package and takes its forwards when claimed")
+        if self.restore is not None and (self.package_dir is not None or self.warm):
+            raise ValueError("a restore takes neither a package nor a warm start")
 
     @property
     def paths(self) -> VMPaths:
@@ -121,7 +132,8 @@ async def supervise(
     return report
 
 
-def _held(vm: RunningVM, forwards: tuple[PortForward, ...]) -> HeldVM:
+def _held(vm: RunningVM, forwards: tuple[PortForward, ...], *,
+          can_suspend: bool = True) -> HeldVM:
     assert vm.live is not None
 
     def counters() -> tuple[Mapping[str, int], Mapping[str, float]]:
@@ -131,7 +143,7 @@ def _held(vm: RunningVM, forwards: tuple[PortForward, ...]) -> HeldVM:
                   Movable(vm.vm_id, vm.qemu, vm.live, vm.agent, vm.net, vm.manifest,
                           vm.package.directory, forwards, vm.package.package_id,
                           labels=vm.labels),
-                  can_suspend=True, counters=counters)
+                  can_suspend=can_suspend, counters=counters)
 
 
 def _claimer(holder: Holder, on_warm: Callable[[dict[str, Any]], None] | None,
@@ -160,10 +172,20 @@ async def _run(holder: Holder, request: LaunchRequest, forwards: tuple[PortForwa
                on_console: Callable[[bytes], None] | None, launched: float,
                claim: Claimer | None = None, labels: Mapping[str, str]) -> Ending:
     package = open_extracted(request.package_dir) if request.package_dir else None
+    providers = None
+    point = None
+    if request.restore is not None:
+        spec = request.restore
+        point = await restore.prepare(spec.store(), spec.layout(), holder.run_dir / "restored")
+        package = point.package
+        providers = restore.providers(point, staging_dir=holder.run_dir)
+        log.info("vm %s: restoring %s from checkpoint %d of %s", request.vm_id, spec.url,
+                 point.record.sequence, _iso(point.record.created_unix_s))
     async with run_vm(request.vm_id, request.paths, package=package,
                       forwards=forwards, sandbox=request.host.qemu_sandbox,
                       launched=launched, claim=claim, labels=labels,
-                      service_address=request.service_address) as vm:
+                      service_address=request.service_address, providers=providers,
+                      mirror_tracking=request.mirror is not None) as vm:
         pid = vm.qemu.pid
         holder.record.set_qemu(pid)
         forwards = vm.net.forwards  # a warm VM's came with its claim
@@ -171,15 +193,29 @@ async def _run(holder: Holder, request: LaunchRequest, forwards: tuple[PortForwa
                       package_dir=str(vm.package.directory),
                       package_id=vm.package.package_id,
                       forwards=tuple(vm.forward_addresses()), resume=vm.timings.to_json())
-        ready = {"vm_id": vm.vm_id, "pid": os.getpid(), "qemu_pid": pid,
-                 "forwards": vm.forward_addresses(), "resume": vm.timings.to_json(),
-                 "console": str(vm.qemu.console_path)}
-        holder.vm = held = _held(vm, forwards)
+        ready: dict[str, Any] = {
+            "vm_id": vm.vm_id, "pid": os.getpid(), "qemu_pid": pid,
+            "forwards": vm.forward_addresses(), "resume": vm.timings.to_json(),
+            "console": str(vm.qemu.console_path)}
+        if point is not None and request.restore is not None:
+            ready["restored_from"] = {
+                "url": request.restore.url, "sequence": point.record.sequence,
+                "checkpoint_unix_s": point.record.created_unix_s,
+                "checkpoint": _iso(point.record.created_unix_s),
+                "age_s": round(time.time() - point.record.created_unix_s, 3)}
+        holder.vm = held = _held(vm, forwards, can_suspend=point is None)
+        mirror = None
+        if request.mirror is not None:
+            mirror = mirroring.mirror_of(vm, request.mirror, staging_dir=holder.run_dir,
+                                         busy=lambda: holder.outgoing.active)
+            holder.mirror_status = mirror.status.to_json
+            ready["mirror"] = {"url": request.mirror.url,
+                               "interval_s": request.mirror.interval_s}
         if claim is not None:
             holder.claimed(ready)
         elif on_ready is not None:
             on_ready(ready)
-        async with _follow_console(vm, on_console):
+        async with _follow_console(vm, on_console), _mirroring(mirror):
             ending = await holder.watch(held)
         holder.update(state=HolderState.STOPPING)
         if ending is Ending.SUSPEND:
@@ -189,6 +225,20 @@ async def _run(holder: Holder, request: LaunchRequest, forwards: tuple[PortForwa
                                                  flush_bytes=stats.flush_bytes)
         holder.vm = None
     return ending
+
+
+@contextlib.asynccontextmanager
+async def _mirroring(mirror: Mirror | None) -> AsyncIterator[None]:
+    if mirror is None:
+        yield
+        return
+    async with running(mirror):
+        yield
+
+
+def _iso(unix_s: float) -> str:
+    return datetime.datetime.fromtimestamp(unix_s, datetime.UTC).isoformat(
+        timespec="milliseconds")
 
 
 @contextlib.asynccontextmanager
