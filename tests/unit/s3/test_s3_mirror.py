@@ -73,9 +73,11 @@ class Guest:
         return {n: await d.read_at(0, d.size_bytes) for n, d in self.local.items()}
 
 
-def _mirror(store: MemoryObjectStore, guest: Guest, vm: FakeVM, **config: float) -> Mirror:
+def _mirror(store: MemoryObjectStore, guest: Guest, vm: FakeVM, *, interval_s: float = 2.0,
+            retry_max_s: float = 30.0) -> Mirror:
     return Mirror(store, LAYOUT, guest.remote, vm, IDENTITY, url="s3://b/vm1",
-                  config=MirrorConfig(object_size_bytes=OBJECT, **config))
+                  config=MirrorConfig(object_size_bytes=OBJECT, interval_s=interval_s,
+                                      retry_max_s=retry_max_s))
 
 
 async def restored(store: MemoryObjectStore) -> tuple[vmc.VMCheckpoint, dict[str, bytes],
