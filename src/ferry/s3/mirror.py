@@ -51,8 +51,13 @@ from typing import Any, Protocol
 from ferry.errors import ConfigError, FerryError
 from ferry.s3 import vmcheckpoint as vmc
 from ferry.s3.cache import ObjectCache
-from ferry.s3.device import Layout, S3Device
-from ferry.s3.errors import CheckpointConflictError, S3DeviceError, S3Error
+from ferry.s3.device import Layout, S3Device, list_checkpoints
+from ferry.s3.errors import (
+    CheckpointConflictError,
+    CheckpointNotFoundError,
+    S3DeviceError,
+    S3Error,
+)
 from ferry.s3.store import ObjectStore
 from ferry.storage.device import Geometry
 
@@ -190,7 +195,10 @@ class Mirror:
             if config.object_size_bytes % src.geometry.block_size_bytes:
                 raise ConfigError(f"mirror object size must be a multiple of {name}'s "
                                   f"block size {src.geometry.block_size_bytes}")
-            self._pending[name] = set(range(-(-src.size_bytes // config.object_size_bytes)))
+            self._pending[name] = self._all_objects(name)
+        self._unsure_devices: set[str] = set()
+        self._unsure: vmc.VMCheckpoint | None = None
+        """A record whose write was reported failed (it may have landed all the same)."""
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -246,23 +254,42 @@ class Mirror:
         self.status.last_pause_ms = round(pause_ms, 3)
         self.status.max_pause_ms = round(max(pause_ms, self.status.max_pause_ms or 0.0), 3)
         t0 = time.monotonic()
-        results = await asyncio.gather(*(d.checkpoint() for d in self._devices.values()),
+        names = list(self._devices)
+        results = await asyncio.gather(*(self._devices[n].checkpoint() for n in names),
                                        return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-            self.status.bytes_uploaded += r.bytes_uploaded
+        failed: BaseException | None = None
+        for name, r in zip(names, results, strict=True):
+            if isinstance(r, CheckpointConflictError):
+                # Our own manifest landed though its PUT was reported failed (a timeout
+                # after the write): this prefix has no other writer (checked at start).
+                # Continue from the device's newest checkpoint, copying every object again
+                # (locally; unchanged ones are found in the bucket, not uploaded).
+                await self._devices.pop(name).close(checkpoint=False)
+                self._pending[name] = self._all_objects(name)
+                failed = failed or S3DeviceError(f"reopening after {r}", device=name)
+            elif isinstance(r, BaseException):
+                self._unsure_devices.add(name)  # its manifest may have landed all the same
+                failed = failed or r
+            else:
+                self.status.bytes_uploaded += r.bytes_uploaded
+        if failed is not None:
+            raise failed
         files = dict(self._files)
         files["state"] = await asyncio.to_thread(vmc.put_blob, self.store, self.layout, state)
+        await self._settle_unsure()
         record = vmc.VMCheckpoint(
             self.status.sequence + 1, created, self.identity.vm_id, self.identity.package_id,
             self.identity.manifest, files,
             {name: dev.manifest.sequence for name, dev in self._devices.items()})
-        await asyncio.to_thread(vmc.write_record, self.store, self.layout, record)
+        try:
+            await asyncio.to_thread(vmc.write_record, self.store, self.layout, record)
+        except CheckpointConflictError:
+            raise  # (an S3DeviceError too) another writer's record: not ours, see run()
+        except (S3Error, S3DeviceError):
+            self._unsure = record  # it may have landed all the same: see _settle_unsure
+            raise
         self.status.last_upload_s = round(time.monotonic() - t0, 3)
-        self.status.sequence = record.sequence
-        self.status.checkpoints += 1
-        self.status.last_checkpoint_unix_s = created / 1e9
+        self._completed(record)
         if self.status.state != "mirroring":
             self._log.info("mirror %s: checkpoint %d complete%s", self.status.url,
                            record.sequence, " (S3 is back)" if self.status.failures else "")
@@ -271,8 +298,46 @@ class Mirror:
                         pause_ms, self.status.last_upload_s)
         return record
 
+    async def _settle_unsure(self) -> None:
+        """A record whose write was reported failed may have landed all the same (a
+        timeout after the write): if the bucket holds exactly it, it counts, and this
+        cycle's record takes the next sequence."""
+        unsure, self._unsure = self._unsure, None
+        if unsure is None:
+            return
+        try:
+            there = await asyncio.to_thread(vmc.load_record, self.store, self.layout,
+                                            unsure.sequence)
+        except CheckpointNotFoundError:
+            return
+        if there != unsure:
+            raise CheckpointConflictError(f"VM checkpoint {unsure.sequence} was written by "
+                                          "another writer")
+        self._log.info("mirror %s: checkpoint %d had landed after all", self.status.url,
+                       there.sequence)
+        self._completed(there)
+
+    def _completed(self, record: vmc.VMCheckpoint) -> None:
+        self.status.sequence = record.sequence
+        self.status.checkpoints += 1
+        self.status.last_checkpoint_unix_s = record.created_unix_ns / 1e9
+
+    def _all_objects(self, name: str) -> set[int]:
+        return set(range(-(-self.sources[name].size_bytes // self.config.object_size_bytes)))
+
     async def _ensure_devices(self) -> None:
         """Make the S3 devices and upload the boot files (again after a failure)."""
+        for name in sorted(self._unsure_devices):
+            dev = self._devices.get(name)
+            if dev is not None:
+                newest = await asyncio.to_thread(list_checkpoints, self.store, name,
+                                                 self.layout, newest=1)
+                if newest and newest[0] != dev.manifest.sequence:
+                    # Its manifest landed though reported failed: continue from it (below),
+                    # copying every object again (unchanged ones are not uploaded again).
+                    await self._devices.pop(name).close(checkpoint=False)
+                    self._pending[name] = self._all_objects(name)
+            self._unsure_devices.discard(name)
         if not self._files:
             for what in ("kernel", "initramfs"):
                 data = getattr(self.identity, what)

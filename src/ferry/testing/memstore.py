@@ -10,7 +10,7 @@ threads).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ferry.buffers import Buffer
 from ferry.s3.errors import (
@@ -33,6 +33,9 @@ class MemoryObjectStore(ObjectStore):
         """True: every call fails as an unreachable endpoint does."""
         self.puts_left: int | None = None
         """Writes that still succeed (None: all); then the endpoint is unreachable."""
+        self.lose_reply: Callable[[str], bool] = lambda key: False
+        """True for a key: its write is stored, then reported failed (a reply lost in a
+        timeout): the caller cannot tell it landed."""
         self.puts = 0
         self._lock = threading.Lock()
 
@@ -66,6 +69,9 @@ class MemoryObjectStore(ObjectStore):
                                       bucket=self.bucket, key=key)
             self.objects[key] = bytes(data)
             self.puts += 1
+            if self.lose_reply(key):
+                raise S3UnreachableError("read timeout (the write landed)",
+                                         endpoint=self.endpoint, bucket=self.bucket, key=key)
 
     def size_of(self, key: str) -> int | None:
         with self._lock:

@@ -149,6 +149,34 @@ async def test_an_interrupted_upload_never_makes_a_torn_checkpoint() -> None:
     await mirror.close()
 
 
+@pytest.mark.parametrize("lost", ["vm1/devices/memory/", "vm1/vm/"])
+async def test_a_write_that_landed_though_reported_failed_is_taken_up(lost: str) -> None:
+    store, guest, vm = MemoryObjectStore(), Guest(), FakeVM()
+    mirror = _mirror(store, guest, vm)
+    await mirror.cycle()
+    await guest.write("memory", OBJECT, b"x" * 100)
+    once = [True]
+
+    def lose(key: str) -> bool:
+        if key.startswith(lost) and once:
+            return once.pop()
+        return False
+
+    store.lose_reply = lose
+    with pytest.raises((S3Error, S3DeviceError)):
+        await mirror.cycle()
+    assert mirror.status.checkpoints == 1
+    await guest.write("disk.root", 0, b"y" * 100)
+    vm.state = b"state-after"
+    record = await mirror.cycle()
+    _, images, state = await restored(store)
+    assert images == await guest.image()
+    assert state == b"state-after"
+    # A record that landed counts (and is a complete checkpoint of its own pause).
+    assert record.sequence == mirror.status.sequence == (3 if lost == "vm1/vm/" else 2)
+    assert mirror.status.checkpoints == record.sequence
+
+
 async def test_s3_away_then_back_the_vm_keeps_going_and_mirroring_resumes() -> None:
     store, guest, vm = MemoryObjectStore(), Guest(), FakeVM()
     mirror = _mirror(store, guest, vm, interval_s=0.02, retry_max_s=0.1)
