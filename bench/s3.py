@@ -208,6 +208,7 @@ async def mirror_run(s3: SeaweedFS, signer: Signer, package: Path, root: Path, r
     restored = await asyncio.to_thread(_ferry, env_b, "vm", "restore", url, "--name",
                                        f"bench-dst-{run}", "-p", f"127.0.0.1:{port_b}:6379",
                                        "--detach")
+    cli_s = time.monotonic() - killed
     restore_s = await _until_pong(port_b) - killed
     point = restored["restored_from"]
     record = load_record(store, Layout(root=f"vm-{run}/"), int(point["sequence"]))
@@ -216,7 +217,7 @@ async def mirror_run(s3: SeaweedFS, signer: Signer, package: Path, root: Path, r
     lost = await writer.lost(before)
     await asyncio.to_thread(_ferry, env_b, "vm", "stop", f"bench-dst-{run}")
     return {"rpo_s": rpo, "pause_ms": list(pauses.values()), "restore_to_pong_s": restore_s,
-            "restore_resume": restored["resume"],
+            "restore_resume": restored["resume"], "restore_cli_s": cli_s,
             "resume_to_pong_s": resume_s, "lost_before_rpo": len(lost),
             "writes_before_rpo": len(before), "writes": writer.acknowledged_count,
             "rpo_at_kill_s": killed_unix - record.created_unix_s,
@@ -259,8 +260,10 @@ async def bench_mirror(runs: int, seconds: float, interval_s: float) -> dict[str
         "rpo_at_kill_s": [round(d["rpo_at_kill_s"], 3) for d in done],
         "restore_to_pong_s_each": [round(d["restore_to_pong_s"], 3) for d in done],
         "restore_holder_running_s_each": [d["restore_resume"]["running_s"] for d in done],
+        "restore_cli_returned_s_each": [round(d["restore_cli_s"], 3) for d in done],
         "restore_holder_steps": {k: done[-1]["restore_resume"][k] for k in (
-            "devices_s", "spawn_s", "load_s", "cont_s", "running_s", "forwards_s")},
+            "setup_s", "devices_s", "spawn_s", "load_s", "cont_s", "running_s", "forwards_s",
+            "agent_s", "total_s")},
     }
 
 

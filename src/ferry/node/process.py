@@ -32,7 +32,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ferry.errors import ConfigError, FerryError
 from ferry.hostconfig import HostConfig
@@ -42,8 +42,10 @@ from ferry.net import PortForward
 from ferry.node.arrival import ArrivalRequest, arrive
 from ferry.node.supervisor import LaunchRequest, supervise
 from ferry.vm.errors import VMLifecycleError
-from ferry.vm.mirroring import MirrorSpec
 from ferry.vm.registry import private_dir
+
+if TYPE_CHECKING:
+    from ferry.vm.mirroring import MirrorSpec
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +84,11 @@ def encode_request(request: HolderRequest) -> bytes:
 
 
 def _spec(value: Any) -> MirrorSpec | None:
-    return None if value is None else MirrorSpec.from_json(dict(value))
+    if value is None:
+        return None
+    from ferry.vm.mirroring import MirrorSpec  # (boto3: only holders that use S3 load it)
+
+    return MirrorSpec.from_json(dict(value))
 
 
 def decode_request(line: bytes) -> HolderRequest:

@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ferry.aio import cancel_and_wait
 from ferry.hostconfig import HostConfig
@@ -32,13 +32,15 @@ from ferry.live.outgoing import Movable
 from ferry.net import PortForward
 from ferry.node.holder import Ending, HeldVM, Holder, WarmStopped, holding, stop_report
 from ferry.node.record import HolderRecord, HolderState
-from ferry.s3.mirror import Mirror, running
-from ferry.vm import mirroring, restore
 from ferry.vm.labels import check_labels
-from ferry.vm.mirroring import MirrorSpec
 from ferry.vm.pkgcache import open_extracted
 from ferry.vm.registry import VMPaths, check_vm_id, cleanup_leftovers, saved_labels
 from ferry.vm.runner import Claim, Claimer, RunningVM, StopMode, run_vm, saved_forwards
+
+if TYPE_CHECKING:  # imported when used: boto3 costs every holder ~0.25 s of start-up
+    from ferry.s3.mirror import Mirror
+    from ferry.vm.mirroring import MirrorSpec
+    from ferry.vm.restore import RestorePoint
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +175,10 @@ async def _run(holder: Holder, request: LaunchRequest, forwards: tuple[PortForwa
                claim: Claimer | None = None, labels: Mapping[str, str]) -> Ending:
     package = open_extracted(request.package_dir) if request.package_dir else None
     providers = None
-    point = None
+    point: RestorePoint | None = None
     if request.restore is not None:
+        from ferry.vm import restore
+
         spec = request.restore
         point = await restore.prepare(spec.store(), spec.layout(), holder.run_dir / "restored")
         package = point.package
@@ -206,6 +210,8 @@ async def _run(holder: Holder, request: LaunchRequest, forwards: tuple[PortForwa
         holder.vm = held = _held(vm, forwards, can_suspend=point is None)
         mirror = None
         if request.mirror is not None:
+            from ferry.vm import mirroring
+
             mirror = mirroring.mirror_of(vm, request.mirror, staging_dir=holder.run_dir,
                                          busy=lambda: holder.outgoing.active)
             holder.mirror_status = mirror.status.to_json
@@ -232,6 +238,8 @@ async def _mirroring(mirror: Mirror | None) -> AsyncIterator[None]:
     if mirror is None:
         yield
         return
+    from ferry.s3.mirror import running
+
     async with running(mirror):
         yield
 
