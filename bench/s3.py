@@ -196,8 +196,8 @@ async def mirror_run(s3: SeaweedFS, signer: Signer, package: Path, root: Path, r
             rpo.append(time.time() - float(mirror["last_checkpoint_unix_s"]))
             pauses[int(mirror["sequence"])] = float(mirror["last_pause_ms"])
             await asyncio.sleep(0.2)
+        os.kill(int(ready["qemu_pid"]), signal.SIGKILL)  # (first: see the e2e test)
         os.kill(int(ready["pid"]), signal.SIGKILL)
-        os.kill(int(ready["qemu_pid"]), signal.SIGKILL)
         killed = time.monotonic()
         killed_unix = time.time()
     finally:

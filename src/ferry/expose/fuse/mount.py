@@ -36,6 +36,7 @@ import errno
 import logging
 import os
 import re
+import subprocess
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -148,7 +149,34 @@ async def clean_stale_mount(mountpoint: str, *, probe_timeout_s: float = 5.0) ->
     else:
         raise MountError("a live ferry mount is already here", mountpoint=mountpoint)
     log.warning("%s: removing stale ferry mount (daemon gone)", mountpoint)
+    await asyncio.to_thread(abort_connection, entry.dev)
     await lazy_unmount(mountpoint)
+    return True
+
+
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def abort_connection(dev: int) -> bool:
+    """Abort the FUSE connection of the mount with device number ``dev`` (fusectl's
+    ``abort``; fusectl is mounted if it is not). Returns whether it was aborted.
+
+    Why: a daemon's death normally aborts its connection, but not while one of its
+    threads is stuck in the kernel on its own mount. A holder SIGKILLed during an
+    ``fsync`` of guest RAM (a flush: mirror checkpoints do one a second) stays a zombie
+    with that thread waiting for writeback only the daemon could answer; QEMU then
+    hangs in ``fuse_page_mkwrite`` (state D) and neither ever exits. Aborting ends every
+    request with an error, and both go.
+    """
+    control = FUSECTL / str(os.minor(dev)) / "abort"
+    if not control.parent.exists():
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(FUSECTL)], check=False,
+                       capture_output=True, timeout=10)
+    try:
+        control.write_text("1")
+    except OSError as exc:
+        log.debug("cannot abort FUSE connection %d: %s", os.minor(dev), exc)
+        return False
     return True
 
 
