@@ -182,7 +182,9 @@ async def _run(holder: Holder, request: LaunchRequest, forwards: tuple[PortForwa
         spec = request.restore
         point = await restore.prepare(spec.store(), spec.layout(), holder.run_dir / "restored")
         package = point.package
-        providers = restore.providers(point, staging_dir=holder.run_dir)
+        # Its writes are staged on disk, in the state dir run_vm makes before the devices.
+        providers = restore.providers(point,
+                                      staging_dir=request.paths.state_dir(request.vm_id))
         log.info("vm %s: restoring %s from checkpoint %d of %s", request.vm_id, spec.url,
                  point.record.sequence, _iso(point.record.created_unix_s))
     async with run_vm(request.vm_id, request.paths, package=package,
@@ -212,7 +214,7 @@ async def _run(holder: Holder, request: LaunchRequest, forwards: tuple[PortForwa
         if request.mirror is not None:
             from ferry.vm import mirroring
 
-            mirror = mirroring.mirror_of(vm, request.mirror, staging_dir=holder.run_dir,
+            mirror = mirroring.mirror_of(vm, request.mirror, work_dir=holder.run_dir,
                                          busy=lambda: holder.outgoing.active)
             holder.mirror_status = mirror.status.to_json
             ready["mirror"] = {"url": request.mirror.url,

@@ -101,20 +101,24 @@ class QemuSide:
             self.state_file.unlink(missing_ok=True)
 
 
-def mirror_of(vm: RunningVM, spec: MirrorSpec, *, staging_dir: Path,
+def mirror_of(vm: RunningVM, spec: MirrorSpec, *, work_dir: Path,
               busy: Callable[[], bool] = lambda: False) -> Mirror:
-    """A :class:`Mirror` of ``vm`` (run with ``mirror_tracking``) to ``spec``."""
+    """A :class:`Mirror` of ``vm`` (run with ``mirror_tracking``) to ``spec``.
+
+    The S3 devices' staging files (up to the size of RAM and disks, sparse) go in the
+    VM's state dir, on disk; the device state of a pause passes through ``work_dir``
+    (the run dir: small, tmpfs)."""
     if not vm.mirror_sources:
-        raise ConfigError("the VM was not started with mirror tracking", )
+        raise ConfigError("the VM was not started with mirror tracking")
     package = vm.package
     manifest = package.manifest
     identity = VMIdentity(
         vm.vm_id, package.package_id, manifest.to_json(),
         (package.directory / manifest.kernel).read_bytes(),
         (package.directory / manifest.initramfs).read_bytes())
-    side = QemuSide(vm.qemu, staging_dir / "mirror-state.bin")
+    side = QemuSide(vm.qemu, work_dir / "mirror-state.bin")
     return Mirror(spec.store(), spec.layout(), vm.mirror_sources, side, identity, url=spec.url,
                   config=MirrorConfig(interval_s=spec.interval_s,
                                       retry_max_s=max(30.0, spec.interval_s),
-                                      staging_dir=staging_dir),
+                                      staging_dir=vm.state_dir),
                   clock_ns=time.time_ns, busy=busy)
