@@ -166,6 +166,10 @@ class MirrorError(FerryError):
     """Mirroring cannot go on (another writer took the prefix, a bad configuration)."""
 
 
+class MirrorSkipped(FerryError):
+    """This cycle was given up before the pause (the VM is busy); the next one retries."""
+
+
 class Mirror:
     """Mirrors ``sources`` (device name -> tracked device) of one VM under ``layout``."""
 
@@ -214,6 +218,8 @@ class Mirror:
                 try:
                     await self.cycle()
                     delay = self.config.interval_s
+                except MirrorSkipped:
+                    pass
                 except CheckpointConflictError as exc:
                     self.status.state = "stopped"
                     self.status.last_error = str(exc)
@@ -246,6 +252,8 @@ class Mirror:
         await self._ensure_devices()
         await self.vm.flush()
         await self._copy()
+        if self._busy():  # a live migration began meanwhile: it has the VM, not us
+            raise MirrorSkipped("a live migration has the VM")
         paused_at = time.monotonic()
         async with self.vm.paused() as state:
             created = self._clock_ns()

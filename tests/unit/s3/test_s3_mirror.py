@@ -248,3 +248,25 @@ async def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None
     async with asyncio.timeout(timeout_s):
         while not condition():  # noqa: ASYNC110 (a test polling the status)
             await asyncio.sleep(0.01)
+
+
+async def test_a_busy_vm_is_not_paused_by_the_mirror() -> None:
+    store, guest, vm = MemoryObjectStore(), Guest(), FakeVM()
+    busy = [False]
+    mirror = Mirror(store, LAYOUT, guest.remote, vm, IDENTITY, url="s3://b/vm1",
+                    config=MirrorConfig(object_size_bytes=OBJECT, interval_s=0.01,
+                                        retry_max_s=0.05),
+                    busy=lambda: busy[0])
+    await mirror.cycle()
+    busy[0] = True  # a live migration has the VM
+    task = asyncio.create_task(mirror.run())
+    try:
+        await asyncio.sleep(0.2)
+        assert vm.pauses == 1
+        assert mirror.status.checkpoints == 1
+        busy[0] = False
+        await _until(lambda: mirror.status.checkpoints >= 2)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
