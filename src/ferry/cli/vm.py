@@ -122,6 +122,10 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
     c.add_argument("--allow-wildcard", action="store_true",
                    help="allow publishing on 0.0.0.0 / ::")
     c.add_argument("-d", "--detach", action="store_true", help="run in the background")
+    c.add_argument("--mirror", metavar="s3://BUCKET/PREFIX",
+                   help="mirror the restored VM to this (other) prefix")
+    c.add_argument("--mirror-interval", type=positive_float, default=DEFAULT_INTERVAL_S,
+                   metavar="S")
     _s3_options(c)
     add_accel(c)
     add_common(c)
@@ -677,8 +681,13 @@ async def _vm_restore(args: argparse.Namespace, out: _Out) -> int:
         out.progress(f"reading the newest checkpoint of {args.url}")
         record = await asyncio.to_thread(load_record, spec.store(), spec.layout())
         vm_id = record.vm_id
+    mirror = None
+    if args.mirror is not None:
+        mirror = MirrorSpec(args.mirror, args.mirror_interval, args.endpoint_url, args.region,
+                            args.profile)
+        await check_prefix_free(mirror.store(), mirror.layout())
     request = supervisor.LaunchRequest(registry.check_vm_id(vm_id), None, args.host, forwards,
-                                       labels={}, restore=spec)
+                                       labels={}, restore=spec, mirror=mirror)
     return await _hold(request, args, out.console, out)
 
 

@@ -12,8 +12,7 @@
    guest runs first, and each object of RAM or disk is fetched when first read
    (through a bytes-bounded cache; written objects stay in local staging).
 
-The restored VM's writes are not mirrored (yet): run it with a new mirror by
-migrating it, or restore, suspend and re-run it (see docs/s3.md).
+``ferry vm restore --mirror s3://BUCKET/OTHER`` mirrors the restored VM to another prefix.
 """
 
 from __future__ import annotations

@@ -202,8 +202,10 @@ def test_mirror_kill_restore_keeps_every_write_before_the_checkpoint(
     newest = list_records(store, layout, newest=1)[0]
     record = load_record(store, layout, newest)
     assert record.sequence >= 5
+    url2 = f"s3://{store.bucket}/{TAG}-vm2"
     restored = b.ferry("vm", "restore", url, "--name", dst_id, "-p",
-                       f"127.0.0.1:{port_b}:6379", "--detach")
+                       f"127.0.0.1:{port_b}:6379", "--detach", "--mirror", url2,
+                       "--mirror-interval", "1")
     point = restored["restored_from"]
     assert isinstance(point, dict)
     assert point["sequence"] == record.sequence
@@ -221,6 +223,11 @@ def test_mirror_kill_restore_keeps_every_write_before_the_checkpoint(
     # under load while S3 was down and after it came back are among them.
     assert len(before) > 100
     assert lost == []
+    # The restored VM is mirrored again, to another prefix (its objects fetched lazily first).
+    asyncio.run(_wait_checkpoints(b, dst_id, 1))
+    second = load_record(store, Layout(root=f"{TAG}-vm2/"))
+    assert second.vm_id == dst_id
+    assert second.package_id == record.package_id
     b.ferry("vm", "stop", dst_id)
     print(f"restored checkpoint {record.sequence}: {len(before)} writes before it, "
           f"{later_present} later ones present too; resume "
