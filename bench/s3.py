@@ -175,9 +175,10 @@ async def mirror_run(s3: SeaweedFS, signer: Signer, package: Path, root: Path, r
     # run (the first verifies and extracts the package into B's cache).
     for _attempt in range(2):
         t0 = time.monotonic()
+        pong = asyncio.create_task(_until_pong(port_r))  # a client retrying all along
         await asyncio.to_thread(_ferry, env_b, "vm", "run", "--detach", "--name",
                                 f"base-{run}", "-p", f"127.0.0.1:{port_r}:6379", str(package))
-        resume_s = await _until_pong(port_r) - t0
+        resume_s = await pong - t0
         await asyncio.to_thread(_ferry, env_b, "vm", "stop", f"base-{run}")
     client = ControlClient(VMPaths(root / f"a{run}" / "run", root / f"a{run}" / "state")
                            .control_socket(src), src)
@@ -205,11 +206,12 @@ async def mirror_run(s3: SeaweedFS, signer: Signer, package: Path, root: Path, r
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    pong = asyncio.create_task(_until_pong(port_b))  # a client retrying all along
     restored = await asyncio.to_thread(_ferry, env_b, "vm", "restore", url, "--name",
                                        f"bench-dst-{run}", "-p", f"127.0.0.1:{port_b}:6379",
                                        "--detach")
     cli_s = time.monotonic() - killed
-    restore_s = await _until_pong(port_b) - killed
+    restore_s = await pong - killed
     point = restored["restored_from"]
     record = load_record(store, Layout(root=f"vm-{run}/"), int(point["sequence"]))
     writer.targets = [("127.0.0.1", port_b)]
