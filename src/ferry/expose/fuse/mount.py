@@ -124,12 +124,15 @@ async def lazy_unmount(mountpoint: str) -> None:
                          mountpoint=mountpoint)
 
 
-async def clean_stale_mount(mountpoint: str, *, probe_timeout_s: float = 5.0) -> bool:
+async def clean_stale_mount(mountpoint: str, *, probe_timeout_s: float = 5.0,
+                            owner_dead: bool = False) -> bool:
     """Lazily unmount a dead ferry mount left at ``mountpoint`` by a crashed run.
 
     Returns True if one was removed. A *live* mount (its daemon answers) or a
     mount that is not ferry's is left alone and reported as MountError: it is
-    someone else's.
+    someone else's. With ``owner_dead`` (the caller knows the process that served
+    it has died) a mount that does not answer is a wedged one (see
+    :func:`abort_connection`): its connection is aborted and it is removed.
     """
     entry = find_mount(mountpoint)
     if entry is None:
@@ -140,12 +143,15 @@ async def clean_stale_mount(mountpoint: str, *, probe_timeout_s: float = 5.0) ->
     try:
         # statfs always reaches the daemon; stat may be answered from cached attributes.
         await asyncio.wait_for(asyncio.to_thread(os.statvfs, mountpoint), probe_timeout_s)
+    except TimeoutError as exc:  # (before OSError: TimeoutError is one)
+        if not owner_dead:
+            raise MountError("an existing ferry mount does not answer",
+                             mountpoint=mountpoint) from exc
+        log.warning("%s: a dead daemon's mount does not answer: aborting it", mountpoint)
     except OSError as exc:
         if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.ECONNREFUSED):
             raise MountError(f"cannot probe existing mount: {exc}",
                              mountpoint=mountpoint) from exc
-    except TimeoutError as exc:
-        raise MountError("an existing ferry mount does not answer", mountpoint=mountpoint) from exc
     else:
         raise MountError("a live ferry mount is already here", mountpoint=mountpoint)
     log.warning("%s: removing stale ferry mount (daemon gone)", mountpoint)
