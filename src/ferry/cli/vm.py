@@ -40,9 +40,12 @@ from ferry.package import PackageInfo, Progress, TrustStore
 from ferry.package import commands as pkg
 from ferry.s3 import S3URL, S3Config
 from ferry.s3 import packages as s3_packages
+from ferry.s3.mirror import DEFAULT_INTERVAL_S, check_prefix_free
+from ferry.s3.vmcheckpoint import load_record
 from ferry.shape import DEFAULT_CPU_MODEL, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB
 from ferry.vm import labels, pkgcache, registry, snapshot, userdata, volumes
 from ferry.vm.errors import VMNotFoundError
+from ferry.vm.mirroring import MirrorSpec
 from ferry.vm.oci import is_oci, oci_package, snapshot_image
 from ferry.vm.publish import parse_publish
 from ferry.vm.runner import StopMode
@@ -111,6 +114,31 @@ def add_parsers(sub: Any, add_common: AddCommon) -> None:
                    help="kill the user data after S seconds (default: %(default)s)")
     c.add_argument("-d", "--detach", action="store_true", help="run in the background")
     c.add_argument("--trust", type=Path, help="trust list (default: this host's)")
+    c.add_argument("--mirror", metavar="s3://BUCKET/PREFIX",
+                   help="mirror the running VM to this bucket prefix: a consistent "
+                        "checkpoint every --mirror-interval, restorable anywhere with "
+                        "'ferry vm restore' (docs/s3.md)")
+    c.add_argument("--mirror-interval", type=positive_float, default=DEFAULT_INTERVAL_S,
+                   metavar="S", help=f"seconds between checkpoints (default "
+                                     f"{DEFAULT_INTERVAL_S:g})")
+    _s3_options(c)
+    add_accel(c)
+    add_common(c)
+
+    c = vm.add_parser("restore", help="resume a mirrored VM from the last complete "
+                                      "checkpoint in its bucket (crash recovery)")
+    c.add_argument("url", metavar="s3://BUCKET/PREFIX")
+    c.add_argument("--name", help="VM id here (default: the mirrored VM's)")
+    c.add_argument("-p", "--publish", action="append", default=[], metavar="SPEC",
+                   help="[HOST:]HOST_PORT:GUEST_PORT[/tcp|/udp] (repeatable)")
+    c.add_argument("--allow-wildcard", action="store_true",
+                   help="allow publishing on 0.0.0.0 / ::")
+    c.add_argument("-d", "--detach", action="store_true", help="run in the background")
+    c.add_argument("--mirror", metavar="s3://BUCKET/PREFIX",
+                   help="mirror the restored VM to this (other) prefix")
+    c.add_argument("--mirror-interval", type=positive_float, default=DEFAULT_INTERVAL_S,
+                   metavar="S")
+    _s3_options(c)
     add_accel(c)
     add_common(c)
 
@@ -746,10 +774,30 @@ async def _package_pull(args: argparse.Namespace, out: _Out) -> None:
                                   f"{info.key_id}), saved as {report.file}"))
 
 
+async def _vm_restore(args: argparse.Namespace, out: _Out) -> int:
+    spec = MirrorSpec(args.url, endpoint_url=args.endpoint_url, region=args.region,
+                      profile=args.profile)
+    forwards = tuple(parse_publish(s, allow_wildcard=args.allow_wildcard) for s in args.publish)
+    vm_id = args.name
+    if vm_id is None:
+        out.progress(f"reading the newest checkpoint of {args.url}")
+        record = await asyncio.to_thread(load_record, spec.store(), spec.layout())
+        vm_id = record.vm_id
+    mirror = None
+    if args.mirror is not None:
+        mirror = MirrorSpec(args.mirror, args.mirror_interval, args.endpoint_url, args.region,
+                            args.profile)
+        await check_prefix_free(mirror.store(), mirror.layout())
+    request = supervisor.LaunchRequest(registry.check_vm_id(vm_id), None, args.host, forwards,
+                                       labels={}, restore=spec, mirror=mirror)
+    return await _hold(request, args, out.console, out)
+
+
 _HANDLERS: dict[tuple[str, str], Handler] = {
     ("vm", "build"): _vm_build,
     ("vm", "snapshot"): _vm_snapshot,
     ("vm", "run"): _vm_run_command,
+    ("vm", "restore"): _vm_restore,
     ("vm", "migrate"): _vm_migration,
     ("vm", "receive"): _vm_migration,
     ("vm", "registry"): _vm_migration,
@@ -824,13 +872,26 @@ async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable
     elif args.env or args.env_file or user_data is not None or args.volume:
         raise ConfigError("-e, --env-file and --user-data are for a VM run from a package; "
                           "a continued VM keeps the environment it had")
+    mirror = None
+    if args.mirror is not None:
+        mirror = MirrorSpec(args.mirror, args.mirror_interval, args.endpoint_url,
+                            args.region, args.profile)
+        progress(f"checking {args.mirror}")
+        await check_prefix_free(mirror.store(), mirror.layout())
     # Continuing a suspended VM without -p: the forwards it had.
     request = supervisor.LaunchRequest(
         vm_id, package_dir, host, forwards if forwards or package_dir else None,
         labels=None if args.label is None and package_dir is None
         else labels.parse_labels(args.label or ()),
         service_address=args.service_address, env=env, user_data=user_data, volumes=vols,
-        user_data_timeout_s=args.user_data_timeout)
+        user_data_timeout_s=args.user_data_timeout, mirror=mirror)
+    return await _hold(request, args, console, out)
+
+
+async def _hold(request: supervisor.LaunchRequest, args: argparse.Namespace, console: Console,
+                out: Callable[[Any, Callable[[], None]], None]) -> int:
+    """Run ``request``'s VM: detached (print the ready report) or in this process."""
+    vm_id = request.vm_id
 
     def show_ready(report: dict[str, Any]) -> None:
         out(report, lambda: _print_ready(console, report))
@@ -865,10 +926,17 @@ def _print_ready(console: Console, report: dict[str, Any]) -> None:
         f"(network {t['network_s'] * 1e3:.0f} ms ‖ devices {t['devices_s'] * 1e3:.0f} ms, "
         f"QEMU spawn {t['spawn_s'] * 1e3:.0f} ms, state load {t['load_s'] * 1e3:.0f} ms, "
         f"cont {t['cont_s'] * 1e3:.0f} ms); agent + clock sync {t['agent_s'] * 1e3:.0f} ms")
+    restored = report.get("restored_from")
+    if restored:
+        console.print(f"  resumed from checkpoint {restored['sequence']} of {restored['url']}, "
+                      f"taken at {restored['checkpoint']} ({restored['age_s']:.1f} s ago)")
+    mirror = report.get("mirror")
+    if mirror:
+        console.print(f"  mirroring to {mirror['url']} every {mirror['interval_s']:g} s")
     for fwd in report["forwards"]:
         console.print(f"  forward {fwd}")
     ud = report.get("user_data")
-    if ud:
+    if ud and "exit_code" in ud:
         colour = "green" if ud["exit_code"] == 0 else "red"
         console.print(f"  user data ({ud['kind']}): [{colour}]exit {ud['exit_code']}[/{colour}]"
                       f" after {ud['duration_s']:.1f} s"

@@ -80,6 +80,12 @@ class _VMCollector(Collector):
                                      labels=["vm"])
         agent_rtt = GaugeMetricFamily("ferry_vm_agent_rtt_seconds",
                                       "Round trip of the last agent ping", labels=["vm"])
+        rpo = GaugeMetricFamily("ferry_vm_mirror_recovery_point_seconds",
+                                "Age of the last complete checkpoint of the VM's S3 mirror "
+                                "(since the mirror started, if none yet)", labels=["vm"])
+        rpo_failures = CounterMetricFamily("ferry_vm_mirror_failures",
+                                           "Mirror checkpoints that failed (S3 errors)",
+                                           labels=["vm"])
         dirty = GaugeMetricFamily("ferry_vm_memory_dirty_bytes_per_second",
                                   "Guest RAM dirty rate (QEMU's page sampling, every 30 s)",
                                   labels=["vm"])
@@ -104,6 +110,12 @@ class _VMCollector(Collector):
                     nbd_ops.add_metric([vm, disk, op], c.get(key, 0))
                 nbd_bytes.add_metric([vm, disk, "read"], c.get("read_bytes", 0))
                 nbd_bytes.add_metric([vm, disk, "write"], c.get("write_bytes", 0))
+            mirror = v.get("mirror")
+            if mirror:
+                # From the checkpoint's time, not the polled age: the age grows between polls.
+                since = mirror.get("last_checkpoint_unix_s") or mirror["started_unix_s"]
+                rpo.add_metric([vm], max(0.0, time.time() - since))
+                rpo_failures.add_metric([vm], mirror["failures"])
             vitals = v.get("vitals") or {}
             if "agent_up" in vitals:
                 agent_up.add_metric([vm], 1 if vitals["agent_up"] else 0)
@@ -112,7 +124,7 @@ class _VMCollector(Collector):
             if vitals.get("dirty_rate_mib_s") is not None:
                 dirty.add_metric([vm], vitals["dirty_rate_mib_s"] * (1 << 20))
         yield from (up, memory, uptime, cpu, fuse_reads, fuse_bytes, fuse_writes, fuse_wbytes,
-                    nbd_ops, nbd_bytes, agent_up, agent_rtt, dirty)
+                    nbd_ops, nbd_bytes, agent_up, agent_rtt, dirty, rpo, rpo_failures)
         yield GaugeMetricFamily("ferry_node_memory_committed_bytes",
                                 "Guest RAM of the VMs running on this node",
                                 value=self._committed())

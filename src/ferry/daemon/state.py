@@ -132,7 +132,8 @@ class Daemon:
                 self.polled[vm_id] = {
                 "memory_io": dict(status.memory_io),
                 "disk_io": {k: dict(v) for k, v in status.disk_io.items()},
-                "vitals": dict(status.vitals or {})}
+                "vitals": dict(status.vitals or {}),
+                "mirror": dict(status.mirror) if status.mirror else None}
 
         await asyncio.gather(*(one(v) for v in running))
         for gone in self.polled.keys() - set(running):

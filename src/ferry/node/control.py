@@ -279,6 +279,8 @@ class StatusReply:
     """Per disk: NBD reads, writes, their bytes, flushes (QEMU's requests so far)."""
     vitals: Mapping[str, Any] | None = None
     """The agent's liveness and guest RAM's dirty rate (:mod:`ferry.node.vitals`)."""
+    mirror: Mapping[str, Any] | None = None
+    """The VM's mirror to S3 and its recovery point (:class:`ferry.s3.mirror.MirrorStatus`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,6 +449,28 @@ def _vitals(value: Any) -> dict[str, Any] | None:
     return dict(value)
 
 
+MIRROR_FIELDS: dict[str, tuple[type, ...]] = {
+    "url": (str,), "state": (str,), "checkpoints": (int,), "sequence": (int,),
+    "started_unix_s": (int, float), "last_checkpoint_unix_s": (int, float, type(None)),
+    "recovery_point_s": (int, float), "last_pause_ms": (int, float, type(None)),
+    "max_pause_ms": (int, float, type(None)), "last_upload_s": (int, float, type(None)),
+    "bytes_uploaded": (int,), "failures": (int,), "last_error": (str, type(None))}
+
+
+def _mirror(value: Any) -> dict[str, Any] | None:
+    """A status's ``mirror``: None, or exactly :data:`MIRROR_FIELDS`."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != set(MIRROR_FIELDS):
+        raise ControlProtocolError(f"bad mirror {value!r:.200}")
+    for key, kinds in MIRROR_FIELDS.items():
+        v = value[key]
+        if not isinstance(v, kinds) or isinstance(v, bool) or (
+                isinstance(v, str) and len(v) > 4096):
+            raise ControlProtocolError(f"bad mirror.{key} {v!r:.40}")
+    return dict(value)
+
+
 def _address(value: Any) -> tuple[str, int]:
     if (not isinstance(value, list) or len(value) != 2 or not isinstance(value[0], str)
             or not isinstance(value[1], int) or isinstance(value[1], bool)
@@ -600,7 +624,8 @@ def encode_reply(reply: Reply) -> bytes:
                           "migration": None if reply.migration is None
                           else dict(reply.migration),
                           "disk_io": {k: dict(v) for k, v in reply.disk_io.items()},
-                          "vitals": None if reply.vitals is None else dict(reply.vitals)})
+                          "vitals": None if reply.vitals is None else dict(reply.vitals),
+                          "mirror": None if reply.mirror is None else dict(reply.mirror)})
         case StopReply():
             return _dump({"ok": True, "op": reply.op.value, "mode": reply.mode.value,
                           "state_bytes": reply.state_bytes, "flush_bytes": reply.flush_bytes})
@@ -648,7 +673,7 @@ def decode_reply(line: bytes) -> Reply:
                                _str_tuple(d.get("forwards", []), "forwards"),
                                _mapping(d, "memory_io") or {}, _mapping(d, "qemu_usage") or {},
                                _progress(d.get("migration")), _disk_io(d.get("disk_io", {})),
-                               _vitals(d.get("vitals")))
+                               _vitals(d.get("vitals")), _mirror(d.get("mirror")))
         case ControlOp.STOP:
             try:
                 mode = StopMode(_get(d, "mode", str))

@@ -145,6 +145,8 @@ class Holder:
                                  history=MigrationHistory(paths.state_root))
         self.vitals = vitals.Vitals()
         self._attached = False
+        self.mirror_status: Callable[[], dict[str, Any]] | None = None
+        """The VM's mirror to S3, if it has one (:class:`~ferry.s3.mirror.MirrorStatus`)."""
 
     @property
     def vm_id(self) -> str:
@@ -364,7 +366,8 @@ class Holder:
         disk_io = self.vm.qemu.disk_counters() if self.vm is not None else {}
         return StatusReply(r.vm_id, r.state, r.pid, r.qemu_pid, r.forwards, memory_io,
                            qemu_usage, self.outgoing.progress(), disk_io,
-                           self.vitals.to_json() if self.vm is not None else None)
+                           self.vitals.to_json() if self.vm is not None else None,
+                           self.mirror_status() if self.mirror_status is not None else None)
 
     async def watch(self, vm: HeldVM) -> Ending:
         """Hold ``vm`` until a stop request, its leaving, or QEMU's own exit (meanwhile its

@@ -161,7 +161,8 @@ async def inspect(paths: registry.VMPaths, vm_id: str) -> dict[str, Any] | None:
     status = await ControlClient(paths.control_socket(vm_id), vm_id).status()
     return {**detail, "status": status.state.value, "qemu_pid": status.qemu_pid,
             "memory_io": dict(status.memory_io), "qemu_usage": dict(status.qemu_usage),
-            "migration": dict(status.migration) if status.migration else None}
+            "migration": dict(status.migration) if status.migration else None,
+            "mirror": dict(status.mirror) if status.mirror else None}
 
 
 async def remove(paths: registry.VMPaths, vm_id: str, *, force: bool) -> str:

@@ -32,7 +32,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ferry.errors import ConfigError, FerryError
 from ferry.hostconfig import HostConfig
@@ -44,6 +44,9 @@ from ferry.node.supervisor import LaunchRequest, supervise
 from ferry.vm.errors import VMLifecycleError
 from ferry.vm.registry import private_dir
 from ferry.vm.userdata import DEFAULT_USER_DATA_TIMEOUT_S
+
+if TYPE_CHECKING:
+    from ferry.vm.mirroring import MirrorSpec
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,9 @@ def encode_request(request: HolderRequest) -> bytes:
                 "labels": None if request.labels is None else dict(request.labels),
                 "env": dict(request.env), "user_data": request.user_data,
                 "user_data_timeout_s": request.user_data_timeout_s,
-                "volumes": dict(request.volumes)}
+                "volumes": dict(request.volumes),
+                "mirror": None if request.mirror is None else request.mirror.to_json(),
+                "restore": None if request.restore is None else request.restore.to_json()}
     else:
         data = {"kind": "receive", "listen": request.listen, "registry": request.registry,
                 "package": request.package, "name": request.name,
@@ -80,6 +85,14 @@ def encode_request(request: HolderRequest) -> bytes:
                 "report_until": request.report_until,
                 "forwards": None if request.forwards is None else _forwards(request.forwards)}
     return json.dumps({"host": request.host.to_json()} | data).encode() + b"\n"
+
+
+def _spec(value: Any) -> MirrorSpec | None:
+    if value is None:
+        return None
+    from ferry.vm.mirroring import MirrorSpec  # (boto3: only holders that use S3 load it)
+
+    return MirrorSpec.from_json(dict(value))
 
 
 def decode_request(line: bytes) -> HolderRequest:
@@ -98,7 +111,9 @@ def decode_request(line: bytes) -> HolderRequest:
                                  env=d.get("env") or {}, user_data=d.get("user_data"),
                                  user_data_timeout_s=float(d.get(
                                      "user_data_timeout_s", DEFAULT_USER_DATA_TIMEOUT_S)),
-                                 volumes=d.get("volumes") or {})
+                                 volumes=d.get("volumes") or {},
+                                 mirror=_spec(d.get("mirror")),
+                                 restore=_spec(d.get("restore")))
         if d["kind"] == "receive":
             return ArrivalRequest(
                 host=host, access=Access.from_json(d["access"]),
@@ -106,7 +121,7 @@ def decode_request(line: bytes) -> HolderRequest:
                 package=d["package"], name=d["name"], forwards=forwards,
                 precopy_only=bool(d["precopy_only"]), report_until=str(d["report_until"]))
         raise ValueError(f"unknown kind {d['kind']!r}")
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, ConfigError) as exc:
         raise ConfigError(f"invalid holder request: {exc!r}") from exc
 
 

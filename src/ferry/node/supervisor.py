@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ferry.aio import cancel_and_wait
 from ferry.errors import ConfigError
@@ -36,7 +37,15 @@ from ferry.vm import volumes
 from ferry.vm.labels import check_labels
 from ferry.vm.pkgcache import OpenedPackage, open_extracted
 from ferry.vm.registry import VMPaths, check_vm_id, cleanup_leftovers, saved_labels
-from ferry.vm.runner import Claim, Claimer, RunningVM, StopMode, run_vm, saved_forwards
+from ferry.vm.runner import (
+    Claim,
+    Claimer,
+    Providers,
+    RunningVM,
+    StopMode,
+    run_vm,
+    saved_forwards,
+)
 from ferry.vm.userdata import (
     DEFAULT_USER_DATA_TIMEOUT_S,
     check_env,
@@ -44,6 +53,11 @@ from ferry.vm.userdata import (
     run_user_data,
 )
 from ferry.vm.volumes import check_volume_name
+
+if TYPE_CHECKING:  # imported when used: boto3 costs every holder ~0.25 s of start-up
+    from ferry.s3.mirror import Mirror
+    from ferry.vm.mirroring import MirrorSpec
+    from ferry.vm.restore import RestorePoint
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +86,11 @@ class LaunchRequest:
     volumes: Mapping[str, str] = dataclasses.field(default_factory=dict)
     """Volumes to attach: {volume: package disk it replaces, or "" for the next free one}
     (:mod:`ferry.vm.volumes`; a package run only)."""
+    mirror: MirrorSpec | None = None
+    """Mirror the running VM to this bucket prefix (:mod:`ferry.vm.mirroring`)."""
+    restore: MirrorSpec | None = None
+    """Resume the VM from the last checkpoint of this mirror instead of a package
+    (:mod:`ferry.vm.restore`)."""
 
     def __post_init__(self) -> None:
         check_vm_id(self.vm_id)
@@ -88,6 +107,8 @@ class LaunchRequest:
                               "from a package; a continued VM keeps the environment it had")
         if self.warm and (self.package_dir is None or self.forwards):
             raise ValueError("a warm VM needs a package and takes its forwards when claimed")
+        if self.restore is not None and (self.package_dir is not None or self.warm):
+            raise ValueError("a restore takes neither a package nor a warm start")
 
     @property
     def paths(self) -> VMPaths:
@@ -148,7 +169,7 @@ async def supervise(
 
 
 def _held(vm: RunningVM, forwards: tuple[PortForward, ...],
-          attached: tuple[str, ...] = ()) -> HeldVM:
+          attached: tuple[str, ...] = (), *, can_suspend: bool = True) -> HeldVM:
     assert vm.live is not None
 
     def counters() -> tuple[Mapping[str, int], Mapping[str, float]]:
@@ -158,7 +179,8 @@ def _held(vm: RunningVM, forwards: tuple[PortForward, ...],
                   Movable(vm.vm_id, vm.qemu, vm.live, vm.agent, vm.net, vm.manifest,
                           vm.package.directory, forwards, vm.package.package_id,
                           labels=vm.labels),
-                  can_suspend=not attached, counters=counters, volumes=attached)
+                  can_suspend=can_suspend and not attached, counters=counters,
+                  volumes=attached)
 
 
 def _claimer(holder: Holder, on_warm: Callable[[dict[str, Any]], None] | None,
@@ -187,6 +209,19 @@ async def _run(holder: Holder, request: LaunchRequest, forwards: tuple[PortForwa
                on_console: Callable[[bytes], None] | None, launched: float,
                claim: Claimer | None = None, labels: Mapping[str, str]) -> Ending:
     package = open_extracted(request.package_dir) if request.package_dir else None
+    providers = None
+    point: RestorePoint | None = None
+    if request.restore is not None:
+        from ferry.vm import restore
+
+        spec = request.restore
+        point = await restore.prepare(spec.store(), spec.layout(), holder.run_dir / "restored")
+        package = point.package
+        # Its writes are staged on disk, in the state dir run_vm makes before the devices.
+        providers = restore.providers(point,
+                                      staging_dir=request.paths.state_dir(request.vm_id))
+        log.info("vm %s: restoring %s from checkpoint %d of %s", request.vm_id, spec.url,
+                 point.record.sequence, _iso(point.record.created_unix_s))
     with contextlib.ExitStack() as held_volumes:
         images: dict[str, Path] = {}
         if request.volumes and package is not None:
@@ -194,13 +229,14 @@ async def _run(holder: Holder, request: LaunchRequest, forwards: tuple[PortForwa
             for disk, name in volumes.assign_disks(dict(request.volumes), extra).items():
                 images[disk] = held_volumes.enter_context(
                     volumes.attached(request.host.state_root, name)).image
-        return await _run_held(holder, request, package, forwards, images, on_ready=on_ready,
-                               on_console=on_console, launched=launched, claim=claim,
-                               labels=labels)
+        return await _run_held(holder, request, package, forwards, images, providers, point,
+                               on_ready=on_ready, on_console=on_console, launched=launched,
+                               claim=claim, labels=labels)
 
 
 async def _run_held(holder: Holder, request: LaunchRequest, package: OpenedPackage | None,
-                    forwards: tuple[PortForward, ...], images: Mapping[str, Path], *,
+                    forwards: tuple[PortForward, ...], images: Mapping[str, Path],
+                    providers: Providers | None, point: RestorePoint | None, *,
                     on_ready: Callable[[dict[str, Any]], None] | None,
                     on_console: Callable[[bytes], None] | None, launched: float,
                     claim: Claimer | None, labels: Mapping[str, str]) -> Ending:
@@ -208,7 +244,8 @@ async def _run_held(holder: Holder, request: LaunchRequest, package: OpenedPacka
                       forwards=forwards, sandbox=request.host.qemu_sandbox,
                       launched=launched, claim=claim, labels=labels,
                       service_address=request.service_address, env=request.env,
-                      volumes=images) as vm:
+                      volumes=images, providers=providers,
+                      mirror_tracking=request.mirror is not None) as vm:
         pid = vm.qemu.pid
         holder.record.set_qemu(pid)
         forwards = vm.net.forwards  # a warm VM's came with its claim
@@ -216,11 +253,18 @@ async def _run_held(holder: Holder, request: LaunchRequest, package: OpenedPacka
                       package_dir=str(vm.package.directory),
                       package_id=vm.package.package_id,
                       forwards=tuple(vm.forward_addresses()), resume=vm.timings.to_json())
-        ready = {"vm_id": vm.vm_id, "pid": os.getpid(), "qemu_pid": pid,
-                 "forwards": vm.forward_addresses(), "resume": vm.timings.to_json(),
-                 "console": str(vm.qemu.console_path),
-                 "env": sorted(request.env), "user_data": None,
-                 "volumes": {disk: path.parent.name for disk, path in images.items()}}
+        ready: dict[str, Any] = {
+            "vm_id": vm.vm_id, "pid": os.getpid(), "qemu_pid": pid,
+            "forwards": vm.forward_addresses(), "resume": vm.timings.to_json(),
+            "console": str(vm.qemu.console_path),
+            "env": sorted(request.env), "user_data": None,
+            "volumes": {disk: path.parent.name for disk, path in images.items()}}
+        if point is not None and request.restore is not None:
+            ready["restored_from"] = {
+                "url": request.restore.url, "sequence": point.record.sequence,
+                "checkpoint_unix_s": point.record.created_unix_s,
+                "checkpoint": _iso(point.record.created_unix_s),
+                "age_s": round(time.time() - point.record.created_unix_s, 3)}
         if request.user_data is not None:
             # Once, before the VM is reported ready: its outcome is part of the report.
             holder.update(user_data={"status": "running"})
@@ -230,12 +274,22 @@ async def _run_held(holder: Holder, request: LaunchRequest, package: OpenedPacka
             ready["user_data"] = {"status": "stopped"} if result is None \
                 else result.to_json()
             holder.update(user_data=ready["user_data"])
-        holder.vm = held = _held(vm, forwards, tuple(p.parent.name for p in images.values()))
+        holder.vm = held = _held(vm, forwards, tuple(p.parent.name for p in images.values()),
+                                 can_suspend=point is None)
+        mirror = None
+        if request.mirror is not None:
+            from ferry.vm import mirroring
+
+            mirror = mirroring.mirror_of(vm, request.mirror, work_dir=holder.run_dir,
+                                         busy=lambda: holder.outgoing.active)
+            holder.mirror_status = mirror.status.to_json
+            ready["mirror"] = {"url": request.mirror.url,
+                               "interval_s": request.mirror.interval_s}
         if claim is not None:
             holder.claimed(ready)
         elif on_ready is not None:
             on_ready(ready)
-        async with _follow_console(vm, on_console):
+        async with _follow_console(vm, on_console), _mirroring(mirror):
             ending = await holder.watch(held)
         holder.update(state=HolderState.STOPPING)
         if ending is Ending.SUSPEND:
@@ -245,6 +299,22 @@ async def _run_held(holder: Holder, request: LaunchRequest, package: OpenedPacka
                                                  flush_bytes=stats.flush_bytes)
         holder.vm = None
     return ending
+
+
+@contextlib.asynccontextmanager
+async def _mirroring(mirror: Mirror | None) -> AsyncIterator[None]:
+    if mirror is None:
+        yield
+        return
+    from ferry.s3.mirror import running
+
+    async with running(mirror):
+        yield
+
+
+def _iso(unix_s: float) -> str:
+    return datetime.datetime.fromtimestamp(unix_s, datetime.UTC).isoformat(
+        timespec="milliseconds")
 
 
 @contextlib.asynccontextmanager

@@ -151,6 +151,13 @@ class SeaweedFS:
         return S3Config(endpoint_url=self.endpoint_url, region="us-east-1",
                         credentials=self.credentials)
 
+    def env(self) -> dict[str, str]:
+        """The ``AWS_*`` variables that point boto3's standard chain (any ``ferry``
+        command, ``aws s3``) at this endpoint with its credentials."""
+        return {"AWS_ENDPOINT_URL_S3": self.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_ACCESS_KEY_ID": self.credentials.access_key_id,
+                "AWS_SECRET_ACCESS_KEY": self.credentials.secret_access_key}
+
     def store(self, bucket: str) -> ObjectStore:
         """An :class:`ObjectStore` on ``bucket`` (created if missing)."""
         store = ObjectStore.connect(self.config(), bucket)
@@ -281,11 +288,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
     with SeaweedFS() as s3:
         for bucket in args.bucket:
             s3.store(bucket)
-        print(f"export AWS_ENDPOINT_URL_S3={s3.endpoint_url}\n"
-              f"export AWS_DEFAULT_REGION=us-east-1\n"
-              f"export AWS_ACCESS_KEY_ID={s3.credentials.access_key_id}\n"
-              f"export AWS_SECRET_ACCESS_KEY={s3.credentials.secret_access_key}\n"
-              f"# weed mini pid {s3.pid}, data in {s3.root} (removed on exit); "
+        print("".join(f"export {k}={v}\n" for k, v in s3.env().items())
+              + f"# weed mini pid {s3.pid}, data in {s3.root} (removed on exit); "
               "Ctrl-C stops it", flush=True)
         while True:
             signal.pause()

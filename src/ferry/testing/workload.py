@@ -98,6 +98,8 @@ class RedisWriter:
         self.prefix = prefix
         self.preferred = 0
         self.acknowledged: list[int] = []
+        self.acknowledged_unix_s: list[float] = []
+        """When each write's +OK arrived (wall clock, beside :attr:`acknowledged`)."""
         self.max_stall_s = 0.0
         self.reconnects = 0
         self._last_ack: float | None = None
@@ -137,6 +139,7 @@ class RedisWriter:
                 self.max_stall_s = max(self.max_stall_s, now - self._last_ack)
                 self._last_ack = now
                 self.acknowledged.append(n)
+                self.acknowledged_unix_s.append(time.time())
                 self._acked.set()
                 n += 1
         finally:
@@ -155,13 +158,20 @@ class RedisWriter:
             self._acked.clear()
             await self._acked.wait()
 
-    async def lost(self) -> list[int]:
-        """Acknowledged writes that cannot be read back (should be none)."""
+    def acknowledged_before(self, unix_s: float) -> list[int]:
+        """The writes whose +OK arrived before ``unix_s`` (wall clock)."""
+        return [n for n, t in zip(self.acknowledged, self.acknowledged_unix_s, strict=True)
+                if t < unix_s]
+
+    async def lost(self, writes: Sequence[int] | None = None) -> list[int]:
+        """Acknowledged writes (or these ``writes``) that cannot be read back (should be
+        none)."""
         reader, writer = await self._connect()
         missing: list[int] = []
+        wanted = self.acknowledged if writes is None else list(writes)
         try:
-            for start in range(0, len(self.acknowledged), MGET_BATCH):
-                batch = self.acknowledged[start:start + MGET_BATCH]
+            for start in range(0, len(wanted), MGET_BATCH):
+                batch = wanted[start:start + MGET_BATCH]
                 writer.write(command("MGET", *(f"{self.prefix}:{i}" for i in batch)))
                 header = await reader.readline()
                 if not header.startswith(b"*"):

@@ -218,7 +218,7 @@ async def cleanup_leftovers(paths: VMPaths) -> list[str]:
                 os.kill(qemu_pid, signal.SIGKILL)
             removed.append(f"killed QEMU {qemu_pid} of {run_dir.name}")
         try:
-            if await clean_stale_mount(str(run_dir / "mnt")):
+            if await clean_stale_mount(str(run_dir / "mnt"), owner_dead=True):
                 removed.append(f"unmounted {run_dir / 'mnt'}")
         except MountError as exc:
             log.warning("leaving %s: %s", run_dir, exc)

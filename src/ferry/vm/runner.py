@@ -84,6 +84,8 @@ from ferry.qemu.version import host_qemu_version
 from ferry.qemu.vm import MEMORY_FILE
 from ferry.storage import OverlayDevice
 from ferry.storage.device import Device
+from ferry.storage.modules._forward import ForwardingDevice
+from ferry.storage.modules.dirty import DirtyRemote, dirty_tracker
 from ferry.storage.providers.file import FileDevice
 from ferry.vm.devices import VMDevices, local_devices
 from ferry.vm.errors import ManifestError, VMExistsError, VMLifecycleError, VMNotFoundError
@@ -183,6 +185,9 @@ class RunningVM:
         """Its labels (a warm VM's come with its claim)."""
         self.live: VMDevices | None = None
         """The chainable device stacks QEMU writes through (what a live migration reads)."""
+        self.mirror_sources: dict[str, DirtyRemote] = {}
+        """With ``mirror_tracking``: each device's mirror tracker (every block tracked),
+        by its name in the bucket (``memory``, ``disk.<name>``)."""
 
     @property
     def manifest(self) -> VMManifest:
@@ -325,6 +330,8 @@ async def run_vm(
     service_address: str | None = None,
     env: Mapping[str, str] | None = None,
     volumes: Mapping[str, Path] | None = None,
+    providers: Providers | None = None,
+    mirror_tracking: bool = False,
 ) -> AsyncIterator[RunningVM]:
     """Resume ``package`` (or the suspended VM ``vm_id``) as VM ``vm_id``; see the module doc.
 
@@ -349,6 +356,12 @@ async def run_vm(
     ``volumes`` maps extra disks of the package to volume files (held by the caller,
     :mod:`ferry.vm.volumes`) that take their place, same size; the guest then drops its
     clean caches so nothing read from the package's disk hides the volume.
+
+    ``providers`` replaces the package's overlays as guest RAM and disks (a VM restored
+    from a bucket, :mod:`ferry.vm.restore`: its devices fetch objects lazily); there is
+    no preload then, and the VM cannot be suspended. ``mirror_tracking`` puts a dirty
+    tracker of its own in front of every device QEMU uses
+    (:attr:`RunningVM.mirror_sources`, what :mod:`ferry.vm.mirroring` copies out).
     """
     entered = time.monotonic()
     launched = entered if launched is None else launched
@@ -371,26 +384,42 @@ async def run_vm(
             # concurrently with QEMU's start and the state load.
             async with _alongside(net.create_namespace(), f"netns {vm_id}") as tap_step:
                 t0 = time.monotonic()
-                memory = package_overlay(package, manifest.memory, state_dir)
-                stack.push_async_callback(memory.close)
+                memory: Device
                 disks: dict[str, Device] = {}
-                for entry in manifest.disks:
-                    dev: Device
-                    if entry.name in (volumes or {}):
-                        disks[entry.name] = dev = _volume_device(
-                            (volumes or {})[entry.name], entry.name, entry.size_bytes, vm_id)
-                    else:
-                        disks[entry.name] = dev = package_overlay(package, entry, state_dir)
-                    stack.push_async_callback(dev.close)
+                if providers is None:
+                    memory = overlay = package_overlay(package, manifest.memory, state_dir)
+                    stack.push_async_callback(memory.close)
+                    for entry in manifest.disks:
+                        dev: Device
+                        if entry.name in (volumes or {}):
+                            disks[entry.name] = dev = _volume_device(
+                                (volumes or {})[entry.name], entry.name, entry.size_bytes,
+                                vm_id)
+                        else:
+                            disks[entry.name] = dev = package_overlay(package, entry,
+                                                                      state_dir)
+                        stack.push_async_callback(dev.close)
+                else:
+                    overlay = None
+                    memory, disks = await providers(stack)
                 # Dirty-tracked stacks over the overlays, so the VM can be live-migrated
                 # out (ferry.live.outgoing); the overlays stay what the callbacks close.
                 live = local_devices(memory, disks)
                 assert live.memory is not None
+                vm_memory: Device = live.memory.vm_handle
+                vm_disks = live.vm_disks()
+                mirror_sources: dict[str, DirtyRemote] = {}
+                if mirror_tracking:
+                    vm_memory, mirror_sources[MIRROR_MEMORY] = _tracked(vm_memory, manifest
+                                                                        .memory.block_size_bytes)
+                    for entry in manifest.disks:
+                        vm_disks[entry.name], mirror_sources[MIRROR_DISK + entry.name] = \
+                            _tracked(vm_disks[entry.name], entry.block_size_bytes)
                 config = machine_config(manifest, package.directory / manifest.kernel,
                                         package.directory / manifest.initramfs,
                                         tap=net.tap_name, sandbox=sandbox, vm=vm_id)
                 qemu = QemuVM(config, work_dir=paths.run_dir(vm_id),
-                              memory=live.memory.vm_handle, disks=live.vm_disks(), name=vm_id,
+                              memory=vm_memory, disks=vm_disks, name=vm_id,
                               wrap_argv=net.wrap_argv)
                 await stack.enter_async_context(qemu)
                 devices_s = time.monotonic() - t0
@@ -398,8 +427,10 @@ async def run_vm(
                 # so the resumed guest does not fault it in through the daemon. It
                 # must end before the state load, so before anything writes guest RAM.
                 enough = threading.Event()
+                preload = _preload_memory(qemu, package, overlay, enough) \
+                    if overlay is not None else _no_preload()
                 preload_step = await stack.enter_async_context(_alongside(
-                    _preload_memory(qemu, package, memory, enough), f"preload {vm_id}"))
+                    preload, f"preload {vm_id}"))
             async with _alongside(net.connect_uplink(), f"uplink {vm_id}") as uplink_step:
                 spawn_s = await qemu.start_incoming()
                 # QEMU is ready: the chunks not stored yet fault in through the daemon
@@ -456,6 +487,7 @@ async def run_vm(
                 qemu_at_running=qemu_at_running, warm=claimed is not None)
             running = RunningVM(vm_id, package, qemu, net, agent, timings, state_dir)
             running.live = live
+            running.mirror_sources = mirror_sources
             running.labels = dict(record.get("labels") or {})
             yield running
         clean_exit = True
@@ -531,6 +563,31 @@ async def _claim(claim: Claimer, paths: VMPaths, warm_id: str, state_dir: Path,
         raise
     log.info("warm vm %s claimed as %s", warm_id, vm_id)
     return claimed
+
+
+Providers = Callable[[contextlib.AsyncExitStack], Awaitable[tuple[Device, dict[str, Device]]]]
+"""Makes guest RAM and the disks (by manifest name), registering their closing on the stack."""
+
+MIRROR_MEMORY = "memory"
+MIRROR_DISK = "disk."
+
+
+def _tracked(device: Device, block_size_bytes: int) -> tuple[Device, DirtyRemote]:
+    """A dirty tracker over ``device`` with every block tracked: (what QEMU writes, what
+    the mirror takes dirty blocks from). Closing QEMU's handle closes nothing below:
+    the stacks under it are closed by their own owners."""
+    local, remote = dirty_tracker(_NoClose(device), block_size_bytes)
+    remote.track_all()
+    return local, remote
+
+
+class _NoClose(ForwardingDevice):
+    async def close(self) -> None:
+        pass
+
+
+async def _no_preload() -> PreloadStats:
+    return PreloadStats(MEMORY_FILE, 0, 0, 0.0)
 
 
 def _preload_chunks(package: OpenedPackage, memory: OverlayDevice) -> list[int]:

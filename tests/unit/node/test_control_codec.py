@@ -19,6 +19,7 @@ from ferry.net import PortForward
 from ferry.node import control
 from ferry.node.control import ControlOp, ControlProtocolError
 from ferry.node.record import HolderState
+from ferry.s3.mirror import MirrorStatus
 from ferry.vm.runner import StopMode
 
 REQUESTS: list[control.Request] = [
@@ -52,6 +53,11 @@ REPLIES: list[control.Reply] = [
                         {"agent_up": True, "agent_last_ok_s": 1.5, "agent_rtt_ms": 2.25,
                          "agent_failures": 0, "dirty_rate_mib_s": None,
                          "dirty_rate_age_s": None}),
+    control.StatusReply("r1", HolderState.RUNNING, 4711, 4712,
+                        mirror=MirrorStatus("s3://b/r1", state="failing", checkpoints=3,
+                                            sequence=3, last_checkpoint_unix_s=1.5e9,
+                                            last_pause_ms=41.5, failures=2,
+                                            last_error="unreachable").to_json()),
     control.StopReply(StopMode.SUSPEND, state_bytes=72226, flush_bytes=4096),
     control.StopReply(StopMode.DISCARD),
     control.ExecReply(3, "EXITED", b"out\x00", b"err\xff"),
@@ -164,6 +170,8 @@ BAD_REPLIES = [
     b'{"ok": true, "op": "status", "vm_id": "r1", "state": "running", "pid": 1, '
     b'"vitals": {"agent_up": true, "agent_last_ok_s": null, "agent_rtt_ms": null, '
     b'"agent_failures": true, "dirty_rate_mib_s": null, "dirty_rate_age_s": null}}\n',
+    b'{"ok": true, "op": "status", "vm_id": "r1", "state": "running", "pid": 1, '
+    b'"mirror": {"url": "s3://b/r1"}}\n',                    # mirror fields missing
     b'{"ok": true, "op": "exec", "exit_code": 0, "outcome": "E", "stdout": "!", "stderr": ""}\n',
     b'{"ok": true, "op": "migrate", "summary": [], "source": {}}\n',
     b'{"ok": true, "op": "migrate", "source": {}}\n',   # no summary

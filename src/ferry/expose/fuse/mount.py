@@ -36,6 +36,7 @@ import errno
 import logging
 import os
 import re
+import subprocess
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -123,12 +124,15 @@ async def lazy_unmount(mountpoint: str) -> None:
                          mountpoint=mountpoint)
 
 
-async def clean_stale_mount(mountpoint: str, *, probe_timeout_s: float = 5.0) -> bool:
+async def clean_stale_mount(mountpoint: str, *, probe_timeout_s: float = 5.0,
+                            owner_dead: bool = False) -> bool:
     """Lazily unmount a dead ferry mount left at ``mountpoint`` by a crashed run.
 
     Returns True if one was removed. A *live* mount (its daemon answers) or a
     mount that is not ferry's is left alone and reported as MountError: it is
-    someone else's.
+    someone else's. With ``owner_dead`` (the caller knows the process that served
+    it has died) a mount that does not answer is a wedged one (see
+    :func:`abort_connection`): its connection is aborted and it is removed.
     """
     entry = find_mount(mountpoint)
     if entry is None:
@@ -139,16 +143,46 @@ async def clean_stale_mount(mountpoint: str, *, probe_timeout_s: float = 5.0) ->
     try:
         # statfs always reaches the daemon; stat may be answered from cached attributes.
         await asyncio.wait_for(asyncio.to_thread(os.statvfs, mountpoint), probe_timeout_s)
+    except TimeoutError as exc:  # (before OSError: TimeoutError is one)
+        if not owner_dead:
+            raise MountError("an existing ferry mount does not answer",
+                             mountpoint=mountpoint) from exc
+        log.warning("%s: a dead daemon's mount does not answer: aborting it", mountpoint)
     except OSError as exc:
         if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.ECONNREFUSED):
             raise MountError(f"cannot probe existing mount: {exc}",
                              mountpoint=mountpoint) from exc
-    except TimeoutError as exc:
-        raise MountError("an existing ferry mount does not answer", mountpoint=mountpoint) from exc
     else:
         raise MountError("a live ferry mount is already here", mountpoint=mountpoint)
     log.warning("%s: removing stale ferry mount (daemon gone)", mountpoint)
+    await asyncio.to_thread(abort_connection, entry.dev)
     await lazy_unmount(mountpoint)
+    return True
+
+
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def abort_connection(dev: int) -> bool:
+    """Abort the FUSE connection of the mount with device number ``dev`` (fusectl's
+    ``abort``; fusectl is mounted if it is not). Returns whether it was aborted.
+
+    Why: a daemon's death normally aborts its connection, but not while one of its
+    threads is stuck in the kernel on its own mount. A holder SIGKILLed during an
+    ``fsync`` of guest RAM (a flush: mirror checkpoints do one a second) stays a zombie
+    with that thread waiting for writeback only the daemon could answer; QEMU then
+    hangs in ``fuse_page_mkwrite`` (state D) and neither ever exits. Aborting ends every
+    request with an error, and both go.
+    """
+    control = FUSECTL / str(os.minor(dev)) / "abort"
+    if not control.parent.exists():
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(FUSECTL)], check=False,
+                       capture_output=True, timeout=10)
+    try:
+        control.write_text("1")
+    except OSError as exc:
+        log.debug("cannot abort FUSE connection %d: %s", os.minor(dev), exc)
+        return False
     return True
 
 
