@@ -220,6 +220,15 @@ class SeaweedFS:
                 probe.put_object(Bucket=READY_BUCKET, Key="ready", Body=b"ready")
                 if probe.get_object(Bucket=READY_BUCKET, Key="ready")["Body"].read() != b"ready":
                     raise SeaweedFSError("the readiness object came back different")
+                # And a bucket new to this run: its first object needs a volume grown for
+                # it, which fails with InternalError for a while after a restart.
+                fresh = f"{READY_BUCKET}-{self._proc.pid}"
+                with contextlib.suppress(probe.exceptions.BucketAlreadyOwnedByYou,
+                                         probe.exceptions.BucketAlreadyExists):
+                    probe.create_bucket(Bucket=fresh)
+                probe.put_object(Bucket=fresh, Key="ready", Body=b"ready")
+                probe.delete_object(Bucket=fresh, Key="ready")
+                probe.delete_bucket(Bucket=fresh)
                 log.info("weed mini %d: S3 at %s", self._proc.pid, self.endpoint_url)
                 return
             except Exception as exc:  # not up yet: connection refused, 503 ...
