@@ -3,14 +3,17 @@
 One etcd member runs on its own namespace host; a daemon on each of ``cluster1``,
 ``cluster2``, ``cluster3`` joins it (``--cluster``, a shared bearer token, a 3 s lease).
 Two small VMs are placed by the scheduler while ``cluster2`` and ``cluster3`` are
-cordoned, so on ``cluster1``; ``ferry node drain cluster1`` moves both out live, one to
-each other node (the scheduler spreads them, each target takes one incoming migration
-at a time), and the placement keys follow. Then ``cluster3``'s daemon is SIGKILLed: its
+cordoned, so on ``cluster1``. ``cluster1``'s daemon watches AWS's metadata service
+(``--spot-watch aws``), emulated at 169.254.169.254 inside its namespace; a spot notice
+(terminate in 120 s) injected there makes it evacuate itself: both VMs move out live, one
+to each other node (the scheduler spreads them, each target takes one incoming migration
+at a time), the operation's reason is ``notice``, the events say so, and the placement
+keys follow. Then ``cluster3``'s daemon is SIGKILLed: its
 lease expires and a survivor marks it dead, naming the VM it held. etcd is killed:
 ``cluster2`` says so and its VM runs on; etcd returns and ``cluster2`` registers again.
-Draining ``cluster2`` last, its one target (``cluster1``, whose daemon was just killed,
-still alive in etcd under a long lease) fails it: the VM stays, fits nowhere else, and
-goes into a package.
+Draining ``cluster2`` last (``ferry node drain``, by hand), its one target (``cluster1``,
+whose daemon was just killed, still alive in etcd under a long lease) fails it: the VM
+stays, fits nowhere else, and goes into a package.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ async def test_drain_moves_every_vm_out_and_a_killed_node_is_marked_dead(
     with scratch_root("fcl-") as root:
         async with cluster_on_hosts(NODES, root, signer.env, switch_tag="cluster",
                                     lease_ttl_s=LEASE_TTL_S, max_incoming=1,
-                                    lease_ttl_by_node={"cluster1": 60}) as c:
+                                    lease_ttl_by_node={"cluster1": 60},
+                                    spot={"cluster1": "aws"}) as c:
             await _scenario(c, minimal_package)
 
 
@@ -89,10 +93,38 @@ async def _scenario(c: ClusterSite, minimal_package: Path) -> None:
 
     await _until("placement keys naming cluster1", placed_on_cluster1)
 
-    # Drain cluster1 by hand, as an operator would, from another host.
-    drained = await site.ferry_json("cluster2", "node", "drain", "cluster1", "--cluster", url,
-                                    "--deadline", "120", timeout_s=240)
+    # A spot notice for cluster1, from the metadata service in its namespace: it evacuates
+    # itself. Its event stream is followed from before the notice to the drain's end.
+    loop = asyncio.get_running_loop()
+    subscribed = asyncio.Event()
+
+    def follow() -> list[dict[str, Any]]:
+        seen = []
+        for event in api["cluster1"].events(timeout_s=240):
+            if event["kind"] == "subscribed":  # following: what comes now is seen
+                loop.call_soon_threadsafe(subscribed.set)
+            seen.append(event)
+            if event["kind"] == "spot.evacuation":
+                return seen
+        raise AssertionError("cluster1's event stream ended")
+
+    following = asyncio.ensure_future(asyncio.to_thread(follow))
+    await asyncio.wait_for(asyncio.shield(subscribed.wait()), 60)
+    c.metadata["cluster1"].inject("aws", in_s=120)
+    seen = await asyncio.wait_for(following, 300)
+    [notice] = [e["notice"] for e in seen if e["kind"] == "spot.notice"]
+    assert (notice["provider"], notice["action"]) == ("aws", "terminate"), notice
+    steps = [e["step"] for e in seen if e["kind"] == "evacuation"]
+    assert (steps[0], steps[-1]) == ("evacuation-started", "evacuation-finished"), steps
+    assert steps.count("vm-moved") == 2, steps
+    assert seen[-1]["state"] == "completed", seen[-1]
+    [evac] = [o for o in await _call(api["cluster1"], "GET", "/v1/operations")
+              if o["kind"] == "evacuate"]
+    assert evac["state"] == "succeeded"
+    drained = evac["result"]
+    assert drained["reason"] == "notice"
     assert drained["complete"] is True, drained
+    assert drained["within_deadline"] is True, drained
     assert drained["packaged"] == []
     assert drained["failed"] == []
     moved = {m["vm"]: m["to"] for m in drained["moved"]}
@@ -107,10 +139,7 @@ async def _scenario(c: ClusterSite, minimal_package: Path) -> None:
     view = await cluster_view()
     assert {vm: view["vms"][vm]["node"] for vm in vms} == moved
     [cluster1] = [n for n in view["nodes"] if n["name"] == "cluster1"]
-    assert cluster1["cordon"]["reason"] == "drain"
-    [evac] = [o for o in await _call(api["cluster1"], "GET", "/v1/operations")
-              if o["kind"] == "evacuate"]
-    assert evac["state"] == "succeeded"
+    assert cluster1["cordon"]["reason"] == "notice"
     _, raw = await asyncio.to_thread(api["cluster1"].raw, "GET", "/metrics")
     assert 'ferry_evacuation_vms_total{outcome="moved"} 2.0' in raw.decode()
 
@@ -158,10 +187,10 @@ async def _scenario(c: ClusterSite, minimal_package: Path) -> None:
     assert (await _call(api["cluster1"], "POST", "/v1/node/uncordon"))["cordoned"] is False
     procs["cluster1"].kill()
     await procs["cluster1"].wait()
-    op = await _call(api["cluster2"], "POST", "/v1/node/drain", {"deadline_s": 60})
-    op = await asyncio.to_thread(api["cluster2"].wait, op)
-    assert op["state"] == "succeeded", op
-    result = op["result"]
+    # By hand this time, as an operator would (a drain request key in etcd).
+    result = await site.ferry_json("cluster2", "node", "drain", "cluster2", "--cluster", url,
+                                   "--deadline", "60", timeout_s=240)
+    assert (result["reason"], result["complete"]) == ("drain", True), result
     assert result["moved"] == []
     [packaged] = result["packaged"]
     assert (packaged["vm"], packaged["reason"], packaged["attempts"]) == (
