@@ -28,6 +28,7 @@ import pytest
 
 from ferry.daemon.client import DaemonClient
 from ferry.testing.cluster import ClusterSite, all_alive, cluster_on_hosts
+from ferry.testing.evacuation import evacuate_by_notice
 from ferry.testing.packages import Signer
 from ferry.testing.site import scratch_root
 
@@ -95,26 +96,10 @@ async def _scenario(c: ClusterSite, minimal_package: Path) -> None:
 
     # A spot notice for cluster1, from the metadata service in its namespace: it evacuates
     # itself. Its event stream is followed from before the notice to the drain's end.
-    loop = asyncio.get_running_loop()
-    subscribed = asyncio.Event()
-
-    def follow() -> list[dict[str, Any]]:
-        seen = []
-        for event in api["cluster1"].events(timeout_s=240):
-            if event["kind"] == "subscribed":  # following: what comes now is seen
-                loop.call_soon_threadsafe(subscribed.set)
-            seen.append(event)
-            if event["kind"] == "spot.evacuation":
-                return seen
-        raise AssertionError("cluster1's event stream ended")
-
-    following = asyncio.ensure_future(asyncio.to_thread(follow))
-    await asyncio.wait_for(asyncio.shield(subscribed.wait()), 60)
-    c.metadata["cluster1"].inject("aws", in_s=120)
-    seen = await asyncio.wait_for(following, 300)
-    [notice] = [e["notice"] for e in seen if e["kind"] == "spot.notice"]
+    ev = await evacuate_by_notice(c, "cluster1", "aws", in_s=120)
+    notice, seen, steps = ev.notice, ev.events, ev.steps
     assert (notice["provider"], notice["action"]) == ("aws", "terminate"), notice
-    steps = [e["step"] for e in seen if e["kind"] == "evacuation"]
+    assert [e["kind"] for e in seen].count("spot.notice") == 1
     assert (steps[0], steps[-1]) == ("evacuation-started", "evacuation-finished"), steps
     assert steps.count("vm-moved") == 2, steps
     assert seen[-1]["state"] == "completed", seen[-1]
@@ -122,6 +107,7 @@ async def _scenario(c: ClusterSite, minimal_package: Path) -> None:
               if o["kind"] == "evacuate"]
     assert evac["state"] == "succeeded"
     drained = evac["result"]
+    assert drained == ev.result
     assert drained["reason"] == "notice"
     assert drained["complete"] is True, drained
     assert drained["within_deadline"] is True, drained

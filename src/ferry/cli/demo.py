@@ -17,7 +17,7 @@ from ferry.migration.source import Migrator
 
 
 async def run_demos(args: argparse.Namespace, console: Console) -> ExitCode:
-    parts = args.parts or ["migrate", "vm", "storage"]
+    parts = args.parts or ["migrate", "vm", "storage", "evacuate"]
     if {"migrate", "vm", "evacuate"} & set(parts) and not await host_ready(args, console):
         return ExitCode.ERROR
     runners = {"migrate": migrate_demo, "vm": vm_demo, "storage": storage_demo,

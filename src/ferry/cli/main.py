@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the main end-to-end demo")
     p.add_argument("parts", nargs="*", choices=["migrate", "vm", "storage", "evacuate", []],
-                   default=[], help="which demos to run (default: migrate, vm, then storage; "
-                   "evacuate: a node's VMs moved out on a GCP preemption notice)")
+                   default=[],
+                   help="which demos to run (default: migrate, vm, storage, then evacuate)")
     p.add_argument(
         "--size-mib",
         type=positive_int,

@@ -99,8 +99,13 @@ class NoticeEvacuation:
     """From the notice's injection to the evacuation's end (as the node's events say)."""
     notice_seen_s: float
     """From the injection to the node's ``spot.notice`` event."""
-    steps: list[str] = field(default_factory=list)
-    """The ``evacuation`` events' steps, in order."""
+    events: list[dict[str, Any]] = field(default_factory=list)
+    """The node's events from its subscription to ``spot.evacuation``, in order."""
+
+    @property
+    def steps(self) -> list[str]:
+        """The ``evacuation`` events' steps, in order."""
+        return [e["step"] for e in self.events if e["kind"] == "evacuation"]
 
     @property
     def where(self) -> dict[str, str]:
@@ -149,4 +154,4 @@ async def evacuate_by_notice(c: ClusterSite, node: str, provider: str, *,
     if op["state"] != "succeeded":
         raise FerryError(f"{node}'s evacuation failed: {op.get('error')}")
     return NoticeEvacuation(notice, op["result"], finished[-1] - injected, seen_at - injected,
-                            [e["step"] for e in events if e["kind"] == "evacuation"])
+                            events)
