@@ -130,10 +130,10 @@ async def evacuate_by_notice(c: ClusterSite, node: str, provider: str, *,
         raise FerryError(f"{node}'s event stream ended before its evacuation did")
 
     following = asyncio.ensure_future(asyncio.to_thread(follow))
+    ready = asyncio.ensure_future(subscribed.wait())
     try:
         async with asyncio.timeout(60):
-            await asyncio.wait([following, asyncio.ensure_future(subscribed.wait())],
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([following, ready], return_when=asyncio.FIRST_COMPLETED)
         if following.done():
             following.result()  # its error
         injected = time.monotonic()
@@ -141,6 +141,7 @@ async def evacuate_by_notice(c: ClusterSite, node: str, provider: str, *,
         async with asyncio.timeout(EVENTS_TIMEOUT_S):
             await following
     finally:
+        ready.cancel()
         following.cancel()  # the thread ends at its next event or timeout
     events = [e for _, e in seen]
     [notice] = [e["notice"] for e in events if e["kind"] == "spot.notice"]
