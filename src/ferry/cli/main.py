@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="run the main end-to-end demo")
-    p.add_argument("parts", nargs="*", choices=["migrate", "vm", "storage", []], default=[],
-                   help="which demos to run (default: migrate, vm, then storage)")
+    p.add_argument("parts", nargs="*", choices=["migrate", "vm", "storage", "evacuate", []],
+                   default=[],
+                   help="which demos to run (default: migrate, vm, storage, then evacuate)")
     p.add_argument(
         "--size-mib",
         type=positive_int,

@@ -6,6 +6,12 @@ daemon on every node host listening on the host's address with one shared bearer
 (how the cluster's nodes call each other), joined to the etcd with a short lease. The
 e2e tests, ``bench/evacuate.py`` and demos use it; on exit the daemons get SIGTERM and
 everything the site made is removed.
+
+``spot`` gives some nodes a provider's metadata service: an emulator
+(:class:`~ferry.testing.metadata.MetadataEmulator`, served by this process) answers at
+169.254.169.254 inside that node's namespace, and its daemon runs with ``--spot-watch
+PROVIDER`` against it, exactly as in a cloud; :attr:`ClusterSite.metadata` holds the
+emulators, to inject notices.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 from ferry.daemon.client import DaemonClient
 from ferry.errors import FerryError
 from ferry.testing.etcd import EtcdCluster, etcd_cluster
+from ferry.testing.metadata import MetadataEmulator, emulator_in
 from ferry.testing.site import Site, site_on_hosts
 from ferry.transport.auth import new_token, write_token_file
 
@@ -40,6 +47,8 @@ class ClusterSite:
     etcd: EtcdCluster
     etcd_host: str
     procs: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+    metadata: dict[str, MetadataEmulator] = field(default_factory=dict)
+    """Node -> the metadata emulator in its namespace (the nodes given ``spot``)."""
 
     def api(self, node: str) -> DaemonClient:
         """``node``'s daemon over its UNIX socket (reachable from outside the namespace)."""
@@ -70,11 +79,13 @@ async def cluster_on_hosts(nodes: Sequence[str], root: Path, env: Mapping[str, s
                            switch_tag: str, lease_ttl_s: int = 3, vm_memory_mib: int = 1024,
                            max_incoming: int = 2, etcd_host: str | None = None,
                            lease_ttl_by_node: Mapping[str, int] | None = None,
+                           spot: Mapping[str, str] | None = None,
                            ) -> AsyncIterator[ClusterSite]:
     """``lease_ttl_by_node`` overrides ``lease_ttl_s`` for some nodes (one whose death
-    must go unnoticed for a while). etcd runs on host ``etcd_host`` (default
-    ``<switch_tag>-etcd``: host names are machine-wide, tests running at once must not
-    share one)."""
+    must go unnoticed for a while); ``spot`` maps nodes to the provider (aws, gcp,
+    azure) whose metadata service their namespace emulates and their daemon watches.
+    etcd runs on host ``etcd_host`` (default ``<switch_tag>-etcd``: host names are
+    machine-wide, tests running at once must not share one)."""
     etcd_host = etcd_host or f"{switch_tag}-etcd"
     async with contextlib.AsyncExitStack() as stack:
         site = await stack.enter_async_context(
@@ -86,15 +97,19 @@ async def cluster_on_hosts(nodes: Sequence[str], root: Path, env: Mapping[str, s
         token = root / "cluster.token"
         write_token_file(token, new_token())
         c = ClusterSite(site, etcd.url, list(nodes), etcd, etcd_host)
+        for h, provider in (spot or {}).items():
+            c.metadata[h] = await stack.enter_async_context(emulator_in(
+                site.hosts[h].namespace, [provider], vm_name=h, add_address=True))
         try:
             for h in nodes:
+                watch = ["--spot-watch", spot[h]] if spot and h in spot else []
                 c.procs[h] = await site.start(
                     h, "daemon", "--json", "--warm-holders", "0",
                     "--listen-tcp", f"{site.address(h)}:{API_PORT}",
                     "--token-file", str(token), "--cluster", etcd.url, "--node-name", h,
                     "--lease-ttl", str((lease_ttl_by_node or {}).get(h, lease_ttl_s)),
                     "--vm-memory-mib", str(vm_memory_mib),
-                    "--max-incoming", str(max_incoming))
+                    "--max-incoming", str(max_incoming), *watch)
             for h, proc in c.procs.items():
                 assert proc.stdout is not None
                 line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT_S)
