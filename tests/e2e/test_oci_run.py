@@ -203,7 +203,8 @@ def test_an_image_runs_through_the_daemon_api(env: Env) -> None:
         assert json.loads(proc.stdout.readline() or "{}").get("event") == "listening"
         api = DaemonClient.unix(Path(env.env["FERRY_RUN_DIR"]) / "ferryd.sock")
         with pytest.raises(DaemonError) as refused:
-            api.call("POST", "/v1/vms", {"package": "/nonexistent.ferry", "env": ["A=1"]})
+            api.call("POST", "/v1/vms", {"package": "/nonexistent.ferry",
+                                         "entrypoint": "/bin/sh"})
         assert refused.value.status == 422
         port = free_port()
         op = api.wait(api.call("POST", "/v1/vms", {
