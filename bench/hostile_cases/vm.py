@@ -245,6 +245,11 @@ def _oversized_frame(s: socket.socket) -> None:
     _read_to_eof(s)
 
 
+SILENT_IDLE_TIMEOUT_S = 5.0
+"""``ferry vm receive --idle-timeout`` for the silent source: the deadline is the same
+code whatever its length (30 s by default)."""
+
+
 def _silent(s: socket.socket) -> None:
     s.settimeout(2 * launch.IDLE_TIMEOUT_S)
     _read_to_eof(s)  # the receiver's idle deadline must end this
@@ -258,9 +263,13 @@ class OfferCase:
     play: Callable[[socket.socket], None]
     expect: str
     endpoint: str = "ferry vm receive"
+    idle_timeout_s: float | None = None
+    """``--idle-timeout`` of the receiver (None: its default)."""
 
     def run(self, workdir: Path) -> Outcome:
-        ep = Endpoint(workdir, "receive")
+        extra = () if self.idle_timeout_s is None else ("--idle-timeout",
+                                                        str(self.idle_timeout_s))
+        ep = Endpoint(workdir, "receive", *extra)
         before = tree(workdir)
         try:
             with _authenticated(ep.port, ep.token) as s:
@@ -343,7 +352,8 @@ VM_CASES: list[SquatCase | OfferCase | RefusalCase] = [
       for name, make in sorted(HOSTILE_OFFERS.items())),
     OfferCase("boot files that do not match their SHA-256", _forged_boot_files, "SHA-256"),
     OfferCase("launch frame claiming 4 GiB", _oversized_frame, "too large"),
-    OfferCase("source silent after the token", _silent, "sent nothing"),
+    OfferCase("source silent after the token", _silent, "sent nothing",
+              idle_timeout_s=SILENT_IDLE_TIMEOUT_S),
     RefusalCase("a package the registry does not have", "no-such.ferry"),
     RefusalCase("a package name climbing out", "../../../etc/shadow"),
 ]

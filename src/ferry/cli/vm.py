@@ -23,6 +23,7 @@ from ferry.cli.exitcodes import ExitCode
 from ferry.cli.output import emit_json
 from ferry.errors import ConfigError
 from ferry.guest.image import build_blueprint
+from ferry.live.launch import IDLE_TIMEOUT_S
 from ferry.migration.autocompress import LinkCompression
 from ferry.node import listing, supervisor
 from ferry.node.control import ControlClient
@@ -1026,6 +1027,9 @@ def _add_migration_parsers(vm: Any, add_common: AddCommon) -> None:
                    help="forwards here (default: the source's ports on the --listen address)")
     c.add_argument("--allow-wildcard", action="store_true")
     c.add_argument("--precopy-only", action="store_true")
+    c.add_argument("--idle-timeout", type=positive_float, default=IDLE_TIMEOUT_S, metavar="S",
+                   help="give up on a source that sends nothing for S seconds while it "
+                        f"offers the VM (default {IDLE_TIMEOUT_S:.0f})")
     c.add_argument("-d", "--detach", action="store_true",
                    help="return once listening (--listen) or running (--registry)")
     tls(c)

@@ -260,7 +260,8 @@ async def _receive(args: argparse.Namespace, console: Console, out: Out) -> int:
         registry=_address(args.registry) if args.registry else None,
         package=args.package, name=args.name, forwards=forwards,
         precopy_only=args.precopy_only,
-        report_until="listening" if args.listen else "ready")
+        report_until="listening" if args.listen else "ready",
+        idle_timeout_s=args.idle_timeout)
     if args.detach:
         event = await launch_detached(request)
         event = {"event": request.report_until, **event}

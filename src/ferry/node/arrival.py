@@ -44,6 +44,8 @@ from ferry.vm.registry import VMPaths, check_vm_id, cleanup_leftovers, private_d
 
 log = logging.getLogger(__name__)
 
+MAX_IDLE_TIMEOUT_S = 3600.0
+
 BOOT_CACHE = "boot-cache"
 OVERLAYS = "overlays"
 """In the VM's run dir: its devices' overlays over a package's files, when this host has it."""
@@ -66,8 +68,13 @@ class ArrivalRequest:
     precopy_only: bool = False
     report_until: str = "ready"
     """The event a detached launch waits for: ``listening`` or ``ready``."""
+    idle_timeout_s: float = launch.IDLE_TIMEOUT_S
+    """How long the source may send nothing while it offers the VM (``--idle-timeout``)."""
 
     def __post_init__(self) -> None:
+        if not 0 < self.idle_timeout_s <= MAX_IDLE_TIMEOUT_S:
+            raise ConfigError(f"the idle timeout must be in (0, {MAX_IDLE_TIMEOUT_S:.0f}] s, "
+                              f"not {self.idle_timeout_s}")
         if (self.listen is None) == (self.registry is None):
             raise ConfigError("give exactly one of listen or registry")
         if self.registry is not None and not self.package:
@@ -139,7 +146,8 @@ async def arrive(request: ArrivalRequest, *,
             stack.push_async_callback(stream.aclose)
             cache = BootCache(paths.state_root / BOOT_CACHE)
             stack.callback(cache.release)
-            offer, boot_dir = await launch.receive_offer(stream, cache)
+            offer, boot_dir = await launch.receive_offer(
+                stream, cache, idle_timeout_s=request.idle_timeout_s)
             try:
                 vm_id = check_vm_id(request.name or offer.vm_id)
                 holder = await stack.enter_async_context(holding(

@@ -38,6 +38,7 @@ from ferry.errors import ConfigError, FerryError
 from ferry.hostconfig import HostConfig
 from ferry.live.access import Access
 from ferry.live.errors import LiveMigrationError
+from ferry.live.launch import IDLE_TIMEOUT_S
 from ferry.net import PortForward
 from ferry.node.arrival import ArrivalRequest, arrive
 from ferry.node.supervisor import LaunchRequest, supervise
@@ -83,6 +84,7 @@ def encode_request(request: HolderRequest) -> bytes:
                 "package": request.package, "name": request.name,
                 "precopy_only": request.precopy_only, "access": request.access.to_json(),
                 "report_until": request.report_until,
+                "idle_timeout_s": request.idle_timeout_s,
                 "forwards": None if request.forwards is None else _forwards(request.forwards)}
     return json.dumps({"host": request.host.to_json()} | data).encode() + b"\n"
 
@@ -119,7 +121,8 @@ def decode_request(line: bytes) -> HolderRequest:
                 host=host, access=Access.from_json(d["access"]),
                 listen=_address(d["listen"]), registry=_address(d["registry"]),
                 package=d["package"], name=d["name"], forwards=forwards,
-                precopy_only=bool(d["precopy_only"]), report_until=str(d["report_until"]))
+                precopy_only=bool(d["precopy_only"]), report_until=str(d["report_until"]),
+                idle_timeout_s=float(d.get("idle_timeout_s", IDLE_TIMEOUT_S)))
         raise ValueError(f"unknown kind {d['kind']!r}")
     except (KeyError, TypeError, ValueError, IndexError, ConfigError) as exc:
         raise ConfigError(f"invalid holder request: {exc!r}") from exc

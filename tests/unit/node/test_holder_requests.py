@@ -31,7 +31,7 @@ FORWARDS = (PortForward("127.0.0.1", 16379, 6379),
                   user_data="#!/bin/sh\necho hi\n", user_data_timeout_s=5.0,
                   volumes={"data-1": "", "logs": "disk2"}),
     ArrivalRequest(HOST, Access(token="0f" * 32), listen=("10.0.0.2", 7400),
-                   report_until="listening"),
+                   report_until="listening", idle_timeout_s=4.5),
     ArrivalRequest(HOST, Access(tls=TLSFiles(Path("c"), Path("k"), Path("ca"))),
                    registry=("10.0.0.3", 7500), package="redis.ferry", name="g1",
                    forwards=FORWARDS, precopy_only=True),
@@ -41,6 +41,12 @@ def test_round_trip(request_: LaunchRequest | ArrivalRequest) -> None:
     line = encode_request(request_)
     assert line.endswith(b"\n")
     assert decode_request(line) == request_
+
+
+@pytest.mark.parametrize("seconds", [0.0, -1.0, 3601.0, float("nan")])
+def test_an_idle_timeout_out_of_range_is_refused(seconds: float) -> None:
+    with pytest.raises(ConfigError, match="idle timeout"):
+        ArrivalRequest(HOST, Access(insecure=True), listen=("::1", 1), idle_timeout_s=seconds)
 
 
 def test_the_holder_gets_the_whole_host_config() -> None:
