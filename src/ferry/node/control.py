@@ -117,6 +117,23 @@ class StopRequest:
     mode: StopMode = StopMode.DISCARD
 
 
+def _check_command(what: str, argv: tuple[str, ...] | None, shell: str | None) -> None:
+    """An exec's or session's command: a list argv (execvp) or a shell string, never both."""
+    if (argv is None) == (shell is None):
+        raise ControlProtocolError(f"{what} needs exactly one of argv or shell")
+    if argv is not None and not argv:
+        raise ControlProtocolError(f"{what} needs a command")
+
+
+def _command_fields(argv: Sequence[str] | str) -> dict[str, Any]:
+    """``argv`` (a list, or a string for ``sh -c``) as the request's fields."""
+    return {"shell": argv} if isinstance(argv, str) else {"argv": tuple(argv)}
+
+
+def _command(argv: tuple[str, ...] | None, shell: str | None) -> list[str] | str:
+    return list(argv) if argv is not None else str(shell)
+
+
 @dataclass(frozen=True, slots=True)
 class ExecRequest:
     """A list argv (execvp) or a shell string (``sh -c``), never both."""
@@ -128,23 +145,18 @@ class ExecRequest:
     timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        if (self.argv is None) == (self.shell is None):
-            raise ControlProtocolError("exec needs exactly one of argv or shell")
-        if self.argv is not None and not self.argv:
-            raise ControlProtocolError("exec needs a command")
+        _check_command("exec", self.argv, self.shell)
         if not self.timeout_s > 0:
             raise ControlProtocolError("exec timeout_s must be positive")
 
     @classmethod
     def of(cls, argv: Sequence[str] | str, *, stdin: bytes = b"",
            timeout_s: float = 30.0) -> ExecRequest:
-        if isinstance(argv, str):
-            return cls(shell=argv, stdin=stdin, timeout_s=timeout_s)
-        return cls(argv=tuple(argv), stdin=stdin, timeout_s=timeout_s)
+        return cls(**_command_fields(argv), stdin=stdin, timeout_s=timeout_s)
 
     @property
     def command(self) -> list[str] | str:
-        return list(self.argv) if self.argv is not None else str(self.shell)
+        return _command(self.argv, self.shell)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,10 +238,7 @@ class SessionRequest:
     term: str = ""
 
     def __post_init__(self) -> None:
-        if (self.argv is None) == (self.shell is None):
-            raise ControlProtocolError("session needs exactly one of argv or shell")
-        if self.argv is not None and not self.argv:
-            raise ControlProtocolError("session needs a command")
+        _check_command("session", self.argv, self.shell)
         if not (0 <= self.rows <= 0xFFFF and 0 <= self.cols <= 0xFFFF):
             raise ControlProtocolError(f"window size {self.rows}x{self.cols} out of range")
         if len(self.term) > MAX_TERM_CHARS or not self.term.isprintable():
@@ -238,13 +247,11 @@ class SessionRequest:
 
     @classmethod
     def of(cls, argv: Sequence[str] | str, **options: Any) -> SessionRequest:
-        if isinstance(argv, str):
-            return cls(shell=argv, **options)
-        return cls(argv=tuple(argv), **options)
+        return cls(**_command_fields(argv), **options)
 
     @property
     def command(self) -> list[str] | str:
-        return list(self.argv) if self.argv is not None else str(self.shell)
+        return _command(self.argv, self.shell)
 
 
 @dataclass(frozen=True, slots=True)
