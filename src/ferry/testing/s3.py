@@ -64,6 +64,12 @@ START_ATTEMPTS = 3
 """A port picked free can be taken by another process before ``weed`` binds it:
 start again on fresh ports this often."""
 POLL_S = 0.1
+MAX_VOLUMES = 1000
+"""Volume slots of the test service: one bucket takes one (volumes are not preallocated)."""
+VOLUME_MB = 64
+"""The size a volume is filled to before another is grown."""
+BUCKET_READY_TIMEOUT_S = 30.0
+"""How long :meth:`SeaweedFS.store` waits for a new bucket's first write (its volume)."""
 
 _PR_SET_PDEATHSIG = 1
 
@@ -162,7 +168,25 @@ class SeaweedFS:
         """An :class:`ObjectStore` on ``bucket`` (created if missing)."""
         store = ObjectStore.connect(self.config(), bucket)
         store.ensure_bucket()
+        self._wait_writable(bucket)
         return store
+
+    def _wait_writable(self, bucket: str) -> None:
+        """Return once ``bucket`` takes a write: its first object needs a volume grown
+        for it, which answers InternalError until the volume server has it."""
+        probe = replace(self.config(), max_attempts=1).client()
+        deadline = time.monotonic() + BUCKET_READY_TIMEOUT_S
+        while True:
+            try:
+                probe.put_object(Bucket=bucket, Key=".ferry-ready", Body=b"")
+                probe.delete_object(Bucket=bucket, Key=".ferry-ready")
+                return
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    raise SeaweedFSError(f"bucket {bucket} took no write within "
+                                         f"{BUCKET_READY_TIMEOUT_S:g} s: {exc}; "
+                                         f"{self._log_tail()}") from exc
+            time.sleep(POLL_S)
 
     def _pick_ports(self) -> None:
         taken: set[int] = set()
@@ -179,6 +203,10 @@ class SeaweedFS:
                 "-ip.bind=127.0.0.1", *(f"-{k}={v}" for k, v in self._ports.items()),
                 f"-s3.config={self._iam}", "-s3.port.iceberg=0", "-s3.port.lance=0",
                 "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
+                # Every bucket is a collection with volumes of its own; left to itself
+                # the volume count is free disk / volume size, which on a small CI disk
+                # runs out after a few dozen test buckets (InternalError on put).
+                f"-volume.max={MAX_VOLUMES}", f"-master.volumeSizeLimitMB={VOLUME_MB}",
                 f"-filer.localSocket={self.root / 'filer.sock'}",
                 f"-s3.localSocket={self.root / 's3.sock'}"]
 
