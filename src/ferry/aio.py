@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import logging
+import sys
+import traceback
 from types import TracebackType
 from typing import Any
 
@@ -77,3 +81,14 @@ class StackSafe:
             if e is not None and raised is e:
                 return False
             raise
+
+
+def log_task_stacks(logger: logging.Logger) -> None:
+    """Log where every task of the running loop waits (and every thread's stack):
+    what a holder writes to its log on SIGUSR1, for a migration that seems stuck."""
+    for task in asyncio.all_tasks():
+        out = io.StringIO()
+        task.print_stack(file=out)
+        logger.warning("task %s:\n%s", task.get_name(), out.getvalue())
+    for ident, frame in sys._current_frames().items():
+        logger.warning("thread %d:\n%s", ident, "".join(traceback.format_stack(frame)))

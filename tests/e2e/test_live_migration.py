@@ -244,8 +244,10 @@ async def start_migrate_to_held_b(site: Site, vm: str,
                       f"{site.address('upa')}:{REDIS_PORT}:6379")
     event = await site.receive("upb", MIGRATE_PORT)
     os.kill(event["pid"], signal.SIGSTOP)
+    # Either way it ends within seconds (dead-peer detection): a hang fails after 120 s,
+    # with the holders' task stacks printed.
     migrating = asyncio.create_task(
-        site.run("upa", *site.migrate_args(vm, "upa", "upb", MIGRATE_PORT)))
+        site.run("upa", *site.migrate_args(vm, "upa", "upb", MIGRATE_PORT), timeout_s=120))
     return event["pid"], migrating
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 
 import pytest
 
-from ferry.aio import cancel_and_wait, wait_briefly
+from ferry.aio import cancel_and_wait, log_task_stacks, wait_briefly
 
 
 async def test_child_cancellation_is_swallowed() -> None:
@@ -102,3 +103,21 @@ def test_a_task_group_in_an_exit_stack_cannot_spin_a_cancelled_teardown() -> Non
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ended"
+
+
+async def test_log_task_stacks_names_each_task_and_where_it_waits(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def parked_on_an_event() -> None:
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(parked_on_an_event(), name="stuck-one")
+    await asyncio.sleep(0)
+    try:
+        with caplog.at_level(logging.WARNING):
+            log_task_stacks(logging.getLogger("test"))
+    finally:
+        await cancel_and_wait(task)
+    text = caplog.text
+    assert "task stuck-one" in text
+    assert "parked_on_an_event" in text
+    assert "thread " in text

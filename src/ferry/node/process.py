@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ferry.aio import log_task_stacks
 from ferry.errors import ConfigError, FerryError
 from ferry.hostconfig import HostConfig
 from ferry.live.access import Access
@@ -258,6 +259,8 @@ def main() -> int:
             out.close()
 
     async def run() -> None:
+        # SIGUSR1: where every task waits, into the log (kill -USR1 on a stuck holder).
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, log_task_stacks, log)
         if isinstance(request, LaunchRequest):
             await supervise(request, on_ready=lambda r: emit({"event": "ready", **r}),
                             on_warm=lambda r: emit({"event": "warm", **r}),

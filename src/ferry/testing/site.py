@@ -135,7 +135,10 @@ class Site:
         try:
             async with asyncio.timeout(timeout_s):
                 out, err = await proc.communicate(input)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, TimeoutError):
+                print(f"ferry {' '.join(args)} on {host}: no exit within {timeout_s:g} s")
+                await self.dump_holders()
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
@@ -143,6 +146,20 @@ class Site:
         assert proc.returncode is not None
         return CliResult(proc.returncode, out.decode(errors="replace"),
                          err.decode(errors="replace"))
+
+    async def dump_holders(self, lines: int = 200) -> None:
+        """Print where every VM holder of every host waits (SIGUSR1 makes each log its
+        tasks' stacks) and the end of its log: what a test shows when a command hangs."""
+        logs = [p for host in self.hosts for p in
+                (self.paths(host).run_root / "vms").glob(".holder-*.log")]
+        for path in logs:
+            with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
+                os.kill(int(path.stem.removeprefix(".holder-")), signal.SIGUSR1)
+        await asyncio.sleep(1.0)
+        for path in logs:
+            with contextlib.suppress(OSError):
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                print(f"==== {path}\n" + "\n".join(tail))
 
     async def ferry(self, host: str, *args: str, timeout_s: float = CLI_TIMEOUT_S,
                     input: bytes | None = None) -> str:
