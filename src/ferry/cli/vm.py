@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -25,9 +25,8 @@ from ferry.errors import ConfigError
 from ferry.guest.image import build_blueprint
 from ferry.live.launch import IDLE_TIMEOUT_S
 from ferry.migration.autocompress import LinkCompression
-from ferry.node import listing, supervisor
+from ferry.node import listing
 from ferry.node.control import ControlClient
-from ferry.node.process import launch_detached
 from ferry.oci import PullOptions, PullPolicy, pull
 from ferry.oci.guest import DEFAULT_MEMORY_MIB, RunOverrides
 from ferry.oci.packages import (
@@ -40,16 +39,19 @@ from ferry.oci.pull import DEFAULT_MAX_LAYER_BYTES
 from ferry.package import PackageInfo, Progress, TrustStore
 from ferry.package import commands as pkg
 from ferry.s3 import S3URL, S3Config
-from ferry.s3 import packages as s3_packages
 from ferry.s3.mirror import DEFAULT_INTERVAL_S, check_prefix_free
 from ferry.s3.vmcheckpoint import load_record
 from ferry.shape import DEFAULT_CPU_MODEL, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB
-from ferry.vm import labels, pkgcache, registry, snapshot, userdata, volumes
+from ferry.vm import labels, pkgcache, registry, userdata, volumes
 from ferry.vm.errors import VMNotFoundError
-from ferry.vm.mirroring import MirrorSpec
-from ferry.vm.oci import is_oci, oci_package, snapshot_image
 from ferry.vm.publish import parse_publish
-from ferry.vm.runner import StopMode
+from ferry.vm.stopmode import StopMode
+
+if TYPE_CHECKING:
+    from ferry.node import supervisor
+
+# Modules that run VMs (QEMU, FUSE, live migration, boto3's S3 transfers, OCI builds) are
+# imported by the commands that use them: the rest (ls, exec, stop, migrate) start faster.
 
 AddCommon = Callable[[argparse.ArgumentParser], None]
 
@@ -399,6 +401,9 @@ async def _vm_build(args: argparse.Namespace, out: _Out) -> None:
 
 
 async def _vm_snapshot(args: argparse.Namespace, out: _Out) -> None:
+    from ferry.vm import snapshot
+    from ferry.vm.oci import is_oci, snapshot_image
+
     if is_oci(args.blueprint) and (args.cpus is not None or args.disk):
         raise ConfigError("--cpus and --disk are for blueprints (not yet for OCI images)")
     extra_disks = []
@@ -747,6 +752,9 @@ async def _package_prune(args: argparse.Namespace, out: _Out) -> None:
 
 
 async def _package_push(args: argparse.Namespace, out: _Out) -> None:
+    from ferry.s3 import packages as s3_packages
+    from ferry.vm.oci import is_oci
+
     if is_oci(args.url):
         return await _package_push_oci(args, out)
     url = S3URL.parse(args.url)
@@ -760,6 +768,9 @@ async def _package_push(args: argparse.Namespace, out: _Out) -> None:
 
 
 async def _package_pull(args: argparse.Namespace, out: _Out) -> None:
+    from ferry.s3 import packages as s3_packages
+    from ferry.vm.oci import is_oci
+
     if is_oci(args.url):
         return await _package_pull_oci(args, out)
     url = S3URL.parse(args.url)
@@ -776,6 +787,9 @@ async def _package_pull(args: argparse.Namespace, out: _Out) -> None:
 
 
 async def _vm_restore(args: argparse.Namespace, out: _Out) -> int:
+    from ferry.node import supervisor
+    from ferry.vm.mirroring import MirrorSpec
+
     spec = MirrorSpec(args.url, endpoint_url=args.endpoint_url, region=args.region,
                       profile=args.profile)
     forwards = tuple(parse_publish(s, allow_wildcard=args.allow_wildcard) for s in args.publish)
@@ -834,6 +848,11 @@ _HANDLERS: dict[tuple[str, str], Handler] = {
 
 async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable[[str], None],
                   out: Callable[[Any, Callable[[], None]], None]) -> int:
+    from ferry.node import supervisor
+    from ferry.vm import snapshot
+    from ferry.vm.mirroring import MirrorSpec
+    from ferry.vm.oci import is_oci, oci_package
+
     host = args.host
     forwards = tuple(parse_publish(s, allow_wildcard=args.allow_wildcard) for s in args.publish)
     vm_id = registry.check_vm_id(args.name or f"vm-{snapshot.short_id()}")
@@ -892,6 +911,9 @@ async def _vm_run(args: argparse.Namespace, console: Console, progress: Callable
 async def _hold(request: supervisor.LaunchRequest, args: argparse.Namespace, console: Console,
                 out: Callable[[Any, Callable[[], None]], None]) -> int:
     """Run ``request``'s VM: detached (print the ready report) or in this process."""
+    from ferry.node import supervisor
+    from ferry.node.process import launch_detached
+
     vm_id = request.vm_id
 
     def show_ready(report: dict[str, Any]) -> None:

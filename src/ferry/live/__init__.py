@@ -15,13 +15,18 @@ Public API::
                                         a dead peer (ferry.transport.tuning)
 """
 
-from ferry.live.destination import IncomingVM
-from ferry.live.downtime import STEPS, Downtime
-from ferry.live.errors import HandoffPayloadError, LiveMigrationError
-from ferry.live.report import DestinationReport, SourceReport
-from ferry.live.source import FAST_POLICY, LiveOptions, migrate_out
-from ferry.live.summary import MigrationSummary
-from ferry.vm.devices import LiveDevice, VMDevices, local_devices
+from typing import TYPE_CHECKING
+
+from ferry.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from ferry.live.destination import IncomingVM
+    from ferry.live.downtime import STEPS, Downtime
+    from ferry.live.errors import HandoffPayloadError, LiveMigrationError
+    from ferry.live.report import DestinationReport, SourceReport
+    from ferry.live.source import FAST_POLICY, LiveOptions, migrate_out
+    from ferry.live.summary import MigrationSummary
+    from ferry.vm.devices import LiveDevice, VMDevices, local_devices
 
 __all__ = [
     "FAST_POLICY",
@@ -39,3 +44,20 @@ __all__ = [
     "local_devices",
     "migrate_out",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "IncomingVM": "ferry.live.destination",
+    "STEPS": "ferry.live.downtime",
+    "Downtime": "ferry.live.downtime",
+    "HandoffPayloadError": "ferry.live.errors",
+    "LiveMigrationError": "ferry.live.errors",
+    "DestinationReport": "ferry.live.report",
+    "SourceReport": "ferry.live.report",
+    "FAST_POLICY": "ferry.live.source",
+    "LiveOptions": "ferry.live.source",
+    "migrate_out": "ferry.live.source",
+    "MigrationSummary": "ferry.live.summary",
+    "LiveDevice": "ferry.vm.devices",
+    "VMDevices": "ferry.vm.devices",
+    "local_devices": "ferry.vm.devices",
+})

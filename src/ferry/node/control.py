@@ -67,7 +67,7 @@ from ferry.node.record import HolderState
 from ferry.vm.errors import ControlError, VMNotFoundError
 from ferry.vm.labels import check_labels
 from ferry.vm.registry import check_vm_id
-from ferry.vm.runner import StopMode
+from ferry.vm.stopmode import StopMode
 
 log = logging.getLogger(__name__)
 

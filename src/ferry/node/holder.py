@@ -65,7 +65,8 @@ from ferry.node.record import HolderRecord, HolderState
 from ferry.qemu import QemuVM
 from ferry.vm.errors import ControlError, VMExistsError, VMLifecycleError
 from ferry.vm.registry import VMPaths, live_supervisor, private_dir
-from ferry.vm.runner import Claim, StopMode
+from ferry.vm.runner import Claim
+from ferry.vm.stopmode import StopMode
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -21,8 +21,8 @@ from typing import Any
 from ferry.node.control import ControlClient
 from ferry.vm import registry
 from ferry.vm.errors import VMExistsError, VMNotFoundError
-from ferry.vm.runner import StopMode
-from ferry.vm.snapshot import BOOT_CONSOLE_PATH
+from ferry.vm.manifest import BOOT_CONSOLE_PATH
+from ferry.vm.stopmode import StopMode
 
 
 def qemu_memory_bytes(pid: int) -> int:

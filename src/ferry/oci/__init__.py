@@ -7,20 +7,25 @@ Public API::
     await pull(reference, cache_dir=..., options=PullOptions()) -> PulledImage
 """
 
-from ferry.oci.errors import (
-    ImageIntegrityError,
-    ImageNotFoundError,
-    ImageReferenceError,
-    ImageTooLargeError,
-    ManifestError,
-    OCIError,
-    PlatformError,
-    RegistryError,
-    UnpackError,
-)
-from ferry.oci.manifest import ExposedPort, ImageConfig
-from ferry.oci.pull import PulledImage, PullOptions, PullPolicy, load_cached, pull
-from ferry.oci.reference import ImageReference, parse_reference
+from typing import TYPE_CHECKING
+
+from ferry.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from ferry.oci.errors import (
+        ImageIntegrityError,
+        ImageNotFoundError,
+        ImageReferenceError,
+        ImageTooLargeError,
+        ManifestError,
+        OCIError,
+        PlatformError,
+        RegistryError,
+        UnpackError,
+    )
+    from ferry.oci.manifest import ExposedPort, ImageConfig
+    from ferry.oci.pull import PulledImage, PullOptions, PullPolicy, load_cached, pull
+    from ferry.oci.reference import ImageReference, parse_reference
 
 __all__ = [
     "ExposedPort",
@@ -42,3 +47,24 @@ __all__ = [
     "parse_reference",
     "pull",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "ImageIntegrityError": "ferry.oci.errors",
+    "ImageNotFoundError": "ferry.oci.errors",
+    "ImageReferenceError": "ferry.oci.errors",
+    "ImageTooLargeError": "ferry.oci.errors",
+    "ManifestError": "ferry.oci.errors",
+    "OCIError": "ferry.oci.errors",
+    "PlatformError": "ferry.oci.errors",
+    "RegistryError": "ferry.oci.errors",
+    "UnpackError": "ferry.oci.errors",
+    "ExposedPort": "ferry.oci.manifest",
+    "ImageConfig": "ferry.oci.manifest",
+    "PulledImage": "ferry.oci.pull",
+    "PullOptions": "ferry.oci.pull",
+    "PullPolicy": "ferry.oci.pull",
+    "load_cached": "ferry.oci.pull",
+    "pull": "ferry.oci.pull",
+    "ImageReference": "ferry.oci.reference",
+    "parse_reference": "ferry.oci.reference",
+})

@@ -10,11 +10,16 @@ Public API (see docs/runtime.md)::
         await vm.stop(); await vm.start_incoming(); await vm.load_device_state(src)
 """
 
-from ferry.qemu.config import VMConfig
-from ferry.qemu.devstate import MAX_STATE_BYTES, DeviceStateStats
-from ferry.qemu.errors import DeviceStateError, VMError, VMExitedError, VMStateError
-from ferry.qemu.state import VMState
-from ferry.qemu.vm import MEMORY_FILE, QemuVM
+from typing import TYPE_CHECKING
+
+from ferry.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from ferry.qemu.config import VMConfig
+    from ferry.qemu.devstate import MAX_STATE_BYTES, DeviceStateStats
+    from ferry.qemu.errors import DeviceStateError, VMError, VMExitedError, VMStateError
+    from ferry.qemu.state import VMState
+    from ferry.qemu.vm import MEMORY_FILE, QemuVM
 
 __all__ = [
     "MAX_STATE_BYTES",
@@ -28,3 +33,16 @@ __all__ = [
     "VMState",
     "VMStateError",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "VMConfig": "ferry.qemu.config",
+    "MAX_STATE_BYTES": "ferry.qemu.devstate",
+    "DeviceStateStats": "ferry.qemu.devstate",
+    "DeviceStateError": "ferry.qemu.errors",
+    "VMError": "ferry.qemu.errors",
+    "VMExitedError": "ferry.qemu.errors",
+    "VMStateError": "ferry.qemu.errors",
+    "VMState": "ferry.qemu.state",
+    "MEMORY_FILE": "ferry.qemu.vm",
+    "QemuVM": "ferry.qemu.vm",
+})

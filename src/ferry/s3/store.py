@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import botocore.exceptions
-from boto3.s3.transfer import TransferConfig
 
 from ferry.buffers import Buffer
 from ferry.s3.config import S3Config
@@ -33,6 +32,7 @@ from ferry.s3.errors import (
 )
 
 if TYPE_CHECKING:
+    from boto3.s3.transfer import TransferConfig
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_s3.type_defs import PaginatorConfigTypeDef
 

@@ -38,6 +38,9 @@ MEMORY_PATH = "memory"
 STATE_PATH = "state.bin"
 KERNEL_PATH = "boot/vmlinuz"
 INITRAMFS_PATH = "boot/initramfs.cpio"
+BOOT_CONSOLE_PATH = "boot-console.log"
+"""In a package directory made on this host (``ferry vm run oci://``): the console of the
+boot its snapshot was taken in, which ``ferry vm logs`` shows before the VM's own."""
 MAX_MANIFEST_BYTES = 1024 * 1024
 """A manifest is about 2 KB; the cap keeps a hostile one from filling memory."""
 

@@ -27,7 +27,8 @@ from ferry.oci import PulledImage, PullOptions, pull
 from ferry.oci.guest import RunOverrides, guest_blueprint, guest_image
 from ferry.shape import DEFAULT_CPU_MODEL
 from ferry.vm import pkgcache
-from ferry.vm.snapshot import BOOT_CONSOLE_PATH, Progress, SnapshotReport, snapshot
+from ferry.vm.manifest import BOOT_CONSOLE_PATH
+from ferry.vm.snapshot import Progress, SnapshotReport, snapshot
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 from ferry.expose.fuse.errors import MountError
-from ferry.expose.fuse.mount import clean_stale_mount
 from ferry.hostconfig import HostConfig
 from ferry.net import cleanup_leftovers as cleanup_net_leftovers
 from ferry.net.state import process_start_time
@@ -217,6 +216,9 @@ async def cleanup_leftovers(paths: VMPaths) -> list[str]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(qemu_pid, signal.SIGKILL)
             removed.append(f"killed QEMU {qemu_pid} of {run_dir.name}")
+        # Here, not at the top: pyfuse3 and trio cost every CLI command ~0.1 s to import.
+        from ferry.expose.fuse.mount import clean_stale_mount
+
         try:
             if await clean_stale_mount(str(run_dir / "mnt"), owner_dead=True):
                 removed.append(f"unmounted {run_dir / 'mnt'}")

@@ -64,9 +64,6 @@ MIB = 1024 * 1024
 BLOCK_SIZE_BYTES = 64 * 1024
 """Block size of the manifest's hashes and of the runner's overlays (the engine's default)."""
 ROOT_DISK = "root"
-BOOT_CONSOLE_PATH = "boot-console.log"
-"""In a package directory made on this host (``ferry vm run oci://``): the console of the
-boot its snapshot was taken in, which ``ferry vm logs`` shows before the VM's own."""
 READINESS_POLL_S = 0.2
 
 Progress = Callable[[str], None]

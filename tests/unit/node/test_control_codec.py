@@ -20,7 +20,7 @@ from ferry.node import control
 from ferry.node.control import ControlOp, ControlProtocolError
 from ferry.node.record import HolderState
 from ferry.s3.mirror import MirrorStatus
-from ferry.vm.runner import StopMode
+from ferry.vm.stopmode import StopMode
 
 REQUESTS: list[control.Request] = [
     control.StatusRequest(),

@@ -17,7 +17,7 @@ from ferry.node.record import HolderRecord, HolderState
 from ferry.qemu import QemuVM
 from ferry.qemu.errors import VMExitedError
 from ferry.vm.registry import SUPERVISOR_RECORD, VMPaths, read_json
-from ferry.vm.runner import StopMode
+from ferry.vm.stopmode import StopMode
 
 
 class FakeQemu:

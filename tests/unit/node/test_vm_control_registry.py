@@ -22,7 +22,7 @@ from ferry.vm.registry import (
     this_process,
     write_json,
 )
-from ferry.vm.runner import StopMode
+from ferry.vm.stopmode import StopMode
 
 
 async def test_control_round_trip_and_errors(tmp_path: Path) -> None:

@@ -8,8 +8,13 @@ Public API::
 How to boot an image is the QEMU driver's business: see :mod:`ferry.qemu`.
 """
 
-from ferry.guest.image.blueprint import Blueprint, BuiltImage, build_blueprint, load_blueprint
-from ferry.guest.image.errors import BlueprintError, ImageError, ModuleError, PackageError
+from typing import TYPE_CHECKING
+
+from ferry.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from ferry.guest.image.blueprint import Blueprint, BuiltImage, build_blueprint, load_blueprint
+    from ferry.guest.image.errors import BlueprintError, ImageError, ModuleError, PackageError
 
 __all__ = [
     "Blueprint",
@@ -21,3 +26,14 @@ __all__ = [
     "build_blueprint",
     "load_blueprint",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "Blueprint": "ferry.guest.image.blueprint",
+    "BuiltImage": "ferry.guest.image.blueprint",
+    "build_blueprint": "ferry.guest.image.blueprint",
+    "load_blueprint": "ferry.guest.image.blueprint",
+    "BlueprintError": "ferry.guest.image.errors",
+    "ImageError": "ferry.guest.image.errors",
+    "ModuleError": "ferry.guest.image.errors",
+    "PackageError": "ferry.guest.image.errors",
+})
