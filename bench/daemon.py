@@ -13,8 +13,10 @@ Then ``--reps`` times each, with the same first-PONG probe as ``bench/resume.py`
   dashboard does), clock from the request to the first ``+PONG`` on the forwarded
   port; stopped with ``POST /v1/vms/{id}/stop``. Measured on a daemon with
   ``--warm-vms N`` (default 1: each run claims a VM of the package resumed ahead of
-  need, and the next rep starts once the replacement is ready, as on a host that runs
-  one package again and again), and on one without (``api_resume_cold_ms``).
+  need and primed, and the next rep starts once the replacement is ready, as on a host
+  that runs one package again and again), on one whose warm VMs are not primed
+  (``--no-warm-prime``: ``api_resume_unprimed_ms``), and on one without warm VMs
+  (``api_resume_cold_ms``).
 * ``cli``: ``ferry vm run FILE --detach -p ...`` as a process (today's user path),
   clock from the spawn to the first ``+PONG``; stopped with ``ferry vm stop``; alternating
   with the cold API runs, on the daemon without warm VMs.
@@ -70,9 +72,10 @@ class Bench:
         self.daemon: subprocess.Popen[str] | None = None
         self.api = DaemonClient.unix(root / "run" / "ferryd.sock")
 
-    def start_daemon(self, warm_vms: int = 0) -> None:
+    def start_daemon(self, warm_vms: int = 0, *, prime: bool = True) -> None:
         self.daemon = subprocess.Popen([*FERRY, "daemon", "--json", "--warm-holders",
-                                        str(WARM_HOLDERS), "--warm-vms", str(warm_vms)],
+                                        str(WARM_HOLDERS), "--warm-vms", str(warm_vms),
+                                        *(() if prime else ("--no-warm-prime",))],
                                        env=self.env,
                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                        text=True)
@@ -160,19 +163,25 @@ async def run(reps: int, warm_vms: int) -> dict[str, Any]:
         bench.start_daemon()
         await bench.api_resume(package, "first-api")  # untimed: extracts the package
         await bench.cli_resume(package, "first-cli")
-        cold_ms, cli_ms, ls_ms, api_ms = [], [], [], []
+        cold_ms: list[float] = []
+        cli_ms: list[float] = []
+        ls_ms: list[float] = []
+        api_ms: list[float] = []
         for i in range(reps):
             cold_ms.append(await bench.api_resume(package, f"cold-{i}"))
             cli_ms.append(await bench.cli_resume(package, f"cli-{i}"))
             ls_ms.append(await asyncio.to_thread(bench.cli_ls))
         node = await asyncio.to_thread(bench.api.call, "GET", "/v1/node")
         bench.stop_daemon()
+        unprimed_ms: list[float] = []
         if warm_vms > 0:
-            bench.start_daemon(warm_vms)
-            await bench.api_resume(package, "first-warm")  # untimed: the pool fills after
-            for i in range(reps):
-                await bench.wait_warm(1)
-                api_ms.append(await bench.api_resume(package, f"api-{i}"))
+            for prime, into in ((False, unprimed_ms), (True, api_ms)):
+                bench.start_daemon(warm_vms, prime=prime)
+                await bench.api_resume(package, "first-warm")  # untimed: the pool fills after
+                for i in range(reps):
+                    await bench.wait_warm(1)
+                    into.append(await bench.api_resume(package, f"api-{i}"))
+                bench.stop_daemon()
         else:
             api_ms = cold_ms
     finally:
@@ -183,6 +192,8 @@ async def run(reps: int, warm_vms: int) -> dict[str, Any]:
         "reps": reps,
         "api_resume_ms": round(api, 1),
         "api_resume_cold_ms": round(statistics.median(cold_ms), 1),
+        "api_resume_unprimed_ms": round(statistics.median(unprimed_ms), 1)
+        if unprimed_ms else None,
         "cli_resume_ms": round(cli, 1),
         "api_vs_cli": round(api / cli, 2),
         "cli_ls_ms": round(statistics.median(ls_ms), 1),
@@ -191,6 +202,7 @@ async def run(reps: int, warm_vms: int) -> dict[str, Any]:
         "warm_holders": WARM_HOLDERS,
         "api_resume_ms_all": [round(v, 1) for v in api_ms],
         "api_resume_cold_ms_all": [round(v, 1) for v in cold_ms],
+        "api_resume_unprimed_ms_all": [round(v, 1) for v in unprimed_ms],
         "cli_resume_ms_all": [round(v, 1) for v in cli_ms],
         "cli_ls_ms_all": [round(v, 1) for v in ls_ms],
         "accel": node["accelerator"]["accel"],
@@ -212,7 +224,8 @@ def main() -> None:
         print(json.dumps(result))
         return
     print(f"resume to first PONG, median of {args.reps}: API {result['api_resume_ms']} ms "
-          f"(warm pool: {result['warm_pool']}; without: {result['api_resume_cold_ms']} ms), "
+          f"(warm pool: {result['warm_pool']}; unprimed: {result['api_resume_unprimed_ms']} "
+          f"ms; without: {result['api_resume_cold_ms']} ms), "
           f"CLI {result['cli_resume_ms']} ms (API/CLI {result['api_vs_cli']}); "
           f"`ferry vm ls` {result['cli_ls_ms']} ms")
     sys.stdout.flush()

@@ -529,7 +529,8 @@ def test_a_warm_vm_is_claimed_by_the_next_run_and_ends_with_the_daemon(
         assert json.loads(proc.stdout.readline() or "{}").get("event") == "listening"
         api = DaemonClient.unix(paths.run_root / "ferryd.sock")
         first = api.wait(api.call("POST", "/v1/vms", {"package": str(redis_package),
-                                                     "name": "w1"}))
+                                                     "name": "w1",
+                                                     "publish": ["127.0.0.1:0:6379"]}))
         assert first["state"] == "succeeded", first
         assert "warm" not in first["result"]  # nothing was warm before the first run
         _wait_warm(api)
@@ -547,6 +548,9 @@ def test_a_warm_vm_is_claimed_by_the_next_run_and_ends_with_the_daemon(
         assert op["state"] == "succeeded", op
         ready = op["result"]
         assert (ready["vm_id"], ready["warm"], ready["resume"]["warm"]) == ("w2", True, True)
+        # Primed: it ran before the claim and took a connection on the guest port w1 was
+        # published on, so the claim only continued it.
+        assert (ready["resume"]["primed_ports"], ready["resume"]["load_s"]) == ([6379], 0.0)
         assert ready["pid"] == warm["pid"]  # the warm VM's holder holds it now
         port = int(ready["forwards"][0].split("->")[0].rsplit(":", 1)[1])
         assert _redis_ping(port) == b"+PONG\r\n"

@@ -31,8 +31,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     p.add_argument("--warm-holders", type=int, default=1, metavar="N",
                    help="holder processes kept started ahead of need (0: none; default 1)")
     p.add_argument("--warm-vms", type=int, default=0, metavar="N",
-                   help="VMs of the last package run kept resumed up to QEMU waiting for "
-                        "their state, each holding its RAM (default 0: off)")
+                   help="VMs of the last package run kept resumed ahead of need, each "
+                        "holding its RAM (default 0: off)")
+    p.add_argument("--no-warm-prime", dest="warm_prime", action="store_false",
+                   help="warm VMs wait with QEMU before their state load instead of primed "
+                        "(run once, a connection on each published port, then paused)")
     p.add_argument("--cluster", metavar="etcd://HOST:PORT[,...]",
                    help="join this cluster (etcd endpoints; needs --listen-tcp and "
                         "--node-name): docs/cluster.md")
@@ -157,6 +160,7 @@ async def daemon(args: argparse.Namespace, console: Console) -> ExitCode:
         raise ConfigError("--metadata-url goes with --spot-watch")
     cluster, peers, api_auth = _cluster(args, tcp, access)
     app = create_app(args.host, warm_holders=args.warm_holders, warm_vms=args.warm_vms,
+                     warm_prime=args.warm_prime,
                      cluster=cluster, peers=peers, api_auth=api_auth,
                      spot_watch=args.spot_watch, metadata_url=args.metadata_url or METADATA_URL)
 

@@ -33,16 +33,18 @@ MAX_BODY_BYTES = 2 * 1024 * 1024
 
 
 def create_app(host: HostConfig, *, warm_holders: int = 1, warm_vms: int = 0,
+               warm_prime: bool = True,
                cluster: ClusterConfig | None = None, peers: PeerAccess | None = None,
                api_auth: list[str] | None = None, spot_watch: str | None = None,
                metadata_url: str = METADATA_URL) -> FastAPI:
     """The daemon's application for ``host`` (its directories and QEMU choices), keeping
     ``warm_holders`` holder processes and ``warm_vms`` VMs of the last package run started
-    ahead of need (:mod:`ferry.daemon.warm`); a member of ``cluster`` if given (calling
-    the other nodes with ``peers``; :mod:`ferry.daemon.cluster`); watching provider
-    ``spot_watch``'s metadata service at ``metadata_url`` for spot notices
-    (:mod:`ferry.daemon.spot`), each of which drains this node out of the cluster."""
-    d = Daemon(host, warm_holders=warm_holders, warm_vms=warm_vms)
+    ahead of need (:mod:`ferry.daemon.warm`; primed unless not ``warm_prime``); a member
+    of ``cluster`` if given (calling the other nodes with ``peers``;
+    :mod:`ferry.daemon.cluster`); watching provider ``spot_watch``'s metadata service
+    at ``metadata_url`` for spot notices (:mod:`ferry.daemon.spot`), each of which
+    drains this node out of the cluster."""
+    d = Daemon(host, warm_holders=warm_holders, warm_vms=warm_vms, warm_prime=warm_prime)
     if cluster is not None:
         d.cluster = DaemonCluster(d, cluster, peers or PeerAccess(), api_auth or [])
     if spot_watch is not None:

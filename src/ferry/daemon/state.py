@@ -34,10 +34,11 @@ VM_WATCH_S = 0.5
 class Daemon:
     """What the routes share: the host, the operations, the events, the metrics."""
 
-    def __init__(self, host: HostConfig, *, warm_holders: int = 1, warm_vms: int = 0) -> None:
+    def __init__(self, host: HostConfig, *, warm_holders: int = 1, warm_vms: int = 0,
+                 warm_prime: bool = True) -> None:
         self.host = host
         self.holders = HolderPool(warm_holders)
-        self.warm = WarmVMs(warm_vms, host)
+        self.warm = WarmVMs(warm_vms, host, prime=warm_prime)
         self.paths = registry.VMPaths.of(host)
         self.events = Events()
         self.history = DaemonMigrations(host.state_root)

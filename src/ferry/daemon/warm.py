@@ -102,11 +102,14 @@ class WarmVMs:
     the pipe the daemon keeps open and discard themselves.
     """
 
-    def __init__(self, size: int, host: HostConfig) -> None:
+    def __init__(self, size: int, host: HostConfig, *, prime: bool = True) -> None:
         if size < 0:
             raise ValueError(f"pool size must be >= 0, not {size}")
         self.size = size
         self.host = host
+        self.prime = prime
+        """Prime each warm VM before it waits (:mod:`ferry.vm.prime`)."""
+        self._guest_ports: tuple[int, ...] = ()
         self.paths = VMPaths.of(host)
         self._ready: list[WarmVM] = []
         self._package: Path | None = None
@@ -116,11 +119,14 @@ class WarmVMs:
     def ready(self) -> int:
         return sum(1 for w in self._ready if w.proc.returncode is None)
 
-    def want(self, package_dir: Path) -> None:
-        """Keep ``package_dir`` warm from now on (warm VMs of another package go)."""
+    def want(self, package_dir: Path, *, guest_ports: tuple[int, ...] = ()) -> None:
+        """Keep ``package_dir`` warm from now on (warm VMs of another package go); a
+        primed warm VM takes a connection on each of ``guest_ports`` (the guest ports
+        the run was published on) before it waits."""
         if self.size == 0:
             return
         self._package = package_dir
+        self._guest_ports = guest_ports
         self._wake.set()
 
     def take(self, package_dir: Path) -> WarmVM | None:
@@ -145,7 +151,8 @@ class WarmVMs:
             self._ready = [w for w in self._ready if w.proc.returncode is None]
             while package is not None and len(self._ready) < self.size:
                 request = LaunchRequest(f"warm-{os.urandom(4).hex()}", package, self.host,
-                                        (), warm=True)
+                                        (), warm=True, prime_ports=self._guest_ports
+                                        if self.prime else None)
                 try:
                     proc, _ = await start_warm(request)
                 except FerryError as exc:

@@ -79,7 +79,9 @@ def encode_request(request: HolderRequest) -> bytes:
                 "user_data_timeout_s": request.user_data_timeout_s,
                 "volumes": dict(request.volumes),
                 "mirror": None if request.mirror is None else request.mirror.to_json(),
-                "restore": None if request.restore is None else request.restore.to_json()}
+                "restore": None if request.restore is None else request.restore.to_json(),
+                "prime_ports": None if request.prime_ports is None
+                else list(request.prime_ports)}
     else:
         data = {"kind": "receive", "listen": request.listen, "registry": request.registry,
                 "package": request.package, "name": request.name,
@@ -116,7 +118,9 @@ def decode_request(line: bytes) -> HolderRequest:
                                      "user_data_timeout_s", DEFAULT_USER_DATA_TIMEOUT_S)),
                                  volumes=d.get("volumes") or {},
                                  mirror=_spec(d.get("mirror")),
-                                 restore=_spec(d.get("restore")))
+                                 restore=_spec(d.get("restore")),
+                                 prime_ports=None if d.get("prime_ports") is None
+                                 else tuple(int(p) for p in d["prime_ports"]))
         if d["kind"] == "receive":
             return ArrivalRequest(
                 host=host, access=Access.from_json(d["access"]),

@@ -42,10 +42,10 @@ from ferry.vm.runner import (
     Claimer,
     Providers,
     RunningVM,
-    StopMode,
     run_vm,
     saved_forwards,
 )
+from ferry.vm.stopmode import StopMode
 from ferry.vm.userdata import (
     DEFAULT_USER_DATA_TIMEOUT_S,
     check_env,
@@ -91,6 +91,9 @@ class LaunchRequest:
     restore: MirrorSpec | None = None
     """Resume the VM from the last checkpoint of this mirror instead of a package
     (:mod:`ferry.vm.restore`)."""
+    prime_ports: tuple[int, ...] | None = None
+    """A warm VM only: prime it before it waits, probing these guest TCP ports
+    (:mod:`ferry.vm.prime`; None: not primed, QEMU waits for the state)."""
 
     def __post_init__(self) -> None:
         check_vm_id(self.vm_id)
@@ -109,6 +112,11 @@ class LaunchRequest:
             raise ValueError("a warm VM needs a package and takes its forwards when claimed")
         if self.restore is not None and (self.package_dir is not None or self.warm):
             raise ValueError("a restore takes neither a package nor a warm start")
+        if self.prime_ports is not None:
+            if not self.warm:
+                raise ValueError("only a warm VM is primed")
+            if not all(0 < p < 65536 for p in self.prime_ports):
+                raise ConfigError(f"prime ports must be TCP ports: {self.prime_ports}")
 
     @property
     def paths(self) -> VMPaths:
@@ -245,7 +253,8 @@ async def _run_held(holder: Holder, request: LaunchRequest, package: OpenedPacka
                       launched=launched, claim=claim, labels=labels,
                       service_address=request.service_address, env=request.env,
                       volumes=images, providers=providers,
-                      mirror_tracking=request.mirror is not None) as vm:
+                      mirror_tracking=request.mirror is not None,
+                      prime_ports=request.prime_ports if request.warm else None) as vm:
         pid = vm.qemu.pid
         holder.record.set_qemu(pid)
         forwards = vm.net.forwards  # a warm VM's came with its claim

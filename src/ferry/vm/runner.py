@@ -53,7 +53,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import logging
 import mmap
 import os
@@ -93,6 +92,7 @@ from ferry.vm.machine import check_guest_network, machine_config
 from ferry.vm.manifest import VMManifest
 from ferry.vm.overlays import package_overlay
 from ferry.vm.pkgcache import OpenedPackage, nonzero_blocks, open_extracted
+from ferry.vm.prime import Primed, prime
 from ferry.vm.registry import (
     VM_RECORD,
     VMPaths,
@@ -108,13 +108,6 @@ T = TypeVar("T")
 
 STATE_FILE = "state.bin"
 AGENT_TIMEOUT_S = 30.0
-
-
-class StopMode(enum.Enum):
-    """How a VM ends: its overlays deleted, or kept with its device state."""
-
-    DISCARD = "discard"
-    SUSPEND = "suspend"
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,9 +155,13 @@ class ResumeTimings:
     warm: bool = False
     """A warm VM: everything up to QEMU waiting for its state (``tap_s`` .. ``preload_s``)
     was done before the claim, and the rest counts from the claim."""
+    primed_ports: tuple[int, ...] | None = None
+    """A primed warm VM (:mod:`ferry.vm.prime`; its state load was before the claim,
+    ``load_s`` is 0): the guest ports that took its probe connection. None: not primed."""
 
     def to_json(self) -> dict[str, Any]:
-        return {k: round(v, 6) if isinstance(v, float | int) else v
+        return {k: round(v, 6) if isinstance(v, float | int)
+                else list(v) if isinstance(v, tuple) else v
                 for k, v in asdict(self).items()}
 
 
@@ -332,6 +329,7 @@ async def run_vm(
     volumes: Mapping[str, Path] | None = None,
     providers: Providers | None = None,
     mirror_tracking: bool = False,
+    prime_ports: Sequence[int] | None = None,
 ) -> AsyncIterator[RunningVM]:
     """Resume ``package`` (or the suspended VM ``vm_id``) as VM ``vm_id``; see the module doc.
 
@@ -347,7 +345,10 @@ async def run_vm(
     to the placeholder's directories, so the VM's name finds its control socket, console
     and state while every open path stays valid), publishes its forwards, and the resume
     goes on from the state load, with the timings counted from the claim. A suspended
-    claimed VM's state dir is moved to its own name when it stops.
+    claimed VM's state dir is moved to its own name when it stops. With ``prime_ports``
+    (a warm VM only) the warm VM is primed before it waits (:mod:`ferry.vm.prime`: its
+    state loaded, run until its agent answers and each of those guest ports took a
+    connection, then paused): the claim then only continues it.
 
     ``env`` (checked by :func:`ferry.vm.userdata.check_env`) is written to the guest's
     ``/run/ferry/env`` before the after-resume hooks, so they and every later command
@@ -439,15 +440,23 @@ async def run_vm(
                 if claim is None:
                     enough.set()
                 await preload_step.wait()
+                primed: Primed | None = None
                 if claim is not None:
                     await uplink_step.wait()
+                    if prime_ports is not None:
+                        primed = await prime(qemu, state_file, net, stack,
+                                             guest_ports=prime_ports,
+                                             agent_timeout_s=agent_timeout_s)
                     claimed = await _claim(claim, paths, vm_id, state_dir, record, net)
                     vm_id, record = claimed.vm_id, claimed.record
                     launched = entered = time.monotonic()
-                try:
-                    loaded = await qemu.load_device_state(state_file)
-                except VMError as exc:
-                    raise await _explain_load_failure(exc, manifest, vm_id) from exc
+                if primed is not None:
+                    loaded = dataclasses.replace(primed.loaded, migrate_s=0.0)
+                else:
+                    try:
+                        loaded = await qemu.load_device_state(state_file)
+                    except VMError as exc:
+                        raise await _explain_load_failure(exc, manifest, vm_id) from exc
                 t1 = time.monotonic()
                 await qemu.resume()
                 cont_s = time.monotonic() - t1
@@ -461,7 +470,7 @@ async def run_vm(
             log.info("vm %s: running %.1f ms after launch, forwards open at %.1f ms",
                      vm_id, running_s * 1e3, forwards_s * 1e3)
             t2 = time.monotonic()
-            agent = await stack.enter_async_context(
+            agent = primed.agent if primed is not None else await stack.enter_async_context(
                 connect_agent(qemu.agent_socket, connect_timeout_s=agent_timeout_s))
             try:
                 if env:
@@ -484,7 +493,8 @@ async def run_vm(
                 preload_bytes=preload_step.value.bytes_stored if preload_step.value else 0,
                 ram_reads_at_running=ram_at_running.reads,
                 ram_read_bytes_at_running=ram_at_running.bytes_read,
-                qemu_at_running=qemu_at_running, warm=claimed is not None)
+                qemu_at_running=qemu_at_running, warm=claimed is not None,
+                primed_ports=None if primed is None else primed.accepted)
             running = RunningVM(vm_id, package, qemu, net, agent, timings, state_dir)
             running.live = live
             running.mirror_sources = mirror_sources

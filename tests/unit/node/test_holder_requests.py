@@ -36,11 +36,25 @@ FORWARDS = (PortForward("127.0.0.1", 16379, 6379),
                    registry=("10.0.0.3", 7500), package="redis.ferry", name="g1",
                    forwards=FORWARDS, precopy_only=True),
     ArrivalRequest(HOST, Access(insecure=True), listen=("::1", 1), forwards=()),
-], ids=["run", "continue", "run-env-userdata-volumes", "receive", "registry", "no-forwards"])
+    LaunchRequest("warm-01", Path("/cache/pkg"), HOST, warm=True, prime_ports=(6379, 80)),
+    LaunchRequest("warm-02", Path("/cache/pkg"), HOST, warm=True),
+], ids=["run", "continue", "run-env-userdata-volumes", "receive", "registry", "no-forwards",
+        "warm-primed", "warm-unprimed"])
 def test_round_trip(request_: LaunchRequest | ArrivalRequest) -> None:
     line = encode_request(request_)
     assert line.endswith(b"\n")
     assert decode_request(line) == request_
+
+
+def test_only_a_warm_vm_is_primed_and_on_tcp_ports() -> None:
+    with pytest.raises(ValueError, match="only a warm VM"):
+        LaunchRequest("r1", Path("/cache/pkg"), HOST, prime_ports=(6379,))
+    with pytest.raises(ConfigError, match="TCP ports"):
+        LaunchRequest("warm-01", Path("/cache/pkg"), HOST, warm=True, prime_ports=(0,))
+    line = encode_request(LaunchRequest("warm-01", Path("/cache/pkg"), HOST, warm=True))
+    bad = json.loads(line) | {"prime_ports": [70000]}
+    with pytest.raises(ConfigError, match="invalid holder request"):
+        decode_request(json.dumps(bad).encode())
 
 
 @pytest.mark.parametrize("seconds", [0.0, -1.0, 3601.0, float("nan")])

@@ -23,7 +23,7 @@ from ferry.errors import FerryError
 from ferry.live.access import Access, TLSFiles
 from ferry.live.rampath import RamPath
 from ferry.migration.autocompress import LinkCompression
-from ferry.net import PortForward
+from ferry.net import PortForward, Proto
 from ferry.net.service import check_service_address
 from ferry.node import listing, supervisor
 from ferry.node.arrival import ArrivalRequest
@@ -35,7 +35,7 @@ from ferry.vm import labels, pkgcache, registry, userdata, volumes
 from ferry.vm.errors import VMExistsError
 from ferry.vm.oci import is_oci, oci_package
 from ferry.vm.publish import parse_publish
-from ferry.vm.runner import StopMode
+from ferry.vm.stopmode import StopMode
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,6 @@ def routes(d: Daemon) -> APIRouter:
                 if overrides is not None:
                     d.pinned[directory] += 1
                 try:
-                    # A warm VM's network is made without a service address.
                     # A warm VM's network is made without a service address, and it
                     # resumed without this run's environment, user data and volumes.
                     ready = None if service_address is not None or not plain \
@@ -123,7 +122,9 @@ def routes(d: Daemon) -> APIRouter:
                             service_address=service_address, env=env,
                             user_data=body.user_data,
                             user_data_timeout_s=body.user_data_timeout_s, volumes=vols))
-                    d.warm.want(directory)  # a replacement, or the first one
+                    # A replacement, or the first one: primed on this run's guest ports.
+                    d.warm.want(directory, guest_ports=tuple(
+                        f.guest_port for f in forwards if f.proto is Proto.TCP))
                     return ready
                 finally:
                     d.pinned[directory] -= 1
