@@ -52,6 +52,8 @@ from ferry.testing.packages import FERRY, Signer
 from ferry.testing.probe import first_pong
 
 STOP_TIMEOUT_S = 120.0
+STEPS = ("setup_s", "load_s", "cont_s", "running_s", "forwards_s", "agent_s", "total_s")
+"""Steps of the holder's resume timings (``resume`` in the run's result) reported, median ms."""
 WARM_HOLDERS = 1
 """``ferry daemon --warm-holders``: holder processes started ahead of need (its default)."""
 
@@ -71,6 +73,8 @@ class Bench:
                     "FERRY_PACKAGE_CACHE_DIR": str(root / "pkgcache")}
         self.daemon: subprocess.Popen[str] | None = None
         self.api = DaemonClient.unix(root / "run" / "ferryd.sock")
+        self.steps: dict[str, list[dict[str, float]]] = {}
+        """Per label: each run's resume steps (ms), as the holder timed them."""
 
     def start_daemon(self, warm_vms: int = 0, *, prime: bool = True) -> None:
         self.daemon = subprocess.Popen([*FERRY, "daemon", "--json", "--warm-holders",
@@ -94,7 +98,7 @@ class Bench:
         return subprocess.run([*FERRY, *args], env=self.env, capture_output=True, text=True,
                               timeout=STOP_TIMEOUT_S, check=True)
 
-    async def api_resume(self, package: Path, name: str) -> float:
+    async def api_resume(self, package: Path, name: str, label: str = "") -> float:
         port = _free_port()
         t0 = time.monotonic()
         op = await asyncio.to_thread(self.api.call, "POST", "/v1/vms", {
@@ -106,6 +110,13 @@ class Bench:
             raise SystemExit(f"bench/daemon.py: run failed: {op}")
         await pong
         ms = (time.monotonic() - t0) * 1e3
+        resume = op["result"].get("resume") or {}
+        steps = {k: resume[k] * 1e3 for k in STEPS if isinstance(resume.get(k), float | int)}
+        if isinstance(resume.get("launched_monotonic_s"), float):
+            # The holder's launch (the claim, for a warm VM) on the same monotonic clock.
+            steps["launched_after_post"] = (resume["launched_monotonic_s"] - t0) * 1e3
+        steps["pong"] = ms
+        self.steps.setdefault(label, []).append(steps)
         await asyncio.to_thread(self.api.call, "POST", f"/v1/vms/{name}/stop", {})
         return ms
 
@@ -168,19 +179,19 @@ async def run(reps: int, warm_vms: int) -> dict[str, Any]:
         ls_ms: list[float] = []
         api_ms: list[float] = []
         for i in range(reps):
-            cold_ms.append(await bench.api_resume(package, f"cold-{i}"))
+            cold_ms.append(await bench.api_resume(package, f"cold-{i}", "cold"))
             cli_ms.append(await bench.cli_resume(package, f"cli-{i}"))
             ls_ms.append(await asyncio.to_thread(bench.cli_ls))
         node = await asyncio.to_thread(bench.api.call, "GET", "/v1/node")
         bench.stop_daemon()
         unprimed_ms: list[float] = []
         if warm_vms > 0:
-            for prime, into in ((False, unprimed_ms), (True, api_ms)):
+            for prime, into, label in ((False, unprimed_ms, "unprimed"), (True, api_ms, "api")):
                 bench.start_daemon(warm_vms, prime=prime)
                 await bench.api_resume(package, "first-warm")  # untimed: the pool fills after
                 for i in range(reps):
                     await bench.wait_warm(1)
-                    into.append(await bench.api_resume(package, f"api-{i}"))
+                    into.append(await bench.api_resume(package, f"api-{i}", label))
                 bench.stop_daemon()
         else:
             api_ms = cold_ms
@@ -205,6 +216,9 @@ async def run(reps: int, warm_vms: int) -> dict[str, Any]:
         "api_resume_unprimed_ms_all": [round(v, 1) for v in unprimed_ms],
         "cli_resume_ms_all": [round(v, 1) for v in cli_ms],
         "cli_ls_ms_all": [round(v, 1) for v in ls_ms],
+        "resume_steps_ms": {label: {k: round(statistics.median(r.get(k, 0.0) for r in runs), 1)
+                                    for k in ("launched_after_post", *STEPS, "pong")}
+                            for label, runs in bench.steps.items() if label},
         "accel": node["accelerator"]["accel"],
         "package_s": round(package_s, 1),
     }
