@@ -6,11 +6,17 @@ command. A package lists its public names here instead (and imports them under
 ``TYPE_CHECKING`` for the type checker)::
 
     __getattr__, __dir__ = lazy_exports(__name__, {"IncomingVM": "ferry.live.destination"})
+
+A public name that is also the name of one of the package's modules (``ferry.oci.pull``
+the function, ``ferry/oci/pull.py`` the module) cannot be lazy: importing the module sets
+the package attribute to the module. Such names are imported eagerly;
+tests/unit/test_lazy.py checks every lazy package for it.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable, Mapping
 
 
@@ -27,6 +33,6 @@ def lazy_exports(package: str, exports: Mapping[str, str],
         return getattr(importlib.import_module(module), name)
 
     def __dir__() -> list[str]:
-        return sorted(table)
+        return sorted(set(table) | set(vars(sys.modules[package])))
 
     return __getattr__, __dir__

@@ -11,6 +11,10 @@ from typing import TYPE_CHECKING
 
 from ferry.lazy import lazy_exports
 
+# Eager: ``pull`` names both a function and its module, and importing the module would
+# set the package's ``pull`` to the module, hiding a lazy function (it is light anyway).
+from ferry.oci.pull import PulledImage, PullOptions, PullPolicy, load_cached, pull
+
 if TYPE_CHECKING:
     from ferry.oci.errors import (
         ImageIntegrityError,
@@ -24,7 +28,6 @@ if TYPE_CHECKING:
         UnpackError,
     )
     from ferry.oci.manifest import ExposedPort, ImageConfig
-    from ferry.oci.pull import PulledImage, PullOptions, PullPolicy, load_cached, pull
     from ferry.oci.reference import ImageReference, parse_reference
 
 __all__ = [
@@ -60,11 +63,6 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "UnpackError": "ferry.oci.errors",
     "ExposedPort": "ferry.oci.manifest",
     "ImageConfig": "ferry.oci.manifest",
-    "PulledImage": "ferry.oci.pull",
-    "PullOptions": "ferry.oci.pull",
-    "PullPolicy": "ferry.oci.pull",
-    "load_cached": "ferry.oci.pull",
-    "pull": "ferry.oci.pull",
     "ImageReference": "ferry.oci.reference",
     "parse_reference": "ferry.oci.reference",
 })
