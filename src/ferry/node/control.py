@@ -52,14 +52,12 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ferry.errors import ConfigError, FerryError
 from ferry.guest.agent import ExecResult
-from ferry.live.access import Access
 from ferry.live.errors import LiveMigrationError, MalformedSummaryError
 from ferry.live.rampath import RamPath
-from ferry.live.summary import MigrationSummary
 from ferry.migration.autocompress import LinkCompression
 from ferry.net import PortForward
 from ferry.node import history, interactive
@@ -68,6 +66,12 @@ from ferry.vm.errors import ControlError, VMNotFoundError
 from ferry.vm.labels import check_labels
 from ferry.vm.registry import check_vm_id
 from ferry.vm.stopmode import StopMode
+
+if TYPE_CHECKING:
+    # Imported where a request or reply is decoded: TLS certificates (cryptography) and
+    # the migration summary's codec cost every CLI command ~0.15 s otherwise.
+    from ferry.live.access import Access
+    from ferry.live.summary import MigrationSummary
 
 log = logging.getLogger(__name__)
 
@@ -590,6 +594,8 @@ def decode_request(line: bytes) -> Request:
             package = _get(d, "package", str, None)
             key = _get(d, "key", str, None)
             access = d.get("access")
+            from ferry.live.access import Access
+
             try:
                 parsed_access = None if access is None else Access.from_json(access)
             except (ConfigError, KeyError, TypeError) as exc:
@@ -697,6 +703,8 @@ def decode_reply(line: bytes) -> Reply:
                                _get(d, "state_bytes", int), float(_get(d, "paused_s", num)),
                                float(_get(d, "total_s", num)), _get(d, "name", str))
         case ControlOp.MIGRATE:
+            from ferry.live.summary import MigrationSummary
+
             try:
                 summary = MigrationSummary.from_json(_mapping(d, "summary"))
             except MalformedSummaryError as exc:
