@@ -219,14 +219,20 @@ class Site:
             await self.stop_host(host)
 
     async def stop_host(self, host: str) -> None:
-        paths = self.paths(host)
-        pids = holder_pids(paths) + self._receivers.pop(host, [])
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        await asyncio.gather(*(_wait_gone(pid) for pid in pids))
-        await cleanup_leftovers(paths)
-        await cleanup_networks(run_dir=paths.net_run_dir)
+        await stop_holders(self.paths(host), also=self._receivers.pop(host, []))
+
+
+async def stop_holders(paths: VMPaths, *, also: Sequence[int] = ()) -> None:
+    """SIGTERM every VM holder ``paths`` has records of (and the pids ``also``), wait for
+    each (SIGKILL after :data:`STOP_GRACE_S`), then remove what they leave behind: mounts,
+    run dirs, VM networks."""
+    pids = holder_pids(paths) + list(also)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    await asyncio.gather(*(_wait_gone(pid) for pid in pids))
+    await cleanup_leftovers(paths)
+    await cleanup_networks(run_dir=paths.net_run_dir)
 
 
 def holder_pids(paths: VMPaths) -> list[int]:

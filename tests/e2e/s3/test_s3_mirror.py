@@ -30,7 +30,7 @@ from ferry.s3 import Layout, ObjectStore
 from ferry.s3.vmcheckpoint import list_records, load_record
 from ferry.testing.packages import Signer
 from ferry.testing.s3 import SeaweedFS
-from ferry.testing.site import holder_pids
+from ferry.testing.site import stop_holders
 from ferry.testing.workload import RedisWriter
 from ferry.vm.registry import VMPaths
 
@@ -57,23 +57,7 @@ class Host:
         return out
 
     def cleanup(self) -> None:
-        for pid in holder_pids(self.paths):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-            for _ in range(100):
-                if not _alive(pid):
-                    break
-                time.sleep(0.1)
-            else:
-                os.kill(pid, signal.SIGKILL)
-        subprocess.run([sys.executable, "-c",
-                        "import asyncio,sys; from pathlib import Path; "
-                        "from ferry.vm.registry import VMPaths, cleanup_leftovers; "
-                        "asyncio.run(cleanup_leftovers(VMPaths(Path(sys.argv[1]), "
-                        "Path(sys.argv[2]))))", str(self.paths.run_root),
-                        str(self.paths.state_root)], check=False, timeout=60)
+        asyncio.run(stop_holders(self.paths))
         shutil.rmtree(self.root, ignore_errors=True)
 
 
