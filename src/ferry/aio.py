@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import sys
 import traceback
@@ -83,12 +82,31 @@ class StackSafe:
             raise
 
 
+def await_chain(coro: object) -> str:
+    """Where a suspended coroutine waits, outermost first: each coroutine it awaits in
+    turn (``Task.print_stack`` shows only the outermost frame), then what the innermost
+    awaits (a future, another task)."""
+    lines = []
+    for _ in range(200):
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        lines.append(f'  File "{frame.f_code.co_filename}", line {frame.f_lineno}, '
+                     f"in {frame.f_code.co_name}")
+        awaited = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        if awaited is None or not (hasattr(awaited, "cr_frame")
+                                   or hasattr(awaited, "gi_frame")):
+            if awaited is not None:
+                lines.append(f"  awaiting {awaited!r:.300}")
+            break
+        coro = awaited
+    return "\n".join(lines)
+
+
 def log_task_stacks(logger: logging.Logger) -> None:
     """Log where every task of the running loop waits (and every thread's stack):
     what a holder writes to its log on SIGUSR1, for a migration that seems stuck."""
     for task in asyncio.all_tasks():
-        out = io.StringIO()
-        task.print_stack(file=out)
-        logger.warning("task %s:\n%s", task.get_name(), out.getvalue())
+        logger.warning("task %s:\n%s", task.get_name(), await_chain(task.get_coro()))
     for ident, frame in sys._current_frames().items():
         logger.warning("thread %d:\n%s", ident, "".join(traceback.format_stack(frame)))

@@ -10,19 +10,48 @@ overlays in its own state dir), so sharing them is safe.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from ferry.qemu.accel import CACHE_FILE, DEFAULT_RUN_DIR
 from ferry.testing.packages import Signer
+from ferry.testing.site import LIVE_SITES
 
 MINIMAL_MARK = "snapshotted"
 """Written to /root/mark in the minimal guest before its snapshot."""
 REDIS_KEYS = {"greeting": "hello", "counter": "41"}
 """Set in the Redis guest before its snapshot."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Generator[None, Any, None]:
+    """A failed test's report shows where every VM holder of its site waits, and the end
+    of each one's log (a hang on a CI machine is otherwise a bare pytest timeout)."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if report.when == "call" and report.failed:
+        report.sections.append(("machine", _machine()))
+        for site in list(LIVE_SITES):
+            if text := site.holder_logs():
+                report.sections.append(("VM holders", text))
+
+
+def _machine() -> str:
+    """What a failure on another machine needs said: its cores, load and accelerator."""
+    try:
+        accel = json.loads((DEFAULT_RUN_DIR / CACHE_FILE).read_text())
+        chosen = f"{accel.get('accel')} ({accel.get('reason')})"
+    except (OSError, ValueError, AttributeError):
+        chosen = "not probed"
+    return (f"cores {os.cpu_count()}, load {os.getloadavg()[0]:.2f}, accelerator {chosen}")
 
 
 @pytest.fixture(scope="session")

@@ -110,7 +110,10 @@ async def test_log_task_stacks_names_each_task_and_where_it_waits(
     async def parked_on_an_event() -> None:
         await asyncio.Event().wait()
 
-    task = asyncio.create_task(parked_on_an_event(), name="stuck-one")
+    async def outer_layer() -> None:
+        await parked_on_an_event()
+
+    task = asyncio.create_task(outer_layer(), name="stuck-one")
     await asyncio.sleep(0)
     try:
         with caplog.at_level(logging.WARNING):
@@ -119,5 +122,7 @@ async def test_log_task_stacks_names_each_task_and_where_it_waits(
         await cancel_and_wait(task)
     text = caplog.text
     assert "task stuck-one" in text
-    assert "parked_on_an_event" in text
+    # Every coroutine of the chain, outermost first, down to the event it waits on.
+    assert text.index("in outer_layer") < text.index("in parked_on_an_event") < \
+        text.index("in wait") < text.index("awaiting")
     assert "thread " in text

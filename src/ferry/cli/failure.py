@@ -11,12 +11,14 @@ removed), and the command exits 130 or 143.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import signal
 import sys
 import traceback
 from collections.abc import Awaitable, Callable
 
+from ferry.aio import log_task_stacks
 from ferry.cli.exitcodes import ExitCode
 from ferry.errors import (
     AuthenticationError,
@@ -27,6 +29,8 @@ from ferry.errors import (
     PeerError,
     RemoteProtocolError,
 )
+
+log = logging.getLogger("ferry")
 
 # "vm x: vm x: ..." and "... (phase p) (phase p)": one layer wraps another's message.
 _REPEATED_PREFIX = re.compile(r"(\b[\w.?-]+ [\w.?/-]+: )\1+")
@@ -136,6 +140,8 @@ def run_command(main: Callable[[], Awaitable[int]], *, debug: bool = False) -> i
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal, signum)
+        # kill -USR1: where every task and thread waits, on stderr (a command that hangs).
+        loop.add_signal_handler(signal.SIGUSR1, log_task_stacks, log)
         try:
             code = await main()
         finally:

@@ -23,6 +23,8 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +43,15 @@ from ferry.vm.registry import (
 )
 
 FERRY = (sys.executable, "-m", "ferry.cli.main")
-CLI_TIMEOUT_S = 300.0
+CLI_TIMEOUT_S = 120.0
+"""A command that has not exited by then hangs (the longest, a migration on a slow
+machine, takes ~15 s): :meth:`Site.run` then shows where every holder waits, well
+before the e2e suite's 300-s per-test timeout would end the test without that."""
 STOP_GRACE_S = 10.0
+
+LIVE_SITES: weakref.WeakSet[Site] = weakref.WeakSet()
+"""The sites :func:`site_on_hosts` has up: the e2e suite prints their holders' logs
+(:meth:`Site.holder_logs`) beside a failed test's report."""
 
 AccessArgs = Callable[[str], Sequence[str]]
 """A host's authentication options for ``vm receive`` / ``vm migrate`` (e.g. its
@@ -132,17 +141,31 @@ class Site:
         """``ferry ARGS`` on ``host``, whatever its exit code (``input`` on its stdin)."""
         proc = await self.start(host, *args,
                                 stdin=None if input is None else asyncio.subprocess.PIPE)
+        talk = asyncio.ensure_future(proc.communicate(input))
         try:
-            async with asyncio.timeout(timeout_s):
-                out, err = await proc.communicate(input)
-        except BaseException as exc:
-            if isinstance(exc, TimeoutError):
-                print(f"ferry {' '.join(args)} on {host}: no exit within {timeout_s:g} s")
-                await self.dump_holders()
+            done, _ = await asyncio.wait({talk}, timeout=timeout_s)
+        except BaseException:
+            talk.cancel()
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
             raise
+        if not done:
+            # Hung: where it waits (SIGUSR1: the CLI logs its tasks' stacks to stderr),
+            # where every holder waits, then the end of what it printed.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGUSR1)
+            await self.dump_holders()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait({talk}, timeout=10)
+            said = talk.result()[1].decode(errors="replace") if talk.done() else ""
+            print(f"==== ferry {' '.join(args)} on {host}: no exit within {timeout_s:g} s; "
+                  f"its stderr:\n{said[-8000:]}")
+            raise TimeoutError(f"ferry {' '.join(args)} on {host}: no exit within "
+                               f"{timeout_s:g} s")
+        out, err = talk.result()
         assert proc.returncode is not None
         return CliResult(proc.returncode, out.decode(errors="replace"),
                          err.decode(errors="replace"))
@@ -150,16 +173,27 @@ class Site:
     async def dump_holders(self, lines: int = 200) -> None:
         """Print where every VM holder of every host waits (SIGUSR1 makes each log its
         tasks' stacks) and the end of its log: what a test shows when a command hangs."""
+        print(await asyncio.to_thread(self.holder_logs, lines))
+
+    def holder_logs(self, lines: int = 120) -> str:
+        """Every live VM holder's log tail after SIGUSR1 made it log where its tasks
+        wait ("" if no holder runs): what an e2e test shows when it fails."""
         logs = [p for host in self.hosts for p in
                 (self.paths(host).run_root / "vms").glob(".holder-*.log")]
+        signalled = []
         for path in logs:
             with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
                 os.kill(int(path.stem.removeprefix(".holder-")), signal.SIGUSR1)
-        await asyncio.sleep(1.0)
-        for path in logs:
+                signalled.append(path)
+        if not signalled:
+            return ""
+        time.sleep(1.0)  # each holder logs its stacks from its own loop
+        out = []
+        for path in signalled:
             with contextlib.suppress(OSError):
                 tail = path.read_text(errors="replace").splitlines()[-lines:]
-                print(f"==== {path}\n" + "\n".join(tail))
+                out.append(f"==== {path}\n" + "\n".join(tail))
+        return "\n".join(out)
 
     async def ferry(self, host: str, *args: str, timeout_s: float = CLI_TIMEOUT_S,
                     input: bytes | None = None) -> str:
@@ -274,9 +308,11 @@ async def site_on_hosts(names: Sequence[str], root: Path, env: Mapping[str, str]
     env = {**env, "FERRY_PACKAGE_CACHE_DIR": str(root / "pkgcache")}
     async with host_namespaces(list(names), switch_tag=switch_tag) as hosts:
         site = Site(hosts, root / "hosts", env)
+        LIVE_SITES.add(site)
         try:
             yield site
         finally:
+            LIVE_SITES.discard(site)
             await site.stop_all()
             await cleanup_networks()
 
