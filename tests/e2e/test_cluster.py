@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ferry.daemon.client import DaemonClient
-from ferry.testing.cluster import ClusterSite, all_alive, cluster_on_hosts
+from ferry.testing.cluster import ClusterSite, all_alive, cluster_on_hosts, until
 from ferry.testing.evacuation import evacuate_by_notice
 from ferry.testing.packages import Signer
 from ferry.testing.site import scratch_root
@@ -42,17 +41,6 @@ LEASE_TTL_S = 3
 
 async def _call(api: DaemonClient, method: str, path: str, body: Any = None) -> Any:
     return await asyncio.to_thread(api.call, method, path, body)
-
-
-async def _until(what: str, check: Any, timeout_s: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = await check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.25)
 
 
 async def test_drain_moves_every_vm_out_and_a_killed_node_is_marked_dead(
@@ -72,7 +60,7 @@ async def _scenario(c: ClusterSite, minimal_package: Path) -> None:
     async def cluster_view(h: str = "cluster2") -> Any:
         return await _call(api[h], "GET", "/v1/cluster")
 
-    await _until("three nodes alive", lambda: all_alive(c, "cluster2"))
+    await until("three nodes alive", lambda: all_alive(c, "cluster2"))
     # Both VMs are placed by the scheduler (asked on cluster2): with cluster2 and cluster3 cordoned,
     # only cluster1 takes them.
     for h in ("cluster2", "cluster3"):
@@ -94,7 +82,7 @@ async def _scenario(c: ClusterSite, minimal_package: Path) -> None:
         placed = (await cluster_view())["vms"]
         return all(placed.get(vm, {}).get("node") == "cluster1" for vm in vms)
 
-    await _until("placement keys naming cluster1", placed_on_cluster1)
+    await until("placement keys naming cluster1", placed_on_cluster1)
 
     # A spot notice for cluster1, from the metadata service in its namespace: it evacuates
     # itself. Its event stream is followed from before the notice to the drain's end.
@@ -109,7 +97,7 @@ async def _scenario(c: ClusterSite, minimal_package: Path) -> None:
     async def acknowledged() -> bool:  # StartRequests, once the VMs are out
         return c.metadata["cluster1"].acknowledged == [notice["key"]]
 
-    await _until("the Azure event acknowledged", acknowledged)
+    await until("the Azure event acknowledged", acknowledged)
     [evac] = [o for o in await _call(api["cluster1"], "GET", "/v1/operations")
               if o["kind"] == "evacuate"]
     assert evac["state"] == "succeeded"
@@ -145,7 +133,7 @@ async def _scenario(c: ClusterSite, minimal_package: Path) -> None:
         [n] = [n for n in (await cluster_view())["nodes"] if n["name"] == "cluster3"]
         return n if n["state"]["status"] == "dead" else None
 
-    dead = await _until("cluster3 marked dead", cl3_dead, timeout_s=LEASE_TTL_S * 10)
+    dead = await until("cluster3 marked dead", cl3_dead, timeout_s=LEASE_TTL_S * 10)
     assert dead["record"] is None  # its node key went with its lease
     assert dead["state"]["vms"] == [on_cluster3]
     # Both survivors watch; exactly one transaction marked it.
@@ -164,14 +152,14 @@ async def _scenario(c: ClusterSite, minimal_package: Path) -> None:
         _, raw = await asyncio.to_thread(api[h].raw, "GET", "/metrics")
         return f"ferry_cluster_up {value}" in raw.decode()
 
-    await _until("cluster2 reports etcd unreachable", lambda: cluster_up("cluster2", 0.0))
+    await until("cluster2 reports etcd unreachable", lambda: cluster_up("cluster2", 0.0))
     status, body = await asyncio.to_thread(api["cluster2"].raw, "GET", "/v1/cluster")
     assert status == 503, body
     assert json.loads(body)["type"].endswith("/cluster-unavailable")
     ran = await _call(api["cluster2"], "POST", f"/v1/vms/{on_cluster2}/exec", {"argv": ["true"]})
     assert ran["exit_code"] == 0
     await c.etcd.restart(0)
-    await _until("cluster2 registered again", lambda: cluster_up("cluster2", 1.0))
+    await until("cluster2 registered again", lambda: cluster_up("cluster2", 1.0))
 
     # A GCP preemption notice for cluster2 now. cluster1 takes VMs again, then its daemon
     # dies; its long lease keeps it alive in etcd, so the scheduler picks it, and asking it

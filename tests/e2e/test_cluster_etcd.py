@@ -15,7 +15,6 @@ import json
 import sys
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
@@ -23,6 +22,7 @@ from ferry.aio import cancel_and_wait
 from ferry.cluster import keys as k
 from ferry.cluster.membership import LocalVM, Membership, Status
 from ferry.cluster.store import ClusterStore
+from ferry.testing.cluster import until
 from ferry.testing.etcd import EtcdCluster, etcd_cluster
 
 pytestmark = pytest.mark.e2e
@@ -71,15 +71,6 @@ async def nodes(etcd: EtcdCluster, *specs: tuple[str, list[str]]) -> AsyncIterat
             await n.stop()
         for s in stores:
             await s.close()
-
-
-async def until(what: str, check: Any, timeout_s: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (got := await check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
-    return got
 
 
 async def state(store: ClusterStore, name: str) -> k.NodeState | None:

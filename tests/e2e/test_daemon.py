@@ -207,6 +207,11 @@ def test_the_openapi_document_validates_and_names_the_routes(daemon: Daemon) -> 
     ("POST", "/v1/volumes", b'{"name": "v", "size_mib": 0}', 422),
     ("DELETE", "/v1/volumes/nope-userdata", None, 404),
     ("POST", "/v1/vms", b"[" * 3 * 1024 * 1024, 413),
+    ("POST", "/v1/vms", b'{"package": "/x", "mirror": {"url": "http://b/p"}}', 422),
+    ("POST", "/v1/vms", b'{"package": "/x", "mirror": {"url": "s3://bkt"}}', 400),
+    ("POST", "/v1/vms", b'{"package": "/x", "mirror": {"url": "s3://bkt/p", "key": 1}}', 422),
+    ("POST", "/v1/restores", b'{"url": "file:///etc"}', 422),
+    ("POST", "/v1/restores", b'{"url": "s3://bkt/p", "mirror": {"url": "s3://bkt/p/"}}', 422),
 ])
 def test_bad_requests_get_problem_bodies(daemon: Daemon, method: str, path: str,
                                          body: bytes | None, status: int) -> None:

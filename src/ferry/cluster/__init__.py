@@ -8,7 +8,9 @@
 * :mod:`ferry.cluster.membership`: one node in the cluster (register under a lease,
   heartbeat, keep its VMs' placement keys current, mark nodes whose lease expired dead,
   keep its VMs running and retry with backoff while etcd is away);
-* :mod:`ferry.cluster.evacuate`: move every VM off a node before a deadline.
+* :mod:`ferry.cluster.evacuate`: move every VM off a node before a deadline;
+* :mod:`ferry.cluster.restore`: bring a dead node's mirrored VMs back on the nodes that
+  live, from their mirrors' last checkpoints.
 
 See ``docs/cluster.md``.
 """

@@ -29,3 +29,11 @@ class EvacuationError(ClusterError):
     def __init__(self, message: str, *, node: str) -> None:
         super().__init__(f"node {node}: {message}")
         self.node = node
+
+
+class RestoreError(ClusterError):
+    """A target node did not restore a dead node's VM from its mirror."""
+
+    def __init__(self, message: str, *, node: str) -> None:
+        super().__init__(f"node {node}: {message}")
+        self.node = node

@@ -131,6 +131,9 @@ class Placement:
     memory_bytes: int
     status: str
     updated: float
+    mirror: dict[str, Any] | None = None
+    """Where the VM is mirrored (:meth:`ferry.vm.mirroring.MirrorSpec.to_json`): if its
+    node dies, another node restores it from there (:mod:`ferry.cluster.restore`)."""
 
 
 @dataclass(frozen=True, slots=True)

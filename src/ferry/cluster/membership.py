@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from ferry.cluster import keys as k
 from ferry.cluster.errors import ClusterError
@@ -41,6 +42,12 @@ BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 DEFAULT_LEASE_TTL_S = 10
 """How long a silent node stays alive: long enough for a loaded host's hiccup (etcd's
 own default election timeout is 1 s), short against a 30 s preemption window."""
+RESTORING = "restoring"
+"""A placement naming this node for a VM another member is restoring here
+(:mod:`ferry.cluster.restore`): kept while the restore runs, though the VM is not here
+yet."""
+RESTORE_GRACE_S = 300.0
+"""How long such a placement is kept for a VM that never arrived (its restorer died)."""
 
 
 class LeaseLostError(ClusterError):
@@ -52,6 +59,8 @@ class LocalVM:
     vm: str
     memory_bytes: int
     status: str
+    mirror: dict[str, Any] | None = None
+    """Its mirror (:attr:`~ferry.cluster.keys.Placement.mirror`), if it has one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,10 +163,10 @@ class Membership:
         here = {v.vm: v for v in await self._local_vms()}
         now = time.time()
         for v in here.values():
-            want = k.Placement(v.vm, me, v.memory_bytes, v.status, now)
+            want = k.Placement(v.vm, me, v.memory_bytes, v.status, now, v.mirror)
             last = self._written.get(v.vm)
-            if last is None or (last.node, last.status, last.memory_bytes) != (
-                    want.node, want.status, want.memory_bytes):
+            if last is None or (last.node, last.status, last.memory_bytes, last.mirror) != (
+                    want.node, want.status, want.memory_bytes, want.mirror):
                 await self.store.put(k.key(k.VMS, v.vm), k.encode(want))
                 self._written[v.vm] = want
         for e in await self.store.get_prefix(k.VMS):
@@ -168,7 +177,8 @@ class Membership:
                 placed = k.decode(k.Placement, e.value, where=e.key)
             except ClusterError:
                 continue
-            if placed.node == me:
+            if placed.node == me and not (placed.status == RESTORING
+                                          and now - placed.updated < RESTORE_GRACE_S):
                 await self.store.txn(lambda t, e=e: [t.mod(e.key) == e.mod_revision],
                                      lambda t, e=e: [t.delete(e.key)])
                 self._written.pop(vm, None)

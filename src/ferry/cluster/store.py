@@ -203,6 +203,22 @@ class ClusterStore:
     async def uncordon(self, node: str) -> None:
         await self.delete(k.key(k.CORDON, node))
 
+    async def replace_placement(self, vm: str, on: str, new: k.Placement) -> bool:
+        """Put ``new`` as ``vm``'s placement if the key still names node ``on`` (read and
+        compared in one transaction): False if it names another node, or changed between
+        the read and the write (its node came back, or another member took it)."""
+        key = k.key(k.VMS, vm)
+        e = await self.get(key)
+        if e is None:
+            return False
+        try:
+            if k.decode(k.Placement, e.value, where=e.key).node != on:
+                return False
+        except ClusterError:
+            return False
+        return await self.txn(lambda t: [t.mod(key) == e.mod_revision],
+                              lambda t: [t.put(key, k.encode(new))])
+
     async def mark_dead_if_alive(self, node: str) -> bool:
         """Mark ``node`` dead if its state says alive and its node key (under its lease)
         is gone; one transaction, so every watcher may try and exactly one succeeds."""

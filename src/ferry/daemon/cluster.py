@@ -22,7 +22,7 @@ from typing import Any
 
 import ferry
 from ferry.cluster import keys as k
-from ferry.cluster.errors import EvacuationError
+from ferry.cluster.errors import EvacuationError, RestoreError
 from ferry.cluster.evacuate import (
     DEFAULT_BYTES_PER_S,
     DEFAULT_MAX_PARALLEL,
@@ -30,6 +30,7 @@ from ferry.cluster.evacuate import (
     evacuate,
 )
 from ferry.cluster.membership import DEFAULT_LEASE_TTL_S, LocalVM, Membership, Status
+from ferry.cluster.restore import restore_dead
 from ferry.cluster.scheduler import VMDemand, observed_bytes_per_s
 from ferry.cluster.store import ClusterStore
 from ferry.daemon.client import DaemonClient, DaemonError
@@ -45,6 +46,8 @@ from ferry.spot import Notice
 log = logging.getLogger(__name__)
 
 RECEIVER_TIMEOUT_S = 60.0
+RESTORE_TIMEOUT_S = 120.0
+"""A target's restore of one VM: its checkpoint's small files fetched, the guest resumed."""
 NOTICE_GRACE_S = 60.0
 """How long past a notice's deadline its handler waits for the evacuation to end (VMs
 handed off by then finish their post-copy from the next hosts)."""
@@ -133,8 +136,8 @@ class DaemonCluster:
     async def local_vms(self) -> list[LocalVM]:
         views = await asyncio.to_thread(listing.vm_views, self.d.paths)
         self._usage = (sum(v["memory_bytes"] or 0 for v in views), len(views))
-        return [LocalVM(v["vm_id"], v["memory_bytes"] or 0, v["status"]) for v in views
-                if v["status"] in ("running", "suspended", "migrating")]
+        return [LocalVM(v["vm_id"], v["memory_bytes"] or 0, v["status"], v.get("mirror_to"))
+                for v in views if v["status"] in ("running", "suspended", "migrating")]
 
     def _status(self, status: Status) -> None:
         self.status = status
@@ -146,8 +149,30 @@ class DaemonCluster:
                               error=status.error, retry_in_s=status.retry_in_s)
 
     def _dead(self, node: str) -> None:
+        """This member marked ``node`` dead (exactly one does): restore its mirrored VMs
+        on the nodes that live (an operation of kind ``restore-dead``)."""
         self.d.metrics.dead_nodes.inc()
         self.d.events.publish("cluster", state="node-dead", node=node)
+
+        async def work(op_id: str) -> dict[str, Any]:
+            vms: dict[str, str] = {}
+
+            def notify(kind: str, data: dict[str, Any]) -> None:
+                self.d.events.publish("restore", step=kind, operation=op_id, node=node,
+                                      **data)
+                if kind in ("vm-restored", "vm-lost"):
+                    self.d.metrics.restored_vms.labels(kind.removeprefix("vm-")).inc()
+                vms[data["vm"]] = kind.removeprefix("vm-") + (
+                    f" on {data['to']}" if "to" in data else "")
+                self.d.ops.report(op_id, {"node": node, "vms": dict(vms)})
+
+            result = await restore_dead(node, cluster=self.store, restorer=_Restorer(self),
+                                        notify=notify)
+            return result.to_json()
+
+        op = self.d.ops.start("restore-dead", None, work)
+        log.warning("cluster: node %s is dead: restoring its mirrored VMs (operation %s)",
+                    node, op.id)
 
     def _drain_requested(self, request: k.DrainRequest) -> None:
         """``ferry node drain`` (the drain key) asks for an evacuation of this node."""
@@ -218,6 +243,36 @@ class DaemonCluster:
                                           else "incomplete").inc()
         with contextlib.suppress(FerryError):
             await self.store.delete(k.key(k.DRAIN, self.config.node_name))
+
+
+class _Restorer:
+    """A dead node's VM resumed on a target from its mirror (``POST /v1/restores``)."""
+
+    def __init__(self, c: DaemonCluster) -> None:
+        self.c = c
+
+    async def restore(self, placement: k.Placement, target: k.NodeRecord,
+                      mirror_to: dict[str, Any]) -> dict[str, Any]:
+        assert placement.mirror is not None
+        source = placement.mirror
+        body = {"url": source.get("url"), "name": placement.vm,
+                "endpoint_url": source.get("endpoint_url"), "region": source.get("region"),
+                "profile": source.get("profile"),
+                "mirror": {key: mirror_to.get(key) for key in
+                           ("url", "interval_s", "endpoint_url", "region", "profile")}}
+        peer = self.c.peers.client(target.api)
+        try:
+            op = await asyncio.to_thread(peer.call, "POST", "/v1/restores", body,
+                                         timeout_s=RECEIVER_TIMEOUT_S)
+            done = await asyncio.to_thread(peer.wait, op, timeout_s=RESTORE_TIMEOUT_S)
+        except (OSError, DaemonError) as exc:
+            raise RestoreError(f"{target.name} did not restore it: {exc}",
+                                  node=target.name) from None
+        if done.get("state") != "succeeded":
+            raise RestoreError(f"{target.name} did not restore it: {done.get('error')}",
+                                  node=target.name)
+        result = done.get("result")
+        return result if isinstance(result, dict) else {}
 
 
 class _Mover:

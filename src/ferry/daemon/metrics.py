@@ -194,6 +194,10 @@ class Metrics:
         self.dead_nodes = Counter("ferry_cluster_dead_nodes",
                                   "Nodes this node marked dead (their lease expired)",
                                   registry=self.registry)
+        self.restored_vms = Counter("ferry_cluster_restored_vms",
+                                    "VMs of dead nodes this node handled: restored "
+                                    "(elsewhere, from their mirror) or lost",
+                                    ["outcome"], registry=self.registry)
         self.evacuations = Counter("ferry_evacuations",
                                    "Evacuations of this node finished, by outcome",
                                    ["outcome"], registry=self.registry)

@@ -68,6 +68,8 @@ class VM(Reply):
     started_at: float | None = None
     """Unix time its holder started (None: suspended)."""
     labels: dict[str, str] = {}
+    mirror_to: dict[str, Any] | None = None
+    """Where it is mirrored (url, interval_s, endpoint_url, region, profile), if it is."""
 
 
 class VMDetail(VM):
@@ -78,6 +80,19 @@ class VMDetail(VM):
     """An outgoing migration's progress while one runs."""
     user_data: dict[str, Any] | None = None
     """How its user data went: kind, exit_code, duration_s, failed_step."""
+    mirror: dict[str, Any] | None = None
+    """Its mirror to S3 while it runs: state, checkpoints, recovery point, last pause."""
+
+
+class MirrorTo(Request):
+    """A bucket prefix to mirror a VM to (``--mirror s3://BUCKET/PREFIX`` and its options);
+    credentials come from the node's own environment, never from a request."""
+
+    url: str = Field(min_length=6, max_length=1024, pattern=r"^s3://[^\s]+$")
+    interval_s: float = Field(default=2.0, gt=0, le=86400)
+    endpoint_url: str | None = Field(default=None, max_length=MAX_TEXT)
+    region: str | None = Field(default=None, max_length=64)
+    profile: str | None = Field(default=None, max_length=128)
 
 
 class RunVM(Request):
@@ -117,6 +132,27 @@ resumed)."""
                                   description="oci:// only: 'tcp:PORT' or a shell command")
     memory_mib: int | None = Field(default=None, ge=16, le=65536,
                                    description="oci:// only: guest RAM")
+    mirror: MirrorTo | None = Field(
+        default=None, description="mirror the running VM to a bucket prefix, as ferry vm "
+                                  "run --mirror (no warm VM is claimed for it); in a "
+                                  "cluster, a node that dies has its mirrored VMs "
+                                  "restored elsewhere")
+
+
+class RestoreVM(Request):
+    """Resume a mirrored VM from the last complete checkpoint of its mirror (``ferry vm
+    restore s3://BUCKET/PREFIX``)."""
+
+    url: str = Field(min_length=6, max_length=1024, pattern=r"^s3://[^\s]+$")
+    name: str | None = Field(default=None, pattern=VM_ID_PATTERN,
+                             description="VM id here (default: the mirrored VM's)")
+    endpoint_url: str | None = Field(default=None, max_length=MAX_TEXT)
+    region: str | None = Field(default=None, max_length=64)
+    profile: str | None = Field(default=None, max_length=128)
+    publish: list[str] = Field(default=[], max_length=MAX_PUBLISH)
+    mirror: MirrorTo | None = Field(default=None,
+                                    description="mirror the restored VM to this (other) "
+                                                "prefix")
 
 
 class Volume(BaseModel):

@@ -39,15 +39,17 @@ def qemu_memory_bytes(pid: int) -> int:
 
 def vm_view(v: registry.VMInfo, rec: dict[str, Any] | None) -> dict[str, Any]:
     """One VM; ``rec`` is its holder's record (memory, start time) if it runs."""
-    memory = started = None
+    memory = started = mirror_to = None
     if rec is not None:
+        if isinstance(rec.get("mirror_to"), dict):
+            mirror_to = dict(rec["mirror_to"])
         if isinstance(rec.get("qemu_pid"), int):
             memory = qemu_memory_bytes(rec["qemu_pid"]) or None
         if isinstance(rec.get("started_at"), int | float):
             started = float(rec["started_at"])
     return {"vm_id": v.vm_id, "status": v.status, "pid": v.pid, "package": v.package,
             "forwards": list(v.forwards), "resume_ms": v.resume_ms, "memory_bytes": memory,
-            "started_at": started, "labels": dict(v.labels)}
+            "started_at": started, "labels": dict(v.labels), "mirror_to": mirror_to}
 
 
 RECEIVERS = "receivers"

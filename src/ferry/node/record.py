@@ -59,6 +59,8 @@ class HolderRecord:
     """The VM's labels (:mod:`ferry.vm.labels`)."""
     user_data: Mapping[str, Any] | None = None
     """How its user data went (:meth:`ferry.vm.userdata.UserDataResult.to_json`)."""
+    mirror_to: Mapping[str, Any] | None = None
+    """Where it is mirrored (:meth:`ferry.vm.mirroring.MirrorSpec.to_json`), if it is."""
 
     @classmethod
     def for_this_process(cls, vm_id: str, state: HolderState, **fields: Any) -> HolderRecord:

@@ -292,6 +292,7 @@ async def _run_held(holder: Holder, request: LaunchRequest, package: OpenedPacka
             mirror = mirroring.mirror_of(vm, request.mirror, work_dir=holder.run_dir,
                                          busy=lambda: holder.outgoing.active)
             holder.mirror_status = mirror.status.to_json
+            holder.update(mirror_to=request.mirror.to_json())
             ready["mirror"] = {"url": request.mirror.url,
                                "interval_s": request.mirror.interval_s}
         if claim is not None:

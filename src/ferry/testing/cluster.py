@@ -22,7 +22,7 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,3 +132,16 @@ async def all_alive(c: ClusterSite, ask: str) -> bool:
     view = await c.call(ask, "GET", "/v1/cluster")
     return sorted(n["name"] for n in view["nodes"] if n["record"] and n["state"]
                   and n["state"]["status"] == "alive") == sorted(c.nodes)
+
+
+async def until(what: str, check: Callable[[], Awaitable[Any]], timeout_s: float = 60.0,
+                every_s: float = 0.1) -> Any:
+    """``check()``'s first truthy answer, asked every ``every_s``; TimeoutError naming
+    ``what`` after ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not (got := await check()):
+        if loop.time() > deadline:
+            raise TimeoutError(f"timed out waiting for {what} ({timeout_s:g} s)")
+        await asyncio.sleep(every_s)
+    return got

@@ -56,6 +56,7 @@ import dataclasses
 import logging
 import mmap
 import os
+import secrets
 import shutil
 import threading
 import time
@@ -378,7 +379,11 @@ async def run_vm(
     claimed: _Claimed | None = None
     try:
         async with contextlib.AsyncExitStack() as stack:
-            net = VMNetwork(vm_id, forwards, run_dir=paths.net_run_dir, hold_forwards=True,
+            # A restore (providers given) may run where the VM's own id still names a
+            # network: that of the holder that died, or of the dead node's VM when
+            # both "nodes" are namespaces of one machine. Its network gets an id of its own.
+            net_id = vm_id if providers is None else f"{vm_id[:33]}-{secrets.token_hex(3)}"
+            net = VMNetwork(net_id, forwards, run_dir=paths.net_run_dir, hold_forwards=True,
                             service_address=service_address)
             stack.push_async_callback(net.close)
             # QEMU opens the tap when it starts: only the namespace and tap must

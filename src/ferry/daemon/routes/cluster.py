@@ -37,6 +37,8 @@ class PlaceVM(BaseModel):
     name: str | None = Field(None, max_length=63)
     publish: list[str] = Field(default_factory=list, max_length=64)
     labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    mirror: m.MirrorTo | None = None
+    """Mirror it to a bucket prefix: if its node dies, another restores it from there."""
 
 
 class Placed(BaseModel):
@@ -90,7 +92,8 @@ def routes(d: Daemon) -> APIRouter:
             raise Problem(409, "no-capacity", "No capacity",
                           f"no schedulable node has {body.memory_mib} MiB and a VM slot free")
         run = {"package": body.package, "name": body.name, "publish": body.publish,
-               "labels": body.labels}
+               "labels": body.labels,
+               "mirror": None if body.mirror is None else body.mirror.model_dump()}
         try:
             op = await asyncio.to_thread(c.peers.client(records[target.name].api).call,
                                          "POST", "/v1/vms", run)

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
@@ -36,6 +36,9 @@ from ferry.vm.errors import VMExistsError
 from ferry.vm.oci import is_oci, oci_package
 from ferry.vm.publish import parse_publish
 from ferry.vm.stopmode import StopMode
+
+if TYPE_CHECKING:
+    from ferry.vm.mirroring import MirrorSpec
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,8 @@ def routes(d: Daemon) -> APIRouter:
         if body.user_data is not None:
             userdata.parse_user_data(body.user_data)
         vols = volumes.parse_volume_args(body.volumes)
-        plain = not (env or body.user_data is not None or vols)
+        mirror = _mirror_spec(body.mirror)
+        plain = not (env or body.user_data is not None or vols or mirror)
         service_address = (None if body.service_address is None
                            else check_service_address(body.service_address))
         file = Path(body.package)
@@ -108,6 +112,8 @@ def routes(d: Daemon) -> APIRouter:
             async with d.lock(vm_id):
                 if await asyncio.to_thread(registry.live_supervisor, d.paths, vm_id):
                     raise VMExistsError("is already running on this node", vm=vm_id)
+                if mirror is not None:
+                    await _check_prefix_free(mirror)
                 directory = await package_dir(op_id)
                 if overrides is not None:
                     d.pinned[directory] += 1
@@ -121,7 +127,8 @@ def routes(d: Daemon) -> APIRouter:
                             vm_id, directory, host, forwards, labels=vm_labels,
                             service_address=service_address, env=env,
                             user_data=body.user_data,
-                            user_data_timeout_s=body.user_data_timeout_s, volumes=vols))
+                            user_data_timeout_s=body.user_data_timeout_s, volumes=vols,
+                            mirror=mirror))
                     # A replacement, or the first one: primed on this run's guest ports.
                     d.warm.want(directory, guest_ports=tuple(
                         f.guest_port for f in forwards if f.proto is Proto.TCP))
@@ -130,6 +137,39 @@ def routes(d: Daemon) -> APIRouter:
                     d.pinned[directory] -= 1
 
         return d.ops.start("run", vm_id, work)
+
+    @r.post("/v1/restores", status_code=202, response_model=m.Operation)
+    async def restore_vm(body: m.RestoreVM) -> m.Operation:
+        """Resume a mirrored VM here from the last complete checkpoint of its mirror
+        (``ferry vm restore``): the guest runs first, its RAM and disks are fetched from
+        the bucket as it reads them. The operation ends once it runs."""
+        from ferry.s3.vmcheckpoint import load_record
+        from ferry.vm.mirroring import MirrorSpec
+
+        spec = MirrorSpec(body.url, endpoint_url=body.endpoint_url, region=body.region,
+                          profile=body.profile)
+        forwards = tuple(parse_publish(s) for s in body.publish)
+        mirror = _mirror_spec(body.mirror)
+        if mirror is not None and mirror.url.rstrip("/") == spec.url.rstrip("/"):
+            raise Problem(422, "invalid", "Invalid request",
+                          "mirror the restored VM to another prefix than the one it is "
+                          "restored from")
+
+        async def work(op_id: str) -> dict[str, Any]:
+            vm_id = body.name
+            if vm_id is None:
+                record = await asyncio.to_thread(load_record, spec.store(), spec.layout())
+                vm_id = record.vm_id
+            vm_id = registry.check_vm_id(vm_id)
+            async with d.lock(vm_id):
+                if await asyncio.to_thread(registry.live_supervisor, d.paths, vm_id):
+                    raise VMExistsError("is already running on this node", vm=vm_id)
+                if mirror is not None:
+                    await _check_prefix_free(mirror)
+                return await launch(op_id, supervisor.LaunchRequest(
+                    vm_id, None, host, forwards, labels={}, restore=spec, mirror=mirror))
+
+        return d.ops.start("restore", body.name, work)
 
     @r.post("/v1/vms/{vm_id}/continue", status_code=202, response_model=m.Operation)
     async def continue_vm(vm_id: str, body: m.ContinueVM | None = None) -> m.Operation:
@@ -301,6 +341,21 @@ def _oci_overrides(body: m.RunVM) -> RunOverrides:
 def _name_taken(d: Daemon, vm_id: str) -> bool:
     return any(p.exists() or p.is_symlink()
                for p in (d.paths.run_dir(vm_id), d.paths.state_dir(vm_id)))
+
+
+def _mirror_spec(body: m.MirrorTo | None) -> MirrorSpec | None:
+    """A request's mirror as the holder takes it (ConfigError: a bad prefix)."""
+    if body is None:
+        return None
+    from ferry.vm.mirroring import MirrorSpec
+
+    return MirrorSpec(body.url, body.interval_s, body.endpoint_url, body.region, body.profile)
+
+
+async def _check_prefix_free(mirror: MirrorSpec) -> None:
+    from ferry.s3.mirror import check_prefix_free
+
+    await check_prefix_free(mirror.store(), mirror.layout())
 
 
 def _tls(cert: str | None, key: str | None, ca: str | None) -> TLSFiles | None:
