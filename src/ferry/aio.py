@@ -45,7 +45,8 @@ async def wait_briefly(task: asyncio.Future[Any], timeout_s: float) -> None:
     Its outcome is not raised; the caller's cancellation is.
     """
     try:
-        await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await asyncio.shield(task)
     except TimeoutError:
         pass
     except asyncio.CancelledError:

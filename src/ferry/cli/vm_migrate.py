@@ -115,13 +115,20 @@ async def run(args: argparse.Namespace, console: Console, out: Out,
 PROGRESS_EVERY_S = 0.5
 
 
-async def _report_progress(client: ControlClient, progress: Callable[[str], None]) -> None:
+async def report_progress(client: ControlClient, progress: Callable[[str], None],
+                          done: asyncio.Event) -> None:
     """A line whenever the running migration's phase or dirty cycles change, and every
-    few seconds meanwhile (the holder's status, :mod:`ferry.live.progress`)."""
+    few seconds meanwhile (the holder's status, :mod:`ferry.live.progress`), until
+    ``done`` is set: ended by the event, not only by cancellation, which a library's
+    wait can swallow (then ``ferry vm migrate`` would wait for it forever)."""
     last: tuple[str, int] | None = None
     last_at = 0.0
-    while True:
-        await asyncio.sleep(PROGRESS_EVERY_S)
+    while not done.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(PROGRESS_EVERY_S):
+                await done.wait()
+        if done.is_set():
+            return
         with contextlib.suppress(FerryError):
             p = (await client.status()).migration
             if p is None:
@@ -156,7 +163,8 @@ async def _migrate(args: argparse.Namespace, console: Console, out: Out,
                              compression=LinkCompression(args.compression))
         progress(f"{args.vm_id}: migrating to {args.to} (migration {mig_id})")
     task = asyncio.create_task(client.migrate(req, timeout_s=MIGRATE_TIMEOUT_S))
-    reporter = asyncio.create_task(_report_progress(client, progress))
+    reported = asyncio.Event()
+    reporter = asyncio.create_task(report_progress(client, progress, reported))
     try:
         reply = await asyncio.shield(task)
     except asyncio.CancelledError:
@@ -172,6 +180,7 @@ async def _migrate(args: argparse.Namespace, console: Console, out: Out,
             console.print(f"[red]interrupted:[/red] {error or 'completed'}")
         raise
     finally:
+        reported.set()
         await cancel_and_wait(reporter, swallow_errors=True)
     if isinstance(reply, ExportReply):
         data = {"package": reply.package, "key_id": reply.key_id,

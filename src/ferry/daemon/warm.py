@@ -175,7 +175,8 @@ async def _discard(w: WarmVM) -> None:
     if w.proc.stdin is not None:
         w.proc.stdin.close()
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(w.proc.wait(), 60)
+        async with asyncio.timeout(60):
+            await w.proc.wait()
     if w.proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             w.proc.terminate()

@@ -941,9 +941,12 @@ class ControlClient:
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
-            return await asyncio.wait_for(
-                asyncio.open_unix_connection(os.fspath(self.socket), limit=MAX_LINE_BYTES),
-                CONNECT_TIMEOUT_S)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the connection
+            # and drops a cancellation that arrives as the connect completes (a progress
+            # reporter then never stopped, and `ferry vm migrate` never exited).
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                return await asyncio.open_unix_connection(os.fspath(self.socket),
+                                                          limit=MAX_LINE_BYTES)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise VMNotFoundError("no such VM runs on this host (see 'ferry vm list')",
                                   vm=self.vm_id) from exc

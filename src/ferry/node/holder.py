@@ -329,9 +329,9 @@ class Holder:
         self._attached = True
         try:
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_unix_connection(str(vm.qemu.console_socket)),
-                    CONSOLE_CONNECT_S)
+                async with asyncio.timeout(CONSOLE_CONNECT_S):
+                    reader, writer = await asyncio.open_unix_connection(
+                        str(vm.qemu.console_socket))
             except (OSError, TimeoutError) as exc:
                 raise ControlError(f"cannot reach the VM's console: {exc}",
                                    vm=self.vm_id) from exc

@@ -189,7 +189,8 @@ async def _await_event(proc: asyncio.subprocess.Process, request: HolderRequest,
     assert proc.stdout is not None
     try:
         while True:
-            line = await asyncio.wait_for(proc.stdout.readline(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                line = await proc.stdout.readline()
             if not line:
                 await proc.wait()
                 raise _failed(request, "it exited silently")

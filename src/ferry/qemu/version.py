@@ -14,7 +14,8 @@ async def host_qemu_version(qemu: str = QEMU_BINARY) -> str | None:
         proc = await asyncio.create_subprocess_exec(
             qemu, "--version", stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL)
-        out, _ = await asyncio.wait_for(proc.communicate(), 10)
+        async with asyncio.timeout(10):
+            out, _ = await proc.communicate()
     except (OSError, TimeoutError):
         return None
     match = re.search(rb"version (\d+\.\d+\.\d+)", out)

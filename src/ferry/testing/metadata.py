@@ -267,7 +267,8 @@ class MetadataEmulator:
             while self._gcp_etag() == last and Provider.GCP not in self._raw \
                     and not self._closing and time.monotonic() < deadline:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), deadline - time.monotonic())
+                    async with asyncio.timeout(deadline - time.monotonic()):
+                        await self._changed.wait()
         raw = self._take_raw(Provider.GCP)
         if raw is not None:
             return raw
