@@ -95,6 +95,7 @@ async def test_a_dead_nodes_mirrored_vm_is_restored_on_another_node(
 
             # rst1 dies: every process in its namespace, at once.
             assert _kill_everything_in(c.site.hosts["rst1"].namespace)
+            killed_at = time.monotonic()
             try:
                 after = await until("the VM restored on rst2", lambda: placed("rst2"),
                                     timeout_s=120)
@@ -102,6 +103,8 @@ async def test_a_dead_nodes_mirrored_vm_is_restored_on_another_node(
                 ops = await c.call("rst2", "GET", "/v1/operations")
                 view = await c.call("rst2", "GET", "/v1/cluster")
                 pytest.fail(f"not restored: operations {ops}, cluster {view}")
+            print(f"node killed -> VM running on rst2: {time.monotonic() - killed_at:.1f} s "
+                  "(lease 3 s)")
             assert after["mirror"]["url"].startswith(f"{url}-r")  # mirrored on, elsewhere
 
             [vm] = [v for v in await c.call("rst2", "GET", "/v1/vms") if v["vm_id"] == VM]
