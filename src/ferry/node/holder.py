@@ -19,7 +19,8 @@ hold it the same way, through :func:`holding` and :class:`Holder`:
   :meth:`~ferry.qemu.QemuVM.wait_crashed`, no polling);
 * leaving :func:`holding` removes the run dir (after the caller's own
   cleanup: QEMU, FUSE mount, network) and only then answers a pending
-  ``stop``: when ``ferry vm stop`` returns, nothing of the VM is left.
+  ``stop``, or a ``migrate`` that moved the VM away: when ``ferry vm stop`` or
+  ``ferry vm migrate`` returns, nothing of the VM is left here.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ class WarmStopped(VMLifecycleError):
 SESSION_START_S = 30.0
 """How long a ``session`` waits for the agent to start its command."""
 CONSOLE_CONNECT_S = 10.0
+LEAVE_TIMEOUT_S = 30.0
+"""How long a finished migration's reply waits for this host to let go of the VM."""
 
 
 class ConsoleBusyError(ControlError):
@@ -261,10 +264,17 @@ class Holder:
                         "host: a VM with volumes is not migrated (stop it; the volumes keep "
                         "their data)", vm=self.vm_id)
                 try:
-                    return await self.outgoing.migrate(req)
+                    reply = await self.outgoing.migrate(req)
                 finally:
                     if self.outgoing.gone:
                         self.request_stop(Ending.MIGRATED)
+                # The VM left: answer once this host has let go of it too (QEMU, mount,
+                # network, run dir), as a stop is answered, so that a move straight back
+                # here finds its name free.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(LEAVE_TIMEOUT_S):
+                        await asyncio.shield(self._ended)
+                return reply
             case MigrateCancelRequest():
                 return self.outgoing.cancel(req)
             case ClaimRequest():
