@@ -10,8 +10,10 @@ under one directory; :meth:`Signer.package` runs ``ferry key create --trust``
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,9 @@ from pathlib import Path
 from ferry.errors import FerryError
 
 FERRY = (sys.executable, "-m", "ferry.cli.main")
-SNAPSHOT_TIMEOUT_S = 900.0  # a TCG boot on a loaded 2-core machine
+SNAPSHOT_TIMEOUT_S = 270.0
+"""A TCG boot on a loaded 2-core machine takes tens of seconds; past this the command
+hangs, and it is asked where (SIGUSR1) before the suite's 300-s test timeout hits."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +55,20 @@ class Signer:
     def _ferry(self, *args: str, timeout_s: float) -> None:
         env = {**os.environ, **self.env, "FERRY_RUN_DIR": str(self.root / "run"),
                "FERRY_STATE_DIR": str(self.root / "state")}
-        proc = subprocess.run([*FERRY, *args], env=env, capture_output=True, text=True,
-                              timeout=timeout_s, check=False)
+        with subprocess.Popen([*FERRY, *args], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) as proc:
+            try:
+                _, err = proc.communicate(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGUSR1)  # it logs where its tasks wait
+                time.sleep(1.0)
+                proc.kill()
+                _, err = proc.communicate()
+                raise FerryError(f"ferry {' '.join(args)}: no exit within {timeout_s:g} s; "
+                                 f"its stderr: {err[-8000:]}") from None
         if proc.returncode != 0:
             raise FerryError(f"ferry {' '.join(args)} exited {proc.returncode}: "
-                             f"{proc.stderr[-2000:]}")
+                             f"{err[-2000:]}")
 
     def package(self, blueprint: str, *, prepare: Sequence[str] = (),
                 memory_mib: int | None = None) -> Path:
