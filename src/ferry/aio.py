@@ -45,8 +45,7 @@ async def wait_briefly(task: asyncio.Future[Any], timeout_s: float) -> None:
     Its outcome is not raised; the caller's cancellation is.
     """
     try:
-        async with asyncio.timeout(timeout_s):
-            await asyncio.shield(task)
+        await asyncio.wait_for(asyncio.shield(task), timeout_s)
     except TimeoutError:
         pass
     except asyncio.CancelledError:

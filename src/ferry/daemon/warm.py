@@ -175,8 +175,7 @@ async def _discard(w: WarmVM) -> None:
     if w.proc.stdin is not None:
         w.proc.stdin.close()
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(60):
-            await w.proc.wait()
+        await asyncio.wait_for(w.proc.wait(), 60)
     if w.proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             w.proc.terminate()

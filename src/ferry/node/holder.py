@@ -339,9 +339,9 @@ class Holder:
         self._attached = True
         try:
             try:
-                async with asyncio.timeout(CONSOLE_CONNECT_S):
-                    reader, writer = await asyncio.open_unix_connection(
-                        str(vm.qemu.console_socket))
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_unix_connection(str(vm.qemu.console_socket)),
+                    CONSOLE_CONNECT_S)
             except (OSError, TimeoutError) as exc:
                 raise ControlError(f"cannot reach the VM's console: {exc}",
                                    vm=self.vm_id) from exc

@@ -80,7 +80,8 @@ def waiting_receivers(paths: registry.VMPaths) -> list[dict[str, Any]]:
                       "status": WAITING, "pid": rec["pid"], "package": None,
                       "forwards": [f"listening on {listen[0]}:{listen[1]}"],
                       "resume_ms": None, "memory_bytes": None,
-                      "started_at": rec.get("started_at"), "labels": {}})
+                      "started_at": rec.get("started_at"), "labels": {},
+                          "mirror_to": None})
     return found
 
 

@@ -189,8 +189,7 @@ async def _await_event(proc: asyncio.subprocess.Process, request: HolderRequest,
     assert proc.stdout is not None
     try:
         while True:
-            async with asyncio.timeout(timeout_s):
-                line = await proc.stdout.readline()
+            line = await asyncio.wait_for(proc.stdout.readline(), timeout_s)
             if not line:
                 await proc.wait()
                 raise _failed(request, "it exited silently")

@@ -14,8 +14,7 @@ async def host_qemu_version(qemu: str = QEMU_BINARY) -> str | None:
         proc = await asyncio.create_subprocess_exec(
             qemu, "--version", stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL)
-        async with asyncio.timeout(10):
-            out, _ = await proc.communicate()
+        out, _ = await asyncio.wait_for(proc.communicate(), 10)
     except (OSError, TimeoutError):
         return None
     match = re.search(rb"version (\d+\.\d+\.\d+)", out)

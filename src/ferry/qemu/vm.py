@@ -440,8 +440,8 @@ class QemuVM:
                 with contextlib.suppress(Exception):
                     await gen.qmp.execute("quit", timeout_s=self.config.stop_timeout_s)
             try:
-                async with asyncio.timeout(self.config.stop_timeout_s):
-                    await asyncio.shield(gen.proc.wait())
+                await asyncio.wait_for(asyncio.shield(gen.proc.wait()),
+                                       self.config.stop_timeout_s)
             except TimeoutError:
                 self.log.warning("QEMU %d did not quit in %.0f s, killing", gen.proc.pid,
                                  self.config.stop_timeout_s)

@@ -112,8 +112,7 @@ async def cluster_on_hosts(nodes: Sequence[str], root: Path, env: Mapping[str, s
                     "--max-incoming", str(max_incoming), *watch)
             for h, proc in c.procs.items():
                 assert proc.stdout is not None
-                async with asyncio.timeout(START_TIMEOUT_S):
-                    line = await proc.stdout.readline()
+                line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT_S)
                 if not line or json.loads(line).get("event") != "listening":
                     err = b"" if proc.stderr is None else await proc.stderr.read()
                     raise FerryError(f"the daemon on {h} did not start: "
@@ -125,8 +124,7 @@ async def cluster_on_hosts(nodes: Sequence[str], root: Path, env: Mapping[str, s
                     with contextlib.suppress(ProcessLookupError):
                         proc.send_signal(signal.SIGTERM)
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(30):
-                            await proc.communicate()
+                        await asyncio.wait_for(proc.communicate(), 30)
 
 
 async def all_alive(c: ClusterSite, ask: str) -> bool:

@@ -267,8 +267,7 @@ class MetadataEmulator:
             while self._gcp_etag() == last and Provider.GCP not in self._raw \
                     and not self._closing and time.monotonic() < deadline:
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(deadline - time.monotonic()):
-                        await self._changed.wait()
+                    await asyncio.wait_for(self._changed.wait(), deadline - time.monotonic())
         raw = self._take_raw(Provider.GCP)
         if raw is not None:
             return raw

@@ -64,5 +64,4 @@ async def relay_into(namespace: str, port: int) -> AsyncIterator[None]:
         for w in list(open_writers):  # the pipes end: nothing is cancelled mid-read
             w.close()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5):
-                await server.wait_closed()
+            await asyncio.wait_for(server.wait_closed(), 5)

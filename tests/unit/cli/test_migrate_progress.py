@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from pathlib import Path
 from typing import Any
 
-import ferry
 from ferry.aio import cancel_and_wait
 from ferry.cli.vm_migrate import report_progress
 from ferry.node.control import ControlClient
@@ -51,12 +49,3 @@ async def test_the_reporter_stops_at_once_when_done_between_polls() -> None:
     done.set()
     async with asyncio.timeout(1):
         await task
-
-
-def test_no_asyncio_wait_for_in_ferry() -> None:
-    """asyncio.timeout instead: 3.11's wait_for can drop a cancellation (see above)."""
-    root = Path(ferry.__file__).parent
-    found = [f"{p.relative_to(root)}:{n}" for p in sorted(root.rglob("*.py"))
-             for n, line in enumerate(p.read_text().splitlines(), 1)
-             if re.search(r"\basyncio\.wait_for\(", line) and not line.lstrip().startswith("#")]
-    assert found == []

@@ -142,8 +142,7 @@ async def clean_stale_mount(mountpoint: str, *, probe_timeout_s: float = 5.0,
                          mountpoint=mountpoint)
     try:
         # statfs always reaches the daemon; stat may be answered from cached attributes.
-        async with asyncio.timeout(probe_timeout_s):
-            await asyncio.to_thread(os.statvfs, mountpoint)
+        await asyncio.wait_for(asyncio.to_thread(os.statvfs, mountpoint), probe_timeout_s)
     except TimeoutError as exc:  # (before OSError: TimeoutError is one)
         if not owner_dead:
             raise MountError("an existing ferry mount does not answer",
@@ -404,8 +403,8 @@ class FuseMount:
         try:
             # The kernel sends INIT and then our STATFS; an answer means the
             # daemon is serving, not just that the mount syscall succeeded.
-            async with asyncio.timeout(self._ready_timeout_s):
-                await asyncio.to_thread(os.statvfs, self.mountpoint)
+            await asyncio.wait_for(asyncio.to_thread(os.statvfs, self.mountpoint),
+                                   self._ready_timeout_s)
         except (OSError, TimeoutError) as exc:
             raise MountError(f"mount does not answer: {exc!r}",
                              mountpoint=self.mountpoint) from exc
@@ -428,8 +427,7 @@ class FuseMount:
     async def _final_flush(self) -> None:
         for name in self._fs.names:
             try:
-                async with asyncio.timeout(self._unmount_flush_timeout_s):
-                    await self.flush(name)
+                await asyncio.wait_for(self.flush(name), self._unmount_flush_timeout_s)
             except (FlushError, TimeoutError) as exc:
                 log.error("final flush of %s failed, unwritten guest data is lost: %r",
                           name, exc)
