@@ -267,10 +267,10 @@ class _Restorer:
             done = await asyncio.to_thread(peer.wait, op, timeout_s=RESTORE_TIMEOUT_S)
         except (OSError, DaemonError) as exc:
             raise RestoreError(f"{target.name} did not restore it: {exc}",
-                                  node=target.name) from None
+                               node=target.name) from None
         if done.get("state") != "succeeded":
             raise RestoreError(f"{target.name} did not restore it: {done.get('error')}",
-                                  node=target.name)
+                               node=target.name)
         result = done.get("result")
         return result if isinstance(result, dict) else {}
 

@@ -81,7 +81,7 @@ def waiting_receivers(paths: registry.VMPaths) -> list[dict[str, Any]]:
                       "forwards": [f"listening on {listen[0]}:{listen[1]}"],
                       "resume_ms": None, "memory_bytes": None,
                       "started_at": rec.get("started_at"), "labels": {},
-                          "mirror_to": None})
+                      "mirror_to": None})
     return found
 
 

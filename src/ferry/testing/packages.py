@@ -24,6 +24,8 @@ FERRY = (sys.executable, "-m", "ferry.cli.main")
 SNAPSHOT_TIMEOUT_S = 270.0
 """A TCG boot on a loaded 2-core machine takes tens of seconds; past this the command
 hangs, and it is asked where (SIGUSR1) before the suite's 300-s test timeout hits."""
+STOP_GRACE_S = 20.0
+"""How long a hung command gets to clean up after SIGTERM."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +64,15 @@ class Signer:
             except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGUSR1)  # it logs where its tasks wait
                 time.sleep(1.0)
-                proc.kill()
-                _, err = proc.communicate()
+                # SIGTERM first: the command unmounts its FUSE memory and removes its VM
+                # on the way out (a SIGKILL would leave the mount behind for every later
+                # test); SIGKILL only if it does not end.
+                proc.terminate()
+                try:
+                    _, err = proc.communicate(timeout=STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    _, err = proc.communicate()
                 raise FerryError(f"ferry {' '.join(args)}: no exit within {timeout_s:g} s; "
                                  f"its stderr: {err[-8000:]}") from None
         if proc.returncode != 0:
